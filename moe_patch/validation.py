@@ -1,0 +1,36 @@
+"""Checks on router output before dispatch: a bad router must fail loudly, naming the layer."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import RoutingError
+
+#: Attribute set on patched modules: the module path used in error messages, and whether to check.
+NAME_ATTR = "_moe_patch_name"
+VALIDATE_ATTR = "_moe_patch_validate"
+
+
+def check_routing(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+    """Raise :class:`RoutingError` on non-finite routing weights or expert indices outside ``[0, E)``.
+
+    Costs one host sync per block; ``patch_model(model, validate=False)`` turns it off for speed.
+    Skipped while compiling (a data-dependent branch would break the graph).
+    """
+    if not getattr(module, VALIDATE_ATTR, True) or torch.compiler.is_compiling():
+        return
+    if top_k_index.numel() == 0:
+        return
+    name = getattr(module, NAME_ATTR, type(module).__name__)
+    num_experts = int(module.num_experts)
+    lo, hi = int(top_k_index.min()), int(top_k_index.max())
+    if lo < 0 or hi >= num_experts:
+        raise RoutingError(
+            f"{name}: router chose expert index {lo if lo < 0 else hi}, outside [0, {num_experts}). "
+            "The router weights or config.num_experts_per_tok/num_experts are inconsistent."
+        )
+    if not bool(torch.isfinite(top_k_weights).all()):
+        raise RoutingError(
+            f"{name}: non-finite routing weights (NaN or inf) from the router. Check the router weights "
+            "and the layer input for overflow (fp16?), or load in bf16/fp32."
+        )
