@@ -1,30 +1,63 @@
-"""Expert maths for transformers' fused experts layout, and the moe-patch experts forward.
+"""Expert maths over a bank of stacked expert weights, and the moe-patch experts forward.
 
 transformers 5 stores the experts of a block as 3-D parameters on one module decorated with
 ``@use_experts_implementation``: ``gate_up_proj [E, 2I, H]`` ([gate; up] rows, or interleaved, or
 ``[E, H, 2I]`` when ``is_transposed``), ``down_proj [E, H, I]``, optional ``*_bias``, or ``up_proj``
 alone when ``has_gate`` is False. The module's own ``_apply_gate`` does the gating (clamped or
 soft-capped SwiGLU in some families, interleaved split in gpt_oss), so it is always called here.
+
+Other layouts (DBRX's 2-D stacks, JetMoE, Llama 4, repacked ModuleLists) are described by the same
+:class:`ExpertBank`, built by their adapters from views of the model's own parameters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .core import (
-    DispatchPlan,
-    combine_sorted,
-    dispatch_combine,
-    grouped_linear,
-    grouped_mm_supported,
-    plan_dispatch,
-)
+from .core import DispatchPlan, combine_sorted, dispatch_combine, grouped_linear, grouped_mm_supported, plan_dispatch
 
 #: Below this many slots per active expert the per-expert loop wins over one grouped GEMM on CPU:
 #: the grouped kernel pays for every expert's offsets and a gather/scatter of all slots, the loop
 #: only calls one GEMM per active expert on weight views (no copy). Measured in bench/dispatch.py.
 LOOP_MAX_ROWS_PER_EXPERT = 4
+
+
+@dataclass(frozen=True)
+class ExpertBank:
+    """E experts' weights as stacked tensors (views of the model's parameters, never copies).
+
+    Attributes:
+        up: first projection ``[E, out, in]`` (``[E, in, out]`` when ``transposed``); for gated experts
+            either [gate; up] rows fused (``gate`` is None) or the up rows alone.
+        down: second projection ``[E, H, I]`` (``[E, I, H]`` when ``down_transposed``).
+        activate: maps the first projection's output to the down projection's input (the module's
+            ``_apply_gate`` for fused gates, ``act`` for plain MLPs, ``act(g) * u`` for split gates).
+        gate: separate gate projection (DBRX ``w1``) in ``up``'s layout, or None.
+        up_bias / down_bias: ``[E, out]`` biases or None.
+        post: applied to each expert output (post-expert norm) or None.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+    activate: Callable[..., torch.Tensor]
+    transposed: bool = False
+    down_transposed: bool | None = None
+    gate: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    post: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def _down_t(self) -> bool:
+        return self.transposed if self.down_transposed is None else self.down_transposed
 
 
 def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -35,23 +68,67 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-def fused_expert_forward(module: torch.nn.Module, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One expert of a fused-experts module on rows ``x``.
-
-    ``weights`` holds that expert's slices, keyed like the module's parameters
-    (``gate_up_proj``/``up_proj``, ``down_proj``, optional ``*_bias``); the offload engine passes
-    weights fetched from its caches, the resident path passes views of the module's parameters.
-    """
-    t = module.is_transposed
-    x = x.to(weights["down_proj"].dtype)
-    if module.has_gate:
-        h = module._apply_gate(expert_linear(x, weights["gate_up_proj"], weights.get("gate_up_proj_bias"), t))
+def bank_expert(bank: ExpertBank, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``e`` of the bank on rows ``x``."""
+    x = x.to(bank.down.dtype)
+    h = expert_linear(x, bank.up[e], bank.up_bias[e] if bank.up_bias is not None else None, bank.transposed)
+    if bank.gate is not None:
+        h = bank.activate(expert_linear(x, bank.gate[e], None, bank.transposed), h)
     else:
-        h = module.act_fn(expert_linear(x, weights["up_proj"], weights.get("up_proj_bias"), t))
-    y = expert_linear(h, weights["down_proj"], weights.get("down_proj_bias"), t)
-    if module.has_post_expert_norm:
-        y = module.post_expert_norm(y)
-    return y
+        h = bank.activate(h)
+    y = expert_linear(h, bank.down[e], bank.down_bias[e] if bank.down_bias is not None else None, bank._down_t)
+    return bank.post(y) if bank.post is not None else y
+
+
+def bank_grouped(bank: ExpertBank, x: torch.Tensor, plan: DispatchPlan, top_k_weights: torch.Tensor,
+                 *, weight_inputs: bool = False) -> torch.Tensor:
+    """All experts of the bank in grouped GEMMs over expert-sorted rows; returns ``[T, H]``."""
+    n = plan.offsets[-1]  # sentinel slots (dropped tokens) sort past the last expert
+    offs = torch.cumsum(plan.counts, 0).to(torch.int32)
+    eid = torch.repeat_interleave(torch.arange(bank.num_experts, device=plan.counts.device), plan.counts)
+    rows = x[plan.token_ids[:n]]
+    if weight_inputs:
+        rows = (rows * top_k_weights.reshape(-1)[plan.order[:n]].unsqueeze(-1)).to(rows.dtype)
+    h = grouped_linear(rows, bank.up, offs, transposed=bank.transposed,
+                       bias_rows=bank.up_bias[eid] if bank.up_bias is not None else None)
+    if bank.gate is not None:
+        h = bank.activate(grouped_linear(rows, bank.gate, offs, transposed=bank.transposed), h)
+    else:
+        h = bank.activate(h)
+    y = grouped_linear(h, bank.down, offs, transposed=bank._down_t,
+                       bias_rows=bank.down_bias[eid] if bank.down_bias is not None else None)
+    if bank.post is not None:
+        y = bank.post(y)
+    weights = torch.ones_like(top_k_weights) if weight_inputs else top_k_weights
+    return combine_sorted(y, plan, weights, x.shape[0]).to(x.dtype)
+
+
+def bank_dispatch(bank: ExpertBank, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  *, weight_inputs: bool = False, plan: DispatchPlan | None = None) -> torch.Tensor:
+    """Route ``x [T, H]`` through the bank: grouped GEMMs when experts get many rows (prefill, inference),
+    a loop over the active experts on weight views otherwise (decode, training: autograd-safe)."""
+    plan = plan if plan is not None else plan_dispatch(top_k_index, bank.num_experts)
+    rows_per_expert = top_k_index.numel() / max(len(plan.active), 1)
+    if rows_per_expert > LOOP_MAX_ROWS_PER_EXPERT and grouped_mm_supported(bank.up, x):
+        return bank_grouped(bank, x, plan, top_k_weights, weight_inputs=weight_inputs)
+    return dispatch_combine(x, top_k_index, top_k_weights, bank.num_experts,
+                            lambda e, rows: bank_expert(bank, e, rows), plan=plan, weight_inputs=weight_inputs)
+
+
+# --------------------------------------------------------------------------- transformers 5 fused modules
+
+def fused_bank(module: torch.nn.Module) -> ExpertBank:
+    """The bank of a transformers-5 fused experts module (flags from its decorator)."""
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    return ExpertBank(
+        up=getattr(module, first),
+        down=module.down_proj,
+        activate=module._apply_gate if module.has_gate else module.act_fn,
+        transposed=bool(module.is_transposed),
+        up_bias=getattr(module, first + "_bias") if module.has_bias else None,
+        down_bias=module.down_proj_bias if module.has_bias else None,
+        post=module.post_expert_norm if module.has_post_expert_norm else None,
+    )
 
 
 def expert_weight_names(module: torch.nn.Module) -> tuple[str, ...]:
@@ -68,23 +145,19 @@ def resident_expert_weights(module: torch.nn.Module, expert: int) -> dict[str, t
     return {name: getattr(module, name)[expert] for name in expert_weight_names(module)}
 
 
-def _grouped_fused_forward(
-    module: torch.nn.Module, hidden_states: torch.Tensor, plan: DispatchPlan, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    """All experts in two grouped GEMMs over expert-sorted rows."""
-    offs = torch.cumsum(plan.counts, 0).to(torch.int32)
+def fused_expert_forward(module: torch.nn.Module, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One expert of a fused-experts module on rows ``x``, from that expert's weight slices keyed like
+    the module's parameters (the offload engine passes weights fetched from its caches)."""
     t = module.is_transposed
-    expert_of_row = torch.repeat_interleave(torch.arange(module.num_experts, device=plan.counts.device), plan.counts)
-    rows = hidden_states[plan.token_ids[: plan.offsets[-1]]]
-    first = "gate_up_proj" if module.has_gate else "up_proj"
-    bias = getattr(module, first + "_bias")[expert_of_row] if module.has_bias else None
-    h = grouped_linear(rows, getattr(module, first), offs, transposed=t, bias_rows=bias)
-    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-    bias = module.down_proj_bias[expert_of_row] if module.has_bias else None
-    y = grouped_linear(h, module.down_proj, offs, transposed=t, bias_rows=bias)
+    x = x.to(weights["down_proj"].dtype)
+    if module.has_gate:
+        h = module._apply_gate(expert_linear(x, weights["gate_up_proj"], weights.get("gate_up_proj_bias"), t))
+    else:
+        h = module.act_fn(expert_linear(x, weights["up_proj"], weights.get("up_proj_bias"), t))
+    y = expert_linear(h, weights["down_proj"], weights.get("down_proj_bias"), t)
     if module.has_post_expert_norm:
         y = module.post_expert_norm(y)
-    return combine_sorted(y, plan, top_k_weights, hidden_states.shape[0]).to(hidden_states.dtype)
+    return y
 
 
 def moe_patch_experts_forward(
@@ -96,21 +169,9 @@ def moe_patch_experts_forward(
     """The ``moe_patch`` experts implementation, registered in transformers' experts registry.
 
     Picks per call between a loop over the active experts on weight views (decode, few rows per
-    expert, training) and two grouped GEMMs (prefill), both exact against transformers' eager forward.
+    expert, training) and grouped GEMMs (prefill), both exact against transformers' eager forward.
     """
     from ..validation import check_routing  # local: validation imports nothing from dispatch
 
     check_routing(self, top_k_index, top_k_weights)
-    plan = plan_dispatch(top_k_index, self.num_experts)
-    weight = self.gate_up_proj if self.has_gate else self.up_proj
-    rows_per_expert = top_k_index.numel() / max(len(plan.active), 1)
-    if rows_per_expert > LOOP_MAX_ROWS_PER_EXPERT and grouped_mm_supported(weight, hidden_states):
-        return _grouped_fused_forward(self, hidden_states, plan, top_k_weights)
-    return dispatch_combine(
-        hidden_states,
-        top_k_index,
-        top_k_weights,
-        self.num_experts,
-        lambda e, x: fused_expert_forward(self, x, resident_expert_weights(self, e)),
-        plan=plan,
-    )
+    return bank_dispatch(fused_bank(self), hidden_states, top_k_index, top_k_weights)

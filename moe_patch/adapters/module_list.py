@@ -1,0 +1,389 @@
+"""Experts as a ``ModuleList``/``ModuleDict`` of MLP modules (transformers 4.x style, remote code such as
+DeepSeek-V2's, Switch Transformers, NLLB-MoE).
+
+Two ways such experts are driven:
+- the block calls ``experts(hidden, routing...)`` (Switch, NLLB-MoE): we replace that call only;
+- the block loops over ``self.experts`` itself (4.x Mixtral, DeepSeek-V2 remote code): we replace the
+  block's forward with a generic routed forward built from what detection read (router, routing
+  kind, shared experts) and install it only if it reproduces the original block on a probe input.
+
+For inference, plain GLU/MLP experts are *repacked*: each expert's weights are moved into one
+contiguous ``[E, ...]`` tensor and every expert parameter is re-pointed at its slice (same Parameter
+objects, same values, no extra memory), so a grouped GEMM can run all experts at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ..detect.spec import ExpertLayout
+from ..dispatch.core import dispatch_combine, grouped_mm_supported, plan_dispatch
+from ..dispatch.experts import LOOP_MAX_ROWS_PER_EXPERT, ExpertBank, bank_grouped
+from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
+from .base import Adapter, PatchOptions, Undo, bind_forward, chain, set_attrs
+
+if TYPE_CHECKING:
+    from ..detect.finder import BlockHandle
+
+#: (gate, up, down) parameter-holder names of one expert, in the conventions seen in the wild.
+GLU_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+MLP_NAMES = (("up_proj", "down_proj"), ("fc1", "fc2"), ("wi", "wo"), ("c_fc", "c_proj"), ("w1", "w2"))
+ACT_NAMES = ("act_fn", "act", "activation_fn", "activation", "act_func")
+
+SELF_CHECK_RTOL = 1e-4
+
+
+def _experts_list(experts: torch.nn.Module) -> list[torch.nn.Module]:
+    """The expert modules, in order: the children of the container's most common type (a ModuleDict
+    may also hold helpers such as NLLB-MoE's token dropout)."""
+    items = list(experts.values()) if isinstance(experts, torch.nn.ModuleDict) else list(experts)
+    if not items:
+        return items
+    kinds = Counter(type(m) for m in items)
+    main = max(kinds, key=kinds.get)
+    return [m for m in items if type(m) is main]
+
+
+def _linears(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 2]
+
+
+def _is_mlp_list(experts: torch.nn.Module) -> bool:
+    if not isinstance(experts, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+        return False
+    items = _experts_list(experts)
+    if len(items) < 2 or len({type(m) for m in items}) != 1:
+        return False
+    first = items[0]
+    lins = _linears(first)
+    if len(lins) < 2 or any(isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)) for m in first.modules()):
+        return False
+    # An MLP maps hidden -> hidden: first layer's input width equals last layer's output width.
+    return lins[0].weight.shape[1] == lins[-1].weight.shape[0]
+
+
+@dataclass(frozen=True)
+class _Roles:
+    gate: str | None
+    up: str
+    down: str
+    act: str | None
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+
+def expert_roles(expert: torch.nn.Module) -> _Roles | None:
+    """Names of one expert's gate/up/down Linear children (None if not a recognisable plain MLP)."""
+    children = dict(expert.named_children())
+    act = next((n for n in ACT_NAMES if callable(getattr(expert, n, None))), None)
+    for g, u, d in GLU_NAMES:
+        if all(isinstance(children.get(n), torch.nn.Linear) for n in (g, u, d)):
+            return _Roles(g, u, d, act)
+    for u, d in MLP_NAMES:
+        if all(isinstance(children.get(n), torch.nn.Linear) for n in (u, d)):
+            return _Roles(None, u, d, act)
+    return None
+
+
+def _sizes(experts: torch.nn.Module) -> tuple[int, int]:
+    lins = _linears(_experts_list(experts)[0])
+    return int(lins[0].weight.shape[1]), int(lins[0].weight.shape[0])
+
+
+# --------------------------------------------------------------------------- repacking (inference fast path)
+
+@dataclass
+class _Packed:
+    roles: _Roles
+    up: torch.Tensor  # [E, 2I or I, H]: [gate; up] rows when gated
+    down: torch.Tensor  # [E, H, I]
+    up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+    probe: torch.Tensor  # one expert weight whose storage must stay inside `up`
+
+
+def _plain(expert: torch.nn.Module, roles: _Roles) -> bool:
+    names = [n for n in (roles.gate, roles.up, roles.down) if n]
+    mods = [getattr(expert, n) for n in names]
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in mods + [expert])
+    return not hooked and all(type(m) is torch.nn.Linear for m in mods) and roles.act is not None
+
+
+def repack(experts: torch.nn.Module) -> _Packed | None:
+    """Move every expert's weights into contiguous ``[E, ...]`` tensors, re-pointing each parameter at
+    its slice (values unchanged). Returns None when the experts are not plain MLPs (LoRA, quantised...)."""
+    items = _experts_list(experts)
+    roles = expert_roles(items[0])
+    if roles is None or not all(_plain(m, roles) for m in items):
+        return None
+    first = [getattr(m, roles.gate) for m in items] if roles.gated else None
+    ups = [getattr(m, roles.up) for m in items]
+    downs = [getattr(m, roles.down) for m in items]
+    w0 = ups[0].weight
+    if w0.device.type == "meta" or any(lin.weight.dtype != w0.dtype for lin in ups + downs):
+        return None
+    with torch.no_grad():
+        rows = [torch.cat([g.weight, u.weight]) if first else u.weight for g, u in zip(first or ups, ups)]
+        up = torch.stack(rows)
+        down = torch.stack([d.weight for d in downs])
+        ub = None
+        if ups[0].bias is not None:
+            ub = torch.stack([torch.cat([g.bias, u.bias]) if first else u.bias for g, u in zip(first or ups, ups)])
+        db = torch.stack([d.bias for d in downs]) if downs[0].bias is not None else None
+        inter = ups[0].weight.shape[0]
+        for e in range(len(items)):
+            if first:
+                first[e].weight.data = up[e, :inter]
+                ups[e].weight.data = up[e, inter:]
+                if ub is not None:
+                    first[e].bias.data, ups[e].bias.data = ub[e, :inter], ub[e, inter:]
+            else:
+                ups[e].weight.data = up[e]
+                if ub is not None:
+                    ups[e].bias.data = ub[e]
+            downs[e].weight.data = down[e]
+            if db is not None:
+                downs[e].bias.data = db[e]
+    return _Packed(roles=roles, up=up, down=down, up_bias=ub, down_bias=db, probe=ups[-1].weight)
+
+
+def _packed_bank(experts: torch.nn.Module, packed: _Packed) -> ExpertBank:
+    act = getattr(_experts_list(experts)[0], packed.roles.act)
+    if packed.roles.gated:
+        def activate(h: torch.Tensor) -> torch.Tensor:
+            g, u = h.chunk(2, dim=-1)
+            return act(g) * u
+    else:
+        activate = act
+    return ExpertBank(up=packed.up, down=packed.down, activate=activate, up_bias=packed.up_bias,
+                      down_bias=packed.down_bias)
+
+
+def _packed_valid(packed: _Packed) -> bool:
+    """False once someone moved the parameters (``model.to(...)``): the pack no longer aliases them."""
+    p = packed.probe.data
+    start, end = packed.up.data_ptr(), packed.up.data_ptr() + packed.up.numel() * packed.up.element_size()
+    return p.device == packed.up.device and start <= p.data_ptr() < end
+
+
+def run_expert_list(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Dispatch rows to a list of expert modules: grouped GEMM on the repacked weights for prefill,
+    a loop calling each active expert module (hooks, LoRA, dropout kept) otherwise."""
+    check_routing(experts, top_k_index, top_k_weights)
+    plan = plan_dispatch(top_k_index, num_experts)
+    packed: _Packed | None = getattr(experts, "_moe_patch_packed", None)
+    rows_per_expert = top_k_index.numel() / max(len(plan.active), 1)
+    if (packed is not None and rows_per_expert > LOOP_MAX_ROWS_PER_EXPERT and not experts.training
+            and grouped_mm_supported(packed.up, x) and _packed_valid(packed)):
+        return bank_grouped(_packed_bank(experts, packed), x, plan, top_k_weights)
+    items = _experts_list(experts)
+    return dispatch_combine(x, top_k_index, top_k_weights, num_experts, lambda e, rows: items[e](rows), plan=plan)
+
+
+# --------------------------------------------------------------------------- the generic block forward
+
+def _route(block: torch.nn.Module, router_out, num_experts: int, top_k: int):
+    """(logits or None, top_k_index, top_k_weights) from whatever the router returned."""
+    spec = block._moe_patch_routing
+    tensors = list(router_out) if isinstance(router_out, (tuple, list)) else [router_out]
+    idx = next((t for t in tensors if isinstance(t, torch.Tensor) and not t.is_floating_point()
+                and t.dim() == 2 and t.shape[-1] == top_k), None)
+    logits = next((t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()
+                   and t.shape[-1] == num_experts), None)
+    if idx is not None:
+        w = next(t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.shape == idx.shape)
+        return logits, idx, w
+    logits2 = logits.reshape(-1, num_experts)
+    if spec.kind == "sigmoid":
+        probs = torch.sigmoid(logits2.float())
+        w, idx = torch.topk(probs, top_k, dim=-1)
+    elif spec.kind == "topk_softmax":
+        w, idx = torch.topk(logits2, top_k, dim=-1)
+        w = F.softmax(w.float(), dim=-1)
+    else:
+        probs = F.softmax(logits2, dim=-1, dtype=torch.float)
+        w, idx = torch.topk(probs, top_k, dim=-1)
+    if spec.normalized and spec.kind != "topk_softmax":
+        w = w / w.sum(dim=-1, keepdim=True)
+    if spec.scaling_factor != 1.0:
+        w = w * spec.scaling_factor
+    return logits, idx, w
+
+
+def _generic_block_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    router = getattr(self, self._moe_patch_router)
+    experts = getattr(self, self._moe_patch_experts)
+    logits, idx, w = _route(self, router(x), self._moe_patch_num_experts, self._moe_patch_top_k)
+    y = run_expert_list(experts, x, idx, w.to(x.dtype), self._moe_patch_num_experts)
+    for name in self._moe_patch_shared:
+        s = getattr(self, name)(x)
+        gate = getattr(self, name + "_gate", None)
+        y = y + (torch.sigmoid(gate(x)) * s if gate is not None else s)
+    y = y.reshape(shape)
+    return (y, logits) if self._moe_patch_returns_tuple else y
+
+
+def _probe(block: torch.nn.Module, hidden: int) -> torch.Tensor | None:
+    p = next(block.parameters(), None)
+    if p is None or p.device.type == "meta":
+        return None
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    return torch.randn(2, 9, hidden, generator=g).to(p.device, p.dtype)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+class ModuleListAdapter(Adapter):
+    """Blocks whose own forward loops over a list of expert MLPs."""
+
+    name = "module_list"
+
+    def match(self, block, name, experts) -> bool:
+        if not _is_mlp_list(experts) or _takes_routing(experts):
+            return False
+        from ..detect.finder import _find_router
+
+        hidden, _ = _sizes(experts)
+        return _find_router(block, name, len(_experts_list(experts)), hidden)[1] is not None
+
+    def num_experts(self, experts) -> int:
+        return len(_experts_list(experts))
+
+    def sizes(self, experts) -> tuple[int, int]:
+        return _sizes(experts)
+
+    def layout(self, experts) -> ExpertLayout:
+        roles = expert_roles(_experts_list(experts)[0])
+        first = _experts_list(experts)[0]
+        names = tuple(n for n, _ in first.named_parameters())
+        return ExpertLayout(storage="module_list", gated=bool(roles and roles.gated),
+                            bias=any(n.endswith("bias") for n in names), param_names=names)
+
+    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo | str:
+        block, experts, info = handle.block, handle.experts, handle.info
+        if handle.router is None:
+            return "no router found next to the experts"
+        probe = _probe(block, info.hidden_size)
+        reference = None
+        if probe is not None:
+            reference = _call_eval(block, probe)
+        attrs = dict(
+            _moe_patch_router=info.router_path.rsplit(".", 1)[-1],
+            _moe_patch_experts=info.experts_path.rsplit(".", 1)[-1],
+            _moe_patch_num_experts=info.num_experts,
+            _moe_patch_top_k=info.top_k,
+            _moe_patch_routing=info.routing,
+            _moe_patch_shared=tuple(p.rsplit(".", 1)[-1] for p in info.shared_paths
+                                    if not p.endswith("_gate")),
+            _moe_patch_returns_tuple=isinstance(reference, tuple),
+        )
+        undo = chain(
+            set_attrs(block, **attrs),
+            set_attrs(experts, **{NAME_ATTR: info.experts_path, VALIDATE_ATTR: options.validate}),
+            bind_forward(block, _generic_block_forward),
+        )
+        packed = repack(experts)
+        undo = chain(undo, set_attrs(experts, _moe_patch_packed=packed))
+        if reference is not None:
+            ref = reference[0] if isinstance(reference, tuple) else reference
+            for force_loop in (True, False):
+                experts._moe_patch_packed = None if force_loop else packed
+                out = _call_eval(block, probe)
+                out = out[0] if isinstance(out, tuple) else out
+                if out.shape != ref.shape or _rel(out, ref) > SELF_CHECK_RTOL:
+                    undo()
+                    return (f"generic routed forward does not reproduce this block (routing "
+                            f"{info.routing.describe()}); left on its own forward")
+            experts._moe_patch_packed = packed
+        return undo
+
+
+def _call_eval(block: torch.nn.Module, x: torch.Tensor):
+    was_training = block.training
+    block.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            return block(x)
+    finally:
+        block.train(was_training)
+
+
+def _takes_routing(experts: torch.nn.Module) -> bool:
+    """The container has its own forward taking routing (Switch / NLLB style)."""
+    fwd = type(experts).forward
+    if fwd in (torch.nn.ModuleList.forward, torch.nn.ModuleDict.forward, torch.nn.Module.forward):
+        return False
+    try:
+        return len(inspect.signature(fwd).parameters) >= 4
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- Switch / NLLB-MoE containers
+
+def _switch_experts_forward(self, hidden_states, selected_experts, routing_weights):
+    """Switch Transformers: ``selected_experts`` is a capacity-masked one-hot ``[T, 1, E]``."""
+    mask = selected_experts.reshape(hidden_states.shape[0], -1)
+    # Tokens over an expert's capacity are dropped (all-zero row): weight 0 gives the same zero output.
+    kept = (mask.sum(-1, keepdim=True) > 0).to(hidden_states.dtype)
+    idx = mask.argmax(-1, keepdim=True)
+    w = routing_weights.reshape(-1, 1).to(hidden_states.dtype) * kept
+    return run_expert_list(self, hidden_states, idx, w, len(_experts_list(self)))
+
+
+def _nllb_experts_forward(self, hidden_states, router_mask, router_probs):
+    """NLLB-MoE: ``router_mask`` holds top-2 expert ids ``[T, 2]``; eval scales by (1 - token dropout)."""
+    out = run_expert_list(self, hidden_states, router_mask, router_probs.to(hidden_states.dtype), len(_experts_list(self)))
+    if self.moe_token_dropout > 0 and not self.training:
+        out = out * (1 - self.moe_token_dropout)
+    elif self.moe_token_dropout > 0:
+        out = self.token_dropout(out)
+    return out
+
+
+class RoutedListAdapter(Adapter):
+    """Expert lists called by their block with routing (Switch Transformers, NLLB-MoE)."""
+
+    name = "routed_list"
+
+    def match(self, block, name, experts) -> bool:
+        return _is_mlp_list(experts) and _takes_routing(experts)
+
+    def num_experts(self, experts) -> int:
+        return len(_experts_list(experts))
+
+    def sizes(self, experts) -> tuple[int, int]:
+        return _sizes(experts)
+
+    def layout(self, experts) -> ExpertLayout:
+        return ModuleListAdapter.layout(self, experts)  # same storage description
+
+    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo | str:
+        experts = handle.experts
+        src = inspect.getsource(type(experts).forward)
+        if "moe_token_dropout" in src:
+            fwd = _nllb_experts_forward
+        elif "permute(2, 1, 0)" in src and "one_hot" not in src:
+            fwd = _switch_experts_forward
+        else:
+            return f"unknown routed expert-list call convention in {type(experts).__name__}.forward"
+        return chain(
+            set_attrs(experts, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate,
+                                  "num_experts": len(_experts_list(experts)), "_moe_patch_packed": repack(experts)}),
+            bind_forward(experts, fwd),
+        )

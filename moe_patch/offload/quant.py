@@ -1,0 +1,89 @@
+"""Optional nf4 / int8 storage of experts in the cache tiers, through ``bitsandbytes.functional``.
+
+Experts are quantized once when read from disk, cached quantized (4x / 2x more experts per byte
+for fp16/bf16, 8x / 4x for fp32), and dequantized to the compute dtype each time they are used.
+Both formats run on CPU with bitsandbytes >= 0.45 (``quantize_4bit``/``dequantize_4bit`` and
+``int8_vectorwise_quant``/``int8_vectorwise_dequant``). Only matrices are quantized; biases stay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import MoEConfigError
+
+FORMATS = ("nf4", "int8")
+NF4_BLOCKSIZE = 64
+
+
+@dataclass
+class QuantizedTensor:
+    """One quantized weight matrix; ``dequantize()`` returns it in ``dtype`` on its device."""
+
+    kind: str
+    data: torch.Tensor
+    state: Any  # bitsandbytes QuantState (nf4) or per-row scales (int8)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind == "nf4":
+            return self.data.numel() + self.state.absmax.numel() * self.state.absmax.element_size()
+        return self.data.numel() + self.state.numel() * self.state.element_size()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantizedTensor:
+        data = self.data.to(device, non_blocking=non_blocking)
+        state = self.state.to(device) if self.kind == "nf4" else self.state.to(device, non_blocking=non_blocking)
+        return QuantizedTensor(self.kind, data, state, self.shape, self.dtype)
+
+    def pin_memory(self) -> QuantizedTensor:
+        state = self.state if self.kind == "nf4" else self.state.pin_memory()
+        return QuantizedTensor(self.kind, self.data.pin_memory(), state, self.shape, self.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        if self.kind == "nf4":
+            out = bnbf.dequantize_4bit(self.data, self.state)
+        else:
+            out = bnbf.int8_vectorwise_dequant(self.data, self.state)
+        return out.reshape(self.shape).to(self.dtype)
+
+
+def check_format(kind: str | None) -> str | None:
+    if kind is None:
+        return None
+    if kind not in FORMATS:
+        raise MoEConfigError(f"quantize_experts={kind!r}: choose one of {', '.join(FORMATS)} or None.")
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
+        raise MoEConfigError("quantize_experts needs bitsandbytes: pip install bitsandbytes") from exc
+    return kind
+
+
+def quantize(t: torch.Tensor, kind: str) -> torch.Tensor | QuantizedTensor:
+    """Quantize a weight matrix (>= 2-D); vectors (biases, norms) are returned unchanged."""
+    if t.dim() < 2 or not t.dtype.is_floating_point:
+        return t
+    import bitsandbytes.functional as bnbf
+
+    shape, dtype = tuple(t.shape), t.dtype
+    mat = t.reshape(-1, shape[-1])
+    if kind == "nf4":
+        data, state = bnbf.quantize_4bit(mat.contiguous(), quant_type="nf4", blocksize=NF4_BLOCKSIZE)
+        return QuantizedTensor("nf4", data, state, shape, dtype)
+    data, scales, _ = bnbf.int8_vectorwise_quant(mat.contiguous().to(torch.float16 if dtype == torch.float64 else dtype))
+    return QuantizedTensor("int8", data, scales, shape, dtype)
+
+
+def nbytes_of(t: torch.Tensor | QuantizedTensor) -> int:
+    return t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size()
+
+
+def materialize(t: torch.Tensor | QuantizedTensor) -> torch.Tensor:
+    return t.dequantize() if isinstance(t, QuantizedTensor) else t

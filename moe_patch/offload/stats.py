@@ -1,0 +1,225 @@
+"""What the offload engine measured: hit rates, bytes per tier, stalls, prefetch quality, utilisation.
+
+Counters are plain integers and floats filled by the engine; every derived figure is a property or
+a pure function, so the report can be recomputed from a saved ``to_dict()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .budget import format_bytes
+from .costmodel import Bandwidths
+
+TIERS = ("device", "host", "disk")
+PHASES = ("prefill", "decode")
+
+
+@dataclass
+class LayerStats:
+    """Counters of one offloaded MoE block."""
+
+    num_experts: int
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    cpu_computed: int = 0
+    slots: list[int] = field(default_factory=list)  # routed (token, k) slots per expert
+    predicted: int = 0  # experts the prefetcher predicted for this layer
+    predicted_used: int = 0  # ... that the router then chose
+    used_when_predicted: int = 0  # active experts in the steps that had a prediction
+
+    def __post_init__(self):
+        if not self.slots:
+            self.slots = [0] * self.num_experts
+
+    @property
+    def requests(self) -> int:
+        return sum(self.hits.values())
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of expert uses served from the device cache."""
+        return self.hits["device"] / self.requests if self.requests else float("nan")
+
+    @property
+    def load_cv(self) -> float:
+        """Coefficient of variation of routed slots across experts (0 = perfectly balanced)."""
+        return coefficient_of_variation(self.slots)
+
+    @property
+    def precision(self) -> float:
+        return self.predicted_used / self.predicted if self.predicted else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.predicted_used / self.used_when_predicted if self.used_when_predicted else float("nan")
+
+
+def coefficient_of_variation(values: list[int] | list[float]) -> float:
+    n = len(values)
+    mean = sum(values) / n if n else 0.0
+    if mean == 0:
+        return float("nan")
+    var = sum((v - mean) ** 2 for v in values) / n
+    return math.sqrt(var) / mean
+
+
+def bandwidth_bound_s(bytes_by_source: dict[str, float], bw: dict[str, float]) -> float:
+    """DESIGN.md section 5: with transfers overlapped, a step takes at least the slowest source's time.
+
+    ``bytes_by_source`` and ``bw`` are keyed alike (e.g. ``dram``, ``disk``, ``h2d``); sources with
+    no measured bandwidth are ignored.
+    """
+    times = [b / bw[k] for k, b in bytes_by_source.items() if bw.get(k, 0) > 0 and b > 0]
+    return max(times, default=0.0)
+
+
+@dataclass
+class OffloadStats:
+    """Everything the engine counted since attach (or the last ``reset()``)."""
+
+    layers: list[LayerStats]
+    device: str = "cpu"
+    expert_bytes: int = 0
+    bytes_read: dict[str, dict[str, int]] = field(default_factory=lambda: {p: dict.fromkeys(TIERS, 0) for p in PHASES})
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    steps: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    stall_s: float = 0.0
+    disk_read_s: float = 0.0
+    disk_bytes_total: int = 0
+    prefetch_issued: int = 0
+    prefetch_useful: int = 0
+    prefetch_dropped: int = 0
+    bandwidths: Bandwidths | None = None
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def hit_rate(self) -> float:
+        req = sum(layer.requests for layer in self.layers)
+        return sum(layer.hits["device"] for layer in self.layers) / req if req else float("nan")
+
+    @property
+    def prefetch_precision(self) -> float:
+        p = sum(layer.predicted for layer in self.layers)
+        return sum(layer.predicted_used for layer in self.layers) / p if p else float("nan")
+
+    @property
+    def prefetch_recall(self) -> float:
+        u = sum(layer.used_when_predicted for layer in self.layers)
+        return sum(layer.predicted_used for layer in self.layers) / u if u else float("nan")
+
+    def tokens_per_s(self, phase: str) -> float:
+        return self.tokens[phase] / self.seconds[phase] if self.seconds[phase] else float("nan")
+
+    def bytes_per_token(self, phase: str = "decode") -> dict[str, float]:
+        n = self.tokens[phase]
+        return {t: (b / n if n else float("nan")) for t, b in self.bytes_read[phase].items()}
+
+    @property
+    def disk_bandwidth(self) -> float:
+        """Measured read throughput of the checkpoint files (page cache included, as the run saw it)."""
+        return self.disk_bytes_total / self.disk_read_s if self.disk_read_s else 0.0
+
+    def decode_bound_s(self) -> float:
+        """Lower bound on one decode step from the bytes it moved and the measured bandwidths."""
+        steps = self.steps["decode"]
+        if not steps or self.bandwidths is None:
+            return float("nan")
+        b = self.bytes_read["decode"]
+        per_step = {
+            "disk": b["disk"] / steps,
+            # on CPU every expert used is streamed from DRAM; on CUDA only host-tier ones cross PCIe
+            "dram": sum(b.values()) / steps if self.device == "cpu" else b["host"] / steps,
+        }
+        bw = {"disk": self.disk_bandwidth, "dram": self.bandwidths.dram}
+        if self.device != "cpu":
+            per_step["h2d"] = (b["host"] + b["disk"]) / steps
+            bw["h2d"] = self.bandwidths.h2d
+        return bandwidth_bound_s(per_step, bw)
+
+    @property
+    def decode_s_per_step(self) -> float:
+        return self.seconds["decode"] / self.steps["decode"] if self.steps["decode"] else float("nan")
+
+    @property
+    def fraction_of_bound(self) -> float:
+        """bound / achieved: 1.0 means decode ran at the bandwidth limit."""
+        t = self.decode_s_per_step
+        return self.decode_bound_s() / t if t and not math.isnan(t) else float("nan")
+
+    # -- output ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "hit_rate": self.hit_rate,
+            "prefill_tokens_per_s": self.tokens_per_s("prefill"),
+            "decode_tokens_per_s": self.tokens_per_s("decode"),
+            "decode_bytes_per_token": self.bytes_per_token("decode"),
+            "stall_s": self.stall_s,
+            "prefetch_precision": self.prefetch_precision,
+            "prefetch_recall": self.prefetch_recall,
+            "prefetch_issued": self.prefetch_issued,
+            "decode_s_per_step": self.decode_s_per_step,
+            "decode_bound_s": self.decode_bound_s(),
+            "fraction_of_bound": self.fraction_of_bound,
+            "bandwidths": self.bandwidths.as_dict() if self.bandwidths else None,
+            "disk_bandwidth": self.disk_bandwidth,
+            "layers": [
+                {"hit_rate": s.hit_rate, "hits": dict(s.hits), "cpu_computed": s.cpu_computed, "load_cv": s.load_cv,
+                 "precision": s.precision, "recall": s.recall, "slots": list(s.slots)}
+                for s in self.layers
+            ],
+        }
+
+    def __str__(self) -> str:
+        def pct(x: float) -> str:
+            return "-" if math.isnan(x) else f"{100 * x:.1f}%"
+
+        lines = [
+            f"moe-patch offload statistics ({self.device})",
+            f"  prefill: {self.tokens['prefill']} tokens, {self.tokens_per_s('prefill'):.1f} tok/s | "
+            f"decode: {self.tokens['decode']} tokens, {self.tokens_per_s('decode'):.2f} tok/s",
+            f"  device-cache hit rate {pct(self.hit_rate)}; stall {self.stall_s:.3f} s; "
+            f"prefetch precision {pct(self.prefetch_precision)}, recall {pct(self.prefetch_recall)} "
+            f"({self.prefetch_issued} issued)",
+            "  decode bytes/token: " + ", ".join(f"{t} {format_bytes(b)}" for t, b in self.bytes_per_token().items()
+                                                  if not math.isnan(b)),
+        ]
+        bound = self.decode_bound_s()
+        if not math.isnan(bound):
+            lines.append(
+                f"  decode {1e3 * self.decode_s_per_step:.1f} ms/step vs bandwidth bound {1e3 * bound:.1f} ms "
+                f"({pct(self.fraction_of_bound)} of the bound; disk {format_bytes(self.disk_bandwidth)}/s, "
+                f"DRAM {format_bytes(self.bandwidths.dram)}/s measured)"
+            )
+        lines.append("  layer  hit-rate  device/host/disk  cpu  load-CV  prefetch P/R")
+        for i, s in enumerate(self.layers):
+            lines.append(
+                f"  {i:>5}  {pct(s.hit_rate):>8}  {s.hits['device']}/{s.hits['host']}/{s.hits['disk']:<8}"
+                f"  {s.cpu_computed:>3}  {s.load_cv:7.2f}  {pct(s.precision)}/{pct(s.recall)}"
+            )
+        return "\n".join(lines)
+
+    def plot_utilisation(self, path: str) -> str:
+        """Write a PNG heatmap of routed slots per expert and layer; needs matplotlib."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("plotting needs matplotlib: pip install matplotlib") from exc
+        width = max(s.num_experts for s in self.layers)
+        grid = [[(s.slots[e] if e < s.num_experts else float("nan")) for e in range(width)] for s in self.layers]
+        fig, ax = plt.subplots(figsize=(max(4, width / 8), max(2.5, len(grid) / 4)))
+        im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_title("expert utilisation (routed token slots)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path

@@ -1,0 +1,417 @@
+"""Tiny random-weight models of every MoE family of the installed transformers.
+
+Used by the tests, the demo and the benchmarks: nothing is downloaded, every model is built from
+its family's config class with small sizes (hidden 64, 2 layers, 8 experts, top-2, vocab 128).
+
+Public API::
+
+    discover_moe_families() -> list[str]          # model types, read from transformers' sources
+    tiny_config(model_type, **overrides)          # a small PretrainedConfig of that family
+    tiny_model(model_type, dtype, seed)           # (model in eval mode, example forward kwargs)
+    main_output(outputs)                          # the tensor to compare (logits, else hidden states)
+
+How a config is made small: the family's default config is turned into a dict, every known size
+field is clamped by :data:`_SIZES` (recursively, sub-configs such as ``text_config`` included),
+per-layer lists are cut to the new depth, token ids are moved inside the small vocabulary, then
+the family's entry in :data:`_FAMILY_OVERRIDES` (if any) is applied and the config is rebuilt by its
+own class (so its validation runs). Keyword overrides given to :func:`tiny_config` win over all.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .discover import MoEFamily, discover_moe_families, moe_family_info
+
+__all__ = ["TinySpec", "discover_moe_families", "main_output", "tiny_config", "tiny_model"]
+
+VOCAB = 128
+HIDDEN = 64
+EXPERTS = 8
+TOP_K = 2
+BATCH, SEQ = 2, 8
+
+# field name -> the small value. A field is only ever made smaller (min), except where the value
+# is a callable of the old value.
+_SIZES: dict[str, Any] = {
+    # widths
+    "hidden_size": HIDDEN, "d_model": HIDDEN, "n_embd": HIDDEN, "embed_dim": HIDDEN,
+    "text_hidden_size": HIDDEN, "thinker_hidden_size": HIDDEN, "out_hidden_size": HIDDEN,
+    "projector_hidden_size": HIDDEN, "projection_hidden_dim": HIDDEN, "merged_hidden_size": HIDDEN,
+    "vision_output_dim": HIDDEN, "output_dim": HIDDEN, "projector_input_dim": HIDDEN,
+    "projector_output_dim": HIDDEN, "router_hidden_size": HIDDEN,
+    "intermediate_size": HIDDEN, "d_ff": HIDDEN, "ffn_hidden_size": HIDDEN,
+    "dense_intermediate_size": HIDDEN, "intermediate_size_mlp": HIDDEN, "encoder_ffn_dim": HIDDEN,
+    "decoder_ffn_dim": HIDDEN, "mlp_dim": HIDDEN, "projection_intermediate_size": HIDDEN,
+    "moe_intermediate_size": 32, "expert_ffn_hidden_size": 32, "moe_hidden_size": 32,
+    "shared_expert_intermediate_size": 32, "shared_experts_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 32, "shared_intermediate_size": 32, "share_expert_dim": 32,
+    "vocab_size": VOCAB,
+    # depth
+    "num_hidden_layers": 2, "num_layers": 2, "n_layers": 2, "encoder_layers": 2, "decoder_layers": 2,
+    "num_decoder_layers": 2, "depth": 2,
+    # attention
+    "num_attention_heads": 4, "n_heads": 4, "num_heads": 4, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "num_key_value_heads": 2, "kv_n_heads": 2, "head_dim": 16,
+    "d_kv": 16, "kv_channels": 16, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
+    "swa_head_dim": 16, "num_sliding_attention_heads": 4,
+    "kv_lora_rank": 32, "q_lora_rank": 32, "o_lora_rank": 32, "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 16, "v_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2,
+    "max_position_embeddings": 512, "max_seq_len": 512, "sliding_window": 64, "sliding_window_size": 64,
+    "attention_chunk_size": 64, "max_window_layers": 2,
+    # linear attention / state space
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16, "linear_head_dim": 16, "linear_num_heads": 4,
+    "mamba_n_heads": 8, "mamba_num_heads": 8, "mamba_d_head": 16, "mamba_head_dim": 16,
+    "mamba_d_state": 16, "ssm_state_size": 16, "mamba_n_groups": 1, "n_groups": 1,
+    "mamba_chunk_size": 16, "chunk_size": 16, "mamba_dt_rank": 8,
+    # experts: any real MoE count becomes EXPERTS, top-k becomes TOP_K (never raised)
+    "num_experts": lambda v: EXPERTS if v and v > 1 else v,
+    "num_local_experts": lambda v: EXPERTS if v and v > 1 else v,
+    "n_routed_experts": lambda v: EXPERTS if v and v > 1 else v,
+    "moe_num_experts": lambda v: EXPERTS if isinstance(v, int) and v > 1 else v,
+    "num_experts_per_tok": TOP_K, "num_experts_per_token": TOP_K, "moe_k": TOP_K, "moe_top_k": TOP_K,
+    "moe_topk": TOP_K, "top_k": TOP_K,
+    "n_shared_experts": 1, "num_shared_experts": 1, "moe_num_shared_experts": 1,
+    "n_group": lambda v: 2 if v and v > 1 else v, "num_expert_group": lambda v: 2 if v and v > 1 else v,
+    "topk_group": 1,
+    "first_k_dense_replace": 1, "num_dense_layers": 1, "decoder_sparse_step": 1,
+    "encoder_sparse_step": 1, "interleave_moe_layer_step": 1, "moe_layer_interval": 1,
+    "expert_layer_period": 1, "expert_layer_offset": 1, "attn_layer_period": 2, "attn_layer_offset": 0,
+    # vision / audio towers (text-only inputs are used, the towers only need to build cheaply)
+    "image_size": 64, "num_mel_bins": 16, "n_mel_bins": 16, "num_position_embeddings": 64,
+}
+
+# Fields some families leave None in their default config (a dense default): give them MoE values.
+_WHEN_NONE: dict[str, Any] = {
+    "num_experts": EXPERTS, "num_local_experts": EXPERTS, "n_routed_experts": EXPERTS,
+    "num_experts_per_tok": TOP_K, "top_k_experts": TOP_K, "moe_intermediate_size": 32,
+}
+
+# Config dict fields that hold token ids (moved inside the small vocabulary).
+_TOKEN_ID = re.compile(r"(token_id|token_index|_id)$")
+_DEPTH_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "decoder_layers", "depth")
+# Lists of layer indices (filtered to the new depth) rather than per-layer lists.
+_INDEX_LISTS = {"mlp_only_layers", "moe_layers", "global_attn_indexes", "deepstack_visual_indexes",
+                "out_indices", "fullatt_block_indexes"}
+
+
+@dataclass
+class TinySpec:
+    """Per-family knobs where the generic shrinker is not enough.
+
+    Attributes:
+        config: dict merged into the shrunk config dict (nested dicts merge into sub-configs).
+        model_class: class name in the family's modeling module to instantiate (default: picked
+            from transformers' auto mappings: causal LM, image-text-to-text, seq2seq, base model).
+        submodel: config attribute to build the model from (``"thinker_config"`` for Qwen3-Omni).
+        inputs: extra forward kwargs builder ``f(config, generator) -> dict``.
+    """
+
+    config: dict[str, Any] = field(default_factory=dict)
+    model_class: str | None = None
+    submodel: str | None = None
+    inputs: Callable[[Any, torch.Generator], dict[str, Any]] | None = None
+
+
+def _vitpose_inputs(config, gen):
+    size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    return {"pixel_values": torch.randn(BATCH, config.num_channels, *size, generator=gen),
+            "dataset_index": torch.arange(BATCH) % config.num_experts}
+
+
+_FAMILY_OVERRIDES: dict[str, TinySpec] = {
+    "vitpose_backbone": TinySpec(config={"num_experts": 4, "image_size": [32, 32], "patch_size": [8, 8]},
+                                 inputs=_vitpose_inputs),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+def _is_subconfig(value: Any) -> bool:
+    return isinstance(value, dict) and "model_type" in value
+
+
+def _clamp(key: str, value: Any) -> Any:
+    if value is None and key in _WHEN_NONE:
+        return _WHEN_NONE[key]
+    if key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
+        rule = _SIZES[key]
+        return rule(value) if callable(rule) else min(value, rule)
+    if key in _SIZES and isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return [_clamp(key, v) for v in value]  # e.g. Ernie-VL's per-modality moe_intermediate_size
+    return value
+
+
+def _per_layer_entries(d: dict[str, Any], depth: int) -> dict[str, list[Any]]:
+    """Every field of ``d`` that says something per layer, as a list of length ``depth``."""
+    out: dict[str, list[Any]] = {}
+    for key, value in d.items():
+        if key in _INDEX_LISTS and isinstance(value, list) and all(isinstance(v, int) for v in value):
+            out[key] = [i in value for i in range(depth)]
+        elif isinstance(value, list) and len(value) == depth and not key.endswith(("_id", "_ids")):
+            out[key] = [repr(v) for v in value]
+        elif "layer" in key and _is_layer_dict(value):
+            out[key] = [repr(value.get(k)) for k in _layer_keys(value, depth)]
+    return out
+
+
+def _is_layer_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(str(k).isdigit() for k in value)
+
+
+def _layer_keys(value: dict[str, Any], depth: int) -> list[str]:
+    width = len(str(next(iter(value))))
+    return [f"{i:0{width}d}" for i in range(depth)]
+
+
+def _pick_layers(entries: dict[str, list[Any]], old: int, new: int) -> list[int]:
+    """``new`` layer indices out of ``old`` that cover the most distinct per-layer settings.
+
+    Greedy: layer 0, then each time the layer adding the most unseen ``(field, value)`` pairs. Cut
+    to 2 layers, a "3 dense layers then MoE" model keeps a dense and an MoE layer, a hybrid keeps
+    one attention and one linear-attention layer.
+    """
+    chosen = [0]
+    seen = {(key, vals[0]) for key, vals in entries.items()}
+    while len(chosen) < new:
+        best, gain = None, -1
+        for i in range(old):
+            if i in chosen:
+                continue
+            g = len({(key, vals[i]) for key, vals in entries.items()} - seen)
+            if g > gain:
+                best, gain = i, g
+        chosen.append(best)
+        seen |= {(key, vals[best]) for key, vals in entries.items()}
+    return sorted(chosen)
+
+
+def _shrink_layers(d: dict[str, Any], old: int, new: int) -> None:
+    entries = _per_layer_entries(d, old)
+    keep = _pick_layers(entries, old, new)
+    for key in entries:
+        value = d[key]
+        if key in _INDEX_LISTS:
+            d[key] = [j for j, i in enumerate(keep) if i in value]
+        elif isinstance(value, list):
+            d[key] = [value[i] for i in keep]
+        else:
+            old_keys = _layer_keys(value, old)
+            new_keys = _layer_keys(value, new)
+            d[key] = {new_keys[j]: {k: _clamp(k, v) for k, v in value[old_keys[i]].items()}
+                      for j, i in enumerate(keep) if old_keys[i] in value}
+
+
+def _rescale_rope(rope: Any, rotary_half: int) -> Any:
+    """M-RoPE sections must sum to half the rotary dimension: rescale them to the new one."""
+    if not isinstance(rope, dict):
+        return rope
+    rope = {k: _rescale_rope(v, rotary_half) for k, v in rope.items()}
+    section = rope.get("mrope_section")
+    if isinstance(section, list) and section and sum(section) != rotary_half:
+        total = sum(section)
+        scaled = [max(1, v * rotary_half // total) for v in section]
+        scaled[0] += rotary_half - sum(scaled)
+        rope["mrope_section"] = scaled
+    return rope
+
+
+def _shrink_dict(d: dict[str, Any], token_ids: dict[int, int]) -> dict[str, Any]:
+    d = dict(d)
+    old_depth = next((d[k] for k in _DEPTH_KEYS if isinstance(d.get(k), int)), None)
+    for key, value in list(d.items()):
+        d[key] = _shrink_dict(value, token_ids) if _is_subconfig(value) else _clamp(key, value)
+    new_depth = next((d[k] for k in _DEPTH_KEYS if isinstance(d.get(k), int)), None)
+    if old_depth and new_depth and new_depth < old_depth:
+        _shrink_layers(d, old_depth, new_depth)
+    if isinstance(d.get("rope_parameters"), dict) and isinstance(d.get("hidden_size"), int):
+        heads = d.get("num_attention_heads") or 1
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        factor = (d["rope_parameters"].get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0)
+        d["rope_parameters"] = _rescale_rope(d["rope_parameters"], int(head_dim * factor) // 2)
+    for key, value in list(d.items()):
+        if _TOKEN_ID.search(key) and not isinstance(value, bool):
+            d[key] = _remap_ids(value, token_ids)
+    return d
+
+
+def _remap_ids(value: Any, token_ids: dict[int, int]) -> Any:
+    if isinstance(value, list):
+        return [_remap_ids(v, token_ids) for v in value]
+    if isinstance(value, int) and value >= VOCAB - 32:
+        # Special ids live at the top of the small vocabulary, one slot per distinct original id.
+        if value not in token_ids:
+            token_ids[value] = VOCAB - 1 - len(token_ids)
+        return token_ids[value]
+    return value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _config_class(model_type: str):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model_type]
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    """A small config of the family ``model_type`` (hidden 64, 2 layers, 8 experts, top-2, vocab 128).
+
+    ``overrides`` are merged last (nested dicts merge into sub-configs, e.g.
+    ``text_config={"num_experts": 4}``).
+    """
+    cls = _config_class(model_type)
+    base = cls().to_dict()
+    small = _shrink_dict(base, {})
+    spec = _FAMILY_OVERRIDES.get(model_type, TinySpec())
+    small = _merge(small, spec.config)
+    small = _merge(small, overrides)
+    for key in ("transformers_version", "_name_or_path", "architectures"):
+        small.pop(key, None)
+    return cls.from_dict(small)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+_CLASS_MAPPINGS = (
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "MODEL_MAPPING_NAMES",
+    "MODEL_FOR_BACKBONE_MAPPING_NAMES",
+)
+
+
+def _model_class(family: MoEFamily, spec: TinySpec):
+    module = importlib.import_module(f"transformers.models.{family.module}")
+    if spec.model_class:
+        return getattr(module, spec.model_class)
+    from transformers.models.auto import modeling_auto
+
+    for mapping_name in _CLASS_MAPPINGS:
+        mapping = getattr(modeling_auto, mapping_name, {})
+        name = mapping.get(family.model_type)
+        if isinstance(name, (list, tuple)):
+            name = name[0]
+        if name:
+            return getattr(module, name)
+    raise LookupError(f"no model class for MoE family {family.model_type!r}: add a TinySpec.model_class")
+
+
+def _config_for(cls: type, config: Any) -> Any:
+    """The config ``cls`` takes: ``config`` itself or the sub-config of its class.
+
+    The auto mapping may name a text-only class (Llama4ForCausalLM) for a composite config.
+    """
+    wanted = getattr(cls, "config_class", None)
+    if wanted is None or isinstance(config, wanted):
+        return config
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if isinstance(sub, wanted):
+            return sub
+    return config
+
+
+def _token_ids(config: Any) -> set[int]:
+    ids: set[int] = set()
+
+    def walk(d: dict[str, Any]) -> None:
+        for key, value in d.items():
+            if _is_subconfig(value):
+                walk(value)
+            elif _TOKEN_ID.search(key):
+                for v in value if isinstance(value, list) else [value]:
+                    if isinstance(v, int) and not isinstance(v, bool):
+                        ids.add(v)
+
+    walk(config.to_dict())
+    return ids
+
+
+def _randomize(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Seeded random weights everywhere, routers and experts included.
+
+    Matrices get N(0, std) afresh; vectors (norm scales, biases, gates) are perturbed around their
+    initialised value so norms stay near 1. Several families initialise routers or correction
+    biases to zero, which makes routing degenerate (every token ties); this breaks the ties.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+            if p.dim() >= 2:
+                p.copy_(noise.to(p.dtype))
+            else:
+                p.add_(noise.to(p.dtype))
+        for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+            if "correction_bias" in name and b.is_floating_point():
+                b.copy_((torch.randn(b.shape, generator=gen) * 0.1).to(b.dtype))
+
+
+def tiny_model(model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0, **config_overrides: Any):
+    """``(model, example_inputs)`` for the MoE family ``model_type``.
+
+    The model is the family's causal LM if it has one, else its image-text-to-text / seq2seq /
+    base model; random seeded weights, eval mode, ``dtype``. ``example_inputs`` are forward kwargs
+    (``input_ids`` of batch 2 x 8 tokens avoiding special token ids, plus what the family needs).
+    """
+    family = moe_family_info(model_type)
+    spec = _FAMILY_OVERRIDES.get(model_type, TinySpec())
+    config = tiny_config(model_type, **config_overrides)
+    cls = _model_class(family, spec)
+    model_config = getattr(config, spec.submodel) if spec.submodel else _config_for(cls, config)
+    torch.manual_seed(seed)
+    model = cls(model_config)
+    _randomize(model, seed)
+    model = model.to(dtype).eval()
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    if spec.inputs is not None:
+        inputs = spec.inputs(model_config, gen)
+    else:
+        allowed = torch.tensor(sorted(set(range(VOCAB)) - _token_ids(config)))
+        ids = allowed[torch.randint(len(allowed), (BATCH, SEQ), generator=gen)]
+        inputs = {"input_ids": ids}
+        if getattr(model_config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = ids.flip(-1)
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            inputs[key] = value.to(dtype)
+    return model, inputs
+
+
+def main_output(outputs: Any) -> torch.Tensor:
+    """The tensor a test compares: ``logits``, else ``last_hidden_state``, else the first tensor."""
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(outputs, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if hasattr(outputs, "feature_maps"):
+        return torch.cat([f.flatten(1) for f in outputs.feature_maps], dim=1)
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    for value in (outputs.values() if hasattr(outputs, "values") else outputs):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"no tensor in model outputs of type {type(outputs).__name__}")
