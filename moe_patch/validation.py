@@ -11,7 +11,8 @@ NAME_ATTR = "_moe_patch_name"
 VALIDATE_ATTR = "_moe_patch_validate"
 
 
-def check_routing(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+def check_routing(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  num_experts: int | None = None) -> None:
     """Raise :class:`RoutingError` on non-finite routing weights or expert indices outside ``[0, E)``.
 
     Costs one host sync per block; ``patch_model(model, validate=False)`` turns it off for speed.
@@ -22,7 +23,7 @@ def check_routing(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weig
     if top_k_index.numel() == 0:
         return
     name = getattr(module, NAME_ATTR, type(module).__name__)
-    num_experts = int(module.num_experts)
+    num_experts = int(module.num_experts if num_experts is None else num_experts)
     lo, hi = int(top_k_index.min()), int(top_k_index.max())
     if lo < 0 or hi >= num_experts:
         raise RoutingError(

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..detect.spec import ExpertLayout
 from ..dispatch.core import dispatch_combine, grouped_mm_supported, plan_dispatch
-from ..dispatch.experts import LOOP_MAX_ROWS_PER_EXPERT, ExpertBank, bank_grouped
+from ..dispatch.experts import LOOP_MAX_ACTIVE_EXPERTS, ExpertBank, bank_grouped
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
 from .base import Adapter, PatchOptions, Undo, bind_forward, chain, set_attrs
 
@@ -65,8 +65,9 @@ def _is_mlp_list(experts: torch.nn.Module) -> bool:
     lins = _linears(first)
     if len(lins) < 2 or any(isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)) for m in first.modules()):
         return False
-    # An MLP maps hidden -> hidden: first layer's input width equals last layer's output width.
-    return lins[0].weight.shape[1] == lins[-1].weight.shape[0]
+    # An MLP maps hidden -> hidden: some layer reads the width the first one reads, another writes it.
+    hidden = lins[0].weight.shape[1]
+    return any(lin.weight.shape[0] == hidden for lin in lins[1:])
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def expert_roles(expert: torch.nn.Module) -> _Roles | None:
 
 def _sizes(experts: torch.nn.Module) -> tuple[int, int]:
     lins = _linears(_experts_list(experts)[0])
-    return int(lins[0].weight.shape[1]), int(lins[0].weight.shape[0])
+    hidden = int(lins[0].weight.shape[1])
+    return hidden, int(next(lin.weight.shape[1] for lin in lins if lin.weight.shape[0] == hidden))
 
 
 # --------------------------------------------------------------------------- repacking (inference fast path)
@@ -179,11 +181,10 @@ def run_expert_list(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torc
                     top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Dispatch rows to a list of expert modules: grouped GEMM on the repacked weights for prefill,
     a loop calling each active expert module (hooks, LoRA, dropout kept) otherwise."""
-    check_routing(experts, top_k_index, top_k_weights)
+    check_routing(experts, top_k_index, top_k_weights, num_experts)
     plan = plan_dispatch(top_k_index, num_experts)
     packed: _Packed | None = getattr(experts, "_moe_patch_packed", None)
-    rows_per_expert = top_k_index.numel() / max(len(plan.active), 1)
-    if (packed is not None and rows_per_expert > LOOP_MAX_ROWS_PER_EXPERT and not experts.training
+    if (packed is not None and len(plan.active) > LOOP_MAX_ACTIVE_EXPERTS and not experts.training
             and grouped_mm_supported(packed.up, x) and _packed_valid(packed)):
         return bank_grouped(_packed_bank(experts, packed), x, plan, top_k_weights)
     items = _experts_list(experts)

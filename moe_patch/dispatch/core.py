@@ -96,7 +96,7 @@ def dispatch_combine(
             y = expert_fn(e, (x * w).to(x.dtype))
         else:
             y = expert_fn(e, x) * w
-        out = out.index_add(0, tok, y.to(out.dtype))
+        out.index_add_(0, tok, y.to(out.dtype))
     return out
 
 
@@ -142,9 +142,17 @@ def grouped_mm_supported(weight: torch.Tensor, hidden_states: torch.Tensor) -> b
 def combine_sorted(
     sorted_out: torch.Tensor, plan: DispatchPlan, top_k_weights: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
-    """Weight the expert-sorted outputs ``[S, H]`` by their routing weights and sum them per token."""
-    n = sorted_out.shape[0]  # sentinel slots past the last expert's rows are not in sorted_out
-    w = top_k_weights.reshape(-1)[plan.order[:n]].unsqueeze(-1)
-    weighted = (sorted_out * w).to(sorted_out.dtype)
-    out = sorted_out.new_zeros(num_tokens, sorted_out.shape[-1])
-    return out.index_add(0, plan.token_ids[:n], weighted)
+    """Weight the expert-sorted outputs ``[n, H]`` by their routing weights and sum them per token.
+
+    Without dropped slots this un-sorts and sums over k (deterministic, the order transformers uses);
+    with dropped slots (sentinels past the last expert) it scatter-adds the kept rows.
+    """
+    n, width = sorted_out.shape
+    flat_w = top_k_weights.reshape(-1)
+    if n == flat_w.numel():
+        weighted = sorted_out * flat_w[plan.order].unsqueeze(-1).to(sorted_out.dtype)
+        unsorted = torch.empty_like(weighted)
+        unsorted[plan.order] = weighted
+        return unsorted.view(num_tokens, -1, width).sum(dim=1)
+    weighted = sorted_out * flat_w[plan.order[:n]].unsqueeze(-1).to(sorted_out.dtype)
+    return sorted_out.new_zeros(num_tokens, width).index_add_(0, plan.token_ids[:n], weighted)

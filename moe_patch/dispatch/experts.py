@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from .core import DispatchPlan, combine_sorted, dispatch_combine, grouped_linear, grouped_mm_supported, plan_dispatch
 
-#: Below this many slots per active expert the per-expert loop wins over one grouped GEMM on CPU:
-#: the grouped kernel pays for every expert's offsets and a gather/scatter of all slots, the loop
-#: only calls one GEMM per active expert on weight views (no copy). Measured in bench/dispatch.py.
-LOOP_MAX_ROWS_PER_EXPERT = 4
+#: With at most this many active experts the per-expert loop on weight views beats the grouped GEMM
+#: (decode of top-1/top-2 models: the grouped kernel's sort/gather/scatter costs more than the
+#: loop's Python). Above it the grouped GEMM wins at every batch size. Tuned with bench/dispatch.py.
+LOOP_MAX_ACTIVE_EXPERTS = 2
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,9 @@ def bank_grouped(bank: ExpertBank, x: torch.Tensor, plan: DispatchPlan, top_k_we
     """All experts of the bank in grouped GEMMs over expert-sorted rows; returns ``[T, H]``."""
     n = plan.offsets[-1]  # sentinel slots (dropped tokens) sort past the last expert
     offs = torch.cumsum(plan.counts, 0).to(torch.int32)
-    eid = torch.repeat_interleave(torch.arange(bank.num_experts, device=plan.counts.device), plan.counts)
+    eid = None
+    if bank.up_bias is not None or bank.down_bias is not None:
+        eid = torch.repeat_interleave(torch.arange(bank.num_experts, device=plan.counts.device), plan.counts)
     rows = x[plan.token_ids[:n]]
     if weight_inputs:
         rows = (rows * top_k_weights.reshape(-1)[plan.order[:n]].unsqueeze(-1)).to(rows.dtype)
@@ -108,8 +110,7 @@ def bank_dispatch(bank: ExpertBank, x: torch.Tensor, top_k_index: torch.Tensor, 
     """Route ``x [T, H]`` through the bank: grouped GEMMs when experts get many rows (prefill, inference),
     a loop over the active experts on weight views otherwise (decode, training: autograd-safe)."""
     plan = plan if plan is not None else plan_dispatch(top_k_index, bank.num_experts)
-    rows_per_expert = top_k_index.numel() / max(len(plan.active), 1)
-    if rows_per_expert > LOOP_MAX_ROWS_PER_EXPERT and grouped_mm_supported(bank.up, x):
+    if len(plan.active) > LOOP_MAX_ACTIVE_EXPERTS and grouped_mm_supported(bank.up, x):
         return bank_grouped(bank, x, plan, top_k_weights, weight_inputs=weight_inputs)
     return dispatch_combine(x, top_k_index, top_k_weights, bank.num_experts,
                             lambda e, rows: bank_expert(bank, e, rows), plan=plan, weight_inputs=weight_inputs)

@@ -43,6 +43,7 @@ class TierCache:
         self._entries: OrderedDict[Key, CacheEntry] = OrderedDict()  # recency order, oldest first
         self._freq: dict[Key, int] = {}
         self.used = 0
+        self.peak = 0  # most bytes ever held (the tests check it against the budget)
         self.evictions = 0
 
     def __contains__(self, key: Key) -> bool:
@@ -116,4 +117,5 @@ class TierCache:
         self._entries[key] = CacheEntry(value, nbytes)
         self._freq[key] = self._freq.get(key, 0) + 1
         self.used += nbytes
+        self.peak = max(self.peak, self.used)
         return True, evicted

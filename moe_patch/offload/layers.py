@@ -120,6 +120,8 @@ def _structural_search(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module
 
 def find_offload_layers(model: nn.Module, handles: list[Any] | None = None) -> list[OffloadLayer]:
     """The model's MoE blocks in forward order, from detection handles or a structural search."""
+    if handles and all(isinstance(h, OffloadLayer) for h in handles):
+        return list(handles)
     if handles is None:
         try:
             from ..detect import find_moe_blocks  # the foundation's detector, when installed
@@ -142,7 +144,7 @@ def find_offload_layers(model: nn.Module, handles: list[Any] | None = None) -> l
             if storage not in ("fused", "module_list"):
                 continue  # flat_2d / dense_bmm adapters are not offloaded
             block = getattr(h, "block", None)
-            entries.append((names.get(id(block), getattr(info, "path", "")), block, experts, getattr(h, "router", None), storage))
+            entries.append((getattr(info, "path", None) or names.get(id(block), ""), block, experts, getattr(h, "router", None), storage))
     else:
         entries = _structural_search(model)
     if not entries:

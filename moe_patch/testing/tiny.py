@@ -45,7 +45,8 @@ _SIZES: dict[str, Any] = {
     "text_hidden_size": HIDDEN, "thinker_hidden_size": HIDDEN, "out_hidden_size": HIDDEN,
     "projector_hidden_size": HIDDEN, "projection_hidden_dim": HIDDEN, "merged_hidden_size": HIDDEN,
     "vision_output_dim": HIDDEN, "output_dim": HIDDEN, "projector_input_dim": HIDDEN,
-    "projector_output_dim": HIDDEN, "router_hidden_size": HIDDEN,
+    "projector_output_dim": HIDDEN, "router_hidden_size": HIDDEN, "adapter_in_dim": HIDDEN,
+    "adapter_out_dim": HIDDEN, "adapter_input_size": HIDDEN,
     "intermediate_size": HIDDEN, "d_ff": HIDDEN, "ffn_hidden_size": HIDDEN,
     "dense_intermediate_size": HIDDEN, "intermediate_size_mlp": HIDDEN, "encoder_ffn_dim": HIDDEN,
     "decoder_ffn_dim": HIDDEN, "mlp_dim": HIDDEN, "projection_intermediate_size": HIDDEN,
@@ -62,7 +63,7 @@ _SIZES: dict[str, Any] = {
     "d_kv": 16, "kv_channels": 16, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
     "swa_head_dim": 16, "num_sliding_attention_heads": 4,
     "kv_lora_rank": 32, "q_lora_rank": 32, "o_lora_rank": 32, "qk_rope_head_dim": 16,
-    "qk_nope_head_dim": 16, "v_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2,
+    "qk_nope_head_dim": 16, "v_head_dim": 16, "qk_head_dim": 32, "index_head_dim": 16, "index_n_heads": 2,
     "max_position_embeddings": 512, "max_seq_len": 512, "sliding_window": 64, "sliding_window_size": 64,
     "attention_chunk_size": 64, "max_window_layers": 2,
     # linear attention / state space
@@ -80,11 +81,11 @@ _SIZES: dict[str, Any] = {
     "moe_topk": TOP_K, "top_k": TOP_K,
     "n_shared_experts": 1, "num_shared_experts": 1, "moe_num_shared_experts": 1,
     "n_group": lambda v: 2 if v and v > 1 else v, "num_expert_group": lambda v: 2 if v and v > 1 else v,
-    "topk_group": 1,
+    "topk_group": 1, "zero_expert_num": 4,
     "first_k_dense_replace": 1, "num_dense_layers": 1, "decoder_sparse_step": 1,
     "encoder_sparse_step": 1, "interleave_moe_layer_step": 1, "moe_layer_interval": 1,
-    "expert_layer_period": 1, "expert_layer_offset": 1, "attn_layer_period": 2, "attn_layer_offset": 0,
     # vision / audio towers (text-only inputs are used, the towers only need to build cheaply)
+    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16,
     "image_size": 64, "num_mel_bins": 16, "n_mel_bins": 16, "num_position_embeddings": 64,
 }
 
@@ -93,6 +94,13 @@ _WHEN_NONE: dict[str, Any] = {
     "num_experts": EXPERTS, "num_local_experts": EXPERTS, "n_routed_experts": EXPERTS,
     "num_experts_per_tok": TOP_K, "top_k_experts": TOP_K, "moe_intermediate_size": 32,
 }
+
+# (lead, follower): when equal in the default config, the follower stays equal to the lead.
+_KEEP_EQUAL = (
+    ("num_attention_heads", "num_key_value_heads"),
+    ("swa_num_attention_heads", "swa_num_key_value_heads"),
+    ("qk_rope_head_dim", "head_dim"),
+)
 
 # Config dict fields that hold token ids (moved inside the small vocabulary).
 _TOKEN_ID = re.compile(r"(token_id|token_index|_id)$")
@@ -127,8 +135,41 @@ def _vitpose_inputs(config, gen):
 
 
 _FAMILY_OVERRIDES: dict[str, TinySpec] = {
-    "vitpose_backbone": TinySpec(config={"num_experts": 4, "image_size": [32, 32], "patch_size": [8, 8]},
+    # Dataset-indexed experts (one per pose dataset), off (1 expert) by default.
+    "vitpose_backbone": TinySpec(config={"num_experts": 4, "image_size": [32, 32], "patch_size": [8, 8],
+                                         "part_features": 16,
+                                         "out_features": ["stage2"], "out_indices": [2]},
                                  inputs=_vitpose_inputs),
+    # Defaults that do not build as they are (None where the model multiplies or indexes).
+    "dots1": TinySpec(config={"n_shared_experts": 1}),
+    # Product-key experts: num_experts must be a square (sqrt(num_experts) keys per side).
+    "doge": TinySpec(config={"num_experts": 16}),
+    "gemma4": TinySpec(config={"text_config": {"enable_moe_block": True}}),
+    # Its default is dense (1 expert, top-1).
+    "hunyuan_v1_moe": TinySpec(config={"head_dim": 16, "num_experts": EXPERTS, "moe_topk": TOP_K}),
+    "deepseek_ocr2": TinySpec(config={"text_config": {"mlp_layer_types": ["dense", "sparse"]}}),
+    "lfm2_moe": TinySpec(config={"layer_types": ["conv", "full_attention"], "num_dense_layers": 1}),
+    "granitemoehybrid": TinySpec(config={"layer_types": ["linear_attention", "full_attention"]}),
+    "jamba": TinySpec(config={"expert_layer_period": 2, "expert_layer_offset": 1,
+                              "attn_layer_period": 2, "attn_layer_offset": 0}),
+    "step3p7": TinySpec(config={"text_config": {"sliding_window": 64}}),
+    "qwen4_exp": TinySpec(config={"text_config": {
+        "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+        "indexer_compress_ratio": 4}}),
+    # transformers 5.23's DbrxConfig() lacks attn_config.rope_theta that the model reads (real
+    # checkpoints carry it), and clamps with clip_qkv unconditionally (DBRX ships 8.0).
+    "dbrx": TinySpec(config={"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}}),
+    # Sliding layers take head_dim = their per-layer qk_nope_head_dim + qk_rope_head_dim.
+    "dots3_note": TinySpec(config={"text_config": {"head_dim": 32}}),
+    # The thinker is the language model (the talker speaks); text-only input_ids go to it.
+    "qwen3_omni_moe": TinySpec(model_class="Qwen3OmniMoeThinkerForConditionalGeneration",
+                               submodel="thinker_config"),
+    # Vision patch planning needs n_layers >= its scale count, else it calls scipy.
+    "inkling_mm_model": TinySpec(config={"vision_config": {"n_layers": 4, "patch_size": 4}}),
+    "mistral_large4": TinySpec(config={"text_config": {"kv_source_layers": [0, 1]}}),
+    # M-RoPE sections that live in the modeling code, not in rope_parameters (sum = rotary dim / 2).
+    "glm4v_moe": TinySpec(config={"text_config": {"rope_parameters": {"mrope_section": [1, 1, 2]}}}),
+    "ernie4_5_vl_moe": TinySpec(config={"text_config": {"rope_parameters": {"mrope_section": [3, 3, 2]}}}),
 }
 
 
@@ -207,8 +248,14 @@ def _shrink_layers(d: dict[str, Any], old: int, new: int) -> None:
         else:
             old_keys = _layer_keys(value, old)
             new_keys = _layer_keys(value, new)
-            d[key] = {new_keys[j]: {k: _clamp(k, v) for k, v in value[old_keys[i]].items()}
-                      for j, i in enumerate(keep) if old_keys[i] in value}
+            d[key] = {new_keys[j]: _clamp_layer(value[old_keys[i]]) for j, i in enumerate(keep)
+                      if old_keys[i] in value}
+
+
+def _clamp_layer(overrides: dict[str, Any]) -> dict[str, Any]:
+    out = {k: _clamp(k, v) for k, v in overrides.items()}
+    _keep_identities(overrides, out)
+    return out
 
 
 def _rescale_rope(rope: Any, rotary_half: int) -> Any:
@@ -225,11 +272,25 @@ def _rescale_rope(rope: Any, rotary_half: int) -> Any:
     return rope
 
 
+def _keep_identities(base: dict[str, Any], d: dict[str, Any]) -> None:
+    """Multi-head latent attention has as many KV heads as query heads, its head_dim is
+    qk_rope_head_dim or qk_nope + qk_rope, ...: keep such identities of the full-size config."""
+    for lead, follower in _KEEP_EQUAL:
+        if base.get(lead) is not None and base.get(lead) == base.get(follower):
+            d[follower] = d[lead]
+    nope, rope = base.get("qk_nope_head_dim"), base.get("qk_rope_head_dim")
+    if isinstance(nope, int) and isinstance(rope, int):
+        for key in ("head_dim", "qk_head_dim"):
+            if base.get(key) == nope + rope:
+                d[key] = d["qk_nope_head_dim"] + d["qk_rope_head_dim"]
+
+
 def _shrink_dict(d: dict[str, Any], token_ids: dict[int, int]) -> dict[str, Any]:
-    d = dict(d)
+    base, d = d, dict(d)
     old_depth = next((d[k] for k in _DEPTH_KEYS if isinstance(d.get(k), int)), None)
     for key, value in list(d.items()):
         d[key] = _shrink_dict(value, token_ids) if _is_subconfig(value) else _clamp(key, value)
+    _keep_identities(base, d)
     new_depth = next((d[k] for k in _DEPTH_KEYS if isinstance(d.get(k), int)), None)
     if old_depth and new_depth and new_depth < old_depth:
         _shrink_layers(d, old_depth, new_depth)
@@ -265,6 +326,19 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _canonical(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Config keys as stored: aliases of ``attribute_map`` (``num_experts`` -> ``num_local_experts``
+    for Qwen3-MoE) resolved, for sub-configs too."""
+    aliases = getattr(cls, "attribute_map", {}) or {}
+    subs = getattr(cls, "sub_configs", {}) or {}
+    out = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and key in subs and isinstance(subs[key], type):
+            value = _canonical(subs[key], value)
+        out[aliases.get(key, key)] = value
+    return out
+
+
 def _config_class(model_type: str):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -281,8 +355,8 @@ def tiny_config(model_type: str, **overrides: Any):
     base = cls().to_dict()
     small = _shrink_dict(base, {})
     spec = _FAMILY_OVERRIDES.get(model_type, TinySpec())
-    small = _merge(small, spec.config)
-    small = _merge(small, overrides)
+    small = _merge(small, _canonical(cls, spec.config))
+    small = _merge(small, _canonical(cls, overrides))
     for key in ("transformers_version", "_name_or_path", "architectures"):
         small.pop(key, None)
     return cls.from_dict(small)

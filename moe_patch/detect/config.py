@@ -1,0 +1,150 @@
+"""Checkpoint folders without weights: validate MoE config fields, build the model on ``meta``,
+and summarise the safetensors index. Reads ``config.json`` and ``*.safetensors.index.json`` only."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, MoEConfigError
+
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "top_k", "moe_k", "num_selected_experts")
+ZERO_EXPERT_FIELDS = ("zero_expert_num",)
+
+
+def _dicts(d: dict, prefix: str = ""):
+    """Every dict level of a config (sub-configs and nested dicts such as DBRX's ffn_config)."""
+    yield prefix, d
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from _dicts(value, f"{prefix}{key}.")
+
+
+def validate_moe_config(config) -> None:
+    """Raise :class:`MoEConfigError` (a ``ValueError``) naming the field and value when the MoE fields of a
+    config (a transformers config or the raw ``config.json`` dict, sub-configs included) cannot describe
+    an MoE: top-k that is not a positive integer (e.g. the string ``"64 2"``), zero or negative experts,
+    top-k above the number of experts."""
+    raw = config if isinstance(config, dict) else config.to_dict()
+    for where, c in _dicts(raw):
+        top_ks = {n: c[n] for n in TOP_K_FIELDS if c.get(n) is not None}
+        if not top_ks:
+            continue
+        experts = {n: c[n] for n in EXPERT_COUNT_FIELDS if c.get(n) is not None}
+        for name, value in {**experts, **top_ks}.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise MoEConfigError(f"config field {where}{name} must be an integer, got {value!r}")
+        for name, value in top_ks.items():
+            if value < 1:
+                raise MoEConfigError(f"config field {where}{name} must be >= 1, got {value}")
+        for name, value in experts.items():
+            if value < 1:
+                raise MoEConfigError(f"config field {where}{name} must be >= 1 for an MoE, got {value}")
+        if experts:
+            zero = next((c[n] for n in ZERO_EXPERT_FIELDS if isinstance(c.get(n), int)), 0)
+            n_name, n_experts = next(iter(experts.items()))
+            for name, value in top_ks.items():
+                if value > n_experts + zero:
+                    raise MoEConfigError(f"config field {where}{name} = {value} exceeds {where}{n_name} = {n_experts}")
+
+
+def load_config(folder: str | Path, *, trust_remote_code: bool = False):
+    """``AutoConfig`` for a local folder, with clear errors for a missing or malformed config.json."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: not found; a checkpoint folder needs its config.json")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MoEConfigError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise MoEConfigError(f"{cfg_path}: no 'model_type' field; is this a transformers checkpoint?")
+    validate_moe_config(raw)  # before transformers' own checks, whose errors do not name our fields
+    if raw.get("auto_map") and not trust_remote_code:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if raw["model_type"] not in CONFIG_MAPPING_NAMES:
+            raise MoEConfigError(
+                f"{cfg_path}: model_type {raw['model_type']!r} needs the checkpoint's own Python code; "
+                "re-run with --trust-remote-code if you trust its authors"
+            )
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MoEConfigError(f"{cfg_path}: transformers cannot read this config: {exc}") from exc
+    return config
+
+
+def meta_model(config, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """Instantiate the model for ``config`` on the meta device (no memory, no weights read)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    last: Exception | None = None
+    for auto in (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel):
+        try:
+            with torch.device("meta"):
+                return auto.from_config(config, trust_remote_code=trust_remote_code)
+        except ValueError as exc:  # not registered for this auto class: try the next one
+            last = exc
+    raise MoEConfigError(f"transformers has no model class for model_type {config.model_type!r}: {last}")
+
+
+@dataclass
+class CheckpointSummary:
+    """What the safetensors index says about a checkpoint (no tensor data is read)."""
+
+    folder: str
+    shards: list[str] = field(default_factory=list)
+    total_bytes: int | None = None
+    tensors: int = 0
+    per_expert_tensors: int = 0
+    fused_expert_tensors: int = 0
+
+    @property
+    def expert_storage(self) -> str:
+        if self.per_expert_tensors:
+            return "per-expert tensors"
+        return "fused 3-D tensors" if self.fused_expert_tensors else "unknown"
+
+
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
+_FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj|up_proj|w1|w2|w3)")
+
+
+def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
+    """Read ``model.safetensors.index.json`` (or list a single ``model.safetensors``)."""
+    folder = Path(folder)
+    summary = CheckpointSummary(folder=str(folder))
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            index = json.loads(indexes[0].read_text())
+            weight_map = index["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{indexes[0]}: malformed safetensors index ({exc})") from exc
+        summary.shards = sorted(set(weight_map.values()))
+        summary.total_bytes = (index.get("metadata") or {}).get("total_size")
+        keys = list(weight_map)
+    else:
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+        summary.shards = shards
+        keys = []
+        if shards:
+            from safetensors import safe_open  # header only
+
+            for shard in shards:
+                with safe_open(folder / shard, framework="pt") as f:
+                    keys += list(f.keys())
+            summary.total_bytes = sum((folder / s).stat().st_size for s in shards)
+    summary.tensors = len(keys)
+    summary.per_expert_tensors = sum(1 for k in keys if _PER_EXPERT.search(k))
+    summary.fused_expert_tensors = sum(1 for k in keys if _FUSED.search(k))
+    return summary

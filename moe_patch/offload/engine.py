@@ -1,0 +1,383 @@
+"""The offload engine: serves expert weights to the forward from device cache -> host cache -> source.
+
+Per MoE layer the patched forward calls :meth:`OffloadEngine.begin_layer` (statistics, prefetch of
+the next layer, early reads of this layer's misses), then :meth:`OffloadEngine.run_expert` for each
+active expert, then :meth:`OffloadEngine.end_layer`.
+
+Tiers and their invariants:
+
+- *device cache* (``expert_cache`` bytes): experts ready to compute on ``device``. On CPU it is the
+  resident RAM tier. Hard budget; an insert that does not fit evicts per policy or is refused.
+- *host cache* (``host_cache`` bytes, pinned on CUDA): experts in host RAM. On CUDA it is
+  inclusive (a device eviction leaves the host copy); on CPU both tiers are the same memory, so it
+  is exclusive (a device eviction demotes the entry, a promotion moves it: no byte is held twice).
+- *source*: the checkpoint's safetensors (or the model's own RAM for ``patch_model``).
+
+Background work (prefetch of the next layer's likely experts, early reads of this layer's misses)
+runs on one worker thread; on CUDA its copies go on a side stream and the compute stream waits on
+an event. Background inserts may not evict the experts of the layer being computed; if they do
+not fit they are dropped, so the budgets hold whatever the prefetcher does. An error in a
+background read is re-raised by the forward that needs the expert (never zeros).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..dispatch.experts import fused_expert_forward
+from .cache import Key, TierCache
+from .costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
+from .layers import OffloadLayer
+from .quant import QuantizedTensor, materialize, nbytes_of, quantize
+from .sources import ExpertSource
+from .stats import LayerStats, OffloadStats
+
+
+@dataclass
+class ExpertWeights:
+    """One expert's tensors as a cache holds them (possibly quantized), with its size."""
+
+    tensors: dict[str, torch.Tensor | QuantizedTensor]
+    nbytes: int
+    ready: Any = None  # CUDA event recorded after an async copy; None when usable at once
+    tier: str = "disk"  # where it was read from the last time it entered the device cache
+
+
+@dataclass
+class EngineConfig:
+    device: torch.device
+    expert_cache: int | None
+    host_cache: int | None
+    policy: str = "lru"
+    hot: tuple[Key, ...] = ()
+    quantize: str | None = None
+    prefetch: bool = True
+    cpu_compute: str = "auto"  # "auto" (cost model), "always", "never"
+    max_prefetch_per_layer: int | None = None
+    bandwidths: Bandwidths | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class OffloadEngine:
+    def __init__(self, layers: list[OffloadLayer], source: ExpertSource, config: EngineConfig):
+        self.layers = layers
+        self.source = source
+        self.cfg = config
+        self.device = config.device
+        self.on_cuda = self.device.type == "cuda"
+        self.exclusive = not self.on_cuda
+        self.dev = TierCache(config.expert_cache, config.policy, config.hot, name="expert_cache")
+        self.host = TierCache(config.host_cache, "lru", name="host_cache")
+        self._lock = threading.RLock()
+        self._inflight: dict[Key, Future] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moe-patch-prefetch") if config.prefetch else None
+        self._stream = torch.cuda.Stream(self.device) if self.on_cuda else None  # pragma: no cover - GPU only
+        self._protected: set[Key] = set()
+        self._predicted: dict[int, set[int]] = {}
+        self._active: dict[int, dict[int, int]] = {}
+        self._resident: set[Key] = set()  # this layer's experts already in the device cache at its start
+        self._flops = {layer.index: expert_flops_per_row(layer.shapes) for layer in layers}
+        self.phase = "prefill"
+        self.stats = OffloadStats(
+            layers=[LayerStats(layer.num_experts) for layer in layers],
+            device=self.device.type,
+            expert_bytes=max(layer.expert_bytes for layer in layers),
+            bandwidths=config.bandwidths,
+        )
+        self.closed = False
+        self.bypass_caches = False  # full-precision reads straight from the source (quantization error)
+
+    # -- loading -----------------------------------------------------------------------------
+    def _read(self, key: Key) -> ExpertWeights:
+        """Read one expert from the source (no lock held: this is the slow part)."""
+        t0 = time.perf_counter()
+        tensors: dict[str, Any] = self.source.read(*key)
+        dt = time.perf_counter() - t0
+        raw = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.cfg.quantize:
+            tensors = {n: quantize(t, self.cfg.quantize) for n, t in tensors.items()}
+        elif self.source.tier == "host":
+            tensors = {n: t for n, t in tensors.items()}  # views of the model's RAM: no copy on CPU
+        if self.on_cuda:  # pragma: no cover - GPU only
+            tensors = {n: t.pin_memory() for n, t in tensors.items()}
+        with self._lock:
+            if self.source.tier == "disk":
+                self.stats.disk_read_s += dt
+                self.stats.disk_bytes_total += raw
+        return ExpertWeights(tensors, sum(nbytes_of(t) for t in tensors.values()), tier=self.source.tier)
+
+    def _to_device(self, host: ExpertWeights, background: bool) -> ExpertWeights:
+        if not self.on_cuda:
+            return host
+        stream = self._stream if background else torch.cuda.current_stream(self.device)  # pragma: no cover
+        with torch.cuda.stream(stream):  # pragma: no cover - GPU only
+            tensors = {n: t.to(self.device, non_blocking=True) for n, t in host.tensors.items()}
+            event = torch.cuda.Event()
+            event.record(stream)
+        return ExpertWeights(tensors, host.nbytes, ready=event, tier=host.tier)  # pragma: no cover
+
+    def _take_host(self, key: Key) -> ExpertWeights | None:
+        with self._lock:
+            if self.exclusive:
+                return self.host.pop(key)
+            return self.host.get(key)
+
+    def _insert_device(self, key: Key, dev: ExpertWeights, host: ExpertWeights, background: bool) -> bool:
+        """Put ``dev`` in the device cache; demote what it evicts (CPU). False if it did not fit."""
+        with self._lock:
+            if background:
+                # never evict what the current layer is about to use
+                pins = [k for k in self._protected if k in self.dev]
+                for k in pins:
+                    self.dev.pin(k)
+                try:
+                    stored, evicted = self.dev.put(key, dev, dev.nbytes)
+                finally:
+                    for k in pins:
+                        self.dev.unpin(k)
+            else:
+                stored, evicted = self.dev.put(key, dev, dev.nbytes)
+            for k, v in evicted:
+                if self.exclusive:
+                    self.host.put(k, v, v.nbytes)
+            if not stored and self.exclusive:
+                self.host.put(key, host, host.nbytes)
+            elif not self.exclusive and self.host.enabled and key not in self.host:
+                self.host.put(key, host, host.nbytes)
+            return stored
+
+    def _load(self, key: Key, background: bool) -> tuple[ExpertWeights, str]:
+        host = self._take_host(key)
+        tier = "host"
+        if host is None:
+            host = self._read(key)
+            tier = host.tier
+        dev = self._to_device(host, background)
+        dev.tier = tier
+        self._insert_device(key, dev, host, background)
+        return dev, tier
+
+    def _background_load(self, key: Key) -> str:
+        try:
+            with self._lock:
+                if key in self.dev:
+                    return "device"
+            return self._load(key, background=True)[1]
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _submit(self, key: Key) -> None:
+        """Queue a background read unless cached or queued (call with the lock held)."""
+        if self._pool is None or key in self.dev or key in self._inflight:
+            return
+        self._inflight[key] = self._pool.submit(self._background_load, key)
+
+    # -- the forward's side ------------------------------------------------------------------
+    def begin_layer(self, layer: int, hidden: torch.Tensor, active: list[int] | None, counts: list[int] | None) -> None:
+        """Before a layer's experts run: record routing, queue this layer's misses and prefetch the next layer."""
+        if self.bypass_caches:
+            return
+        st = self.stats.layers[layer]
+        self._active[layer] = {}
+        with self._lock:
+            self._protected = {(layer, e) for e in (active or [])}
+            self._resident = {k for k in self._protected if k in self.dev}
+            if active is None:
+                self._resident = {k for k in self.dev.keys() if k[0] == layer}
+            else:
+                self._evaluate_prediction(layer, set(active))
+                for e in active:
+                    self._submit((layer, e))  # reads overlap the compute of the cached ones
+            if counts is not None:
+                for e, c in enumerate(counts):
+                    st.slots[e] += c
+        if self._pool is not None and layer + 1 < len(self.layers):
+            predicted = self.predict(layer + 1, hidden)
+            with self._lock:
+                self._predicted[layer + 1] = predicted
+                for e in predicted:
+                    if (layer + 1, e) not in self.dev and (layer + 1, e) not in self._inflight:
+                        self.stats.prefetch_issued += 1
+                        self._submit((layer + 1, e))
+
+    def end_layer(self, layer: int) -> None:
+        """After a layer's experts ran (module_list layers learn their routing only here)."""
+        if self.bypass_caches:
+            return
+        used = self._active.pop(layer, {})
+        spec = self.layers[layer]
+        if spec.storage == "module_list":
+            st = self.stats.layers[layer]
+            with self._lock:
+                for e, rows in used.items():
+                    st.slots[e] += rows
+                self._evaluate_prediction(layer, set(used))
+        with self._lock:
+            self._protected = set()
+
+    def _evaluate_prediction(self, layer: int, actual: set[int]) -> None:
+        predicted = self._predicted.pop(layer, None)
+        if predicted is None:
+            return
+        st = self.stats.layers[layer]
+        st.predicted += len(predicted)
+        st.predicted_used += len(predicted & actual)
+        st.used_when_predicted += len(actual)
+
+    @torch.no_grad()
+    def predict(self, layer: int, hidden: torch.Tensor) -> set[int]:
+        """Experts layer ``layer`` will likely use: its own router applied to the current hidden state.
+
+        The router's ``forward`` is called directly (no hooks, so output recorders do not see it);
+        routers returning ``(logits, weights, indices)`` give their exact top-k choice for this input.
+        """
+        spec = self.layers[layer]
+        router = spec.router
+        if router is None:
+            return set()
+        x = hidden.reshape(-1, hidden.shape[-1])
+        w = getattr(router, "weight", None)
+        if isinstance(w, torch.Tensor) and w.shape[-1] != x.shape[-1]:
+            return set()
+        out = type(router).forward(router, x)
+        if isinstance(out, tuple):
+            idx = out[-1] if not out[-1].is_floating_point() else None
+            logits = out[0]
+        else:
+            idx, logits = None, out
+        if idx is None:
+            idx = torch.topk(logits.float(), min(spec.top_k, logits.shape[-1]), dim=-1).indices
+        counts = torch.bincount(idx.reshape(-1).clamp(0, spec.num_experts - 1), minlength=spec.num_experts)
+        limit = self.cfg.max_prefetch_per_layer or self._prefetch_limit(spec)
+        order = torch.argsort(counts, descending=True, stable=True)[:limit].tolist()
+        return {e for e in order if counts[e] > 0}
+
+    def _prefetch_limit(self, spec: OffloadLayer) -> int:
+        if self.dev.budget is None:
+            return spec.num_experts
+        per_expert = max(spec.expert_bytes, 1)
+        # half the device cache for what the next layer may need, at least its top-k
+        return max(spec.top_k, int(self.dev.budget // per_expert) // 2)
+
+    def _acquire(self, key: Key, rows: int) -> tuple[ExpertWeights, str]:
+        """The expert's weights and where to compute it ("device" or "cpu"). Pins it in its cache."""
+        st = self.stats.layers[key[0]]
+        with self._lock:
+            entry = self.dev.get(key)
+            if entry is not None:
+                self.dev.pin(key)
+                # loaded after the layer began (an early read of a miss): it counts in its source tier
+                tier = "device" if key in self._resident else entry.tier
+                st.hits[tier] += 1
+                self.stats.bytes_read[self.phase][tier] += entry.nbytes
+                return entry, "device"
+            fut = self._inflight.get(key)
+            host = None
+            if fut is None and self.on_cuda and self.cfg.cpu_compute != "never" and key in self.host:
+                host = self.host.get(key)
+            if fut is None and not self.on_cuda and self.cfg.cpu_compute == "always" and key in self.host:
+                host = self.host.get(key)  # CPU: exercise the compute-where-it-lies path on request
+        t0 = time.perf_counter()
+        if host is not None and self._cpu_wins(key, rows, host):
+            with self._lock:
+                self.host.pin(key)
+                st.hits["host"] += 1
+                st.cpu_computed += 1
+                self.stats.bytes_read[self.phase]["host"] += host.nbytes
+            return host, "cpu"
+        tier = None
+        if fut is not None:
+            tier = fut.result()  # re-raises a background read error
+            with self._lock:
+                entry = self.dev.get(key)
+                if entry is not None:
+                    self.dev.pin(key)
+                    tier = entry.tier if tier == "device" else tier
+        if entry is None:
+            entry, tier = self._load(key, background=False)
+            with self._lock:
+                if key in self.dev:
+                    self.dev.pin(key)
+        with self._lock:
+            self.stats.stall_s += time.perf_counter() - t0
+            st.hits[tier] += 1
+            self.stats.bytes_read[self.phase][tier] += entry.nbytes
+        return entry, "device"
+
+    def _cpu_wins(self, key: Key, rows: int, host: ExpertWeights) -> bool:
+        if self.cfg.cpu_compute == "always":
+            return True
+        bw = self.cfg.bandwidths
+        return bw is not None and prefer_cpu(rows, host.nbytes, self._flops[key[0]], bw)
+
+    def _release(self, key: Key, site: str) -> None:
+        with self._lock:
+            (self.host if site == "cpu" else self.dev).unpin(key)
+
+    def run_expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Compute expert ``expert`` of ``layer`` on rows ``x`` with weights from the tiers."""
+        key = (layer, expert)
+        spec = self.layers[layer]
+        if self.bypass_caches:
+            return _compute(spec, expert, x, {n: t.to(x.device) for n, t in self.source.read(layer, expert).items()})
+        self._active.setdefault(layer, {})
+        self._active[layer][expert] = self._active[layer].get(expert, 0) + x.shape[0]
+        entry, site = self._acquire(key, x.shape[0])
+        try:
+            if entry.ready is not None:  # pragma: no cover - GPU only
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(entry.ready)
+                for t in entry.tensors.values():
+                    if isinstance(t, torch.Tensor):
+                        t.record_stream(stream)
+            weights = {n: materialize(t) for n, t in entry.tensors.items()}
+            if site == "cpu" and x.device.type != "cpu":  # pragma: no cover - GPU only
+                return _compute(spec, expert, x.to("cpu"), weights).to(x.device)
+            return _compute(spec, expert, x, weights)
+        finally:
+            self._release(key, site)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Wait for queued background reads (errors are left for the forward that needs them)."""
+        with self._lock:
+            futures = list(self._inflight.values())
+        for f in futures:
+            try:
+                f.result()
+            except Exception:  # noqa: BLE001 - reported where the expert is used
+                pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self.source.close()
+
+
+def _compute(spec: OffloadLayer, expert: int, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    if spec.storage == "fused":
+        return fused_expert_forward(spec.experts, x, weights)
+    # module_list: run the expert module's own class forward with the fetched tensors swapped in for the
+    # placeholders (its instance forward is the engine's hook, so functional_call would recurse)
+    module = spec.experts[expert]
+    slots = []
+    for name, value in weights.items():
+        path, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(path) if path else module
+        slots.append((owner, leaf, owner._parameters[leaf]))
+        owner._parameters[leaf] = value
+    try:
+        return type(module).forward(module, x.to(next(iter(weights.values())).dtype))
+    finally:
+        for owner, leaf, old in slots:
+            owner._parameters[leaf] = old

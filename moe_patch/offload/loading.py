@@ -1,0 +1,161 @@
+"""``load_model``: build a transformers model whose routed experts stay in the checkpoint files.
+
+The model is instantiated on the meta device exactly as ``from_pretrained`` does
+(``get_init_context``), the non-expert tensors are read one by one with transformers' conversion
+rules and assigned, tied weights and non-persistent buffers are finalised by transformers' own
+methods, and the experts are left to the offload engine. Peak host memory is the non-expert
+weights plus the cache budgets plus one expert in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, MoEConfigError
+from .attach import OffloadHandle, attach_offload
+from .checkpoint import Checkpoint
+from .keymap import CheckpointMap
+from .layers import find_offload_layers
+from .options import OffloadOptions
+
+logger = logging.getLogger(__name__)
+
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None, token: Any = None) -> Path:
+    """A local directory as is; a Hub repo id through one ``snapshot_download`` (safetensors only)."""
+    p = Path(path_or_repo_id)
+    if p.is_dir():
+        return p
+    if p.exists() or str(path_or_repo_id).startswith((".", "/")) or str(path_or_repo_id).count("/") > 1:
+        raise CheckpointError(f"{path_or_repo_id}: not a checkpoint directory (expected config.json and .safetensors).")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        # experts are read from the shards in place, so every safetensors shard is needed; never *.bin
+        return Path(snapshot_download(str(path_or_repo_id), revision=revision, token=token,
+                                      allow_patterns=_DOWNLOAD_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path_or_repo_id}: cannot download the checkpoint from the Hub ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}).") from exc
+
+
+def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype:
+    if dtype in (None, "auto"):
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise MoEConfigError(f"dtype={dtype!r}: expected a torch dtype such as torch.bfloat16, or 'auto'.")
+    return dtype
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    mod_path, _, name = key.rpartition(".")
+    mod = model.get_submodule(mod_path) if mod_path else model
+    if name in mod._parameters:
+        old = mod._parameters[name]
+        param = nn.Parameter(value, requires_grad=bool(old is not None and old.requires_grad and value.is_floating_point()))
+        param._is_hf_initialized = True
+        mod._parameters[name] = param
+    else:
+        value._is_hf_initialized = True
+        mod._buffers[name] = value
+
+
+def load_model(
+    path_or_repo_id: str | os.PathLike,
+    device: str = "cpu",
+    expert_cache: int | str | None = None,
+    host_cache: int | str | None = 0,
+    quantize_experts: str | None = None,
+    prefetch: bool = True,
+    *,
+    model_class: type | None = None,
+    options: OffloadOptions | None = None,
+    **from_pretrained_kwargs: Any,
+) -> nn.Module:
+    """Load a MoE checkpoint with its routed experts paged from disk; returns an ordinary transformers model.
+
+    Args:
+        path_or_repo_id: a local safetensors checkpoint directory or a Hub repo id.
+        device: ``"cpu"`` or ``"cuda"``: where non-expert weights live and everything is computed.
+        expert_cache / host_cache: byte budgets (``"8GiB"`` or ints) of the device and host caches.
+        quantize_experts: ``"nf4"`` / ``"int8"`` to keep experts quantized in the caches.
+        prefetch: read the next layer's likely experts in the background.
+        model_class: the model class (default: ``AutoModelForCausalLM``'s choice for the config).
+        options: full :class:`OffloadOptions` (overrides the budget arguments above).
+        **from_pretrained_kwargs: ``dtype`` (default ``"auto"``), ``revision``, ``token``,
+            ``trust_remote_code`` (off unless given).
+
+    The offload handle is ``moe_patch.offload.get_offload_handle(model)``; its ``stats`` hold the
+    statistics and ``detach()`` restores a plain model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.models.auto.auto_factory import _get_model_class
+    from transformers.utils.generic import ContextManagers
+
+    kwargs = dict(from_pretrained_kwargs)
+    revision, token = kwargs.pop("revision", None), kwargs.pop("token", None)
+    trust_remote_code = bool(kwargs.pop("trust_remote_code", False))
+    dtype_arg = kwargs.pop("dtype", kwargs.pop("torch_dtype", "auto"))
+    for ignored in ("device_map", "low_cpu_mem_usage"):
+        if kwargs.pop(ignored, None) is not None:
+            logger.warning("load_model: %s is ignored; experts are placed by the offload engine.", ignored)
+    if kwargs:
+        raise MoEConfigError(f"load_model: unsupported arguments {sorted(kwargs)}.")
+    directory = resolve_checkpoint(path_or_repo_id, revision, token)
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{directory}: cannot read config.json ({exc}).") from exc
+    dtype = _resolve_dtype(dtype_arg, config)
+    cls = model_class or _get_model_class(config, AutoModelForCausalLM._model_mapping)
+
+    checkpoint = Checkpoint(directory)  # headers of every shard checked here
+    with ContextManagers(cls.get_init_context(dtype, False, False, None)):
+        model = cls(config)
+    layers = find_offload_layers(model)
+    cmap = CheckpointMap(checkpoint, model, layers)  # every tensor mapped and shape-checked here
+    missing = [k for k in cmap.missing if k not in model.all_tied_weights_keys]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: {len(missing)} model tensors have no checkpoint tensor, e.g. {missing[:3]}. "
+            "The checkpoint is incomplete or does not match config.json."
+        )
+    opts = options or OffloadOptions(
+        device=device, expert_cache=expert_cache, host_cache=host_cache,
+        quantize_experts=quantize_experts, prefetch=prefetch,
+    )
+    opts.device = device if options is None else opts.device
+    handle: OffloadHandle = attach_offload(model, layers, opts, checkpoint_map=cmap, move_model=False)
+    try:
+        for key, recipe in cmap.dense.items():
+            _assign(model, key, cmap.load(recipe, per_expert=False))
+        model._move_missing_keys_from_meta_to_device(set(), None, None, None)  # non-persistent buffers
+        model._initialize_missing_keys(False)  # recomputes rotary buffers; loaded tensors are flagged
+        model.tie_weights()
+        meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if meta:
+            raise CheckpointError(f"{directory}: tensors {meta[:3]} were not loaded (absent from the checkpoint).")
+    except BaseException:
+        handle.detach(restore_weights=False)
+        raise
+    model.eval()
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    except OSError:
+        pass
+    if opts.device != "cpu":  # pragma: no cover - GPU only
+        model.to(opts.device)
+        handle.options.device = opts.device
+    return model
+
