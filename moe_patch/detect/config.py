@@ -86,11 +86,13 @@ def load_config(folder: str | Path, *, trust_remote_code: bool = False):
 def meta_model(config, *, trust_remote_code: bool = False) -> torch.nn.Module:
     """Instantiate the model for ``config`` on the meta device (no memory, no weights read)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.initialization import no_init_weights
 
     last: Exception | None = None
     for auto in (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel):
         try:
-            with torch.device("meta"):
+            # no_init_weights: initialising ~700 B meta parameters still walks every module (seconds).
+            with torch.device("meta"), no_init_weights():
                 return auto.from_config(config, trust_remote_code=trust_remote_code)
         except ValueError as exc:  # not registered for this auto class: try the next one
             last = exc

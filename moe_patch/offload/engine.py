@@ -22,6 +22,7 @@ background read is re-raised by the forward that needs the expert (never zeros).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,7 @@ from ..dispatch.experts import fused_expert_forward
 from .cache import Key, TierCache
 from .costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
 from .layers import OffloadLayer
+from .pool import SlotPool, aligned
 from .quant import QuantizedTensor, materialize, nbytes_of, quantize
 from .sources import ExpertSource
 from .stats import LayerStats, OffloadStats
@@ -47,6 +49,7 @@ class ExpertWeights:
     nbytes: int
     ready: Any = None  # CUDA event recorded after an async copy; None when usable at once
     tier: str = "disk"  # where it was read from the last time it entered the device cache
+    slot: Any = None  # the pool slot holding the tensors (returned to the pool when this entry dies)
 
 
 @dataclass
@@ -90,27 +93,42 @@ class OffloadEngine:
             expert_bytes=max(layer.expert_bytes for layer in layers),
             bandwidths=config.bandwidths,
         )
+        self.pool = self._make_pool()
         self.closed = False
         self.bypass_caches = False  # full-precision reads straight from the source (quantization error)
 
     # -- loading -----------------------------------------------------------------------------
+    def _make_pool(self) -> SlotPool | None:
+        """Host slots for the RAM tiers when budgets are finite and experts are stored unquantized."""
+        if self.cfg.quantize or not hasattr(self.source, "read_into"):
+            return None
+        ram_budgets = [self.host.budget] if self.on_cuda else [self.dev.budget, self.host.budget]
+        if any(b is None for b in ram_budgets):
+            return None
+        slot = max(sum(aligned(math.prod(s) * torch.empty((), dtype=layer.dtype).element_size())
+                       for s in layer.shapes.values()) for layer in self.layers)
+        # the cached experts, plus one read in flight on each thread and one refused insert
+        slots = sum(b // slot for b in ram_budgets) + 3
+        return SlotPool(slot, slots, pin=self.on_cuda)
+
     def _read(self, key: Key) -> ExpertWeights:
         """Read one expert from the source (no lock held: this is the slow part)."""
         t0 = time.perf_counter()
-        tensors: dict[str, Any] = self.source.read(*key)
+        slot = self.pool.take() if self.pool is not None else None
+        tensors: dict[str, Any] = self.source.read_into(*key, slot) if slot is not None else self.source.read(*key)
         dt = time.perf_counter() - t0
         raw = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.cfg.quantize:
             tensors = {n: quantize(t, self.cfg.quantize) for n, t in tensors.items()}
         elif self.source.tier == "host":
             tensors = {n: t for n, t in tensors.items()}  # views of the model's RAM: no copy on CPU
-        if self.on_cuda:  # pragma: no cover - GPU only
+        if self.on_cuda and slot is None:  # pragma: no cover - GPU only
             tensors = {n: t.pin_memory() for n, t in tensors.items()}
         with self._lock:
             if self.source.tier == "disk":
                 self.stats.disk_read_s += dt
                 self.stats.disk_bytes_total += raw
-        return ExpertWeights(tensors, sum(nbytes_of(t) for t in tensors.values()), tier=self.source.tier)
+        return ExpertWeights(tensors, sum(nbytes_of(t) for t in tensors.values()), tier=self.source.tier, slot=slot)
 
     def _to_device(self, host: ExpertWeights, background: bool) -> ExpertWeights:
         if not self.on_cuda:
@@ -193,8 +211,11 @@ class OffloadEngine:
                 self._resident = {k for k in self.dev.keys() if k[0] == layer}
             else:
                 self._evaluate_prediction(layer, set(active))
-                for e in active:
-                    self._submit((layer, e))  # reads overlap the compute of the cached ones
+                # early reads overlap the compute of the cached experts; no more than the cache can take
+                # beside what this layer already holds, or they would only be dropped and read again
+                misses = [e for e in active if (layer, e) not in self.dev]
+                for e in misses[: self._room(self.layers[layer], len(active) - len(misses))]:
+                    self._submit((layer, e))
             if counts is not None:
                 for e, c in enumerate(counts):
                     st.slots[e] += c
@@ -258,6 +279,11 @@ class OffloadEngine:
         limit = self.cfg.max_prefetch_per_layer or self._prefetch_limit(spec)
         order = torch.argsort(counts, descending=True, stable=True)[:limit].tolist()
         return {e for e in order if counts[e] > 0}
+
+    def _room(self, spec: OffloadLayer, held: int) -> int:
+        if self.dev.budget is None:
+            return spec.num_experts
+        return max(0, int(self.dev.budget // max(spec.expert_bytes, 1)) - held)
 
     def _prefetch_limit(self, spec: OffloadLayer) -> int:
         if self.dev.budget is None:

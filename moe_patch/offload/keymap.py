@@ -286,6 +286,25 @@ class CheckpointMap:
             )
 
     # -- reading -----------------------------------------------------------------------------
+    def load_into(self, recipe: TensorRecipe, out: torch.Tensor) -> None:
+        """Read one expert's ``recipe`` into ``out`` (e.g. a pool slot), bytes straight from disk when the
+        conversion is only stacking and ``[gate; up]`` concatenation in the stored dtype."""
+        conv = recipe.converter
+        direct = all(e.dtype == out.dtype for e in recipe.entries) and (
+            conv is None
+            or all(isinstance(op, MergeModulelist) or (isinstance(op, Concatenate) and op.dim == 1) for op in conv.operations)
+        )
+        if not direct:
+            out.copy_(self.load(recipe, per_expert=True))
+            return
+        flat = out.view(-1).view(torch.uint8)
+        at = 0
+        for _, group in recipe.parts:  # parts follow the converter's source order: gate rows, then up rows
+            for entry, row in group:
+                start, end = (entry.start, entry.end) if row is None else entry.row_range(row)
+                self.checkpoint.read_bytes(entry, start, end, out=flat.narrow(0, at, end - start))
+                at += end - start
+
     def load(self, recipe: TensorRecipe, *, per_expert: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read and convert ``recipe`` (cast to ``dtype``, default the model's)."""
         tensors = [[self.checkpoint.read(e, r) for e, r in group] for _, group in recipe.parts]

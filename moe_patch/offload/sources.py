@@ -32,6 +32,14 @@ class CheckpointSource:
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         return {name: self.cmap.load(r, per_expert=True) for name, r in self.cmap.experts[(layer, expert)].items()}
 
+    def read_into(self, layer: int, expert: int, slot) -> dict[str, torch.Tensor]:
+        """Like :meth:`read`, into views of a pool slot (no allocation)."""
+        out = {}
+        for name, r in self.cmap.experts[(layer, expert)].items():
+            out[name] = slot.tensor(r.shape, r.dtype)
+            self.cmap.load_into(r, out[name])
+        return out
+
     def nbytes(self, layer: int, expert: int) -> int:
         return sum(r.nbytes for r in self.cmap.experts[(layer, expert)].values())
 

@@ -19,7 +19,6 @@ own class (so its validation runs). Keyword overrides given to :func:`tiny_confi
 
 from __future__ import annotations
 
-import copy
 import importlib
 import re
 from dataclasses import dataclass, field
@@ -443,6 +442,33 @@ def _randomize(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
                 b.copy_((torch.randn(b.shape, generator=gen) * 0.1).to(b.dtype))
 
 
+def _keep_fp32_names(model: torch.nn.Module, dtype: torch.dtype) -> set[str]:
+    """Parameters/buffers the family keeps in fp32 at ``dtype``, as ``from_pretrained(dtype=...)``
+    does (``_keep_in_fp32_modules_strict``; the non-strict list only for fp16): Inkling2's router
+    runs its matmul in fp32."""
+    keep: set[str] = set()
+    for prefix, module in model.named_modules():
+        patterns = list(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
+        if dtype == torch.float16:
+            patterns += list(getattr(module, "_keep_in_fp32_modules", None) or [])
+        if not patterns:
+            continue
+        regex = re.compile(r"(^|\.)(" + "|".join(re.escape(p) for p in patterns) + r")($|\.)")
+        for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
+            if regex.search(name):
+                keep.add(f"{prefix}.{name}" if prefix else name)
+    return keep
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    if dtype == torch.float32:
+        return
+    keep = _keep_fp32_names(model, dtype)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name not in keep and tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+
+
 def tiny_model(model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0, **config_overrides: Any):
     """``(model, example_inputs)`` for the MoE family ``model_type``.
 
@@ -458,7 +484,8 @@ def tiny_model(model_type: str, dtype: torch.dtype = torch.float32, seed: int = 
     torch.manual_seed(seed)
     model = cls(model_config)
     _randomize(model, seed)
-    model = model.to(dtype).eval()
+    _cast(model, dtype)
+    model.eval()
 
     gen = torch.Generator().manual_seed(seed + 1)
     if spec.inputs is not None:

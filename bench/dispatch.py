@@ -1,0 +1,149 @@
+"""Time one MoE block: moe-patch vs transformers' own experts implementations, in the same run.
+
+    ./dev bench dispatch            # full grid (about 10 minutes on 2 cores)
+    ./dev bench dispatch --quick    # 2 shapes, fp32 only, a smoke run
+
+Blocks with transformers' experts decorator are timed with ``eager``, ``grouped_mm`` (the default)
+and ``moe_patch``; Llama 4 (dense over all experts) and a ModuleList block (4.x style, a Python loop
+over experts) against their own forward. Rounds interleave the implementations so machine load
+drifts hit all of them alike; each figure is the median of the rounds. Hidden sizes are scaled to
+1024 (intermediate sizes keep each model's ratio, experts and top-k are the real ones): the full
+shapes need 6-45 GB per block and minutes per bf16 prefill on this 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_patch import patch_model
+from moe_patch.adapters.fused import register_experts_implementation
+
+SHAPES = {
+    # name: (model_type, hidden, intermediate, experts, top_k); real hidden in the comment
+    "Mixtral-8x7B": ("mixtral", 1024, 3584, 8, 2),  # 4096 / 14336
+    "Qwen3-30B-A3B": ("qwen3_moe", 1024, 384, 128, 8),  # 2048 / 768
+    "DeepSeek-V3": ("deepseek_v3", 1024, 292, 256, 8),  # 7168 / 2048
+    "Llama-4-Scout (dense loop)": ("llama4", 1024, 1024, 16, 1),  # 5120 / 8192
+    "ModuleList (4.x Mixtral)": ("legacy", 1024, 3584, 8, 2),
+}
+TOKENS = (1, 4, 32, 512)
+
+
+def _block(model_type: str, hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype):
+    """One MoE block with random weights, and the callable that runs it."""
+    torch.manual_seed(0)
+    if model_type == "legacy":
+        from moe_patch.testing.legacy import LegacyMoeConfig, MixtralStyleBlock
+
+        block = MixtralStyleBlock(LegacyMoeConfig(hidden_size=hidden, intermediate_size=inter,
+                                                  num_experts=experts, num_experts_per_tok=top_k))
+        config = None
+    elif model_type == "llama4":
+        from transformers import Llama4TextConfig
+        from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+        config = Llama4TextConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts,
+                                  num_experts_per_tok=top_k)
+        block = Llama4TextMoe(config)
+    else:
+        from moe_patch.testing.tiny import tiny_config
+
+        kw = {"mixtral": dict(intermediate_size=inter, num_local_experts=experts),
+              "qwen3_moe": dict(moe_intermediate_size=inter, num_experts=experts, norm_topk_prob=True),
+              "deepseek_v3": dict(moe_intermediate_size=inter, n_routed_experts=experts, n_group=8, topk_group=4,
+                                  n_shared_experts=1)}[model_type]
+        config = tiny_config(model_type, hidden_size=hidden, num_experts_per_tok=top_k, **kw)
+        from transformers import AutoModelForCausalLM
+
+        block = AutoModelForCausalLM.from_config(config).model.layers[-1].mlp
+        config = block.experts.config  # the object the experts read their implementation from
+    block = block.to(dtype).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    return block, config
+
+
+def _time(fn, x) -> float:
+    t0 = time.perf_counter()
+    fn(x)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def bench_point(name: str, dtype: torch.dtype, tokens: int, rounds: int) -> dict:
+    model_type, hidden, inter, experts, top_k = SHAPES[name]
+    block, config = _block(model_type, hidden, inter, experts, top_k, dtype)
+    x = torch.randn(1, tokens, hidden, dtype=dtype)
+    holder = nn.Sequential(block)  # patch_model walks a model; this one holds the block
+    times: dict[str, list[float]] = {}
+
+    def run(impl: str) -> None:
+        if config is not None and impl not in ("reference", "moe_patch-module"):
+            config._experts_implementation_internal = impl
+        times.setdefault(impl, []).append(_time(holder, x))
+
+    impls = ["eager", "grouped_mm", "moe_patch"] if config is not None and model_type != "llama4" else ["reference"]
+    register_experts_implementation()
+    with torch.inference_mode():
+        for impl in impls:  # warm-up
+            run(impl)
+        times.clear()
+        if impls == ["reference"]:
+            for _ in range(rounds):
+                run("reference")
+            patch_model(holder, validate=False)
+            run("moe_patch-module")
+            times.pop("moe_patch-module")
+            for _ in range(rounds):
+                run("moe_patch-module")
+        else:
+            for _ in range(rounds):
+                for impl in impls:
+                    run(impl)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    if "moe_patch-module" in med:
+        med["moe_patch"] = med.pop("moe_patch-module")
+    best_builtin = min(v for k, v in med.items() if k != "moe_patch")
+    return {"shape": name, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens, "ms": med,
+            "speedup_vs_best_builtin": best_builtin / med["moe_patch"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="two shapes, fp32, fewer rounds")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default="bench/results/dispatch.json")
+    args = ap.parse_args()
+    shapes = ["Mixtral-8x7B", "ModuleList (4.x Mixtral)"] if args.quick else list(SHAPES)
+    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+    rows = []
+    print("| shape | dtype | tokens | eager / grouped_mm / reference ms | moe-patch ms | vs best built-in |")
+    print("|---|---|---|---|---|---|")
+    for name in shapes:
+        for dtype in dtypes:
+            for tokens in TOKENS:
+                rounds = args.rounds if tokens < 512 else max(3, args.rounds // 2)
+                r = bench_point(name, dtype, tokens, 3 if args.quick else rounds)
+                rows.append(r)
+                base = " / ".join(f"{r['ms'][k]:.2f}" for k in ("eager", "grouped_mm", "reference") if k in r["ms"])
+                print(f"| {name} | {r['dtype']} | {tokens} | {base} | {r['ms']['moe_patch']:.2f} | "
+                      f"{r['speedup_vs_best_builtin']:.2f}x |", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    worst = min(rows, key=lambda r: r["speedup_vs_best_builtin"])
+    print(f"\nworst point: {worst['shape']} {worst['dtype']} {worst['tokens']} tokens: "
+          f"{worst['speedup_vs_best_builtin']:.2f}x of the best built-in")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The `moe-patch` command: inspect from config + index only, clear one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_patch.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real (tiny) Qwen3-MoE safetensors checkpoint with per-expert tensors, as on the Hub."""
+    from moe_patch.testing.tiny import tiny_model
+
+    model, _ = tiny_model("qwen3_moe")
+    path = tmp_path_factory.mktemp("ckpt") / "qwen3-moe-tiny"
+    model.save_pretrained(path, max_shard_size="100KB")
+    return path
+
+
+def test_inspect_prints_the_moe_table_from_a_checkpoint_folder(checkpoint, capsys):
+    assert main(["inspect", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen3MoeForCausalLM" in out and "model.layers.0.mlp.experts" in out
+    assert "per-expert tensors" in out and "safetensors shards" in out
+
+
+def test_inspect_json_is_machine_readable(checkpoint, capsys):
+    assert main(["inspect", str(checkpoint), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_moe_blocks"] == 2 and data["blocks"][0]["top_k"] == 2
+    assert data["checkpoint"]["shards"] > 1 and data["total_params"] > data["active_params"]
+
+
+def test_inspect_reads_no_weights(checkpoint, monkeypatch, capsys):
+    """Only config.json and the index are read: tensor data never is."""
+    import safetensors
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("inspect opened a safetensors file")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    assert main(["inspect", str(checkpoint)]) == 0
+
+
+def test_inspect_handles_a_full_size_deepseek_v3_config_without_weights(tmp_path, capsys):
+    from transformers import DeepseekV3Config
+
+    DeepseekV3Config().save_pretrained(tmp_path)  # 671 B parameters, no tensors on disk
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_moe_blocks"] == 58 and 660e9 < data["total_params"] < 690e9
+    assert data["blocks"][0]["num_experts"] == 256 and data["blocks"][0]["top_k"] == 8
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 8}, "num_experts_per_tok = 8 exceeds"),
+        ({"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": "64 2"}, "must be an integer, got '64 2'"),
+        ({"hidden_size": 8}, "no 'model_type' field"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_bad_configs_give_one_clear_line_and_exit_code_1(tmp_path, capsys, config, message):
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_folder_without_config_is_reported(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "config.json: not found" in capsys.readouterr().err
+
+
+def test_remote_code_is_refused_unless_asked(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "deepseek_v2_custom", "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config"}}))
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "--trust-remote-code" in capsys.readouterr().err
