@@ -42,7 +42,7 @@ class PatchReport:
             return f"{self.model_class}: no Mixture-of-Experts block found; the model was not changed"
         head = "already patched; nothing changed" if self.already_patched else "patched"
         kinds = ", ".join(f"{n} x{c}" for n, c in sorted(self.adapters.items()))
-        lines = [f"{self.model_class}: {head}: {len(self.patched)} MoE blocks ({kinds})"]
+        lines = [f"{self.model_class}: {head}: {len(self.patched)} MoE blocks" + (f" ({kinds})" if kinds else "")]
         lines += [f"  left unpatched {p}: {why}" for p, why in self.skipped.items()]
         return "\n".join(lines)
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from .base import Adapter, PatchOptions
 from .dbrx import DbrxAdapter
+from .doge import ProductKeyExpertsAdapter
 from .fused import ExpertsInterfaceAdapter, PlainFusedAdapter, ZeroExpertsAdapter
 from .jetmoe import JetMoeAdapter
 from .llama4 import Llama4Adapter
 from .module_list import ModuleListAdapter, RoutedListAdapter
+from .vitpose import PerImageExpertsAdapter
 
 ADAPTERS: list[Adapter] = [
     ExpertsInterfaceAdapter(),  # 64 transformers families: transformers' own experts registry
@@ -21,6 +23,8 @@ ADAPTERS: list[Adapter] = [
     JetMoeAdapter(),
     RoutedListAdapter(),  # Switch Transformers, NLLB-MoE
     ModuleListAdapter(),  # 4.x-style and remote-code models
+    PerImageExpertsAdapter(),  # ViTPose+: one expert per dataset, chosen per image
+    ProductKeyExpertsAdapter(),  # Doge: detected and reported, declines to patch
 ]
 
 __all__ = ["ADAPTERS", "Adapter", "PatchOptions"]

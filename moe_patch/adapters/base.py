@@ -39,6 +39,9 @@ class Adapter:
     """Base class; subclasses override what differs. Stateless: per-block state lives on the handle."""
 
     name: str = "adapter"
+    #: Set by adapters whose routing is not read from a router (e.g. one expert per image).
+    fixed_top_k: int | None = None
+    routing_kind: str | None = None
 
     def match(self, block: torch.nn.Module, name: str, experts: torch.nn.Module) -> bool:
         raise NotImplementedError

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import MoEConfigError
 from .routing import infer_routing, infer_top_k
-from .spec import MoEBlock, MoEReport
+from .spec import MoEBlock, MoEReport, RoutingSpec
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,11 @@ def _describe(model, block_path, block, experts_name, experts, adapter) -> Block
     hidden, inter = adapter.sizes(experts)
     extra = int(getattr(experts, "zero_expert_num", 0) or 0)
     router_name, router = _find_router(block, experts_name, num_experts, hidden, extra)
-    routing = infer_routing(router, block, experts)
-    top_k = infer_top_k(router, block, experts)
+    if adapter.routing_kind:
+        routing = RoutingSpec(kind=adapter.routing_kind)
+    else:
+        routing = infer_routing(router, block, experts)
+    top_k = adapter.fixed_top_k or infer_top_k(router, block, experts)
     if top_k is None:
         top_k = _config_top_k(model)
     prefix = block_path + "." if block_path else ""

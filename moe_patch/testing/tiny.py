@@ -12,9 +12,15 @@ Public API::
 
 How a config is made small: the family's default config is turned into a dict, every known size
 field is clamped by :data:`_SIZES` (recursively, sub-configs such as ``text_config`` included),
-per-layer lists are cut to the new depth, token ids are moved inside the small vocabulary, then
-the family's entry in :data:`_FAMILY_OVERRIDES` (if any) is applied and the config is rebuilt by its
-own class (so its validation runs). Keyword overrides given to :func:`tiny_config` win over all.
+identities of the full config are kept (MLA: as many KV heads as heads), per-layer settings keep the
+two layers that cover the most distinct settings (so "3 dense layers then MoE" keeps a dense and an
+MoE layer, a hybrid keeps one attention and one linear-attention layer), token ids are moved inside
+the small vocabulary, then the family's entry in :data:`_FAMILY_OVERRIDES` (if any) is applied and
+the config is rebuilt by its own class (so its validation runs). Keyword overrides given to
+:func:`tiny_config` / :func:`tiny_model` win over all.
+
+A new MoE family usually works with the generic shrinker alone; when it does not, add a
+:class:`TinySpec` for it with a comment saying why.
 """
 
 from __future__ import annotations
@@ -147,11 +153,13 @@ _FAMILY_OVERRIDES: dict[str, TinySpec] = {
     # Its default is dense (1 expert, top-1).
     "hunyuan_v1_moe": TinySpec(config={"head_dim": 16, "num_experts": EXPERTS, "moe_topk": TOP_K}),
     "deepseek_ocr2": TinySpec(config={"text_config": {"mlp_layer_types": ["dense", "sparse"]}}),
+    # Layer patterns left None / uniform by default, or derived from periods: one of each kind.
     "lfm2_moe": TinySpec(config={"layer_types": ["conv", "full_attention"], "num_dense_layers": 1}),
     "granitemoehybrid": TinySpec(config={"layer_types": ["linear_attention", "full_attention"]}),
     "jamba": TinySpec(config={"expert_layer_period": 2, "expert_layer_offset": 1,
                               "attn_layer_period": 2, "attn_layer_offset": 0}),
     "step3p7": TinySpec(config={"text_config": {"sliding_window": 64}}),
+    # Its "indexed_attention" layers need the (default None) QSA indexer sizes.
     "qwen4_exp": TinySpec(config={"text_config": {
         "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
         "indexer_compress_ratio": 4}}),
@@ -165,6 +173,7 @@ _FAMILY_OVERRIDES: dict[str, TinySpec] = {
                                submodel="thinker_config"),
     # Vision patch planning needs n_layers >= its scale count, else it calls scipy.
     "inkling_mm_model": TinySpec(config={"vision_config": {"n_layers": 4, "patch_size": 4}}),
+    # Per-layer KV-cache owners are layer indices: each kept layer owns its own.
     "mistral_large4": TinySpec(config={"text_config": {"kv_source_layers": [0, 1]}}),
     # M-RoPE sections that live in the modeling code, not in rope_parameters (sum = rotary dim / 2).
     "glm4v_moe": TinySpec(config={"text_config": {"rope_parameters": {"mrope_section": [1, 1, 2]}}}),
