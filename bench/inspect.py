@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 CONFIGS = {
     "DeepSeek-V3 (671B)": "from transformers import DeepseekV3Config as C; c = C()",

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..detect.spec import ExpertLayout
-from ..dispatch.core import dispatch_combine, grouped_mm_supported, plan_dispatch
-from ..dispatch.experts import LOOP_MAX_ACTIVE_EXPERTS, ExpertBank, bank_grouped
+from ..dispatch.core import dispatch_combine
+from ..dispatch.experts import ExpertBank, bank_dispatch
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
 from .base import Adapter, PatchOptions, Undo, bind_forward, chain, set_attrs
 
@@ -179,16 +179,15 @@ def _packed_valid(packed: _Packed) -> bool:
 
 def run_expert_list(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Dispatch rows to a list of expert modules: grouped GEMM on the repacked weights for prefill,
-    a loop calling each active expert module (hooks, LoRA, dropout kept) otherwise."""
+    """Dispatch rows to a list of expert modules: through the repacked bank (grouped GEMMs, CPU
+    upcasting, loop on weight views) for plain experts at inference, else a loop calling each active
+    expert module (hooks, LoRA and dropout kept)."""
     check_routing(experts, top_k_index, top_k_weights, num_experts)
-    plan = plan_dispatch(top_k_index, num_experts)
     packed: _Packed | None = getattr(experts, "_moe_patch_packed", None)
-    if (packed is not None and len(plan.active) > LOOP_MAX_ACTIVE_EXPERTS and not experts.training
-            and grouped_mm_supported(packed.up, x) and _packed_valid(packed)):
-        return bank_grouped(_packed_bank(experts, packed), x, plan, top_k_weights)
+    if packed is not None and not experts.training and _packed_valid(packed):
+        return bank_dispatch(_packed_bank(experts, packed), x, top_k_index, top_k_weights)
     items = _experts_list(experts)
-    return dispatch_combine(x, top_k_index, top_k_weights, num_experts, lambda e, rows: items[e](rows), plan=plan)
+    return dispatch_combine(x, top_k_index, top_k_weights, num_experts, lambda e, rows: items[e](rows))
 
 
 # --------------------------------------------------------------------------- the generic block forward

@@ -20,6 +20,11 @@ import torch.nn.functional as F
 
 from .core import DispatchPlan, combine_sorted, dispatch_combine, grouped_linear, grouped_mm_supported, plan_dispatch
 
+#: On CPU, half-precision GEMMs run ~6x slower than fp32 ones (no native bf16 FMA on AVX2): with at
+#: least this many rows per active expert, casting that expert's weights to fp32 costs less than it
+#: saves. Tuned with bench/dispatch.py.
+CPU_UPCAST_MIN_ROWS = 8
+
 #: With at most this many active experts the per-expert loop on weight views beats the grouped GEMM
 #: (decode of top-1/top-2 models: the grouped kernel's sort/gather/scatter costs more than the
 #: loop's Python). Above it the grouped GEMM wins at every batch size. Tuned with bench/dispatch.py.
@@ -68,15 +73,21 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-def bank_expert(bank: ExpertBank, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert ``e`` of the bank on rows ``x``."""
-    x = x.to(bank.down.dtype)
-    h = expert_linear(x, bank.up[e], bank.up_bias[e] if bank.up_bias is not None else None, bank.transposed)
+def bank_expert(bank: ExpertBank, e: int, x: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Expert ``e`` of the bank on rows ``x``, in the weights' dtype or in ``compute_dtype`` (weights of
+    this one expert are cast on the fly; the model's parameters are untouched)."""
+    dt = compute_dtype or bank.down.dtype
+
+    def w(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[e].to(dt)
+
+    x = x.to(dt)
+    h = expert_linear(x, w(bank.up), w(bank.up_bias), bank.transposed)
     if bank.gate is not None:
-        h = bank.activate(expert_linear(x, bank.gate[e], None, bank.transposed), h)
+        h = bank.activate(expert_linear(x, w(bank.gate), None, bank.transposed), h)
     else:
         h = bank.activate(h)
-    y = expert_linear(h, bank.down[e], bank.down_bias[e] if bank.down_bias is not None else None, bank._down_t)
+    y = expert_linear(h, w(bank.down), w(bank.down_bias), bank._down_t)
     return bank.post(y) if bank.post is not None else y
 
 
@@ -110,6 +121,12 @@ def bank_dispatch(bank: ExpertBank, x: torch.Tensor, top_k_index: torch.Tensor, 
     """Route ``x [T, H]`` through the bank: grouped GEMMs when experts get many rows (prefill, inference),
     a loop over the active experts on weight views otherwise (decode, training: autograd-safe)."""
     plan = plan if plan is not None else plan_dispatch(top_k_index, bank.num_experts)
+    rows_per_expert = top_k_index.numel() / max(len(plan.active), 1)
+    if (x.device.type == "cpu" and bank.up.dtype in (torch.bfloat16, torch.float16)
+            and rows_per_expert >= CPU_UPCAST_MIN_ROWS and not torch.compiler.is_compiling()):
+        return dispatch_combine(x, top_k_index, top_k_weights, bank.num_experts,
+                                lambda e, rows: bank_expert(bank, e, rows, torch.float32),
+                                plan=plan, weight_inputs=weight_inputs)
     if len(plan.active) > LOOP_MAX_ACTIVE_EXPERTS and grouped_mm_supported(bank.up, x):
         return bank_grouped(bank, x, plan, top_k_weights, weight_inputs=weight_inputs)
     return dispatch_combine(x, top_k_index, top_k_weights, bank.num_experts,

@@ -141,7 +141,7 @@ def config_declares_experts(source: str) -> bool:
     return bool(_CONFIG_EXPERTS_FIELD.search(source))
 
 
-def _root_model_type(model_types: list[str], config_names: dict[str, str], module: str) -> str:
+def _root_model_type(model_types: list[str], module: str) -> str:
     """The family's root: the model type whose config is not a sub-config of another one here."""
     if len(model_types) == 1:
         return model_types[0]
@@ -175,7 +175,7 @@ def _discover() -> tuple[MoEFamily, ...]:
             is_moe = any(config_declares_experts(p.read_text(encoding="utf-8"))
                          for p in _sources(module, "configuration"))
         if is_moe:
-            root = _root_model_type(model_types, CONFIG_MAPPING_NAMES, module)
+            root = _root_model_type(model_types, module)
             families.append(MoEFamily(root, module, decorated, tuple(model_types)))
     return tuple(sorted(families, key=lambda f: f.model_type))
 
@@ -183,8 +183,9 @@ def _discover() -> tuple[MoEFamily, ...]:
 def discover_moe_families() -> list[str]:
     """Root model types of every MoE family of the installed transformers, sorted.
 
-    Found by reading the modeling sources (see the module docstring); nothing is imported beyond
-    transformers' auto-config name table.
+    Found by reading the modeling and configuration sources (see the module docstring); no
+    modeling module is imported (only the config classes of families with several configs, to
+    tell the root config from its sub-configs).
     """
     return [f.model_type for f in _discover()]
 

@@ -1,0 +1,256 @@
+"""Offloaded decode: moe-patch vs transformers + accelerate disk offload at the same memory budget.
+
+Builds (once) a random-weight bf16 checkpoint with Qwen3-30B-A3B layer shapes (hidden 2048,
+128 experts x moe_intermediate 768, top-8, 32 query / 4 KV heads of 128) and fewer layers,
+saved like the real one (per-expert ``mlp.experts.N.{gate,up,down}_proj.weight`` keys, one shard
+per layer). Then runs each system in its own subprocess (so peak RSS is its own), greedy decoding
+from the same prompt, and reports decode tokens/s (median of --runs), peak RSS, and for
+moe-patch the hit rate and the decode time against the bandwidth bound of DESIGN.md section 5.
+
+    python bench/offload.py --layers 8 --budget 2GiB --new-tokens 8 --runs 3
+
+The checkpoint's pages are dropped from the page cache (posix_fadvise DONTNEED) before each
+system starts, so both begin from disk; during the run both profit from the page cache alike.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/ holds scripts named like stdlib modules (inspect.py); never import them as modules
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+HIDDEN, MOE_INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
+
+
+def config(layers: int):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=32000, hidden_size=HIDDEN, intermediate_size=6144, moe_intermediate_size=MOE_INTER,
+        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=True, max_position_embeddings=4096,
+        tie_word_embeddings=False, dtype="bfloat16", pad_token_id=0, eos_token_id=None, bos_token_id=None,
+    )
+
+
+def build_checkpoint(path: Path, layers: int) -> Path:
+    """Random bf16 weights, one safetensors shard per layer, written atomically."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    if (path / "model.safetensors.index.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = config(layers)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(shape, std=0.02):
+        return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
+
+    weight_map: dict[str, str] = {}
+    by_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for name, p in meta.state_dict().items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        by_layer.setdefault(layer, {})
+    for layer in sorted(by_layer):
+        shard: dict[str, torch.Tensor] = {}
+        for name, p in meta.state_dict().items():
+            owner = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+            if owner != layer:
+                continue
+            if name.endswith("experts.gate_up_proj"):
+                prefix = name[: -len("gate_up_proj")]
+                for e in range(EXPERTS):
+                    shard[f"{prefix}{e}.gate_proj.weight"] = rand((MOE_INTER, HIDDEN))
+                    shard[f"{prefix}{e}.up_proj.weight"] = rand((MOE_INTER, HIDDEN))
+            elif name.endswith("experts.down_proj"):
+                prefix = name[: -len("down_proj")]
+                for e in range(EXPERTS):
+                    shard[f"{prefix}{e}.down_proj.weight"] = rand((HIDDEN, MOE_INTER))
+            elif name.endswith("norm.weight"):
+                shard[name] = torch.ones(p.shape, dtype=torch.bfloat16)
+            elif name.endswith("mlp.gate.weight"):
+                shard[name] = rand(p.shape, std=0.5)  # a router that routes decisively
+            else:
+                shard[name] = rand(p.shape)
+        fname = f"model-{'other' if layer < 0 else f'layer{layer:03d}'}.safetensors"
+        save_file(shard, tmp / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+        del shard
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def drop_page_cache(path: Path) -> None:
+    for f in path.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _timed_generate(model, ids, new_tokens: int) -> tuple[list[int], float, list[float]]:
+    """Greedy generation; returns tokens, prefill seconds and each decode step's seconds."""
+    times: list[float] = []
+    state = {}
+
+    def pre(m, a, k):
+        state["t0"] = time.perf_counter()
+
+    def post(m, a, k, o):
+        times.append(time.perf_counter() - state["t0"])
+
+    h1 = model.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = model.register_forward_hook(post, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    finally:
+        h1.remove()
+        h2.remove()
+    return out[0, ids.shape[1]:].tolist(), times[0], times[1:]
+
+
+def worker(args) -> dict:
+    torch.set_num_threads(os.cpu_count() or 2)
+    path = Path(args.checkpoint)
+    drop_page_cache(path)
+    from moe_patch.offload.budget import parse_bytes
+
+    budget = parse_bytes(args.budget)
+    ids = torch.randint(1, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    result: dict = {"system": args.worker}
+    if args.worker == "moe-patch":
+        import moe_patch
+        from moe_patch.offload import get_offload_handle
+
+        model = moe_patch.load_model(path, dtype=torch.bfloat16, expert_cache=budget, prefetch=not args.no_prefetch)
+        handle = get_offload_handle(model)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        folder = Path(args.workdir) / "accelerate_offload"
+        shutil.rmtree(folder, ignore_errors=True)
+        non_expert = args.non_expert_bytes
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": non_expert + budget},
+            offload_folder=str(folder),
+        )
+        result["device_map_disk_modules"] = sum(1 for v in model.hf_device_map.values() if v == "disk")
+        handle = None
+    result["load_s"] = time.perf_counter() - t0
+    result["rss_after_load"] = peak_rss_bytes()
+    runs = []
+    for r in range(args.runs):
+        if handle is not None and r == args.runs - 1:
+            handle.reset_stats()  # statistics of the last run only
+        tokens, prefill, decode = _timed_generate(model, ids, args.new_tokens)
+        runs.append({"prefill_s": prefill, "decode_s": decode, "tokens": tokens})
+    per_run_tps = [len(r["decode_s"]) / sum(r["decode_s"]) for r in runs]
+    result.update(
+        decode_tok_s=statistics.median(per_run_tps), decode_tok_s_runs=per_run_tps,
+        prefill_s=statistics.median(r["prefill_s"] for r in runs), tokens=runs[-1]["tokens"],
+        peak_rss=peak_rss_bytes(),
+    )
+    if handle is not None:
+        st = handle.stats
+        result["stats"] = st.to_dict()
+        result["stats_text"] = str(st)
+    return result
+
+
+def run_worker(system: str, args, non_expert: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", system, "--checkpoint", str(args.checkpoint), "--budget", args.budget,
+           "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--prompt", str(args.prompt),
+           "--workdir", args.workdir, "--non-expert-bytes", str(non_expert)] + (["--no-prefetch"] if args.no_prefetch else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        return {"system": system, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--budget", default="2GiB", help="expert memory budget (moe-patch expert_cache; accelerate gets "
+                   "non-expert bytes + this as max_memory['cpu'])")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--workdir", default="/tmp/moe_patch_bench")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--systems", default="moe-patch,accelerate")
+    p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--non-expert-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    from moe_patch.offload.budget import format_bytes, parse_bytes
+
+    args.checkpoint = args.checkpoint or str(Path(args.workdir) / f"qwen3-30b-a3b-shaped-{args.layers}L")
+    t0 = time.perf_counter()
+    path = build_checkpoint(Path(args.checkpoint), args.layers)
+    print(f"checkpoint {path} ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    expert_total = args.layers * EXPERTS * 3 * HIDDEN * MOE_INTER * 2
+    files_total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    non_expert = files_total - expert_total
+    budget = parse_bytes(args.budget)
+    results = [run_worker(s, args, non_expert) for s in args.systems.split(",")]
+    by = {r["system"]: r for r in results}
+    print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, torch {torch.__version__}")
+    print(f"model: Qwen3-30B-A3B layer shapes, {args.layers} layers, bf16; experts {format_bytes(expert_total)} "
+          f"= {expert_total / budget:.1f}x the {format_bytes(budget)} budget; non-expert {format_bytes(non_expert)}")
+    print("| system | decode tok/s (median) | runs | prefill s | peak RSS | RSS - non-expert - budget |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['system']} | error: {r['error']} | | | | |")
+            continue
+        print(f"| {r['system']} | {r['decode_tok_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['decode_tok_s_runs'])} | "
+              f"{r['prefill_s']:.2f} | {format_bytes(r['peak_rss'])} | {format_bytes(r['peak_rss'] - non_expert - budget)} |")
+    if "moe-patch" in by and "accelerate" in by and "error" not in by["moe-patch"] and "error" not in by["accelerate"]:
+        print(f"\nspeed-up moe-patch / accelerate: {by['moe-patch']['decode_tok_s'] / by['accelerate']['decode_tok_s']:.1f}x; "
+              f"same tokens: {by['moe-patch']['tokens'] == by['accelerate']['tokens']}")
+    if "moe-patch" in by and "stats_text" in by["moe-patch"]:
+        print("\n" + by["moe-patch"]["stats_text"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
