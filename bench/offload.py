@@ -7,10 +7,14 @@ per layer). Then runs each system in its own subprocess (so peak RSS is its own)
 from the same prompt, and reports decode tokens/s (median of --runs), peak RSS, and for
 moe-patch the hit rate and the decode time against the bandwidth bound of DESIGN.md section 5.
 
-    python bench/offload.py --layers 8 --budget 2GiB --new-tokens 8 --runs 3
+    python bench/offload.py --layers 4 --budget 1GiB --new-tokens 6 --runs 3
 
-The checkpoint's pages are dropped from the page cache (posix_fadvise DONTNEED) before each
-system starts, so both begin from disk; during the run both profit from the page cache alike.
+moe-patch gets ``expert_cache=budget``; accelerate gets ``max_memory={"cpu": non-expert + budget}``
+with an ``offload_folder``. Each system runs in a cgroup-v1 memory group (root only; ``--cgroup-limit``)
+that caps RAM *and page cache* at non-expert + budget + one layer of experts + 1 GiB, so neither
+can keep the "disk" tier in the OS page cache; the checkpoint's pages are also dropped
+(posix_fadvise DONTNEED) before each system starts. Compute is fp32 by default, the fastest dtype
+on CPU (bf16 GEMV is ~8x slower there).
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ def worker(args) -> dict:
     from moe_patch.offload.budget import parse_bytes
 
     budget = parse_bytes(args.budget)
+    dtype = getattr(torch, args.dtype)
     ids = torch.randint(1, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     result: dict = {"system": args.worker}
@@ -153,7 +158,7 @@ def worker(args) -> dict:
         import moe_patch
         from moe_patch.offload import get_offload_handle
 
-        model = moe_patch.load_model(path, dtype=torch.bfloat16, expert_cache=budget, prefetch=not args.no_prefetch)
+        model = moe_patch.load_model(path, dtype=dtype, expert_cache=budget, prefetch=not args.no_prefetch)
         handle = get_offload_handle(model)
     else:
         from transformers import AutoModelForCausalLM
@@ -162,7 +167,7 @@ def worker(args) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
         non_expert = args.non_expert_bytes
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": non_expert + budget},
+            path, dtype=dtype, device_map="auto", max_memory={"cpu": non_expert + budget},
             offload_folder=str(folder),
         )
         result["device_map_disk_modules"] = sum(1 for v in model.hf_device_map.values() if v == "disk")
@@ -179,7 +184,7 @@ def worker(args) -> dict:
     result.update(
         decode_tok_s=statistics.median(per_run_tps), decode_tok_s_runs=per_run_tps,
         prefill_s=statistics.median(r["prefill_s"] for r in runs), tokens=runs[-1]["tokens"],
-        peak_rss=peak_rss_bytes(),
+        peak_rss=peak_rss_bytes(), cgroup_peak=_cgroup_peak(),
     )
     if handle is not None:
         st = handle.stats
@@ -188,11 +193,43 @@ def worker(args) -> dict:
     return result
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def _cgroup_peak() -> int | None:
+    """Peak memory (anonymous + page cache) of this process's memory cgroup, when the bench made one."""
+    name = os.environ.get("MOE_BENCH_CGROUP")
+    f = CGROUP_ROOT / name / "memory.max_usage_in_bytes" if name else None
+    return int(f.read_text()) if f is not None and f.exists() else None
+
+
+def _make_cgroup(name: str, limit: int) -> str | None:
+    """A cgroup-v1 memory group capping anonymous memory *and page cache* (needs root); None if unavailable."""
+    d = CGROUP_ROOT / name
+    try:
+        d.mkdir(exist_ok=True)
+        (d / "memory.limit_in_bytes").write_text(str(limit))
+        return name
+    except OSError:
+        return None
+
+
 def run_worker(system: str, args, non_expert: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", system, "--checkpoint", str(args.checkpoint), "--budget", args.budget,
+    cmd = [sys.executable, __file__, "--dtype", args.dtype, "--worker", system, "--checkpoint", str(args.checkpoint), "--budget", args.budget,
            "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--prompt", str(args.prompt),
            "--workdir", args.workdir, "--non-expert-bytes", str(non_expert)] + (["--no-prefetch"] if args.no_prefetch else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    env = dict(os.environ)
+    group = _make_cgroup(f"moe_bench_{system}", args.cgroup_limit) if args.cgroup_limit else None
+    if group:
+        env["MOE_BENCH_CGROUP"] = group
+        # the shell joins the group, then becomes the worker: every byte it maps or caches is charged
+        cmd = ["sh", "-c", f'echo $$ > {CGROUP_ROOT / group}/cgroup.procs && exec "$@"', "sh", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    if group:
+        try:
+            (CGROUP_ROOT / group).rmdir()
+        except OSError:
+            pass
     if proc.returncode != 0:
         return {"system": system, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -200,8 +237,11 @@ def run_worker(system: str, args, non_expert: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--budget", default="2GiB", help="expert memory budget (moe-patch expert_cache; accelerate gets "
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dtype", default="float32", help="compute dtype of both systems (fp32 is fastest on CPU)")
+    p.add_argument("--cgroup-limit", default="auto", help="memory cap (RAM + page cache) for each system: 'auto' = "
+                   "non-expert + budget + one layer of experts + 1 GiB, 'none', or a size")
+    p.add_argument("--budget", default="1GiB", help="expert memory budget (moe-patch expert_cache; accelerate gets "
                    "non-expert bytes + this as max_memory['cpu'])")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
@@ -228,20 +268,32 @@ def main(argv=None) -> int:
     files_total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     non_expert = files_total - expert_total
     budget = parse_bytes(args.budget)
+    scale = torch.empty((), dtype=getattr(torch, args.dtype)).element_size() / 2  # checkpoint is bf16
+    layer_experts = int(expert_total / args.layers * scale)
+    if args.cgroup_limit == "auto":
+        args.cgroup_limit = int(non_expert * scale) + budget + layer_experts + 2**30
+    elif args.cgroup_limit == "none":
+        args.cgroup_limit = None
+    else:
+        args.cgroup_limit = parse_bytes(args.cgroup_limit)
+    non_expert = int(non_expert * scale)
     results = [run_worker(s, args, non_expert) for s in args.systems.split(",")]
     by = {r["system"]: r for r in results}
     print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, torch {torch.__version__}")
-    print(f"model: Qwen3-30B-A3B layer shapes, {args.layers} layers, bf16; experts {format_bytes(expert_total)} "
-          f"= {expert_total / budget:.1f}x the {format_bytes(budget)} budget; non-expert {format_bytes(non_expert)}")
-    print("| system | decode tok/s (median) | runs | prefill s | peak RSS | RSS - non-expert - budget |")
-    print("|---|---|---|---|---|---|")
+    print(f"model: Qwen3-30B-A3B layer shapes, {args.layers} layers, checkpoint bf16, compute {args.dtype}; experts "
+          f"{format_bytes(expert_total * scale)} in {args.dtype} = {expert_total * scale / budget:.1f}x the "
+          f"{format_bytes(budget)} budget; non-expert {format_bytes(non_expert)}; memory cap (RAM + page cache) "
+          f"{format_bytes(args.cgroup_limit) if args.cgroup_limit else 'none'}")
+    print("| system | decode tok/s (median) | runs | prefill s | peak RSS | RSS - non-expert - budget | cgroup peak |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['system']} | error: {r['error']} | | | | |")
+            print(f"| {r['system']} | error: {r['error']} | | | | | |")
             continue
         print(f"| {r['system']} | {r['decode_tok_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['decode_tok_s_runs'])} | "
-              f"{r['prefill_s']:.2f} | {format_bytes(r['peak_rss'])} | {format_bytes(r['peak_rss'] - non_expert - budget)} |")
+              f"{r['prefill_s']:.2f} | {format_bytes(r['peak_rss'])} | {format_bytes(r['peak_rss'] - non_expert - budget)} | "
+              f"{format_bytes(r['cgroup_peak']) if r.get('cgroup_peak') else '-'} |")
     if "moe-patch" in by and "accelerate" in by and "error" not in by["moe-patch"] and "error" not in by["accelerate"]:
         print(f"\nspeed-up moe-patch / accelerate: {by['moe-patch']['decode_tok_s'] / by['accelerate']['decode_tok_s']:.1f}x; "
               f"same tokens: {by['moe-patch']['tokens'] == by['accelerate']['tokens']}")

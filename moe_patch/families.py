@@ -13,7 +13,14 @@ from __future__ import annotations
 __all__ = ["UNSUPPORTED", "is_supported"]
 
 #: model_type -> why moe-patch does not patch this family.
-UNSUPPORTED: dict[str, str] = {}
+UNSUPPORTED: dict[str, str] = {
+    # Detected (moe_patch.adapters.doge) and reported, deliberately not patched.
+    "doge": (
+        "CDMoE retrieval experts are single neurons (rows of two embedding tables picked by a "
+        "product-key router); transformers already computes them with one gather and two batched "
+        "matmuls, so there is no per-expert dispatch to replace"
+    ),
+}
 
 
 def is_supported(model_type: str) -> bool:

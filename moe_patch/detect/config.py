@@ -13,7 +13,7 @@ import torch
 from ..errors import CheckpointError, MoEConfigError
 
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "top_k", "moe_k", "num_selected_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "top_k_experts", "top_k", "moe_k", "num_selected_experts")
 ZERO_EXPERT_FIELDS = ("zero_expert_num",)
 
 

@@ -97,7 +97,7 @@ def infer_routing(router: torch.nn.Module | None, block: torch.nn.Module, expert
     )
 
 
-TOP_K_NAMES = ("top_k", "num_experts_per_tok", "moe_top_k", "num_selected_experts", "moe_k", "topk")
+TOP_K_NAMES = ("top_k", "num_experts_per_tok", "moe_top_k", "top_k_experts", "num_selected_experts", "moe_k", "topk")
 
 
 def infer_top_k(router: torch.nn.Module | None, block: torch.nn.Module, experts: torch.nn.Module) -> int | None:

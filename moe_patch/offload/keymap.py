@@ -15,6 +15,7 @@ and tensor.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,7 @@ class CheckpointMap:
 
     def __init__(self, checkpoint: Checkpoint, model: torch.nn.Module, layers: list[OffloadLayer]):
         self.checkpoint = checkpoint
+        self._scratch = threading.local()  # per-thread read buffer for casting loads
         meta = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
         conversions = get_model_conversion_mapping(model)
         renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
@@ -287,23 +289,37 @@ class CheckpointMap:
 
     # -- reading -----------------------------------------------------------------------------
     def load_into(self, recipe: TensorRecipe, out: torch.Tensor) -> None:
-        """Read one expert's ``recipe`` into ``out`` (e.g. a pool slot), bytes straight from disk when the
-        conversion is only stacking and ``[gate; up]`` concatenation in the stored dtype."""
+        """Read one expert's ``recipe`` into ``out`` (e.g. a pool slot) without temporaries.
+
+        When the conversion is only stacking and ``[gate; up]`` concatenation, the bytes go straight
+        from disk into ``out`` (or, when the dtype differs, into a per-thread scratch buffer that
+        ``copy_`` casts into ``out``); other conversions run transformers' ops and copy the result.
+        """
         conv = recipe.converter
-        direct = all(e.dtype == out.dtype for e in recipe.entries) and (
-            conv is None
-            or all(isinstance(op, MergeModulelist) or (isinstance(op, Concatenate) and op.dim == 1) for op in conv.operations)
+        simple = conv is None or all(
+            isinstance(op, MergeModulelist) or (isinstance(op, Concatenate) and op.dim == 1) for op in conv.operations
         )
-        if not direct:
+        dtypes = {e.dtype for e in recipe.entries}
+        if not simple or len(dtypes) != 1:
             out.copy_(self.load(recipe, per_expert=True))
             return
-        flat = out.view(-1).view(torch.uint8)
+        (stored,) = dtypes
+        nbytes = recipe.nbytes
+        if stored == out.dtype:
+            flat = out.view(-1).view(torch.uint8)
+        else:
+            scratch = getattr(self._scratch, "buf", None)
+            if scratch is None or scratch.numel() < nbytes:
+                scratch = self._scratch.buf = torch.empty(nbytes, dtype=torch.uint8)
+            flat = scratch[:nbytes]
         at = 0
         for _, group in recipe.parts:  # parts follow the converter's source order: gate rows, then up rows
             for entry, row in group:
                 start, end = (entry.start, entry.end) if row is None else entry.row_range(row)
                 self.checkpoint.read_bytes(entry, start, end, out=flat.narrow(0, at, end - start))
                 at += end - start
+        if stored != out.dtype:
+            out.copy_(flat.view(stored).view(out.shape))
 
     def load(self, recipe: TensorRecipe, *, per_expert: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read and convert ``recipe`` (cast to ``dtype``, default the model's)."""

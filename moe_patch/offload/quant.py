@@ -8,6 +8,7 @@ Both formats run on CPU with bitsandbytes >= 0.45 (``quantize_4bit``/``dequantiz
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,11 @@ class QuantizedTensor:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantizedTensor:
         data = self.data.to(device, non_blocking=non_blocking)
-        state = self.state.to(device) if self.kind == "nf4" else self.state.to(device, non_blocking=non_blocking)
+        if self.kind == "nf4":
+            state = copy.deepcopy(self.state)  # QuantState.to moves in place and returns None
+            state.to(device)
+        else:
+            state = self.state.to(device, non_blocking=non_blocking)
         return QuantizedTensor(self.kind, data, state, self.shape, self.dtype)
 
     def pin_memory(self) -> QuantizedTensor:

@@ -1,0 +1,199 @@
+"""Reading a dense Hugging Face checkpoint lazily: config, safetensors headers, tensor slices.
+
+Only safetensors are read (never pickle). Headers are checked up front, so a missing or truncated
+shard is reported before anything is written; tensors are read one slice at a time with
+``safe_open(...).get_slice`` so memory stays at the size of the slice being converted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_patch.errors import CheckpointError, MoEConfigError
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+#: safetensors dtype names <-> torch dtypes (the subset checkpoints use).
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what its header says."""
+
+    file: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def read_config_dict(folder: Path) -> dict[str, Any]:
+    """Return ``config.json`` normalised by transformers' own config class (no remote code)."""
+    from transformers import AutoConfig
+
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; SRC must be a Hugging Face model folder with config.json.")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MoEConfigError(f"{path}: not valid JSON ({exc}); re-download or fix the file.") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise MoEConfigError(f"{path}: no 'model_type' field; this is not a transformers model config.")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:  # transformers raises ValueError/KeyError/TypeError for bad configs
+        raise MoEConfigError(f"{path}: transformers cannot read this config ({type(exc).__name__}: {exc}).") from None
+    data = config.to_dict()
+    data["model_type"] = config.model_type
+    return data
+
+
+class DenseCheckpoint:
+    """A local model folder opened for lazy reads. Use as a context manager (closes file handles)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(
+                f"{self.folder}: not a folder; SRC must be a local Hugging Face model folder (for a Hub repo, "
+                f"download it first: moe-patch pull REPO_ID --local-dir DIR)."
+            )
+        self.config = read_config_dict(self.folder)
+        self.files = self._weight_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for name in self.files:
+            self._read_header(name)
+
+    # -- discovery -------------------------------------------------------------------------------
+    def _weight_files(self) -> list[str]:
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: malformed safetensors index ({exc}).") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.folder / f).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{self.folder}: shard(s) {', '.join(missing)} listed in {INDEX_NAME} are missing; "
+                    "download the complete checkpoint."
+                )
+            self._index_map = weight_map
+            return files
+        self._index_map = None
+        files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            hint = (
+                f" It has {', '.join(pickles)}: moe-patch reads only safetensors (pickle can run code); convert "
+                "them first, e.g. load with transformers and save_pretrained(..., safe_serialization=True)."
+                if pickles
+                else ""
+            )
+            raise CheckpointError(f"{self.folder}: no .safetensors weights found.{hint}")
+        return files
+
+    def _read_header(self, name: str) -> None:
+        from safetensors import safe_open
+
+        path = self.folder / name
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    dtype = sl.get_dtype()
+                    if dtype not in ST_DTYPES:
+                        raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {dtype}.")
+                    self.tensors[key] = TensorInfo(name, tuple(sl.get_shape()), ST_DTYPES[dtype])
+        except CheckpointError:
+            raise
+        except Exception as exc:  # SafetensorError: truncated file, bad header
+            raise CheckpointError(
+                f"{path}: unreadable safetensors file ({exc}); it is probably truncated or corrupt. Re-download it."
+            ) from None
+        if self._index_map is not None:
+            stray = [k for k, v in self._index_map.items() if v == name and k not in self.tensors]
+            if stray:
+                raise CheckpointError(f"{path}: tensors {stray[:3]} listed in {INDEX_NAME} are not in the file.")
+
+    # -- reads -----------------------------------------------------------------------------------
+    def __enter__(self) -> DenseCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing stays open between reads; kept so callers can manage the checkpoint as a resource."""
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise CheckpointError(
+                f"{self.folder}: tensor {key!r} is missing from the checkpoint; it does not match its config.json."
+            ) from None
+
+    def has(self, key: str) -> bool:
+        return key in self.tensors
+
+    def read(self, key: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """Read ``key`` (optionally a block of rows/columns) as stored on disk.
+
+        The file is opened for this read only: a handle kept open maps the shard, and every page it
+        touched would stay in this process's RSS until the end (measured: RSS grew by the source size).
+        """
+        from safetensors import safe_open
+
+        info = self.info(key)
+        with safe_open(self.folder / info.file, framework="pt") as f:
+            sl = f.get_slice(key)
+            if rows is None and cols is None:
+                t = sl[:]
+            elif cols is None:
+                t = sl[rows]
+            else:
+                t = sl[rows if rows is not None else slice(None), cols]
+            return t
+
+    def expect_shape(self, key: str, shape: tuple[int, ...]) -> None:
+        got = self.info(key).shape
+        if got != tuple(shape):
+            raise CheckpointError(
+                f"{self.folder}: tensor {key} has shape {list(got)}, config.json implies {list(shape)}; "
+                "the weights do not match the config."
+            )
+
+    @property
+    def floating_dtype(self) -> torch.dtype:
+        """The dtype most of the checkpoint's floating tensors use (the output default)."""
+        counts: dict[torch.dtype, int] = {}
+        for info in self.tensors.values():
+            if info.dtype.is_floating_point:
+                n = 1
+                for d in info.shape:
+                    n *= d
+                counts[info.dtype] = counts.get(info.dtype, 0) + n
+        return max(counts, key=counts.get) if counts else torch.float32

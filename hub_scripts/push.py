@@ -1,0 +1,218 @@
+"""Push a checkpoint folder to the Hub: create the repo, add a model card, upload with `upload_folder`.
+
+`upload_folder` resumes by itself: files whose content is already on the Hub (a previous, interrupted
+run uploaded them) are not sent again, so the answer to any failed upload is "run the same command".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from huggingface_hub.errors import OfflineModeIsEnabled
+from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
+from moe_patch.errors import CheckpointError
+
+from .api import check_repo_id, make_api
+from .card import CARD_FILE, build_model_card, is_generated_card
+from .errors import HubAuthError, HubError, UploadInterruptedError, hub_errors
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMMIT_MESSAGE = "Upload MoE checkpoint with moe-patch"
+
+
+@dataclass
+class PushResult:
+    """What a push did (or, with dry_run, would do)."""
+
+    repo_id: str
+    files: list[tuple[str, int]]  # (path in repo, size in bytes), README.md included when a card is written
+    card_action: str  # "written", "regenerated", "kept" (the user's README.md), "none"
+    card_text: str | None = None
+    dry_run: bool = False
+    repo_url: str | None = None
+    commit_url: str | None = None
+    commit_oid: str | None = None
+    pr_url: str | None = None
+    branch: str | None = None
+    private: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def __str__(self) -> str:
+        what = f"{len(self.files)} files ({human_bytes(self.total_bytes)})"
+        if self.dry_run:
+            return f"{self.repo_id}: would push {what} (dry run)"
+        return f"{self.pr_url or self.commit_url} ({what})"
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def list_upload_files(folder: Path) -> list[tuple[str, int]]:
+    """Files `upload_folder` would send (same ignore rules: .git, .cache/huggingface), sorted."""
+    paths = {p.relative_to(folder).as_posix(): p for p in sorted(folder.glob("**/*")) if p.is_file()}
+    kept = filter_repo_objects(paths.keys(), ignore_patterns=DEFAULT_IGNORE_PATTERNS)
+    return [(rel, paths[rel].stat().st_size) for rel in kept]
+
+
+def check_checkpoint_complete(folder: Path) -> None:
+    """Refuse to publish a checkpoint whose safetensors index names shards that are missing."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc}); re-run the conversion.") from exc
+        missing = sorted({shard for shard in weight_map.values() if not (folder / shard).is_file()})
+        if missing:
+            raise CheckpointError(
+                f"{index.name} lists shards missing from {folder}: {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''}. The checkpoint is incomplete: re-run the conversion."
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Temp file in the same folder, then rename: a crash never leaves a half-written README.md.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    branch: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    api: HfApi | None = None,
+    write_card: bool = True,
+    overwrite_card: bool = False,
+    base_model: str | None = None,
+    license: str | None = None,
+) -> PushResult:
+    """Upload the checkpoint in `folder` to `repo_id` and return what was done.
+
+    Creates the repository when needed (private if asked; an existing public repo is never pushed to
+    with `private=True`), writes README.md from `build_model_card` unless the folder has one the user
+    wrote (`overwrite_card=True` replaces it; `write_card=False` never writes one), then uploads with
+    `upload_folder` to `branch` (created from main if missing) or as a pull request (`create_pr`).
+    `dry_run` lists files, sizes and the card without writing anything or touching the network.
+    `base_model` / `license` go into the card's metadata when the report and source card do not say.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder: pass the checkpoint folder to push.")
+    check_repo_id(repo_id)
+    if create_pr and branch not in (None, "main"):
+        raise HubError(
+            f"--create-pr opens a pull request against main; it cannot be combined with --branch {branch}."
+            " Drop one of the two options."
+        )
+    check_checkpoint_complete(folder)
+
+    readme = folder / CARD_FILE
+    card_text: str | None = None
+    if not write_card:
+        card_action = "kept" if readme.exists() else "none"
+    elif readme.exists() and not overwrite_card and not is_generated_card(readme):
+        card_action = "kept"
+        logger.info("Keeping the README.md you wrote (pass --overwrite-card to replace it with a generated card).")
+    else:
+        card_action = "regenerated" if readme.exists() else "written"
+        if base_model is not None:
+            check_repo_id(base_model)
+        card_text = str(build_model_card(folder, repo_id=repo_id, base_model=base_model, license=license))
+
+    files = [(p, s) for p, s in list_upload_files(folder) if not (card_text is not None and p == CARD_FILE)]
+    if card_text is not None:
+        files = sorted(files + [(CARD_FILE, len(card_text.encode("utf-8")))])
+    result = PushResult(
+        repo_id=repo_id,
+        files=files,
+        card_action=card_action,
+        card_text=card_text if card_text is not None else (readme.read_text("utf-8") if readme.exists() else None),
+        dry_run=dry_run,
+        branch=branch,
+        private=private,
+    )
+    if dry_run:
+        return result
+
+    api = api or make_api()
+    with hub_errors(repo_id, endpoint=api.endpoint, action="push to"):
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        result.repo_url = str(repo_url)
+        if private and api.repo_info(repo_id).private is False:
+            raise HubError(
+                f"'{repo_id}' already exists and is public; --private does not change an existing repository."
+                " Make it private in its settings on the Hub first, or push without --private."
+            )
+        if card_text is not None:
+            _write_atomic(readme, card_text)
+        if branch and branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        logger.info(
+            "Uploading %d files (%s) to %s%s", len(files), human_bytes(result.total_bytes), repo_id,
+            f"@{branch}" if branch else (" as a pull request" if create_pr else ""),
+        )
+        try:
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                revision=branch,
+                create_pr=create_pr,
+                commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+            )
+        except OfflineModeIsEnabled:
+            raise  # hub_errors explains HF_HUB_OFFLINE
+        except PermissionError as exc:
+            if type(exc).__module__ != "hf_xet":
+                raise
+            raise HubAuthError(
+                f"The Hub refused the storage token for '{repo_id}' ({exc}): check that your token has write access."
+            ) from exc
+        except (RuntimeError, ConnectionError) as exc:
+            # A failed transfer: huggingface_hub wraps LFS failures as RuntimeError("Error while uploading
+            # '<file>' to the Hub."), hf_xet raises ConnectionError("Network error: ...").
+            cause = exc.__cause__
+            detail = _first_line(exc) + (f" ({type(cause).__name__}: {_first_line(cause)})" if cause else "")
+            raise UploadInterruptedError(
+                f"Upload to '{repo_id}' did not complete: {detail}."
+                " Run the same command again to resume: files already on the Hub are not sent again."
+            ) from exc
+        except ValueError as exc:  # invalid README.md metadata, malformed server replies
+            hint = " Fix the YAML header of README.md, or pass --overwrite-card." if "README.md" in str(exc) else ""
+            raise HubError(f"Could not push to '{repo_id}': {' '.join(str(exc).split())}{hint}") from exc
+    result.commit_url = info.commit_url
+    result.commit_oid = info.oid
+    result.pr_url = info.pr_url
+    return result

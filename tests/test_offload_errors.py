@@ -1,0 +1,138 @@
+"""Bad checkpoints and budgets fail before generation with errors naming the file and tensor;
+I/O failures during generation raise instead of computing with missing weights."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from offload_helpers import expert_bytes, greedy, prompts, save_tiny, single_thread  # noqa: F401
+from safetensors.torch import load_file, save_file
+
+import moe_patch
+from moe_patch.errors import BudgetError, CheckpointError
+from moe_patch.offload import get_offload_handle
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    """A Mixtral-tiny checkpoint split over several shards with an index."""
+    path = tmp_path / "ckpt"
+    from offload_helpers import build
+
+    build("mixtral").save_pretrained(path, max_shard_size="40KB")
+    assert (path / "model.safetensors.index.json").exists()
+    return path
+
+
+def _index(path):
+    return json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def _shard_of(path, key):
+    return path / _index(path)[key]
+
+
+EXPERT_KEY = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+
+
+def test_missing_shard_is_named(sharded):
+    shard = _shard_of(sharded, EXPERT_KEY)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name) as err:
+        moe_patch.load_model(sharded)
+    assert "missing" in str(err.value)
+
+
+def test_truncated_shard_is_named_with_its_tensor(sharded):
+    shard = _shard_of(sharded, EXPERT_KEY)
+    os.truncate(shard, shard.stat().st_size - 100)
+    with pytest.raises(CheckpointError, match="truncated") as err:
+        moe_patch.load_model(sharded)
+    assert shard.name in str(err.value) and "tensor" in str(err.value)
+
+
+def test_tensor_absent_from_index_is_named(sharded):
+    idx_path = sharded / "model.safetensors.index.json"
+    idx = json.loads(idx_path.read_text())
+    del idx["weight_map"][EXPERT_KEY]
+    idx_path.write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=EXPERT_KEY.replace(".", r"\.")):
+        moe_patch.load_model(sharded)
+
+
+def _rewrite(path, fn):
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    fn(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_expert_with_wrong_dtype_is_named(tmp_path):
+    path = save_tiny("qwen3_moe", tmp_path / "q")
+    key = "model.layers.0.mlp.experts.3.up_proj.weight"
+    _rewrite(path, lambda t: t.__setitem__(key, t[key].to(torch.int32)))
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")) as err:
+        moe_patch.load_model(path)
+    assert "int32" in str(err.value) and "model.safetensors" in str(err.value)
+
+
+def test_shape_that_does_not_match_config_is_named(tmp_path):
+    path = save_tiny("qwen2_moe", tmp_path / "q")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 24  # checkpoint experts have 16
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"experts\.0\.(gate|up|down)_proj\.weight") as err:
+        moe_patch.load_model(path)
+    assert "config" in str(err.value)
+
+
+def test_fused_checkpoint_with_wrong_expert_count_is_named(tmp_path):
+    path = save_tiny("gpt_oss", tmp_path / "g")
+    key = "model.layers.0.mlp.experts.down_proj"
+    _rewrite(path, lambda t: t.__setitem__(key, t[key][:3].clone()))
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        moe_patch.load_model(path)
+
+
+def test_budget_smaller_than_one_expert_says_the_minimum(tmp_path):
+    path = save_tiny("mixtral", tmp_path / "m")
+    need = expert_bytes("mixtral")
+    with pytest.raises(BudgetError, match=f"{need} bytes"):
+        moe_patch.load_model(path, expert_cache=need - 1)
+    with pytest.raises(BudgetError, match="host_cache"):
+        moe_patch.load_model(path, expert_cache=need, host_cache=10)
+
+
+def test_shard_truncated_mid_run_raises_instead_of_zeros(tmp_path):
+    path = save_tiny("mixtral", tmp_path / "m")
+    model = moe_patch.load_model(path, dtype=torch.float32, expert_cache=expert_bytes("mixtral"))
+    greedy(model, prompts(1), 4)  # runs while the file is intact
+    file = path / "model.safetensors"
+    os.truncate(file, 4096)  # most expert tensors now lie past the end
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        greedy(model, prompts(1), 16)
+
+
+def test_disk_error_in_a_background_read_surfaces_in_the_forward(tmp_path, monkeypatch):
+    import errno
+
+    path = save_tiny("qwen2_moe", tmp_path / "q")
+    model = moe_patch.load_model(path, dtype=torch.float32, expert_cache=2 * expert_bytes("qwen2_moe"))
+    assert get_offload_handle(model).engine.cfg.prefetch  # reads also happen on the prefetch thread
+    calls = {"n": 0}
+    real = os.preadv
+
+    def failing_disk(fd, buffers, offset):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", failing_disk)
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        greedy(model, prompts(1), 32)

@@ -1,0 +1,216 @@
+"""Offloaded generation is token-for-token the resident model's, for every family and budget.
+
+Each tiny model is saved as a real safetensors checkpoint, loaded back by ``moe_patch.load_model``
+with its experts left on disk, and compared with the same checkpoint loaded fully resident by
+transformers (fp32, greedy, 64 new tokens).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from offload_helpers import (
+    FAMILIES,
+    expert_bytes,
+    greedy,
+    load_reference,
+    model_class,
+    prompts,
+    save_tiny,
+    single_thread,  # noqa: F401 - fixture
+)
+
+import moe_patch
+from moe_patch.offload import get_offload_handle
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+NEW = 64
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("offload_ckpts")
+    return {fam: save_tiny(fam, root / fam) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    torch.set_num_threads(1)
+    out = {}
+    for fam, path in checkpoints.items():
+        ref = load_reference(fam, path)
+        out[fam] = {b: greedy(ref, prompts(b), NEW) for b in (1, 4)}
+    return out
+
+
+def _budget(fam: str, which: str) -> int | None:
+    one = expert_bytes(fam)
+    return {"one_expert": one, "one_per_layer": 2 * one, "everything": None}[which]
+
+
+@pytest.mark.parametrize("budget", ["one_expert", "one_per_layer", "everything"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_matches_resident_model(family, batch, budget, checkpoints, references):
+    limit = _budget(family, budget)
+    model = moe_patch.load_model(checkpoints[family], model_class=model_class(family), dtype=torch.float32,
+                                 expert_cache=limit)
+    handle = get_offload_handle(model)
+    try:
+        out = greedy(model, prompts(batch), NEW)
+        assert torch.equal(out, references[family][batch])
+        stats, cache = handle.stats, handle.engine.dev
+        assert stats.tokens["decode"] == batch * (NEW - 1)
+        if limit is not None:
+            assert cache.peak <= limit  # a hard budget
+            assert cache.evictions > 0 and stats.bytes_read["decode"]["disk"] > 0
+        else:
+            # with room for everything each expert is read from disk exactly once
+            used = sum(1 for layer in stats.layers for c in layer.slots if c)
+            assert stats.disk_bytes_total == used * expert_bytes(family)
+    finally:
+        handle.detach(restore_weights=False)
+
+
+def test_loading_reads_no_expert_and_keeps_only_non_expert_weights(checkpoints):
+    ref = load_reference("qwen2_moe", checkpoints["qwen2_moe"])
+    expert_total = sum(p.numel() * 4 for n, p in ref.named_parameters() if ".experts." in n)
+    model = moe_patch.load_model(checkpoints["qwen2_moe"], dtype=torch.float32, expert_cache=expert_bytes("qwen2_moe"))
+    handle = get_offload_handle(model)
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    all_params = sum(p.numel() * 4 for p in ref.parameters())
+    assert resident == all_params - expert_total
+    assert handle.stats.disk_bytes_total == 0  # nothing read before the first forward
+    handle.detach()  # restores every expert from the checkpoint: the model is whole again
+    ids = prompts(2)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_host_tier_serves_evicted_experts_without_rereading_disk(checkpoints, references):
+    one = expert_bytes("mixtral")
+    model = moe_patch.load_model(checkpoints["mixtral"], dtype=torch.float32, expert_cache=2 * one, host_cache=8 * one)
+    handle = get_offload_handle(model)
+    assert torch.equal(greedy(model, prompts(4), NEW), references["mixtral"][4])
+    st = handle.stats
+    assert sum(layer.hits["host"] for layer in st.layers) > 0
+    assert st.disk_bytes_total == 8 * one  # 2 layers x 4 experts, each read once
+    assert handle.engine.host.peak <= 8 * one
+
+
+@pytest.mark.parametrize("policy", ["lfu", "pinned-hot"])
+def test_other_policies_give_the_same_tokens(policy, checkpoints, references):
+    opts = moe_patch.offload.OffloadOptions(expert_cache=3 * expert_bytes("qwen3_moe"), policy=policy,
+                                            hot_experts=((0, 0), (1, 1)))
+    model = moe_patch.load_model(checkpoints["qwen3_moe"], dtype=torch.float32, options=opts)
+    assert torch.equal(greedy(model, prompts(4), NEW), references["qwen3_moe"][4])
+    assert get_offload_handle(model).engine.dev.peak <= 3 * expert_bytes("qwen3_moe")
+
+
+def test_cpu_compute_of_host_resident_misses_is_exact(checkpoints, references):
+    # On a GPU machine the cost model sends some misses to the CPU; "always" forces that path here.
+    one = expert_bytes("deepseek_v3")
+    opts = moe_patch.offload.OffloadOptions(expert_cache=one, host_cache=16 * one, cpu_compute="always")
+    model = moe_patch.load_model(checkpoints["deepseek_v3"], dtype=torch.float32, options=opts)
+    assert torch.equal(greedy(model, prompts(4), NEW), references["deepseek_v3"][4])
+    assert sum(layer.cpu_computed for layer in get_offload_handle(model).stats.layers) > 0
+
+
+def test_prefetch_off_gives_same_tokens_and_issues_nothing(checkpoints, references):
+    model = moe_patch.load_model(checkpoints["gpt_oss"], dtype=torch.float32, prefetch=False,
+                                 expert_cache=2 * expert_bytes("gpt_oss"))
+    assert torch.equal(greedy(model, prompts(1), NEW), references["gpt_oss"][1])
+    st = get_offload_handle(model).stats
+    assert st.prefetch_issued == 0 and st.layers[1].predicted == 0
+
+
+def test_prefetch_predictions_are_scored(checkpoints):
+    model = moe_patch.load_model(checkpoints["mixtral"], dtype=torch.float32, expert_cache=3 * expert_bytes("mixtral"))
+    greedy(model, prompts(1), NEW)
+    st = get_offload_handle(model).stats
+    assert st.prefetch_issued > 0
+    assert 0 < st.prefetch_precision <= 1 and 0 < st.prefetch_recall <= 1
+    assert st.layers[0].predicted == 0  # nothing predicts the first layer
+
+
+def test_patch_an_already_loaded_model_and_detach_restores_it(checkpoints, references):
+    from moe_patch.offload import attach_offload
+
+    model = load_reference("module_list", checkpoints["module_list"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = attach_offload(model, None, {"expert_cache": expert_bytes("module_list")})
+    assert all(p.numel() == 0 for n, p in model.named_parameters() if ".experts." in n)
+    assert torch.equal(greedy(model, prompts(4), NEW), references["module_list"][4])
+    handle.detach()
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(greedy(model, prompts(1), NEW), references["module_list"][1])
+
+
+def test_peft_wrapped_offloaded_model_generates(checkpoints, references):
+    peft = pytest.importorskip("peft")
+    model = moe_patch.load_model(checkpoints["qwen3_moe"], dtype=torch.float32, expert_cache=2 * expert_bytes("qwen3_moe"))
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    # LoRA's B starts at zero, so the adapter leaves the function unchanged
+    assert torch.equal(greedy(wrapped, prompts(1), NEW), references["qwen3_moe"][1])
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantized_cache_reports_logit_error_against_full_precision(kind, checkpoints):
+    one = expert_bytes("mixtral")
+    # half an fp32 expert: too small unquantized, enough for nf4/int8 experts
+    model = moe_patch.load_model(checkpoints["mixtral"], dtype=torch.float32, expert_cache=one // 2,
+                                 quantize_experts=kind)
+    handle = get_offload_handle(model)
+    err = handle.quantization_error(prompts(2, length=12))
+    assert 0 < err["max_rel"] < (0.05 if kind == "int8" else 0.3)
+    assert err["top1_agreement"] > 0.7
+    out = greedy(model, prompts(1), 8)
+    assert out.shape == (1, 6 + 8)
+    assert handle.engine.dev.peak <= one // 2
+
+
+def test_statistics_report_and_plot(checkpoints, tmp_path):
+    model = moe_patch.load_model(checkpoints["qwen2_moe"], dtype=torch.float32, expert_cache=4 * expert_bytes("qwen2_moe"))
+    greedy(model, prompts(1), 16)
+    st = get_offload_handle(model).stats
+    text = str(st)
+    assert "hit rate" in text and "bandwidth bound" in text and "load-CV" in text
+    d = st.to_dict()
+    assert d["decode_tokens_per_s"] > 0 and len(d["layers"]) == 2
+    assert sum(d["layers"][0]["slots"]) == 2 * (6 + 15)  # top-2 slots of every token that went through
+    pytest.importorskip("matplotlib")
+    png = st.plot_utilisation(str(tmp_path / "util.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_run_prints_statistics(checkpoints, capsys):
+    from moe_patch.cli import main
+
+    code = main(["run", str(checkpoints["mixtral"]), "--prompt-ids", "5,6,7", "--max-new-tokens", "4",
+                 "--expert-cache", str(expert_bytes("mixtral")), "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "hit rate" in out and "decode" in out
+    assert len(out.splitlines()[0].split()) == 4  # the four generated token ids
+
+
+def test_bf16_checkpoint_computed_in_fp32_matches_transformers_upcast(tmp_path):
+    from offload_helpers import build
+
+    path = tmp_path / "bf16"
+    build("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
+    ref = load_reference("qwen3_moe", path)  # transformers upcasts to fp32 at load
+    model = moe_patch.load_model(path, dtype=torch.float32, expert_cache=3 * expert_bytes("qwen3_moe"))
+    assert get_offload_handle(model).engine.pool is not None  # experts cast while read into pool slots
+    assert torch.equal(greedy(model, prompts(4), 32), greedy(ref, prompts(4), 32))
+
+
+def test_patch_model_offload_option_and_unpatch(checkpoints, references):
+    model = load_reference("qwen2_moe", checkpoints["qwen2_moe"])
+    report = moe_patch.patch_model(model, offload={"expert_cache": 2 * expert_bytes("qwen2_moe")})
+    assert report.offload.stats is get_offload_handle(model).stats
+    assert torch.equal(greedy(model, prompts(4), NEW), references["qwen2_moe"][4])
+    assert moe_patch.unpatch_model(model)
+    assert get_offload_handle(model) is None
+    assert torch.equal(greedy(model, prompts(1), NEW), references["qwen2_moe"][1])

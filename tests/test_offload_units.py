@@ -1,0 +1,147 @@
+"""Offload building blocks in isolation: budgets, cache policies, cost model, statistics, quantization."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_patch.errors import BudgetError
+from moe_patch.offload.budget import check_budget, format_bytes, parse_bytes
+from moe_patch.offload.cache import TierCache
+from moe_patch.offload.costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
+from moe_patch.offload.quant import materialize, nbytes_of, quantize
+from moe_patch.offload.stats import LayerStats, OffloadStats, bandwidth_bound_s, coefficient_of_variation
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("8GiB", 8 * 2**30), ("512MB", 512 * 10**6), ("1.5 KiB", 1536), ("4096", 4096), (123, 123), ("2g", 2 * 2**30)],
+)
+def test_parse_bytes_reads_binary_and_decimal_units(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["8 parsecs", "GiB", "-3", -1, True])
+def test_parse_bytes_rejects_nonsense_with_the_field_name(bad):
+    with pytest.raises(BudgetError, match="expert_cache"):
+        parse_bytes(bad, name="expert_cache")
+
+
+def test_budget_below_one_expert_names_the_minimum():
+    with pytest.raises(BudgetError) as err:
+        check_budget(1000, 4096, name="expert_cache", allow_zero=False)
+    assert "4096 bytes" in str(err.value) and "expert_cache" in str(err.value)
+    check_budget(0, 4096, name="host_cache", allow_zero=True)  # 0 switches the host tier off
+    with pytest.raises(BudgetError):
+        check_budget(0, 4096, name="expert_cache", allow_zero=False)
+    assert format_bytes(3 * 2**30) == "3.0 GiB"
+
+
+def test_lru_evicts_least_recently_used_and_never_exceeds_budget():
+    c = TierCache(300, "lru")
+    for k in range(3):
+        c.put((0, k), k, 100)
+    c.get((0, 0))  # 0 is now the most recent
+    stored, evicted = c.put((0, 3), 3, 100)
+    assert stored and [k for k, _ in evicted] == [(0, 1)]
+    assert c.used == 300 and c.peak <= 300
+
+
+def test_lfu_keeps_frequent_entries():
+    c = TierCache(200, "lfu")
+    c.put((0, 0), "a", 100)
+    c.put((0, 1), "b", 100)
+    for _ in range(3):
+        c.get((0, 1))
+    _, evicted = c.put((0, 2), "c", 100)
+    assert [k for k, _ in evicted] == [(0, 0)]
+
+
+def test_pinned_hot_evicts_cold_entries_first():
+    c = TierCache(200, "pinned-hot", hot=[(0, 0)])
+    c.put((0, 0), "hot", 100)
+    c.put((0, 1), "cold", 100)
+    c.get((0, 0))
+    c.get((0, 1))  # the hot entry is now the least recent, yet it stays
+    _, evicted = c.put((0, 2), "new", 100)
+    assert [k for k, _ in evicted] == [(0, 1)]
+
+
+def test_pinned_entries_block_eviction_and_inserts_are_refused_not_forced():
+    c = TierCache(200, "lru")
+    c.put((0, 0), "a", 100)
+    c.put((0, 1), "b", 100)
+    c.pin((0, 0))
+    c.pin((0, 1))
+    assert c.put((0, 2), "c", 100) == (False, [])
+    assert c.used == 200 and (0, 2) not in c
+    c.unpin((0, 1))
+    stored, evicted = c.put((0, 2), "c", 100)
+    assert stored and [k for k, _ in evicted] == [(0, 1)]
+    assert c.put((0, 3), "too big", 500) == (False, [])
+
+
+def test_cost_model_prefers_cpu_for_one_row_and_the_copy_for_many():
+    # a desktop: dual-channel DDR5, PCIe 4.0 x16 as measured with pinned memory
+    bw = Bandwidths(dram=40e9, cpu_flops=60e9, h2d=12e9, device_flops=100e12)
+    shapes = {"gate_up_proj": (1536, 2048), "down_proj": (2048, 768)}
+    flops = expert_flops_per_row(shapes)
+    nbytes = (1536 * 2048 + 2048 * 768) * 2
+    assert prefer_cpu(1, nbytes, flops, bw)
+    assert not prefer_cpu(4096, nbytes, flops, bw)
+
+
+def test_cost_model_without_gpu_never_prefers_a_transfer():
+    bw = Bandwidths(dram=20e9, cpu_flops=60e9)  # h2d = 0: there is no device to copy to
+    assert prefer_cpu(10_000, 10**9, 10**9, bw)
+
+
+def test_statistics_derive_rates_cv_and_bound():
+    assert coefficient_of_variation([1, 1, 1, 1]) == 0
+    assert math.isclose(coefficient_of_variation([0, 2]), 1.0)
+    layer = LayerStats(num_experts=2, hits={"device": 3, "host": 0, "disk": 1}, predicted=4, predicted_used=3,
+                       used_when_predicted=6)
+    assert layer.hit_rate == 0.75 and layer.precision == 0.75 and layer.recall == 0.5
+    assert bandwidth_bound_s({"disk": 2e9, "dram": 1e9}, {"disk": 2e9, "dram": 20e9}) == 1.0
+    st = OffloadStats(layers=[layer], bandwidths=Bandwidths(dram=10.0, cpu_flops=1.0))
+    st.steps["decode"], st.seconds["decode"] = 2, 4.0
+    st.bytes_read["decode"].update(device=20, disk=20)
+    st.disk_read_s, st.disk_bytes_total = 1.0, 5
+    # per step: disk 10 B at 5 B/s = 2 s; DRAM 20 B at 10 B/s = 2 s -> bound 2 s of an achieved 2 s
+    assert st.decode_bound_s() == 2.0 and st.fraction_of_bound == 1.0
+    assert "layer" in str(st)
+
+
+@pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("nf4", 0.25)])
+def test_quantized_experts_round_trip_within_format_error_and_shrink(kind, tol):
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    q = quantize(w, kind)
+    back = materialize(q)
+    assert back.shape == w.shape and back.dtype == w.dtype
+    assert (back - w).abs().max() / w.abs().max() < tol
+    assert nbytes_of(q) < w.numel() * w.element_size() / (3 if kind == "int8" else 6)
+    bias = torch.randn(64)
+    assert quantize(bias, kind) is bias  # vectors stay in full precision
+    moved = q.to("cpu")  # the device copy the caches make; the original must survive it
+    assert torch.equal(materialize(moved), back) and torch.equal(materialize(q), back)
+
+
+def test_pool_slots_return_when_their_entry_dies():
+    import gc
+
+    from moe_patch.offload.pool import SlotPool
+
+    pool = SlotPool(slot_bytes=1024, slots=2)
+    a, b = pool.take(), pool.take()
+    assert pool.take() is None and pool.free == 0
+    view = a.tensor((4, 8), torch.float32)
+    view.fill_(1.0)
+    assert view.data_ptr() != b.tensor((4, 8), torch.float32).data_ptr()  # slots never overlap
+    with pytest.raises(ValueError):
+        a.tensor((1024,), torch.float32)  # more than the slot holds
+    del a
+    gc.collect()
+    assert pool.free == 1 and pool.take() is not None
