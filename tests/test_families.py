@@ -197,3 +197,12 @@ def test_tiny_model_is_seeded_and_routes_non_degenerately():
     assert (router_logits.std(dim=-1) > 1e-3).all()
     chosen = {tuple(sorted(row)) for row in router_logits.topk(2, dim=-1).indices.tolist()}
     assert len(chosen) > 1
+
+
+def test_tiny_model_in_bf16_keeps_the_family_fp32_modules():
+    # Inkling2 routes in fp32 (`_keep_in_fp32_modules_strict`), as from_pretrained(dtype=bf16) keeps it.
+    model, inputs = tiny_model("inkling2", dtype=torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert any(d == torch.float32 and "mlp.gate.weight" in n for n, d in dtypes.items())
+    assert any(d == torch.bfloat16 and "experts" in n for n, d in dtypes.items())
+    assert _forward(model, inputs).isfinite().all()

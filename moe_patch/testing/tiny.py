@@ -26,6 +26,7 @@ A new MoE family usually works with the generic shrinker alone; when it does not
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -91,6 +92,7 @@ _SIZES: dict[str, Any] = {
     "encoder_sparse_step": 1, "interleave_moe_layer_step": 1, "moe_layer_interval": 1,
     # vision / audio towers (text-only inputs are used, the towers only need to build cheaply)
     "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16,
+    "canvas_length": SEQ,
     "image_size": 64, "num_mel_bins": 16, "n_mel_bins": 16, "num_position_embeddings": 64,
 }
 
@@ -503,8 +505,11 @@ def tiny_model(model_type: str, dtype: torch.dtype = torch.float32, seed: int = 
         allowed = torch.tensor(sorted(set(range(VOCAB)) - _token_ids(config)))
         ids = allowed[torch.randint(len(allowed), (BATCH, SEQ), generator=gen)]
         inputs = {"input_ids": ids}
-        if getattr(model_config, "is_encoder_decoder", False):
-            inputs["decoder_input_ids"] = ids.flip(-1)
+        if "decoder_input_ids" in inspect.signature(model.forward).parameters:
+            # Seq2seq decoders, and DiffusionGemma's canvas (sampled at random when not given,
+            # which would make two forwards differ).
+            length = getattr(model_config, "canvas_length", None) or SEQ
+            inputs["decoder_input_ids"] = allowed[torch.randint(len(allowed), (BATCH, length), generator=gen)]
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             inputs[key] = value.to(dtype)
