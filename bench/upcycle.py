@@ -2,7 +2,8 @@
 
 Builds a synthetic dense Llama checkpoint (random bf16 weights, a local word-level tokenizer; no
 download), then converts it into a Mixtral with N plain copies (G = 1, random router, which both tools
-support and which is exact at init) with each tool, alternating, several times. Reports per tool: median
+support and which is exact at init) with each tool, alternating, several times, each run starting
+with the source in the page cache and no dirty pages left from the previous run (``os.sync``). Reports per tool: median
 wall time, peak RSS of the converting process (``wait4`` rusage), output size, and whether the output
 matches the dense model (fp32 logits and greedy tokens, loaded with plain transformers). Also checks
 that ``--dry-run``'s predicted peak RSS is within 10% of the measured one.
@@ -107,14 +108,18 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_measured(cmd: list[str], log: Path) -> tuple[float, int, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS bytes of the process tree's largest process, exit code)."""
+def run_measured(cmd: list[str], log: Path) -> tuple[float, float, int, int]:
+    """Run ``cmd``; return (wall s, CPU s (user + system), peak RSS bytes, exit code) of that process.
+
+    CPU time is reported beside wall time because the benchmark machine is shared: other jobs
+    stretch wall time, much less the CPU time each tool needs.
+    """
     t0 = time.perf_counter()
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    return wall, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)
 
 
 def drop_to_page_cache(path: Path) -> None:
@@ -179,7 +184,7 @@ def main() -> int:
     m = re.search(r"predicted peak RSS: conversion ([\d.]+) (GiB|MiB)", dry.stdout)
     predicted = float(m.group(1)) * (2**30 if m.group(2) == "GiB" else 2**20) if m else None
 
-    results: dict[str, dict] = {"moe-patch": {"wall": [], "rss": []}, "mergekit": {"wall": [], "rss": []}}
+    results: dict[str, dict] = {k: {"wall": [], "cpu": [], "rss": []} for k in ("moe-patch", "mergekit")}
     for r in range(args.runs):
         order = [("moe-patch", ours_cmd, ours_out), ("mergekit", mk_cmd, mk_out)]
         if r % 2:
@@ -188,7 +193,8 @@ def main() -> int:
             if cmd is None:
                 continue
             shutil.rmtree(out, ignore_errors=True)
-            wall, rss, rc = run_measured(cmd, work / f"{name}-{r}.log")
+            os.sync()  # flush the previous run's output so its write-back does not slow this one
+            wall, cpu, rss, rc = run_measured(cmd, work / f"{name}-{r}.log")
             if rc != 0:
                 tail = (work / f"{name}-{r}.log").read_text(errors="replace").strip().splitlines()[-3:]
                 if name == "mergekit":
@@ -196,11 +202,13 @@ def main() -> int:
                     continue
                 raise SystemExit(f"moe-patch failed (exit {rc}): {tail}")
             results[name]["wall"].append(wall)
+            results[name]["cpu"].append(cpu)
             results[name]["rss"].append(rss)
-            print(f"run {r} {name:9s} {wall:7.2f} s  peak RSS {rss / 2**20:8.1f} MiB", flush=True)
+            print(f"run {r} {name:9s} {wall:7.2f} s wall {cpu:7.2f} s CPU  peak RSS {rss / 2**20:8.1f} MiB", flush=True)
 
     summary: dict[str, object] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_average_1_5_15_min_at_end": os.getloadavg(),
         "command": " ".join([sys.executable, *sys.argv]),
         "source": {"path": str(src), "bytes": src_bytes, "layers": args.layers, "hidden": args.hidden, "ffn": args.ffn},
         "recipe": f"{args.experts} experts top-{args.top_k}, plain copies, random router, bf16",
@@ -215,6 +223,8 @@ def main() -> int:
             "ran": True,
             "wall_s_median": statistics.median(res["wall"]),
             "wall_s_all": res["wall"],
+            "cpu_s_median": statistics.median(res["cpu"]),
+            "cpu_s_all": res["cpu"],
             "peak_rss_median": statistics.median(res["rss"]),
             "output_bytes": folder_bytes(out),
             "check": None if args.no_check else check_equivalence(src, out),
@@ -225,6 +235,7 @@ def main() -> int:
     mk = summary["mergekit"]
     if mk.get("ran"):
         summary["speedup_vs_mergekit"] = mk["wall_s_median"] / ours["wall_s_median"]
+        summary["cpu_time_ratio_mergekit_over_ours"] = mk["cpu_s_median"] / ours["cpu_s_median"]
         summary["rss_ratio_vs_mergekit"] = ours["peak_rss_median"] / mk["peak_rss_median"]
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from hub_server import hub, hub_online  # noqa: F401  (pytest fixtures: loopback Hub)
 from offload_helpers import expert_bytes, greedy, prompts, save_tiny, single_thread  # noqa: F401
 from safetensors.torch import load_file, save_file
 
@@ -136,3 +138,21 @@ def test_disk_error_in_a_background_read_surfaces_in_the_forward(tmp_path, monke
     monkeypatch.setattr(os, "preadv", failing_disk)
     with pytest.raises(CheckpointError, match="Input/output error"):
         greedy(model, prompts(1), 32)
+
+
+def test_load_model_from_a_repo_id_downloads_safetensors_only(hub, tmp_path):
+    """Against the loopback Hub of tests/hub_server.py, driven by the real huggingface_hub client."""
+    from hub_scripts.push import push_folder
+
+    path = save_tiny("mixtral", tmp_path / "m")
+    (path / "pytorch_model.bin").write_bytes(b"never downloaded: pickles are not loaded")
+    push_folder(path, "tester/tiny-mixtral")
+    model = moe_patch.load_model("tester/tiny-mixtral", dtype=torch.float32)
+    assert get_offload_handle(model) is not None
+    downloaded = {p.name for p in Path(model.config._name_or_path).iterdir()}
+    assert any(n.endswith(".safetensors") for n in downloaded) and "pytorch_model.bin" not in downloaded
+
+
+def test_hub_download_failure_becomes_checkpoint_error(hub):
+    with pytest.raises(CheckpointError, match="tester/absent"):
+        moe_patch.load_model("tester/absent")

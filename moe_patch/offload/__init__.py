@@ -10,12 +10,28 @@ through :func:`attach_offload`, whose handle's ``detach()`` restores the model.
 
 from __future__ import annotations
 
-from .attach import OffloadHandle, attach_offload, get_offload_handle
-from .budget import format_bytes, parse_bytes
-from .costmodel import Bandwidths
-from .loading import load_model
-from .options import OffloadOptions
-from .stats import OffloadStats
+import importlib
+
+# Lazy, like moe_patch/__init__: `moe-patch --help` and `import moe_patch.offload.cli` must not pay for
+# transformers' conversion machinery. Name -> submodule that defines it.
+_EXPORTS = {
+    "OffloadHandle": "attach",
+    "attach_offload": "attach",
+    "get_offload_handle": "attach",
+    "format_bytes": "budget",
+    "parse_bytes": "budget",
+    "Bandwidths": "costmodel",
+    "load_model": "loading",
+    "OffloadOptions": "options",
+    "OffloadStats": "stats",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Bandwidths",

@@ -26,7 +26,7 @@ import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,7 +64,6 @@ class EngineConfig:
     cpu_compute: str = "auto"  # "auto" (cost model), "always", "never"
     max_prefetch_per_layer: int | None = None
     bandwidths: Bandwidths | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class OffloadEngine:
@@ -79,7 +78,7 @@ class OffloadEngine:
         self.host = TierCache(config.host_cache, "lru", name="host_cache")
         self._lock = threading.RLock()
         self._inflight: dict[Key, Future] = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moe-patch-prefetch") if config.prefetch else None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="moe-patch-prefetch") if config.prefetch else None
         self._stream = torch.cuda.Stream(self.device) if self.on_cuda else None  # pragma: no cover - GPU only
         self._protected: set[Key] = set()
         self._predicted: dict[int, set[int]] = {}
@@ -120,8 +119,6 @@ class OffloadEngine:
         raw = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.cfg.quantize:
             tensors = {n: quantize(t, self.cfg.quantize) for n, t in tensors.items()}
-        elif self.source.tier == "host":
-            tensors = {n: t for n, t in tensors.items()}  # views of the model's RAM: no copy on CPU
         if self.on_cuda and slot is None:  # pragma: no cover - GPU only
             tensors = {n: t.pin_memory() for n, t in tensors.items()}
         with self._lock:
@@ -138,6 +135,10 @@ class OffloadEngine:
             tensors = {n: t.to(self.device, non_blocking=True) for n, t in host.tensors.items()}
             event = torch.cuda.Event()
             event.record(stream)
+        if host.slot is not None:  # pragma: no cover - GPU only
+            # the pinned slot is recycled once its entry dies; torch does not track views of our pool
+            # buffer, so the copy must finish first (this blocks the prefetch thread, not the compute)
+            event.synchronize()
         return ExpertWeights(tensors, host.nbytes, ready=event, tier=host.tier)  # pragma: no cover
 
     def _take_host(self, key: Key) -> ExpertWeights | None:
@@ -193,9 +194,9 @@ class OffloadEngine:
 
     def _submit(self, key: Key) -> None:
         """Queue a background read unless cached or queued (call with the lock held)."""
-        if self._pool is None or key in self.dev or key in self._inflight:
+        if self._worker is None or key in self.dev or key in self._inflight:
             return
-        self._inflight[key] = self._pool.submit(self._background_load, key)
+        self._inflight[key] = self._worker.submit(self._background_load, key)
 
     # -- the forward's side ------------------------------------------------------------------
     def begin_layer(self, layer: int, hidden: torch.Tensor, active: list[int] | None, counts: list[int] | None) -> None:
@@ -219,7 +220,7 @@ class OffloadEngine:
             if counts is not None:
                 for e, c in enumerate(counts):
                     st.slots[e] += c
-        if self._pool is not None and layer + 1 < len(self.layers):
+        if self._worker is not None and layer + 1 < len(self.layers):
             predicted = self.predict(layer + 1, hidden)
             with self._lock:
                 self._predicted[layer + 1] = predicted
@@ -385,8 +386,8 @@ class OffloadEngine:
         if self.closed:
             return
         self.closed = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._worker is not None:
+            self._worker.shutdown(wait=True, cancel_futures=True)
         self.source.close()
 
 

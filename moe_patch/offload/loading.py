@@ -30,22 +30,22 @@ _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt
 
 
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None, token: Any = None) -> Path:
-    """A local directory as is; a Hub repo id through one ``snapshot_download`` (safetensors only)."""
+    """A local directory as is; a Hub repo id through one snapshot download (safetensors only)."""
     p = Path(path_or_repo_id)
     if p.is_dir():
         return p
     if p.exists() or str(path_or_repo_id).startswith((".", "/")) or str(path_or_repo_id).count("/") > 1:
         raise CheckpointError(f"{path_or_repo_id}: not a checkpoint directory (expected config.json and .safetensors).")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from hub_scripts.api import make_api
+    from hub_scripts.errors import HubError
+    from hub_scripts.pull import pull
 
     try:
-        # experts are read from the shards in place, so every safetensors shard is needed; never *.bin
-        return Path(snapshot_download(str(path_or_repo_id), revision=revision, token=token,
-                                      allow_patterns=_DOWNLOAD_PATTERNS))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path_or_repo_id}: cannot download the checkpoint from the Hub ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}).") from exc
+        # Experts are read from the shards in place, so every safetensors shard is needed; never *.bin.
+        # One HfApi built now, so HF_ENDPOINT is read at call time (module-level helpers bind it at import).
+        return pull(str(path_or_repo_id), revision=revision, include=_DOWNLOAD_PATTERNS, api=make_api(token=token))
+    except HubError as exc:
+        raise CheckpointError(f"{path_or_repo_id}: cannot download the checkpoint from the Hub: {exc}") from exc
 
 
 def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype:

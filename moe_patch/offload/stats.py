@@ -215,6 +215,9 @@ class OffloadStats:
         grid = [[(s.slots[e] if e < s.num_experts else float("nan")) for e in range(width)] for s in self.layers]
         fig, ax = plt.subplots(figsize=(max(4, width / 8), max(2.5, len(grid) / 4)))
         im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_yticks(range(len(grid)))
+        if width <= 32:
+            ax.set_xticks(range(width))
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
         ax.set_title("expert utilisation (routed token slots)")
