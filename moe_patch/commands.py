@@ -10,7 +10,8 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build a small random MoE checkpoint, inspect, patch, generate (no download)")
-    p.add_argument("--family", default="qwen3_moe", help="qwen3_moe (default), mixtral or deepseek_v3")
+    p.add_argument("--family", default="qwen3_moe", choices=("qwen3_moe", "mixtral", "deepseek_v3"),
+                   help="MoE family of the random checkpoint (default qwen3_moe)")
     p.add_argument("--out", help="where to write the demo checkpoint (default: a temporary folder)")
     p.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.set_defaults(func=_demo)

@@ -30,24 +30,39 @@ def demo_config(family: str = "qwen3_moe"):
                                 num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
                                 q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16,
                                 v_head_dim=32, **common)
-    raise ValueError(f"unknown demo family {family!r}; choose one of {', '.join(DEMO_FAMILIES)}")
+    from .errors import MoEConfigError
+
+    raise MoEConfigError(f"unknown demo family {family!r}; choose one of {', '.join(DEMO_FAMILIES)}")
+
+
+MARKER = "moe_patch_demo.json"  # marks a folder this demo wrote, the only kind it will replace
 
 
 def build_demo_checkpoint(out: str | Path, family: str = "qwen3_moe", seed: int = 0) -> Path:
-    """Write a random-weight checkpoint (safetensors) to ``out``, atomically (temp dir, then rename)."""
+    """Write a random-weight checkpoint (safetensors) to ``out``, atomically (temp dir, then rename).
+
+    An existing ``out`` is replaced only if an earlier demo run wrote it; any other non-empty folder
+    is refused, so a mistyped ``--out`` never deletes anything.
+    """
     from transformers import AutoModelForCausalLM
 
+    from .errors import MoEPatchError
+
     out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise MoEPatchError(f"{out} exists and was not written by `moe-patch demo`; choose an empty or new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(demo_config(family))
     with torch.no_grad():  # routers of some families start at zero: give every weight a random value
         for p in model.parameters():
             p.normal_(0.0, 0.05)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, max_shard_size="4MB")
+        (tmp / MARKER).write_text('{"family": "%s", "seed": %d}\n' % (family, seed))
         if out.exists():
-            shutil.rmtree(out)
+            shutil.rmtree(out)  # empty, or a previous demo checkpoint (checked above)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ import torch
 
 from .adapters.base import PatchOptions, Undo
 from .detect import BlockHandle, find_moe_blocks
+from .detect.finder import model_root
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +53,13 @@ class PatchReport:
 class _PatchState:
     undos: list[Undo]
     report: PatchReport
-
-
-def _root(model: torch.nn.Module) -> torch.nn.Module:
-    # A peft PeftModel and the model it wraps share state, so patching either is the same patch.
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    validate: bool
+    offload: Any
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    return getattr(_root(model), STATE_ATTR, None) is not None
+    # A peft PeftModel and the model it wraps share state, so patching either is the same patch.
+    return getattr(model_root(model), STATE_ATTR, None) is not None
 
 
 def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any = None) -> PatchReport:
@@ -73,7 +72,8 @@ def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any =
         model: a transformers model, a peft ``PeftModel``, or any ``nn.Module`` holding MoE blocks.
         validate: check router output before each dispatch (non-finite weights or out-of-range expert
             indices raise :class:`moe_patch.RoutingError` naming the layer). Costs one host sync per
-            block; pass False for speed on a model known to be good.
+            block; pass False for speed on a model known to be good. Skipped inside ``torch.compile``
+            graphs, where fused experts run transformers' sync-free grouped path.
         offload: expert offloading options (:class:`moe_patch.offload.OffloadOptions`, or a dict of its
             fields): routed experts are then paged between device cache, host RAM and the checkpoint.
 
@@ -81,11 +81,13 @@ def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any =
         A :class:`PatchReport`; ``str(report)`` says what was done. A model with no MoE block is left
         unchanged and the report says so.
     """
-    root = _root(model)
+    root = model_root(model)
     state: _PatchState | None = getattr(root, STATE_ATTR, None)
     if state is not None:
-        state.report.already_patched = True
-        return state.report
+        if (validate, offload) != (state.validate, state.offload):
+            logger.warning("%s is already patched with other options; unpatch_model() first to change them.",
+                           type(root).__name__)
+        return dataclasses.replace(state.report, already_patched=True)
     handles = find_moe_blocks(root)
     report = PatchReport(model_class=type(root).__name__)
     if not handles:
@@ -114,7 +116,7 @@ def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any =
                 undo()
             raise
         report.adapters = dict(Counter(h.info.adapter for h in handles if h.info.experts_path in report.patched))
-    object.__setattr__(root, STATE_ATTR, _PatchState(undos=undos, report=report))
+    object.__setattr__(root, STATE_ATTR, _PatchState(undos=undos, report=report, validate=validate, offload=offload))
     logger.info("%s", report)
     return report
 
@@ -133,7 +135,7 @@ def unpatch_model(model: torch.nn.Module) -> bool:
 
     Returns True when something was restored, False when the model was not patched.
     """
-    root = _root(model)
+    root = model_root(model)
     state: _PatchState | None = getattr(root, STATE_ATTR, None)
     if state is None:
         return False
@@ -141,8 +143,3 @@ def unpatch_model(model: torch.nn.Module) -> bool:
         undo()
     root.__dict__.pop(STATE_ATTR, None)
     return True
-
-
-def patched_blocks(model: torch.nn.Module) -> list[BlockHandle]:
-    """The blocks of a model as detection sees them (helper for reports and tests)."""
-    return find_moe_blocks(_root(model))

@@ -24,13 +24,17 @@ def check_routing(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weig
         return
     name = getattr(module, NAME_ATTR, type(module).__name__)
     num_experts = int(module.num_experts if num_experts is None else num_experts)
-    lo, hi = int(top_k_index.min()), int(top_k_index.max())
+    # One host sync for the three checks.
+    lo, hi, finite = torch.stack([top_k_index.min().to(torch.float64), top_k_index.max().to(torch.float64),
+                                  torch.isfinite(top_k_weights).all().to(torch.float64)]).tolist()
+    if getattr(module, "_is_expert_parallel", False):
+        hi = min(hi, num_experts - 1)  # ids >= E are expert-parallel sentinels with zero weight, by design
     if lo < 0 or hi >= num_experts:
         raise RoutingError(
-            f"{name}: router chose expert index {lo if lo < 0 else hi}, outside [0, {num_experts}). "
+            f"{name}: router chose expert index {int(lo if lo < 0 else hi)}, outside [0, {num_experts}). "
             "The router weights or config.num_experts_per_tok/num_experts are inconsistent."
         )
-    if not bool(torch.isfinite(top_k_weights).all()):
+    if not finite:
         raise RoutingError(
             f"{name}: non-finite routing weights (NaN or inf) from the router. Check the router weights "
             "and the layer input for overflow (fp16?), or load in bf16/fp32."

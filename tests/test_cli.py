@@ -83,3 +83,12 @@ def test_remote_code_is_refused_unless_asked(tmp_path, capsys):
         {"model_type": "deepseek_v2_custom", "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config"}}))
     assert main(["inspect", str(tmp_path)]) == 1
     assert "--trust-remote-code" in capsys.readouterr().err
+
+
+def test_demo_never_deletes_a_folder_it_did_not_write(tmp_path, capsys):
+    precious = tmp_path / "models"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    assert main(["demo", "--out", str(precious)]) == 1
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert "was not written by `moe-patch demo`" in capsys.readouterr().err

@@ -53,25 +53,45 @@ def test_patched_fp32_logits_and_greedy_tokens_match_the_reference(name):
     assert torch.equal(logits(model, inputs), ref)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "gpt_oss", "legacy-deepseek"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "gpt_oss", "legacy-mixtral"])
 def test_patched_bf16_logits_are_within_documented_tolerance(name):
     """bf16 rounds each product differently when rows are grouped: 2e-2 relative (docs/architecture.md)."""
     model, inputs = build(name, dtype=torch.bfloat16)
     ref = logits(model, inputs)
-    patch_model(model)
+    report = patch_model(model)
+    assert report.patched and not report.skipped, str(report)
     assert rel_diff(logits(model, inputs), ref) < 2e-2
 
 
 def test_patching_twice_is_a_no_op_and_unpatch_restores_the_original_forward():
     model, inputs = build("qwen2_moe")
+    experts = model.get_submodule(inspect_model(model).blocks[0].experts_path)
     first = patch_model(model)
-    impl = model.config._experts_implementation
+    assert experts.config._experts_implementation == "moe_patch"
     second = patch_model(model)
-    assert second is first and second.already_patched
-    assert model.config._experts_implementation == impl == "moe_patch"
+    assert second.already_patched and not first.already_patched and second.patched == first.patched
+    assert experts.config._experts_implementation == "moe_patch"
+    assert model.config._experts_implementation == "grouped_mm"  # the model's own config is not touched
     unpatch_model(model)
-    assert model.config._experts_implementation == "grouped_mm"
+    assert experts.config is model.config
     assert not unpatch_model(model)  # nothing left to restore
+
+
+def test_models_sharing_one_config_are_patched_independently():
+    from transformers import MixtralForCausalLM
+
+    from moe_patch.testing.tiny import tiny_config
+
+    config = tiny_config("mixtral")
+    a, b = MixtralForCausalLM(config), MixtralForCausalLM(config)
+    patch_model(a)
+    experts_b = b.get_submodule(inspect_model(b).blocks[0].experts_path)
+    assert experts_b.config._experts_implementation == "grouped_mm"
+    patch_model(b)
+    unpatch_model(a)
+    unpatch_model(b)
+    for m in (a, b):
+        assert all(e.config is config for e in m.modules() if hasattr(e, "has_gate"))
 
 
 def test_instance_patches_leave_the_class_and_other_instances_alone():
@@ -148,6 +168,53 @@ def test_patch_works_on_a_peft_model_and_its_adapters_still_apply():
     assert torch.equal(logits(peft_model, inputs), ref)
 
 
+def test_lora_added_after_patching_is_applied(monkeypatch):
+    """Repacked ModuleList experts must notice adapters wrapped around them later."""
+    from peft import LoraConfig, get_peft_model
+
+    model, inputs = build("legacy-mixtral")
+    patch_model(model)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["w1", "w2", "w3"], init_lora_weights=False))
+    peft_model.eval()
+    patched = logits(peft_model, inputs)
+    unpatch_model(peft_model)
+    assert rel_diff(patched, logits(peft_model, inputs)) < 1e-5
+
+
+def test_generic_forward_defers_to_the_block_in_training():
+    """Remote-code blocks attach auxiliary losses while training; the generic forward must not drop them."""
+    from moe_patch.testing.legacy import DeepseekStyleGate
+
+    class GateWithAux(DeepseekStyleGate):
+        def forward(self, hidden_states):
+            idx, w, _ = super().forward(hidden_states)
+            return idx, w, (w.sum() * 0.01 if self.training else None)
+
+    model, inputs = build("legacy-deepseek")
+    for layer in model.layers:
+        gate = GateWithAux(model.config)
+        gate.load_state_dict(layer.block_sparse_moe.gate.state_dict())
+        layer.block_sparse_moe.gate = gate
+    assert patch_model(model).patched
+    model.train()
+    out = model(**inputs, labels=inputs["input_ids"])  # a 0-d aux loss must not break routing
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("moe.gate.weight"))
+
+
+def test_compiled_experts_capture_in_one_graph():
+    model, inputs = build("qwen3_moe")
+    patch_model(model)
+    experts = model.get_submodule(inspect_model(model).blocks[0].experts_path)
+    x = torch.randn(6, model.config.hidden_size)
+    idx = torch.randint(0, model.config.num_experts, (6, 2))
+    w = torch.rand(6, 2)
+    with torch.no_grad():
+        eager = experts(x, idx, w)
+        compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")(x, idx, w)
+    assert rel_diff(compiled, eager) < 1e-5
+
+
 def test_compiled_patched_forward_matches_eager():
     model, inputs = build("qwen3_moe")
     patch_model(model)
@@ -197,6 +264,29 @@ def test_inspect_works_on_the_meta_device():
 
 
 # --------------------------------------------------------------------------- bad input
+
+def test_lists_of_mlps_that_are_not_experts_are_not_detected():
+    """Residual MLP layers next to a 2-way classifier head look like 2 experts and a router."""
+    from torch import nn
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Mlp(), Mlp()])
+            self.head = nn.Linear(16, 2)
+
+    model = Classifier()
+    assert not inspect_model(model).has_moe
+    assert not patch_model(model).patched
+
 
 def test_a_model_without_moe_is_left_unchanged():
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +32,6 @@ class PatchOptions:
     """
 
     validate: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 class Adapter:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import TYPE_CHECKING
 
@@ -71,20 +72,15 @@ class ExpertsInterfaceAdapter(Adapter):
     def install(self, handle: BlockHandle, options: PatchOptions) -> Undo:
         register_experts_implementation()
         experts = handle.experts
-        config = experts.config
-        previous = config._experts_implementation
-        undo_attrs = set_attrs(experts, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate})
-        # The internal field: the public setter would also rewrite sub-configs we did not detect.
-        config._experts_implementation_internal = IMPLEMENTATION_NAME
-
-        def undo() -> None:
-            config._experts_implementation_internal = previous
-            undo_attrs()
-
-        return undo
+        # The experts get a config of their own selecting "moe_patch": models (and other layers) that
+        # share the original config object keep their implementation, and undo is order-independent.
+        own = copy.copy(experts.config)
+        own._experts_implementation_internal = IMPLEMENTATION_NAME
+        return set_attrs(experts, config=own, **{NAME_ATTR: handle.info.experts_path,
+                                                 VALIDATE_ATTR: options.validate})
 
 
-def _takes_routing(experts: torch.nn.Module) -> bool:
+def _has_routed_signature(experts: torch.nn.Module) -> bool:
     """forward(hidden_states, top_k_index, top_k_weights): the transformers 5 experts signature."""
     try:
         params = list(inspect.signature(type(experts).forward).parameters)
@@ -116,7 +112,7 @@ class PlainFusedAdapter(Adapter):
         gu, down = param_3d(experts, "gate_up_proj"), param_3d(experts, "down_proj")
         return (
             gu is not None and down is not None and gu.shape[0] == down.shape[0] and not is_decorated(experts)
-            and _takes_routing(experts) and _plain_transposed(experts) is not None
+            and _has_routed_signature(experts) and _plain_transposed(experts) is not None
         )
 
     def num_experts(self, experts) -> int:
@@ -164,7 +160,7 @@ class ZeroExpertsAdapter(Adapter):
     def match(self, block, name, experts) -> bool:
         return (
             hasattr(experts, "zero_expert_num") and hasattr(experts, "num_routed_experts")
-            and param_3d(experts, "down_proj") is not None and _takes_routing(experts)
+            and param_3d(experts, "down_proj") is not None and _has_routed_signature(experts)
         )
 
     def num_experts(self, experts) -> int:

@@ -36,7 +36,9 @@ GLU_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 MLP_NAMES = (("up_proj", "down_proj"), ("fc1", "fc2"), ("wi", "wo"), ("c_fc", "c_proj"), ("w1", "w2"))
 ACT_NAMES = ("act_fn", "act", "activation_fn", "activation", "act_func")
 
-SELF_CHECK_RTOL = 1e-4
+#: How close the generic forward must come to the block's own on the probe input before it is used.
+SELF_CHECK_RTOL = {torch.float32: 1e-4, torch.float64: 1e-4}
+SELF_CHECK_RTOL_HALF = 2e-2  # bf16/fp16: grouped rows round differently
 
 
 def _experts_list(experts: torch.nn.Module) -> list[torch.nn.Module]:
@@ -110,7 +112,9 @@ class _Packed:
     down: torch.Tensor  # [E, H, I]
     up_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
-    probe: torch.Tensor  # one expert weight whose storage must stay inside `up`
+    #: (expert, role attribute, the nn.Linear found there at pack time): the pack stands for these only
+    #: while each attribute still holds that plain, hook-free Linear with its weight inside the pack.
+    members: tuple[tuple[torch.nn.Module, str, torch.nn.Linear], ...]
 
 
 def _plain(expert: torch.nn.Module, roles: _Roles) -> bool:
@@ -155,7 +159,9 @@ def repack(experts: torch.nn.Module) -> _Packed | None:
             downs[e].weight.data = down[e]
             if db is not None:
                 downs[e].bias.data = db[e]
-    return _Packed(roles=roles, up=up, down=down, up_bias=ub, down_bias=db, probe=ups[-1].weight)
+    names = [n for n in (roles.gate, roles.up, roles.down) if n]
+    members = tuple((m, n, getattr(m, n)) for m in items for n in names)
+    return _Packed(roles=roles, up=up, down=down, up_bias=ub, down_bias=db, members=members)
 
 
 def _packed_bank(experts: torch.nn.Module, packed: _Packed) -> ExpertBank:
@@ -170,11 +176,22 @@ def _packed_bank(experts: torch.nn.Module, packed: _Packed) -> ExpertBank:
                       down_bias=packed.down_bias)
 
 
+def _inside(t: torch.Tensor, pack: torch.Tensor) -> bool:
+    start = pack.data_ptr()
+    return t.device == pack.device and start <= t.data_ptr() < start + pack.numel() * pack.element_size()
+
+
 def _packed_valid(packed: _Packed) -> bool:
-    """False once someone moved the parameters (``model.to(...)``): the pack no longer aliases them."""
-    p = packed.probe.data
-    start, end = packed.up.data_ptr(), packed.up.data_ptr() + packed.up.numel() * packed.up.element_size()
-    return p.device == packed.up.device and start <= p.data_ptr() < end
+    """False once the experts changed under the pack: a LoRA or hook added after patching, a module
+    swapped, or parameters moved (``model.to(...)``, peft's merge). The expert modules then run as they are."""
+    for expert, name, lin in packed.members:
+        if getattr(expert, name) is not lin or lin._forward_hooks or lin._forward_pre_hooks:
+            return False
+        if expert._forward_hooks or expert._forward_pre_hooks:
+            return False
+        if not (_inside(lin.weight, packed.up) or _inside(lin.weight, packed.down)):
+            return False
+    return True
 
 
 def run_expert_list(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
@@ -196,6 +213,7 @@ def _route(block: torch.nn.Module, router_out, num_experts: int, top_k: int):
     """(logits or None, top_k_index, top_k_weights) from whatever the router returned."""
     spec = block._moe_patch_routing
     tensors = list(router_out) if isinstance(router_out, (tuple, list)) else [router_out]
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.dim() > 0]  # drop scalar aux losses
     idx = next((t for t in tensors if isinstance(t, torch.Tensor) and not t.is_floating_point()
                 and t.dim() == 2 and t.shape[-1] == top_k), None)
     logits = next((t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()
@@ -222,6 +240,10 @@ def _route(block: torch.nn.Module, router_out, num_experts: int, top_k: int):
 
 
 def _generic_block_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    if self.training:
+        # Training keeps the block's own forward: remote-code blocks attach auxiliary losses and
+        # jitter noise there that a generic forward cannot know about.
+        return type(self).forward(self, hidden_states, *args, **kwargs)
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
     router = getattr(self, self._moe_patch_router)
@@ -254,12 +276,12 @@ class ModuleListAdapter(Adapter):
     name = "module_list"
 
     def match(self, block, name, experts) -> bool:
-        if not _is_mlp_list(experts) or _takes_routing(experts):
+        if not _is_mlp_list(experts) or _container_takes_routing(experts):
             return False
-        from ..detect.finder import _find_router
+        from ..detect.finder import find_router
 
         hidden, _ = _sizes(experts)
-        return _find_router(block, name, len(_experts_list(experts)), hidden)[1] is not None
+        return find_router(block, name, len(_experts_list(experts)), hidden)[1] is not None
 
     def num_experts(self, experts) -> int:
         return len(_experts_list(experts))
@@ -305,7 +327,8 @@ class ModuleListAdapter(Adapter):
                 experts._moe_patch_packed = None if force_loop else packed
                 out = _call_eval(block, probe)
                 out = out[0] if isinstance(out, tuple) else out
-                if out.shape != ref.shape or _rel(out, ref) > SELF_CHECK_RTOL:
+                tol = SELF_CHECK_RTOL.get(ref.dtype, SELF_CHECK_RTOL_HALF)
+                if out.shape != ref.shape or _rel(out, ref) > tol:
                     undo()
                     return (f"generic routed forward does not reproduce this block (routing "
                             f"{info.routing.describe()}); left on its own forward")
@@ -323,7 +346,7 @@ def _call_eval(block: torch.nn.Module, x: torch.Tensor):
         block.train(was_training)
 
 
-def _takes_routing(experts: torch.nn.Module) -> bool:
+def _container_takes_routing(experts: torch.nn.Module) -> bool:
     """The container has its own forward taking routing (Switch / NLLB style)."""
     fwd = type(experts).forward
     if fwd in (torch.nn.ModuleList.forward, torch.nn.ModuleDict.forward, torch.nn.Module.forward):
@@ -348,12 +371,11 @@ def _switch_experts_forward(self, hidden_states, selected_experts, routing_weigh
 
 def _nllb_experts_forward(self, hidden_states, router_mask, router_probs):
     """NLLB-MoE: ``router_mask`` holds top-2 expert ids ``[T, 2]``; eval scales by (1 - token dropout)."""
+    if self.training and self.moe_token_dropout > 0:
+        # transformers drops tokens per (token, expert) slot while training: keep its own forward.
+        return type(self).forward(self, hidden_states, router_mask, router_probs)
     out = run_expert_list(self, hidden_states, router_mask, router_probs.to(hidden_states.dtype), len(_experts_list(self)))
-    if self.moe_token_dropout > 0 and not self.training:
-        out = out * (1 - self.moe_token_dropout)
-    elif self.moe_token_dropout > 0:
-        out = self.token_dropout(out)
-    return out
+    return out * (1 - self.moe_token_dropout) if self.moe_token_dropout > 0 else out
 
 
 class RoutedListAdapter(Adapter):
@@ -362,7 +384,7 @@ class RoutedListAdapter(Adapter):
     name = "routed_list"
 
     def match(self, block, name, experts) -> bool:
-        return _is_mlp_list(experts) and _takes_routing(experts)
+        return _is_mlp_list(experts) and _container_takes_routing(experts)
 
     def num_experts(self, experts) -> int:
         return len(_experts_list(experts))

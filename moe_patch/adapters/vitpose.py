@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..detect.spec import ExpertLayout
-from .base import Adapter, PatchOptions, Undo, bind_forward
+from ..errors import RoutingError
+from ..validation import NAME_ATTR
+from .base import Adapter, PatchOptions, Undo, bind_forward, chain, set_attrs
 
 if TYPE_CHECKING:
     from ..detect.finder import BlockHandle
@@ -19,9 +21,10 @@ def _per_image_experts_forward(self, hidden_state: torch.Tensor, indices: torch.
     idx = indices.reshape(-1)
     out = hidden_state.new_zeros(*hidden_state.shape[:-1], self.part_features)
     for e in torch.unique(idx).tolist():
-        if 0 <= e < len(self):
-            rows = (idx == e).nonzero().squeeze(-1)
-            out[rows] = self[e](hidden_state[rows])
+        if not 0 <= e < len(self):
+            raise RoutingError(f"{getattr(self, NAME_ATTR, 'experts')}: dataset_index {e} outside [0, {len(self)})")
+        rows = (idx == e).nonzero().squeeze(-1)
+        out[rows] = self[e](hidden_state[rows])
     return out
 
 
@@ -48,4 +51,5 @@ class PerImageExpertsAdapter(Adapter):
                             param_names=("weight", "bias"))
 
     def install(self, handle: BlockHandle, options: PatchOptions) -> Undo:
-        return bind_forward(handle.experts, _per_image_experts_forward)
+        return chain(set_attrs(handle.experts, **{NAME_ATTR: handle.info.experts_path}),
+                     bind_forward(handle.experts, _per_image_experts_forward))

@@ -36,6 +36,8 @@ def validate_moe_config(config) -> None:
         if not top_ks:
             continue
         experts = {n: c[n] for n in EXPERT_COUNT_FIELDS if c.get(n) is not None}
+        if all(v == 0 for v in (*experts.values(), *top_ks.values())):
+            continue  # a dense variant of an MoE family (e.g. Granite-4 hybrid with 0 experts, top-k 0)
         for name, value in {**experts, **top_ks}.items():
             if not isinstance(value, int) or isinstance(value, bool):
                 raise MoEConfigError(f"config field {where}{name} must be an integer, got {value!r}")
@@ -85,18 +87,44 @@ def load_config(folder: str | Path, *, trust_remote_code: bool = False):
 
 def meta_model(config, *, trust_remote_code: bool = False) -> torch.nn.Module:
     """Instantiate the model for ``config`` on the meta device (no memory, no weights read)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    import transformers
+    from transformers import AutoBackbone, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.initialization import no_init_weights
 
+    # The classes the checkpoint names first (e.g. Qwen3OmniMoeForConditionalGeneration), then the autos.
+    named = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
+    builders = [lambda c, cls=cls: cls._from_config(c) for cls in named if cls is not None]
+    builders += [lambda c, auto=auto: auto.from_config(c, trust_remote_code=trust_remote_code)
+                 for auto in (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel, AutoBackbone)]
+    builders += [lambda c, cls=cls: cls._from_config(c) for cls in _family_model_classes(config)]
     last: Exception | None = None
-    for auto in (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel):
+    for build in builders:
         try:
             # no_init_weights: initialising ~700 B meta parameters still walks every module (seconds).
             with torch.device("meta"), no_init_weights():
-                return auto.from_config(config, trust_remote_code=trust_remote_code)
-        except ValueError as exc:  # not registered for this auto class: try the next one
+                return build(config)
+        except (ValueError, TypeError, AttributeError) as exc:  # not this class: try the next one
             last = exc
     raise MoEConfigError(f"transformers has no model class for model_type {config.model_type!r}: {last}")
+
+
+def _family_model_classes(config) -> list[type]:
+    """Model classes of the config's own modeling module that take this config class (for families no
+    auto class maps, e.g. Qwen3-Omni-MoE), generation heads first."""
+    import importlib
+
+    from transformers import PreTrainedModel
+
+    module_name = type(config).__module__.replace(".configuration_", ".modeling_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return []
+    classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, PreTrainedModel)
+               and "PreTrained" not in c.__name__
+               and getattr(c, "config_class", None) is type(config)]
+    order = ("ForCausalLM", "ForConditionalGeneration", "Model")
+    return sorted(classes, key=lambda c: next((i for i, sfx in enumerate(order) if c.__name__.endswith(sfx)), 9))
 
 
 @dataclass

@@ -25,9 +25,10 @@ class BlockHandle:
     adapter: object  # moe_patch.adapters.base.Adapter
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """peft's PeftModel wraps the transformers model; walk the same modules either way."""
-    return model
+def model_root(model: torch.nn.Module) -> torch.nn.Module:
+    """The model whose module paths moe-patch reports: a peft ``PeftModel``'s base model."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def _family(model: torch.nn.Module, *modules: torch.nn.Module | None) -> str:
@@ -39,26 +40,34 @@ def _family(model: torch.nn.Module, *modules: torch.nn.Module | None) -> str:
     return str(getattr(cfg, "model_type", "") or "")
 
 
-def _find_router(block: torch.nn.Module, experts_name: str, num_experts: int, hidden: int,
-                 extra: int = 0) -> tuple[str | None, torch.nn.Module | None]:
-    """The sibling module whose 2-D weight maps hidden -> one logit per expert."""
+def _candidate_weights(child: torch.nn.Module):
+    """The child's own 2-D weight, or those of its direct sub-modules (DBRX's router.layer): a router
+    is never deeper, and never inside a list of layers."""
+    w = child._parameters.get("weight")
+    if w is not None:
+        yield w
+    if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+        return
+    for sub in child.children():
+        w = sub._parameters.get("weight")
+        if w is not None:
+            yield w
+
+
+def find_router(block: torch.nn.Module, experts_name: str, num_experts: int, hidden: int,
+                extra: int = 0) -> tuple[str | None, torch.nn.Module | None]:
+    """The sibling of the experts whose 2-D weight maps hidden -> one logit per expert."""
     best: tuple[int, str, torch.nn.Module] | None = None
     for child_name, child in block.named_children():
         if child_name == experts_name:
             continue
-        for sub_name, sub in child.named_modules():
-            w = sub._parameters.get("weight")
-            if w is None or w.dim() != 2 or w.shape[-1] != hidden:
-                continue
-            if w.shape[0] in (num_experts, num_experts + extra):
+        for w in _candidate_weights(child):
+            if w.dim() == 2 and w.shape[-1] == hidden and w.shape[0] in (num_experts, num_experts + extra):
+                # Prefer the conventional names when several siblings fit (the report shows the router).
                 score = 0 if any(k in child_name for k in ("gate", "router")) else 1
-                name = child_name + ("." + sub_name if sub_name else "")
-                # Report the child (its forward is what the block calls), not the inner Linear.
                 if best is None or score < best[0]:
-                    best = (score, name.split(".")[0], child)
-    if best is None:
-        return None, None
-    return best[1], best[2]
+                    best = (score, child_name, child)
+    return (best[1], best[2]) if best else (None, None)
 
 
 def _shared(block: torch.nn.Module, skip: set[str]) -> tuple[tuple[str, ...], int]:
@@ -75,7 +84,7 @@ def find_moe_blocks(model: torch.nn.Module) -> list[BlockHandle]:
     """Every MoE block of ``model`` (any device, ``meta`` included), in module order."""
     from ..adapters import ADAPTERS
 
-    model = _unwrap(model)
+    model = model_root(model)
     handles: list[BlockHandle] = []
     claimed: set[int] = set()
     for block_path, block in model.named_modules():
@@ -85,16 +94,18 @@ def find_moe_blocks(model: torch.nn.Module) -> list[BlockHandle]:
             adapter = next((a for a in ADAPTERS if a.match(block, child_name, child)), None)
             if adapter is None:
                 continue
-            claimed.add(id(child))
-            handles.append(_describe(model, block_path, block, child_name, child, adapter))
+            handle = _describe(model, block_path, block, child_name, child, adapter)
+            if handle is not None:
+                claimed.add(id(child))
+                handles.append(handle)
     return handles
 
 
-def _describe(model, block_path, block, experts_name, experts, adapter) -> BlockHandle:
+def _describe(model, block_path, block, experts_name, experts, adapter) -> BlockHandle | None:
     num_experts = adapter.num_experts(experts)
     hidden, inter = adapter.sizes(experts)
     extra = int(getattr(experts, "zero_expert_num", 0) or 0)
-    router_name, router = _find_router(block, experts_name, num_experts, hidden, extra)
+    router_name, router = find_router(block, experts_name, num_experts, hidden, extra)
     if adapter.routing_kind:
         routing = RoutingSpec(kind=adapter.routing_kind)
     else:
@@ -103,10 +114,15 @@ def _describe(model, block_path, block, experts_name, experts, adapter) -> Block
     if top_k is None:
         top_k = _config_top_k(model)
     prefix = block_path + "." if block_path else ""
-    if top_k is None:
-        top_k = 1 if routing.kind == "capacity" else 0
-    if routing.kind == "capacity" and "top2" in type(router).__name__.lower():
-        top_k = 2
+    if top_k is None and routing.kind == "capacity":
+        top_k = 1  # Switch Transformers' top-1 capacity router
+    if top_k is None and adapter.name == "module_list":
+        # Structure alone matched (a list of MLPs next to a hidden -> N linear), but nothing says how
+        # many experts a token picks: not an MoE we can describe, e.g. a classifier head beside layers.
+        logger.debug("ignoring %s.%s: list of MLPs without a top-k", block_path, experts_name)
+        return None
+    if routing.kind == "capacity" and hasattr(router, "second_expert_policy"):
+        top_k = 2  # NLLB-MoE's top-2 capacity router
     validate_moe_shape(f"{prefix}{experts_name}", num_experts, top_k, extra)
     skip = {experts_name, router_name or ""}
     shared_names, shared_params = _shared(block, skip)
@@ -163,6 +179,7 @@ def inspect_model(model: torch.nn.Module) -> MoEReport:
     Returns a :class:`MoEReport` (``print(report)`` for a table, ``report.to_json()`` for JSON). A model
     without MoE blocks gives an empty report (``report.has_moe`` is False); nothing is changed.
     """
+    model = model_root(model)
     handles = find_moe_blocks(model)
     seen: set[int] = set()
     total = 0

@@ -103,4 +103,8 @@ TOP_K_NAMES = ("top_k", "num_experts_per_tok", "moe_top_k", "top_k_experts", "nu
 def infer_top_k(router: torch.nn.Module | None, block: torch.nn.Module, experts: torch.nn.Module) -> int | None:
     """top-k from the router, block or experts module, then from their configs."""
     v = _attr((router, block, experts), *TOP_K_NAMES)
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+        from ..errors import MoEConfigError
+
+        raise MoEConfigError(f"{type(router or block).__name__}: top_k must be an integer, got {v!r}")
+    return v

@@ -153,6 +153,6 @@ def combine_sorted(
         weighted = sorted_out * flat_w[plan.order].unsqueeze(-1).to(sorted_out.dtype)
         unsorted = torch.empty_like(weighted)
         unsorted[plan.order] = weighted
-        return unsorted.view(num_tokens, -1, width).sum(dim=1)
+        return unsorted.view(num_tokens, top_k_weights.shape[-1], width).sum(dim=1)
     weighted = sorted_out * flat_w[plan.order[:n]].unsqueeze(-1).to(sorted_out.dtype)
     return sorted_out.new_zeros(num_tokens, width).index_add_(0, plan.token_ids[:n], weighted)

@@ -166,16 +166,18 @@ def resident_expert_weights(module: torch.nn.Module, expert: int) -> dict[str, t
 def fused_expert_forward(module: torch.nn.Module, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """One expert of a fused-experts module on rows ``x``, from that expert's weight slices keyed like
     the module's parameters (the offload engine passes weights fetched from its caches)."""
-    t = module.is_transposed
-    x = x.to(weights["down_proj"].dtype)
-    if module.has_gate:
-        h = module._apply_gate(expert_linear(x, weights["gate_up_proj"], weights.get("gate_up_proj_bias"), t))
-    else:
-        h = module.act_fn(expert_linear(x, weights["up_proj"], weights.get("up_proj_bias"), t))
-    y = expert_linear(h, weights["down_proj"], weights.get("down_proj_bias"), t)
-    if module.has_post_expert_norm:
-        y = module.post_expert_norm(y)
-    return y
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+
+    def one(name: str) -> torch.Tensor | None:
+        t = weights.get(name)
+        return None if t is None else t.unsqueeze(0)
+
+    bank = ExpertBank(
+        up=one(first), down=one("down_proj"), activate=module._apply_gate if module.has_gate else module.act_fn,
+        transposed=bool(module.is_transposed), up_bias=one(first + "_bias"), down_bias=one("down_proj_bias"),
+        post=module.post_expert_norm if module.has_post_expert_norm else None,
+    )
+    return bank_expert(bank, 0, x)
 
 
 def moe_patch_experts_forward(
@@ -191,5 +193,11 @@ def moe_patch_experts_forward(
     """
     from ..validation import check_routing  # local: validation imports nothing from dispatch
 
+    if torch.compiler.is_compiling():
+        # Graph capture: transformers' grouped path has no host sync (histc, tensor offsets), so
+        # `fullgraph=True` works; our plan's offsets list would break the graph at every block.
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     check_routing(self, top_k_index, top_k_weights)
     return bank_dispatch(fused_bank(self), hidden_states, top_k_index, top_k_weights)
