@@ -30,7 +30,7 @@ SHAPES = {
     # name: (model_type, hidden, intermediate, experts, top_k); real hidden in the comment
     "Mixtral-8x7B": ("mixtral", 1024, 3584, 8, 2),  # 4096 / 14336
     "Qwen3-30B-A3B": ("qwen3_moe", 1024, 384, 128, 8),  # 2048 / 768
-    "DeepSeek-V3": ("deepseek_v3", 1024, 292, 256, 8),  # 7168 / 2048
+    "DeepSeek-V3": ("deepseek_v3", 1024, 288, 256, 8),  # 7168 / 2048 (288: bf16 grouped_mm needs 16-byte strides)
     "Llama-4-Scout (dense loop)": ("llama4", 1024, 1024, 16, 1),  # 5120 / 8192
     "ModuleList (4.x Mixtral)": ("legacy", 1024, 3584, 8, 2),
 }

@@ -53,9 +53,15 @@ def build_source(path: Path, *, hidden: int, ffn: int, layers: int, vocab: int, 
     tmp.mkdir(parents=True)
     heads = max(hidden // 64, 1)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), max_position_embeddings=2048,
-        tie_word_embeddings=False, dtype="bfloat16",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(heads // 4, 1),
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
     )
     cfg.save_pretrained(tmp)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(tmp)
@@ -79,7 +85,10 @@ def build_source(path: Path, *, hidden: int, ffn: int, layers: int, vocab: int, 
             (p + "mlp.up_proj.weight", rand(ffn, hidden)),
             (p + "mlp.down_proj.weight", rand(hidden, ffn)),
         ]
-    tensors += [("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16)), ("lm_head.weight", rand(vocab, hidden))]
+    tensors += [
+        ("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16)),
+        ("lm_head.weight", rand(vocab, hidden)),
+    ]
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors:
@@ -94,13 +103,17 @@ def build_source(path: Path, *, hidden: int, ffn: int, layers: int, vocab: int, 
         save_file(shard, tmp / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * 2 for _, t in tensors)
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     del tensors, shards
     vocab_map = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab_map.update({f"w{i}": i for i in range(3, vocab)})
     tok = Tokenizer(models.WordLevel(vocab=vocab_map, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(tmp)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        tmp
+    )
     tmp.rename(path)
 
 
@@ -168,15 +181,31 @@ def main() -> int:
 
     ours_out, mk_out = work / "out-moe-patch", work / "out-mergekit"
     ours_cmd = [
-        sys.executable, "-m", "moe_patch.cli", "upcycle", str(src), str(ours_out), "--num-experts", str(args.experts),
-        "--top-k", str(args.top_k), "--router-init", "random", "--no-verify", "--overwrite",
+        sys.executable,
+        "-m",
+        "moe_patch.cli",
+        "upcycle",
+        str(src),
+        str(ours_out),
+        "--num-experts",
+        str(args.experts),
+        "--top-k",
+        str(args.top_k),
+        "--router-init",
+        "random",
+        "--no-verify",
+        "--overwrite",
     ]
     mk_cfg = work / "mergekit-moe.yml"
     mk_cfg.write_text(
         f"base_model: {src}\ngate_mode: random\ndtype: bfloat16\nexperts:\n"
         + "".join(f"  - source_model: {src}\n" for _ in range(args.experts))
     )
-    mk_cmd = [args.mergekit_bin, str(mk_cfg), str(mk_out), "--i-understand-this-is-not-useful-without-training"] if args.mergekit_bin else None
+    mk_cmd = (
+        [args.mergekit_bin, str(mk_cfg), str(mk_out), "--i-understand-this-is-not-useful-without-training"]
+        if args.mergekit_bin
+        else None
+    )
     mk_reason = None if mk_cmd else "mergekit-moe not found (pass --mergekit-bin)"
 
     # dry run: predicted peak RSS

@@ -36,10 +36,14 @@ def load_calibration_ids(path: str | Path, src: Path, *, vocab_size: int, fmt: s
     if fmt not in ("auto", "text", "ids"):
         raise MoEConfigError(f"calibration format {fmt!r}: expected auto, text or ids.")
     # A file made only of integers (whitespace/comma separated or a JSON list) is token ids; anything else is text.
-    is_ids = fmt == "ids" or (fmt == "auto" and bool(text.strip()) and _IDS_RE.match(text) is not None)
+    is_ids = fmt == "ids" or (fmt == "auto" and _IDS_RE.match(text) is not None)
     if is_ids:
         try:
-            ids = json.loads(text) if text.lstrip().startswith("[") else [int(t) for t in re.split(r"[\s,]+", text.strip())]
+            ids = (
+                json.loads(text)
+                if text.lstrip().startswith("[")
+                else [int(t) for t in re.split(r"[\s,]+", text.strip())]
+            )
             ids = torch.tensor([int(i) for i in _flatten(ids)], dtype=torch.long)
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
             raise MoEConfigError(f"--calibration {path}: not a list of integer token ids ({exc}).") from None

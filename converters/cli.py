@@ -13,7 +13,8 @@ exact recipes (default): plain copies (--granularity 1) and fine-grained experts
 top-k are exact at init; --verify (on by default) proves it on the written checkpoint.
 examples:
   moe-patch upcycle ./llama-1b ./llama-1b-8x --num-experts 8 --top-k 2
-  moe-patch upcycle ./qwen2-0.5b ./qwen2-moe --num-experts 32 --top-k 8 --granularity 4 --shared-experts 1 --moe-layers every-2
+  moe-patch upcycle ./qwen2-0.5b ./qwen2-moe --num-experts 24 --top-k 6 --granularity 4 --shared-experts 1 \
+      --moe-layers every-2
   moe-patch upcycle ./base ./btx --experts-from ./base ./math-ft ./code-ft --top-k 2
 """
 
@@ -30,12 +31,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("src", type=Path, help="local dense model folder (config.json + safetensors)")
     p.add_argument("out", type=Path, help="output folder (written atomically)")
     g = p.add_argument_group("experts")
-    g.add_argument("--num-experts", type=int, metavar="N", help="routed experts per MoE layer (derived for --experts-from/--lora-experts)")
+    g.add_argument(
+        "--num-experts",
+        type=int,
+        metavar="N",
+        help="routed experts per MoE layer (derived for --experts-from/--lora-experts)",
+    )
     g.add_argument("--top-k", type=int, default=2, metavar="K", help="routed experts per token (default 2)")
-    g.add_argument("--target", default="auto", metavar="ARCH", help="auto|mixtral|qwen2_moe|qwen3_moe|flex_olmo (default: by source)")
-    g.add_argument("--granularity", type=int, default=1, metavar="G", help="G: split each FFN into G neuron slices (default 1)")
-    g.add_argument("--shared-experts", type=int, default=0, metavar="S", help="S of the G slices form the shared expert (qwen2_moe)")
-    g.add_argument("--moe-layers", default="all", metavar="SPEC", help="all | every-N | comma-separated layer indices (default all)")
+    g.add_argument(
+        "--target",
+        default="auto",
+        metavar="ARCH",
+        help="auto|mixtral|qwen2_moe|qwen3_moe|flex_olmo (default: by source)",
+    )
+    g.add_argument(
+        "--granularity", type=int, default=1, metavar="G", help="G: split each FFN into G neuron slices (default 1)"
+    )
+    g.add_argument(
+        "--shared-experts",
+        type=int,
+        default=0,
+        metavar="S",
+        help="S of the G slices form the shared expert (qwen2_moe)",
+    )
+    g.add_argument(
+        "--moe-layers",
+        default="all",
+        metavar="SPEC",
+        help="all | every-N | comma-separated layer indices (default all)",
+    )
     r = p.add_argument_group("router")
     r.add_argument(
         "--router-init",
@@ -43,17 +67,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["zero", "random", "kmeans", "pca"],
         help="router rows: zero, random (seeded, default), or from --calibration data (kmeans, pca)",
     )
-    r.add_argument("--router-std", type=float, metavar="STD", help="std of the random router (default: config initializer_range)")
-    r.add_argument("--calibration", type=Path, metavar="FILE", help="text file (tokenised with SRC's tokenizer) or token-id file")
+    r.add_argument(
+        "--router-std", type=float, metavar="STD", help="std of the random router (default: config initializer_range)"
+    )
+    r.add_argument(
+        "--calibration", type=Path, metavar="FILE", help="text file (tokenised with SRC's tokenizer) or token-id file"
+    )
     r.add_argument("--calibration-format", default="auto", choices=["auto", "text", "ids"])
-    r.add_argument("--calibration-tokens", type=int, default=4096, metavar="T", help="tokens used for kmeans/pca (default 4096)")
+    r.add_argument(
+        "--calibration-tokens", type=int, default=4096, metavar="T", help="tokens used for kmeans/pca (default 4096)"
+    )
     d = p.add_argument_group("diversity (not exact by design)")
-    d.add_argument("--drop-ratio", type=float, default=0.0, metavar="R", help="drop-upcycling: re-initialise this fraction of neurons")
-    d.add_argument("--noise", type=float, default=0.0, metavar="STD", help="Gaussian noise, std relative to each tensor's std")
+    d.add_argument(
+        "--drop-ratio",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="drop-upcycling: re-initialise this fraction of neurons",
+    )
+    d.add_argument(
+        "--noise", type=float, default=0.0, metavar="STD", help="Gaussian noise, std relative to each tensor's std"
+    )
     d.add_argument("--experts-from", nargs="+", type=Path, default=[], metavar="MODEL", help="Branch-Train-MiX sources")
     d.add_argument("--lora-experts", nargs="+", type=Path, default=[], metavar="ADAPTER", help="peft LoRA adapters")
     o = p.add_argument_group("output")
-    o.add_argument("--dtype", default="auto", metavar="DTYPE", help="auto|float32|bfloat16|float16 (default: the source's)")
+    o.add_argument(
+        "--dtype", default="auto", metavar="DTYPE", help="auto|float32|bfloat16|float16 (default: the source's)"
+    )
     o.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="e.g. 5GB, 500MB (default 5GB)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--dry-run", action="store_true", help="read configs and headers only; print the plan")

@@ -34,11 +34,15 @@ class LoraAdapter:
         cfg_path = self.folder / "adapter_config.json"
         weights = self.folder / ADAPTER_WEIGHTS
         if not cfg_path.is_file():
-            raise CheckpointError(f"{self.folder}: no adapter_config.json; --lora-experts takes peft LoRA adapter folders.")
+            raise CheckpointError(
+                f"{self.folder}: no adapter_config.json; --lora-experts takes peft LoRA adapter folders."
+            )
         if not weights.is_file():
-            extra = " (adapter_model.bin is pickle and is not read; re-save with safe_serialization)" if (
-                self.folder / "adapter_model.bin"
-            ).exists() else ""
+            extra = (
+                " (adapter_model.bin is pickle and is not read; re-save with safe_serialization)"
+                if (self.folder / "adapter_model.bin").exists()
+                else ""
+            )
             raise CheckpointError(f"{weights}: missing{extra}.")
         try:
             self.config = LoraConfig.from_pretrained(str(self.folder))

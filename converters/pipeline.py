@@ -47,11 +47,21 @@ from .targets import (
     resolve_target,
 )
 from .verify import EXACT_TOLERANCE, Verification, verify_folders
-from .writer import ShardWriter, TensorSpec, atomic_output_dir, parse_size, plan_shards
+from .writer import (
+    OutputError,
+    ShardWriter,
+    TensorSpec,
+    atomic_output_dir,
+    parse_size,
+    plan_shards,
+)
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "upcycle_report.json"
+#: What a real run holds beyond the dry run's baseline and the largest working set (allocator arenas,
+#: writer and progress bar); measured 16-24 MiB on the 2-core CPU machine (bench/upcycle.py).
+RUN_OVERHEAD_BYTES = 16 * 2**20
 #: Tensors copied unchanged are streamed in row blocks of about this size (bounds memory for huge embeddings).
 COPY_BLOCK_BYTES = 64 * 2**20
 ROUTER_INITS = ("zero", "random", "kmeans", "pca")
@@ -146,16 +156,17 @@ class UpcyclePlan:
 
     def summary(self) -> str:
         lay, c = self.layout, self.config
+        n_layers, dtype = self.target_config["num_hidden_layers"], str(self.out_dtype).replace("torch.", "")
         lines = [
             f"upcycle {self.source} ({self.source_type}) -> {self.target.architecture}",
             (
                 f"  experts: {lay.num_experts} routed (top-{lay.top_k}) = {lay.copies} copies x {lay.routed_slices} "
                 f"slices of {lay.slice_width} neurons; shared expert: {lay.shared_width} neurons; alpha={lay.alpha:g}"
             ),
-            f"  MoE layers: {_ranges(self.moe_layers)} ({len(self.moe_layers)} of {self.target_config['num_hidden_layers']})",
+            f"  MoE layers: {_ranges(self.moe_layers)} ({len(self.moe_layers)} of {n_layers})",
             f"  router init: {c.router_init}; drop_ratio={c.drop_ratio}; noise={c.noise}; seed={c.seed}",
             f"  exact at init: {'yes' if self.exact else 'no (' + '; '.join(self.inexact_reasons) + ')'}",
-            f"  tensors: {len(self.tensors)} in {len(self.shards)} shard(s); dtype {str(self.out_dtype).replace('torch.', '')}",
+            f"  tensors: {len(self.tensors)} in {len(self.shards)} shard(s); dtype {dtype}",
             f"  parameters: total {self.total_params:,}, active per token {self.active_params:,}",
             f"  output size: {_gb(self.output_bytes)} ({self.output_bytes:,} bytes of tensors)",
             f"  predicted peak RSS: conversion {_gb(self.predicted_peak_rss)}"
@@ -170,7 +181,8 @@ class UpcyclePlan:
             key = (pattern, t.spec.shape, t.spec.dtype)
             groups[key] = groups.get(key, 0) + 1
         return [
-            f"    {name} {list(shape)} {str(dtype).replace('torch.', '')} x{n}" for (name, shape, dtype), n in groups.items()
+            f"    {name} {list(shape)} {str(dtype).replace('torch.', '')} x{n}"
+            for (name, shape, dtype), n in groups.items()
         ]
 
 
@@ -285,7 +297,9 @@ def _plan(src: Path, config: UpcycleConfig, weights: WeightSource) -> UpcyclePla
     R = G - S
     if copies is not None:
         if S:
-            raise MoEConfigError("--shared-experts cannot be combined with --experts-from/--lora-experts (whose FFN would it be?).")
+            raise MoEConfigError(
+                "--shared-experts cannot be combined with --experts-from/--lora-experts (whose FFN would it be?)."
+            )
         E = copies * R
         if config.num_experts not in (None, E):
             raise MoEConfigError(
@@ -352,7 +366,7 @@ def _plan(src: Path, config: UpcycleConfig, weights: WeightSource) -> UpcyclePla
     dense_fp32 = sum(4 * math.prod(i.shape) for i in base.tensors.values())
     if config.router_init in ("kmeans", "pca"):  # the dense model runs on the calibration tokens first
         working = max(working, dense_fp32 + _model_import_overhead())
-    plan.predicted_peak_rss = plan.baseline_rss + working
+    plan.predicted_peak_rss = plan.baseline_rss + working + RUN_OVERHEAD_BYTES
     # verification holds both models in fp32 (transformers stacks each layer's experts at load)
     plan.predicted_verify_rss = plan.baseline_rss + dense_fp32 + 4 * plan.total_params + _model_import_overhead()
     return plan
@@ -369,7 +383,9 @@ def _validate_target_config(tcfg: dict[str, Any]) -> None:
     try:
         AutoConfig.for_model(**tcfg)
     except Exception as exc:
-        raise MoEConfigError(f"the {tcfg['model_type']} config built from SRC is invalid ({type(exc).__name__}: {exc}).") from None
+        raise MoEConfigError(
+            f"the {tcfg['model_type']} config built from SRC is invalid ({type(exc).__name__}: {exc})."
+        ) from None
 
 
 def _inexact_reasons(
@@ -424,8 +440,12 @@ def _plan_tensors(plan: UpcyclePlan) -> None:
         if same and nbytes > COPY_BLOCK_BYTES and len(info.shape) >= 1:
             # copied unchanged (embeddings, lm_head): stream row blocks, never the whole tensor
             step = max(1, COPY_BLOCK_BYTES * info.shape[0] // nbytes)
-            blocks = lambda: (base.read(key, rows=slice(i, i + step)) for i in range(0, info.shape[0], step))  # noqa: E731
-            add(key, info.shape, blocks, step * (nbytes // info.shape[0]), dtype)
+            rows = info.shape[0]
+
+            def blocks() -> Iterator[torch.Tensor]:
+                return (base.read(key, rows=slice(i, i + step)) for i in range(0, rows, step))
+
+            add(key, info.shape, blocks, step * (nbytes // rows), dtype)
             return
         work = nbytes if same else nbytes * n_src + 8 * numel + numel * dtype.itemsize
         add(key, info.shape, lambda: w.shared(key).to(dtype), work, dtype)
@@ -436,11 +456,21 @@ def _plan_tensors(plan: UpcyclePlan) -> None:
             stats[k] = w.ffn_stats(layer, copy, proj, F)
         return stats[k]
 
+    last_read: dict[tuple[int, int | None, int, int], torch.Tensor] = {}
+
+    def read_slice(layer: int, src_copy: int | None, proj: int, s: int) -> torch.Tensor:
+        # one-entry memo: consecutive experts that copy the same slice share one read (never mutated)
+        key = (layer, src_copy, proj, s)
+        if key not in last_read:
+            last_read.clear()
+            last_read[key] = w.ffn(layer, src_copy, proj, lay.neurons(s))
+        return last_read[key]
+
     def expert(layer: int, e: int, proj: int) -> torch.Tensor:
         copy, s = lay.expert(e)
         src_copy = copy if w.copies else None
         neurons = lay.neurons(s)
-        x = w.ffn(layer, src_copy, proj, neurons)
+        x = read_slice(layer, src_copy, proj, s)
         if cfg.drop_ratio > 0 or cfg.noise > 0:
             x = x.float()
             mean, std = stat(layer, src_copy, proj)
@@ -484,10 +514,15 @@ def _plan_tensors(plan: UpcyclePlan) -> None:
             continue
         done_layers.add(layer)
         add(t.router_key(layer), (lay.num_experts, H), lambda layer=layer: router(layer), lay.num_experts * H * 8)
-        for e in range(lay.num_experts):
-            for p in range(3):
-                shape = (H, lay.slice_width) if p == DOWN else (lay.slice_width, H)
-                add(t.expert_key(layer, e, p), shape, lambda layer=layer, e=e, p=p: expert(layer, e, p), expert_work)
+        # copies of the same slice are written one after the other, so each source slice is read once
+        for p in range(3):
+            shape = (H, lay.slice_width) if p == DOWN else (lay.slice_width, H)
+            for j in range(lay.routed_slices):
+                for n in range(lay.copies):
+                    e = n * lay.routed_slices + j
+                    add(
+                        t.expert_key(layer, e, p), shape, lambda layer=layer, e=e, p=p: expert(layer, e, p), expert_work
+                    )
         if t.gated_shared_expert:
             sw = lay.shared_width
             for p in range(3):
@@ -539,6 +574,8 @@ def upcycle(src: str | Path, out: str | Path, config: UpcycleConfig | None = Non
     src, out = Path(src), Path(out)
     if out.absolute() == src.absolute() or src.absolute() in out.absolute().parents:
         raise MoEConfigError(f"OUT {out} must not be SRC or lie inside it.")
+    if out.exists() and not config.overwrite:  # fail before any work (atomic_output_dir checks again)
+        raise OutputError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it.")
     plan = plan_upcycle(src, config)
     with plan.weights:
         if config.router_init in ("kmeans", "pca"):
@@ -548,7 +585,9 @@ def upcycle(src: str | Path, out: str | Path, config: UpcycleConfig | None = Non
             try:
                 from tqdm.auto import tqdm
 
-                for t in tqdm(plan.tensors, desc="upcycle", unit="tensor", disable=not logger.isEnabledFor(logging.INFO)):
+                for t in tqdm(
+                    plan.tensors, desc="upcycle", unit="tensor", disable=not logger.isEnabledFor(logging.INFO)
+                ):
                     writer.write(t.spec.name, t.make())
                 files = writer.close()
             except BaseException:
@@ -602,9 +641,22 @@ def reproduce_argv(src: str | Path, out: str | Path, c: UpcycleConfig) -> list[s
     argv += ["--top-k", str(c.top_k)]
     defaults = UpcycleConfig()
     for name in (
-        "target", "granularity", "shared_experts", "moe_layers", "router_init", "router_std", "calibration",
-        "calibration_format", "calibration_tokens", "drop_ratio", "noise", "experts_from", "lora_experts", "dtype",
-        "max_shard_size", "seed",
+        "target",
+        "granularity",
+        "shared_experts",
+        "moe_layers",
+        "router_init",
+        "router_std",
+        "calibration",
+        "calibration_format",
+        "calibration_tokens",
+        "drop_ratio",
+        "noise",
+        "experts_from",
+        "lora_experts",
+        "dtype",
+        "max_shard_size",
+        "seed",
     ):
         value = getattr(c, name)
         if value is None or value == getattr(defaults, name) or (isinstance(value, (list, tuple)) and not value):

@@ -163,7 +163,9 @@ def spherical_kmeans(x: torch.Tensor, k: int, *, seed: int, iters: int = 30) -> 
     Cosine k-means matches routing: a router scores tokens by dot products with its rows.
     """
     if x.shape[0] < k:
-        raise MoEConfigError(f"calibration gave {x.shape[0]} tokens, fewer than the {k} clusters needed; supply more text.")
+        raise MoEConfigError(
+            f"calibration gave {x.shape[0]} tokens, fewer than the {k} clusters needed; supply more text."
+        )
     xn = torch.nn.functional.normalize(x.float(), dim=-1)
     gen = seeded_generator(seed, "kmeans")
     centroids = [xn[torch.randint(xn.shape[0], (1,), generator=gen)].squeeze(0)]

@@ -129,4 +129,3 @@ class WeightSource:
         """(mean, std) of one full dense projection, the statistics drop-upcycling samples from."""
         w = self.ffn(layer, copy, proj, slice(0, width)).float()
         return float(w.mean()), float(w.std())
-

@@ -100,9 +100,13 @@ REFUSED: dict[tuple[str, str], str] = {
     ),
 }
 REFUSED_SOURCES: dict[str, str] = {
-    "gemma": "Gemma scales embeddings by sqrt(hidden_size) and uses (1 + weight) RMSNorm; no stock MoE target keeps both",
+    "gemma": (
+        "Gemma scales embeddings by sqrt(hidden_size) and uses (1 + weight) RMSNorm; no stock MoE target keeps both"
+    ),
     "gemma2": "Gemma2 soft-caps logits and attention and has four norms per layer; no stock MoE target keeps them",
-    "gemma3": "Gemma3 mixes local/global attention with its own norms and embedding scaling; no stock MoE target keeps them",
+    "gemma3": (
+        "Gemma3 mixes local/global attention with its own norms and embedding scaling; no stock MoE target keeps them"
+    ),
     "phi3": "Phi-3 fuses gate and up projections and uses its own rope scaling; not supported yet",
     "olmo": "OLMo (v1) uses non-parametric LayerNorm; OLMoE and FlexOlmo use RMSNorm, so the result could not be exact",
 }
@@ -192,7 +196,8 @@ def moe_layer_indices(spec: str | list[int] | tuple[int, ...], num_layers: int) 
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad or not layers:
         raise MoEConfigError(
-            f"--moe-layers {spec!r}: layer indices must lie in [0, {num_layers}) (num_hidden_layers={num_layers}); got {bad or 'none'}."
+            f"--moe-layers {spec!r}: layer indices must lie in [0, {num_layers}) "
+            f"(num_hidden_layers={num_layers}); got {bad or 'none'}."
         )
     return sorted(set(layers))
 

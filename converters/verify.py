@@ -74,7 +74,7 @@ def compare_models(
     a = dense.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gcfg)[:, prompt.shape[1] :]
     b = moe.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gcfg)[:, prompt.shape[1] :]
     n = min(a.shape[1], b.shape[1])
-    same = (a[:, :n] == b[:, :n])
+    same = a[:, :n] == b[:, :n]
     agreement = float(same.float().mean()) if same.numel() else 1.0
     diverge = [int((~row).nonzero()[0]) for row in same if not bool(row.all())]
     return Verification(
@@ -90,7 +90,9 @@ def compare_models(
     )
 
 
-def verify_folders(dense_dir: Path, moe_dir: Path, *, seed: int = 0, tolerance: float = EXACT_TOLERANCE) -> Verification:
+def verify_folders(
+    dense_dir: Path, moe_dir: Path, *, seed: int = 0, tolerance: float = EXACT_TOLERANCE
+) -> Verification:
     """Load both checkpoints in fp32 and :func:`compare_models` them (needs both models in RAM)."""
     dense = _load(Path(dense_dir))
     moe = _load(Path(moe_dir))

@@ -22,8 +22,15 @@ from converters import UpcycleConfig, plan_upcycle, upcycle
 
 def tiny_dense(path: Path) -> Path:
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
 

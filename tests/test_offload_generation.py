@@ -214,3 +214,16 @@ def test_patch_model_offload_option_and_unpatch(checkpoints, references):
     assert moe_patch.unpatch_model(model)
     assert get_offload_handle(model) is None
     assert torch.equal(greedy(model, prompts(1), NEW), references["qwen2_moe"][1])
+
+
+def test_inclusive_tiers_as_on_cuda_keep_host_copies_and_stay_exact(checkpoints, references):
+    # On CUDA the host tier keeps a copy of what it promotes (the GPU copy is dropped on eviction);
+    # on CPU the tiers are the same memory and exclusive. Force the CUDA rule here to test its bookkeeping.
+    one = expert_bytes("mixtral")
+    model = moe_patch.load_model(checkpoints["mixtral"], dtype=torch.float32, expert_cache=2 * one, host_cache=4 * one)
+    engine = get_offload_handle(model).engine
+    engine.exclusive = False
+    assert torch.equal(greedy(model, prompts(4), NEW), references["mixtral"][4])
+    assert engine.host.peak <= 4 * one and engine.dev.peak <= 2 * one
+    assert len(engine.host) == 4  # full: every promotion left its copy behind
+    assert sum(layer.hits["host"] for layer in engine.stats.layers) > 0

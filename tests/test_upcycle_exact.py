@@ -101,8 +101,18 @@ def test_config_details_carry_over(family, dense_dirs, tmp_path):
     upcycle(dense_dirs[family], out, UpcycleConfig(num_experts=4, top_k=2, verify=False))
     src = json.loads((dense_dirs[family] / "config.json").read_text())
     dst = json.loads((out / "config.json").read_text())
-    for key in ("rope_parameters", "tie_word_embeddings", "rms_norm_eps", "num_key_value_heads", "bos_token_id",
-                "eos_token_id", "pad_token_id", "vocab_size", "max_position_embeddings", "hidden_act"):
+    for key in (
+        "rope_parameters",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+        "num_key_value_heads",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "vocab_size",
+        "max_position_embeddings",
+        "hidden_act",
+    ):
         assert dst.get(key) == src.get(key), key
     if "head_dim" in src:
         assert dst["head_dim"] == src["head_dim"]

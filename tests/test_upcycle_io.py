@@ -67,7 +67,11 @@ def test_writer_header_is_the_safetensors_format(tmp_path):
 
     from converters.writer import TensorSpec
 
-    specs = [TensorSpec("a", (3, 5), torch.bfloat16), TensorSpec("b", (0, 4), torch.float32), TensorSpec("c", (7,), torch.float32)]
+    specs = [
+        TensorSpec("a", (3, 5), torch.bfloat16),
+        TensorSpec("b", (0, 4), torch.float32),
+        TensorSpec("c", (7,), torch.float32),
+    ]
     w = ShardWriter(tmp_path, [specs])
     values = {"a": torch.randn(3, 5).bfloat16(), "b": torch.zeros(0, 4), "c": torch.arange(7.0)}
     for s in specs:
@@ -123,7 +127,9 @@ def test_full_disk_during_overwrite_keeps_the_old_output(dense, tmp_path, monkey
     out = tmp_path / "moe"
     upcycle(dense, out, UpcycleConfig(num_experts=4, top_k=2, verify=False))
     before = snapshot(out)
-    monkeypatch.setattr(ShardWriter, "_write_bytes", lambda self, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(
+        ShardWriter, "_write_bytes", lambda self, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+    )
     with pytest.raises(OutputError):
         upcycle(dense, out, UpcycleConfig(num_experts=8, top_k=2, overwrite=True))
     assert snapshot(out) == before and leftovers(tmp_path, "moe") == []
@@ -170,9 +176,18 @@ def test_malformed_config_is_refused(dense, tmp_path):
 def test_unsupported_source_names_the_reason(tmp_path):
     from transformers import GemmaConfig
 
-    src = make_dense(tmp_path / "gemma", config=GemmaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16))
+    src = make_dense(
+        tmp_path / "gemma",
+        config=GemmaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        ),
+    )
     with pytest.raises(MoEConfigError, match="Gemma scales embeddings"):
         upcycle(src, tmp_path / "o", UpcycleConfig(num_experts=4, top_k=2))
 
@@ -245,7 +260,10 @@ def test_dry_run_reads_no_weights_and_predicts_the_real_run(dense, tmp_path, mon
     cfg = UpcycleConfig(num_experts=8, top_k=2, granularity=2)
     with monkeypatch.context() as m:
         m.setattr(DenseCheckpoint, "read", lambda *a, **k: pytest.fail("dry run read a tensor"))
-        assert main(["upcycle", str(dense), str(tmp_path / "o"), "--num-experts", "8", "--granularity", "2", "--dry-run"]) == 0
+        assert (
+            main(["upcycle", str(dense), str(tmp_path / "o"), "--num-experts", "8", "--granularity", "2", "--dry-run"])
+            == 0
+        )
         plan = plan_upcycle(dense, cfg)
         plan.weights.close()
     printed = capsys.readouterr().out
@@ -283,7 +301,17 @@ def test_push_to_hub_calls_hub_scripts_after_success(dense, tmp_path, monkeypatc
     fake.push_folder = lambda folder, repo_id, **kw: calls.append((folder, repo_id, kw)) or f"https://hub/{repo_id}"
     monkeypatch.setitem(sys.modules, "hub_scripts.push", fake)
     out = tmp_path / "moe"
-    argv = ["upcycle", str(dense), str(out), "--num-experts", "4", "--no-verify", "--push-to-hub", "me/moe", "--private"]
+    argv = [
+        "upcycle",
+        str(dense),
+        str(out),
+        "--num-experts",
+        "4",
+        "--no-verify",
+        "--push-to-hub",
+        "me/moe",
+        "--private",
+    ]
     assert main(argv) == 0
     assert calls == [(out, "me/moe", {"private": True, "commit_message": None})]
 
@@ -301,8 +329,17 @@ def test_keyword_api_records_the_equivalent_command_line(dense, tmp_path):
     # hub_scripts' batch runner calls upcycle(source, output, **recipe)
     report = upcycle(dense, tmp_path / "moe", num_experts=4, top_k=2, granularity=2, verify=False)
     assert report.argv == [
-        "moe-patch", "upcycle", str(dense), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "2",
-        "--granularity", "2", "--no-verify",
+        "moe-patch",
+        "upcycle",
+        str(dense),
+        str(tmp_path / "moe"),
+        "--num-experts",
+        "4",
+        "--top-k",
+        "2",
+        "--granularity",
+        "2",
+        "--no-verify",
     ]
     assert report.verification is None
     with pytest.raises(TypeError):
@@ -333,9 +370,14 @@ def test_large_unchanged_tensors_are_streamed_in_row_blocks_with_identical_bytes
     upcycle(dense, tmp_path / "whole", UpcycleConfig(**cfg))
     reads = []
     original = DenseCheckpoint.read
-    monkeypatch.setattr(DenseCheckpoint, "read", lambda self, key, rows=None, cols=None: reads.append((key, rows))
-                        or original(self, key, rows, cols))
+    monkeypatch.setattr(
+        DenseCheckpoint,
+        "read",
+        lambda self, key, rows=None, cols=None: reads.append((key, rows)) or original(self, key, rows, cols),
+    )
     monkeypatch.setattr(upcycle_module, "COPY_BLOCK_BYTES", 1000)  # 1000 B // 128 B per row = 7 rows a block
     upcycle(dense, tmp_path / "blocks", UpcycleConfig(**cfg))
     assert sum(k == "model.embed_tokens.weight" for k, _ in reads) == -(-128 // 7)
-    assert (tmp_path / "blocks" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert (tmp_path / "blocks" / "model.safetensors").read_bytes() == (
+        tmp_path / "whole" / "model.safetensors"
+    ).read_bytes()

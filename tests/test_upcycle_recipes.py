@@ -130,7 +130,9 @@ def test_zero_router_is_exact_for_plain_copies(src, tmp_path):
 
 
 def test_zero_router_with_fine_grained_experts_is_reported_inexact(src, tmp_path):
-    report = upcycle(src["llama"], tmp_path / "o", UpcycleConfig(num_experts=8, top_k=2, granularity=2, router_init="zero"))
+    report = upcycle(
+        src["llama"], tmp_path / "o", UpcycleConfig(num_experts=8, top_k=2, granularity=2, router_init="zero")
+    )
     assert report.recipe["exact"] is False
     assert any("ties" in r for r in report.recipe["inexact_reasons"])
 
@@ -145,7 +147,9 @@ def test_data_router_init_from_text_with_the_sources_tokenizer(src, tmp_path, ki
     g = torch.Generator().manual_seed(0)
     text.write_text(" ".join(words[int(i)] for i in torch.randint(60, (600,), generator=g)))
     out = tmp_path / "moe"
-    report = upcycle(dense, out, UpcycleConfig(num_experts=8, top_k=4, granularity=2, router_init=kind, calibration=text))
+    report = upcycle(
+        dense, out, UpcycleConfig(num_experts=8, top_k=4, granularity=2, router_init=kind, calibration=text)
+    )
     router = tensors(out)["model.layers.1.mlp.gate.weight"]
     assert torch.equal(router[0::2], router[1::2])  # experts of one copy share a row (virtual group)
     assert len({tuple(r.tolist()) for r in router[0::2]}) == 4  # copies are told apart
@@ -155,8 +159,12 @@ def test_data_router_init_from_text_with_the_sources_tokenizer(src, tmp_path, ki
 
 def test_data_router_init_from_token_ids(src, tmp_path):
     ids = tmp_path / "calib.ids"
-    ids.write_text(" ".join(str(i) for i in torch.randint(4, 128, (300,), generator=torch.Generator().manual_seed(1)).tolist()))
-    report = upcycle(src["llama"], tmp_path / "o", UpcycleConfig(num_experts=4, top_k=2, router_init="kmeans", calibration=ids))
+    ids.write_text(
+        " ".join(str(i) for i in torch.randint(4, 128, (300,), generator=torch.Generator().manual_seed(1)).tolist())
+    )
+    report = upcycle(
+        src["llama"], tmp_path / "o", UpcycleConfig(num_experts=4, top_k=2, router_init="kmeans", calibration=ids)
+    )
     assert report.verification["passed"]
 
 
@@ -164,7 +172,9 @@ def test_text_calibration_without_a_tokenizer_is_refused(src, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("hello world, some words")
     with pytest.raises(MoEConfigError, match="no tokenizer files"):
-        upcycle(src["llama"], tmp_path / "o", UpcycleConfig(num_experts=4, top_k=2, router_init="pca", calibration=text))
+        upcycle(
+            src["llama"], tmp_path / "o", UpcycleConfig(num_experts=4, top_k=2, router_init="pca", calibration=text)
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -218,8 +228,12 @@ def test_branch_train_mix_takes_each_experts_ffn_from_its_model_and_averages_the
     report = upcycle(a, out, UpcycleConfig(top_k=1, experts_from=[a, b]))
     assert report.recipe["num_experts"] == 2 and report.recipe["exact"] is False
     ta, tb, moe = tensors(a), tensors(b), tensors(out)
-    assert torch.equal(moe["model.layers.1.block_sparse_moe.experts.0.w2.weight"], ta["model.layers.1.mlp.down_proj.weight"])
-    assert torch.equal(moe["model.layers.1.block_sparse_moe.experts.1.w1.weight"], tb["model.layers.1.mlp.gate_proj.weight"])
+    assert torch.equal(
+        moe["model.layers.1.block_sparse_moe.experts.0.w2.weight"], ta["model.layers.1.mlp.down_proj.weight"]
+    )
+    assert torch.equal(
+        moe["model.layers.1.block_sparse_moe.experts.1.w1.weight"], tb["model.layers.1.mlp.gate_proj.weight"]
+    )
     q = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(moe[q], (ta[q] + tb[q]) / 2)
 
@@ -270,8 +284,18 @@ def test_report_records_the_recipe(src, tmp_path):
     out = tmp_path / "moe"
     upcycle(src["qwen2"], out, UpcycleConfig(num_experts=6, top_k=3, granularity=4, shared_experts=1, seed=9))
     r = json.loads((out / REPORT_NAME).read_text())["recipe"]
-    for key in ("num_experts", "top_k", "granularity", "shared_experts", "moe_layers", "router_init", "drop_ratio",
-                "noise", "seed", "exact"):
+    for key in (
+        "num_experts",
+        "top_k",
+        "granularity",
+        "shared_experts",
+        "moe_layers",
+        "router_init",
+        "drop_ratio",
+        "noise",
+        "seed",
+        "exact",
+    ):
         assert key in r
     assert (r["num_experts"], r["top_k"], r["granularity"], r["shared_experts"], r["seed"]) == (6, 3, 4, 1, 9)
     assert r["expert_intermediate_size"] == FFN // 4 and HIDDEN == 32

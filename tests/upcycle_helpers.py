@@ -51,7 +51,9 @@ def source_config(family: str, **overrides):
         "mistral": (MistralConfig, dict(sliding_window=16, head_dim=16)),
         "qwen2": (
             Qwen2Config,
-            dict(rope_parameters={"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}, tie_word_embeddings=True),
+            dict(
+                rope_parameters={"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}, tie_word_embeddings=True
+            ),
         ),
         "qwen3": (Qwen3Config, dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 20000.0})),
         "olmo2": (Olmo2Config, dict(rope_parameters={"rope_type": "default", "rope_theta": 30000.0})),

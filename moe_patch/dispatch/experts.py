@@ -22,13 +22,14 @@ from .core import DispatchPlan, combine_sorted, dispatch_combine, grouped_linear
 
 #: On CPU, half-precision GEMMs run ~6x slower than fp32 ones (no native bf16 FMA on AVX2): with at
 #: least this many rows per active expert, casting that expert's weights to fp32 costs less than it
-#: saves. Tuned with bench/dispatch.py.
-CPU_UPCAST_MIN_ROWS = 8
+#: saves (bench/dispatch.py: at 8 rows per Mixtral-shaped expert the cast made it 1.8x slower, at
+#: 32 rows per Qwen3-shaped expert 1.9x faster, at 128 rows per Mixtral-shaped expert 3.9x faster).
+CPU_UPCAST_MIN_ROWS = 32
 
-#: With at most this many active experts the per-expert loop on weight views beats the grouped GEMM
-#: (decode of top-1/top-2 models: the grouped kernel's sort/gather/scatter costs more than the
-#: loop's Python). Above it the grouped GEMM wins at every batch size. Tuned with bench/dispatch.py.
-LOOP_MAX_ACTIVE_EXPERTS = 2
+#: With at most this many active experts, loop over them on weight views instead of one grouped GEMM.
+#: Measured on the 2-core CPU (bench/dispatch.py): grouped_mm wins even for one decode row (its kernel
+#: streams a [2I, H] expert faster than F.linear's GEMV: 2.3 vs 7.5 ms at 7168x1024 fp32), so 0.
+LOOP_MAX_ACTIVE_EXPERTS = 0
 
 
 @dataclass(frozen=True)
