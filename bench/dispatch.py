@@ -120,16 +120,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two shapes, fp32, fewer rounds")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="only these shapes")
+    ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], help="only these dtypes")
+    ap.add_argument("--tokens", nargs="+", type=int, help=f"only these token counts (default {TOKENS})")
     ap.add_argument("--out", default="bench/results/dispatch.json")
     args = ap.parse_args()
-    shapes = ["Mixtral-8x7B", "ModuleList (4.x Mixtral)"] if args.quick else list(SHAPES)
-    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+    shapes = args.shapes or (["Mixtral-8x7B", "ModuleList (4.x Mixtral)"] if args.quick else list(SHAPES))
+    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else (
+        [torch.float32] if args.quick else [torch.float32, torch.bfloat16])
     rows = []
     print("| shape | dtype | tokens | eager / grouped_mm / reference ms | moe-patch ms | vs best built-in |")
     print("|---|---|---|---|---|---|")
     for name in shapes:
         for dtype in dtypes:
-            for tokens in TOKENS:
+            for tokens in args.tokens or TOKENS:
                 rounds = args.rounds if tokens < 512 else max(3, args.rounds // 2)
                 r = bench_point(name, dtype, tokens, 3 if args.quick else rounds)
                 rows.append(r)

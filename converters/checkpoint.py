@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from moe_patch.errors import CheckpointError, MoEConfigError
+from moe_patch.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -48,22 +48,11 @@ class TensorInfo:
 
 
 def read_config_dict(folder: Path) -> dict[str, Any]:
-    """Return ``config.json`` normalised by transformers' own config class (no remote code)."""
-    from transformers import AutoConfig
+    """Return ``config.json`` normalised by transformers' own config class (no remote code); the
+    checks and error messages are moe-patch's one config loader's."""
+    from moe_patch.detect.config import load_config
 
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; SRC must be a Hugging Face model folder with config.json.")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MoEConfigError(f"{path}: not valid JSON ({exc}); re-download or fix the file.") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
-        raise MoEConfigError(f"{path}: no 'model_type' field; this is not a transformers model config.")
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except Exception as exc:  # transformers raises ValueError/KeyError/TypeError for bad configs
-        raise MoEConfigError(f"{path}: transformers cannot read this config ({type(exc).__name__}: {exc}).") from None
+    config = load_config(folder)
     data = config.to_dict()
     data["model_type"] = config.model_type
     return data

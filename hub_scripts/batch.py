@@ -28,7 +28,6 @@ after a failure only redoes what is missing; pushes resume on their own).
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence

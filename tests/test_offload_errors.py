@@ -140,7 +140,7 @@ def test_disk_error_in_a_background_read_surfaces_in_the_forward(tmp_path, monke
         greedy(model, prompts(1), 32)
 
 
-def test_load_model_from_a_repo_id_downloads_safetensors_only(hub, tmp_path):
+def test_load_model_from_a_repo_id_downloads_safetensors_only(hub, tmp_path):  # noqa: F811 (fixture)
     """Against the loopback Hub of tests/hub_server.py, driven by the real huggingface_hub client."""
     from hub_scripts.push import push_folder
 
@@ -153,6 +153,6 @@ def test_load_model_from_a_repo_id_downloads_safetensors_only(hub, tmp_path):
     assert any(n.endswith(".safetensors") for n in downloaded) and "pytorch_model.bin" not in downloaded
 
 
-def test_hub_download_failure_becomes_checkpoint_error(hub):
+def test_hub_download_failure_becomes_checkpoint_error(hub):  # noqa: F811 (fixture)
     with pytest.raises(CheckpointError, match="tester/absent"):
         moe_patch.load_model("tester/absent")
