@@ -20,7 +20,6 @@ from upcycle_helpers import (
     HIDDEN,
     load,
     make_dense,
-    one_thread,
 )
 
 from converters import REPORT_NAME, UpcycleConfig, compare_models, upcycle
@@ -32,13 +31,6 @@ EXPERT_KEY = {
     "FlexOlmoForCausalLM": "model.layers.{l}.mlp.experts.{e}.{p}.weight",
 }
 PROJ = {"MixtralForCausalLM": ("w1", "w3", "w2")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    old = one_thread()
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

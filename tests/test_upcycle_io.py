@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 from safetensors import safe_open
-from upcycle_helpers import load, make_dense, one_thread, snapshot, source_config
+from upcycle_helpers import load, make_dense, snapshot, source_config
 
 import converters.pipeline as upcycle_module
 from converters import (
@@ -26,13 +26,6 @@ from converters.checkpoint import DenseCheckpoint
 from converters.writer import ShardWriter
 from moe_patch.cli import main
 from moe_patch.errors import CheckpointError, MoEConfigError, MoEPatchError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    old = one_thread()
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

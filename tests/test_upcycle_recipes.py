@@ -14,7 +14,6 @@ from upcycle_helpers import (
     load,
     make_dense,
     make_lora,
-    one_thread,
     perturbed_copy,
     save_word_tokenizer,
 )
@@ -27,13 +26,6 @@ from converters.recipes import (
     spherical_kmeans,
 )
 from moe_patch.errors import CheckpointError, MoEConfigError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    old = one_thread()
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -149,10 +149,3 @@ def load(path: Path):
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
-
-
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight parallel test runs for the cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return old
