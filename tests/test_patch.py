@@ -369,3 +369,11 @@ def test_validation_can_be_switched_off_for_speed():
     patch_model(model, validate=False)
     _break_router(model, value=float("nan"))
     assert torch.isnan(logits(model, inputs)).any()  # no check, the NaN flows through as in transformers
+
+
+def test_out_of_range_dataset_index_is_refused_for_per_image_experts():
+    model, inputs = build("vitpose_backbone")
+    patch_model(model)
+    inputs = dict(inputs, dataset_index=torch.full_like(inputs["dataset_index"], 99))
+    with pytest.raises(RoutingError, match="dataset_index 99"):
+        logits(model, inputs)
