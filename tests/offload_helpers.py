@@ -149,15 +149,3 @@ def non_expert_bytes(model: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
-
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=False)
-def single_thread():
-    """One intra-op thread: the tiny models are latency-bound and the CI box has 2 shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)

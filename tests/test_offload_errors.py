@@ -10,14 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from hub_server import hub, hub_online  # noqa: F401  (pytest fixtures: loopback Hub)
-from offload_helpers import expert_bytes, greedy, prompts, save_tiny, single_thread  # noqa: F401
+from offload_helpers import expert_bytes, greedy, prompts, save_tiny
 from safetensors.torch import load_file, save_file
 
 import moe_patch
 from moe_patch.errors import BudgetError, CheckpointError
 from moe_patch.offload import get_offload_handle
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

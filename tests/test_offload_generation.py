@@ -17,13 +17,11 @@ from offload_helpers import (
     model_class,
     prompts,
     save_tiny,
-    single_thread,  # noqa: F401 - fixture
 )
 
 import moe_patch
 from moe_patch.offload import get_offload_handle
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 NEW = 64
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-from offload_helpers import expert_bytes, load_reference, prompts, save_tiny, single_thread  # noqa: F401
+from offload_helpers import expert_bytes, load_reference, prompts, save_tiny
 from transformers import DynamicCache
 
 import moe_patch
 from moe_patch.offload import get_offload_handle
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 STEPS = 2000
 
 
