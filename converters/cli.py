@@ -140,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
     from .hub import push_output
 
     config = config_from_args(args)
+    if args.push_to_hub and not args.dry_run:
+        from hub_scripts.api import check_repo_id
+
+        check_repo_id(args.push_to_hub)  # a bad repo id must fail before hours of conversion, not after
     if args.dry_run:
         plan = plan_upcycle(args.src, config)
         try:

@@ -288,6 +288,8 @@ def _plan(src: Path, config: UpcycleConfig, weights: WeightSource) -> UpcyclePla
         raise MoEConfigError(f"--router-init {config.router_init} needs --calibration FILE (text or token ids).")
     if not 0 <= config.drop_ratio <= 1:
         raise MoEConfigError(f"--drop-ratio {config.drop_ratio}: expected a fraction in [0, 1].")
+    if config.router_init in ("kmeans", "pca") and config.calibration_tokens < 1:
+        raise MoEConfigError(f"--calibration-tokens {config.calibration_tokens}: expected a positive count.")
     if config.noise < 0:
         raise MoEConfigError(f"--noise {config.noise}: expected a non-negative relative std.")
 
@@ -406,8 +408,10 @@ def _inexact_reasons(
             "fine-grained groups together; use --router-init random or a data init"
         )
     src_dtype = base.floating_dtype
-    src_info, out_info = torch.finfo(src_dtype), torch.finfo(out_dtype)
-    widening = out_info.bits >= src_info.bits and out_info.eps <= src_info.eps
+    # Lossless only to the same dtype or a wider one that holds every value: bf16 -> fp16 has the same
+    # bits and a smaller eps but a narrower range (subnormals below 6e-5, overflow above 65504).
+    widening = out_dtype == src_dtype or out_dtype in (torch.float32, torch.float64) and (
+        torch.finfo(out_dtype).bits >= torch.finfo(src_dtype).bits)
     if out_dtype != src_dtype and not widening:
         reasons.append(f"weights rounded from {src_dtype} to {out_dtype}")
     elif torch.finfo(out_dtype).bits < 32 and not _is_power_of_two(layout.alpha):
@@ -555,6 +559,15 @@ def _write_config(plan: UpcyclePlan, out: Path) -> None:
     AutoConfig.for_model(**plan.target_config).save_pretrained(out)
 
 
+def _check_out_apart(out: Path, inputs: list) -> None:
+    """OUT is replaced wholesale with --overwrite: it must not be, contain or lie inside any input."""
+    o = out.resolve()
+    for i in inputs:
+        p = Path(i).resolve()
+        if o == p or o in p.parents or p in o.parents:
+            raise MoEConfigError(f"OUT {out} must not be, contain or lie inside the input {i}.")
+
+
 def upcycle(src: str | Path, out: str | Path, config: UpcycleConfig | None = None, **kwargs: Any) -> UpcycleReport:
     """Upcycle the dense checkpoint in ``src`` into an MoE checkpoint in ``out``.
 
@@ -572,8 +585,8 @@ def upcycle(src: str | Path, out: str | Path, config: UpcycleConfig | None = Non
     config = config or UpcycleConfig(**kwargs)
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
-    if out.absolute() == src.absolute() or src.absolute() in out.absolute().parents:
-        raise MoEConfigError(f"OUT {out} must not be SRC or lie inside it.")
+    _check_out_apart(out, [src, *config.experts_from, *config.lora_experts,
+                           *([config.calibration] if config.calibration else [])])
     if out.exists() and not config.overwrite:  # fail before any work (atomic_output_dir checks again)
         raise OutputError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it.")
     plan = plan_upcycle(src, config)

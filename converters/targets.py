@@ -186,7 +186,12 @@ def moe_layer_indices(spec: str | list[int] | tuple[int, ...], num_layers: int) 
             if step < 1:
                 raise MoEConfigError(f"--moe-layers {spec!r}: expected every-N with N >= 1 (e.g. every-2).")
             # Same convention as Qwen-MoE's decoder_sparse_step: layer i is sparse when (i+1) % N == 0.
-            return [i for i in range(num_layers) if (i + 1) % step == 0]
+            layers = [i for i in range(num_layers) if (i + 1) % step == 0]
+            if not layers:
+                raise MoEConfigError(
+                    f"--moe-layers {spec!r}: no layer is sparse with every-{step} and {num_layers} layers."
+                )
+            return layers
         try:
             layers = [int(x) for x in text.replace(" ", "").split(",") if x]
         except ValueError:

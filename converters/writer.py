@@ -195,6 +195,9 @@ def atomic_output_dir(out: Path, *, overwrite: bool, needed_bytes: int = 0) -> I
             "or choose another OUT."
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would survive the rename: other users could not read OUT
     try:
         yield tmp
         if out.exists():

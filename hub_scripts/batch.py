@@ -84,6 +84,17 @@ def _resolve_source(source: str, base: Path) -> str:
     return str(candidate) if not Path(source).is_absolute() and candidate.exists() else source
 
 
+def _recipe_keys() -> set[str]:
+    """The converter's option names (its UpcycleConfig fields), so a typo fails in --dry-run too."""
+    import dataclasses
+
+    try:
+        from converters import UpcycleConfig
+    except ImportError:
+        return set()
+    return {f.name for f in dataclasses.fields(UpcycleConfig)} - {"argv"}
+
+
 def load_plan(path: str | Path) -> list[BatchJob]:
     """Parse and check the YAML file; every problem is a `BatchConfigError` naming job and field."""
     path = Path(path)
@@ -115,6 +126,10 @@ def load_plan(path: str | Path) -> list[BatchJob]:
         unknown = set(merged) - JOB_KEYS
         if unknown:
             raise BatchConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(JOB_KEYS)}.")
+        recipe_keys = _recipe_keys()
+        bad = sorted(set(merged["recipe"]) - recipe_keys) if recipe_keys else []
+        if bad:
+            raise BatchConfigError(f"{where}.recipe: unknown option(s) {bad}; allowed: {sorted(recipe_keys)}.")
         for key in ("source", "output"):
             if not isinstance(merged.get(key), str) or not merged[key].strip():
                 raise BatchConfigError(f"{where}: '{key}' is required (a path or repo id string).")

@@ -100,6 +100,7 @@ def test_plan_merges_defaults_and_resolves_paths_next_to_the_yaml(tmp_path):
         ("jobs: [{source: a, output: b}, {source: c, output: b}]", r"jobs\[0\] and jobs\[1\] have the same name"),
         ("jobs: [{source: a, output: x/b}, {name: y, source: c, output: x/b}]", "same output"),
         ("jobs: [{source: a, output: b, recipe: [1]}]", "'recipe' must be a mapping"),
+        ("jobs: [{source: a, output: b, recipe: {num_expert: 4}}]", r"jobs\[0\]\.recipe: unknown option\(s\) \['num_expert'\]"),
     ],
 )
 def test_bad_plans_are_rejected_with_file_job_and_field(tmp_path, text, message):

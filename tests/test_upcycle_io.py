@@ -100,6 +100,49 @@ def test_existing_output_is_refused_without_overwrite(dense, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
 
 
+def test_overwrite_never_replaces_or_swallows_an_input(dense, tmp_path):
+    import shutil
+
+    src = shutil.copytree(dense, tmp_path / "models" / "llama")
+    before = snapshot(src)
+    for out in (src.parent, tmp_path / "x" / ".." / "models" / "llama", src / "sub"):
+        with pytest.raises(MoEConfigError, match="must not be, contain or lie inside the input"):
+            upcycle(src, out, UpcycleConfig(num_experts=4, top_k=2, overwrite=True, verify=False))
+    assert snapshot(src) == before
+
+
+def test_output_folder_is_readable_as_the_umask_allows(dense, tmp_path):
+    import os
+
+    out = upcycle(dense, tmp_path / "moe", UpcycleConfig(num_experts=4, top_k=2, verify=False)) and tmp_path / "moe"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+
+
+def test_bf16_to_fp16_is_not_called_exact(tmp_path):
+    from upcycle_helpers import source_config
+
+    src = make_dense(tmp_path / "bf16", "llama", config=source_config("llama", torch_dtype="bfloat16"))
+    plan = plan_upcycle(src, UpcycleConfig(num_experts=4, top_k=2, dtype="float16"))
+    try:
+        assert not plan.exact and any("rounded" in r for r in plan.inexact_reasons)
+    finally:
+        plan.weights.close()
+
+
+def test_every_n_with_no_sparse_layer_is_a_config_error(tmp_path):
+    qwen2 = make_dense(tmp_path / "qwen2", "qwen2")
+    with pytest.raises(MoEConfigError, match="no layer is sparse"):
+        plan_upcycle(qwen2, UpcycleConfig(num_experts=4, top_k=2, moe_layers="every-99"))
+
+
+def test_push_to_hub_repo_id_is_checked_before_converting(dense, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["upcycle", str(dense), str(out), "--num-experts", "4", "--push-to-hub", "not a repo"]) == 1
+    assert not out.exists() and "not a valid repository id" in capsys.readouterr().err
+
+
 def test_full_disk_leaves_no_partial_output(dense, tmp_path, monkeypatch):
     written = []
 
