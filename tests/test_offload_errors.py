@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hub_server import hub, hub_online  # noqa: F401  (pytest fixtures: loopback Hub)
-from offload_helpers import expert_bytes, greedy, prompts, save_tiny
+from offload_helpers import expert_bytes, greedy, load_reference, prompts, save_tiny
 from safetensors.torch import load_file, save_file
 
 import moe_patch
@@ -154,3 +154,47 @@ def test_load_model_from_a_repo_id_downloads_safetensors_only(hub, tmp_path):  #
 def test_hub_download_failure_becomes_checkpoint_error(hub):  # noqa: F811 (fixture)
     with pytest.raises(CheckpointError, match="tester/absent"):
         moe_patch.load_model("tester/absent")
+
+
+def test_quantized_checkpoints_are_refused_instead_of_dropping_their_scales(tmp_path):
+    path = save_tiny("mixtral", tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quantized checkpoint .*fp8"):
+        moe_patch.load_model(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1])
+def test_non_finite_or_negative_budgets_are_budget_errors(tmp_path, value):
+    from moe_patch.offload import parse_bytes
+
+    with pytest.raises(BudgetError, match="finite, non-negative"):
+        parse_bytes(value, name="expert_cache")
+
+
+def test_bf16_keeps_transformers_fp32_modules(tmp_path):
+    """DeepSeek-V3's e_score_correction_bias stays fp32 in a bf16 model, as with from_pretrained."""
+    path = save_tiny("deepseek_v3", tmp_path / "ds")
+    ref = load_reference("deepseek_v3", path).to(torch.bfloat16)
+    ref = type(ref).from_pretrained(path, dtype=torch.bfloat16)
+    model = moe_patch.load_model(path, dtype=torch.bfloat16)
+    want = {n: b.dtype for n, b in ref.named_buffers() if n.endswith("e_score_correction_bias")}
+    got = {n: b.dtype for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert want and got == want and set(want.values()) == {torch.float32}
+
+
+def test_gradients_through_evicted_experts_match_the_resident_model(tmp_path):
+    """Cache slots are recycled after each expert: backward must not read another expert's weights."""
+    path = save_tiny("qwen3_moe", tmp_path / "q")
+    ids = prompts(4)
+
+    def embedding_grad(model):
+        emb = model.get_input_embeddings()
+        emb.weight.requires_grad_(True)
+        model(ids, labels=ids).loss.backward()
+        return emb.weight.grad
+
+    ref = embedding_grad(load_reference("qwen3_moe", path))
+    got = embedding_grad(moe_patch.load_model(path, dtype=torch.float32, expert_cache=expert_bytes("qwen3_moe")))
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4

@@ -225,3 +225,18 @@ def test_inclusive_tiers_as_on_cuda_keep_host_copies_and_stay_exact(checkpoints,
     assert engine.host.peak <= 4 * one and engine.dev.peak <= 2 * one
     assert len(engine.host) == 4  # full: every promotion left its copy behind
     assert sum(layer.hits["host"] for layer in engine.stats.layers) > 0
+
+
+def test_prefetch_leaves_host_resident_misses_to_the_cpu_when_asked(tmp_path):
+    """Early device reads must not pre-empt computing a host-resident miss where it lies."""
+    from moe_patch.offload import OffloadOptions, get_offload_handle
+
+    path = save_tiny("qwen3_moe", tmp_path / "q")
+    one = expert_bytes("qwen3_moe")
+    ref = greedy(load_reference("qwen3_moe", path), prompts(1), 32)
+    model = moe_patch.load_model(path, dtype=torch.float32, options=OffloadOptions(
+        expert_cache=4 * one, host_cache=16 * one, cpu_compute="always", prefetch=True))
+    assert torch.equal(greedy(model, prompts(1), 32), ref)
+    handle = get_offload_handle(model)
+    assert sum(layer.cpu_computed for layer in handle.stats.layers) > 0
+    handle.detach(restore_weights=False)

@@ -84,21 +84,24 @@ class OffloadHandle:
         they came from one: that needs RAM for every expert). Idempotent."""
         if not self.attached:
             return
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for layer in self.layers:
-            for mod in _expert_modules(layer):
-                mod.__dict__.pop("forward", None)
-                mod.__dict__.pop(_ATTR, None)
-        if restore_weights:
+        try:
+            # Read every expert back first: an I/O error then leaves the model offloaded and working.
+            restored = {layer.index: {n: v.to(_placeholder_device(layer)) for n, v in self._weights_of(layer).items()}
+                        for layer in self.layers} if restore_weights else {}
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
             for layer in self.layers:
-                device = _placeholder_device(layer)
-                for name, value in self._weights_of(layer).items():
-                    _set_param(layer.experts, name, value.to(device))
-        self.engine.close()
-        self.model.__dict__.pop(_ATTR, None)
-        self.attached = False
+                for mod in _expert_modules(layer):
+                    mod.__dict__.pop("forward", None)
+                    mod.__dict__.pop(_ATTR, None)
+                for name, value in restored.get(layer.index, {}).items():
+                    _set_param(layer.experts, name, value)
+            self.model.__dict__.pop(_ATTR, None)
+            self.attached = False
+        finally:
+            if not self.attached:
+                self.engine.close()
 
     def _weights_of(self, layer: OffloadLayer) -> dict[str, torch.Tensor]:
         if layer.index in self._originals:

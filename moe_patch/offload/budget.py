@@ -5,6 +5,8 @@ Budgets are hard limits on the bytes an expert cache may hold; everything here i
 
 from __future__ import annotations
 
+import math
+
 import re
 
 from ..errors import BudgetError
@@ -29,8 +31,8 @@ def parse_bytes(value: int | float | str | None, *, name: str = "budget") -> int
     if isinstance(value, bool):
         raise BudgetError(f"{name}: expected a size such as 8GiB or a number of bytes, got {value!r}.")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise BudgetError(f"{name}: a budget cannot be negative (got {value}).")
+        if not math.isfinite(value) or value < 0:
+            raise BudgetError(f"{name}: a budget must be a finite, non-negative size (got {value}).")
         return int(value)
     m = _SIZE.match(str(value))
     unit = m.group(2).lower() if m else None

@@ -215,6 +215,10 @@ class OffloadEngine:
                 # early reads overlap the compute of the cached experts; no more than the cache can take
                 # beside what this layer already holds, or they would only be dropped and read again
                 misses = [e for e in active if (layer, e) not in self.dev]
+                # Misses already in host RAM that the CPU may compute are left to _acquire's cost model:
+                # an early copy to the device cache would always pre-empt that choice.
+                rows = dict(zip(range(len(counts)), counts)) if counts is not None else {}
+                misses = [e for e in misses if not self._cpu_candidate((layer, e), rows.get(e, 1))]
                 for e in misses[: self._room(self.layers[layer], len(active) - len(misses))]:
                     self._submit((layer, e))
             if counts is not None:
@@ -277,7 +281,9 @@ class OffloadEngine:
         if idx is None:
             idx = torch.topk(logits.float(), min(spec.top_k, logits.shape[-1]), dim=-1).indices
         counts = torch.bincount(idx.reshape(-1).clamp(0, spec.num_experts - 1), minlength=spec.num_experts)
-        limit = self.cfg.max_prefetch_per_layer or self._prefetch_limit(spec)
+        limit = self.cfg.max_prefetch_per_layer
+        if limit is None:
+            limit = self._prefetch_limit(spec)
         order = torch.argsort(counts, descending=True, stable=True)[:limit].tolist()
         return {e for e in order if counts[e] > 0}
 
@@ -306,19 +312,15 @@ class OffloadEngine:
                 self.stats.bytes_read[self.phase][tier] += entry.nbytes
                 return entry, "device"
             fut = self._inflight.get(key)
-            host = None
-            if fut is None and self.on_cuda and self.cfg.cpu_compute != "never" and key in self.host:
+            if fut is None and self._cpu_candidate(key, rows):
+                # Decided and pinned under one lock: the worker cannot evict it in between.
                 host = self.host.get(key)
-            if fut is None and not self.on_cuda and self.cfg.cpu_compute == "always" and key in self.host:
-                host = self.host.get(key)  # CPU: exercise the compute-where-it-lies path on request
-        t0 = time.perf_counter()
-        if host is not None and self._cpu_wins(key, rows, host):
-            with self._lock:
                 self.host.pin(key)
                 st.hits["host"] += 1
                 st.cpu_computed += 1
                 self.stats.bytes_read[self.phase]["host"] += host.nbytes
-            return host, "cpu"
+                return host, "cpu"
+        t0 = time.perf_counter()
         tier = None
         if fut is not None:
             tier = fut.result()  # re-raises a background read error
@@ -337,6 +339,14 @@ class OffloadEngine:
             st.hits[tier] += 1
             self.stats.bytes_read[self.phase][tier] += entry.nbytes
         return entry, "device"
+
+    def _cpu_candidate(self, key: Key, rows: int) -> bool:
+        """The miss is in host RAM and should be computed there (caller holds the lock): on CUDA when
+        the cost model says so, on a CPU-only run only on request ("always")."""
+        allowed = self.cfg.cpu_compute != "never" if self.on_cuda else self.cfg.cpu_compute == "always"
+        if not allowed or key not in self.host:
+            return False
+        return self._cpu_wins(key, rows, self.host.get(key, touch=False))
 
     def _cpu_wins(self, key: Key, rows: int, host: ExpertWeights) -> bool:
         if self.cfg.cpu_compute == "always":
@@ -365,6 +375,10 @@ class OffloadEngine:
                     if isinstance(t, torch.Tensor):
                         t.record_stream(stream)
             weights = {n: materialize(t) for n, t in entry.tensors.items()}
+            if torch.is_grad_enabled() and x.requires_grad:
+                # Autograd keeps these for backward, but the cache slot is recycled after _release:
+                # own copies keep gradients w.r.t. the input exact (the experts themselves are frozen).
+                weights = {n: t.clone() for n, t in weights.items()}
             if site == "cpu" and x.device.type != "cpu":  # pragma: no cover - GPU only
                 return _compute(spec, expert, x.to("cpu"), weights).to(x.device)
             return _compute(spec, expert, x, weights)

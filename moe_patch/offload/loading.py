@@ -71,6 +71,20 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
         mod._buffers[name] = value
 
 
+def _keep_fp32(model: nn.Module, dtype: torch.dtype) -> None:
+    """transformers' `_keep_in_fp32_modules(_strict)` rule, as `from_pretrained` applies it (e.g.
+    DeepSeek-V3's e_score_correction_bias stays fp32 in a bf16 model: rounding it changes routing)."""
+    import re
+
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
+        return
+    rx = re.compile("|".join(re.escape(k) for k in plan))
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32 and rx.search(name):
+            _assign(model, name, torch.empty_like(t, dtype=torch.float32))
+
+
 def load_model(
     path_or_repo_id: str | os.PathLike,
     device: str = "cpu",
@@ -120,9 +134,18 @@ def load_model(
     dtype = _resolve_dtype(dtype_arg, config)
     cls = model_class or _get_model_class(config, AutoModelForCausalLM._model_mapping)
 
+    if getattr(config, "quantization_config", None):
+        method = (config.quantization_config or {}).get("quant_method", "?") if isinstance(
+            config.quantization_config, dict) else getattr(config.quantization_config, "quant_method", "?")
+        raise CheckpointError(
+            f"{directory}: quantized checkpoint (quantization_config: {method}); the offload engine reads "
+            "tensors as stored and would drop their scales. Use a bf16/fp16/fp32 checkpoint, or "
+            "quantize_experts='nf4'/'int8' for quantized experts in the caches."
+        )
     checkpoint = Checkpoint(directory)  # headers of every shard checked here
     with ContextManagers(cls.get_init_context(dtype, False, False, None)):
         model = cls(config)
+    _keep_fp32(model, dtype)
     layers = find_offload_layers(model)
     cmap = CheckpointMap(checkpoint, model, layers)  # every tensor mapped and shape-checked here
     missing = [k for k in cmap.missing if k not in model.all_tied_weights_keys]
