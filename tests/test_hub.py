@@ -245,8 +245,13 @@ def test_a_readme_the_user_wrote_is_kept_unless_overwrite_is_asked(hub, api, ckp
     result = push_folder(ckpt, "tester/own-card", overwrite_card=True, api=api)
     assert result.card_action == "regenerated"
     assert GENERATED_MARKER in hub.files_at("tester/own-card")["README.md"].decode()
-    # Our own card may be refreshed on the next push without asking.
+    # Our own card may be refreshed on the next push without asking...
     assert push_folder(ckpt, "tester/own-card", api=api).card_action == "regenerated"
+    # ...until the user edits it: then it is theirs, even with our marker line still in it.
+    edited = (ckpt / "README.md").read_text() + "\n## Evaluation\nMy own results.\n"
+    (ckpt / "README.md").write_text(edited)
+    assert push_folder(ckpt, "tester/own-card", api=api).card_action == "kept"
+    assert (ckpt / "README.md").read_text() == edited
 
 
 def test_invalid_card_metadata_is_reported_before_any_upload(hub, api, ckpt):
