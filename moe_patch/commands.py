@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -74,13 +75,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
         folder = fetch_metadata(args.path, revision=args.revision)
     report, summary = inspect_folder(folder, trust_remote_code=args.trust_remote_code)
-    plan = _memory_plan(report, args.gpu, args.ram) if (args.gpu or args.ram) else None
+    plan = None
+    if args.gpu or args.ram:
+        from .offload import plan_memory
+
+        plan = plan_memory(report, gpu=args.gpu, ram=args.ram, bytes_per_param=summary.bytes_per_param)
     if args.json:
         data = report.to_dict()
         data["checkpoint"] = {"shards": len(summary.shards), "total_bytes": summary.total_bytes,
                               "expert_storage": summary.expert_storage}
         if plan is not None:
-            data["memory_plan"] = plan if isinstance(plan, dict) else str(plan)
+            data["memory_plan"] = dataclasses.asdict(plan)
         print(json.dumps(data, indent=2))
         return 0
     print(report)
@@ -93,11 +98,3 @@ def _inspect(args: argparse.Namespace) -> int:
     if not report.has_moe:
         print("  (no Mixture-of-Experts block: moe-patch has nothing to do for this model)")
     return 0
-
-
-def _memory_plan(report, gpu, ram):
-    try:
-        from .offload import plan_memory
-    except ImportError:
-        return "  memory plan: needs the offload engine (moe_patch.offload.plan_memory), not installed"
-    return plan_memory(report, gpu=gpu, ram=ram)

@@ -92,3 +92,26 @@ def test_demo_never_deletes_a_folder_it_did_not_write(tmp_path, capsys):
     assert main(["demo", "--out", str(precious)]) == 1
     assert (precious / "notes.txt").read_text() == "keep me"
     assert "was not written by `moe-patch demo`" in capsys.readouterr().err
+
+
+def test_inspect_prints_a_memory_plan_for_budgets(tmp_path, capsys):
+    from transformers import DeepseekV3Config
+
+    DeepseekV3Config(dtype="bfloat16").save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--gpu", "80GiB", "--ram", "256GiB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    assert plan["bytes_per_param"] == 2 and plan["fits"]
+    # 58 MoE layers x top-8 experts x 3 x 7168 x 2048 bf16 weights: DESIGN.md's 41 GB per token
+    assert plan["routed_bytes_per_token"] == 58 * 8 * 3 * 7168 * 2048 * 2
+    assert plan["device_expert_bytes"] + plan["host_expert_bytes"] + plan["disk_expert_bytes"] == plan["expert_bytes"]
+    assert plan["host_expert_bytes"] == 256 * 2**30
+    assert plan["device_expert_bytes"] == int(80 * 2**30 * 0.9) - plan["non_expert_bytes"]
+    assert 0 < plan["hit_rate_low"] < plan["hit_rate_high"] < 1
+
+
+def test_memory_plan_says_when_the_non_expert_weights_do_not_fit(tmp_path, capsys):
+    from transformers import DeepseekV3Config
+
+    DeepseekV3Config(dtype="bfloat16").save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--gpu", "24GiB"]) == 0
+    assert "do not fit the device budget 24.00 GiB" in capsys.readouterr().out

@@ -137,6 +137,11 @@ class CheckpointSummary:
     tensors: int = 0
     per_expert_tensors: int = 0
     fused_expert_tensors: int = 0
+    dtype: str | None = None  #: the checkpoint's dtype as config.json states it
+
+    @property
+    def bytes_per_param(self) -> int:
+        return {"float32": 4, "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1}.get(self.dtype or "", 2)
 
     @property
     def expert_storage(self) -> str:
@@ -153,6 +158,12 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
     """Read ``model.safetensors.index.json`` (or list a single ``model.safetensors``)."""
     folder = Path(folder)
     summary = CheckpointSummary(folder=str(folder))
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+        dtype = raw.get("dtype") or raw.get("torch_dtype")
+        summary.dtype = dtype if isinstance(dtype, str) else None
+    except (OSError, json.JSONDecodeError):
+        pass
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         try:

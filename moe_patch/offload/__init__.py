@@ -24,6 +24,8 @@ _EXPORTS = {
     "load_model": "loading",
     "OffloadOptions": "options",
     "OffloadStats": "stats",
+    "MemoryPlan": "planner",
+    "plan_memory": "planner",
 }
 
 
@@ -38,6 +40,8 @@ __all__ = [
     "OffloadHandle",
     "OffloadOptions",
     "OffloadStats",
+    "MemoryPlan",
+    "plan_memory",
     "attach_offload",
     "format_bytes",
     "get_offload_handle",
