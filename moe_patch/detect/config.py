@@ -12,8 +12,9 @@ import torch
 
 from ..errors import CheckpointError, MoEConfigError
 
-EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "top_k_experts", "top_k", "moe_k", "num_selected_experts")
+#: Config fields that count routed experts / say how many a token picks, across transformers families.
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "moe_topk", "top_k_experts", "top_k", "moe_k", "num_selected_experts")
 ZERO_EXPERT_FIELDS = ("zero_expert_num",)
 
 
