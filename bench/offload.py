@@ -8,6 +8,7 @@ from the same prompt, and reports decode tokens/s (median of --runs), peak RSS, 
 moe-patch the hit rate and the decode time against the bandwidth bound of DESIGN.md section 5.
 
     python bench/offload.py --layers 4 --budget 1GiB --new-tokens 6 --runs 3
+    python bench/offload.py --device cuda --layers 24 --budget 8GiB --host-cache 24GiB   # on a GPU
 
 moe-patch gets ``expert_cache=budget``; accelerate gets ``max_memory={"cpu": non-expert + budget}``
 with an ``offload_folder``. Each system runs in a cgroup-v1 memory group (root only; ``--cgroup-limit``)
@@ -15,6 +16,11 @@ that caps RAM *and page cache* at non-expert + budget + one layer of experts + 1
 can keep the "disk" tier in the OS page cache; the checkpoint's pages are also dropped
 (posix_fadvise DONTNEED) before each system starts. Compute is fp32 by default, the fastest dtype
 on CPU (bf16 GEMV is ~8x slower there).
+
+With ``--device cuda`` the budget is GPU memory for experts (moe-patch ``expert_cache``; accelerate
+``max_memory={0: non-expert + budget, "cpu": host cache}``), ``--host-cache`` the host RAM tier
+(pinned), compute is bf16, and the report adds the DESIGN.md section 5 bound
+``(1 - h) B / (BW_pcie + BW_dram)`` from the measured hit rate and bandwidths.
 """
 
 from __future__ import annotations
@@ -65,10 +71,11 @@ def build_checkpoint(path: Path, layers: int) -> Path:
     cfg = config(layers)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(cfg)
-    gen = torch.Generator().manual_seed(0)
+    where = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are the slow part on CPU
+    gen = torch.Generator(where).manual_seed(0)
 
     def rand(shape, std=0.02):
-        return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
+        return (torch.randn(shape, generator=gen, device=where) * std).to(torch.bfloat16).cpu()
 
     weight_map: dict[str, str] = {}
     by_layer: dict[int, dict[str, torch.Tensor]] = {}
@@ -102,12 +109,14 @@ def build_checkpoint(path: Path, layers: int) -> Path:
         del shard
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cfg.save_pretrained(tmp)
+    os.sync()  # dirty pages cannot be dropped from the page cache; write them out now
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
 
 
 def drop_page_cache(path: Path) -> None:
+    os.sync()
     for f in path.glob("*.safetensors"):
         fd = os.open(f, os.O_RDONLY)
         try:
@@ -129,6 +138,8 @@ def _timed_generate(model, ids, new_tokens: int) -> tuple[list[int], float, list
         state["t0"] = time.perf_counter()
 
     def post(m, a, k, o):
+        if ids.is_cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - state["t0"])
 
     h1 = model.register_forward_pre_hook(pre, with_kwargs=True)
@@ -151,24 +162,33 @@ def worker(args) -> dict:
 
     budget = parse_bytes(args.budget)
     dtype = getattr(torch, args.dtype)
-    ids = torch.randint(1, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(args.device)
+    host_cache = parse_bytes(args.host_cache)
     t0 = time.perf_counter()
     result: dict = {"system": args.worker}
     if args.worker == "moe-patch":
         import moe_patch
         from moe_patch.offload import get_offload_handle
 
-        model = moe_patch.load_model(path, dtype=dtype, expert_cache=budget, prefetch=not args.no_prefetch)
+        model = moe_patch.load_model(path, device=args.device, dtype=dtype, expert_cache=budget, host_cache=host_cache,
+                                     prefetch=not args.no_prefetch)
         handle = get_offload_handle(model)
+        handle.engine.cfg.cpu_compute = args.cpu_compute
+    elif args.worker == "resident":  # the floor: every expert in memory on the device (when it fits)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=args.device)
+        handle = None
     else:
         from transformers import AutoModelForCausalLM
 
         folder = Path(args.workdir) / "accelerate_offload"
         shutil.rmtree(folder, ignore_errors=True)
         non_expert = args.non_expert_bytes
+        max_memory = ({0: non_expert + budget, "cpu": host_cache} if args.device == "cuda"
+                      else {"cpu": non_expert + budget})
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device_map="auto", max_memory={"cpu": non_expert + budget},
-            offload_folder=str(folder),
+            path, dtype=dtype, device_map="auto", max_memory=max_memory, offload_folder=str(folder),
         )
         result["device_map_disk_modules"] = sum(1 for v in model.hf_device_map.values() if v == "disk")
         handle = None
@@ -176,9 +196,19 @@ def worker(args) -> dict:
     result["rss_after_load"] = peak_rss_bytes()
     runs = []
     for r in range(args.runs):
-        if handle is not None and r == args.runs - 1:
+        last = r == args.runs - 1
+        if handle is not None and last:
             handle.reset_stats()  # statistics of the last run only
+        if args.profile and last:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
         tokens, prefill, decode = _timed_generate(model, ids, args.new_tokens)
+        if args.profile and last:
+            prof.disable()
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         runs.append({"prefill_s": prefill, "decode_s": decode, "tokens": tokens})
     per_run_tps = [len(r["decode_s"]) / sum(r["decode_s"]) for r in runs]
     result.update(
@@ -190,6 +220,15 @@ def worker(args) -> dict:
         st = handle.stats
         result["stats"] = st.to_dict()
         result["stats_text"] = str(st)
+        bw = st.bandwidths
+        if args.device == "cuda" and bw is not None:
+            # DESIGN.md section 5, best split of the misses between PCIe copies and CPU compute
+            routed = args.layers * TOP_K * 3 * HIDDEN * MOE_INTER * dtype.itemsize
+            result["design_bound_s"] = (1 - st.hit_rate) * routed / (bw.h2d + bw.dram)
+            result["bandwidths"] = bw.as_dict()
+    if args.device == "cuda":
+        result["gpu_peak"] = torch.cuda.max_memory_allocated()
+        result["gpu"] = torch.cuda.get_device_name()
     return result
 
 
@@ -215,7 +254,8 @@ def _make_cgroup(name: str, limit: int) -> str | None:
 
 
 def run_worker(system: str, args, non_expert: int) -> dict:
-    cmd = [sys.executable, __file__, "--dtype", args.dtype, "--worker", system, "--checkpoint", str(args.checkpoint), "--budget", args.budget,
+    cmd = [sys.executable, __file__, "--dtype", args.dtype, "--device", args.device, "--host-cache", args.host_cache,
+           "--cpu-compute", args.cpu_compute, "--layers", str(args.layers)] + (["--profile"] if args.profile else []) + [ "--worker", system, "--checkpoint", str(args.checkpoint), "--budget", args.budget,
            "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--prompt", str(args.prompt),
            "--workdir", args.workdir, "--non-expert-bytes", str(non_expert)] + (["--no-prefetch"] if args.no_prefetch else [])
     env = dict(os.environ)
@@ -230,6 +270,8 @@ def run_worker(system: str, args, non_expert: int) -> dict:
             (CGROUP_ROOT / group).rmdir()
         except OSError:
             pass
+    if args.profile:
+        print(f"--- profile of {system} ---\n{proc.stderr[-12000:]}", file=sys.stderr)
     if proc.returncode != 0:
         return {"system": system, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -238,7 +280,12 @@ def run_worker(system: str, args, non_expert: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--dtype", default="float32", help="compute dtype of both systems (fp32 is fastest on CPU)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, help="compute dtype of both systems (default: float32 on CPU, where it is "
+                   "fastest; bfloat16 on CUDA)")
+    p.add_argument("--host-cache", default="0", help="host RAM tier of moe-patch (pinned on CUDA); on CUDA also "
+                   "accelerate's max_memory['cpu']")
+    p.add_argument("--cpu-compute", default="auto", choices=["auto", "always", "never"])
     p.add_argument("--cgroup-limit", default="auto", help="memory cap (RAM + page cache) for each system: 'auto' = "
                    "non-expert + budget + one layer of experts + 1 GiB, 'none', or a size")
     p.add_argument("--budget", default="1GiB", help="expert memory budget (moe-patch expert_cache; accelerate gets "
@@ -250,11 +297,13 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--systems", default="moe-patch,accelerate")
     p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--profile", action="store_true", help="cProfile the last run of each system (to stderr)")
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--non-expert-bytes", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
@@ -271,7 +320,9 @@ def main(argv=None) -> int:
     scale = torch.empty((), dtype=getattr(torch, args.dtype)).element_size() / 2  # checkpoint is bf16
     layer_experts = int(expert_total / args.layers * scale)
     if args.cgroup_limit == "auto":
-        args.cgroup_limit = int(non_expert * scale) + budget + layer_experts + 2**30
+        # on CUDA the budget is GPU memory; host RAM holds the host cache instead
+        ram_budget = parse_bytes(args.host_cache) if args.device == "cuda" else budget
+        args.cgroup_limit = int(non_expert * scale) + ram_budget + layer_experts + 2**30
     elif args.cgroup_limit == "none":
         args.cgroup_limit = None
     else:
@@ -285,15 +336,28 @@ def main(argv=None) -> int:
           f"{format_bytes(expert_total * scale)} in {args.dtype} = {expert_total * scale / budget:.1f}x the "
           f"{format_bytes(budget)} budget; non-expert {format_bytes(non_expert)}; memory cap (RAM + page cache) "
           f"{format_bytes(args.cgroup_limit) if args.cgroup_limit else 'none'}")
-    print("| system | decode tok/s (median) | runs | prefill s | peak RSS | RSS - non-expert - budget | cgroup peak |")
-    print("|---|---|---|---|---|---|---|")
+    gpu = next((r["gpu"] for r in results if "gpu" in r), None)
+    if gpu:
+        print(f"GPU: {gpu}; expert cache {format_bytes(budget)} of GPU memory, host cache {args.host_cache}")
+    ram_budget = parse_bytes(args.host_cache) if args.device == "cuda" else budget
+    print(f"| system | decode tok/s (median) | runs | prefill s | peak RSS | RSS - non-expert - {'host cache' if gpu else 'budget'} "
+          "| cgroup peak | GPU peak |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['system']} | error: {r['error']} | | | | | |")
+            print(f"| {r['system']} | error: {r['error']} | | | | | | |")
             continue
         print(f"| {r['system']} | {r['decode_tok_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['decode_tok_s_runs'])} | "
-              f"{r['prefill_s']:.2f} | {format_bytes(r['peak_rss'])} | {format_bytes(r['peak_rss'] - non_expert - budget)} | "
-              f"{format_bytes(r['cgroup_peak']) if r.get('cgroup_peak') else '-'} |")
+              f"{r['prefill_s']:.2f} | {format_bytes(r['peak_rss'])} | {format_bytes(r['peak_rss'] - non_expert - ram_budget)} | "
+              f"{format_bytes(r['cgroup_peak']) if r.get('cgroup_peak') else '-'} | "
+              f"{format_bytes(r['gpu_peak']) if r.get('gpu_peak') else '-'} |")
+    mp = by.get("moe-patch", {})
+    if mp.get("design_bound_s"):
+        step = 1 / mp["decode_tok_s"]
+        bw = mp["bandwidths"]
+        print(f"\nDESIGN section 5 bound (1-h)B/(BW_pcie+BW_dram): h={mp['stats']['hit_rate']:.2f}, "
+              f"PCIe {bw['h2d'] / 1e9:.1f} GB/s, DRAM {bw['dram'] / 1e9:.1f} GB/s -> {1e3 * mp['design_bound_s']:.1f} ms; "
+              f"achieved {1e3 * step:.1f} ms/token = {mp['design_bound_s'] / step:.0%} of the bound")
     if "moe-patch" in by and "accelerate" in by and "error" not in by["moe-patch"] and "error" not in by["accelerate"]:
         print(f"\nspeed-up moe-patch / accelerate: {by['moe-patch']['decode_tok_s'] / by['accelerate']['decode_tok_s']:.1f}x; "
               f"same tokens: {by['moe-patch']['tokens'] == by['accelerate']['tokens']}")

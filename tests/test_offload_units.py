@@ -93,6 +93,26 @@ def test_cost_model_prefers_cpu_for_one_row_and_the_copy_for_many():
     assert not prefer_cpu(4096, nbytes, flops, bw)
 
 
+def test_cost_model_uses_the_measured_gemv_rate_and_round_trip_not_dram_alone():
+    # the H100 host of docs/benchmarks.md: PCIe 5.0 at 52 GB/s; a CPU whose bf16 GEMV streams 5 GB/s
+    shapes = {"gate_up_proj": (1536, 2048), "down_proj": (2048, 768)}
+    flops, nbytes = expert_flops_per_row(shapes), (1536 * 2048 + 2048 * 768) * 2
+    fast_dram = Bandwidths(dram=200e9, cpu_flops=1e12, h2d=52e9, device_flops=500e12)
+    assert prefer_cpu(1, nbytes, flops, fast_dram)  # DRAM alone says the CPU wins
+    slow_gemv = Bandwidths(dram=200e9, cpu_flops=1e12, h2d=52e9, device_flops=500e12, cpu_gemv=5e9)
+    assert not prefer_cpu(1, nbytes, flops, slow_gemv)
+    sync_cost = Bandwidths(dram=200e9, cpu_flops=1e12, h2d=52e9, device_flops=500e12, roundtrip_s=2e-4)
+    assert not prefer_cpu(1, nbytes, flops, sync_cost)
+
+
+def test_calibration_measures_the_cpu_in_the_experts_dtype():
+    from moe_patch.offload.costmodel import calibrate
+
+    bw = calibrate("cpu", torch.bfloat16)
+    assert bw.dram > 0 and bw.cpu_flops > 0 and bw.cpu_gemv > 0
+    assert bw.h2d == 0 and bw.roundtrip_s == 0  # no device here
+
+
 def test_cost_model_without_gpu_never_prefers_a_transfer():
     bw = Bandwidths(dram=20e9, cpu_flops=60e9)  # h2d = 0: there is no device to copy to
     assert prefer_cpu(10_000, 10**9, 10**9, bw)
@@ -145,3 +165,46 @@ def test_pool_slots_return_when_their_entry_dies():
     del a
     gc.collect()
     assert pool.free == 1 and pool.take() is not None
+
+
+def test_prefetch_ranks_experts_by_predicted_rows_and_drops_unused():
+    from moe_patch.offload.engine import most_used
+
+    assert most_used([0, 5, 2, 5, 0, 1], 3) == [1, 3, 2]  # ties keep the lower index first
+    assert most_used([0, 0, 3], 5) == [2]  # experts no row chose are never prefetched
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts tensor-to-Python conversions: on a GPU each one is a device sync."""
+
+    SYNCING = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.SYNCING:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_offloaded_decode_step_reads_back_from_the_device_a_few_times_per_layer(tmp_path):
+    """A guard for the GPU path, checked on CPU: per-expert scalar reads (once 128 syncs per layer on an
+    H100, most of the step) must not come back."""
+    from offload_helpers import expert_bytes, prompts, save_tiny
+
+    import moe_patch
+
+    path = save_tiny("qwen3_moe", tmp_path / "q")
+    model = moe_patch.load_model(path, dtype=torch.float32, expert_cache=16 * expert_bytes("qwen3_moe"))
+    ids = prompts(1)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        step = out.logits[:, -1:].argmax(-1)
+        counter = _HostReads()
+        with counter:
+            model(step, past_key_values=out.past_key_values, use_cache=True)
+    layers = model.config.num_hidden_layers
+    # routing check, dispatch plan, next-layer prediction: one read each per layer
+    assert counter.count <= 3 * layers, counter.count

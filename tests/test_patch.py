@@ -377,3 +377,20 @@ def test_out_of_range_dataset_index_is_refused_for_per_image_experts():
     inputs = dict(inputs, dataset_index=torch.full_like(inputs["dataset_index"], 99))
     with pytest.raises(RoutingError, match="dataset_index 99"):
         logits(model, inputs)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_gpu_dispatch_path_is_transformers_grouped_kernels_behind_the_routing_check(name, monkeypatch):
+    """On CUDA, decorated experts run transformers' sync-free grouped path after moe-patch's routing check.
+    Forced here on CPU (the kernels exist on both) so CI covers the branch the GPU takes."""
+    import moe_patch.dispatch.experts as experts
+
+    monkeypatch.setattr(experts, "use_transformers_grouped", lambda hidden_states: True)
+    model, inputs = build(name)
+    ref = logits(model, inputs)
+    patch_model(model)
+    assert rel_diff(logits(model, inputs), ref) < 1e-5
+    if name == "mixtral":
+        _break_router(model, value=float("nan"))
+        with pytest.raises(RoutingError, match="non-finite routing weights"):
+            logits(model, inputs)

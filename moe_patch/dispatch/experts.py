@@ -181,6 +181,16 @@ def fused_expert_forward(module: torch.nn.Module, x: torch.Tensor, weights: dict
     return bank_expert(bank, 0, x)
 
 
+def use_transformers_grouped(hidden_states: torch.Tensor) -> bool:
+    """Whether to run transformers' own grouped kernels instead of our plan.
+
+    Their grouped path has no host sync (histc, tensor offsets): under graph capture ``fullgraph=True``
+    works, and on a GPU the CPU keeps queueing kernels ahead. Our plan reads its offsets back once per
+    block, which made it 0.67x of theirs on an H100 (bench/dispatch.py --device cuda, Mixtral bf16).
+    """
+    return torch.compiler.is_compiling() or hidden_states.device.type == "cuda"
+
+
 def moe_patch_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -189,16 +199,16 @@ def moe_patch_experts_forward(
 ) -> torch.Tensor:
     """The ``moe_patch`` experts implementation, registered in transformers' experts registry.
 
-    Picks per call between a loop over the active experts on weight views (decode, few rows per
-    expert, training) and grouped GEMMs (prefill), both exact against transformers' eager forward.
+    On CPU picks per call between a loop over the active experts on weight views and grouped GEMMs
+    (with fp32 upcast of half-precision experts for prefill), exact against transformers' eager
+    forward. On CUDA it checks the routing and runs transformers' own sync-free grouped kernels.
     """
     from ..validation import check_routing  # local: validation imports nothing from dispatch
 
-    if torch.compiler.is_compiling():
-        # Graph capture: transformers' grouped path has no host sync (histc, tensor offsets), so
-        # `fullgraph=True` works; our plan's offsets list would break the graph at every block.
+    if use_transformers_grouped(hidden_states):
         from transformers.integrations.moe import grouped_mm_experts_forward
 
+        check_routing(self, top_k_index, top_k_weights)  # skipped while compiling
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     check_routing(self, top_k_index, top_k_weights)
     return bank_dispatch(fused_bank(self), hidden_states, top_k_index, top_k_weights)

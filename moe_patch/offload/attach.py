@@ -147,7 +147,8 @@ def _offloaded_fused_forward(self, hidden_states, top_k_index, top_k_weights):
 
     check_routing(self, top_k_index, top_k_weights)
     plan = plan_dispatch(top_k_index, self.num_experts)
-    engine.begin_layer(layer, hidden_states, plan.active, plan.counts.tolist())
+    counts = [b - a for a, b in zip(plan.offsets[:-1], plan.offsets[1:])]  # host-side already: no sync
+    engine.begin_layer(layer, hidden_states, plan.active, counts)
     try:
         return dispatch_combine(
             hidden_states, top_k_index, top_k_weights, self.num_experts,
@@ -225,16 +226,12 @@ def attach_offload(
                     f"{layer.experts_path}: the experts are not loaded (meta tensors); pass "
                     "OffloadOptions(checkpoint=...) or use moe_patch.load_model()."
                 )
-            originals[layer.index] = {p: t.detach() for p, t in params.items()}
+            # host RAM is the bottom tier: experts of a model already on the GPU move out of it
+            originals[layer.index] = {p: t.detach().cpu() for p, t in params.items()}
         source = MemorySource(layers, originals)
 
-    for layer in layers:
-        for p in _param_paths(layer):
-            _set_param(layer.experts, p, torch.empty(0, dtype=layer.dtype))
-    if device.type == "cuda" and move_model:  # pragma: no cover - GPU only
-        model.to(device)
-
-    bandwidths = calibrate(str(device)) if opts.calibrate else None
+    # the engine (and its pinned host pool) first: if that fails, the model is still untouched
+    bandwidths = calibrate(str(device), layers[0].dtype) if opts.calibrate else None
     engine = OffloadEngine(
         layers, source,
         EngineConfig(
@@ -243,6 +240,11 @@ def attach_offload(
             cpu_compute=opts.cpu_compute, max_prefetch_per_layer=opts.max_prefetch_per_layer, bandwidths=bandwidths,
         ),
     )
+    for layer in layers:
+        for p in _param_paths(layer):
+            _set_param(layer.experts, p, torch.empty(0, dtype=layer.dtype))
+    if device.type == "cuda" and move_model:  # pragma: no cover - GPU only
+        model.to(device)
     handle = OffloadHandle(model=model, engine=engine, layers=layers, options=opts, _originals=originals)
     for layer in layers:
         if layer.storage == "fused":

@@ -5,6 +5,11 @@ An expert missing from the device cache but present in host RAM can either be co
 CPU_FLOPS``, bounded below by reading its bytes from DRAM). At decode (one row) the CPU usually
 wins on a PCIe machine; at prefill (many rows) the copy wins. The figures are measured once per
 process by :func:`calibrate`; the decision is the pure :func:`prefer_cpu`.
+
+Calibration measures what the engine will do, in the experts' dtype: a one-row GEMV streaming weights
+larger than the last-level cache (bf16 GEMV is 8x slower than fp32 on some CPUs and as fast on
+others), the round trip of a row to the CPU and back (a device sync), and buffers of 256 MiB for DRAM
+(an H100 host's 64 MiB copy ran at a cache-inflated 212 GB/s).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ class Bandwidths:
     cpu_flops: float
     h2d: float = 0.0
     device_flops: float = 0.0
+    cpu_gemv: float = 0.0  # bytes/s a one-row expert GEMV streams on the CPU (0: use ``dram``)
+    roundtrip_s: float = 0.0  # moving a row to the CPU and its result back (CUDA: includes a sync)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -36,7 +43,8 @@ def expert_flops_per_row(shapes: dict[str, tuple[int, ...]]) -> int:
 
 def cpu_time(rows: int, nbytes: int, flops_per_row: int, bw: Bandwidths) -> float:
     """Seconds to compute ``rows`` rows on the CPU from weights in RAM (compute or memory bound)."""
-    return max(rows * flops_per_row / bw.cpu_flops, nbytes / bw.dram)
+    stream = bw.cpu_gemv or bw.dram
+    return max(rows * flops_per_row / bw.cpu_flops, nbytes / stream) + bw.roundtrip_s
 
 
 def transfer_time(rows: int, nbytes: int, flops_per_row: int, bw: Bandwidths) -> float:
@@ -60,21 +68,31 @@ def _median_time(fn, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-@functools.lru_cache(maxsize=4)
-def calibrate(device: str = "cpu", size_mb: int = 64) -> Bandwidths:
-    """Measure DRAM copy bandwidth and CPU fp32 GEMM throughput (and pinned H2D on CUDA). ~0.3 s."""
+@functools.lru_cache(maxsize=8)
+def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, size_mb: int = 256) -> Bandwidths:
+    """Measure DRAM bandwidth, CPU GEMM and one-row GEMV throughput in ``dtype`` (and on CUDA pinned
+    host-to-device bandwidth, device GEMM throughput and the row round trip). About 1 s."""
     n = size_mb * 2**20 // 4
     src, dst = torch.empty(n), torch.empty(n)
     src.fill_(1.0)
-    t = _median_time(lambda: dst.copy_(src))
+    dst.fill_(0.0)  # first touch outside the timing
+    t = _median_time(lambda: dst.copy_(src), repeats=3)
     dram = 2 * n * 4 / t  # a copy reads and writes
-    a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
-    t = _median_time(lambda: a @ b)
-    cpu_flops = 2 * 512 * 1024 * 1024 / t
-    h2d = device_flops = 0.0
+    del dst
+    # 64 rows: enough for the GEMM kernels, short where half precision is slow (0.2 s on a 2-core AVX2 VM)
+    a, b = torch.randn(64, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
+    t = _median_time(lambda: a @ b, repeats=3)
+    cpu_flops = 2 * 64 * 1024 * 1024 / t
+    # one row through weights that do not fit in cache, as a decode-time expert on the CPU
+    mats = [torch.randn(2048, 2048).to(dtype) for _ in range(max(1, 64 * 2**20 // (2048 * 2048 * dtype.itemsize)))]
+    row = torch.randn(1, 2048).to(dtype)
+    t = _median_time(lambda: [torch.nn.functional.linear(row, m) for m in mats], repeats=3)
+    cpu_gemv = sum(m.numel() * m.element_size() for m in mats) / t
+    h2d = device_flops = roundtrip = 0.0
     if device.startswith("cuda") and torch.cuda.is_available():  # pragma: no cover - needs a GPU
-        pinned = src.pin_memory()
-        gpu = torch.empty(n, device=device)
+        m = 64 * 2**20 // 4
+        pinned = src[:m].pin_memory()
+        gpu = torch.empty(m, device=device)
         gpu.copy_(pinned, non_blocking=True)
         torch.cuda.synchronize()
 
@@ -82,12 +100,15 @@ def calibrate(device: str = "cpu", size_mb: int = 64) -> Bandwidths:
             gpu.copy_(pinned, non_blocking=True)
             torch.cuda.synchronize()
 
-        h2d = n * 4 / _median_time(copy)
+        h2d = m * 4 / _median_time(copy)
         ga, gb = a.to(device, torch.bfloat16), b.to(device, torch.bfloat16)
 
         def mm():
             ga @ gb
             torch.cuda.synchronize()
 
-        device_flops = 2 * 512 * 1024 * 1024 / _median_time(mm)
-    return Bandwidths(dram=dram, cpu_flops=cpu_flops, h2d=h2d, device_flops=device_flops)
+        device_flops = 2 * 64 * 1024 * 1024 / _median_time(mm)
+        grow = row.to(device)
+        roundtrip = _median_time(lambda: grow.to("cpu").to(device).sum().item())
+    return Bandwidths(dram=dram, cpu_flops=cpu_flops, h2d=h2d, device_flops=device_flops, cpu_gemv=cpu_gemv,
+                      roundtrip_s=roundtrip)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ from .cache import Key, TierCache
 from .costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
 from .layers import OffloadLayer
 from .pool import SlotPool, aligned
-from .quant import QuantizedTensor, materialize, nbytes_of, quantize
+from .quant import QuantizedTensor, materialize, nbytes_of, quantize, tensors_of
 from .sources import ExpertSource
 from .stats import LayerStats, OffloadStats
 
@@ -84,6 +85,7 @@ class OffloadEngine:
         self._predicted: dict[int, set[int]] = {}
         self._active: dict[int, dict[int, int]] = {}
         self._resident: set[Key] = set()  # this layer's experts already in the device cache at its start
+        self._copying: deque[tuple[Any, ExpertWeights]] = deque()  # (CUDA event, host source) in flight
         self._flops = {layer.index: expert_flops_per_row(layer.shapes) for layer in layers}
         self.phase = "prefill"
         self.stats = OffloadStats(
@@ -113,7 +115,7 @@ class OffloadEngine:
     def _read(self, key: Key) -> ExpertWeights:
         """Read one expert from the source (no lock held: this is the slow part)."""
         t0 = time.perf_counter()
-        slot = self.pool.take() if self.pool is not None else None
+        slot = self._take_slot()
         tensors: dict[str, Any] = self.source.read_into(*key, slot) if slot is not None else self.source.read(*key)
         dt = time.perf_counter() - t0
         raw = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -127,6 +129,30 @@ class OffloadEngine:
                 self.stats.disk_bytes_total += raw
         return ExpertWeights(tensors, sum(nbytes_of(t) for t in tensors.values()), tier=self.source.tier, slot=slot)
 
+    def _take_slot(self) -> Any:
+        """A free pool slot; when all are taken by copies still in flight, wait for the oldest."""
+        if self.pool is None:
+            return None
+        slot = self.pool.take()
+        while slot is None and self._reap(wait_oldest=True):  # pragma: no cover - GPU only
+            slot = self.pool.take()
+        return slot
+
+    def _reap(self, wait_oldest: bool = False) -> bool:
+        """Let go of host copies whose device copy has finished (their slots return to the pool)."""
+        with self._lock:
+            if not self._copying:
+                return False
+            if wait_oldest:  # pragma: no cover - GPU only
+                event, _ = self._copying.popleft()
+            else:
+                event = None
+            while self._copying and self._copying[0][0].query():  # pragma: no cover - GPU only
+                self._copying.popleft()
+        if event is not None:  # pragma: no cover - GPU only
+            event.synchronize()
+        return True
+
     def _to_device(self, host: ExpertWeights, background: bool) -> ExpertWeights:
         if not self.on_cuda:
             return host
@@ -136,9 +162,11 @@ class OffloadEngine:
             event = torch.cuda.Event()
             event.record(stream)
         if host.slot is not None:  # pragma: no cover - GPU only
-            # the pinned slot is recycled once its entry dies; torch does not track views of our pool
-            # buffer, so the copy must finish first (this blocks the prefetch thread, not the compute)
-            event.synchronize()
+            # Torch does not track views of our pool buffer: the host entry (and its slot) must outlive
+            # the asynchronous copy even if the host cache drops it. Held here, released by _reap.
+            self._reap()
+            with self._lock:
+                self._copying.append((event, host))
         return ExpertWeights(tensors, host.nbytes, ready=event, tier=host.tier)  # pragma: no cover
 
     def _take_host(self, key: Key) -> ExpertWeights | None:
@@ -280,12 +308,13 @@ class OffloadEngine:
             idx, logits = None, out
         if idx is None:
             idx = torch.topk(logits.float(), min(spec.top_k, logits.shape[-1]), dim=-1).indices
-        counts = torch.bincount(idx.reshape(-1).clamp(0, spec.num_experts - 1), minlength=spec.num_experts)
+        # One host transfer; indexing a CUDA tensor per expert would sync once per expert (128 per layer:
+        # most of a 106 ms decode step on an H100).
+        counts = torch.bincount(idx.reshape(-1).clamp(0, spec.num_experts - 1), minlength=spec.num_experts).tolist()
         limit = self.cfg.max_prefetch_per_layer
         if limit is None:
             limit = self._prefetch_limit(spec)
-        order = torch.argsort(counts, descending=True, stable=True)[:limit].tolist()
-        return {e for e in order if counts[e] > 0}
+        return set(most_used(counts, limit))
 
     def _room(self, spec: OffloadLayer, held: int) -> int:
         if self.dev.budget is None:
@@ -371,9 +400,10 @@ class OffloadEngine:
             if entry.ready is not None:  # pragma: no cover - GPU only
                 stream = torch.cuda.current_stream(self.device)
                 stream.wait_event(entry.ready)
+                # allocated on the side stream, used on this one: the allocator must not reuse them early
                 for t in entry.tensors.values():
-                    if isinstance(t, torch.Tensor):
-                        t.record_stream(stream)
+                    for part in tensors_of(t):
+                        part.record_stream(stream)
             weights = {n: materialize(t) for n, t in entry.tensors.items()}
             if torch.is_grad_enabled() and x.requires_grad:
                 # Autograd keeps these for backward, but the cache slot is recycled after _release:
@@ -403,6 +433,12 @@ class OffloadEngine:
         if self._worker is not None:
             self._worker.shutdown(wait=True, cancel_futures=True)
         self.source.close()
+
+
+def most_used(counts: list[int], limit: int) -> list[int]:
+    """Indices of the ``limit`` largest non-zero counts, largest first (ties: lower index first)."""
+    order = sorted(range(len(counts)), key=lambda e: -counts[e])[:limit]
+    return [e for e in order if counts[e] > 0]
 
 
 def _compute(spec: OffloadLayer, expert: int, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -4,7 +4,11 @@ Experts are read straight into a free slot, so a run never returns multi-megabyt
 C allocator: glibc would otherwise keep freed 10 MB tensors in its heaps (its mmap threshold
 adapts upwards) and the process RSS would drift far above the cache budget. A slot goes back to
 the pool when the entry that owns it is garbage-collected (``weakref.finalize``), so lifetime
-follows the caches and any forward still computing with it. On CUDA the buffer is pinned.
+follows the caches and any forward still computing with it.
+
+On CUDA the buffer is page-locked with ``cudaHostRegister`` on exactly its own bytes: torch's
+``pin_memory=True`` goes through its caching host allocator, which rounds a block up to the next
+power of two (a 20 GiB host budget would lock 32 GiB).
 """
 
 from __future__ import annotations
@@ -46,8 +50,11 @@ class SlotPool:
     def __init__(self, slot_bytes: int, slots: int, pin: bool = False):
         self.slot_bytes = aligned(slot_bytes)
         self.slots = slots
-        # torch.empty does not touch the pages: RSS grows only as slots are first used
-        self.buffer = torch.empty(self.slot_bytes * slots, dtype=torch.uint8, pin_memory=pin)
+        # torch.empty does not touch the pages: RSS grows only as slots are first used (unpinned)
+        self.buffer = torch.empty(self.slot_bytes * slots, dtype=torch.uint8)
+        self.pinned = pin and _register(self.buffer)
+        if self.pinned:  # pragma: no cover - GPU only
+            weakref.finalize(self, _unregister, self.buffer.data_ptr())
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
 
@@ -65,3 +72,15 @@ class SlotPool:
     @property
     def free(self) -> int:
         return len(self._free)
+
+
+def _register(buffer: torch.Tensor) -> bool:  # pragma: no cover - GPU only
+    """Page-lock ``buffer`` in place for asynchronous copies; False (pageable) if the driver refuses."""
+    if buffer.numel() == 0:
+        return False
+    err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    return int(err) == 0
+
+
+def _unregister(ptr: int) -> None:  # pragma: no cover - GPU only
+    torch.cuda.cudart().cudaHostUnregister(ptr)

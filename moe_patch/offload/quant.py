@@ -92,3 +92,15 @@ def nbytes_of(t: torch.Tensor | QuantizedTensor) -> int:
 
 def materialize(t: torch.Tensor | QuantizedTensor) -> torch.Tensor:
     return t.dequantize() if isinstance(t, QuantizedTensor) else t
+
+
+def tensors_of(t: torch.Tensor | QuantizedTensor) -> list[torch.Tensor]:
+    """The device tensors behind a (possibly quantized) weight, for stream bookkeeping."""
+    if not isinstance(t, QuantizedTensor):
+        return [t]
+    if t.kind == "nf4":
+        parts = [t.data, t.state.absmax, t.state.code]
+        if t.state.state2 is not None:  # nested quantization of the absmax
+            parts += [t.state.state2.absmax, t.state.state2.code, t.state.offset]
+        return [x for x in parts if isinstance(x, torch.Tensor)]
+    return [t.data, t.state]

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Everything a session with a GPU should run: the CUDA tests, then the GPU benchmarks.
+# Logs go to $OUT (the device tool's folder) or bench/results. Each step has its own time limit so
+# one slow step cannot starve the others; a failing step does not stop the rest.
+#
+#   bash bench/gpu.sh [tests] [offload] [dispatch]     # default: all three
+#   OFFLOAD_ARGS="--layers 24 --budget 8GiB --host-cache 24GiB" bash bench/gpu.sh offload
+set -u
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/results}
+mkdir -p "$out"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+steps=${*:-tests offload dispatch}
+python3 - <<'EOF' 2>&1 | tee "$out/env.txt"
+import torch, transformers, platform
+print("torch", torch.__version__, "transformers", transformers.__version__, "python", platform.python_version())
+print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+try:
+    import bitsandbytes
+    print("bitsandbytes", bitsandbytes.__version__)
+except Exception as e:
+    print("bitsandbytes unavailable:", e)
+EOF
+for step in $steps; do
+  case $step in
+    tests)
+      timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -x --timeout 120 2>&1 \
+        | tee "$out/tests.txt" | tail -40 ;;
+    offload)
+      # shellcheck disable=SC2086
+      timeout "${OFFLOAD_TIMEOUT:-300}" python3 bench/offload.py --device cuda --workdir /tmp/moe_bench \
+        --cgroup-limit none --json "$out/offload.json" ${OFFLOAD_ARGS:---layers 12 --budget 4GiB --host-cache 8GiB \
+        --new-tokens 32 --runs 2} 2>&1 | tee "$out/offload.txt" | tail -40 ;;
+    dispatch)
+      # shellcheck disable=SC2086
+      timeout "${DISPATCH_TIMEOUT:-150}" python3 bench/dispatch.py --device cuda --full-size --rounds 20 \
+        --out "$out/dispatch.json" ${DISPATCH_ARGS:---dtypes bfloat16 --tokens 1 32 512 \
+        --shapes Mixtral-8x7B Qwen3-30B-A3B} 2>&1 | tee "$out/dispatch.txt" | tail -30 ;;
+  esac
+done
