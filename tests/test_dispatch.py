@@ -151,3 +151,20 @@ def test_expert_parallel_sentinels_pass_validation():
         _is_expert_parallel = True
 
     check_routing(Experts(), torch.tensor([[0, 4]]), torch.tensor([[0.5, 0.0]]))  # id 4 = sentinel, no error
+
+
+def test_experts_computed_in_any_order_sum_to_the_bitwise_same_output():
+    """The offload engine computes cached experts first; the sum must not depend on that order."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 16, generator=g)
+    idx = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(6)])
+    w = torch.rand(6, 3, generator=g)
+    mats = torch.randn(5, 16, 16, generator=g)
+
+    def fn(e, rows):
+        return rows @ mats[e]
+
+    plan = plan_dispatch(idx, 5)
+    ref = dispatch_combine(x, idx, w, 5, fn, plan=plan)
+    for order in (plan.active[::-1], plan.active[1:] + plan.active[:1]):
+        assert torch.equal(dispatch_combine(x, idx, w, 5, fn, plan=plan, order=order), ref)

@@ -69,6 +69,7 @@ def dispatch_combine(
     plan: DispatchPlan | None = None,
     weight_inputs: bool = False,
     out_dim: int | None = None,
+    order: list[int] | None = None,
 ) -> torch.Tensor:
     """Run each active expert once on its rows and combine the weighted results per token.
 
@@ -79,6 +80,9 @@ def dispatch_combine(
         weight_inputs: scale each row by its routing weight *before* the expert instead of after
             (Llama 4 does this; it is not the same function when the expert is non-linear).
         out_dim: width of the expert output (defaults to ``H``).
+        order: the active experts in the order to compute them (the offload engine puts cached ones
+            first, so reads of the others overlap their compute). Results are still summed in expert
+            order, so the output is bitwise the same for any order.
 
     Returns ``[T, out_dim]`` in ``hidden_states.dtype``. Autograd flows to the inputs, the weights and
     every parameter ``expert_fn`` uses.
@@ -87,16 +91,21 @@ def dispatch_combine(
     plan = plan if plan is not None else plan_dispatch(top_k_index, num_experts)
     flat_w = top_k_weights.reshape(-1)
     out = hidden_states.new_zeros(T, out_dim or hidden_states.shape[-1])
-    for e in plan.active:
+    done: dict[int, torch.Tensor] = {}  # computed ahead of their turn in the sum
+    turn = 0
+    for e in order if order is not None else plan.active:
         sl = plan.rows(e)
         tok = plan.token_ids[sl]
         w = flat_w[plan.order[sl]].unsqueeze(-1)
         x = hidden_states[tok]
         if weight_inputs:
-            y = expert_fn(e, (x * w).to(x.dtype))
+            done[e] = expert_fn(e, (x * w).to(x.dtype))
         else:
-            y = expert_fn(e, x) * w
-        out.index_add_(0, tok, y.to(out.dtype))
+            done[e] = expert_fn(e, x) * w
+        while turn < len(plan.active) and plan.active[turn] in done:
+            first = plan.active[turn]
+            out.index_add_(0, plan.token_ids[plan.rows(first)], done.pop(first).to(out.dtype))
+            turn += 1
     return out
 
 

@@ -152,7 +152,7 @@ def _offloaded_fused_forward(self, hidden_states, top_k_index, top_k_weights):
     try:
         return dispatch_combine(
             hidden_states, top_k_index, top_k_weights, self.num_experts,
-            lambda e, x: engine.run_expert(layer, e, x), plan=plan,
+            lambda e, x: engine.run_expert(layer, e, x), plan=plan, order=engine.compute_order(layer, plan.active),
         )
     finally:
         engine.end_layer(layer)
