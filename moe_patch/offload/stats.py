@@ -91,7 +91,7 @@ class OffloadStats:
     disk_bytes_total: int = 0
     prefetch_issued: int = 0
     prefetch_useful: int = 0
-    prefetch_dropped: int = 0
+    prefetch_dropped: int = 0  # queued prefetches cancelled once the layer's real routing was known
     bandwidths: Bandwidths | None = None
 
     # -- derived -----------------------------------------------------------------------------
@@ -161,6 +161,7 @@ class OffloadStats:
             "prefetch_precision": self.prefetch_precision,
             "prefetch_recall": self.prefetch_recall,
             "prefetch_issued": self.prefetch_issued,
+            "prefetch_cancelled": self.prefetch_dropped,
             "decode_s_per_step": self.decode_s_per_step,
             "decode_bound_s": self.decode_bound_s(),
             "fraction_of_bound": self.fraction_of_bound,
@@ -183,7 +184,7 @@ class OffloadStats:
             f"decode: {self.tokens['decode']} tokens, {self.tokens_per_s('decode'):.2f} tok/s",
             f"  device-cache hit rate {pct(self.hit_rate)}; stall {self.stall_s:.3f} s; "
             f"prefetch precision {pct(self.prefetch_precision)}, recall {pct(self.prefetch_recall)} "
-            f"({self.prefetch_issued} issued)",
+            f"({self.prefetch_issued} issued, {self.prefetch_dropped} cancelled before reading)",
             "  decode bytes/token: " + ", ".join(f"{t} {format_bytes(b)}" for t, b in self.bytes_per_token().items()
                                                   if not math.isnan(b)),
         ]
