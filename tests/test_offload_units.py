@@ -208,3 +208,15 @@ def test_an_offloaded_decode_step_reads_back_from_the_device_a_few_times_per_lay
     layers = model.config.num_hidden_layers
     # routing check, dispatch plan, next-layer prediction: one read each per layer
     assert counter.count <= 3 * layers, counter.count
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_every_tensor_behind_a_quantized_expert_is_listed_for_stream_bookkeeping(kind):
+    from moe_patch.offload.quant import tensors_of
+
+    q = quantize(torch.randn(64, 128), kind)
+    parts = tensors_of(q)
+    assert all(isinstance(t, torch.Tensor) for t in parts)
+    assert any(t is q.data for t in parts) and sum(t.numel() * t.element_size() for t in parts) >= q.nbytes
+    plain = torch.randn(4)
+    assert tensors_of(plain) == [plain]

@@ -279,8 +279,8 @@ class OffloadEngine:
     def compute_order(self, layer: int, active: list[int]) -> list[int]:
         """Cached experts first: their compute overlaps the reads of the others (queued in index order)."""
         with self._lock:
-            cached = [e for e in active if (layer, e) in self.dev]
-        return cached + [e for e in active if e not in set(cached)]
+            cached = {e for e in active if (layer, e) in self.dev}
+        return [e for e in active if e in cached] + [e for e in active if e not in cached]
 
     def end_layer(self, layer: int) -> None:
         """After a layer's experts ran (module_list layers learn their routing only here)."""
