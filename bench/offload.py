@@ -170,10 +170,12 @@ def worker(args) -> dict:
         import moe_patch
         from moe_patch.offload import get_offload_handle
 
-        model = moe_patch.load_model(path, device=args.device, dtype=dtype, expert_cache=budget, host_cache=host_cache,
-                                     prefetch=not args.no_prefetch)
+        from moe_patch.offload import OffloadOptions
+
+        options = OffloadOptions(device=args.device, expert_cache=budget, host_cache=host_cache,
+                                 prefetch=not args.no_prefetch, cpu_compute=args.cpu_compute)
+        model = moe_patch.load_model(path, dtype=dtype, options=options)
         handle = get_offload_handle(model)
-        handle.engine.cfg.cpu_compute = args.cpu_compute
     elif args.worker == "resident":  # the floor: every expert in memory on the device (when it fits)
         from transformers import AutoModelForCausalLM
 

@@ -119,6 +119,11 @@ def save_tiny(family: str, directory: Path, seed: int = 0) -> Path:
     return Path(directory)
 
 
+def save_families(root: Path) -> dict[str, Path]:
+    """One tiny checkpoint of every family in :data:`FAMILIES`, under ``root``."""
+    return {fam: save_tiny(fam, root / fam) for fam in FAMILIES}
+
+
 def load_reference(family: str, directory: Path) -> nn.Module:
     cls = TinyListMoeForCausalLM if family == "module_list" else transformers.AutoModelForCausalLM
     return cls.from_pretrained(directory, dtype=torch.float32).eval()

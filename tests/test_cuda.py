@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from offload_helpers import FAMILIES, expert_bytes, greedy, load_reference, model_class, non_expert_bytes, prompts, save_tiny
+from offload_helpers import (
+    FAMILIES,
+    expert_bytes,
+    greedy,
+    load_reference,
+    model_class,
+    non_expert_bytes,
+    prompts,
+    save_families,
+)
 from transformers import DynamicCache
 
 import moe_patch
@@ -91,8 +100,7 @@ def test_nan_router_weights_raise_on_cuda():
 # -- offloading ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda_ckpts")
-    return {fam: save_tiny(fam, root / fam) for fam in FAMILIES}
+    return save_families(tmp_path_factory.mktemp("cuda_ckpts"))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from offload_helpers import (
     load_reference,
     model_class,
     prompts,
+    save_families,
     save_tiny,
 )
 
@@ -27,8 +28,7 @@ NEW = 64
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("offload_ckpts")
-    return {fam: save_tiny(fam, root / fam) for fam in FAMILIES}
+    return save_families(tmp_path_factory.mktemp("offload_ckpts"))
 
 
 @pytest.fixture(scope="module")
