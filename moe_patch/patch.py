@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from .adapters.base import PatchOptions, Undo
-from .detect import BlockHandle, find_moe_blocks
+from .adapters.base import PatchOptions, changed_modules, restore
+from .adapters.fused import ExpertsConfigView
+from .detect import find_moe_blocks
 from .detect.finder import model_root
 
 logger = logging.getLogger(__name__)
@@ -51,22 +52,43 @@ class PatchReport:
 
 @dataclass
 class _PatchState:
-    undos: list[Undo]
+    """Kept on the model root: what :func:`patch_model` reported and was asked. What was changed on each
+    module is recorded on that module (``adapters.base.SAVED_ATTR``), so a copy of the model holds
+    records about its own modules and :func:`unpatch_model` on either leaves the other alone."""
+
     report: PatchReport
     validate: bool
     offload: Any
 
 
 def is_patched(model: torch.nn.Module) -> bool:
+    """Whether moe-patch dispatches some MoE block of ``model`` now.
+
+    False before :func:`patch_model`, after :func:`unpatch_model`, and once
+    ``model.set_experts_implementation(...)`` has handed every patched block to another implementation.
+    """
     # A peft PeftModel and the model it wraps share state, so patching either is the same patch.
-    return getattr(model_root(model), STATE_ATTR, None) is not None
+    root = model_root(model)
+    state: _PatchState | None = getattr(root, STATE_ATTR, None)
+    if state is None:
+        return False
+    if state.report.offload is not None:
+        return bool(getattr(state.report.offload, "attached", True))
+    return any(_dispatching(m) for m in changed_modules(root))
+
+
+def _dispatching(module: torch.nn.Module) -> bool:
+    view = module.__dict__.get("config")
+    return view.selects_moe_patch if isinstance(view, ExpertsConfigView) else True
 
 
 def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any = None) -> PatchReport:
     """Install moe-patch dispatch on every MoE block of ``model``.
 
     Numerically the same as the Hugging Face forward (fp32 within 1e-5 relative), reversible with
-    :func:`unpatch_model`, and idempotent: patching a patched model changes nothing.
+    :func:`unpatch_model`, and idempotent: patching a patched model changes nothing. After
+    ``model.set_experts_implementation(...)`` chose another implementation for every patched block,
+    calling it again patches anew.
 
     Args:
         model: a transformers model, a peft ``PeftModel``, or any ``nn.Module`` holding MoE blocks.
@@ -84,62 +106,58 @@ def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any =
     root = model_root(model)
     state: _PatchState | None = getattr(root, STATE_ATTR, None)
     if state is not None:
-        if (validate, offload) != (state.validate, state.offload):
-            logger.warning("%s is already patched with other options; unpatch_model() first to change them.",
-                           type(root).__name__)
-        return dataclasses.replace(state.report, already_patched=True)
+        if is_patched(root):
+            if (validate, offload) != (state.validate, state.offload):
+                logger.warning("%s is already patched with other options; unpatch_model() first to change them.",
+                               type(root).__name__)
+            return dataclasses.replace(state.report, already_patched=True)
+        unpatch_model(root)  # every block was handed to another implementation: start over
     handles = find_moe_blocks(root)
     report = PatchReport(model_class=type(root).__name__)
     if not handles:
         logger.warning("%s has no Mixture-of-Experts block moe-patch recognises; nothing was changed.",
                        type(root).__name__)
         return report
-    options = PatchOptions(validate=validate)
-    undos: list[Undo] = []
     if offload is not None:
         from .offload import attach_offload
 
         report.offload = attach_offload(root, handles, offload)
-        undos.append(report.offload.detach)
         report.patched = [h.info.experts_path for h in handles]
         report.adapters = {"offload": len(handles)}
     else:
+        options = PatchOptions(validate=validate)
         try:
             for h in handles:
-                reason = _install(h, options, undos)
+                reason = h.adapter.install(h, options)
                 if reason:
                     report.skipped[h.info.experts_path] = reason
                 else:
                     report.patched.append(h.info.experts_path)
         except BaseException:
-            for undo in reversed(undos):
-                undo()
+            for module in list(changed_modules(root)):
+                restore(module)
             raise
         report.adapters = dict(Counter(h.info.adapter for h in handles if h.info.experts_path in report.patched))
-    object.__setattr__(root, STATE_ATTR, _PatchState(undos=undos, report=report, validate=validate, offload=offload))
+    object.__setattr__(root, STATE_ATTR, _PatchState(report=report, validate=validate, offload=offload))
     logger.info("%s", report)
     return report
 
 
-def _install(handle: BlockHandle, options: PatchOptions, undos: list[Undo]) -> str | None:
-    """Install one block; returns a reason when the adapter declines it."""
-    result = handle.adapter.install(handle, options)
-    if isinstance(result, str):
-        return result
-    undos.append(result)
-    return None
-
-
 def unpatch_model(model: torch.nn.Module) -> bool:
-    """Restore the original forward of every block :func:`patch_model` changed.
+    """Restore every attribute and forward :func:`patch_model` changed on ``model``'s modules.
 
-    Returns True when something was restored, False when the model was not patched.
+    An experts implementation chosen with ``model.set_experts_implementation(...)`` after patching
+    stays chosen. Returns what :func:`is_patched` said before the call: True when moe-patch was
+    dispatching some block, False otherwise.
     """
     root = model_root(model)
     state: _PatchState | None = getattr(root, STATE_ATTR, None)
     if state is None:
         return False
-    for undo in reversed(state.undos):
-        undo()
+    was_patched = is_patched(root)
+    if state.report.offload is not None:
+        state.report.offload.detach()
+    for module in list(changed_modules(root)):
+        restore(module)
     root.__dict__.pop(STATE_ATTR, None)
-    return True
+    return was_patched

@@ -2,13 +2,15 @@
 
 Adapters are the only code that knows a family's quirks. Each one answers, for a (block, experts)
 pair found while walking a model: is this mine (`match`), how are the weights laid out (`layout`,
-sizes), and how to install / remove the fast dispatch (`install` returns the undo).
+sizes), and how to install the fast dispatch (`install`, through `set_attrs` / `bind_forward`, which
+record on each module what they changed so `restore` puts it back).
 """
 
 from __future__ import annotations
 
+import enum
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +21,19 @@ from ..detect.spec import ExpertLayout
 if TYPE_CHECKING:
     from ..detect.finder import BlockHandle
 
-Undo = Callable[[], None]
+#: The one attribute moe-patch adds to each module it changes: what every attribute it set held before.
+#: The record lives on the module itself, so unpatching restores exactly and a ``copy.deepcopy`` of the
+#: model carries records about its own modules (a list of undo closures would point at the original's).
+SAVED_ATTR = "_moe_patch_saved"
+
+
+class _Absent(enum.Enum):
+    """Marks an attribute the module did not have (an enum member stays itself through copy and pickle)."""
+
+    ABSENT = "absent"
+
+
+ABSENT = _Absent.ABSENT
 
 
 @dataclass
@@ -59,43 +73,45 @@ class Adapter:
         e = self.num_experts(experts)
         return sum(p.numel() for p in experts.parameters()) // max(e, 1)
 
-    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo:
+    def install(self, handle: BlockHandle, options: PatchOptions) -> str | None:
+        """Install the dispatch on this block with :func:`set_attrs` / :func:`bind_forward` only (they
+        record what :func:`restore` puts back). Returns None, or why the block was left as it was."""
         raise NotImplementedError
 
 
-def bind_forward(module: torch.nn.Module, fn: Callable) -> Undo:
-    """Give one module instance a new forward (its class and every other instance keep theirs)."""
-    module.forward = types.MethodType(fn, module)
-
-    def undo() -> None:
-        module.__dict__.pop("forward", None)
-
-    return undo
-
-
-def set_attrs(module: torch.nn.Module, **attrs) -> Undo:
-    """Set instance attributes, remembering what was there to restore it exactly."""
-    missing = object()
-    saved = {k: module.__dict__.get(k, missing) for k in attrs}
+def set_attrs(module: torch.nn.Module, **attrs) -> None:
+    """Set instance attributes, recording on the module what each held before (the first time only)."""
+    saved = module.__dict__.get(SAVED_ATTR)
+    if saved is None:
+        saved = {}
+        object.__setattr__(module, SAVED_ATTR, saved)
     for k, v in attrs.items():
+        saved.setdefault(k, module.__dict__.get(k, ABSENT))
         object.__setattr__(module, k, v)
 
-    def undo() -> None:
-        for k, v in saved.items():
-            if v is missing:
-                module.__dict__.pop(k, None)
-            else:
-                object.__setattr__(module, k, v)
 
-    return undo
+def bind_forward(module: torch.nn.Module, fn: Callable) -> None:
+    """Give one module instance a new forward (its class and every other instance keep theirs). A bound
+    method: ``copy.deepcopy`` rebinds it to the copy."""
+    set_attrs(module, forward=types.MethodType(fn, module))
 
 
-def chain(*undos: Undo) -> Undo:
-    def undo() -> None:
-        for u in reversed(undos):
-            u()
+def restore(module: torch.nn.Module) -> bool:
+    """Put back every attribute :func:`set_attrs` changed on ``module``; False if it changed none."""
+    saved = module.__dict__.pop(SAVED_ATTR, None)
+    if saved is None:
+        return False
+    for k, v in saved.items():
+        if v is ABSENT:
+            module.__dict__.pop(k, None)
+        else:
+            object.__setattr__(module, k, v)
+    return True
 
-    return undo
+
+def changed_modules(root: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The modules under ``root`` that carry a moe-patch record."""
+    return (m for m in root.modules() if SAVED_ATTR in m.__dict__)
 
 
 def param_3d(module: torch.nn.Module, name: str) -> torch.Tensor | None:

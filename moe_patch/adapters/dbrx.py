@@ -10,7 +10,7 @@ import torch
 from ..detect.spec import ExpertLayout
 from ..dispatch.experts import ExpertBank, bank_dispatch
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
-from .base import Adapter, PatchOptions, Undo, bind_forward, chain, set_attrs
+from .base import Adapter, PatchOptions, bind_forward, set_attrs
 
 if TYPE_CHECKING:
     from ..detect.finder import BlockHandle
@@ -47,6 +47,6 @@ class DbrxAdapter(Adapter):
     def layout(self, experts) -> ExpertLayout:
         return ExpertLayout(storage="flat_2d", gated=True, param_names=("mlp.w1", "mlp.v1", "mlp.w2"))
 
-    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo:
-        attrs = {NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate}
-        return chain(set_attrs(handle.experts, **attrs), bind_forward(handle.experts, _dbrx_experts_forward))
+    def install(self, handle: BlockHandle, options: PatchOptions) -> None:
+        set_attrs(handle.experts, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate})
+        bind_forward(handle.experts, _dbrx_experts_forward)

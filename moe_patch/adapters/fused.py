@@ -1,25 +1,28 @@
 """Experts stored as 3-D parameters on one module (transformers 5 layout).
 
 - ``ExpertsInterfaceAdapter``: classes decorated with ``@use_experts_implementation`` (64 families in
-  transformers 5.23). We register ``"moe_patch"`` in transformers' own experts registry and select it
-  on the module's config: no transformers class is modified.
+  transformers 5.23). We register ``"moe_patch"`` in transformers' own experts registry and let the
+  module's config select it (through :class:`ExpertsConfigView`): no transformers class is modified.
 - ``PlainFusedAdapter``: same call signature and layout without the decorator (e.g. step3p7).
 - ``ZeroExpertsAdapter``: LongCat-Flash, whose router may pick identity "zero computation" experts.
+
+The undecorated ones get an instance forward and nothing else: transformers recognises decorated
+experts by ``has_gate`` / ``is_transposed`` (expert-parallel plans, exporters), so those flags are never
+added to a module that did not have them; the layout is read from the parameters' shapes instead.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..detect.spec import ExpertLayout
 from ..dispatch.core import dispatch_combine, plan_dispatch
-from ..dispatch.experts import bank_expert, fused_bank, moe_patch_experts_forward
+from ..dispatch.experts import ExpertBank, bank_dispatch, bank_expert, glu, moe_patch_experts_forward
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
-from .base import Adapter, PatchOptions, Undo, bind_forward, chain, param_3d, set_attrs
+from .base import Adapter, PatchOptions, bind_forward, param_3d, set_attrs
 
 if TYPE_CHECKING:
     from ..detect.finder import BlockHandle
@@ -34,6 +37,50 @@ def register_experts_implementation() -> None:
 
     if IMPLEMENTATION_NAME not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION_NAME, moe_patch_experts_forward)
+
+
+class ExpertsConfigView:
+    """What a patched experts module holds as its ``config``: the model's own config object, read and
+    written through, except that the experts implementation reads ``"moe_patch"`` while that config
+    still selects the implementation it selected at patch time (``replaces``).
+
+    So ``model.set_experts_implementation("eager")`` (which writes the model's config) takes effect on
+    a patched model, selecting the original one again hands the experts back to moe-patch, and two
+    models sharing one config object are patched independently (each patched module has its own view).
+    """
+
+    __slots__ = ("_moe_patch_config", "_moe_patch_replaces")
+
+    def __init__(self, config: Any, replaces: str | None):
+        object.__setattr__(self, "_moe_patch_config", config)
+        object.__setattr__(self, "_moe_patch_replaces", replaces)
+
+    @property
+    def _experts_implementation(self) -> str | None:
+        current = self._moe_patch_config._experts_implementation
+        return IMPLEMENTATION_NAME if current == self._moe_patch_replaces else current
+
+    @property
+    def selects_moe_patch(self) -> bool:
+        return self._experts_implementation == IMPLEMENTATION_NAME
+
+    def __getattr__(self, name: str) -> Any:  # only for names the view itself does not define
+        if name.startswith("__") or name in ExpertsConfigView.__slots__:
+            raise AttributeError(name)
+        return getattr(self._moe_patch_config, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._moe_patch_config, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self._moe_patch_config, name)
+
+    def __reduce__(self):
+        # copy.deepcopy / pickle rebuild the view around the copied config (the model's copy).
+        return (ExpertsConfigView, (self._moe_patch_config, self._moe_patch_replaces))
+
+    def __repr__(self) -> str:
+        return f"ExpertsConfigView(replaces={self._moe_patch_replaces!r}, config={self._moe_patch_config!r})"
 
 
 def is_decorated(experts: torch.nn.Module) -> bool:
@@ -69,15 +116,11 @@ class ExpertsInterfaceAdapter(Adapter):
     def sizes(self, experts) -> tuple[int, int]:
         return _fused_sizes(experts, bool(experts.is_transposed))
 
-    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo:
+    def install(self, handle: BlockHandle, options: PatchOptions) -> None:
         register_experts_implementation()
         experts = handle.experts
-        # The experts get a config of their own selecting "moe_patch": models (and other layers) that
-        # share the original config object keep their implementation, and undo is order-independent.
-        own = copy.copy(experts.config)
-        own._experts_implementation_internal = IMPLEMENTATION_NAME
-        return set_attrs(experts, config=own, **{NAME_ATTR: handle.info.experts_path,
-                                                 VALIDATE_ATTR: options.validate})
+        view = ExpertsConfigView(experts.config, replaces=experts.config._experts_implementation)
+        set_attrs(experts, config=view, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate})
 
 
 def _has_routed_signature(experts: torch.nn.Module) -> bool:
@@ -98,9 +141,17 @@ def _plain_transposed(experts: torch.nn.Module) -> bool | None:
     return None
 
 
-def _default_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return self.act_fn(gate) * up
+def _plain_bank(experts: torch.nn.Module, transposed: bool) -> ExpertBank:
+    """[gate; up] experts without the decorator's flags: the module's own ``_apply_gate`` when its class
+    has one (step3p7 clamps there), else ``act(gate) * up``."""
+    activate = experts._apply_gate if hasattr(type(experts), "_apply_gate") else glu(experts.act_fn)
+    return ExpertBank(up=experts.gate_up_proj, down=experts.down_proj, activate=activate, transposed=transposed)
+
+
+def _plain_fused_forward(self, hidden_states, top_k_index, top_k_weights):
+    check_routing(self, top_k_index, top_k_weights, int(self.down_proj.shape[0]))
+    bank = _plain_bank(self, bool(_plain_transposed(self)))
+    return bank_dispatch(bank, hidden_states, top_k_index, top_k_weights)
 
 
 class PlainFusedAdapter(Adapter):
@@ -124,16 +175,10 @@ class PlainFusedAdapter(Adapter):
     def sizes(self, experts) -> tuple[int, int]:
         return _fused_sizes(experts, bool(_plain_transposed(experts)))
 
-    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo:
+    def install(self, handle: BlockHandle, options: PatchOptions) -> None:
         experts = handle.experts
-        flags = dict(has_gate=True, is_transposed=bool(_plain_transposed(experts)), has_bias=False,
-                     has_post_expert_norm=False, num_experts=self.num_experts(experts))
-        flags[NAME_ATTR] = handle.info.experts_path
-        flags[VALIDATE_ATTR] = options.validate
-        undo_gate = (lambda: None)
-        if not hasattr(experts, "_apply_gate"):
-            undo_gate = set_attrs(experts, _apply_gate=_default_gate.__get__(experts))
-        return chain(set_attrs(experts, **flags), undo_gate, bind_forward(experts, moe_patch_experts_forward))
+        set_attrs(experts, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate})
+        bind_forward(experts, _plain_fused_forward)
 
 
 def _zero_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -141,9 +186,9 @@ def _zero_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     total = self.num_routed_experts + self.zero_expert_num
     if top_k_index.numel() == 0:
         return torch.zeros_like(hidden_states)
-    check_routing(self, top_k_index, top_k_weights)
+    check_routing(self, top_k_index, top_k_weights, total)
     routed = self.num_routed_experts
-    bank = fused_bank(self)
+    bank = _plain_bank(self, transposed=False)
 
     def expert_fn(e: int, x: torch.Tensor) -> torch.Tensor:
         if e >= routed:
@@ -175,11 +220,7 @@ class ZeroExpertsAdapter(Adapter):
     def params_per_expert(self, experts) -> int:
         return (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel())
 
-    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo:
+    def install(self, handle: BlockHandle, options: PatchOptions) -> None:
         experts = handle.experts
-        attrs = {"has_gate": True, "is_transposed": False, "has_bias": False, "has_post_expert_norm": False,
-                 "num_experts": experts.num_routed_experts + experts.zero_expert_num,
-                 NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate}
-        if not hasattr(experts, "_apply_gate"):
-            attrs["_apply_gate"] = _default_gate.__get__(experts)
-        return chain(set_attrs(experts, **attrs), bind_forward(experts, _zero_experts_forward))
+        set_attrs(experts, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate})
+        bind_forward(experts, _zero_experts_forward)

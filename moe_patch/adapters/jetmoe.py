@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..detect.spec import ExpertLayout
-from ..dispatch.experts import ExpertBank, bank_dispatch
+from ..dispatch.experts import ExpertBank, bank_dispatch, glu
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
-from .base import Adapter, PatchOptions, Undo, bind_forward, chain, set_attrs
+from .base import Adapter, PatchOptions, bind_forward, set_attrs
 
 if TYPE_CHECKING:
     from ..detect.finder import BlockHandle
@@ -26,14 +26,8 @@ def _jetmoe_forward(self, layer_input: torch.Tensor) -> torch.Tensor:
                                              torch.as_tensor(expert_size, device=x.device))
     top_k_index = torch.empty_like(order).scatter_(0, order, experts_sorted).view(-1, k)
     top_k_weights = torch.empty_like(gates).scatter_(0, order, gates).view(-1, k)
-    check_routing(self, top_k_index, top_k_weights)
-    act = self.activation
-
-    def activate(h: torch.Tensor) -> torch.Tensor:
-        g, u = h.chunk(2, dim=-1)
-        return act(g) * u
-
-    bank = ExpertBank(up=self.input_linear.weight, down=self.output_linear.weight, activate=activate)
+    check_routing(self, top_k_index, top_k_weights, len(expert_size))
+    bank = ExpertBank(up=self.input_linear.weight, down=self.output_linear.weight, activate=glu(self.activation))
     out = bank_dispatch(bank, x, top_k_index, top_k_weights)
     return out.view(bsz, length, self.input_size) + self.bias
 
@@ -61,7 +55,6 @@ class JetMoeAdapter(Adapter):
     def layout(self, experts) -> ExpertLayout:
         return ExpertLayout(storage="fused", gated=True, param_names=("input_linear.weight", "output_linear.weight"))
 
-    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo:
-        attrs = {NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate,
-                 "num_experts": handle.info.num_experts}
-        return chain(set_attrs(handle.block, **attrs), bind_forward(handle.block, _jetmoe_forward))
+    def install(self, handle: BlockHandle, options: PatchOptions) -> None:
+        set_attrs(handle.block, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate})
+        bind_forward(handle.block, _jetmoe_forward)

@@ -10,7 +10,7 @@ import torch
 from ..detect.spec import ExpertLayout
 from ..dispatch.experts import ExpertBank, bank_dispatch
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
-from .base import Adapter, PatchOptions, Undo, bind_forward, chain, param_3d, set_attrs
+from .base import Adapter, PatchOptions, bind_forward, param_3d, set_attrs
 
 if TYPE_CHECKING:
     from ..detect.finder import BlockHandle
@@ -31,7 +31,7 @@ def _llama4_moe_forward(self, hidden_states: torch.Tensor):
     router_scores, router_logits = self.router(x)  # called as a module: output recorders still see it
     top_k_index = torch.topk(router_logits, self.router.top_k, dim=1)[1]
     top_k_weights = router_scores.gather(1, top_k_index)
-    check_routing(self.experts, top_k_index, top_k_weights)
+    check_routing(self.experts, top_k_index, top_k_weights, int(self.experts.gate_up_proj.shape[0]))
     routed = bank_dispatch(_bank(self.experts), x, top_k_index, top_k_weights, weight_inputs=True)
     out = self.shared_expert(x)
     out.add_(routed)
@@ -60,7 +60,6 @@ class Llama4Adapter(Adapter):
         return ExpertLayout(storage="dense_bmm", gated=True, transposed=True,
                             param_names=("gate_up_proj", "down_proj"))
 
-    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo:
-        attrs = {NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate,
-                 "num_experts": self.num_experts(handle.experts)}
-        return chain(set_attrs(handle.experts, **attrs), bind_forward(handle.block, _llama4_moe_forward))
+    def install(self, handle: BlockHandle, options: PatchOptions) -> None:
+        set_attrs(handle.experts, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate})
+        bind_forward(handle.block, _llama4_moe_forward)

@@ -9,7 +9,10 @@ Two ways such experts are driven:
 
 For inference, plain GLU/MLP experts are *repacked*: each expert's weights are moved into one
 contiguous ``[E, ...]`` tensor and every expert parameter is re-pointed at its slice (same Parameter
-objects, same values, no extra memory), so a grouped GEMM can run all experts at once.
+objects, same values, no extra memory), so a grouped GEMM can run all experts at once. Each parameter
+keeps a storage of its own over its slice, so state dicts, ``save_pretrained``, safetensors and
+transformers' tied-weights checks see independent tensors, as before patching. The pack is a cache:
+rebuilt on first use after the weights moved (``model.to(...)``) and in a copy of the model.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ import torch.nn.functional as F
 
 from ..detect.spec import ExpertLayout
 from ..dispatch.core import dispatch_combine
-from ..dispatch.experts import ExpertBank, bank_dispatch
+from ..dispatch.experts import ExpertBank, bank_dispatch, glu
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
-from .base import Adapter, PatchOptions, Undo, bind_forward, chain, set_attrs
+from .base import Adapter, PatchOptions, bind_forward, restore, set_attrs
 
 if TYPE_CHECKING:
     from ..detect.finder import BlockHandle
@@ -83,6 +86,10 @@ class _Roles:
     def gated(self) -> bool:
         return self.gate is not None
 
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.gate, self.up, self.down) if n)
+
 
 def expert_roles(expert: torch.nn.Module) -> _Roles | None:
     """Names of one expert's gate/up/down Linear children (None if not a recognisable plain MLP)."""
@@ -105,23 +112,74 @@ def _sizes(experts: torch.nn.Module) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- repacking (inference fast path)
 
-@dataclass
+#: The experts container's pack slot (:class:`_PackSlot`).
+PACK_ATTR = "_moe_patch_packed"
+
+
+@dataclass(frozen=True)
 class _Packed:
     roles: _Roles
     up: torch.Tensor  # [E, 2I or I, H]: [gate; up] rows when gated
     down: torch.Tensor  # [E, H, I]
     up_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
-    #: (expert, role attribute, the nn.Linear found there at pack time): the pack stands for these only
-    #: while each attribute still holds that plain, hook-free Linear with its weight inside the pack.
-    members: tuple[tuple[torch.nn.Module, str, torch.nn.Linear], ...]
+    #: Data pointer of every member tensor (:func:`_member_tensors`) at pack time: the pack stands for
+    #: the experts only while each of them is still exactly there (checked before every use, so cheap).
+    members: tuple[int, ...]
+
+    def stands_for(self, items: list[torch.nn.Module]) -> bool:
+        """False once the experts changed under the pack: a LoRA or hook added after patching, a module
+        swapped, or parameters moved (``model.to(...)``, ``half()``, peft's merge, a copy of the model)."""
+        if not all(_plain(m, self.roles) for m in items):
+            return False
+        tensors = _member_tensors(items, self.roles)
+        if len(tensors) != len(self.members) or (tensors[0].device, tensors[0].dtype) != (self.up.device, self.up.dtype):
+            return False
+        return all(t.data_ptr() == ptr for t, ptr in zip(tensors, self.members))
+
+
+class _PackSlot:
+    """Holds the experts' pack, a cache over the expert modules' own weights: rebuilt on first use once
+    stale, and empty in a copy of the model (copying the pack would duplicate every expert's memory
+    without aliasing the copy's weights)."""
+
+    def __init__(self, packed: _Packed | None = None):
+        self.packed = packed
+
+    def current(self, experts: torch.nn.Module) -> _Packed | None:
+        items = _experts_list(experts)
+        if self.packed is None or not self.packed.stands_for(items):
+            self.packed = None  # release a stale pack before packing again
+            self.packed = repack(experts)
+        return self.packed
+
+    def __reduce__(self):
+        return (_PackSlot, ())
+
+
+def _hooked(m: torch.nn.Module) -> bool:
+    # Hooks, or an instance forward (accelerate's hooks replace `forward`), must run.
+    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__)
 
 
 def _plain(expert: torch.nn.Module, roles: _Roles) -> bool:
-    names = [n for n in (roles.gate, roles.up, roles.down) if n]
-    mods = [getattr(expert, n) for n in names]
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in mods + [expert])
-    return not hooked and all(type(m) is torch.nn.Linear for m in mods) and roles.act is not None
+    # `_modules` directly: this runs for every expert before each use of the pack.
+    mods = [expert._modules.get(n) for n in roles.linears]
+    return (roles.act is not None and not _hooked(expert)
+            and all(type(m) is torch.nn.Linear and not _hooked(m) for m in mods))
+
+
+def _member_tensors(items: list[torch.nn.Module], roles: _Roles) -> list[torch.Tensor]:
+    """Every weight and bias of the experts' gate/up/down Linears, expert by expert."""
+    return [t for m in items for n in roles.linears for t in m._modules[n]._parameters.values() if t is not None]
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s memory as a tensor of its own storage. The expert parameters then alias slices of the pack
+    without sharing one storage object, which transformers' tied-weights checks and safetensors would
+    read as undeclared tied weights: each expert's parameters stay independent tensors (disjoint
+    memory, saved and loaded one by one, exactly as before patching)."""
+    return torch.from_dlpack(t)
 
 
 def repack(experts: torch.nn.Module) -> _Packed | None:
@@ -135,9 +193,13 @@ def repack(experts: torch.nn.Module) -> _Packed | None:
     ups = [getattr(m, roles.up) for m in items]
     downs = [getattr(m, roles.down) for m in items]
     w0 = ups[0].weight
-    if w0.device.type == "meta" or any(lin.weight.dtype != w0.dtype for lin in ups + downs):
+    if w0.device.type == "meta" or any(lin.weight.dtype != w0.dtype or lin.weight.device != w0.device
+                                       for lin in ups + downs + (first or [])):
         return None
-    with torch.no_grad():
+    if any(t.is_shared() or (t.device.type == "cpu" and t.is_pinned()) for t in _member_tensors(items, roles)):
+        return None  # moving memory shared with other processes, or pinned, would quietly undo that
+    # Ordinary tensors even when first used under inference_mode: the parameters must stay trainable.
+    with torch.inference_mode(False), torch.no_grad():
         rows = [torch.cat([g.weight, u.weight]) if first else u.weight for g, u in zip(first or ups, ups)]
         up = torch.stack(rows)
         down = torch.stack([d.weight for d in downs])
@@ -146,63 +208,54 @@ def repack(experts: torch.nn.Module) -> _Packed | None:
             ub = torch.stack([torch.cat([g.bias, u.bias]) if first else u.bias for g, u in zip(first or ups, ups)])
         db = torch.stack([d.bias for d in downs]) if downs[0].bias is not None else None
         inter = ups[0].weight.shape[0]
-        for e in range(len(items)):
-            if first:
-                first[e].weight.data = up[e, :inter]
-                ups[e].weight.data = up[e, inter:]
-                if ub is not None:
-                    first[e].bias.data, ups[e].bias.data = ub[e, :inter], ub[e, inter:]
-            else:
-                ups[e].weight.data = up[e]
-                if ub is not None:
-                    ups[e].bias.data = ub[e]
-            downs[e].weight.data = down[e]
-            if db is not None:
-                downs[e].bias.data = db[e]
-    names = [n for n in (roles.gate, roles.up, roles.down) if n]
-    members = tuple((m, n, getattr(m, n)) for m in items for n in names)
+        try:
+            views = []
+            for e in range(len(items)):
+                if first:
+                    views += [(first[e].weight, up[e, :inter]), (ups[e].weight, up[e, inter:])]
+                    if ub is not None:
+                        views += [(first[e].bias, ub[e, :inter]), (ups[e].bias, ub[e, inter:])]
+                else:
+                    views.append((ups[e].weight, up[e]))
+                    if ub is not None:
+                        views.append((ups[e].bias, ub[e]))
+                views.append((downs[e].weight, down[e]))
+                if db is not None:
+                    views.append((downs[e].bias, db[e]))
+            aliased = [(param, _alias(view)) for param, view in views]
+        except (RuntimeError, TypeError, BufferError):  # a dtype or device DLPack cannot carry
+            return None
+        for param, alias in aliased:
+            param.data = alias
+    members = tuple(t.data_ptr() for t in _member_tensors(items, roles))
     return _Packed(roles=roles, up=up, down=down, up_bias=ub, down_bias=db, members=members)
 
 
 def _packed_bank(experts: torch.nn.Module, packed: _Packed) -> ExpertBank:
     act = getattr(_experts_list(experts)[0], packed.roles.act)
-    if packed.roles.gated:
-        def activate(h: torch.Tensor) -> torch.Tensor:
-            g, u = h.chunk(2, dim=-1)
-            return act(g) * u
-    else:
-        activate = act
-    return ExpertBank(up=packed.up, down=packed.down, activate=activate, up_bias=packed.up_bias,
-                      down_bias=packed.down_bias)
+    return ExpertBank(up=packed.up, down=packed.down, activate=glu(act) if packed.roles.gated else act,
+                      up_bias=packed.up_bias, down_bias=packed.down_bias)
 
 
-def _inside(t: torch.Tensor, pack: torch.Tensor) -> bool:
-    start = pack.data_ptr()
-    return t.device == pack.device and start <= t.data_ptr() < start + pack.numel() * pack.element_size()
-
-
-def _packed_valid(packed: _Packed) -> bool:
-    """False once the experts changed under the pack: a LoRA or hook added after patching, a module
-    swapped, or parameters moved (``model.to(...)``, peft's merge). The expert modules then run as they are."""
-    for expert, name, lin in packed.members:
-        if getattr(expert, name) is not lin or lin._forward_hooks or lin._forward_pre_hooks:
-            return False
-        if expert._forward_hooks or expert._forward_pre_hooks:
-            return False
-        if not (_inside(lin.weight, packed.up) or _inside(lin.weight, packed.down)):
-            return False
-    return True
+def _inference(experts: torch.nn.Module) -> bool:
+    """The pack serves inference only: in training, under autograd (it is not the parameters autograd
+    tracks) and while compiling (repacking changes parameters' data) the expert modules run themselves."""
+    if experts.training or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(p.requires_grad for p in experts.parameters()))
 
 
 def run_expert_list(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Dispatch rows to a list of expert modules: through the repacked bank (grouped GEMMs, CPU
     upcasting, loop on weight views) for plain experts at inference, else a loop calling each active
-    expert module (hooks, LoRA and dropout kept)."""
+    expert module (hooks, LoRA, dropout and autograd kept)."""
     check_routing(experts, top_k_index, top_k_weights, num_experts)
-    packed: _Packed | None = getattr(experts, "_moe_patch_packed", None)
-    if packed is not None and not experts.training and _packed_valid(packed):
-        return bank_dispatch(_packed_bank(experts, packed), x, top_k_index, top_k_weights)
+    slot: _PackSlot | None = getattr(experts, PACK_ATTR, None)
+    if slot is not None and _inference(experts):
+        packed = slot.current(experts)
+        if packed is not None:
+            return bank_dispatch(_packed_bank(experts, packed), x, top_k_index, top_k_weights)
     items = _experts_list(experts)
     return dispatch_combine(x, top_k_index, top_k_weights, num_experts, lambda e, rows: items[e](rows))
 
@@ -296,7 +349,7 @@ class ModuleListAdapter(Adapter):
         return ExpertLayout(storage="module_list", gated=bool(roles and roles.gated),
                             bias=any(n.endswith("bias") for n in names), param_names=names)
 
-    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo | str:
+    def install(self, handle: BlockHandle, options: PatchOptions) -> str | None:
         block, experts, info = handle.block, handle.experts, handle.info
         if handle.router is None:
             return "no router found next to the experts"
@@ -304,36 +357,32 @@ class ModuleListAdapter(Adapter):
         reference = None
         if probe is not None:
             reference = _call_eval(block, probe)
-        attrs = dict(
+        set_attrs(
+            block,
             _moe_patch_router=info.router_path.rsplit(".", 1)[-1],
             _moe_patch_experts=info.experts_path.rsplit(".", 1)[-1],
             _moe_patch_num_experts=info.num_experts,
             _moe_patch_top_k=info.top_k,
             _moe_patch_routing=info.routing,
-            _moe_patch_shared=tuple(p.rsplit(".", 1)[-1] for p in info.shared_paths
-                                    if not p.endswith("_gate")),
+            _moe_patch_shared=tuple(p.rsplit(".", 1)[-1] for p in info.shared_paths if not p.endswith("_gate")),
             _moe_patch_returns_tuple=isinstance(reference, tuple),
         )
-        undo = chain(
-            set_attrs(block, **attrs),
-            set_attrs(experts, **{NAME_ATTR: info.experts_path, VALIDATE_ATTR: options.validate}),
-            bind_forward(block, _generic_block_forward),
-        )
-        packed = repack(experts)
-        undo = chain(undo, set_attrs(experts, _moe_patch_packed=packed))
+        slot = _PackSlot(repack(experts))
+        set_attrs(experts, **{NAME_ATTR: info.experts_path, VALIDATE_ATTR: options.validate, PACK_ATTR: slot})
+        bind_forward(block, _generic_block_forward)
         if reference is not None:
             ref = reference[0] if isinstance(reference, tuple) else reference
-            for force_loop in (True, False):
-                experts._moe_patch_packed = None if force_loop else packed
+            for candidate in (None, slot):  # the loop over the expert modules, then the repacked bank
+                object.__setattr__(experts, PACK_ATTR, candidate)
                 out = _call_eval(block, probe)
                 out = out[0] if isinstance(out, tuple) else out
                 tol = SELF_CHECK_RTOL.get(ref.dtype, SELF_CHECK_RTOL_HALF)
                 if out.shape != ref.shape or _rel(out, ref) > tol:
-                    undo()
+                    restore(block)
+                    restore(experts)
                     return (f"generic routed forward does not reproduce this block (routing "
                             f"{info.routing.describe()}); left on its own forward")
-            experts._moe_patch_packed = packed
-        return undo
+        return None
 
 
 def _call_eval(block: torch.nn.Module, x: torch.Tensor):
@@ -395,7 +444,7 @@ class RoutedListAdapter(Adapter):
     def layout(self, experts) -> ExpertLayout:
         return ModuleListAdapter.layout(self, experts)  # same storage description
 
-    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo | str:
+    def install(self, handle: BlockHandle, options: PatchOptions) -> str | None:
         experts = handle.experts
         src = inspect.getsource(type(experts).forward)
         if "moe_token_dropout" in src:
@@ -404,8 +453,7 @@ class RoutedListAdapter(Adapter):
             fwd = _switch_experts_forward
         else:
             return f"unknown routed expert-list call convention in {type(experts).__name__}.forward"
-        return chain(
-            set_attrs(experts, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate,
-                                  "num_experts": len(_experts_list(experts)), "_moe_patch_packed": repack(experts)}),
-            bind_forward(experts, fwd),
-        )
+        set_attrs(experts, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate,
+                              PACK_ATTR: _PackSlot(repack(experts))})
+        bind_forward(experts, fwd)
+        return None

@@ -11,7 +11,7 @@ import torch
 from ..detect.spec import ExpertLayout
 from ..errors import RoutingError
 from ..validation import NAME_ATTR
-from .base import Adapter, PatchOptions, Undo, bind_forward, chain, set_attrs
+from .base import Adapter, PatchOptions, bind_forward, set_attrs
 
 if TYPE_CHECKING:
     from ..detect.finder import BlockHandle
@@ -50,6 +50,6 @@ class PerImageExpertsAdapter(Adapter):
         return ExpertLayout(storage="module_list", gated=False, bias=experts[0].bias is not None,
                             param_names=("weight", "bias"))
 
-    def install(self, handle: BlockHandle, options: PatchOptions) -> Undo:
-        return chain(set_attrs(handle.experts, **{NAME_ATTR: handle.info.experts_path}),
-                     bind_forward(handle.experts, _per_image_experts_forward))
+    def install(self, handle: BlockHandle, options: PatchOptions) -> None:
+        set_attrs(handle.experts, **{NAME_ATTR: handle.info.experts_path})
+        bind_forward(handle.experts, _per_image_experts_forward)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import MoEConfigError
+from ..errors import MoEConfigError, NotAModelError
 from .routing import infer_routing, infer_top_k
 from .spec import MoEBlock, MoEReport, RoutingSpec
 
@@ -27,6 +27,11 @@ class BlockHandle:
 
 def model_root(model: torch.nn.Module) -> torch.nn.Module:
     """The model whose module paths moe-patch reports: a peft ``PeftModel``'s base model."""
+    if not isinstance(model, torch.nn.Module):
+        raise NotAModelError(
+            f"expected a model (torch.nn.Module), got {type(model).__name__} {model!r:.80}. For a checkpoint folder or "
+            "Hub repo id, run `moe-patch inspect PATH`, or load it first (AutoModelForCausalLM.from_pretrained)."
+        )
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 

@@ -109,6 +109,20 @@ def dispatch_combine(
     return out
 
 
+#: torch's grouped GEMM kernel needs every stride of both operands, and their base pointers, to be
+#: multiples of this many bytes ("strides should be multiple of 16 bytes" otherwise, e.g. for an
+#: fp32 expert of width 37).
+GROUPED_MM_ALIGNMENT = 16
+#: The weight dtypes the kernel takes (float64 raises).
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernel_operand(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The ``[E, in, out]`` right operand the grouped GEMM multiplies by, for an expert weight stored
+    ``[E, out, in]`` (``transposed=False``, nn.Linear layout) or ``[E, in, out]``. A view, never a copy."""
+    return weight if transposed else weight.transpose(-2, -1)
+
+
 def grouped_linear(
     rows: torch.Tensor,
     weight: torch.Tensor,
@@ -121,8 +135,9 @@ def grouped_linear(
 
     ``weight`` is ``[E, out, in]`` (``transposed=False``, nn.Linear layout) or ``[E, in, out]``.
     ``offsets`` is the int32 cumulative row count per expert, as ``torch.nn.functional.grouped_mm`` takes it.
+    The caller checks :func:`grouped_mm_supported` first.
     """
-    w = weight if transposed else weight.transpose(-2, -1)
+    w = kernel_operand(weight, transposed)
     out = _grouped_mm(rows.to(w.dtype), w, offsets)
     if bias_rows is not None:
         out = out + bias_rows
@@ -134,18 +149,47 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
     return fn(x, w, offs=offs)
 
 
-def grouped_mm_supported(weight: torch.Tensor, hidden_states: torch.Tensor) -> bool:
-    """Whether the grouped GEMM kernel can run here: inference only (its CPU backward is not usable),
-    not under compilation unless bf16 (inductor lowers it only for bf16), SM80+ on CUDA."""
-    if torch.is_grad_enabled() and (weight.requires_grad or hidden_states.requires_grad):
+def grouped_mm_accepts(operands: list[torch.Tensor]) -> bool:
+    """Whether the kernel takes these right operands (:func:`kernel_operand` views) and the contiguous
+    ``[S, in]`` rows they multiply: fp32 / bf16 / fp16, 16-byte aligned base pointers and strides."""
+
+    def aligned(nbytes: int) -> bool:
+        return nbytes % GROUPED_MM_ALIGNMENT == 0
+
+    for w in operands:
+        if w.dtype not in GROUPED_MM_DTYPES:
+            return False
+        size = w.element_size()
+        if not aligned(w.shape[-2] * size):  # the rows [S, in] it multiplies have stride `in`
+            return False
+        # (a graph being compiled has no data pointers; strides are known there)
+        if not torch.compiler.is_compiling() and not aligned(w.data_ptr()):
+            return False
+        if not all(aligned(stride * size) for stride in w.stride() if stride != 1):
+            return False
+    return True
+
+
+def grouped_mm_supported(hidden_states: torch.Tensor, operands: list[torch.Tensor]) -> bool:
+    """Whether the grouped GEMM kernel can run on these operands (:func:`kernel_operand` views of each
+    expert weight it would multiply by): inference only (its CPU backward is not usable), not under
+    compilation unless bf16 (inductor lowers it only for bf16), SM80+ on CUDA, and operands it takes
+    (:func:`grouped_mm_accepts`). Every caller of the kernel asks this first."""
+    if not operands:
+        return False
+    weight = operands[0]
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in operands)):
         return False
     if not (hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")):
         return False
     if torch.compiler.is_compiling() and weight.dtype != torch.bfloat16:
         return False
     if weight.device.type == "cuda":
-        return torch.cuda.get_device_capability(weight.device) >= (8, 0)
-    return weight.device.type == "cpu"
+        if torch.cuda.get_device_capability(weight.device) < (8, 0):
+            return False
+    elif weight.device.type != "cpu":
+        return False
+    return grouped_mm_accepts(operands)
 
 
 def combine_sorted(

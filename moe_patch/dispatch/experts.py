@@ -18,7 +18,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .core import DispatchPlan, combine_sorted, dispatch_combine, grouped_linear, grouped_mm_supported, plan_dispatch
+from .core import (
+    DispatchPlan,
+    combine_sorted,
+    dispatch_combine,
+    grouped_linear,
+    grouped_mm_accepts,
+    grouped_mm_supported,
+    kernel_operand,
+    plan_dispatch,
+)
 
 #: On CPU, half-precision GEMMs run ~6x slower than fp32 ones (no native bf16 FMA on AVX2): with at
 #: least this many rows per active expert, casting that expert's weights to fp32 costs less than it
@@ -64,6 +73,22 @@ class ExpertBank:
     @property
     def _down_t(self) -> bool:
         return self.transposed if self.down_transposed is None else self.down_transposed
+
+    def kernel_operands(self) -> list[torch.Tensor]:
+        """The right operands a grouped GEMM over this bank multiplies by (views), for
+        :func:`~moe_patch.dispatch.core.grouped_mm_supported`."""
+        ops = [kernel_operand(self.up, self.transposed), kernel_operand(self.down, self._down_t)]
+        return ops + ([kernel_operand(self.gate, self.transposed)] if self.gate is not None else [])
+
+
+def glu(act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gated activation ``act(gate) * up`` over fused ``[gate; up]`` halves of the last dimension."""
+
+    def activate(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return act(gate) * up
+
+    return activate
 
 
 def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -128,7 +153,7 @@ def bank_dispatch(bank: ExpertBank, x: torch.Tensor, top_k_index: torch.Tensor, 
         return dispatch_combine(x, top_k_index, top_k_weights, bank.num_experts,
                                 lambda e, rows: bank_expert(bank, e, rows, torch.float32),
                                 plan=plan, weight_inputs=weight_inputs)
-    if len(plan.active) > LOOP_MAX_ACTIVE_EXPERTS and grouped_mm_supported(bank.up, x):
+    if len(plan.active) > LOOP_MAX_ACTIVE_EXPERTS and grouped_mm_supported(x, bank.kernel_operands()):
         return bank_grouped(bank, x, plan, top_k_weights, weight_inputs=weight_inputs)
     return dispatch_combine(x, top_k_index, top_k_weights, bank.num_experts,
                             lambda e, rows: bank_expert(bank, e, rows), plan=plan, weight_inputs=weight_inputs)
@@ -191,6 +216,14 @@ def use_transformers_grouped(hidden_states: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or hidden_states.device.type == "cuda"
 
 
+def _transformers_kernel_accepts(bank: ExpertBank) -> bool:
+    """transformers' grouped path hands its operands to torch's kernel unchecked (odd expert widths or
+    float64 crash it), except while compiling weights other than bf16, where it runs its own loop operator."""
+    if torch.compiler.is_compiling() and bank.up.dtype != torch.bfloat16:
+        return True
+    return grouped_mm_accepts(bank.kernel_operands())
+
+
 def moe_patch_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -201,14 +234,16 @@ def moe_patch_experts_forward(
 
     On CPU picks per call between a loop over the active experts on weight views and grouped GEMMs
     (with fp32 upcast of half-precision experts for prefill), exact against transformers' eager
-    forward. On CUDA it checks the routing and runs transformers' own sync-free grouped kernels.
+    forward. On CUDA and while compiling it checks the routing and runs transformers' own sync-free
+    grouped kernels, unless their kernel cannot take the experts' weights (odd widths, float64: then ours,
+    which loops).
     """
     from ..validation import check_routing  # local: validation imports nothing from dispatch
 
-    if use_transformers_grouped(hidden_states):
+    check_routing(self, top_k_index, top_k_weights)  # skipped while compiling
+    bank = fused_bank(self)
+    if use_transformers_grouped(hidden_states) and _transformers_kernel_accepts(bank):
         from transformers.integrations.moe import grouped_mm_experts_forward
 
-        check_routing(self, top_k_index, top_k_weights)  # skipped while compiling
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    check_routing(self, top_k_index, top_k_weights)
-    return bank_dispatch(fused_bank(self), hidden_states, top_k_index, top_k_weights)
+    return bank_dispatch(bank, hidden_states, top_k_index, top_k_weights)

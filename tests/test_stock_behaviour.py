@@ -1,0 +1,314 @@
+"""A patched model behaves as a stock one wherever it is not about speed: transformers' experts switch,
+odd expert widths, storage and state dicts, the attributes transformers reads, and copies."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from patch_helpers import build, logits, undeclared_shared_storage
+
+from moe_patch import inspect_model, patch_model, unpatch_model
+from moe_patch.adapters.module_list import PACK_ATTR
+from moe_patch.dispatch import experts as experts_dispatch
+from moe_patch.dispatch.core import plan_dispatch
+from moe_patch.dispatch.experts import ExpertBank, bank_dispatch, bank_expert, glu
+from moe_patch.dispatch.reference import reference_dispatch
+from moe_patch.patch import is_patched
+from moe_patch.testing.compare import rel_diff
+from moe_patch.testing.tiny import tiny_config
+
+
+@pytest.fixture
+def dispatch_calls(monkeypatch):
+    """Counts calls of moe-patch's dispatch, from every module that calls it."""
+    from moe_patch.adapters import dbrx, jetmoe, llama4, module_list
+
+    calls = []
+    for mod in (experts_dispatch, module_list, dbrx, jetmoe, llama4):
+        real = mod.bank_dispatch
+        monkeypatch.setattr(mod, "bank_dispatch", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    return calls
+
+
+# ------------------------------------------------------------------ 1. model.set_experts_implementation
+
+
+def test_set_experts_implementation_takes_effect_on_a_patched_model(dispatch_calls):
+    model, inputs = build("mixtral")
+    model.set_experts_implementation("eager")
+    eager = logits(model, inputs)
+    model.set_experts_implementation("grouped_mm")
+    patch_model(model)
+
+    model.set_experts_implementation("eager")
+    dispatch_calls.clear()
+    assert torch.equal(logits(model, inputs), eager)  # transformers' own eager loop ran ...
+    assert not dispatch_calls  # ... and moe-patch did not
+    assert not is_patched(model)
+    assert not unpatch_model(model)  # it reports what was true: moe-patch dispatched nothing
+    assert model.config._experts_implementation == "eager"  # and leaves the user's choice alone
+
+
+def test_selecting_the_patched_implementation_again_hands_the_experts_back_to_moe_patch(dispatch_calls):
+    model, inputs = build("mixtral")
+    patch_model(model)
+    model.set_experts_implementation("batched_mm")
+    assert not is_patched(model)
+    model.set_experts_implementation("grouped_mm")  # what moe-patch stood in for
+    assert is_patched(model)
+    logits(model, inputs)
+    assert len(dispatch_calls) == len(inspect_model(model).blocks)
+
+
+def test_patch_model_after_switching_away_patches_anew(dispatch_calls):
+    model, inputs = build("mixtral")
+    patch_model(model)
+    model.set_experts_implementation("eager")
+    report = patch_model(model)
+    assert not report.already_patched and report.patched and is_patched(model)
+    logits(model, inputs)
+    assert dispatch_calls
+    assert unpatch_model(model)
+    assert model.config._experts_implementation == "eager"
+
+
+def test_a_model_sharing_the_config_of_a_patched_one_runs_stock(dispatch_calls):
+    from transformers import MixtralForCausalLM
+
+    config = tiny_config("mixtral")
+    patched, stock = MixtralForCausalLM(config).eval(), MixtralForCausalLM(config).eval()
+    patch_model(patched)
+    ids = torch.randint(0, config.vocab_size, (2, 8))
+    logits(stock, {"input_ids": ids})
+    assert not dispatch_calls and not is_patched(stock)
+    logits(patched, {"input_ids": ids})
+    assert dispatch_calls
+
+
+# ------------------------------------------------------------------ 2. expert widths the grouped kernel rejects
+
+ODD = 37  # 148 fp32 bytes: not a multiple of 16
+
+ODD_WIDTH = {  # one family per adapter that runs expert GEMMs, and decorated layouts
+    "mixtral": dict(intermediate_size=ODD),  # decorated, [gate; up]
+    "gpt_oss": dict(intermediate_size=ODD),  # decorated, transposed, biased, interleaved
+    "longcat_flash": dict(expert_ffn_hidden_size=ODD),  # zero-computation experts
+    "step3p7": dict(text_config={"moe_intermediate_size": ODD}),  # undecorated fused
+    "llama4": dict(text_config={"intermediate_size": ODD}),
+    "dbrx": dict(ffn_config={"ffn_hidden_size": ODD}),
+    "jetmoe": dict(intermediate_size=ODD),
+    "switch_transformers": dict(d_ff=ODD),
+    "nllb-moe": dict(encoder_ffn_dim=ODD, decoder_ffn_dim=ODD),
+    "vitpose_backbone": dict(part_features=ODD),
+    "legacy-mixtral": dict(intermediate_size=ODD),
+    "legacy-deepseek": dict(intermediate_size=ODD),
+}
+
+
+@pytest.mark.parametrize("name", ODD_WIDTH)
+def test_odd_expert_widths_run_where_the_grouped_kernel_cannot(name):
+    model, inputs = build(name, **ODD_WIDTH[name])
+    assert {b.intermediate_size for b in inspect_model(model).blocks} == {ODD}
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")  # transformers' default grouped_mm rejects them too
+    ref = logits(model, inputs)
+    assert patch_model(model).patched
+    assert rel_diff(logits(model, inputs), ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_odd_widths_also_run_on_the_gpu_path(name, monkeypatch):
+    """On CUDA decorated experts run transformers' grouped path, which would hand the kernel odd widths
+    unchecked; forced here on CPU (the kernels exist on both)."""
+    monkeypatch.setattr(experts_dispatch, "use_transformers_grouped", lambda hidden_states: True)
+    model, inputs = build(name, **ODD_WIDTH[name])
+    model.set_experts_implementation("eager")
+    ref = logits(model, inputs)
+    patch_model(model)
+    assert rel_diff(logits(model, inputs), ref) < 1e-5
+
+
+def test_bf16_widths_aligned_only_in_fp32_are_also_checked():
+    model, inputs = build("mixtral", dtype=torch.bfloat16, intermediate_size=36)  # 72 bf16 bytes
+    model.set_experts_implementation("eager")
+    ref = logits(model, inputs)
+    patch_model(model)
+    assert rel_diff(logits(model, inputs), ref) < 2e-2
+
+
+@pytest.mark.parametrize("name", ["mixtral", "dbrx", "legacy-mixtral"])
+def test_float64_experts_run_where_the_grouped_kernel_cannot(name):
+    model, inputs = build(name, dtype=torch.float64)
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    ref = logits(model, inputs)
+    patch_model(model)
+    assert rel_diff(logits(model, inputs), ref) < 1e-12
+
+
+@pytest.mark.parametrize("hidden, inter, transposed", [(64, ODD, False), (64, ODD, True), (ODD, 32, False)])
+def test_bank_dispatch_falls_back_to_the_loop_for_unaligned_banks(hidden, inter, transposed):
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(4, 2 * inter, hidden, generator=g), torch.randn(4, hidden, inter, generator=g)
+    if transposed:
+        up, down = up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    bank = ExpertBank(up=up, down=down, activate=glu(torch.nn.functional.silu), transposed=transposed)
+    x, idx, w = torch.randn(9, hidden, generator=g), torch.randint(0, 4, (9, 2), generator=g), torch.rand(9, 2)
+    ref = reference_dispatch(x, idx, w, 4, lambda e, rows: bank_expert(bank, e, rows))
+    with torch.no_grad():
+        assert rel_diff(bank_dispatch(bank, x, idx, w, plan=plan_dispatch(idx, 4)), ref) < 1e-5
+
+
+# ------------------------------------------------------------------ 3. repacked ModuleList experts: storage
+
+
+@pytest.mark.parametrize("name", ["legacy-mixtral", "switch_transformers"])
+def test_repacked_experts_share_no_storage_and_save_reload_with_stock_transformers(name, tmp_path):
+    import safetensors.torch
+
+    model, inputs = build(name)
+    ref = logits(model, inputs)
+    assert not undeclared_shared_storage(model)
+    patch_model(model)
+    assert not undeclared_shared_storage(model)
+    assert rel_diff(logits(model, inputs), ref) < 1e-5  # the pack is in use, and exact
+
+    model.save_pretrained(tmp_path)
+    stock, info = type(model).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(logits(stock.eval(), inputs), ref)
+    state = {k: v for k, v in model.state_dict().items() if k not in model.all_tied_weights_keys}
+    safetensors.torch.save_file(state, tmp_path / "plain.safetensors")  # refuses shared tensors
+    assert safetensors.torch.load_file(tmp_path / "plain.safetensors").keys() == state.keys()
+
+
+def test_eval_mode_gradients_reach_repacked_experts():
+    """The pack is not what autograd tracks: with gradients on it must not be used, even in eval mode."""
+    model, inputs = build("legacy-mixtral")
+    patch_model(model)
+    out = model(**inputs, labels=inputs["input_ids"])  # eval mode, gradients enabled
+    out.loss.backward()
+    experts = [p for n, p in model.named_parameters() if ".experts." in n]
+    assert experts and all(p.grad is not None and p.grad.abs().sum() > 0 for p in experts)
+
+
+def test_repacked_experts_follow_the_model_to_another_dtype(dispatch_calls):
+    model, inputs = build("legacy-mixtral")
+    ref = logits(model, inputs)
+    patch_model(model)
+    model.to(torch.bfloat16)
+    dispatch_calls.clear()
+    assert rel_diff(logits(model, inputs).float(), ref) < 2e-2
+    assert dispatch_calls  # repacked in bf16, not left on a stale fp32 pack
+
+
+def test_repacking_under_inference_mode_leaves_the_experts_trainable():
+    model, inputs = build("legacy-mixtral")
+    patch_model(model)
+    model.to(torch.float64)  # the pack is stale; the next inference repacks
+    with torch.inference_mode():
+        model(**inputs)
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+
+
+def test_experts_in_shared_memory_stay_shared():
+    model, inputs = build("legacy-mixtral")
+    patch_model(model)
+    model.share_memory()  # e.g. for torch.multiprocessing workers: repacking must not move them out
+    logits(model, inputs)
+    assert all(p.is_shared() for p in model.parameters())
+
+
+# ------------------------------------------------------------------ 4. attributes transformers reads
+
+ADAPTER_FAMILIES = ["mixtral", "longcat_flash", "step3p7", "llama4", "dbrx", "jetmoe", "switch_transformers",
+                    "nllb-moe", "vitpose_backbone", "legacy-mixtral"]
+# transformers recognises @use_experts_implementation experts by these (expert parallelism, exporters).
+DECORATED_MARKS = ("has_gate", "is_transposed", "has_bias", "has_post_expert_norm", "is_concatenated",
+                   "_apply_gate")
+
+
+def _public_attributes(model) -> dict[str, frozenset[str]]:
+    """Each module's public instance attributes and decorated-experts marks; ``forward`` aside (an
+    instance forward is how undecorated layouts are patched)."""
+    return {n: frozenset(k for k in m.__dict__ if not k.startswith("_") and k != "forward") | frozenset(
+        k for k in DECORATED_MARKS if hasattr(m, k)) for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("name", ADAPTER_FAMILIES)
+def test_patching_adds_no_public_or_decorated_experts_attribute(name):
+    model, _ = build(name)
+    before = _public_attributes(model)
+    patch_model(model)
+    assert _public_attributes(model) == before
+
+
+def test_patched_undecorated_experts_are_not_taken_for_decorated_ones():
+    model, _ = build("longcat_flash")
+    patch_model(model)
+    report = inspect_model(model)
+    assert {b.adapter for b in report.blocks} == {"zero_experts"}
+    experts = model.get_submodule(report.blocks[0].experts_path)
+    assert not hasattr(experts, "has_gate") and not hasattr(experts, "is_transposed")
+
+
+# ------------------------------------------------------------------ 5. copies
+
+
+@pytest.mark.parametrize("name", ["mixtral", "dbrx", "legacy-mixtral"])
+@pytest.mark.parametrize("unpatched", ["copy", "original"])
+def test_deepcopy_carries_its_own_patch(name, unpatched, dispatch_calls):
+    model, inputs = build(name)
+    ref = logits(model, inputs)
+    patch_model(model)
+    twin = copy.deepcopy(model)
+    assert is_patched(twin)
+    assert rel_diff(logits(twin, inputs), ref) < 1e-5
+
+    gone, kept = (twin, model) if unpatched == "copy" else (model, twin)
+    assert unpatch_model(gone)
+    assert not is_patched(gone) and is_patched(kept)
+    assert torch.equal(logits(gone, inputs), ref)  # back on the stock forward
+    assert rel_diff(logits(kept, inputs), ref) < 1e-5
+    dispatch_calls.clear()
+    logits(gone, inputs)
+    assert not dispatch_calls
+    logits(kept, inputs)
+    assert dispatch_calls
+    assert unpatch_model(kept) and not unpatch_model(gone)
+
+
+def test_a_copy_of_repacked_experts_does_not_duplicate_the_pack():
+    model, inputs = build("legacy-mixtral")
+    patch_model(model)
+    twin = copy.deepcopy(model)
+    experts = twin.layers[0].block_sparse_moe.experts
+    weights = [p for p in experts.parameters()]
+    logits(twin, inputs)
+    # The copy's own parameters were packed (not a second copy of them next to the original's pack).
+    bank = getattr(experts, PACK_ATTR).packed
+    start, size = bank.up.data_ptr(), bank.up.numel() * bank.up.element_size()
+    assert any(start <= p.data_ptr() < start + size for p in weights)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "legacy-mixtral", "switch_transformers"])
+def test_torch_save_of_a_patched_state_dict_loads_into_a_stock_model(name):
+    model, inputs = build(name)
+    ref = logits(model, inputs)
+    stock_keys = list(model.state_dict())
+    patch_model(model)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert list(state) == stock_keys
+    fresh, _ = build(name)
+    for p in fresh.parameters():
+        torch.nn.init.zeros_(p)
+    fresh.load_state_dict(state)
+    assert torch.equal(logits(fresh, inputs), ref)
