@@ -13,33 +13,32 @@ which of them are exact at init: docs/upcycling.md.
 
 from __future__ import annotations
 
-from .pipeline import (
-    REPORT_NAME,
-    UpcycleConfig,
-    UpcyclePlan,
-    UpcycleReport,
-    VerificationError,
-    plan_upcycle,
-    upcycle,
-)
-from .recipes import ExpertLayout
-from .targets import SOURCES, TARGETS
-from .verify import Verification, compare_models, verify_folders
-from .writer import OutputError
+import importlib
 
-__all__ = [
-    "REPORT_NAME",
-    "SOURCES",
-    "TARGETS",
-    "ExpertLayout",
-    "OutputError",
-    "UpcycleConfig",
-    "UpcyclePlan",
-    "UpcycleReport",
-    "Verification",
-    "VerificationError",
-    "compare_models",
-    "plan_upcycle",
-    "upcycle",
-    "verify_folders",
-]
+# Lazy, like moe_patch/__init__: `moe-patch --help` (which registers `upcycle` from converters.cli) must
+# not pay for importing torch. Name -> submodule that defines it.
+_EXPORTS = {
+    "REPORT_NAME": "pipeline",
+    "UpcycleConfig": "pipeline",
+    "UpcyclePlan": "pipeline",
+    "UpcycleReport": "pipeline",
+    "VerificationError": "pipeline",
+    "plan_upcycle": "pipeline",
+    "upcycle": "pipeline",
+    "ExpertLayout": "recipes",
+    "SOURCES": "targets",
+    "TARGETS": "targets",
+    "Verification": "verify",
+    "compare_models": "verify",
+    "verify_folders": "verify",
+    "OutputError": "writer",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

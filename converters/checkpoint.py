@@ -80,9 +80,11 @@ class DenseCheckpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: malformed safetensors index ({exc}).") from None
-            files = sorted(set(weight_map.values()))
+                files = sorted(set(weight_map.values()))
+            except OSError as exc:
+                raise CheckpointError(f"{index}: cannot read the safetensors index ({exc.strerror}).") from None
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{index}: malformed safetensors index ({exc!r}).") from None
             missing = [f for f in files if not (self.folder / f).is_file()]
             if missing:
                 raise CheckpointError(
@@ -105,23 +107,15 @@ class DenseCheckpoint:
         return files
 
     def _read_header(self, name: str) -> None:
-        from safetensors import safe_open
+        # The package's one safetensors header reader: it tells a missing, unreadable, truncated or
+        # malformed shard apart and names the file and tensor.
+        from moe_patch.offload.checkpoint import read_header
 
         path = self.folder / name
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    dtype = sl.get_dtype()
-                    if dtype not in ST_DTYPES:
-                        raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {dtype}.")
-                    self.tensors[key] = TensorInfo(name, tuple(sl.get_shape()), ST_DTYPES[dtype])
-        except CheckpointError:
-            raise
-        except Exception as exc:  # SafetensorError: truncated file, bad header
-            raise CheckpointError(
-                f"{path}: unreadable safetensors file ({exc}); it is probably truncated or corrupt. Re-download it."
-            ) from None
+        for key, entry in read_header(path).items():
+            if entry.dtype not in TORCH_TO_ST:
+                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {entry.dtype}.")
+            self.tensors[key] = TensorInfo(name, entry.shape, entry.dtype)
         if self._index_map is not None:
             stray = [k for k, v in self._index_map.items() if v == name and k not in self.tensors]
             if stray:

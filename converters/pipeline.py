@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-from moe_patch.errors import MoEConfigError, MoEPatchError
+from moe_patch.atomic import atomic_dir
+from moe_patch.errors import MoEConfigError, MoEPatchError, OutputError
+from moe_patch.sizes import format_bytes, parse_size
 
 from .checkpoint import DenseCheckpoint
 from .recipes import (
@@ -47,14 +49,7 @@ from .targets import (
     resolve_target,
 )
 from .verify import EXACT_TOLERANCE, Verification, verify_folders
-from .writer import (
-    OutputError,
-    ShardWriter,
-    TensorSpec,
-    atomic_output_dir,
-    parse_size,
-    plan_shards,
-)
+from .writer import ShardWriter, TensorSpec, plan_shards
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +163,9 @@ class UpcyclePlan:
             f"  exact at init: {'yes' if self.exact else 'no (' + '; '.join(self.inexact_reasons) + ')'}",
             f"  tensors: {len(self.tensors)} in {len(self.shards)} shard(s); dtype {dtype}",
             f"  parameters: total {self.total_params:,}, active per token {self.active_params:,}",
-            f"  output size: {_gb(self.output_bytes)} ({self.output_bytes:,} bytes of tensors)",
-            f"  predicted peak RSS: conversion {_gb(self.predicted_peak_rss)}"
-            + (f"; with --verify {_gb(self.predicted_verify_rss)}" if c.verify else " (--no-verify)"),
+            f"  output size: {format_bytes(self.output_bytes)} ({self.output_bytes:,} bytes of tensors)",
+            f"  predicted peak RSS: conversion {format_bytes(self.predicted_peak_rss)}"
+            + (f"; with --verify {format_bytes(self.predicted_verify_rss)}" if c.verify else " (--no-verify)"),
         ]
         return "\n".join(lines + ["  tensor groups (name pattern, shape, dtype, count):", *self._tensor_groups()])
 
@@ -223,10 +218,6 @@ class UpcycleReport:
             f"top-{self.recipe['top_k']}, {self.total_params:,} params ({self.active_params:,} active), "
             f"exact={self.recipe['exact']}; {check}"
         )
-
-
-def _gb(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _ranges(xs: list[int]) -> str:
@@ -290,8 +281,10 @@ def _plan(src: Path, config: UpcycleConfig, weights: WeightSource) -> UpcyclePla
         raise MoEConfigError(f"--drop-ratio {config.drop_ratio}: expected a fraction in [0, 1].")
     if config.router_init in ("kmeans", "pca") and config.calibration_tokens < 1:
         raise MoEConfigError(f"--calibration-tokens {config.calibration_tokens}: expected a positive count.")
-    if config.noise < 0:
-        raise MoEConfigError(f"--noise {config.noise}: expected a non-negative relative std.")
+    if not (math.isfinite(config.noise) and config.noise >= 0):
+        raise MoEConfigError(f"--noise {config.noise}: expected a finite, non-negative relative std.")
+    if config.router_std is not None and not (math.isfinite(config.router_std) and config.router_std > 0):
+        raise MoEConfigError(f"--router-std {config.router_std}: expected a finite std > 0.")
 
     H, F, L = int(scfg["hidden_size"]), int(scfg["intermediate_size"]), int(scfg["num_hidden_layers"])
     G, S = int(config.granularity), int(config.shared_experts)
@@ -360,7 +353,7 @@ def _plan(src: Path, config: UpcycleConfig, weights: WeightSource) -> UpcyclePla
     )
     _plan_tensors(plan)
     specs = [t.spec for t in plan.tensors]
-    plan.shards = plan_shards(specs, parse_size(config.max_shard_size))
+    plan.shards = plan_shards(specs, parse_size(config.max_shard_size, name="--max-shard-size", minimum=1))
     plan.total_params = sum(s.numel for s in specs)
     expert_params = 3 * layout.slice_width * H
     plan.active_params = plan.total_params - len(moe_layers) * (E - layout.top_k) * expert_params
@@ -382,6 +375,9 @@ def _model_import_overhead() -> int:
 def _validate_target_config(tcfg: dict[str, Any]) -> None:
     from transformers import AutoConfig
 
+    from moe_patch.detect.config import validate_moe_config
+
+    validate_moe_config(tcfg)  # the checks every entry point that reads a config runs
     try:
         AutoConfig.for_model(**tcfg)
     except Exception as exc:
@@ -593,7 +589,7 @@ def upcycle(src: str | Path, out: str | Path, config: UpcycleConfig | None = Non
     with plan.weights:
         if config.router_init in ("kmeans", "pca"):
             _data_router(plan)
-        with atomic_output_dir(out, overwrite=config.overwrite, needed_bytes=plan.output_bytes) as tmp:
+        with atomic_dir(out, replace=config.overwrite, needed_bytes=plan.output_bytes) as tmp:
             writer = ShardWriter(tmp, plan.shards)
             try:
                 from tqdm.auto import tqdm

@@ -1,4 +1,4 @@
-"""Streaming safetensors writer and atomic output folders.
+"""Streaming safetensors writer (the output folder itself is made atomic by :mod:`moe_patch.atomic`).
 
 Every output tensor's name, shape and dtype is known before any weight is computed, so each shard's
 header is written first and tensors are streamed into it one at a time: memory holds one tensor, not
@@ -11,28 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from moe_patch.errors import CheckpointError
+from moe_patch.errors import CheckpointError, OutputError
 
 from .checkpoint import INDEX_NAME, TORCH_TO_ST
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
-
-
-class OutputError(CheckpointError):
-    """The output folder exists, cannot be created, or could not be written completely (disk full)."""
+__all__ = ["OutputError", "ShardWriter", "TensorSpec", "plan_shards", "shard_names"]  # OutputError: moe_patch.errors
 
 
 @dataclass(frozen=True)
@@ -53,19 +45,6 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' / '500MiB' / 1000 -> bytes (decimal for GB/MB/KB, binary for GiB/MiB/KiB, like transformers)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if not m:
-        raise CheckpointError(f"--max-shard-size {size!r}: expected a size like 5GB, 500MB or 2GiB.")
-    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    mult.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-    return int(value * mult[unit])
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -170,46 +149,3 @@ class ShardWriter:
     def abort(self) -> None:
         self._close_file()
 
-
-@contextmanager
-def atomic_output_dir(out: Path, *, overwrite: bool, needed_bytes: int = 0) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on any failure it vanishes.
-
-    An interrupted run (exception, Ctrl-C) leaves ``out`` untouched: it is either absent, the old
-    folder (with ``overwrite``) or the complete new one.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it.")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder; refusing to replace it.")
-    parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{parent}: cannot create the output's parent folder ({exc.strerror}).") from None
-    free = shutil.disk_usage(parent).free
-    if needed_bytes and free < needed_bytes:
-        raise OutputError(
-            f"{parent}: {free / 1e9:.2f} GB free, the output needs {needed_bytes / 1e9:.2f} GB; free some space "
-            "or choose another OUT."
-        )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would survive the rename: other users could not read OUT
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise OutputError(f"{out}: writing failed ({reason}); nothing was written to {out}.") from exc
-        raise

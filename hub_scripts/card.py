@@ -20,7 +20,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from moe_patch.detect.config import EXPERT_COUNT_FIELDS, TOP_K_FIELDS
+from moe_patch.detect.config import EXPERT_COUNT_FIELDS, TOP_K_FIELDS, validate_moe_config
 from moe_patch.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,15 @@ def _read_json(path: Path) -> dict | None:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} should hold a JSON object, found {type(data).__name__}.")
     return data
+
+
+def check_config(folder: str | Path) -> dict | None:
+    """``config.json`` of ``folder`` (None if absent), its MoE fields checked by the one config validation
+    every entry point runs: a card must not describe, and a push must not publish, an inconsistent MoE."""
+    config = _read_json(Path(folder) / "config.json")
+    if config is not None:
+        validate_moe_config(config)
+    return config
 
 
 def _first(cfg: dict, names: tuple[str, ...]) -> Any:
@@ -129,7 +138,7 @@ def summarize_folder(folder: str | Path) -> tuple[MoESummary, dict | None, dict 
     """Describe the checkpoint in `folder`: (summary, upcycle report or None, config or None)."""
     folder = Path(folder)
     report = _read_json(folder / REPORT_FILE)
-    config = _read_json(folder / "config.json")
+    config = check_config(folder)
     s = MoESummary()
     if config:
         s.model_type = config.get("model_type")

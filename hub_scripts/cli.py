@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
 
-from .pull import pull
-from .push import PushResult, human_bytes, push_folder
+from moe_patch.cli import new_folder
+from moe_patch.sizes import format_bytes
+
+if TYPE_CHECKING:
+    from .push import PushResult
 
 
 def _quiet_http_logs(args: argparse.Namespace) -> None:
@@ -19,7 +23,7 @@ def _quiet_http_logs(args: argparse.Namespace) -> None:
 def _print_push(result: PushResult) -> None:
     if result.dry_run:
         where = f"{result.repo_id}@{result.branch}" if result.branch else result.repo_id
-        print(f"Dry run: would push {len(result.files)} files ({human_bytes(result.total_bytes)}) to {where}"
+        print(f"Dry run: would push {len(result.files)} files ({format_bytes(result.total_bytes)}) to {where}"
               f"{' (private)' if result.private else ''}:")
         for path, size in result.files:
             print(f"  {size:>12,d}  {path}")
@@ -31,13 +35,15 @@ def _print_push(result: PushResult) -> None:
         return
     if result.card_action == "kept":
         print("Kept your README.md (use --overwrite-card to replace it with a generated card).")
-    print(f"Pushed {len(result.files)} files ({human_bytes(result.total_bytes)}) to {result.repo_url}")
+    print(f"Pushed {len(result.files)} files ({format_bytes(result.total_bytes)}) to {result.repo_url}")
     if result.pr_url:
         print(f"Pull request: {result.pr_url}")
     print(f"Commit: {result.commit_url}")
 
 
 def _push(args: argparse.Namespace) -> int:
+    from .push import push_folder  # lazy: `moe-patch --help` must not import torch through the card code
+
     _quiet_http_logs(args)
     result = push_folder(
         args.folder,
@@ -57,6 +63,8 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
+    from .pull import pull
+
     _quiet_http_logs(args)
     path = pull(args.repo_id, revision=args.revision, include=args.include, local_dir=args.local_dir)
     print(path)
@@ -94,5 +102,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("repo_id", help="repository, 'namespace/name'")
     q.add_argument("--revision", help="branch, tag or commit (default: main)")
     q.add_argument("--include", nargs="+", metavar="PATTERN", help="only files matching these glob patterns")
-    q.add_argument("--local-dir", help="download into this folder instead of the cache")
+    q.add_argument("--local-dir", type=new_folder, help="download into this folder instead of the cache")
     q.set_defaults(func=_pull)

@@ -13,6 +13,8 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
 
+from moe_patch.errors import MoEPatchError, OutputError
+
 from .api import check_repo_id, make_api
 from .errors import HubError, hub_errors
 
@@ -48,9 +50,16 @@ def pull(
                 raise HubError(
                     f"No file of '{repo_id}' matches --include {' '.join(patterns)}. The repository holds: {shown}"
                 )
-        path = api.snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, local_dir=local_dir, cache_dir=cache_dir
-        )
+        try:
+            path = api.snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, local_dir=local_dir, cache_dir=cache_dir
+            )
+        except OSError as exc:
+            if isinstance(exc, (MoEPatchError, ConnectionError, TimeoutError)) or exc.errno is None:
+                raise  # a HubError, or the network: hub_errors' business
+            where = local_dir if local_dir is not None else (cache_dir or "the Hugging Face cache")
+            raise OutputError(f"{exc.filename or where}: cannot write the download ({exc.strerror}). "
+                              "Check the folder (--local-dir) and free space.") from exc
     return Path(path)
 
 

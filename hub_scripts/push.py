@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitInfo, HfApi
 from huggingface_hub.errors import OfflineModeIsEnabled
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
+from moe_patch import atomic
 from moe_patch.errors import CheckpointError
+from moe_patch.sizes import format_bytes as human_bytes  # the package's one byte formatter
 
 from .api import check_repo_id, make_api
-from .card import CARD_FILE, build_model_card, is_generated_card
+from .card import CARD_FILE, build_model_card, check_config, is_generated_card
 from .errors import HubAuthError, HubError, UploadInterruptedError, hub_errors
 
 logger = logging.getLogger(__name__)
@@ -57,15 +58,6 @@ class PushResult:
         return f"{self.pr_url or self.commit_url} ({what})"
 
 
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def list_upload_files(folder: Path) -> list[tuple[str, int]]:
     """Files `upload_folder` would send (same ignore rules: .git, .cache/huggingface), sorted."""
     paths = {p.relative_to(folder).as_posix(): p for p in sorted(folder.glob("**/*")) if p.is_file()}
@@ -73,35 +65,59 @@ def list_upload_files(folder: Path) -> list[tuple[str, int]]:
     return [(rel, paths[rel].stat().st_size) for rel in kept]
 
 
-def check_checkpoint_complete(folder: Path) -> None:
-    """Refuse to publish a checkpoint whose safetensors index names shards that are missing."""
-    for index in sorted(folder.glob("*.safetensors.index.json")):
+def check_checkpoint_files(folder: Path, files: Iterable[str] | None = None) -> None:
+    """Refuse to publish safetensors that a loader would refuse, naming the file and the tensor.
+
+    Every ``*.safetensors`` file among ``files`` (default: what would be uploaded) goes through the
+    offload loader's header reader (``moe_patch.offload.checkpoint.read_header``: the header parses,
+    each tensor's byte range lies inside the file), and every ``*.safetensors.index.json`` must agree
+    with its shards: each listed shard present, each listed tensor in its shard, no unlisted tensor.
+    """
+    from moe_patch.offload.checkpoint import read_header
+
+    rels = [rel for rel, _ in list_upload_files(folder)] if files is None else list(files)
+    headers = {rel: read_header(folder / rel) for rel in rels if rel.endswith(".safetensors")}
+    for rel in (r for r in rels if r.endswith(".safetensors.index.json")):
+        index = folder / rel
+        listed: dict[str, set[str]] = {}
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            for key, shard in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items():
+                listed.setdefault((PurePosixPath(rel).parent / shard).as_posix(), set()).add(key)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index ({exc}); re-run the conversion.") from exc
-        missing = sorted({shard for shard in weight_map.values() if not (folder / shard).is_file()})
+        missing = sorted(PurePosixPath(s).name for s in listed if s not in headers)
         if missing:
             raise CheckpointError(
                 f"{index.name} lists shards missing from {folder}: {', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''}. The checkpoint is incomplete: re-run the conversion."
             )
+        for shard, keys in sorted(listed.items()):
+            absent, unlisted = sorted(keys - headers[shard].keys()), sorted(headers[shard].keys() - keys)
+            if absent:
+                raise CheckpointError(f"{folder / shard}: tensor {absent[0]!r} is listed in {index.name} but absent "
+                                      f"from the shard ({len(absent)} such tensors). Re-run the conversion.")
+            if unlisted:
+                raise CheckpointError(f"{folder / shard}: tensor {unlisted[0]!r} is in the shard but {index.name} does "
+                                      f"not list it there ({len(unlisted)} such tensors): the index and the shards "
+                                      "come from different saves. Re-run the conversion.")
 
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Temp file in the same folder, then rename: a crash never leaves a half-written README.md.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_card(readme: Path, text: str) -> Callable[[], None]:
+    """Write the card atomically; return the function that puts back what was there before."""
+    previous = readme.read_bytes() if readme.exists() else None
+    atomic.write_bytes(readme, text.encode("utf-8"))
+
+    def restore() -> None:
+        if previous is None:
+            readme.unlink(missing_ok=True)
+        else:
+            atomic.write_bytes(readme, previous)
+
+    return restore
 
 
 def push_folder(
@@ -137,9 +153,11 @@ def push_folder(
             f"--create-pr opens a pull request against main; it cannot be combined with --branch {branch}."
             " Drop one of the two options."
         )
-    check_checkpoint_complete(folder)
-
     readme = folder / CARD_FILE
+    atomic.clean_leftovers(readme)  # a card write killed mid-way must not be uploaded
+    on_disk = list_upload_files(folder)
+    check_checkpoint_files(folder, [rel for rel, _ in on_disk])  # before anything is written or sent
+    check_config(folder)
     card_text: str | None = None
     if not write_card:
         card_action = "kept" if readme.exists() else "none"
@@ -152,7 +170,7 @@ def push_folder(
             check_repo_id(base_model)
         card_text = str(build_model_card(folder, repo_id=repo_id, base_model=base_model, license=license))
 
-    files = [(p, s) for p, s in list_upload_files(folder) if not (card_text is not None and p == CARD_FILE)]
+    files = [(p, s) for p, s in on_disk if not (card_text is not None and p == CARD_FILE)]
     if card_text is not None:
         files = sorted(files + [(CARD_FILE, len(card_text.encode("utf-8")))])
     result = PushResult(
@@ -168,6 +186,26 @@ def push_folder(
         return result
 
     api = api or make_api()
+    # The card is written first (a read-only folder fails before any request) and taken back if the
+    # push fails: the user's folder is left as it was.
+    restore_card = _write_card(readme, card_text) if card_text is not None else None
+    try:
+        info = _upload(api, folder, repo_id, result, private=private, branch=branch, create_pr=create_pr,
+                       commit_message=commit_message)
+    except BaseException:
+        if restore_card is not None:
+            restore_card()
+        raise
+    result.commit_url = info.commit_url
+    result.commit_oid = info.oid
+    result.pr_url = info.pr_url
+    return result
+
+
+def _upload(api: HfApi, folder: Path, repo_id: str, result: PushResult, *, private: bool, branch: str | None,
+            create_pr: bool, commit_message: str | None) -> CommitInfo:
+    """Create the repo (and branch) and upload the folder; every failure is a one-line HubError."""
+    files = result.files
     with hub_errors(repo_id, endpoint=api.endpoint, action="push to"):
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         result.repo_url = str(repo_url)
@@ -176,8 +214,6 @@ def push_folder(
                 f"'{repo_id}' already exists and is public; --private does not change an existing repository."
                 " Make it private in its settings on the Hub first, or push without --private."
             )
-        if card_text is not None:
-            _write_atomic(readme, card_text)
         if branch and branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         logger.info(
@@ -212,7 +248,4 @@ def push_folder(
         except ValueError as exc:  # invalid README.md metadata, malformed server replies
             hint = " Fix the YAML header of README.md, or pass --overwrite-card." if "README.md" in str(exc) else ""
             raise HubError(f"Could not push to '{repo_id}': {' '.join(str(exc).split())}{hint}") from exc
-    result.commit_url = info.commit_url
-    result.commit_oid = info.oid
-    result.pr_url = info.pr_url
-    return result
+    return info

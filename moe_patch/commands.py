@@ -8,13 +8,15 @@ import json
 import tempfile
 from pathlib import Path
 
+from .cli import int_at_least, new_folder, size
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build a small random MoE checkpoint, inspect, patch, generate (no download)")
     p.add_argument("--family", default="qwen3_moe", choices=("qwen3_moe", "mixtral", "deepseek_v3"),
                    help="MoE family of the random checkpoint (default qwen3_moe)")
-    p.add_argument("--out", help="where to write the demo checkpoint (default: a temporary folder)")
-    p.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--out", type=new_folder, help="where to write the demo checkpoint (default: a temporary folder)")
+    p.add_argument("--tokens", type=int_at_least(1), default=32, help="tokens to generate (default 32)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("inspect", help="report the MoE blocks of a checkpoint from its config (no weights read)")
@@ -22,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", help="Hub revision (repo ids only)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
-    p.add_argument("--gpu", help="device budget for a memory plan, e.g. 24GiB")
-    p.add_argument("--ram", help="host RAM budget for a memory plan, e.g. 64GiB")
+    p.add_argument("--gpu", type=size(), help="device budget for a memory plan, e.g. 24GiB")
+    p.add_argument("--ram", type=size(), help="host RAM budget for a memory plan, e.g. 64GiB")
     p.set_defaults(func=_inspect)
 
 
@@ -32,7 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .detect.table import human_count
 
     with tempfile.TemporaryDirectory(prefix="moe-patch-demo-") as tmp:
-        out = Path(args.out) if args.out else Path(tmp) / f"{args.family}-random"
+        out = args.out or Path(tmp) / f"{args.family}-random"
         print(f"1/4 building a random {args.family} checkpoint in {out}")
         build_demo_checkpoint(out, args.family)
         print("2/4 inspecting it from config.json + safetensors index (meta device, no weights read)")

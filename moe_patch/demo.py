@@ -3,8 +3,6 @@ generate, and check the patched model against the Hugging Face forward. No downl
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,27 +44,23 @@ def build_demo_checkpoint(out: str | Path, family: str = "qwen3_moe", seed: int 
     """
     from transformers import AutoModelForCausalLM
 
-    from .errors import MoEPatchError
+    from .atomic import atomic_dir
+    from .errors import OutputError
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder; choose an empty or new folder")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise MoEPatchError(f"{out} exists and was not written by `moe-patch demo`; choose an empty or new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
+        raise OutputError(f"{out} exists and was not written by `moe-patch demo`; choose an empty or new folder")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(demo_config(family))
     with torch.no_grad():  # routers of some families start at zero: give every weight a random value
         for p in model.parameters():
             p.normal_(0.0, 0.05)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    # replace=True: an empty folder or a previous demo checkpoint (checked above)
+    with atomic_dir(out, replace=True) as tmp:
         model.save_pretrained(tmp, max_shard_size="4MB")
         (tmp / MARKER).write_text('{"family": "%s", "seed": %d}\n' % (family, seed))
-        if out.exists():
-            shutil.rmtree(out)  # empty, or a previous demo checkpoint (checked above)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -1,4 +1,8 @@
-"""Errors raised by moe-patch. Each message says what went wrong and what to do."""
+"""Errors raised by moe-patch. Each message says what went wrong, where, and what to do.
+
+Every error moe-patch raises on purpose is a :class:`MoEPatchError`; the ``moe-patch`` command prints
+one as a single line (``--debug`` shows the traceback). docs/errors.md lists them for users.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,16 @@ class MoEConfigError(MoEPatchError, ValueError):
     """A model or checkpoint configuration is inconsistent (names the field and its value)."""
 
 
+class InvalidArgumentError(MoEPatchError, ValueError):
+    """An argument given to a moe-patch function or command is malformed or out of range (names the
+    argument and the allowed values)."""
+
+
+class NotAModelError(MoEPatchError, TypeError):
+    """A function that works on a live model (``inspect_model``, ``patch_model``) got something else,
+    e.g. a checkpoint path."""
+
+
 class RoutingError(MoEPatchError, RuntimeError):
     """Router output that cannot be dispatched: non-finite weights or out-of-range expert indices."""
 
@@ -20,8 +34,13 @@ class NoMoEFoundError(MoEPatchError):
 
 
 class CheckpointError(MoEPatchError, OSError):
-    """A checkpoint file or tensor is missing, truncated or does not match its config."""
+    """A checkpoint file or tensor is missing, unreadable, truncated or does not match its config."""
 
 
-class BudgetError(MoEPatchError, ValueError):
+class OutputError(CheckpointError):
+    """An output folder or file exists, cannot be created, or could not be written completely (disk full,
+    read-only file system). Nothing partial is left under the output's name."""
+
+
+class BudgetError(InvalidArgumentError):
     """A memory budget is malformed or too small for the model."""

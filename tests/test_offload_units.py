@@ -36,7 +36,7 @@ def test_budget_below_one_expert_names_the_minimum():
     check_budget(0, 4096, name="host_cache", allow_zero=True)  # 0 switches the host tier off
     with pytest.raises(BudgetError):
         check_budget(0, 4096, name="expert_cache", allow_zero=False)
-    assert format_bytes(3 * 2**30) == "3.0 GiB"
+    assert format_bytes(3 * 2**30) == "3.00 GiB"  # the package's one formatter (moe_patch.sizes)
 
 
 def test_lru_evicts_least_recently_used_and_never_exceeds_budget():

@@ -269,7 +269,7 @@ def test_truncated_shard_is_refused(dense, tmp_path):
     src = copy_src(dense, tmp_path)
     data = (src / "model.safetensors").read_bytes()
     (src / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="model.safetensors: unreadable safetensors file .*truncated"):
+    with pytest.raises(CheckpointError, match="model.safetensors: .*truncated"):
         upcycle(src, tmp_path / "o", UpcycleConfig(num_experts=4, top_k=2))
     assert not (tmp_path / "o").exists()
 

@@ -66,6 +66,8 @@ def load_config(folder: str | Path, *, trust_remote_code: bool = False):
         raise CheckpointError(f"{cfg_path}: not found; a checkpoint folder needs its config.json")
     try:
         raw = json.loads(cfg_path.read_text())
+    except OSError as exc:
+        raise CheckpointError(f"{cfg_path}: cannot read it ({exc.strerror or exc})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MoEConfigError(f"{cfg_path}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict) or "model_type" not in raw:
@@ -79,10 +81,13 @@ def load_config(folder: str | Path, *, trust_remote_code: bool = False):
                 f"{cfg_path}: model_type {raw['model_type']!r} needs the checkpoint's own Python code; "
                 "re-run with --trust-remote-code if you trust its authors"
             )
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise MoEConfigError(f"{cfg_path}: transformers cannot read this config: {exc}") from exc
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as exc:  # strict fields: e.g. hidden_size "abc"
+        detail = " ".join(str(exc).split())
+        raise MoEConfigError(f"{cfg_path}: transformers cannot read this config: {detail}") from exc
     return config
 
 
@@ -170,21 +175,24 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
         try:
             index = json.loads(indexes[0].read_text())
             weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{indexes[0]}: malformed safetensors index ({exc})") from exc
-        summary.shards = sorted(set(weight_map.values()))
-        summary.total_bytes = (index.get("metadata") or {}).get("total_size")
+            summary.shards = sorted(set(weight_map.values()))
+            total = (index.get("metadata") or {}).get("total_size")
+        except OSError as exc:
+            raise CheckpointError(f"{indexes[0]}: cannot read the safetensors index ({exc.strerror or exc})") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{indexes[0]}: malformed safetensors index ({exc!r})") from exc
+        summary.total_bytes = total if isinstance(total, int) and not isinstance(total, bool) else None
         keys = list(weight_map)
     else:
+        # The package's one safetensors reader: headers only, a truncated or unreadable shard named.
+        from ..offload.checkpoint import read_header
+
         shards = sorted(p.name for p in folder.glob("*.safetensors"))
         summary.shards = shards
         keys = []
+        for shard in shards:
+            keys += list(read_header(folder / shard))
         if shards:
-            from safetensors import safe_open  # header only
-
-            for shard in shards:
-                with safe_open(folder / shard, framework="pt") as f:
-                    keys += list(f.keys())
             summary.total_bytes = sum((folder / s).stat().st_size for s in shards)
     summary.tensors = len(keys)
     summary.per_expert_tensors = sum(1 for k in keys if _PER_EXPERT.search(k))

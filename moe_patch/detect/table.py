@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..sizes import format_bytes as human_bytes  # the one byte formatter (planner.py imports it from here)
+
 if TYPE_CHECKING:
     from .spec import MoEReport
 
@@ -13,13 +15,6 @@ def human_count(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return str(int(n))
-
-
-def human_bytes(n: float) -> str:
-    for unit, div in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def format_report(report: MoEReport) -> str:

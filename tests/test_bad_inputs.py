@@ -1,0 +1,601 @@
+"""Every bad input gets one clear line and loses nothing.
+
+Two tables of cases, one row per bad input: the input, the expected exit code (CLI, through the real
+`moe-patch` console script in a subprocess) or exception type (library), a fragment the message must
+contain, and a check that the inputs are unchanged and nothing partial is left next to them. The
+classes of issue 11 are marked in the ids: push validates what it publishes (push-*), one config
+validation for every entry point (config-*), arguments the code cannot use (arg-*), errors that name
+the place (where-*), leftovers of killed runs (killed-*, below the tables), one size parser and one
+byte formatter (size-*), and cases handled before (ok-*) so none regresses.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hub_server import TOKEN, api, ckpt, hub, hub_online, tiny_moe_dir  # noqa: F401  (pytest fixtures)
+
+import moe_patch
+from hub_scripts.errors import HubError
+from moe_patch.errors import (
+    BudgetError,
+    CheckpointError,
+    InvalidArgumentError,
+    MoEConfigError,
+    MoEPatchError,
+    NotAModelError,
+    OutputError,
+    RoutingError,
+)
+
+MOE_PATCH = Path(sys.executable).with_name("moe-patch")  # the console script of this environment
+INDEX = "model.safetensors.index.json"
+UNITS = "KiB, MiB, GiB, TiB"  # every size error lists the accepted units
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory) -> Path:
+    from upcycle_helpers import make_dense
+
+    return make_dense(tmp_path_factory.mktemp("dense") / "dense", "llama")
+
+
+@pytest.fixture
+def work(tmp_path, tiny_moe_dir, dense_dir) -> Path:  # noqa: F811 (fixture)
+    """A fresh folder holding `moe` (a tiny Mixtral, 3 shards and an index) and `dense` (a tiny Llama)."""
+    shutil.copytree(tiny_moe_dir, tmp_path / "moe")
+    shutil.copytree(dense_dir, tmp_path / "dense")
+    return tmp_path
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file (content hash) and folder under ``root``: a leftover, a change or a partial output shows."""
+    return {p.relative_to(root).as_posix(): (hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*")) if ".cache" not in p.parts}
+
+
+def shard_of(folder: Path, key_part: str) -> tuple[Path, str]:
+    """(shard file, tensor name) of the first tensor whose name contains ``key_part``."""
+    weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+    key = next(k for k in sorted(weight_map) if key_part in k)
+    return folder / weight_map[key], key
+
+
+def edit_json(path: Path, fn: Callable[[dict], None]) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def rewrite_header(path: Path, fn: Callable[[dict], None]) -> None:
+    """Change a safetensors header in place; the data bytes stay as they are."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    fn(header)
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def truncate_expert_shard(work: Path) -> None:
+    shard, _ = shard_of(work / "moe", ".experts.")
+    os.truncate(shard, shard.stat().st_size - 64)
+
+
+def set_config(folder: str, **fields) -> Callable[[Path], None]:
+    return lambda work: edit_json(work / folder / "config.json", lambda c: c.update(fields))
+
+
+def drop_from_index(work: Path) -> None:
+    _, key = shard_of(work / "moe", ".experts.")
+    edit_json(work / "moe" / INDEX, lambda d: d["weight_map"].pop(key))
+
+
+def add_ghost_to_index(work: Path) -> None:
+    shard, _ = shard_of(work / "moe", ".experts.")
+    edit_json(work / "moe" / INDEX, lambda d: d["weight_map"].update({"model.ghost.weight": shard.name}))
+
+
+def unlink_a_shard(work: Path) -> None:
+    shard_of(work / "moe", ".experts.")[0].unlink()
+
+
+def shard_is_a_folder(work: Path) -> None:
+    (work / "dense" / "model.safetensors").unlink()
+    (work / "dense" / "model.safetensors").mkdir()
+
+
+def a_file(name: str) -> Callable[[Path], None]:
+    return lambda work: (work / name).write_text("not a folder\n")
+
+
+def pickle_only(work: Path) -> None:
+    (work / "dense" / "model.safetensors").rename(work / "dense" / "pytorch_model.bin")
+
+
+def no_matplotlib(work: Path) -> None:
+    shadow = work / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'matplotlib'\")\n")
+
+
+# -- the CLI table ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cli:
+    id: str
+    argv: tuple[str, ...]  # relative paths are inside the `work` folder
+    code: int
+    message: str
+    prepare: Callable[[Path], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+CLI_CASES = [
+    # 1. push validates every safetensors file before sending anything (--dry-run: no network needed)
+    Cli("push-truncated-shard", ("push", "moe", "me/x", "--dry-run"), 1, "truncated", truncate_expert_shard),
+    Cli("push-inconsistent-moe-config", ("push", "moe", "me/x", "--dry-run"), 1,
+        "num_experts_per_tok = 8 exceeds num_local_experts = 4", set_config("moe", num_experts_per_tok=8)),
+    # 2. the same config validation on every entry point that reads a config
+    Cli("config-run-top-k-above-experts", ("run", "moe", "--prompt-ids", "1,2"), 1,
+        "num_experts_per_tok = 8 exceeds num_local_experts = 4", set_config("moe", num_experts_per_tok=8)),
+    Cli("config-upcycle-field-of-the-wrong-type", ("upcycle", "dense", "out", "--num-experts", "4"), 1,
+        "expected int, got str", set_config("dense", hidden_size="abc")),
+    # 3. arguments argparse would accept but the code cannot use: refused at the edge, with the range
+    Cli("arg-run-zero-new-tokens", ("run", "moe", "--prompt-ids", "1", "--max-new-tokens", "0"), 2,
+        "argument --max-new-tokens: expected an integer >= 1, got 0"),
+    Cli("arg-demo-negative-tokens", ("demo", "--tokens", "-3"), 2, "argument --tokens: expected an integer >= 1"),
+    Cli("arg-run-prompt-id-outside-the-vocabulary", ("run", "moe", "--prompt-ids", "1,99999"), 1,
+        "token id 99999 is outside the vocabulary of moe: ids must lie in [0, 128)"),
+    Cli("arg-run-negative-prompt-id", ("run", "moe", "--prompt-ids", "3,-5"), 2, "token ids must be >= 0, got -5"),
+    Cli("arg-run-no-prompt-ids", ("run", "moe", "--prompt-ids", " , "), 2, "expected at least one token id"),
+    Cli("arg-run-prompt-ids-not-integers", ("run", "moe", "--prompt-ids", "a,b"), 2, "expected comma-separated integers"),
+    Cli("arg-run-empty-prompt", ("run", "moe", "--prompt", ""), 2, "argument --prompt: must not be empty"),
+    Cli("arg-run-unknown-dtype", ("run", "moe", "--prompt-ids", "1", "--dtype", "float33"), 2,
+        "invalid choice: 'float33' (choose from 'auto', 'float32', 'bfloat16', 'float16')"),
+    Cli("arg-run-integer-dtype", ("run", "moe", "--prompt-ids", "1", "--dtype", "int8"), 2, "invalid choice: 'int8'"),
+    Cli("arg-run-unknown-device", ("run", "moe", "--prompt-ids", "1", "--device", "tpu"), 2,
+        "expected cpu, cuda or cuda:N, got 'tpu'"),
+    Cli("arg-run-plot-folder-missing", ("run", "moe", "--prompt-ids", "1", "--plot", "no/such/folder/x.png"), 2,
+        "the folder no/such/folder does not exist"),
+    Cli("arg-run-plot-without-matplotlib", ("run", "moe", "--prompt-ids", "1", "--plot", "x.png"), 2,
+        "plotting needs matplotlib: pip install matplotlib", no_matplotlib, {"PYTHONPATH": "shadow"}),
+    Cli("arg-run-plot-unknown-format", ("run", "moe", "--prompt-ids", "1", "--plot", "x.doc"), 2,
+        "the suffix must be one of"),
+    Cli("arg-pull-local-dir-is-a-file", ("pull", "me/x", "--local-dir", "notes.txt"), 2,
+        "argument --local-dir: notes.txt exists and is not a folder", a_file("notes.txt")),
+    Cli("arg-demo-out-is-a-file", ("demo", "--out", "notes.txt"), 2, "notes.txt exists and is not a folder",
+        a_file("notes.txt")),
+    Cli("arg-upcycle-zero-shard-size", ("upcycle", "dense", "out", "--num-experts", "4", "--max-shard-size", "0"), 2,
+        "it must be at least 1 B"),
+    Cli("arg-unknown-option", ("inspect", "moe", "--colour"), 2, "unrecognized arguments: --colour"),
+    Cli("arg-no-prompt", ("run", "moe"), 2, "one of the arguments --prompt --prompt-ids is required"),
+    # 4. errors that name the place
+    Cli("where-upcycle-shard-is-a-folder", ("upcycle", "dense", "out", "--num-experts", "4"), 1,
+        "dense/model.safetensors: cannot read the shard (Is a directory)", shard_is_a_folder),
+    # 6. one size parser: the accepted units in every message
+    Cli("size-expert-cache", ("run", "moe", "--prompt-ids", "1", "--expert-cache", "8GBs"), 2, UNITS),
+    Cli("size-inspect-gpu-negative", ("inspect", "moe", "--gpu=-24GiB"), 2, "sizes cannot be negative"),
+    Cli("size-max-shard-size", ("upcycle", "dense", "out", "--num-experts", "4", "--max-shard-size", "5XB"), 2, UNITS),
+    # handled before: must stay so
+    Cli("ok-inspect-config-not-json", ("inspect", "moe"), 1, "not valid JSON",
+        lambda work: (work / "moe" / "config.json").write_text("{not json")),
+    Cli("ok-pull-bad-repo-id", ("pull", "not a repo"), 1, "not a valid repository id"),
+]
+
+
+def _env(work: Path, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(work / ".cache" / "hf"), TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
+    env.update({k: str(work / v) if k == "PYTHONPATH" else v for k, v in extra.items()})
+    return env
+
+
+@pytest.mark.skipif(not MOE_PATCH.exists(), reason="the moe-patch console script is not installed")
+@pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c.id)
+def test_cli_prints_one_line_exits_non_zero_and_loses_nothing(case, work):
+    if case.prepare:
+        case.prepare(work)
+    before = snapshot(work)
+    proc = subprocess.run([str(MOE_PATCH), *case.argv], cwd=work, env=_env(work, case.env), capture_output=True,
+                          text=True, timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == case.code, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"moe-patch {case.argv[0]}: error: ") and case.message in lines[0], lines[0]
+    assert snapshot(work) == before  # inputs unchanged, no partial output, no temporary folder left
+
+
+# -- the library table -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Lib:
+    id: str
+    call: Callable[[Path, pytest.MonkeyPatch], object]
+    error: type[MoEPatchError]
+    message: str
+    prepare: Callable[[Path], None] | None = None
+
+
+def _load(work: Path, **kw):
+    return moe_patch.load_model(work / "moe", **kw)
+
+
+def _upcycle(work: Path, out: str = "out", **kw):
+    from converters import UpcycleConfig, upcycle
+
+    return upcycle(work / "dense", work / out, UpcycleConfig(**{"num_experts": 4, "verify": False, **kw}))
+
+
+def _push_dry(work: Path, **kw):
+    from hub_scripts.push import push_folder
+
+    return push_folder(work / "moe", "me/x", dry_run=True, **kw)
+
+
+def _push_nowhere(work: Path):
+    """A real push to a closed port: the network fails after the local steps."""
+    import socket
+
+    from hub_scripts.api import make_api
+    from hub_scripts.push import push_folder
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return push_folder(work / "moe", "me/x", api=make_api(endpoint=f"http://127.0.0.1:{port}", token=TOKEN))
+
+
+def _denied(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Opening any file called ``name`` fails as on a file without read permission (the tests run as root too,
+    where chmod cannot deny a read)."""
+    import builtins
+    import io
+
+    real = io.open
+
+    def fake_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file).endswith(name):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)  # Path.read_text / read_bytes
+
+
+def _read_only_fs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creating anything fails as on a read-only mount (EROFS)."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+def _expert_shard_name(work: Path) -> str:
+    return shard_of(work / "moe", ".experts.")[0].name
+
+
+def _header_entry(fn: Callable[[dict], None]) -> Callable[[Path], None]:
+    def prepare(work: Path) -> None:
+        shard, key = shard_of(work / "moe", ".experts.")
+        rewrite_header(shard, lambda h: fn(h[key]))
+
+    return prepare
+
+
+def _header_is_a_list(work: Path) -> None:
+    shard, _ = shard_of(work / "moe", ".experts.")
+    new = b"[1, 2, 3]"
+    shard.write_bytes(struct.pack("<Q", len(new)) + new)
+
+
+def _inspect_folder(work: Path, folder: str = ""):
+    from moe_patch.commands import inspect_folder
+
+    return inspect_folder(work / folder)
+
+
+LIB_CASES = [
+    # 1. push: the one header reader, then index <-> shard agreement; a malformed header is never a bare error
+    Lib("push-header-entry-shape-not-a-list", lambda w, m: _push_dry(w), CheckpointError, "malformed header entry",
+        _header_entry(lambda e: e.update(shape="big"))),
+    Lib("push-header-negative-offset", lambda w, m: _push_dry(w), CheckpointError, "negative sizes or offsets",
+        _header_entry(lambda e: e.update(data_offsets=[-8, e["data_offsets"][1] - e["data_offsets"][0] - 8]))),
+    Lib("push-header-not-an-object", lambda w, m: _push_dry(w), CheckpointError, "not a safetensors JSON object",
+        _header_is_a_list),
+    Lib("push-read-only-folder", lambda w, m: (_read_only_fs(m), _push_nowhere(w)), OutputError,
+        "README.md: writing failed (Read-only file system)"),
+    Lib("push-unreadable-shard", lambda w, m: (_denied(m, _expert_shard_name(w)), _push_dry(w)), CheckpointError,
+        "permission denied"),
+    Lib("push-index-names-a-tensor-the-shard-lacks", lambda w, m: _push_dry(w), CheckpointError,
+        "'model.ghost.weight' is listed in model.safetensors.index.json but absent", add_ghost_to_index),
+    Lib("push-shard-holds-a-tensor-the-index-lacks", lambda w, m: _push_dry(w), CheckpointError,
+        "does not list it there", drop_from_index),
+    # 2. one config validation: the library loader and the card run the same checks as `inspect`
+    Lib("config-load-model-top-k-above-experts", lambda w, m: _load(w), MoEConfigError,
+        "num_experts_per_tok = 8 exceeds num_local_experts = 4", set_config("moe", num_experts_per_tok=8)),
+    Lib("config-load-model-top-k-string", lambda w, m: _load(w), MoEConfigError,
+        "num_experts_per_tok must be an integer, got '64 2'", set_config("moe", num_experts_per_tok="64 2")),
+    Lib("arg-load-model-unknown-device", lambda w, m: _load(w, device="tpu"), MoEConfigError, "not a device name"),
+    Lib("arg-load-model-unknown-dtype", lambda w, m: _load(w, dtype="float33"), InvalidArgumentError,
+        "dtype='float33'"),
+    Lib("config-inspect-index-not-an-object", lambda w, m: _inspect_folder(w, "moe"), CheckpointError,
+        "malformed safetensors index", lambda w: (w / "moe" / INDEX).write_text("[]")),
+    # 3. arguments
+    Lib("arg-load-model-budget-not-a-size", lambda w, m: _load(w, expert_cache="lots"), BudgetError, UNITS),
+    Lib("arg-upcycle-shard-size-not-a-size", lambda w, m: _upcycle(w, max_shard_size="5XB"), InvalidArgumentError,
+        "--max-shard-size: cannot read '5XB' as a size; write a number of bytes, or a number with a unit"),
+    Lib("arg-upcycle-negative-router-std", lambda w, m: _upcycle(w, router_std=-1.0), MoEConfigError,
+        "--router-std -1.0: expected a finite std > 0"),
+    Lib("arg-upcycle-nan-noise", lambda w, m: _upcycle(w, noise=float("nan")), MoEConfigError,
+        "--noise nan: expected a finite, non-negative relative std"),
+    # 4. errors that name the place
+    Lib("where-inspect-model-given-a-path", lambda w, m: moe_patch.inspect_model(str(w / "moe")), NotAModelError,
+        "expected a model (torch.nn.Module), got str"),
+    Lib("where-patch-model-given-a-path", lambda w, m: moe_patch.patch_model(w / "moe"), NotAModelError,
+        "run `moe-patch inspect PATH`"),
+    Lib("where-load-model-unreadable-shard", lambda w, m: (_denied(m, _expert_shard_name(w)), _load(w)),
+        CheckpointError, "permission denied; make the file readable"),
+    Lib("where-upcycle-unreadable-shard", lambda w, m: (_denied(m, "model.safetensors"), _upcycle(w)),
+        CheckpointError, "dense/model.safetensors: permission denied"),
+    Lib("where-inspect-unreadable-config", lambda w, m: (_denied(m, "config.json"), _inspect_folder(w, "moe")),
+        CheckpointError, "config.json: cannot read it (Permission denied)"),
+    Lib("where-upcycle-read-only-output", lambda w, m: (_read_only_fs(m), _upcycle(w)), OutputError,
+        "out: writing failed (Read-only file system); nothing was written"),
+    # handled before: must stay so
+    Lib("ok-load-model-missing-shard", lambda w, m: _load(w), CheckpointError, "is missing", unlink_a_shard),
+    Lib("ok-load-model-truncated-shard", lambda w, m: _load(w), CheckpointError, "truncated", truncate_expert_shard),
+    Lib("ok-load-model-budget-below-one-expert", lambda w, m: _load(w, expert_cache=100), BudgetError,
+        "smaller than one expert"),
+    Lib("ok-load-model-unknown-argument", lambda w, m: _load(w, colour="blue"), MoEConfigError, "unsupported arguments"),
+    Lib("ok-load-model-path-is-a-file", lambda w, m: moe_patch.load_model(w / "moe" / "config.json"), CheckpointError,
+        "not a checkpoint directory"),
+    Lib("ok-inspect-folder-without-config", lambda w, m: _inspect_folder(w), CheckpointError, "config.json: not found"),
+    Lib("ok-push-missing-shard", lambda w, m: _push_dry(w), CheckpointError, "lists shards missing", unlink_a_shard),
+    Lib("ok-push-pull-request-to-a-branch", lambda w, m: _push_dry(w, create_pr=True, branch="dev"), HubError,
+        "cannot be combined with --branch dev"),
+    Lib("ok-upcycle-output-exists", lambda w, m: _upcycle(w, out="moe"), OutputError, "already exists; pass --overwrite"),
+    Lib("ok-upcycle-top-k-zero", lambda w, m: _upcycle(w, top_k=0), MoEConfigError, "must be >= 1"),
+    Lib("ok-upcycle-pickle-only", lambda w, m: _upcycle(w), CheckpointError, "reads only safetensors", pickle_only),
+    Lib("ok-upcycle-more-experts-per-token-than-experts", lambda w, m: _upcycle(w, num_experts=2, top_k=4),
+        MoEConfigError, "top-k"),
+]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_a_shard_without_read_permission_is_named_as_such_not_as_truncated(work):
+    """The same as the where-*-unreadable-shard rows, with a real chmod (the rows simulate it for root)."""
+    from hub_scripts.push import push_folder
+
+    shard, _ = shard_of(work / "moe", ".experts.")
+    shard.chmod(0)
+    try:
+        for call in (lambda: push_folder(work / "moe", "me/x", dry_run=True), lambda: moe_patch.load_model(work / "moe")):
+            with pytest.raises(CheckpointError, match="permission denied"):
+                call()
+    finally:
+        shard.chmod(0o644)
+
+
+@pytest.mark.parametrize("case", LIB_CASES, ids=lambda c: c.id)
+def test_library_raises_a_moe_patch_error_naming_the_place_and_loses_nothing(case, work, monkeypatch):
+    if case.prepare:
+        case.prepare(work)
+    before = snapshot(work)
+    try:
+        case.call(work, monkeypatch)
+    except Exception as exc:  # never a bare KeyError / IndexError / struct.error / OSError
+        error = exc
+    else:
+        raise AssertionError("no error was raised")
+    finally:
+        monkeypatch.undo()  # give `open` and tempfile back before looking at the folder
+    assert isinstance(error, case.error) and isinstance(error, MoEPatchError), repr(error)
+    assert case.message in str(error), str(error)
+    assert snapshot(work) == before
+
+
+def test_offload_routing_error_names_the_layer_path(work):
+    """The resident path names the layer (`model.layers.0.mlp.experts: non-finite routing weights`); so must
+    the offloaded one (fixed by the lead in offload/attach.py)."""
+    import torch
+
+    model = moe_patch.load_model(work / "moe")
+    router = model.get_submodule("model.layers.0.mlp.gate")
+    real = router.forward
+
+    def nan_weights(x):
+        logits, w, idx = real(x)
+        return logits, torch.full_like(w, float("nan")), idx
+
+    router.forward = nan_weights
+    with pytest.raises(RoutingError, match=r"model\.layers\.0\.mlp\.experts: non-finite"):
+        model(torch.tensor([[1, 2, 3]]))
+
+
+# -- 1. push leaves the user's folder as it was -----------------------------------------------------------------
+def test_a_failed_upload_leaves_no_generated_card_in_the_folder(hub, api, ckpt):  # noqa: F811 (fixtures)
+    from hub_scripts.errors import UploadInterruptedError
+    from hub_scripts.push import push_folder
+
+    before = snapshot(ckpt)
+    hub.fail_lfs_puts = 1
+    with pytest.raises(UploadInterruptedError):
+        push_folder(ckpt, "tester/cut", api=api)
+    assert snapshot(ckpt) == before  # no README.md left behind
+
+
+def test_a_failed_upload_puts_back_the_readme_it_replaced(hub, api, ckpt):  # noqa: F811 (fixtures)
+    from hub_scripts.errors import UploadInterruptedError
+    from hub_scripts.push import push_folder
+
+    (ckpt / "README.md").write_bytes(b"# my own card\n\xff not even utf-8\n")
+    before = snapshot(ckpt)
+    hub.fail_lfs_puts = 1
+    with pytest.raises(UploadInterruptedError):
+        push_folder(ckpt, "tester/cut", overwrite_card=True, api=api)
+    assert snapshot(ckpt) == before
+
+
+def test_a_valid_checkpoint_still_pushes_with_its_card(hub, api, ckpt):  # noqa: F811 (fixtures)
+    from hub_scripts.push import push_folder
+
+    push_folder(ckpt, "tester/fine", api=api)
+    assert set(hub.files_at("tester/fine")) >= {"README.md", INDEX, "config.json"}
+
+
+# -- 5. leftovers of a conversion killed with SIGKILL -------------------------------------------------------------
+KILL_MID_CONVERSION = """
+import os, signal, sys
+import converters.writer as writer
+from converters import UpcycleConfig, upcycle
+
+real = writer.ShardWriter.write
+def write_then_die(self, name, tensor):
+    real(self, name, tensor)
+    if self._pos == 10:
+        self._file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+writer.ShardWriter.write = write_then_die
+upcycle(sys.argv[1], sys.argv[2], UpcycleConfig(num_experts=4, verify=False))
+"""
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_killed_conversion_leftover_is_removed_by_the_next_run_which_says_so(work, caplog):
+    from converters import UpcycleConfig, upcycle
+
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_CONVERSION, str(work / "dense"), str(work / "out")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr  # SIGKILL: no handler ran
+    leftovers = _hidden(work)
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.tmp-") and not (work / "out").exists()
+    size = sum(p.stat().st_size for p in (work / leftovers[0]).rglob("*") if p.is_file())
+    assert size > 0
+
+    with caplog.at_level(logging.WARNING, logger="moe_patch.atomic"):
+        upcycle(work / "dense", work / "out", UpcycleConfig(num_experts=4, verify=False))
+    assert _hidden(work) == [] and (work / "out" / "config.json").is_file()
+    from moe_patch.sizes import format_bytes
+
+    assert f"removed {work / leftovers[0]} ({format_bytes(size)}), left by a run that was killed" in caplog.text
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_killed_replacement_gets_the_previous_output_back(work, caplog):
+    """Killed between moving the old OUT aside and renaming the new one in: the next run restores OUT."""
+    from moe_patch.atomic import _host, clean_leftovers
+
+    old = work / f".out.old-{_host()}-{_dead_pid()}-abc123"
+    (old / "out").mkdir(parents=True)
+    (old / "out" / "weights.safetensors").write_bytes(b"precious")
+    new = work / f".out.tmp-{_host()}-{_dead_pid()}-def456"
+    new.mkdir()
+    with caplog.at_level(logging.WARNING, logger="moe_patch.atomic"):
+        clean_leftovers(work / "out")
+    assert (work / "out" / "weights.safetensors").read_bytes() == b"precious"
+    assert _hidden(work) == [] and "restored the previous version" in caplog.text
+
+
+@pytest.mark.parametrize("owner", ["a live process", "another host", "an older moe-patch"])
+def test_leftovers_that_may_not_be_dead_are_kept_and_reported_with_size_and_place(work, caplog, owner):
+    from moe_patch.atomic import _host, clean_leftovers
+
+    name = {"a live process": f".out.tmp-{_host()}-{os.getpid()}-abc123",
+            "another host": f".out.tmp-othermachine-{_dead_pid()}-abc123",
+            "an older moe-patch": ".out.tmp-abc123"}[owner]
+    (work / name).mkdir()
+    (work / name / "model.safetensors").write_bytes(b"x" * 3000)
+    with caplog.at_level(logging.WARNING, logger="moe_patch.atomic"):
+        assert clean_leftovers(work / "out") == []
+    assert (work / name / "model.safetensors").exists()
+    assert f"{work / name} (2.93 KiB) is a temporary copy of out" in caplog.text and "delete it" in caplog.text
+
+
+# -- 6. one size parser, one byte formatter -----------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["5GB", "500MB", "100KB", "2GiB", "512MiB", "40KiB", "7gib", "3mb"])
+def test_size_parser_agrees_with_transformers_on_what_transformers_reads(text):
+    """Same bytes as transformers' max_shard_size for its spellings (upper-case B: a lower-case one means bits
+    there, while every size here is in bytes)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from moe_patch.sizes import parse_size
+
+    assert parse_size(text) == convert_file_size_to_int(text.upper())
+
+
+@pytest.mark.parametrize("text, expected", [("1.5GiB", 3 * 2**29), (" 8 gib ", 8 * 2**30), ("2TB", 2 * 10**12),
+                                            ("4096", 4096), ("1.5G", 3 * 2**29), (".5KiB", 512), (0, 0)])
+def test_size_parser_reads_what_transformers_does_not(text, expected):
+    from moe_patch.sizes import parse_size
+
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["60KB", "50KiB", "40K", "0.05MB"])
+def test_the_same_size_means_the_same_bytes_for_shards_and_budgets(dense_dir, text):
+    """`--max-shard-size X` shards exactly as many bytes as `--expert-cache X` budgets (they were two parsers)."""
+    from converters import UpcycleConfig, plan_upcycle
+
+    from moe_patch.offload.budget import parse_bytes
+
+    def shards(max_shard_size):
+        plan = plan_upcycle(dense_dir, UpcycleConfig(num_experts=4, max_shard_size=max_shard_size))
+        plan.weights.close()
+        return [[s.name for s in shard] for shard in plan.shards]
+
+    assert len(shards(text)) > 1 and shards(text) == shards(parse_bytes(text, name="expert_cache"))
+
+
+def test_one_byte_formatter_for_the_whole_package():
+    from hub_scripts import push
+    from moe_patch.detect import table
+    from moe_patch.offload import budget
+    from moe_patch.sizes import format_bytes
+
+    assert table.human_bytes is push.human_bytes is budget.format_bytes is format_bytes
+    assert [format_bytes(n) for n in (0, 1023, 1536, 3 * 2**30, 5 * 2**40)] == [
+        "0 B", "1023 B", "1.50 KiB", "3.00 GiB", "5.00 TiB"]
+
+
+# -- the CLI's last line of defence --------------------------------------------------------------------------
+@pytest.mark.parametrize("raised, line", [
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"),
+     "moe-patch boom: error: /mnt/ro/out: Read-only file system"),
+    (KeyError("weight"), "moe-patch boom: internal error: KeyError: 'weight' (re-run with --debug for the traceback"),
+])
+def test_an_error_nobody_foresaw_is_still_one_line_and_debug_shows_the_traceback(monkeypatch, capsys, raised, line):
+    from moe_patch import cli
+
+    def register(sub):
+        sub.add_parser("boom").set_defaults(func=lambda args: (_ for _ in ()).throw(raised))
+
+    monkeypatch.setattr(cli, "_registrars", lambda: [register])
+    assert cli.main(["boom"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(line), err
+    with pytest.raises(type(raised)):
+        cli.main(["--debug", "boom"])
