@@ -6,6 +6,7 @@ Public API::
     patch = moe_patch.patch_model(model)           # faster exact dispatch (reversible, idempotent)
     moe_patch.unpatch_model(model)
     model = moe_patch.load_model(path, device="cuda", expert_cache="8GiB", host_cache="32GiB")
+    with moe_patch.monitor(model) as mon: ...      # routing per MoE layer: mon.summary(), mon.plot(path)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "patch_model",
     "unpatch_model",
     "load_model",
+    "monitor",
 ]
 
 
@@ -50,4 +52,8 @@ def __getattr__(name: str):
         from .offload import load_model
 
         return load_model
+    if name == "monitor":
+        from .monitoring import monitor
+
+        return monitor
     raise AttributeError(f"module 'moe_patch' has no attribute {name!r}")

@@ -1,0 +1,37 @@
+"""Plain-text rendering of a :class:`RoutingReport`."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from .stats import FIGURES
+
+if TYPE_CHECKING:
+    from .stats import RoutingReport
+
+
+def _cell(key: str, value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    if key in ("idle_share", "dropped_slots", "top1_changed"):
+        return f"{100 * value:.1f}%"
+    return f"{value:.3f}" if key in ("weight_mass", "topk_prob_mass", "entropy") else f"{value:.2f}"
+
+
+def format_routing(report: RoutingReport) -> str:
+    lines = [f"routing over {report.calls} forward calls, {report.tokens} tokens per layer"
+             + (f" (step {report.step})" if report.step is not None else "")]
+    header = ("layer", "tokens") + tuple(title for _, _, title in FIGURES) + ("non-finite",)
+    rows = [header]
+    for lr in report.layers:
+        figures = lr.figures()
+        rows.append((lr.counts.path, str(lr.counts.tokens)) + tuple(_cell(k, figures[k]) for k, _, _ in FIGURES)
+                    + (str(lr.counts.nonfinite + lr.counts.invalid),))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    lines.append("  load CV: std/mean of tokens per expert (0 = balanced); entropy: over log(E); "
+                 "w-mass: summed top-k weights; p(top-k): router probability on the chosen experts")
+    lines += [f"  not watched {path}: {why}" for path, why in report.skipped.items()]
+    return "\n".join(lines)
