@@ -3,14 +3,14 @@
 # Logs go to $OUT (the device tool's folder) or bench/results. Each step has its own time limit so
 # one slow step cannot starve the others; a failing step does not stop the rest.
 #
-#   bash bench/gpu.sh [tests] [offload] [dispatch]     # default: all three
+#   bash bench/gpu.sh [tests] [offload] [formats] [dispatch]     # default: all four (about 10 minutes)
 #   OFFLOAD_ARGS="--layers 24 --budget 8GiB --host-cache 24GiB" bash bench/gpu.sh offload
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-steps=${*:-tests offload dispatch}
+steps=${*:-tests offload formats dispatch}
 python3 - <<'EOF' 2>&1 | tee "$out/env.txt"
 import torch, transformers, platform
 print("torch", torch.__version__, "transformers", transformers.__version__, "python", platform.python_version())
@@ -24,16 +24,25 @@ EOF
 for step in $steps; do
   case $step in
     tests)
-      timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -x --timeout 120 2>&1 \
+      timeout "${TESTS_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -x --timeout 120 2>&1 \
         | tee "$out/tests.txt" | tail -40 ;;
     offload)
       # shellcheck disable=SC2086
-      timeout "${OFFLOAD_TIMEOUT:-300}" python3 bench/offload.py --device cuda --workdir /tmp/moe_bench \
-        --cgroup-limit none --json "$out/offload.json" ${OFFLOAD_ARGS:---layers 12 --budget 4GiB --host-cache 8GiB \
+      timeout "${OFFLOAD_TIMEOUT:-180}" python3 bench/offload.py --device cuda --workdir /tmp/moe_bench \
+        --cgroup-limit none --json "$out/offload.json" ${OFFLOAD_ARGS:---layers 8 --budget 3GiB --host-cache 8GiB \
         --new-tokens 32 --runs 2} 2>&1 | tee "$out/offload.txt" | tail -40 ;;
+    formats)
+      # FP8 (Qwen3-30B-A3B-FP8 layout) and MXFP4 (gpt-oss-20b shapes) beside bf16 of the same shapes and
+      # stock transformers' dequantize=True load; PCIe moves the stored bytes
+      for fmt in fp8 mxfp4; do
+        # shellcheck disable=SC2086
+        timeout "${FORMATS_TIMEOUT:-100}" python3 bench/offload.py --device cuda --format $fmt --workdir /tmp/moe_bench \
+          --cgroup-limit none --json "$out/offload_$fmt.json" ${FORMATS_ARGS:---layers 4 --budget 1GiB --host-cache 4GiB \
+          --new-tokens 16 --runs 2} 2>&1 | tee "$out/offload_$fmt.txt" | tail -25
+      done ;;
     dispatch)
       # shellcheck disable=SC2086
-      timeout "${DISPATCH_TIMEOUT:-150}" python3 bench/dispatch.py --device cuda --full-size --rounds 20 \
+      timeout "${DISPATCH_TIMEOUT:-90}" python3 bench/dispatch.py --device cuda --full-size --rounds 20 \
         --out "$out/dispatch.json" ${DISPATCH_ARGS:---dtypes bfloat16 --tokens 1 32 512 \
         --shapes Mixtral-8x7B Qwen3-30B-A3B} 2>&1 | tee "$out/dispatch.txt" | tail -30 ;;
   esac

@@ -44,75 +44,112 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-HIDDEN, MOE_INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
+HIDDEN, MOE_INTER, EXPERTS, TOP_K = 2048, 768, 128, 8  # Qwen3-30B-A3B
+#: --format -> the real checkpoint whose layer shapes it takes; bf16 and fp8 share the Qwen3 shapes
+SHAPES = {
+    "qwen3": dict(name="Qwen3-30B-A3B", hidden=2048, inter=768, experts=128, top_k=8),
+    "gpt-oss": dict(name="gpt-oss-20b", hidden=2880, inter=2880, experts=32, top_k=4),
+}
+FORMAT_SHAPES = {"bf16": "qwen3", "fp8": "qwen3", "mxfp4": "gpt-oss"}
 
 
-def config(layers: int):
-    from transformers import Qwen3MoeConfig
+def config(layers: int, shape: str = "qwen3"):
+    from transformers import GptOssConfig, Qwen3MoeConfig
 
+    s = SHAPES[shape]
+    if shape == "gpt-oss":
+        # gpt-oss-20b's layers; vocabulary 32000 instead of 201088 (its embeddings would be 2.3 GB of the
+        # non-expert weights here, which only dilutes what this benchmark measures)
+        return GptOssConfig(
+            vocab_size=32000, hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=layers,
+            num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=s["experts"],
+            num_experts_per_tok=s["top_k"], sliding_window=128, max_position_embeddings=4096,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2),
+            tie_word_embeddings=False, dtype="bfloat16", pad_token_id=0, eos_token_id=None, bos_token_id=None,
+        )
     return Qwen3MoeConfig(
-        vocab_size=32000, hidden_size=HIDDEN, intermediate_size=6144, moe_intermediate_size=MOE_INTER,
+        vocab_size=32000, hidden_size=s["hidden"], intermediate_size=6144, moe_intermediate_size=s["inter"],
         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-        num_experts=EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=True, max_position_embeddings=4096,
+        num_experts=s["experts"], num_experts_per_tok=s["top_k"], norm_topk_prob=True, max_position_embeddings=4096,
         tie_word_embeddings=False, dtype="bfloat16", pad_token_id=0, eos_token_id=None, bos_token_id=None,
     )
 
 
-def build_checkpoint(path: Path, layers: int) -> Path:
-    """Random bf16 weights, one safetensors shard per layer, written atomically."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
+def _atomic_folder(path: Path, fill) -> Path:
+    """Build a checkpoint folder with ``fill(tmp)`` and rename it into place (a killed build leaves no half)."""
     if (path / "model.safetensors.index.json").exists():
         return path
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = config(layers)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(cfg)
-    where = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are the slow part on CPU
-    gen = torch.Generator(where).manual_seed(0)
-
-    def rand(shape, std=0.02):
-        return (torch.randn(shape, generator=gen, device=where) * std).to(torch.bfloat16).cpu()
-
-    weight_map: dict[str, str] = {}
-    by_layer: dict[int, dict[str, torch.Tensor]] = {}
-    for name, p in meta.state_dict().items():
-        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-        by_layer.setdefault(layer, {})
-    for layer in sorted(by_layer):
-        shard: dict[str, torch.Tensor] = {}
-        for name, p in meta.state_dict().items():
-            owner = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-            if owner != layer:
-                continue
-            if name.endswith("experts.gate_up_proj"):
-                prefix = name[: -len("gate_up_proj")]
-                for e in range(EXPERTS):
-                    shard[f"{prefix}{e}.gate_proj.weight"] = rand((MOE_INTER, HIDDEN))
-                    shard[f"{prefix}{e}.up_proj.weight"] = rand((MOE_INTER, HIDDEN))
-            elif name.endswith("experts.down_proj"):
-                prefix = name[: -len("down_proj")]
-                for e in range(EXPERTS):
-                    shard[f"{prefix}{e}.down_proj.weight"] = rand((HIDDEN, MOE_INTER))
-            elif name.endswith("norm.weight"):
-                shard[name] = torch.ones(p.shape, dtype=torch.bfloat16)
-            elif name.endswith("mlp.gate.weight"):
-                shard[name] = rand(p.shape, std=0.5)  # a router that routes decisively
-            else:
-                shard[name] = rand(p.shape)
-        fname = f"model-{'other' if layer < 0 else f'layer{layer:03d}'}.safetensors"
-        save_file(shard, tmp / fname, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-        del shard
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    cfg.save_pretrained(tmp)
+    fill(tmp)
     os.sync()  # dirty pages cannot be dropped from the page cache; write them out now
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
+
+
+def build_checkpoint(path: Path, layers: int, shape: str = "qwen3") -> Path:
+    """Random bf16 weights saved like the real checkpoint (Qwen3: per-expert keys; gpt-oss: fused
+    experts), one safetensors shard per layer, written atomically."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    def fill(tmp: Path) -> None:
+        cfg = config(layers, shape)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(cfg)
+        where = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are the slow part on CPU
+        gen = torch.Generator(where).manual_seed(0)
+
+        def rand(shape_, std=0.02):
+            return (torch.randn(shape_, generator=gen, device=where) * std).to(torch.bfloat16).cpu()
+
+        per_expert = shape == "qwen3"  # gpt-oss checkpoints store the experts fused, as the model holds them
+        params = meta.state_dict()
+        weight_map: dict[str, str] = {}
+        owners = sorted({int(n.split(".")[2]) if n.startswith("model.layers.") else -1 for n in params})
+        for layer in owners:
+            shard: dict[str, torch.Tensor] = {}
+            for name, p in params.items():
+                owner = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+                if owner != layer:
+                    continue
+                if per_expert and name.endswith("experts.gate_up_proj"):
+                    prefix = name[: -len("gate_up_proj")]
+                    for e in range(p.shape[0]):
+                        shard[f"{prefix}{e}.gate_proj.weight"] = rand((p.shape[1] // 2, p.shape[2]))
+                        shard[f"{prefix}{e}.up_proj.weight"] = rand((p.shape[1] // 2, p.shape[2]))
+                elif per_expert and name.endswith("experts.down_proj"):
+                    prefix = name[: -len("down_proj")]
+                    for e in range(p.shape[0]):
+                        shard[f"{prefix}{e}.down_proj.weight"] = rand(tuple(p.shape[1:]))
+                elif name.endswith("norm.weight"):
+                    shard[name] = torch.ones(p.shape, dtype=torch.bfloat16)
+                elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                    shard[name] = rand(p.shape, std=0.5)  # a router that routes decisively
+                else:
+                    shard[name] = rand(p.shape)
+            fname = f"model-{'other' if layer < 0 else f'layer{layer:03d}'}.safetensors"
+            save_file(shard, tmp / fname, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, fname))
+            del shard
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        cfg.save_pretrained(tmp)
+
+    return _atomic_folder(path, fill)
+
+
+def build_quantized(bf16: Path, path: Path, fmt: str) -> Path:
+    """The bf16 checkpoint rewritten shard by shard as the real releases store it: FP8 with 128x128 block
+    scales on every linear weight (Qwen3-30B-A3B-FP8) or MXFP4 experts (gpt-oss)."""
+    from moe_patch.testing.quantized import pack_fp8, pack_mxfp4
+
+    def fill(tmp: Path) -> None:
+        shutil.rmtree(tmp)
+        (pack_fp8 if fmt == "fp8" else pack_mxfp4)(bf16, tmp)
+
+    return _atomic_folder(path, fill)
 
 
 def drop_page_cache(path: Path) -> None:
@@ -166,7 +203,7 @@ def worker(args) -> dict:
     host_cache = parse_bytes(args.host_cache)
     t0 = time.perf_counter()
     result: dict = {"system": args.worker}
-    if args.worker == "moe-patch":
+    if args.worker in ("moe-patch", "moe-patch-bf16"):
         import moe_patch
         from moe_patch.offload import get_offload_handle
 
@@ -180,6 +217,13 @@ def worker(args) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=args.device)
+        handle = None
+    elif args.worker == "dequantize":  # stock transformers on a quantized checkpoint: every expert dequantized
+        from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
+
+        qc = (Mxfp4Config if args.format == "mxfp4" else FineGrainedFP8Config)(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=args.device, quantization_config=qc)
+        model = model.to(dtype)  # its FP8 loader leaves the unquantized bf16 tensors in bf16
         handle = None
     else:
         from transformers import AutoModelForCausalLM
@@ -225,7 +269,8 @@ def worker(args) -> dict:
         bw = st.bandwidths
         if args.device == "cuda" and bw is not None:
             # DESIGN.md section 5, best split of the misses between PCIe copies and CPU compute
-            routed = args.layers * TOP_K * 3 * HIDDEN * MOE_INTER * dtype.itemsize
+            shp = SHAPES[args.shape]
+            routed = args.layers * shp["top_k"] * st.stored_expert_bytes
             result["design_bound_s"] = (1 - st.hit_rate) * routed / (bw.h2d + bw.dram)
             result["bandwidths"] = bw.as_dict()
     if args.device == "cuda":
@@ -256,12 +301,17 @@ def _make_cgroup(name: str, limit: int) -> str | None:
 
 
 def run_worker(system: str, args, non_expert: int) -> dict:
+    checkpoint = args.bf16_checkpoint if system in ("moe-patch-bf16", "accelerate", "resident") else args.checkpoint
     cmd = [sys.executable, __file__, "--dtype", args.dtype, "--device", args.device, "--host-cache", args.host_cache,
-           "--cpu-compute", args.cpu_compute, "--layers", str(args.layers)] + (["--profile"] if args.profile else []) + [ "--worker", system, "--checkpoint", str(args.checkpoint), "--budget", args.budget,
+           "--cpu-compute", args.cpu_compute, "--layers", str(args.layers), "--format", args.format,
+           "--shape", args.shape] + (["--profile"] if args.profile else []) + [
+           "--worker", system, "--checkpoint", str(checkpoint), "--budget", args.budget,
            "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--prompt", str(args.prompt),
            "--workdir", args.workdir, "--non-expert-bytes", str(non_expert)] + (["--no-prefetch"] if args.no_prefetch else [])
     env = dict(os.environ)
-    group = _make_cgroup(f"moe_bench_{system}", args.cgroup_limit) if args.cgroup_limit else None
+    # stock dequantized loading is the resident baseline: it needs RAM for every dequantized expert
+    capped = args.cgroup_limit and system != "dequantize"
+    group = _make_cgroup(f"moe_bench_{system}", args.cgroup_limit) if capped else None
     if group:
         env["MOE_BENCH_CGROUP"] = group
         # the shell joins the group, then becomes the worker: every byte it maps or caches is charged
@@ -279,9 +329,42 @@ def run_worker(system: str, args, non_expert: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _format_report(by: dict, budget: int, non_expert: int, ram_budget: int, format_bytes) -> None:
+    """The quantized-format table: experts per budget, bytes per decode token by tier, RSS against the budgets."""
+    print("\n| system | expert bytes (held) | experts per budget | decode tok/s | decode bytes/token device / host / "
+          "disk | peak RSS - non-expert - budgets |")
+    print("|---|---|---|---|---|---|")
+    for name in ("moe-patch", "moe-patch-bf16", "dequantize"):
+        r = by.get(name)
+        if r is None or "error" in r:
+            if r is not None:
+                print(f"| {name} | error: {r['error']} | | | | |")
+            continue
+        st = r.get("stats")
+        held = st["stored_expert_bytes"] if st else None
+        if st and st.get("device_format") == "dequantized":
+            held = st["expert_bytes"]
+        per_tok = st["decode_bytes_per_token"] if st else {}
+        tiers = " / ".join(format_bytes(per_tok[t]) for t in ("device", "host", "disk")) if per_tok else "-"
+        over = format_bytes(r["peak_rss"] - non_expert - ram_budget) if st else "(all experts resident)"
+        print(f"| {name} | {format_bytes(held) if held else '-'} | {budget // held if held else '-'} | "
+              f"{r['decode_tok_s']:.3f} | {tiers} | {over} |")
+    q, b = by.get("moe-patch", {}).get("stats"), by.get("moe-patch-bf16", {}).get("stats")
+    if q and b:
+        print(f"\nthe host tier holds {b['stored_expert_bytes'] / q['stored_expert_bytes']:.2f}x the experts of the bf16 "
+              f"checkpoint per byte (stored {format_bytes(q['stored_expert_bytes'])} vs {format_bytes(b['stored_expert_bytes'])} "
+              f"per expert); decode {by['moe-patch']['decode_tok_s'] / by['moe-patch-bf16']['decode_tok_s']:.2f}x the bf16 "
+              f"checkpoint's at the same budget; device cache keeps experts {q['device_format']}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--format", default="bf16", choices=list(FORMAT_SHAPES),
+                   help="checkpoint format: bf16, fp8 (Qwen3-30B-A3B-FP8 layout) or mxfp4 (gpt-oss-20b shapes); "
+                   "quantized formats also run moe-patch on the bf16 checkpoint of the same shapes and stock "
+                   "transformers' dequantize=True load")
+    p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, help="compute dtype of both systems (default: float32 on CPU, where it is "
                    "fastest; bfloat16 on CUDA)")
@@ -297,7 +380,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workdir", default="/tmp/moe_patch_bench")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--systems", default="moe-patch,accelerate")
+    p.add_argument("--systems", default=None, help="default: moe-patch,accelerate (bf16); "
+                   "moe-patch,moe-patch-bf16,dequantize (quantized formats)")
+    p.add_argument("--bf16-checkpoint", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--profile", action="store_true", help="cProfile the last run of each system (to stderr)")
     p.add_argument("--timeout", type=int, default=3600)
@@ -306,17 +391,29 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.shape = args.shape or FORMAT_SHAPES[args.format]
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
     from moe_patch.offload.budget import format_bytes, parse_bytes
 
-    args.checkpoint = args.checkpoint or str(Path(args.workdir) / f"qwen3-30b-a3b-shaped-{args.layers}L")
+    quantized = args.format != "bf16"
+    args.systems = args.systems or ("moe-patch,moe-patch-bf16,dequantize" if quantized else "moe-patch,accelerate")
+    shp = SHAPES[args.shape]
+    default_name = "qwen3-30b-a3b-shaped" if args.shape == "qwen3" else "gpt-oss-20b-shaped"
     t0 = time.perf_counter()
-    path = build_checkpoint(Path(args.checkpoint), args.layers)
+    if quantized:
+        args.bf16_checkpoint = build_checkpoint(Path(args.workdir) / f"{default_name}-{args.layers}L", args.layers,
+                                                args.shape)
+        args.checkpoint = args.checkpoint or str(Path(args.workdir) / f"{default_name}-{args.layers}L-{args.format}")
+        path = build_quantized(args.bf16_checkpoint, Path(args.checkpoint), args.format)
+    else:
+        args.checkpoint = args.checkpoint or str(Path(args.workdir) / f"{default_name}-{args.layers}L")
+        path = args.bf16_checkpoint = build_checkpoint(Path(args.checkpoint), args.layers, args.shape)
     print(f"checkpoint {path} ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    expert_total = args.layers * EXPERTS * 3 * HIDDEN * MOE_INTER * 2
-    files_total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    expert_bf16 = 3 * shp["hidden"] * shp["inter"] * 2
+    expert_total = args.layers * shp["experts"] * expert_bf16
+    files_total = sum(f.stat().st_size for f in Path(args.bf16_checkpoint).glob("*.safetensors"))
     non_expert = files_total - expert_total
     budget = parse_bytes(args.budget)
     scale = torch.empty((), dtype=getattr(torch, args.dtype)).element_size() / 2  # checkpoint is bf16
@@ -334,7 +431,7 @@ def main(argv=None) -> int:
     by = {r["system"]: r for r in results}
     print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, torch {torch.__version__}")
-    print(f"model: Qwen3-30B-A3B layer shapes, {args.layers} layers, checkpoint bf16, compute {args.dtype}; experts "
+    print(f"model: {shp['name']} layer shapes, {args.layers} layers, checkpoint {args.format}, compute {args.dtype}; experts "
           f"{format_bytes(expert_total * scale)} in {args.dtype} = {expert_total * scale / budget:.1f}x the "
           f"{format_bytes(budget)} budget; non-expert {format_bytes(non_expert)}; memory cap (RAM + page cache) "
           f"{format_bytes(args.cgroup_limit) if args.cgroup_limit else 'none'}")
@@ -363,6 +460,8 @@ def main(argv=None) -> int:
     if "moe-patch" in by and "accelerate" in by and "error" not in by["moe-patch"] and "error" not in by["accelerate"]:
         print(f"\nspeed-up moe-patch / accelerate: {by['moe-patch']['decode_tok_s'] / by['accelerate']['decode_tok_s']:.1f}x; "
               f"same tokens: {by['moe-patch']['tokens'] == by['accelerate']['tokens']}")
+    if quantized:
+        _format_report(by, budget, non_expert, ram_budget, format_bytes)
     if "moe-patch" in by and "stats_text" in by["moe-patch"]:
         print("\n" + by["moe-patch"]["stats_text"])
     if args.json:

@@ -225,3 +225,43 @@ def test_calibration_measures_the_gpu_link():
 
     bw = calibrate(CUDA)
     assert bw.h2d > 1e9 and bw.device_flops > 1e11 and bw.dram > 1e9
+
+
+# -- quantized and fused-on-disk checkpoints ---------------------------------------------------------
+FORMAT_CASES = ["deepseek_v3-fp8", "qwen3_moe-fp8-ragged", "gpt_oss-mxfp4", "qwen3_moe-int4", "llama4-fused",
+                "dbrx-flat"]
+
+
+@pytest.fixture(scope="module")
+def format_checkpoints(tmp_path_factory):
+    from format_helpers import save_case
+
+    root = tmp_path_factory.mktemp("cuda_formats")
+    return {name: save_case(name, root) for name in FORMAT_CASES}
+
+
+@pytest.mark.parametrize("device_format", ["stored", "dequantized"])
+@pytest.mark.parametrize("name", FORMAT_CASES)
+def test_quantized_checkpoints_on_cuda_match_the_stock_dequantized_load(name, device_format, format_checkpoints):
+    """Stored bytes cross PCIe and are decoded on the GPU (after the copy, or at each use)."""
+    from format_helpers import load_oracle
+
+    path = format_checkpoints[name]
+    oracle = load_oracle(name, path).to(CUDA)
+    want = greedy(oracle, prompts(4).to(CUDA), NEW)
+    model = moe_patch.load_model(path, device=CUDA, dtype=torch.float32, options=OffloadOptions(
+        device=CUDA, expert_cache="64KiB", host_cache=None, device_format=device_format))
+    handle = get_offload_handle(model)
+    try:
+        assert torch.equal(greedy(model, prompts(4).to(CUDA), NEW), want)
+        engine = handle.engine
+        if engine.stored:
+            stored = engine.source.nbytes(0, 0)
+            # host entries and what crossed PCIe are the stored bytes
+            assert all(engine.host._entries[k].nbytes == stored for k in engine.host.keys())
+            if device_format == "stored":
+                assert all(engine.dev._entries[k].nbytes == stored for k in engine.dev.keys())
+            else:
+                assert all(engine.dev._entries[k].nbytes == engine.layers[0].expert_bytes for k in engine.dev.keys())
+    finally:
+        handle.detach(restore_weights=False)

@@ -14,7 +14,7 @@ from offload_helpers import expert_bytes, greedy, load_reference, prompts, save_
 from safetensors.torch import load_file, save_file
 
 import moe_patch
-from moe_patch.errors import BudgetError, CheckpointError
+from moe_patch.errors import BudgetError, CheckpointError, MoEConfigError
 from moe_patch.offload import get_offload_handle
 
 
@@ -156,12 +156,16 @@ def test_hub_download_failure_becomes_checkpoint_error(hub):  # noqa: F811 (fixt
         moe_patch.load_model("tester/absent")
 
 
-def test_quantized_checkpoints_are_refused_instead_of_dropping_their_scales(tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fbgemm_fp8", None])
+def test_unsupported_quantization_methods_are_refused_before_reading(tmp_path, method):
     path = save_tiny("mixtral", tmp_path / "m")
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4}
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="quantized checkpoint .*fp8"):
+    for shard in path.glob("*.safetensors"):
+        shard.write_bytes(b"")  # nothing may be read: an empty shard would fail if it were
+    with pytest.raises(MoEConfigError, match=f"quant_method {repr(method) if method else '.missing.'} is not "
+                                             "supported.*fp8, mxfp4, compressed-tensors"):
         moe_patch.load_model(path)
 
 

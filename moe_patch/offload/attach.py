@@ -17,22 +17,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..dispatch.core import dispatch_combine, plan_dispatch
 from ..errors import MoEConfigError
+from ..validation import NAME_ATTR
 from .budget import check_budget, parse_bytes
 from .cache import POLICIES
 from .checkpoint import Checkpoint
-from .costmodel import calibrate
+from .costmodel import calibrate, choose_device_format, time_stored_expert
 from .engine import EngineConfig, OffloadEngine
+from .forwards import ENGINE_ATTR, flat_2d_forward, fused_forward, llama4_block_forward
 from .keymap import CheckpointMap
 from .layers import OffloadLayer, find_offload_layers
-from .options import OffloadOptions
+from .options import DEVICE_FORMATS, OffloadOptions
 from .quant import check_format, nbytes_of, quantize
 from .sources import CheckpointSource, MemorySource
 from .stats import OffloadStats
 
 logger = logging.getLogger(__name__)
-_ATTR = "_moe_offload"
+_ATTR = ENGINE_ATTR  # on the model: its OffloadHandle; on experts modules: (engine, layer index)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class OffloadHandle:
     options: OffloadOptions
     _originals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _hooks: list[Any] = field(default_factory=list, repr=False)
+    _bound: list[nn.Module] = field(default_factory=list, repr=False)  # modules whose forward we replaced
     attached: bool = True
 
     @property
@@ -56,7 +58,8 @@ class OffloadHandle:
         old = self.engine.stats
         self.engine.stats = OffloadStats(
             layers=[type(s)(s.num_experts) for s in old.layers], device=old.device,
-            expert_bytes=old.expert_bytes, bandwidths=old.bandwidths,
+            expert_bytes=old.expert_bytes, bandwidths=old.bandwidths, stored_expert_bytes=old.stored_expert_bytes,
+            device_format=old.device_format, stored_format=old.stored_format,
         )
 
     @torch.no_grad()
@@ -91,10 +94,11 @@ class OffloadHandle:
             for h in self._hooks:
                 h.remove()
             self._hooks.clear()
+            for mod in self._bound:
+                for attr in ("forward", _ATTR, NAME_ATTR):
+                    mod.__dict__.pop(attr, None)
+            self._bound.clear()
             for layer in self.layers:
-                for mod in _expert_modules(layer):
-                    mod.__dict__.pop("forward", None)
-                    mod.__dict__.pop(_ATTR, None)
                 for name, value in restored.get(layer.index, {}).items():
                     _set_param(layer.experts, name, value)
             self.model.__dict__.pop(_ATTR, None)
@@ -109,17 +113,13 @@ class OffloadHandle:
         src = self.engine.source
         out: dict[str, torch.Tensor] = {}
         per_expert = [src.read(layer.index, e) for e in range(layer.num_experts)]
-        if layer.storage == "fused":
+        if layer.storage != "module_list":
             for n in layer.param_names:
-                out[n] = torch.stack([w[n] for w in per_expert])
+                out[n] = layer.stack(n, [w[n] for w in per_expert])
         else:
             for e, w in enumerate(per_expert):
                 out.update({f"{e}.{n}": t for n, t in w.items()})
         return out
-
-
-def _expert_modules(layer: OffloadLayer) -> list[nn.Module]:
-    return [layer.experts] if layer.storage == "fused" else list(layer.experts)
 
 
 def _placeholder_device(layer: OffloadLayer) -> torch.device:
@@ -136,32 +136,56 @@ def _set_param(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
 
 
 def _param_paths(layer: OffloadLayer) -> list[str]:
-    if layer.storage == "fused":
+    if layer.storage != "module_list":
         return list(layer.param_names)
     return [f"{e}.{n}" for e in range(layer.num_experts) for n in layer.param_names]
 
 
-def _offloaded_fused_forward(self, hidden_states, top_k_index, top_k_weights):
-    engine, layer = getattr(self, _ATTR)
-    from ..validation import check_routing  # local, as in dispatch.experts
-
-    check_routing(self, top_k_index, top_k_weights)
-    plan = plan_dispatch(top_k_index, self.num_experts)
-    counts = [b - a for a, b in zip(plan.offsets[:-1], plan.offsets[1:])]  # host-side already: no sync
-    engine.begin_layer(layer, hidden_states, plan.active, counts)
-    try:
-        return dispatch_combine(
-            hidden_states, top_k_index, top_k_weights, self.num_experts,
-            lambda e, x: engine.run_expert(layer, e, x), plan=plan, order=engine.compute_order(layer, plan.active),
-        )
-    finally:
-        engine.end_layer(layer)
-
-
-def _expert_size(layer: OffloadLayer, quant: str | None) -> int:
-    if quant is None:
-        return layer.expert_bytes
+def _quantized_size(layer: OffloadLayer, quant: str) -> int:
     return sum(nbytes_of(quantize(torch.zeros(s, dtype=layer.dtype), quant)) for s in layer.shapes.values())
+
+
+def _host_bytes(layer: OffloadLayer, source: Any, quant: str | None) -> int:
+    """Bytes one expert takes in the host tier: quantized, stored (quantized checkpoints) or model dtype."""
+    if quant is not None:
+        return _quantized_size(layer, quant)
+    if getattr(source, "stored", False):
+        return source.nbytes(layer.index, 0)
+    return layer.expert_bytes
+
+
+def _device_format(opts: OffloadOptions, source: Any, layers: list[OffloadLayer], expert_cache: int | None,
+                   host_cache: int | None, device: torch.device, bandwidths: Any) -> str:
+    """How the device cache keeps experts of a quantized checkpoint (the cost model's choice for "auto")."""
+    if not getattr(source, "stored", False):
+        return "dequantized"  # nothing to decode: the stored bytes are the model's
+    if opts.device_format != "auto":
+        return opts.device_format
+    n = sum(layer.num_experts for layer in layers)
+    stored = max(source.nbytes(layer.index, 0) for layer in layers)
+    decoded = max(layer.expert_bytes for layer in layers)
+    if expert_cache is None or expert_cache >= n * decoded:
+        return "dequantized"
+    if bandwidths is None or expert_cache < decoded:  # not calibrated, or no decoded expert fits: capacity
+        return "stored"
+    read_s, decode_s = time_stored_expert(source, layers[0].index, device)
+    if host_cache:  # misses come from the host tier: a PCIe copy on CUDA, nothing beyond the decode on CPU
+        miss_s = stored / bandwidths.h2d if device.type == "cuda" and bandwidths.h2d else 0.0
+    else:
+        miss_s = read_s
+    choice = choose_device_format(expert_cache, n, stored, decoded, decode_s, miss_s)
+    logger.info("device cache keeps experts %s (decode %.2f ms, miss %.2f ms per expert)", choice, 1e3 * decode_s,
+                1e3 * miss_s)
+    return choice
+
+
+def _bind(handle: OffloadHandle, module: nn.Module, fn: Any, layer: OffloadLayer, engine: OffloadEngine,
+          experts: nn.Module) -> None:
+    """Give ``module`` (the experts, or the Llama 4 block) the offloaded forward ``fn`` (instance only)."""
+    experts.__dict__[_ATTR] = (engine, layer.index)
+    experts.__dict__[NAME_ATTR] = layer.experts_path  # routing errors name the layer, as on resident models
+    module.forward = types.MethodType(fn, module)
+    handle._bound.extend({id(m): m for m in (module, experts)}.values())
 
 
 def _tokens(args: tuple, kwargs: dict) -> tuple[int, int] | None:
@@ -196,7 +220,10 @@ def attach_offload(
     opts = OffloadOptions.coerce(options or OffloadOptions())
     if getattr(model, _ATTR, None) is not None:
         raise MoEConfigError("this model is already offloaded; call .detach() on its handle first.")
-    device = torch.device(opts.device)
+    try:
+        device = torch.device(opts.device)
+    except (RuntimeError, TypeError) as exc:
+        raise MoEConfigError(f"device={opts.device!r}: not a device name; use 'cpu', 'cuda' or 'cuda:N'.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoEConfigError(f"device={opts.device!r} but CUDA is not available here; use device='cpu'.")
     if device.type not in ("cpu", "cuda"):
@@ -205,19 +232,23 @@ def attach_offload(
         raise MoEConfigError(f"policy={opts.policy!r}: choose one of {', '.join(POLICIES)}.")
     if opts.cpu_compute not in ("auto", "always", "never"):
         raise MoEConfigError(f"cpu_compute={opts.cpu_compute!r}: choose 'auto', 'always' or 'never'.")
+    if opts.device_format not in DEVICE_FORMATS:
+        raise MoEConfigError(f"device_format={opts.device_format!r}: choose one of {', '.join(DEVICE_FORMATS)}.")
     quant = check_format(opts.quantize_experts)
     layers = find_offload_layers(model, handles)
     expert_cache = parse_bytes(opts.expert_cache, name="expert_cache")
     host_cache = parse_bytes(opts.host_cache, name="host_cache")
-    biggest = max(_expert_size(layer, quant) for layer in layers)
-    check_budget(expert_cache, biggest, name="expert_cache", allow_zero=False)
-    check_budget(host_cache, biggest, name="host_cache", allow_zero=True)
 
     originals: dict[int, dict[str, torch.Tensor]] = {}
     if checkpoint_map is None and opts.checkpoint is not None:
         checkpoint_map = CheckpointMap(Checkpoint(opts.checkpoint), model, layers)
     if checkpoint_map is not None:
         source = CheckpointSource(checkpoint_map)
+        if quant is not None and source.stored:
+            raise MoEConfigError(
+                f"quantize_experts={quant!r}: this checkpoint's experts are already quantized "
+                f"({checkpoint_map.quantization.method}) and are kept in their stored bytes; drop quantize_experts."
+            )
     else:
         for layer in layers:
             params = {p: layer.experts.get_parameter(p) for p in _param_paths(layer)}
@@ -230,16 +261,26 @@ def attach_offload(
             originals[layer.index] = {p: t.detach().cpu() for p, t in params.items()}
         source = MemorySource(layers, originals)
 
-    # the engine (and its pinned host pool) first: if that fails, the model is still untouched
     bandwidths = calibrate(str(device), layers[0].dtype) if opts.calibrate else None
+    device_format = _device_format(opts, source, layers, expert_cache, host_cache, device, bandwidths)
+    host_bytes = max(_host_bytes(layer, source, quant) for layer in layers)
+    device_bytes = max(layer.expert_bytes for layer in layers) if device_format == "dequantized" and \
+        getattr(source, "stored", False) else host_bytes
+    check_budget(expert_cache, device_bytes, name="expert_cache", allow_zero=False)
+    check_budget(host_cache, host_bytes, name="host_cache", allow_zero=True)
+
+    # the engine (and its pinned host pool) first: if that fails, the model is still untouched
     engine = OffloadEngine(
         layers, source,
         EngineConfig(
             device=device, expert_cache=expert_cache, host_cache=host_cache, policy=opts.policy,
             hot=tuple(tuple(k) for k in opts.hot_experts), quantize=quant, prefetch=opts.prefetch,
             cpu_compute=opts.cpu_compute, max_prefetch_per_layer=opts.max_prefetch_per_layer, bandwidths=bandwidths,
+            device_format=device_format,
         ),
     )
+    if checkpoint_map is not None and checkpoint_map.quantization is not None:
+        engine.stats.stored_format = checkpoint_map.quantization.describe()
     for layer in layers:
         for p in _param_paths(layer):
             _set_param(layer.experts, p, torch.empty(0, dtype=layer.dtype))
@@ -247,13 +288,17 @@ def attach_offload(
         model.to(device)
     handle = OffloadHandle(model=model, engine=engine, layers=layers, options=opts, _originals=originals)
     for layer in layers:
-        if layer.storage == "fused":
-            setattr(layer.experts, _ATTR, (engine, layer.index))
-            layer.experts.forward = types.MethodType(_offloaded_fused_forward, layer.experts)
+        if layer.storage in ("fused", "flat_2d"):
+            _bind(handle, layer.experts, fused_forward if layer.storage == "fused" else flat_2d_forward, layer, engine,
+                  layer.experts)
+        elif layer.storage == "dense_bmm":
+            block = model.get_submodule(layer.path)
+            _bind(handle, block, llama4_block_forward, layer, engine, layer.experts)
         else:
             block = model.get_submodule(layer.path) if layer.path else model
             for e, mod in enumerate(layer.experts):
                 mod.forward = (lambda x, *a, _l=layer.index, _e=e, **k: engine.run_expert(_l, _e, x))
+                handle._bound.append(mod)
 
             def pre(module, args, kwargs, _l=layer.index):
                 hidden = args[0] if args else next(iter(kwargs.values()))

@@ -32,6 +32,8 @@ DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # e8m0 scales (ue8m0 FP8, MX formats); torch >= 2.7
+    DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 2**20  # safetensors refuses headers above 100 MB too
@@ -52,14 +54,25 @@ class TensorEntry:
     def nbytes(self) -> int:
         return self.end - self.start
 
-    def row_range(self, index: int) -> tuple[int, int]:
-        """Byte range of ``tensor[index]`` (the first dimension is outermost, so it is contiguous)."""
-        if not self.shape or not 0 <= index < self.shape[0]:
+    def row_range(self, index: int, split: int | None = None) -> tuple[int, int]:
+        """Byte range of ``tensor[index]``, or with ``split`` of chunk ``index`` of ``split`` equal chunks
+        along the first dimension (DBRX's ``[E * F, H]`` experts). The first dimension is outermost, so
+        either is one contiguous range."""
+        n = self.shape[0] if self.shape else 0
+        split = split or n
+        if not self.shape or not 0 <= index < split or n % split:
             raise CheckpointError(
-                f"{self.file}: tensor {self.key!r} of shape {list(self.shape)} has no row {index}."
+                f"{self.file}: tensor {self.key!r} of shape {list(self.shape)} has no "
+                + (f"row {index}." if split == n else f"chunk {index} of {split}.")
             )
-        row = self.nbytes // self.shape[0]
+        row = self.nbytes // split
         return self.start + index * row, self.start + (index + 1) * row
+
+    def row_shape(self, split: int | None = None) -> tuple[int, ...]:
+        """Shape of one row (``split`` None) or of one of ``split`` chunks along the first dimension."""
+        if split is None or split == self.shape[0]:
+            return self.shape[1:]
+        return (self.shape[0] // split, *self.shape[1:])
 
 
 def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
@@ -75,20 +88,33 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
             if n > _MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: header length {n} does not fit in a {size}-byte file (truncated or not safetensors).")
             header = json.loads(fh.read(n))
+    except CheckpointError:
+        raise
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: shard file is missing. Re-download the checkpoint.") from exc
+    except PermissionError as exc:
+        raise CheckpointError(f"{path}: permission denied; make the file readable (chmod a+r) and retry.") from exc
+    except OSError as exc:  # a folder where a file should be, an I/O error
+        raise CheckpointError(f"{path}: cannot read the shard ({exc.strerror or exc}).") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: header is not valid safetensors JSON ({exc}).") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a safetensors JSON object. The file is corrupt.")
     base = 8 + n
     out: dict[str, TensorEntry] = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        dtype = DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {key!r} has dtype {info.get('dtype')!r}, which moe-patch cannot read.")
-        shape = tuple(int(s) for s in info["shape"])
-        begin, stop = (int(x) for x in info["data_offsets"])
+        try:
+            dtype = DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {key!r} has dtype {info.get('dtype')!r}, which moe-patch cannot read.")
+            shape = tuple(int(s) for s in info["shape"])
+            begin, stop = (int(x) for x in info["data_offsets"])
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry {info!r}. The file is corrupt.") from exc
+        if min(shape, default=0) < 0 or not 0 <= begin <= stop:
+            raise CheckpointError(f"{path}: tensor {key!r} has negative sizes or offsets in its header. The file is corrupt.")
         expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if stop - begin != expected:
             raise CheckpointError(
@@ -119,8 +145,12 @@ class Checkpoint:
         if index_path.is_file():
             try:
                 weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or UTF-8
                 raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc}).") from exc
+            except OSError as exc:
+                raise CheckpointError(f"{index_path}: cannot read the index ({exc.strerror or exc}).") from exc
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: not a valid safetensors index (weight_map is not an object).")
             by_file: dict[str, list[str]] = {}
             for key, fname in weight_map.items():
                 by_file.setdefault(fname, []).append(key)
@@ -191,12 +221,14 @@ class Checkpoint:
             )
         return buf
 
-    def read(self, entry: TensorEntry, row: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor ``entry`` (or its ``row`` along the first dimension), in its stored dtype."""
+    def read(self, entry: TensorEntry, row: int | None = None, out: torch.Tensor | None = None,
+             split: int | None = None) -> torch.Tensor:
+        """The tensor ``entry`` (or its ``row`` along the first dimension, or chunk ``row`` of ``split``),
+        in its stored dtype."""
         if row is None:
             start, end, shape = entry.start, entry.end, entry.shape
         else:
-            (start, end), shape = entry.row_range(row), entry.shape[1:]
+            (start, end), shape = entry.row_range(row, split), entry.row_shape(split)
         raw = self.read_bytes(entry, start, end, out)
         return raw.view(entry.dtype).reshape(shape)
 

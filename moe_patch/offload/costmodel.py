@@ -112,3 +112,52 @@ def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, size_mb: 
         roundtrip = _median_time(lambda: grow.to("cpu").to(device).sum().item())
     return Bandwidths(dram=dram, cpu_flops=cpu_flops, h2d=h2d, device_flops=device_flops, cpu_gemv=cpu_gemv,
                       roundtrip_s=roundtrip)
+
+
+def expected_use_s(budget: int | None, n_experts: int, entry_bytes: int, decode_s: float, miss_s: float,
+                   decode_on_hit: bool) -> float:
+    """Expected seconds per expert use for a device cache of ``budget`` bytes whose entries take
+    ``entry_bytes``: a miss brings the stored expert in (``miss_s``), and it is decoded on every use
+    (``decode_on_hit``, stored entries) or once per miss (decoded entries). The hit rate is taken as the
+    cached share of the experts (uniform routing: a lower bound; skewed routing only helps both)."""
+    held = n_experts if budget is None else budget // max(entry_bytes, 1)
+    hit = min(1.0, held / max(n_experts, 1))
+    if decode_on_hit:
+        return decode_s + (1.0 - hit) * miss_s
+    return (1.0 - hit) * (miss_s + decode_s)
+
+
+def choose_device_format(budget: int | None, n_experts: int, stored_bytes: int, decoded_bytes: int,
+                         decode_s: float, miss_s: float) -> str:
+    """``"stored"`` or ``"dequantized"``: how the device cache keeps experts of a quantized checkpoint.
+
+    Stored entries fit ``decoded_bytes / stored_bytes`` times more experts but pay a decode on every use;
+    with a partial fit that wins exactly when a miss costs more than a decode (PCIe or disk against a
+    GPU decode), and never when everything fits decoded.
+    """
+    if budget is not None and budget < decoded_bytes:
+        return "stored"  # not even one decoded expert fits
+    stored = expected_use_s(budget, n_experts, stored_bytes, decode_s, miss_s, decode_on_hit=True)
+    decoded = expected_use_s(budget, n_experts, decoded_bytes, decode_s, miss_s, decode_on_hit=False)
+    return "stored" if stored < decoded else "dequantized"
+
+
+def time_stored_expert(source, layer: int, device: torch.device) -> tuple[float, float]:
+    """``(read_s, decode_s)`` of one stored expert of ``layer``: read from the source (as a miss would),
+    then decoded on ``device`` (after its copy, on CUDA). Used once at attach for the device format."""
+    t0 = time.perf_counter()
+    recipes = source.cmap.experts[(layer, 0)]
+    stored = [source.cmap.load_stored(r) for r in recipes.values() if r.stored is not None]
+    read_s = time.perf_counter() - t0
+    if device.type == "cuda":  # pragma: no cover - GPU only
+        stored = [s.to(device) for s in stored]
+        torch.cuda.synchronize(device)
+
+    def decode():
+        for s in stored:
+            s.dequantize()
+        if device.type == "cuda":  # pragma: no cover - GPU only
+            torch.cuda.synchronize(device)
+
+    decode()  # warm-up (lookup tables, allocator)
+    return read_s, _median_time(decode, repeats=3)

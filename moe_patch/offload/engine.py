@@ -13,6 +13,13 @@ Tiers and their invariants:
   is exclusive (a device eviction demotes the entry, a promotion moves it: no byte is held twice).
 - *source*: the checkpoint's safetensors (or the model's own RAM for ``patch_model``).
 
+Experts of quantized checkpoints (FP8, MXFP4, compressed-tensors) are read and kept in the host
+tier in their stored bytes. The device tier keeps them stored (decoded each time they are computed:
+more experts per byte) or decoded once on insert (``device_format``, chosen by the cost model);
+on CUDA the copy moves the stored bytes and decoding runs on the GPU after it. When device entries
+are decoded copies of host entries, the tiers are inclusive on CPU too (the host keeps the compact
+copy, the device tier the decoded one).
+
 Background work (prefetch of the next layer's likely experts, early reads of this layer's misses)
 runs on two reader threads; on CUDA its copies go on a side stream and the compute stream waits on
 an event. Background inserts may not evict the experts of the layer being computed; if they do
@@ -22,6 +29,8 @@ background read is re-raised by the forward that needs the expert (never zeros).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import threading
 import time
@@ -32,11 +41,12 @@ from typing import Any
 
 import torch
 
-from ..dispatch.experts import fused_expert_forward
 from .cache import Key, TierCache
 from .costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
+from .forwards import compute_expert
 from .layers import OffloadLayer
 from .pool import SlotPool, aligned
+from .formats import StoredTensor
 from .quant import QuantizedTensor, materialize, nbytes_of, quantize, tensors_of
 from .sources import ExpertSource
 from .stats import LayerStats, OffloadStats
@@ -51,6 +61,7 @@ class ExpertWeights:
     ready: Any = None  # CUDA event recorded after an async copy; None when usable at once
     tier: str = "disk"  # where it was read from the last time it entered the device cache
     slot: Any = None  # the pool slot holding the tensors (returned to the pool when this entry dies)
+    moved: int = 0  # bytes moved to bring it into the device cache (stored bytes for quantized experts)
 
 
 @dataclass
@@ -68,6 +79,8 @@ class EngineConfig:
     # two readers: one casts or copies while the other waits on the disk (bench/offload.py on the 2-core VM:
     # stall 0.19 -> 0.03 s, decode 5.1 -> 5.5 tok/s; a third did not help)
     io_threads: int = 2
+    # for quantized checkpoints: device-cache entries "stored" (decoded per use) or "dequantized" (on insert)
+    device_format: str = "dequantized"
 
 
 class OffloadEngine:
@@ -77,7 +90,10 @@ class OffloadEngine:
         self.cfg = config
         self.device = config.device
         self.on_cuda = self.device.type == "cuda"
-        self.exclusive = not self.on_cuda
+        self.stored = bool(getattr(source, "stored", False))
+        # device entries decoded from the host's stored bytes: a different object, so the tiers are inclusive
+        self.decode_on_insert = self.stored and config.device_format == "dequantized"
+        self.exclusive = not self.on_cuda and not self.decode_on_insert
         self.dev = TierCache(config.expert_cache, config.policy, config.hot, name="expert_cache")
         self.host = TierCache(config.host_cache, "lru", name="host_cache")
         self._lock = threading.RLock()
@@ -98,24 +114,42 @@ class OffloadEngine:
             device=self.device.type,
             expert_bytes=max(layer.expert_bytes for layer in layers),
             bandwidths=config.bandwidths,
+            stored_expert_bytes=max(self._source_bytes(layer) for layer in layers),
+            device_format=(config.device_format if self.stored else None),
         )
         self.pool = self._make_pool()
+        self.dev_pool = self._make_device_pool()
         self.closed = False
         self.bypass_caches = False  # full-precision reads straight from the source (quantization error)
 
     # -- loading -----------------------------------------------------------------------------
+    def _source_bytes(self, layer: OffloadLayer) -> int:
+        """Bytes one expert of ``layer`` takes as read from the source (stored bytes when quantized)."""
+        nbytes = getattr(self.source, "nbytes", None)
+        return nbytes(layer.index, 0) if nbytes is not None else layer.expert_bytes
+
     def _make_pool(self) -> SlotPool | None:
-        """Host slots for the RAM tiers when budgets are finite and experts are stored unquantized."""
+        """Host slots for the RAM tiers when budgets are finite and experts are read as stored or unquantized."""
         if self.cfg.quantize or not hasattr(self.source, "read_into"):
             return None
-        ram_budgets = [self.host.budget] if self.on_cuda else [self.dev.budget, self.host.budget]
+        ram_budgets = [self.host.budget] if not self.exclusive else [self.dev.budget, self.host.budget]
         if any(b is None for b in ram_budgets):
+            return None
+        slot_bytes = getattr(self.source, "slot_bytes", None)
+        slot = max(slot_bytes(layer.index) if slot_bytes is not None else
+                   sum(aligned(math.prod(s) * torch.empty((), dtype=layer.dtype).element_size())
+                       for s in layer.shapes.values()) for layer in self.layers)
+        # the cached experts, plus one read in flight on each thread and one refused insert
+        slots = sum(b // max(slot, 1) for b in ram_budgets) + self.cfg.io_threads + 1
+        return SlotPool(slot, slots, pin=self.on_cuda)
+
+    def _make_device_pool(self) -> SlotPool | None:
+        """On CPU, slots for experts decoded on insert into the device tier (keeps RSS within its budget)."""
+        if self.on_cuda or not self.decode_on_insert or self.dev.budget is None:
             return None
         slot = max(sum(aligned(math.prod(s) * torch.empty((), dtype=layer.dtype).element_size())
                        for s in layer.shapes.values()) for layer in self.layers)
-        # the cached experts, plus one read in flight on each thread and one refused insert
-        slots = sum(b // slot for b in ram_budgets) + 3
-        return SlotPool(slot, slots, pin=self.on_cuda)
+        return SlotPool(slot, self.dev.budget // slot + self.cfg.io_threads + 1)
 
     def _read(self, key: Key) -> ExpertWeights:
         """Read one expert from the source (no lock held: this is the slow part)."""
@@ -125,14 +159,15 @@ class OffloadEngine:
                 self._busy_since = time.perf_counter()
             self._reading += 1
         try:
-            tensors: dict[str, Any] = self.source.read_into(*key, slot) if slot is not None else self.source.read(*key)
+            read_into = getattr(self.source, "read_into", None)
+            tensors: dict[str, Any] = read_into(*key, slot) if read_into is not None else self.source.read(*key)
         finally:
             with self._lock:
                 self._reading -= 1
                 # wall time with any read in flight: with several I/O threads, summing each read's
                 # duration would count overlapping time twice and halve the measured bandwidth
                 busy = time.perf_counter() - self._busy_since if self._reading == 0 else 0.0
-        raw = sum(t.numel() * t.element_size() for t in tensors.values())
+        raw = sum(nbytes_of(t) for t in tensors.values())
         if self.cfg.quantize:
             tensors = {n: quantize(t, self.cfg.quantize) for n, t in tensors.items()}
         if self.on_cuda and slot is None:  # pragma: no cover - GPU only
@@ -167,12 +202,34 @@ class OffloadEngine:
             event.synchronize()
         return True
 
+    def _decode(self, tensors: dict[str, Any], slot: Any = None, copy: bool = False) -> dict[str, Any]:
+        """Stored experts decoded on their device (into ``slot``'s views when given). With ``copy``, the
+        other tensors (e.g. bf16 biases) are copied too: they are views of the host entry's pool slot,
+        which goes back to the pool (and is overwritten) when the host tier drops that entry."""
+        out = {}
+        for n, t in tensors.items():
+            if isinstance(t, StoredTensor):
+                buf = slot.tensor(t.layout.stored_shape, t.dtype) if slot is not None else None
+                out[n] = t.dequantize(out=buf)
+            elif copy:
+                out[n] = slot.tensor(t.shape, t.dtype).copy_(t) if slot is not None else t.clone()
+            else:
+                out[n] = t
+        return out
+
     def _to_device(self, host: ExpertWeights, background: bool) -> ExpertWeights:
         if not self.on_cuda:
-            return host
+            if not self.decode_on_insert:
+                return host
+            slot = self.dev_pool.take() if self.dev_pool is not None else None
+            tensors = self._decode(host.tensors, slot, copy=True)
+            return ExpertWeights(tensors, sum(nbytes_of(t) for t in tensors.values()), tier=host.tier, slot=slot)
         stream = self._stream if background else torch.cuda.current_stream(self.device)  # pragma: no cover
         with torch.cuda.stream(stream):  # pragma: no cover - GPU only
+            # the stored bytes cross PCIe; decoding (when the device keeps decoded experts) runs on the GPU
             tensors = {n: t.to(self.device, non_blocking=True) for n, t in host.tensors.items()}
+            if self.decode_on_insert:
+                tensors = self._decode(tensors)
             event = torch.cuda.Event()
             event.record(stream)
         if host.slot is not None:  # pragma: no cover - GPU only
@@ -181,7 +238,8 @@ class OffloadEngine:
             self._reap()
             with self._lock:
                 self._copying.append((event, host))
-        return ExpertWeights(tensors, host.nbytes, ready=event, tier=host.tier)  # pragma: no cover
+        nbytes = sum(nbytes_of(t) for t in tensors.values())  # pragma: no cover - GPU only
+        return ExpertWeights(tensors, nbytes, ready=event, tier=host.tier)  # pragma: no cover
 
     def _take_host(self, key: Key) -> ExpertWeights | None:
         with self._lock:
@@ -213,7 +271,8 @@ class OffloadEngine:
                 self.host.put(key, host, host.nbytes)
             return stored
 
-    def _load(self, key: Key, background: bool) -> tuple[ExpertWeights, str]:
+    def _load(self, key: Key, background: bool) -> tuple[ExpertWeights, str, int]:
+        """Bring ``key`` into the device cache: ``(device entry, tier it came from, bytes moved)``."""
         host = self._take_host(key)
         tier = "host"
         if host is None:
@@ -221,8 +280,9 @@ class OffloadEngine:
             tier = host.tier
         dev = self._to_device(host, background)
         dev.tier = tier
+        dev.moved = host.nbytes
         self._insert_device(key, dev, host, background)
-        return dev, tier
+        return dev, tier, host.nbytes
 
     def _background_load(self, key: Key) -> str:
         try:
@@ -329,7 +389,12 @@ class OffloadEngine:
         w = getattr(router, "weight", None)
         if isinstance(w, torch.Tensor) and w.shape[-1] != x.shape[-1]:
             return set()
-        out = type(router).forward(router, x)
+        if _takes_hidden_only(type(router)):
+            out = type(router).forward(router, x)
+        elif isinstance(w, torch.Tensor) and w.dim() == 2:
+            out = torch.nn.functional.linear(x.to(w.dtype), w)  # routers needing more inputs (MiniMax-M2's bias)
+        else:
+            return set()
         if isinstance(out, tuple):
             idx = out[-1] if not out[-1].is_floating_point() else None
             logits = out[0]
@@ -367,7 +432,7 @@ class OffloadEngine:
                 # loaded after the layer began (an early read of a miss): it counts in its source tier
                 tier = "device" if key in self._resident else entry.tier
                 st.hits[tier] += 1
-                self.stats.bytes_read[self.phase][tier] += entry.nbytes
+                self.stats.bytes_read[self.phase][tier] += entry.nbytes if tier == "device" else entry.moved
                 return entry, "device"
             fut = self._inflight.get(key)
             if fut is None and self._cpu_candidate(key, rows):
@@ -388,14 +453,14 @@ class OffloadEngine:
                     self.dev.pin(key)
                     tier = entry.tier if tier == "device" else tier
         if entry is None:
-            entry, tier = self._load(key, background=False)
+            entry, tier, _ = self._load(key, background=False)
             with self._lock:
                 if key in self.dev:
                     self.dev.pin(key)
         with self._lock:
             self.stats.stall_s += time.perf_counter() - t0
             st.hits[tier] += 1
-            self.stats.bytes_read[self.phase][tier] += entry.nbytes
+            self.stats.bytes_read[self.phase][tier] += entry.moved if tier != "device" else entry.nbytes
         return entry, "device"
 
     def _cpu_candidate(self, key: Key, rows: int) -> bool:
@@ -421,7 +486,7 @@ class OffloadEngine:
         key = (layer, expert)
         spec = self.layers[layer]
         if self.bypass_caches:
-            return _compute(spec, expert, x, {n: t.to(x.device) for n, t in self.source.read(layer, expert).items()})
+            return compute_expert(spec, expert, x, {n: t.to(x.device) for n, t in self.source.read(layer, expert).items()})
         self._active.setdefault(layer, {})
         self._active[layer][expert] = self._active[layer].get(expert, 0) + x.shape[0]
         entry, site = self._acquire(key, x.shape[0])
@@ -439,8 +504,8 @@ class OffloadEngine:
                 # own copies keep gradients w.r.t. the input exact (the experts themselves are frozen).
                 weights = {n: t.clone() for n, t in weights.items()}
             if site == "cpu" and x.device.type != "cpu":  # pragma: no cover - GPU only
-                return _compute(spec, expert, x.to("cpu"), weights).to(x.device)
-            return _compute(spec, expert, x, weights)
+                return compute_expert(spec, expert, x.to("cpu"), weights).to(x.device)
+            return compute_expert(spec, expert, x, weights)
         finally:
             self._release(key, site)
 
@@ -464,26 +529,18 @@ class OffloadEngine:
         self.source.close()
 
 
+@functools.lru_cache(maxsize=64)
+def _takes_hidden_only(router_cls: type) -> bool:
+    """Whether ``router_cls.forward`` can be called with the hidden states alone."""
+    try:
+        params = list(inspect.signature(router_cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) <= 1
+
+
 def most_used(counts: list[int], limit: int) -> list[int]:
     """Indices of the ``limit`` largest non-zero counts, largest first (ties: lower index first)."""
     order = sorted(range(len(counts)), key=lambda e: -counts[e])[:limit]
     return [e for e in order if counts[e] > 0]
-
-
-def _compute(spec: OffloadLayer, expert: int, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    if spec.storage == "fused":
-        return fused_expert_forward(spec.experts, x, weights)
-    # module_list: run the expert module's own class forward with the fetched tensors swapped in for the
-    # placeholders (its instance forward is the engine's hook, so functional_call would recurse)
-    module = spec.experts[expert]
-    slots = []
-    for name, value in weights.items():
-        path, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(path) if path else module
-        slots.append((owner, leaf, owner._parameters[leaf]))
-        owner._parameters[leaf] = value
-    try:
-        return type(module).forward(module, x.to(next(iter(weights.values())).dtype))
-    finally:
-        for owner, leaf, old in slots:
-            owner._parameters[leaf] = old

@@ -7,14 +7,23 @@ parameter (``MergeModulelist`` stacks per-expert tensors, ``Concatenate`` builds
 converter's operations are run on the tensors of *one* expert (a batch of one along the expert
 dimension), which gives exactly row ``e`` of the fully converted parameter without building it.
 
+Quantized checkpoints (FP8, MXFP4, compressed-tensors) go through the conversions of transformers'
+own quantizer in its ``dequantize=True`` mode, so the same rules also say which stored tensors
+(weights, block scales, FP4 blocks) make each parameter. Their dequantize step is replaced by
+:class:`~moe_patch.offload.formats.StoredLayout`: routed experts stay in their stored bytes (read into
+the caches as stored, decoded where they are computed), FP8 weights use the config's block size
+(transformers' ``Fp8Dequantize`` guesses it from the shapes, wrongly when a dimension is not a
+multiple of 128). Other dense tensors of compressed-tensors checkpoints use transformers' own op.
+
 Everything is checked here against the model's parameter shapes, with meta tensors, before any
-data is read: a missing tensor or a shape mismatch is a :class:`CheckpointError` naming the file
-and tensor.
+data is read: a missing tensor, a missing scale or a shape mismatch is a :class:`CheckpointError`
+naming the file and tensor.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 
@@ -34,12 +43,39 @@ from transformers.core_model_loading import (
 
 from ..errors import CheckpointError, MoEConfigError
 from .checkpoint import Checkpoint, TensorEntry
+from .formats import Piece, QuantizationSpec, StoredLayout, StoredTensor
+from .formats.hf import SERIALIZED_SUFFIXES, dequant_kind, make_quantizer
 from .layers import OffloadLayer
 
 logger = logging.getLogger(__name__)
 
 #: Converter operations that act on each expert independently (they never mix rows of dim 0).
 _PER_EXPERT_OPS = (MergeModulelist, Concatenate, Transpose, Interleave, Chunk)
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One checkpoint tensor, or one expert's part of it: row ``row`` (``split`` None) or chunk ``row``
+    of ``split`` equal chunks along dimension 0 (DBRX stacks experts as ``[E * F, H]``)."""
+
+    entry: TensorEntry
+    row: int | None = None
+    split: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape if self.row is None else self.entry.row_shape(self.split)
+
+    @property
+    def range(self) -> tuple[int, int]:
+        e = self.entry
+        return (e.start, e.end) if self.row is None else e.row_range(self.row, self.split)
+
+    @property
+    def nbytes(self) -> int:
+        start, end = self.range
+        return end - start
 
 
 @dataclass(frozen=True)
@@ -47,35 +83,48 @@ class TensorRecipe:
     """How to build one model tensor (or one expert's slice of it) from checkpoint tensors.
 
     ``parts`` maps each converter source pattern (or the checkpoint key, for a plain rename) to the
-    checkpoint tensors it collects, in transformers' order, each with the row to read (``None`` for
-    the whole tensor).
+    checkpoint tensors it collects, in transformers' order. ``stored`` is set when the tensors are
+    quantized and decoded by moe-patch: its pieces index the flat list :attr:`sources`.
     """
 
     target: str
-    parts: tuple[tuple[str, tuple[tuple[TensorEntry, int | None], ...]], ...]
+    parts: tuple[tuple[str, tuple[Source, ...]], ...]
     converter: WeightConverter | None
     shape: tuple[int, ...]
     dtype: torch.dtype
+    stored: StoredLayout | None = None
+
+    @property
+    def sources(self) -> list[Source]:
+        return [s for _, group in self.parts for s in group]
 
     @property
     def entries(self) -> list[TensorEntry]:
-        return [entry for _, group in self.parts for entry, _ in group]
+        return [s.entry for s in self.sources]
 
     @property
     def nbytes(self) -> int:
-        """Bytes read from disk for this recipe."""
-        total = 0
-        for _, group in self.parts:
-            for entry, row in group:
-                total += entry.nbytes if row is None else entry.nbytes // entry.shape[0]
-        return total
+        """Bytes read from disk for this recipe (the stored bytes)."""
+        return sum(s.nbytes for s in self.sources)
+
+    @property
+    def model_nbytes(self) -> int:
+        """Bytes of the tensor it builds, in the model dtype."""
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def operations(self) -> list:
+        """The converter's operations moe-patch runs itself (its dequantize op is replaced by ``stored``)."""
+        ops = list(self.converter.operations) if self.converter is not None else []
+        return ops[1:] if ops and dequant_kind(ops[0]) is not None and self.stored is not None else ops
 
 
 class _ShapeShim:
-    """Stands in for the model in ``Transpose(check_dims=True)``: the shape of the batch of one."""
+    """Stands in for the model in converter ops that look the target up (``Transpose(check_dims=True)``,
+    compressed-tensors' dtype lookup): a meta tensor of the target's shape and dtype."""
 
-    def __init__(self, shape):
-        self._t = torch.empty(shape, device="meta")
+    def __init__(self, shape, dtype=torch.float32):
+        self._t = torch.empty(shape, device="meta", dtype=dtype)
 
     def get_parameter(self, name):
         return self._t
@@ -87,6 +136,9 @@ def apply_recipe(recipe: TensorRecipe, tensors: list[list[torch.Tensor]], *, per
     ``per_expert``: the tensors are one expert's (the output loses the expert dimension).
     Works on meta tensors too, which is how shapes are checked before reading.
     """
+    if recipe.stored is not None:
+        decoded = recipe.stored.decode(tuple(t for group in tensors for t in group))
+        return decoded
     conv = recipe.converter
     if conv is None:
         (t,) = tensors[0]
@@ -98,10 +150,10 @@ def apply_recipe(recipe: TensorRecipe, tensors: list[list[torch.Tensor]], *, per
         input_dict[pattern] = list(group) if (merges or not per_expert) else [t.unsqueeze(0) for t in group]
     shim_shape = ((1,) if per_expert else ()) + recipe.shape
     out = input_dict
-    for op in conv.operations:
+    for op in recipe.operations:
         out = op.convert(
             out, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
-            full_layer_name=recipe.target, model=_ShapeShim(shim_shape), config=None, missing_keys=None,
+            full_layer_name=recipe.target, model=_ShapeShim(shim_shape, recipe.dtype), config=None, missing_keys=None,
         )
     if len(out) != 1:
         wanted = recipe.target.rpartition(".")[2]
@@ -123,14 +175,28 @@ def _expert_number_position(keys: list[str]) -> int | None:
     return None
 
 
-class CheckpointMap:
-    """Every model tensor's recipe: per expert for offloaded layers, whole for everything else."""
+def _strip_suffix(pattern: str, suffixes: tuple[str, ...]) -> tuple[str, str]:
+    """``mlp.experts.*.gate_proj.weight_scale_inv`` -> (``mlp.experts.*.gate_proj.``, ``weight_scale_inv``)."""
+    for suffix in sorted(suffixes, key=len, reverse=True):
+        if pattern.endswith(suffix):
+            return pattern[: -len(suffix)], suffix
+    return pattern, ""
 
-    def __init__(self, checkpoint: Checkpoint, model: torch.nn.Module, layers: list[OffloadLayer]):
+
+class CheckpointMap:
+    """Every model tensor's recipe: per expert for offloaded layers, whole for everything else.
+
+    ``quantization``: the checkpoint's :class:`QuantizationSpec` (``None`` for bf16/fp16/fp32).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, model: torch.nn.Module, layers: list[OffloadLayer],
+                 quantization: QuantizationSpec | None = None):
         self.checkpoint = checkpoint
+        self.quantization = quantization
         self._scratch = threading.local()  # per-thread read buffer for casting loads
         meta = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
-        conversions = get_model_conversion_mapping(model)
+        quantizer = make_quantizer(quantization.raw) if quantization is not None else None
+        conversions = get_model_conversion_mapping(model, hf_quantizer=quantizer)
         renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
         converters = [c for c in conversions if isinstance(c, WeightConverter)]
         by_pattern = {p: c for c in converters for p in c.source_patterns}
@@ -157,16 +223,17 @@ class CheckpointMap:
             for e in range(layer.num_experts):
                 self.experts[(layer.index, e)] = {}
             for name in layer.param_names:
-                if layer.storage == "fused":
+                if layer.storage == "module_list":
+                    for e in range(layer.num_experts):
+                        target = f"{layer.experts_path}.{e}.{name}"
+                        expert_targets.add(target)
+                        self.experts[(layer.index, e)][name] = self._whole_recipe(
+                            target, per_expert_shape=layer.shapes[name])
+                else:
                     target = f"{layer.experts_path}.{name}"
                     expert_targets.add(target)
                     for e, recipe in enumerate(self._fused_recipes(layer, name, target)):
                         self.experts[(layer.index, e)][name] = recipe
-                else:
-                    for e in range(layer.num_experts):
-                        target = f"{layer.experts_path}.{e}.{name}"
-                        expert_targets.add(target)
-                        self.experts[(layer.index, e)][name] = self._whole_recipe(target, per_expert_shape=layer.shapes[name])
         self.dense: dict[str, TensorRecipe] = {
             t: self._whole_recipe(t) for t in groups if t not in expert_targets
         }
@@ -185,29 +252,47 @@ class CheckpointMap:
             )
         return self._groups[target]
 
+    def _dequant(self, conv: WeightConverter | None) -> str | None:
+        ops = conv.operations if conv is not None else []
+        return dequant_kind(ops[0]) if ops else None
+
     def _whole_recipe(self, target: str, per_expert_shape: tuple[int, ...] | None = None) -> TensorRecipe:
         conv, parts = self._group(target)
         shape, dtype = self._meta[target]
-        if conv is not None:
-            bad = [op for op in conv.operations if not isinstance(op, _PER_EXPERT_OPS)] if per_expert_shape else []
+        shape = shape if per_expert_shape is None else per_expert_shape
+        kind = self._dequant(conv)
+        if conv is not None and per_expert_shape:
+            ops = conv.operations[1:] if kind else conv.operations
+            bad = [op for op in ops if not isinstance(op, _PER_EXPERT_OPS)]
             if bad:
                 raise MoEConfigError(f"{target}: conversion {type(bad[0]).__name__} cannot be applied per expert.")
-        entries = tuple((p, tuple((self.checkpoint.entries[k], None) for k in keys)) for p, keys in parts.items())
-        return TensorRecipe(target, entries, conv, shape if per_expert_shape is None else per_expert_shape, dtype)
+        sources = tuple((p, tuple(Source(self.checkpoint.entries[k]) for k in keys)) for p, keys in parts.items())
+        if kind == "fp8" and per_expert_shape is None and not any(
+                s.entry.dtype in _FP8_DTYPES for _, group in sources for s in group):
+            conv = None  # an unquantized tensor of an FP8 checkpoint (norm, embedding): used as stored
+        recipe = TensorRecipe(target, sources, conv, shape, dtype)
+        # FP8 everywhere, and every quantized routed expert, decode through moe-patch's layouts
+        if conv is not None and (kind == "fp8" or (kind is not None and per_expert_shape is not None)):
+            recipe = self._with_layout(recipe, transpose=False)
+        return recipe
 
     def _fused_recipes(self, layer: OffloadLayer, name: str, target: str) -> list[TensorRecipe]:
         conv, parts = self._group(target)
         n, shape, dtype = layer.num_experts, layer.shapes[name], layer.dtype
+        kind = self._dequant(conv)
         if conv is not None:
-            for op in conv.operations:
+            for op in conv.operations[1:] if kind else conv.operations:
                 if not isinstance(op, _PER_EXPERT_OPS) or (not isinstance(op, MergeModulelist) and getattr(op, "dim", 1) == 0):
                     raise MoEConfigError(
                         f"{target}: transformers converts it with {type(op).__name__}, which moe-patch cannot apply one "
                         "expert at a time. Load this model without offloading."
                     )
         patterns = list(conv.source_patterns) if conv is not None else list(parts)
+        if kind is not None:  # companions a checkpoint need not have (activation scales, zero points...)
+            patterns = [p for p in patterns if parts.get(p)]
         per_expert_keys = conv is not None and any(isinstance(op, MergeModulelist) for op in conv.operations)
-        rows: dict[str, list[tuple[TensorEntry, int | None]]] = {}
+        split = n if layer.storage == "flat_2d" else None
+        rows: dict[str, list[Source]] = {}
         for pattern in patterns:
             keys = parts.get(pattern)
             if not keys:
@@ -221,17 +306,30 @@ class CheckpointMap:
                 if len(entries) != 1:
                     raise CheckpointError(f"{target}: expected one fused tensor, found {[e.key for e in entries]}.")
                 (entry,) = entries
-                if not entry.shape or entry.shape[0] != n:
+                if not entry.shape or entry.shape[0] % n or (split is None and entry.shape[0] != n):
                     raise CheckpointError(
                         f"{entry.file}: tensor {entry.key!r} has shape {list(entry.shape)}; {target!r} needs "
                         f"{n} experts along dimension 0. The checkpoint does not match the config."
                     )
-                rows[pattern] = [(entry, e) for e in range(n)]
-        return [
+                rows[pattern] = [Source(entry, e, split) for e in range(n)]
+        recipes = [
             TensorRecipe(target, tuple((p, (rows[p][e],)) for p in patterns), conv, shape, dtype) for e in range(n)
         ]
+        if kind is not None:
+            # one layout for the layer, checked on expert 0; every other expert must store the same shapes
+            layout = self._with_layout(recipes[0], transpose=kind == "mxfp4").stored
+            first = [(s.shape, s.entry.dtype) for s in recipes[0].sources]
+            for r in recipes[1:]:
+                for s, (shape, dtype) in zip(r.sources, first):
+                    if (s.shape, s.entry.dtype) != (shape, dtype):
+                        raise CheckpointError(
+                            f"{s.entry.file}: tensor {s.entry.key!r} has shape {list(s.shape)} ({s.entry.dtype}) but "
+                            f"the other experts store {list(shape)} ({dtype}). The checkpoint is corrupt."
+                        )
+            recipes = [TensorRecipe(r.target, r.parts, r.converter, r.shape, r.dtype, layout) for r in recipes]
+        return recipes
 
-    def _numbered(self, entries: list[TensorEntry], n: int, target: str) -> list[tuple[TensorEntry, None]]:
+    def _numbered(self, entries: list[TensorEntry], n: int, target: str) -> list[Source]:
         pos = _expert_number_position([e.key for e in entries])
         if pos is None:
             numbers = list(range(len(entries)))  # transformers stacks them in sorted order
@@ -252,7 +350,145 @@ class CheckpointMap:
                 f"experts found for {target!r}; missing experts {missing[:8]}). Re-download the checkpoint or "
                 "check num_experts in config.json."
             )
-        return [(found[i], None) for i in range(n)]
+        return [Source(found[i]) for i in range(n)]
+
+    # -- quantized layouts ---------------------------------------------------------------------
+    def _with_layout(self, recipe: TensorRecipe, *, transpose: bool) -> TensorRecipe:
+        """``recipe`` with the :class:`StoredLayout` that decodes its stored tensors (checked here)."""
+        q = self.quantization
+        assert q is not None
+        flat = recipe.sources
+        index = {}
+        at = 0
+        for pattern, group in recipe.parts:
+            index[pattern] = at  # one source per pattern for an expert; dense recipes too
+            at += len(group)
+        if any(len(group) != 1 for _, group in recipe.parts):
+            raise MoEConfigError(f"{recipe.target}: expected one stored tensor per part, got {[len(g) for _, g in recipe.parts]}.")
+        ops = list(recipe.converter.operations[1:]) if recipe.converter is not None else []
+        concat = [op for op in ops if isinstance(op, Concatenate)]
+        other = [op for op in ops if not isinstance(op, (MergeModulelist, Concatenate))]
+        if other or any(op.dim != 1 for op in concat):
+            raise MoEConfigError(
+                f"{recipe.target}: quantized experts converted with {[type(op).__name__ for op in ops]} are not "
+                "supported by the offload engine (only stacking and [gate; up] concatenation)."
+            )
+        if q.method == "mxfp4":
+            pieces = [self._mxfp4_piece(recipe, flat, index)]
+        else:
+            pieces = self._scaled_pieces(recipe, flat, index, SERIALIZED_SUFFIXES[q.method])
+        layout = StoredLayout(tuple(pieces), q.experts, recipe.shape, recipe.dtype, transpose=transpose)
+        stored_shape = (sum(p.rows for p in pieces), pieces[0].cols)
+        if stored_shape != layout.stored_shape or len({p.cols for p in pieces}) != 1:
+            first = flat[pieces[0].weight]
+            raise CheckpointError(
+                f"{first.entry.file}: tensor {first.entry.key!r} (shape {list(first.shape)}) decodes to "
+                f"{list(stored_shape)} but {recipe.target!r} needs {list(layout.stored_shape)} "
+                f"({q.method} layout). The checkpoint does not match config.json."
+            )
+        return TensorRecipe(recipe.target, recipe.parts, recipe.converter, recipe.shape, recipe.dtype, layout)
+
+    def _mxfp4_piece(self, recipe: TensorRecipe, flat: list[Source], index: dict[str, int]) -> Piece:
+        blocks = next((p for p in index if p.endswith("_blocks")), None)
+        scales = next((p for p in index if p.endswith("_scales")), None)
+        if blocks is None or scales is None:
+            raise CheckpointError(
+                f"{self.checkpoint.directory}: {recipe.target!r} needs both *_blocks and *_scales tensors "
+                f"(MXFP4); found {sorted(index)}."
+            )
+        b, s = flat[index[blocks]], flat[index[scales]]
+        if b.entry.dtype != torch.uint8 or s.entry.dtype != torch.uint8 or len(b.shape) != 3 or b.shape[-1] != 16 \
+                or tuple(s.shape) != tuple(b.shape[:-1]):
+            raise CheckpointError(
+                f"{b.entry.file}: MXFP4 tensors {b.entry.key!r} {list(b.shape)} {b.entry.dtype} / {s.entry.key!r} "
+                f"{list(s.shape)} {s.entry.dtype} do not form uint8 blocks [rows, groups, 16] with scales [rows, groups]."
+            )
+        return Piece("mxfp4", index[blocks], index[scales], rows=b.shape[0], cols=b.shape[1] * 32)
+
+    def _scaled_pieces(self, recipe: TensorRecipe, flat: list[Source], index: dict[str, int],
+                       suffixes: tuple[str, ...]) -> list[Piece]:
+        """One piece per projection (gate, up...), in the converter's order."""
+        q = self.quantization
+        bases: dict[str, dict[str, int]] = {}
+        for pattern, at in index.items():
+            base, suffix = _strip_suffix(pattern, suffixes)
+            bases.setdefault(base, {})[suffix] = at
+        # the target's own rows: with several projections, they stack in the order transformers concatenates
+        pieces = []
+        for base, roles in bases.items():
+            where = flat[next(iter(roles.values()))].entry
+            if "weight_global_scale" in roles:
+                raise CheckpointError(f"{where.file}: {base}weight_global_scale (NVFP4-style) is not supported.")
+            if "weight_packed" in roles:
+                pieces.append(self._int_piece(recipe, flat, roles, base, len(bases)))
+                continue
+            if "weight" not in roles:
+                raise CheckpointError(f"{where.file}: no weight tensor for {base!r} (found {sorted(roles)}).")
+            w = flat[roles["weight"]]
+            scale_key = "weight_scale_inv" if q.method == "fp8" else "weight_scale"
+            if len(w.shape) != 2:
+                raise CheckpointError(f"{w.entry.file}: tensor {w.entry.key!r} has shape {list(w.shape)}; expected 2-D.")
+            if w.entry.dtype not in _FP8_DTYPES:
+                if scale_key in roles:
+                    raise CheckpointError(
+                        f"{w.entry.file}: tensor {w.entry.key!r} is {w.entry.dtype} but has a scale; expected FP8.")
+                pieces.append(Piece("plain", roles["weight"], rows=w.shape[0], cols=w.shape[1]))
+                continue
+            if scale_key not in roles:
+                raise CheckpointError(
+                    f"{w.entry.file}: FP8 tensor {w.entry.key!r} has no {w.entry.key.rpartition('.')[0]}.{scale_key} "
+                    "scale tensor. The checkpoint is incomplete; re-download it."
+                )
+            self._check_fp8_scale(w, flat[roles[scale_key]])
+            pieces.append(Piece("fp8", roles["weight"], roles[scale_key], rows=w.shape[0], cols=w.shape[1]))
+        return pieces
+
+    def _check_fp8_scale(self, w: Source, s: Source) -> None:
+        rows, cols = w.shape
+        block = self.quantization.experts.block
+        numel = math.prod(s.shape)
+        if block is None:
+            ok = numel == 1 or tuple(s.shape) in ((rows, 1), (rows,))
+            want = "one value, [rows] or [rows, 1]"
+        else:
+            grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+            ok = tuple(s.shape) == grid
+            want = f"{list(grid)} for weight_block_size {list(block)}"
+        if not ok:
+            raise CheckpointError(
+                f"{s.entry.file}: scale tensor {s.entry.key!r} has shape {list(s.shape)} but weight {w.entry.key!r} "
+                f"{[rows, cols]} needs {want}. The checkpoint or its quantization_config.weight_block_size is wrong."
+            )
+        if not (s.entry.dtype.is_floating_point or s.entry.dtype == torch.uint8):
+            raise CheckpointError(f"{s.entry.file}: scale tensor {s.entry.key!r} has dtype {s.entry.dtype}; expected "
+                                  "float32/bf16/fp16 or e8m0 exponent bytes.")
+
+    def _int_piece(self, recipe: TensorRecipe, flat: list[Source], roles: dict[str, int], base: str,
+                   n_bases: int) -> Piece:
+        scheme = self.quantization.experts
+        packed = flat[roles["weight_packed"]]
+        where = packed.entry
+        if "weight_scale" not in roles:
+            raise CheckpointError(f"{where.file}: packed tensor {where.key!r} has no {base}weight_scale tensor.")
+        if not scheme.symmetric and "weight_zero_point" not in roles:
+            raise CheckpointError(f"{where.file}: asymmetric tensor {where.key!r} has no {base}weight_zero_point tensor.")
+        rows = packed.shape[0]
+        # the model says how many input columns there are (the packed width is rounded up to 32 bits)
+        out_rows, cols = recipe.shape if len(recipe.shape) == 2 else (rows, 0)
+        if where.dtype != torch.int32 or len(packed.shape) != 2 or packed.shape[1] != math.ceil(cols * scheme.bits / 32):
+            raise CheckpointError(
+                f"{where.file}: packed tensor {where.key!r} ({list(packed.shape)}, {where.dtype}) cannot hold "
+                f"{rows}x{cols} int{scheme.bits} values."
+            )
+        scale = flat[roles["weight_scale"]]
+        groups = cols // scheme.group_size if scheme.group_size else 1
+        if tuple(scale.shape) != (rows, groups):
+            raise CheckpointError(
+                f"{scale.entry.file}: scale tensor {scale.entry.key!r} has shape {list(scale.shape)}; {where.key!r} "
+                f"needs [{rows}, {groups}] (group_size {scheme.group_size})."
+            )
+        return Piece("int", roles["weight_packed"], roles["weight_scale"], roles.get("weight_zero_point"),
+                     rows=rows, cols=cols)
 
     # -- checks ------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -264,16 +500,18 @@ class CheckpointMap:
             self._check(recipe, per_expert=False)
 
     def _check(self, recipe: TensorRecipe, *, per_expert: bool) -> None:
+        if recipe.stored is not None:
+            return  # the layout was checked against the target when it was built
+        if self._dequant(recipe.converter) is not None:
+            return  # transformers' own dequantize op needs data; the shape is checked after loading
         for entry in recipe.entries:
             if recipe.dtype.is_floating_point and not entry.dtype.is_floating_point:
                 raise CheckpointError(
                     f"{entry.file}: tensor {entry.key!r} is stored as {entry.dtype} but {recipe.target!r} is "
-                    f"{recipe.dtype}: the checkpoint does not match the config (quantized checkpoint?)."
+                    f"{recipe.dtype}: the checkpoint does not match the config (quantized checkpoint without a "
+                    "quantization_config?)."
                 )
-        metas = [
-            [torch.empty(e.shape if r is None else e.shape[1:], dtype=e.dtype, device="meta") for e, r in group]
-            for _, group in recipe.parts
-        ]
+        metas = [[torch.empty(s.shape, dtype=s.entry.dtype, device="meta") for s in group] for _, group in recipe.parts]
         try:
             shape = tuple(apply_recipe(recipe, metas, per_expert=per_expert).shape)
         except (RuntimeError, ValueError, IndexError) as exc:
@@ -287,7 +525,32 @@ class CheckpointMap:
                 "does not match config.json."
             )
 
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def stored_experts(self) -> bool:
+        """Whether routed experts are kept in a quantized stored format (decoded where computed)."""
+        return any(r.stored is not None for recipes in self.experts.values() for r in recipes.values())
+
+    def expert_nbytes(self, layer: int, expert: int = 0, *, stored: bool = True) -> int:
+        """Bytes of one expert as stored on disk (``stored``) or in the model dtype."""
+        recipes = self.experts[(layer, expert)].values()
+        return sum(r.nbytes if stored else r.model_nbytes for r in recipes)
+
     # -- reading -----------------------------------------------------------------------------
+    def _read_sources(self, recipe: TensorRecipe, views: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        out = []
+        for i, s in enumerate(recipe.sources):
+            start, end = s.range
+            buf = views[i] if views is not None else None
+            raw = self.checkpoint.read_bytes(s.entry, start, end, out=buf.view(-1).view(torch.uint8) if buf is not None else None)
+            out.append(buf if buf is not None else raw.view(s.entry.dtype).reshape(s.shape))
+        return out
+
+    def load_stored(self, recipe: TensorRecipe, slot=None) -> StoredTensor:
+        """One expert's stored tensors (into views of a pool ``slot`` when given), not decoded."""
+        views = [slot.tensor(s.shape, s.entry.dtype) for s in recipe.sources] if slot is not None else None
+        return StoredTensor(recipe.stored, tuple(self._read_sources(recipe, views)))
+
     def load_into(self, recipe: TensorRecipe, out: torch.Tensor) -> None:
         """Read one expert's ``recipe`` into ``out`` (e.g. a pool slot) without temporaries.
 
@@ -296,9 +559,9 @@ class CheckpointMap:
         ``copy_`` casts into ``out``); other conversions run transformers' ops and copy the result.
         """
         conv = recipe.converter
-        simple = conv is None or all(
+        simple = recipe.stored is None and (conv is None or all(
             isinstance(op, MergeModulelist) or (isinstance(op, Concatenate) and op.dim == 1) for op in conv.operations
-        )
+        ))
         dtypes = {e.dtype for e in recipe.entries}
         if not simple or len(dtypes) != 1:
             out.copy_(self.load(recipe, per_expert=True))
@@ -313,16 +576,18 @@ class CheckpointMap:
                 scratch = self._scratch.buf = torch.empty(nbytes, dtype=torch.uint8)
             flat = scratch[:nbytes]
         at = 0
-        for _, group in recipe.parts:  # parts follow the converter's source order: gate rows, then up rows
-            for entry, row in group:
-                start, end = (entry.start, entry.end) if row is None else entry.row_range(row)
-                self.checkpoint.read_bytes(entry, start, end, out=flat.narrow(0, at, end - start))
-                at += end - start
+        for s in recipe.sources:  # parts follow the converter's source order: gate rows, then up rows
+            start, end = s.range
+            self.checkpoint.read_bytes(s.entry, start, end, out=flat.narrow(0, at, end - start))
+            at += end - start
         if stored != out.dtype:
             out.copy_(flat.view(stored).view(out.shape))
 
     def load(self, recipe: TensorRecipe, *, per_expert: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read and convert ``recipe`` (cast to ``dtype``, default the model's)."""
-        tensors = [[self.checkpoint.read(e, r) for e, r in group] for _, group in recipe.parts]
+        """Read and convert ``recipe`` (decoded if quantized, cast to ``dtype``, default the model's)."""
+        if recipe.stored is not None:
+            stored = self.load_stored(recipe)
+            return stored.layout.decode(stored.tensors, dtype=dtype or recipe.dtype)
+        tensors = [[self.checkpoint.read(s.entry, s.row, split=s.split) for s in group] for _, group in recipe.parts]
         out = apply_recipe(recipe, tensors, per_expert=per_expert)
         return out.to(dtype or recipe.dtype).contiguous()

@@ -1,10 +1,13 @@
 """Which modules hold the experts to offload, described as small records (no I/O, no mutation).
 
 Uses :func:`moe_patch.detect.find_moe_blocks` handles when given (or importable); otherwise a
-structural search that recognises the two storages the offload engine drives:
+structural search that recognises the fused and module_list storages. The storages the engine drives:
 
 - ``fused``: transformers 5 experts modules (3-D ``gate_up_proj``/``up_proj``/``down_proj``
   parameters, ``has_gate``/``is_transposed``/``has_bias`` flags);
+- ``dense_bmm``: Llama 4's experts, ``gate_up_proj [E, H, 2I]`` and ``down_proj [E, I, H]`` without
+  those flags (transformers computes every expert for every token; the engine routes top-k);
+- ``flat_2d``: DBRX's experts, ``mlp.w1/v1/w2 [E * F, H]`` (expert ``e`` is rows ``e*F:(e+1)*F``);
 - ``module_list``: an ``nn.ModuleList`` of identical expert MLP modules next to a router.
 """
 
@@ -21,6 +24,9 @@ from ..dispatch.experts import expert_weight_names
 from ..errors import NoMoEFoundError
 
 
+STORAGES = ("fused", "dense_bmm", "flat_2d", "module_list")
+
+
 @dataclass
 class OffloadLayer:
     """One MoE block whose routed experts are offloaded.
@@ -30,9 +36,9 @@ class OffloadLayer:
         path / experts_path: module paths of the block and of its experts container.
         experts: the experts module (fused) or ModuleList (module_list).
         router: the module that routes the block's tokens (used to predict the next block's experts).
-        storage: ``"fused"`` or ``"module_list"``.
-        param_names: per-expert tensor names: fused parameter names (``gate_up_proj``...) or the
-            parameter names inside one expert module (``w1.weight``...).
+        storage: ``"fused"``, ``"dense_bmm"``, ``"flat_2d"`` or ``"module_list"`` (module doc).
+        param_names: per-expert tensor names: parameter paths inside the experts module
+            (``gate_up_proj``, ``mlp.w1``...) or inside one expert module (``w1.weight``...).
         shapes: per-expert shape of each tensor; dtype: their dtype in the model.
     """
 
@@ -54,14 +60,16 @@ class OffloadLayer:
         size = torch.empty((), dtype=self.dtype).element_size()
         return sum(math.prod(s) for s in self.shapes.values()) * size
 
-    def expert_module(self, e: int) -> nn.Module:
-        return self.experts[e] if self.storage == "module_list" else self.experts
+    def expert_slice(self, full: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e``'s part of one stacked parameter (a view)."""
+        if self.storage == "flat_2d":
+            return full.view(self.num_experts, full.shape[0] // self.num_experts, *full.shape[1:])[e]
+        return full[e]
 
-    def parameters_of(self, e: int) -> dict[str, torch.Tensor]:
-        """The live parameters of expert ``e`` (views for fused storage)."""
-        if self.storage == "fused":
-            return {n: getattr(self.experts, n)[e] for n in self.param_names}
-        return dict(self.experts[e].named_parameters())
+    def stack(self, name: str, per_expert: list[torch.Tensor]) -> torch.Tensor:
+        """The stacked parameter ``name`` from every expert's slice (inverse of :meth:`expert_slice`)."""
+        out = torch.stack(per_expert)
+        return out.reshape(-1, *out.shape[2:]) if self.storage == "flat_2d" else out
 
 
 def _router_of(block: nn.Module, experts: nn.Module, num_experts: int) -> nn.Module | None:
@@ -141,8 +149,8 @@ def find_offload_layers(model: nn.Module, handles: list[Any] | None = None) -> l
             storage = getattr(getattr(info, "layout", None), "storage", None) or (
                 "fused" if _is_fused(experts) else "module_list"
             )
-            if storage not in ("fused", "module_list"):
-                continue  # flat_2d / dense_bmm adapters are not offloaded
+            if storage not in STORAGES:
+                continue
             block = getattr(h, "block", None)
             entries.append((getattr(info, "path", None) or names.get(id(block), ""), block, experts, getattr(h, "router", None), storage))
     else:
@@ -161,6 +169,17 @@ def find_offload_layers(model: nn.Module, handles: list[Any] | None = None) -> l
             shapes = {n: tuple(getattr(experts, n).shape[1:]) for n in pnames}
             dtype = experts.down_proj.dtype
             n_exp = int(experts.num_experts)
+        elif storage == "dense_bmm":
+            pnames = ("gate_up_proj", "down_proj")
+            shapes = {n: tuple(getattr(experts, n).shape[1:]) for n in pnames}
+            dtype = experts.down_proj.dtype
+            n_exp = int(experts.gate_up_proj.shape[0])
+        elif storage == "flat_2d":
+            pnames = ("mlp.w1", "mlp.v1", "mlp.w2")
+            n_exp = int(experts.num_experts)
+            full = {n: experts.get_parameter(n) for n in pnames}
+            shapes = {n: (t.shape[0] // n_exp, *t.shape[1:]) for n, t in full.items()}
+            dtype = full["mlp.w2"].dtype
         else:
             pnames = tuple(n for n, _ in experts[0].named_parameters())
             shapes = {n: tuple(p.shape) for n, p in experts[0].named_parameters()}

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, MoEConfigError
+from ..detect.config import load_config
+from ..errors import CheckpointError, InvalidArgumentError, MoEConfigError
 from .attach import OffloadHandle, attach_offload
 from .checkpoint import Checkpoint
+from .formats import read_quantization_config
 from .keymap import CheckpointMap
 from .layers import find_offload_layers
 from .options import OffloadOptions
@@ -51,10 +53,11 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
 def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype:
     if dtype in (None, "auto"):
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise MoEConfigError(f"dtype={dtype!r}: expected a torch dtype such as torch.bfloat16, or 'auto'.")
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise InvalidArgumentError(
+            f"dtype={dtype!r}: expected a floating torch dtype (float32, bfloat16, float16) or 'auto'.")
+    dtype = resolved
     return dtype
 
 
@@ -113,7 +116,7 @@ def load_model(
     The offload handle is ``moe_patch.offload.get_offload_handle(model)``; its ``stats`` hold the
     statistics and ``detach()`` restores a plain model.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.models.auto.auto_factory import _get_model_class
     from transformers.utils.generic import ContextManagers
 
@@ -127,27 +130,22 @@ def load_model(
     if kwargs:
         raise MoEConfigError(f"load_model: unsupported arguments {sorted(kwargs)}.")
     directory = resolve_checkpoint(path_or_repo_id, revision, token)
-    try:
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{directory}: cannot read config.json ({exc}).") from exc
+    # the one config reader every entry point uses: malformed JSON, strict field errors and the MoE
+    # field checks all become one-line errors naming the file and field
+    config = load_config(directory, trust_remote_code=trust_remote_code)
     dtype = _resolve_dtype(dtype_arg, config)
     cls = model_class or _get_model_class(config, AutoModelForCausalLM._model_mapping)
 
-    if getattr(config, "quantization_config", None):
-        method = (config.quantization_config or {}).get("quant_method", "?") if isinstance(
-            config.quantization_config, dict) else getattr(config.quantization_config, "quant_method", "?")
-        raise CheckpointError(
-            f"{directory}: quantized checkpoint (quantization_config: {method}); the offload engine reads "
-            "tensors as stored and would drop their scales. Use a bf16/fp16/fp32 checkpoint, or "
-            "quantize_experts='nf4'/'int8' for quantized experts in the caches."
-        )
+    try:  # FP8 / MXFP4 / compressed-tensors experts stay in their stored bytes; anything else stops here
+        quantization = read_quantization_config(getattr(config, "quantization_config", None))
+    except MoEConfigError as exc:
+        raise MoEConfigError(f"{directory}: {exc}") from exc
     checkpoint = Checkpoint(directory)  # headers of every shard checked here
     with ContextManagers(cls.get_init_context(dtype, False, False, None)):
         model = cls(config)
     _keep_fp32(model, dtype)
     layers = find_offload_layers(model)
-    cmap = CheckpointMap(checkpoint, model, layers)  # every tensor mapped and shape-checked here
+    cmap = CheckpointMap(checkpoint, model, layers, quantization)  # every tensor mapped and shape-checked here
     missing = [k for k in cmap.missing if k not in model.all_tied_weights_keys]
     if missing:
         raise CheckpointError(
@@ -162,7 +160,14 @@ def load_model(
     handle: OffloadHandle = attach_offload(model, layers, opts, checkpoint_map=cmap, move_model=False)
     try:
         for key, recipe in cmap.dense.items():
-            _assign(model, key, cmap.load(recipe, per_expert=False))
+            value = cmap.load(recipe, per_expert=False)
+            if tuple(value.shape) != recipe.shape:  # transformers' dequantize ops are only checked here
+                first = recipe.entries[0]
+                raise CheckpointError(
+                    f"{first.file}: tensor {first.key!r} gives {key!r} shape {list(value.shape)} but the config "
+                    f"needs {list(recipe.shape)}. The checkpoint does not match config.json."
+                )
+            _assign(model, key, value)
         model._move_missing_keys_from_meta_to_device(set(), None, None, None)  # non-persistent buffers
         model._initialize_missing_keys(False)  # recomputes rotary buffers; loaded tensors are flagged
         model.tie_weights()

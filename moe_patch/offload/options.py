@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+DEVICE_FORMATS = ("auto", "stored", "dequantized")
+
 
 @dataclass
 class OffloadOptions:
@@ -25,6 +27,10 @@ class OffloadOptions:
             already holds in RAM are the bottom tier (``patch_model`` on a loaded model).
         calibrate: measure DRAM/GEMM (and PCIe) bandwidths for the cost model and the statistics.
         max_prefetch_per_layer: cap on experts prefetched per layer (default: half the device cache).
+        device_format: quantized checkpoints (FP8, MXFP4, compressed-tensors) only: the device cache
+            keeps experts ``"stored"`` (decoded each time they run: more experts per byte) or
+            ``"dequantized"`` (decoded once when cached); ``"auto"`` lets the cost model choose. The host
+            tier and disk reads always hold the stored bytes.
     """
 
     device: str = "cpu"
@@ -38,6 +44,7 @@ class OffloadOptions:
     checkpoint: str | None = None
     calibrate: bool = True
     max_prefetch_per_layer: int | None = None
+    device_format: str = "auto"
 
     @classmethod
     def coerce(cls, value: Any) -> OffloadOptions:

@@ -21,7 +21,7 @@ class MemoryPlan:
     """Expert placement for one budget pair.
 
     Attributes:
-        bytes_per_param: size of one weight in the checkpoint's dtype.
+        bytes_per_param: bytes of one routed-expert weight as stored (fractional for FP4/int4 with scales).
         non_expert_bytes: attention, embeddings, norms, routers, shared experts (always on the device).
         expert_bytes: all routed experts.
         device_expert_bytes / host_expert_bytes / disk_expert_bytes: where the experts land (device
@@ -33,7 +33,7 @@ class MemoryPlan:
         fits: False when the non-expert weights alone exceed the device budget.
     """
 
-    bytes_per_param: int
+    bytes_per_param: float
     device_budget: int | None
     host_budget: int | None
     non_expert_bytes: int
@@ -54,7 +54,7 @@ class MemoryPlan:
             "  memory plan "
             f"(device {human_bytes(self.device_budget) if self.device_budget is not None else 'unlimited'}, "
             f"host RAM {human_bytes(self.host_budget) if self.host_budget is not None else 'unlimited'}, "
-            f"{self.bytes_per_param} bytes/param):",
+            f"{self.bytes_per_param:g} bytes per expert param):",
             f"    non-expert weights on the device: {human_bytes(self.non_expert_bytes)}",
             f"    routed experts {human_bytes(self.expert_bytes)}: device cache {human_bytes(self.device_expert_bytes)}"
             f" ({self._pct(self.device_expert_bytes)}), host RAM {human_bytes(self.host_expert_bytes)}"
@@ -80,26 +80,31 @@ def _zipf_mass(cached: int, total: int) -> float:
 
 
 def plan_memory(report: MoEReport, *, gpu: int | str | None = None, ram: int | str | None = None,
-                bytes_per_param: int = 2) -> MemoryPlan:
+                bytes_per_param: int = 2, expert_bytes_per_param: float | None = None) -> MemoryPlan:
     """Place the routed experts of ``report`` under a device budget ``gpu`` and a host budget ``ram``
-    (bytes or strings such as ``"24GiB"``; None = unlimited). Every layer gets the same share."""
+    (bytes or strings such as ``"24GiB"``; None = unlimited). Every layer gets the same share.
+
+    ``expert_bytes_per_param``: bytes per routed-expert parameter as the checkpoint stores them (FP8,
+    MXFP4, int4: :meth:`QuantizationSpec.expert_bytes_per_param`), which is what the caches and reads hold;
+    default ``bytes_per_param``. Non-expert weights count ``bytes_per_param`` (they are decoded at load)."""
     device = parse_bytes(gpu, name="--gpu")
     host = parse_bytes(ram, name="--ram")
     expert_params = report.routed_expert_params
     non_expert = (report.total_params - expert_params) * bytes_per_param
-    experts = expert_params * bytes_per_param
+    per_param = bytes_per_param if expert_bytes_per_param is None else expert_bytes_per_param
+    experts = int(expert_params * per_param)
     free_device = None if device is None else int(device * (1 - DEVICE_RESERVE)) - non_expert
     fits = free_device is None or free_device >= 0
     on_device = experts if free_device is None else max(0, min(experts, free_device))
     on_host = experts - on_device if host is None else min(experts - on_device, host)
-    per_token = sum(b.active_expert_params for b in report.blocks) * bytes_per_param
+    per_token = int(sum(b.active_expert_params for b in report.blocks) * per_param)
     frac = on_device / experts if experts else 1.0
     # The same fraction of every layer's experts is cached; the most-used ones under skewed routing.
     per_layer = [(round(frac * b.num_experts), b.num_experts) for b in report.blocks] or [(0, 1)]
     low = sum(c / n for c, n in per_layer) / len(per_layer)
     high = sum(_zipf_mass(c, n) for c, n in per_layer) / len(per_layer)
     return MemoryPlan(
-        bytes_per_param=bytes_per_param, device_budget=device, host_budget=host, non_expert_bytes=non_expert,
+        bytes_per_param=per_param, device_budget=device, host_budget=host, non_expert_bytes=non_expert,
         expert_bytes=experts, device_expert_bytes=on_device, host_expert_bytes=on_host,
         disk_expert_bytes=experts - on_device - on_host, routed_bytes_per_token=per_token,
         hit_rate_low=low, hit_rate_high=max(low, high), fits=fits,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import MoEConfigError
+from .formats import StoredTensor
 
 FORMATS = ("nf4", "int8")
 NF4_BLOCKSIZE = 64
@@ -86,16 +87,20 @@ def quantize(t: torch.Tensor, kind: str) -> torch.Tensor | QuantizedTensor:
     return QuantizedTensor("int8", data, scales, shape, dtype)
 
 
-def nbytes_of(t: torch.Tensor | QuantizedTensor) -> int:
-    return t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size()
+def nbytes_of(t: torch.Tensor | QuantizedTensor | StoredTensor) -> int:
+    """Bytes a cache entry's tensor holds (quantized or stored bytes, not the decoded size)."""
+    return t.nbytes if isinstance(t, (QuantizedTensor, StoredTensor)) else t.numel() * t.element_size()
 
 
-def materialize(t: torch.Tensor | QuantizedTensor) -> torch.Tensor:
-    return t.dequantize() if isinstance(t, QuantizedTensor) else t
+def materialize(t: torch.Tensor | QuantizedTensor | StoredTensor) -> torch.Tensor:
+    """The tensor to compute with, decoded where ``t`` lives."""
+    return t.dequantize() if isinstance(t, (QuantizedTensor, StoredTensor)) else t
 
 
-def tensors_of(t: torch.Tensor | QuantizedTensor) -> list[torch.Tensor]:
-    """The device tensors behind a (possibly quantized) weight, for stream bookkeeping."""
+def tensors_of(t: torch.Tensor | QuantizedTensor | StoredTensor) -> list[torch.Tensor]:
+    """The device tensors behind a (possibly quantized or stored) weight, for stream bookkeeping."""
+    if isinstance(t, StoredTensor):
+        return t.parts()
     if not isinstance(t, QuantizedTensor):
         return [t]
     if t.kind == "nf4":

@@ -9,6 +9,7 @@ from typing import Protocol
 
 import torch
 
+from .formats import StoredTensor
 from .keymap import CheckpointMap
 from .layers import OffloadLayer
 
@@ -22,26 +23,53 @@ class ExpertSource(Protocol):
 
 
 class CheckpointSource:
-    """Reads one expert at a time from the checkpoint's safetensors, converted as transformers would."""
+    """Reads one expert at a time from the checkpoint's safetensors, converted as transformers would.
+
+    Experts of quantized checkpoints come back in their stored bytes (:class:`StoredTensor`) from
+    :meth:`read_into`, the engine's path; :meth:`read` always returns them decoded, in the model dtype.
+    """
 
     tier = "disk"
 
     def __init__(self, cmap: CheckpointMap):
         self.cmap = cmap
 
+    @property
+    def stored(self) -> bool:
+        """Whether experts are read in a quantized stored format (decoded where they are computed)."""
+        return self.cmap.stored_experts
+
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         return {name: self.cmap.load(r, per_expert=True) for name, r in self.cmap.experts[(layer, expert)].items()}
 
-    def read_into(self, layer: int, expert: int, slot) -> dict[str, torch.Tensor]:
-        """Like :meth:`read`, into views of a pool slot (no allocation)."""
-        out = {}
+    def read_into(self, layer: int, expert: int, slot=None) -> dict[str, torch.Tensor | StoredTensor]:
+        """One expert as the caches hold it: stored bytes for quantized experts, the model dtype otherwise;
+        into views of a pool ``slot`` when given (no allocation)."""
+        out: dict[str, torch.Tensor | StoredTensor] = {}
         for name, r in self.cmap.experts[(layer, expert)].items():
-            out[name] = slot.tensor(r.shape, r.dtype)
-            self.cmap.load_into(r, out[name])
+            if r.stored is not None:
+                out[name] = self.cmap.load_stored(r, slot)
+            else:
+                out[name] = slot.tensor(r.shape, r.dtype) if slot is not None else torch.empty(r.shape, dtype=r.dtype)
+                self.cmap.load_into(r, out[name])
         return out
 
     def nbytes(self, layer: int, expert: int) -> int:
-        return sum(r.nbytes for r in self.cmap.experts[(layer, expert)].values())
+        """Bytes :meth:`read_into` fills (stored bytes for quantized experts)."""
+        return sum(r.nbytes if r.stored is not None else r.model_nbytes
+                   for r in self.cmap.experts[(layer, expert)].values())
+
+    def slot_bytes(self, layer: int, expert: int = 0) -> int:
+        """Slot size that holds what :meth:`read_into` writes, with its alignment padding."""
+        from .pool import aligned
+
+        total = 0
+        for r in self.cmap.experts[(layer, expert)].values():
+            if r.stored is not None:
+                total += sum(aligned(s.nbytes) for s in r.sources)
+            else:
+                total += aligned(r.model_nbytes)
+        return total
 
     def close(self) -> None:
         self.cmap.checkpoint.close()
@@ -62,8 +90,8 @@ class MemorySource:
 
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         spec, params = self.layers[layer], self.originals[layer]
-        if spec.storage == "fused":
-            return {n: params[n][expert] for n in spec.param_names}
+        if spec.storage != "module_list":
+            return {n: spec.expert_slice(params[n], expert) for n in spec.param_names}
         return {n: params[f"{expert}.{n}"] for n in spec.param_names}
 
     def close(self) -> None:

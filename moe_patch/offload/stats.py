@@ -93,6 +93,9 @@ class OffloadStats:
     prefetch_useful: int = 0
     prefetch_dropped: int = 0  # queued prefetches cancelled once the layer's real routing was known
     bandwidths: Bandwidths | None = None
+    stored_expert_bytes: int = 0  # one expert as the checkpoint stores it (== expert_bytes unless quantized)
+    device_format: str | None = None  # quantized checkpoints: device cache keeps "stored" or "dequantized" experts
+    stored_format: str | None = None  # e.g. "fp8: FP8 e4m3 with 128x128 blocks"; None for bf16/fp16/fp32
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -153,6 +156,10 @@ class OffloadStats:
     def to_dict(self) -> dict[str, Any]:
         return {
             "device": self.device,
+            "stored_format": self.stored_format,
+            "device_format": self.device_format,
+            "expert_bytes": self.expert_bytes,
+            "stored_expert_bytes": self.stored_expert_bytes,
             "hit_rate": self.hit_rate,
             "prefill_tokens_per_s": self.tokens_per_s("prefill"),
             "decode_tokens_per_s": self.tokens_per_s("decode"),
@@ -180,6 +187,13 @@ class OffloadStats:
 
         lines = [
             f"moe-patch offload statistics ({self.device})",
+        ]
+        if self.stored_format:
+            lines.append(
+                f"  experts stored as {self.stored_format}: {format_bytes(self.stored_expert_bytes)} each "
+                f"({format_bytes(self.expert_bytes)} decoded); device cache keeps them {self.device_format}"
+            )
+        lines += [
             f"  prefill: {self.tokens['prefill']} tokens, {self.tokens_per_s('prefill'):.1f} tok/s | "
             f"decode: {self.tokens['decode']} tokens, {self.tokens_per_s('decode'):.2f} tok/s",
             f"  device-cache hit rate {pct(self.hit_rate)}; stall {self.stall_s:.3f} s; "
