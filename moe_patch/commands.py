@@ -66,6 +66,30 @@ def inspect_folder(folder, *, trust_remote_code: bool = False):
     return report, summarize_checkpoint(folder)
 
 
+def _stored_format(folder: Path, report, summary) -> dict:
+    """How the routed experts are stored (quantized formats: bytes per expert as stored and dequantized),
+    from config.json alone; an unsupported quantization method is reported, not raised (inspect describes)."""
+    from .errors import MoEConfigError
+    from .offload.formats import read_quantization_config
+
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config")
+        spec = read_quantization_config(raw)
+    except MoEConfigError as exc:
+        return {"unsupported": f"{exc}".split(";")[0] + " (not offloadable by moe-patch)"}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if spec is None or not report.blocks:
+        return {}
+    per_param = spec.expert_bytes_per_param()
+    per_expert = max(b.params_per_expert for b in report.blocks)
+    dequantized = summary.bytes_per_param
+    return {"format": spec.describe(), "bytes_per_param": per_param,
+            "expert_bytes": int(per_expert * per_param), "dequantized_expert_bytes": per_expert * dequantized,
+            "total_bytes": int(report.routed_expert_params * per_param),
+            "dequantized_total_bytes": report.routed_expert_params * dequantized}
+
+
 def _inspect(args: argparse.Namespace) -> int:
     folder = Path(args.path)
     if not folder.is_dir():
@@ -77,15 +101,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
         folder = fetch_metadata(args.path, revision=args.revision)
     report, summary = inspect_folder(folder, trust_remote_code=args.trust_remote_code)
+    stored = _stored_format(folder, report, summary)
     plan = None
     if args.gpu or args.ram:
         from .offload import plan_memory
 
-        plan = plan_memory(report, gpu=args.gpu, ram=args.ram, bytes_per_param=summary.bytes_per_param)
+        plan = plan_memory(report, gpu=args.gpu, ram=args.ram, bytes_per_param=summary.bytes_per_param,
+                           expert_bytes_per_param=stored.get("bytes_per_param"))
     if args.json:
         data = report.to_dict()
         data["checkpoint"] = {"shards": len(summary.shards), "total_bytes": summary.total_bytes,
-                              "expert_storage": summary.expert_storage}
+                              "expert_storage": summary.expert_storage, "stored_format": stored}
         if plan is not None:
             data["memory_plan"] = dataclasses.asdict(plan)
         print(json.dumps(data, indent=2))
@@ -95,6 +121,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
     size = human_bytes(summary.total_bytes) if summary.total_bytes else "unknown size"
     print(f"  checkpoint: {len(summary.shards)} safetensors shards, {size}, experts stored as {summary.expert_storage}")
+    if stored.get("format"):
+        print(f"  stored format: {stored['format']}; {human_bytes(stored['expert_bytes'])} per expert "
+              f"({human_bytes(stored['dequantized_expert_bytes'])} dequantized), {human_bytes(stored['total_bytes'])} "
+              f"of routed experts ({human_bytes(stored['dequantized_total_bytes'])} dequantized)")
+    elif stored.get("unsupported"):
+        print(f"  stored format: {stored['unsupported']}")
     if plan is not None:
         print(plan)
     if not report.has_moe:

@@ -345,3 +345,22 @@ def test_no_temporary_files_from_offloading(checkpoints):
     greedy(model, prompts(1), 4)
     get_offload_handle(model).detach(restore_weights=False)
     assert set(os.listdir(path)) == before
+
+
+def test_inspect_plans_with_stored_bytes_gpt_oss_120b_fits_64gib_of_ram(tmp_path, capsys):
+    """gpt-oss-120b's MXFP4 experts (61 GB stored, 229 GB as bf16) plan into 24 GiB GPU + 64 GiB RAM."""
+    from moe_patch.cli import main
+
+    cfg = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
+           "intermediate_size": 2880, "num_hidden_layers": 36, "num_local_experts": 128, "num_experts_per_tok": 4,
+           "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 201088,
+           "sliding_window": 128, "torch_dtype": "bfloat16", "layer_types": ["sliding_attention", "full_attention"] * 18,
+           "quantization_config": {"quant_method": "mxfp4"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["inspect", str(tmp_path), "--gpu", "24GiB", "--ram", "64GiB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    stored = data["checkpoint"]["stored_format"]
+    assert stored["format"].startswith("mxfp4")
+    assert 60e9 < stored["total_bytes"] < 62e9 and stored["dequantized_total_bytes"] > 3.7 * stored["total_bytes"]
+    plan = data["memory_plan"]
+    assert plan["expert_bytes"] == stored["total_bytes"] and plan["disk_expert_bytes"] == 0
