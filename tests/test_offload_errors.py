@@ -202,3 +202,15 @@ def test_gradients_through_evicted_experts_match_the_resident_model(tmp_path):
     ref = embedding_grad(load_reference("qwen3_moe", path))
     got = embedding_grad(moe_patch.load_model(path, dtype=torch.float32, expert_cache=expert_bytes("qwen3_moe")))
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["longcat_flash", "step3p7"])
+def test_undecorated_fused_experts_are_refused_by_offload_with_one_line(family):
+    """LongCat-Flash (zero experts) and step3p7 have no layout flags the offloaded forward can follow."""
+    from moe_patch.errors import NoMoEFoundError
+    from moe_patch.offload import attach_offload
+    from moe_patch.testing.tiny import tiny_model
+
+    model, _ = tiny_model(family)
+    with pytest.raises(NoMoEFoundError, match="not offloadable: .*Experts"):
+        attach_offload(model, options={"expert_cache": None})

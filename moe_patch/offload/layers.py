@@ -13,6 +13,7 @@ structural search that recognises the fused and module_list storages. The storag
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from torch import nn
 
 from ..dispatch.experts import expert_weight_names
 from ..errors import NoMoEFoundError
+
+logger = logging.getLogger(__name__)
 
 
 STORAGES = ("fused", "dense_bmm", "flat_2d", "module_list")
@@ -141,6 +144,7 @@ def find_offload_layers(model: nn.Module, handles: list[Any] | None = None) -> l
             except Exception:  # noqa: BLE001 - detection is an optimisation here, structure is enough
                 handles = None
     entries = []
+    skipped: list[str] = []
     if handles:
         names = {id(m): n for n, m in model.named_modules()}
         for h in handles:
@@ -149,7 +153,10 @@ def find_offload_layers(model: nn.Module, handles: list[Any] | None = None) -> l
             storage = getattr(getattr(info, "layout", None), "storage", None) or (
                 "fused" if _is_fused(experts) else "module_list"
             )
-            if storage not in STORAGES:
+            if storage not in STORAGES or (storage == "fused" and not hasattr(experts, "has_gate")):
+                # undecorated fused experts (LongCat-Flash's zero experts, step3p7) have no layout flags
+                # the offloaded forward can follow: they stay resident
+                skipped.append(f"{getattr(info, 'experts_path', '?')} ({type(experts).__name__})")
                 continue
             block = getattr(h, "block", None)
             entries.append((getattr(info, "path", None) or names.get(id(block), ""), block, experts, getattr(h, "router", None), storage))
@@ -158,8 +165,12 @@ def find_offload_layers(model: nn.Module, handles: list[Any] | None = None) -> l
     if not entries:
         raise NoMoEFoundError(
             f"{type(model).__name__}: found no Mixture-of-Experts block whose experts moe-patch can offload "
-            "(fused transformers-5 experts or a ModuleList of expert MLPs)."
+            "(transformers-5 experts with the experts decorator, Llama 4, DBRX, or a ModuleList of expert MLPs)"
+            + (f"; not offloadable: {', '.join(skipped[:3])}" if skipped else "") + "."
         )
+    if skipped:
+        logger.warning("offload: %d MoE blocks stay resident (experts without layout flags): %s", len(skipped),
+                       ", ".join(skipped[:3]))
     names = {id(m): n for n, m in model.named_modules()}
     config = getattr(model, "config", None)
     layers = []
