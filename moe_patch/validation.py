@@ -11,22 +11,20 @@ NAME_ATTR = "_moe_patch_name"
 VALIDATE_ATTR = "_moe_patch_validate"
 
 
-def check_routing(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                  num_experts: int | None = None) -> None:
-    """Raise :class:`RoutingError` on non-finite routing weights or expert indices outside ``[0, E)``.
+def routing_summary(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor | None:
+    """``[min id, max id, all weights finite]`` as a float64 tensor on the routing's device, not read back
+    (a caller that makes a host transfer anyway appends it to that one); None when the check is off."""
+    if not getattr(module, VALIDATE_ATTR, True) or torch.compiler.is_compiling() or top_k_index.numel() == 0:
+        return None
+    return torch.stack([top_k_index.min().to(torch.float64), top_k_index.max().to(torch.float64),
+                        torch.isfinite(top_k_weights).all().to(torch.float64)])
 
-    Costs one host sync per block; ``patch_model(model, validate=False)`` turns it off for speed.
-    Skipped while compiling (a data-dependent branch would break the graph).
-    """
-    if not getattr(module, VALIDATE_ATTR, True) or torch.compiler.is_compiling():
-        return
-    if top_k_index.numel() == 0:
-        return
+
+def check_summary(module: torch.nn.Module, summary: list[float], num_experts: int | None = None) -> None:
+    """Raise :class:`RoutingError` for a :func:`routing_summary` read back to the host."""
     name = getattr(module, NAME_ATTR, type(module).__name__)
     num_experts = int(module.num_experts if num_experts is None else num_experts)
-    # One host sync for the three checks.
-    lo, hi, finite = torch.stack([top_k_index.min().to(torch.float64), top_k_index.max().to(torch.float64),
-                                  torch.isfinite(top_k_weights).all().to(torch.float64)]).tolist()
+    lo, hi, finite = summary
     if getattr(module, "_is_expert_parallel", False):
         hi = min(hi, num_experts - 1)  # ids >= E are expert-parallel sentinels with zero weight, by design
     if lo < 0 or hi >= num_experts:
@@ -39,3 +37,15 @@ def check_routing(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weig
             f"{name}: non-finite routing weights (NaN or inf) from the router. Check the router weights "
             "and the layer input for overflow (fp16?), or load in bf16/fp32."
         )
+
+
+def check_routing(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  num_experts: int | None = None) -> None:
+    """Raise :class:`RoutingError` on non-finite routing weights or expert indices outside ``[0, E)``.
+
+    Costs one host sync per block; ``patch_model(model, validate=False)`` turns it off for speed.
+    Skipped while compiling (a data-dependent branch would break the graph).
+    """
+    summary = routing_summary(module, top_k_index, top_k_weights)
+    if summary is not None:
+        check_summary(module, summary.tolist(), num_experts)  # one host sync for the three checks

@@ -85,15 +85,25 @@ def test_loading_reads_no_expert_and_keeps_only_non_expert_weights(checkpoints):
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
-def test_host_tier_serves_evicted_experts_without_rereading_disk(checkpoints, references):
+def test_on_cpu_the_host_budget_adds_ram_slots_and_each_expert_is_read_once(checkpoints, references):
+    """A CPU-only run has one RAM tier when both tiers would hold the same bytes: nothing is copied from one
+    RAM tier to another to compute it."""
     one = expert_bytes("mixtral")
     model = moe_patch.load_model(checkpoints["mixtral"], dtype=torch.float32, expert_cache=2 * one, host_cache=8 * one)
     handle = get_offload_handle(model)
     assert torch.equal(greedy(model, prompts(4), NEW), references["mixtral"][4])
-    st = handle.stats
-    assert sum(layer.hits["host"] for layer in st.layers) > 0
-    assert st.disk_bytes_total == 8 * one  # 2 layers x 4 experts, each read once
-    assert handle.engine.host.peak <= 8 * one
+    engine, st = handle.engine, handle.stats
+    assert engine.merged and engine.dev.capacity == 8  # 10 experts of budget, 2 layers x 4 experts exist
+    assert st.disk_bytes_total == 8 * one  # each read once
+    assert engine.dev.peak <= 10 * one and sum(layer.hits["host"] for layer in st.layers) == 0
+
+
+def _bf16_checkpoint(family: str, path):
+    """A bf16 checkpoint computed in fp32: experts stay bf16 in the host tier and are cast where computed."""
+    from offload_helpers import build
+
+    build(family).to(torch.bfloat16).save_pretrained(path)
+    return path
 
 
 @pytest.mark.parametrize("policy", ["lfu", "pinned-hot"])
@@ -105,13 +115,18 @@ def test_other_policies_give_the_same_tokens(policy, checkpoints, references):
     assert get_offload_handle(model).engine.dev.peak <= 3 * expert_bytes("qwen3_moe")
 
 
-def test_cpu_compute_of_host_resident_misses_is_exact(checkpoints, references):
-    # On a GPU machine the cost model sends some misses to the CPU; "always" forces that path here.
+def test_cpu_compute_of_host_resident_misses_is_exact(tmp_path):
+    # On a GPU machine the cost model sends some misses to the CPU; "always" forces that path here, where a
+    # bf16 checkpoint computed in fp32 keeps bf16 copies in the host tier and fp32 experts in the slots.
+    path = _bf16_checkpoint("deepseek_v3", tmp_path / "ds")
+    ref = greedy(load_reference("deepseek_v3", path), prompts(4), NEW)
     one = expert_bytes("deepseek_v3")
-    opts = moe_patch.offload.OffloadOptions(expert_cache=one, host_cache=16 * one, cpu_compute="always")
-    model = moe_patch.load_model(checkpoints["deepseek_v3"], dtype=torch.float32, options=opts)
-    assert torch.equal(greedy(model, prompts(4), NEW), references["deepseek_v3"][4])
-    assert sum(layer.cpu_computed for layer in get_offload_handle(model).stats.layers) > 0
+    opts = moe_patch.offload.OffloadOptions(expert_cache=one, host_cache=16 * one, cpu_compute="always",
+                                            device_format="dequantized")
+    model = moe_patch.load_model(path, dtype=torch.float32, options=opts)
+    handle = get_offload_handle(model)
+    assert torch.equal(greedy(model, prompts(4), NEW), ref)
+    assert not handle.engine.merged and sum(layer.cpu_computed for layer in handle.stats.layers) > 0
 
 
 def test_prefetch_off_gives_same_tokens_and_issues_nothing(checkpoints, references):
@@ -194,14 +209,18 @@ def test_cli_run_prints_statistics(checkpoints, capsys):
 
 
 def test_bf16_checkpoint_computed_in_fp32_matches_transformers_upcast(tmp_path):
-    from offload_helpers import build
-
-    path = tmp_path / "bf16"
-    build("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
+    path = _bf16_checkpoint("qwen3_moe", tmp_path / "bf16")
     ref = load_reference("qwen3_moe", path)  # transformers upcasts to fp32 at load
-    model = moe_patch.load_model(path, dtype=torch.float32, expert_cache=3 * expert_bytes("qwen3_moe"))
-    assert get_offload_handle(model).engine.pool is not None  # experts cast while read into pool slots
+    model = moe_patch.load_model(path, dtype=torch.float32, expert_cache=3 * expert_bytes("qwen3_moe"),
+                                 host_cache=8 * expert_bytes("qwen3_moe"))
+    handle = get_offload_handle(model)
     assert torch.equal(greedy(model, prompts(4), 32), greedy(ref, prompts(4), 32))
+    engine = handle.engine
+    # the host tier holds the experts as stored (bf16, half the fp32 bytes), not fp32 copies
+    assert engine.stored and handle.stats.stored_expert_bytes * 2 == handle.stats.expert_bytes
+    assert len(engine.host) and all(engine.host._entries[k].nbytes == handle.stats.stored_expert_bytes
+                                    for k in engine.host.keys())
+    assert handle.stats.stored_format.startswith("bfloat16")
 
 
 def test_patch_model_offload_option_and_unpatch(checkpoints, references):
@@ -214,16 +233,18 @@ def test_patch_model_offload_option_and_unpatch(checkpoints, references):
     assert torch.equal(greedy(model, prompts(1), NEW), references["qwen2_moe"][1])
 
 
-def test_inclusive_tiers_as_on_cuda_keep_host_copies_and_stay_exact(checkpoints, references):
-    # On CUDA the host tier keeps a copy of what it promotes (the GPU copy is dropped on eviction);
-    # on CPU the tiers are the same memory and exclusive. Force the CUDA rule here to test its bookkeeping.
-    one = expert_bytes("mixtral")
-    model = moe_patch.load_model(checkpoints["mixtral"], dtype=torch.float32, expert_cache=2 * one, host_cache=4 * one)
+def test_inclusive_tiers_keep_compact_host_copies_and_stay_exact(tmp_path):
+    # On CUDA, and on CPU when the slots hold decoded copies, the host tier keeps a copy of what it promotes
+    # (the slot's copy is dropped on eviction).
+    path = _bf16_checkpoint("mixtral", tmp_path / "m")
+    ref = greedy(load_reference("mixtral", path), prompts(4), NEW)
+    one = expert_bytes("mixtral")  # fp32
+    model = moe_patch.load_model(path, dtype=torch.float32, options=moe_patch.offload.OffloadOptions(
+        expert_cache=2 * one, host_cache=2 * one, device_format="dequantized"))
     engine = get_offload_handle(model).engine
-    engine.exclusive = False
-    assert torch.equal(greedy(model, prompts(4), NEW), references["mixtral"][4])
-    assert engine.host.peak <= 4 * one and engine.dev.peak <= 2 * one
-    assert len(engine.host) == 4  # full: every promotion left its copy behind
+    assert torch.equal(greedy(model, prompts(4), NEW), ref)
+    assert not engine.merged and engine.host.peak <= 2 * one and engine.dev.peak <= 2 * one
+    assert len(engine.host) == 4  # 2 fp32 experts of budget hold 4 bf16 ones; every promotion left its copy
     assert sum(layer.hits["host"] for layer in engine.stats.layers) > 0
 
 
@@ -231,11 +252,11 @@ def test_prefetch_leaves_host_resident_misses_to_the_cpu_when_asked(tmp_path):
     """Early device reads must not pre-empt computing a host-resident miss where it lies."""
     from moe_patch.offload import OffloadOptions, get_offload_handle
 
-    path = save_tiny("qwen3_moe", tmp_path / "q")
+    path = _bf16_checkpoint("qwen3_moe", tmp_path / "q")
     one = expert_bytes("qwen3_moe")
     ref = greedy(load_reference("qwen3_moe", path), prompts(1), 32)
     model = moe_patch.load_model(path, dtype=torch.float32, options=OffloadOptions(
-        expert_cache=4 * one, host_cache=16 * one, cpu_compute="always", prefetch=True))
+        expert_cache=4 * one, host_cache=16 * one, cpu_compute="always", prefetch=True, device_format="dequantized"))
     assert torch.equal(greedy(model, prompts(1), 32), ref)
     handle = get_offload_handle(model)
     assert sum(layer.cpu_computed for layer in handle.stats.layers) > 0

@@ -161,16 +161,21 @@ def bank_dispatch(bank: ExpertBank, x: torch.Tensor, top_k_index: torch.Tensor, 
 
 # --------------------------------------------------------------------------- transformers 5 fused modules
 
-def fused_bank(module: torch.nn.Module) -> ExpertBank:
-    """The bank of a transformers-5 fused experts module (flags from its decorator)."""
+def fused_bank(module: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> ExpertBank:
+    """The bank of a transformers-5 fused experts module (flags from its decorator), over its own
+    parameters or over ``weights`` stacked like them (``[N, ...]``, e.g. the offload engine's slots)."""
     first = "gate_up_proj" if module.has_gate else "up_proj"
+
+    def get(name: str) -> torch.Tensor | None:
+        return weights.get(name) if weights is not None else getattr(module, name, None)
+
     return ExpertBank(
-        up=getattr(module, first),
-        down=module.down_proj,
+        up=get(first),
+        down=get("down_proj"),
         activate=module._apply_gate if module.has_gate else module.act_fn,
         transposed=bool(module.is_transposed),
-        up_bias=getattr(module, first + "_bias") if module.has_bias else None,
-        down_bias=module.down_proj_bias if module.has_bias else None,
+        up_bias=get(first + "_bias") if module.has_bias else None,
+        down_bias=get("down_proj_bias") if module.has_bias else None,
         post=module.post_expert_norm if module.has_post_expert_norm else None,
     )
 
@@ -192,18 +197,43 @@ def resident_expert_weights(module: torch.nn.Module, expert: int) -> dict[str, t
 def fused_expert_forward(module: torch.nn.Module, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """One expert of a fused-experts module on rows ``x``, from that expert's weight slices keyed like
     the module's parameters (the offload engine passes weights fetched from its caches)."""
-    first = "gate_up_proj" if module.has_gate else "up_proj"
+    return bank_expert(fused_bank(module, {n: t.unsqueeze(0) for n, t in weights.items()}), 0, x)
 
-    def one(name: str) -> torch.Tensor | None:
-        t = weights.get(name)
-        return None if t is None else t.unsqueeze(0)
 
-    bank = ExpertBank(
-        up=one(first), down=one("down_proj"), activate=module._apply_gate if module.has_gate else module.act_fn,
-        transposed=bool(module.is_transposed), up_bias=one(first + "_bias"), down_bias=one("down_proj_bias"),
-        post=module.post_expert_norm if module.has_post_expert_norm else None,
-    )
-    return bank_expert(bank, 0, x)
+def grouped_dispatch_on_device(bank: ExpertBank, x: torch.Tensor, top_k_index: torch.Tensor,
+                               top_k_weights: torch.Tensor, *, weight_inputs: bool = False) -> torch.Tensor:
+    """:func:`bank_grouped` without a host sync (offsets stay on the device; ``histc`` instead of
+    ``bincount``), for a GPU whose CPU should keep queueing kernels. Ids ``>= bank.num_experts`` are
+    dropped slots: their rows run through no group and are masked out of the combine."""
+    n = bank.num_experts
+    k = top_k_index.shape[-1] if top_k_index.dim() > 1 else 1
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.histc(flat.to(torch.float32), bins=n, min=-0.5, max=n - 0.5).to(torch.int32)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    sorted_ids = flat[order]
+    valid = sorted_ids < n
+    tokens = order // k
+    rows = x[tokens]
+    w = top_k_weights.reshape(-1)[order].unsqueeze(-1)
+    if weight_inputs:
+        rows = (rows * w).to(rows.dtype)
+    eid = sorted_ids.clamp(max=n - 1)
+    h = grouped_linear(rows, bank.up, offs, transposed=bank.transposed,
+                       bias_rows=bank.up_bias[eid] if bank.up_bias is not None else None)
+    if bank.gate is not None:
+        h = bank.activate(grouped_linear(rows, bank.gate, offs, transposed=bank.transposed), h)
+    else:
+        h = bank.activate(h)
+    y = grouped_linear(h, bank.down, offs, transposed=bank._down_t,
+                       bias_rows=bank.down_bias[eid] if bank.down_bias is not None else None)
+    if bank.post is not None:
+        y = bank.post(y)
+    if not weight_inputs:
+        y = y * w.to(y.dtype)
+    y = torch.where(valid.unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))  # rows past the groups
+    out = torch.zeros(x.shape[0], y.shape[-1], dtype=y.dtype, device=x.device)
+    return out.index_add_(0, tokens, y).to(x.dtype)
 
 
 def use_transformers_grouped(hidden_states: torch.Tensor) -> bool:

@@ -28,7 +28,7 @@ from .forwards import ENGINE_ATTR, flat_2d_forward, fused_forward, llama4_block_
 from .keymap import CheckpointMap
 from .layers import OffloadLayer, find_offload_layers
 from .options import DEVICE_FORMATS, OffloadOptions
-from .quant import check_format, nbytes_of, quantize
+from .quant import check_format, quantized_nbytes
 from .sources import CheckpointSource, MemorySource
 from .stats import OffloadStats
 
@@ -142,7 +142,7 @@ def _param_paths(layer: OffloadLayer) -> list[str]:
 
 
 def _quantized_size(layer: OffloadLayer, quant: str) -> int:
-    return sum(nbytes_of(quantize(torch.zeros(s, dtype=layer.dtype), quant)) for s in layer.shapes.values())
+    return quantized_nbytes(layer.shapes, layer.dtype, quant)
 
 
 def _host_bytes(layer: OffloadLayer, source: Any, quant: str | None) -> int:
@@ -244,7 +244,7 @@ def attach_offload(
         checkpoint_map = CheckpointMap(Checkpoint(opts.checkpoint), model, layers)
     if checkpoint_map is not None:
         source = CheckpointSource(checkpoint_map)
-        if quant is not None and source.stored:
+        if quant is not None and checkpoint_map.quantization is not None:
             raise MoEConfigError(
                 f"quantize_experts={quant!r}: this checkpoint's experts are already quantized "
                 f"({checkpoint_map.quantization.method}) and are kept in their stored bytes; drop quantize_experts."
@@ -279,8 +279,8 @@ def attach_offload(
             device_format=device_format,
         ),
     )
-    if checkpoint_map is not None and checkpoint_map.quantization is not None:
-        engine.stats.stored_format = checkpoint_map.quantization.describe()
+    if checkpoint_map is not None:
+        engine.stats.stored_format = checkpoint_map.stored_description()
     for layer in layers:
         for p in _param_paths(layer):
             _set_param(layer.experts, p, torch.empty(0, dtype=layer.dtype))
@@ -302,7 +302,7 @@ def attach_offload(
 
             def pre(module, args, kwargs, _l=layer.index):
                 hidden = args[0] if args else next(iter(kwargs.values()))
-                engine.begin_layer(_l, hidden, None, None)
+                engine.begin_layer(_l, hidden)
 
             handle._hooks.append(block.register_forward_pre_hook(pre, with_kwargs=True))
             handle._hooks.append(block.register_forward_hook(lambda m, a, o, _l=layer.index: engine.end_layer(_l)))

@@ -1,4 +1,8 @@
-"""``moe-patch run``: generate with experts offloaded, show a progress bar and the statistics."""
+"""``moe-patch run``: generate with experts offloaded, show a progress bar and the statistics.
+
+It also holds the loading arguments (budgets, device, dtype, cache policy) that ``serve`` and ``chat``
+share with ``run``, and :func:`load_offloaded`, which turns them into a model.
+"""
 
 from __future__ import annotations
 
@@ -8,29 +12,60 @@ import sys
 from pathlib import Path
 
 from ..cli import device, int_at_least, non_empty, plot_file, size, token_ids
-from ..errors import CheckpointError, InvalidArgumentError
+from ..errors import InvalidArgumentError
+
+DEFAULT_NEW_TOKENS = 32
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "run",
-        help="generate with routed experts paged from the checkpoint (expert offloading)",
-        description="Load PATH (a safetensors checkpoint directory or Hub repo id) with its routed experts left "
-        "on disk, generate greedily from --prompt, and print the offload statistics.",
-    )
+def add_offload_arguments(p: argparse.ArgumentParser) -> None:
+    """PATH and how its experts are paged: the arguments of ``run``, ``serve`` and ``chat``."""
     p.add_argument("path", help="checkpoint directory or Hub repo id")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", type=non_empty, help="prompt text (needs the checkpoint's tokenizer)")
-    src.add_argument("--prompt-ids", type=token_ids, help="comma-separated token ids, for checkpoints without a tokenizer")
     p.add_argument("--expert-cache", type=size(), default=None, help="device-cache budget, e.g. 8GiB (default: no limit)")
     p.add_argument("--host-cache", type=size(), default="0", help="host-RAM cache budget, e.g. 32GiB (default 0: off)")
     p.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:n] (default cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (default auto: the checkpoint's)")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=32)
     p.add_argument("--quantize", choices=["nf4", "int8"], default=None, help="keep experts quantized in the caches")
     p.add_argument("--policy", choices=["lru", "lfu", "pinned-hot"], default="lru")
     p.add_argument("--no-prefetch", action="store_true", help="switch the next-layer prefetch off")
+
+
+def offload_options(args: argparse.Namespace):
+    from .options import OffloadOptions
+
+    return OffloadOptions(
+        device=args.device, expert_cache=args.expert_cache, host_cache=args.host_cache,
+        quantize_experts=args.quantize, prefetch=not args.no_prefetch, policy=args.policy,
+    )
+
+
+def load_offloaded(args: argparse.Namespace):
+    """The model of ``args.path`` with its experts offloaded as the arguments of :func:`add_offload_arguments` say."""
+    from . import load_model
+
+    return load_model(args.path, options=offload_options(args), dtype=args.dtype)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..serve.sampling import add_sampling_arguments
+
+    p = subparsers.add_parser(
+        "run",
+        help="generate with routed experts paged from the checkpoint (expert offloading)",
+        description="Load PATH (a safetensors checkpoint directory or Hub repo id) with its routed experts left "
+        "on disk, generate from --prompt (greedily unless sampling is asked for), print the text and the "
+        "offload statistics.",
+    )
+    add_offload_arguments(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", type=non_empty, help="prompt text (needs the checkpoint's tokenizer)")
+    src.add_argument("--prompt-ids", type=token_ids, help="comma-separated token ids, for checkpoints without a tokenizer")
+    p.add_argument("--chat", action="store_true",
+                   help="put --prompt in the tokenizer's chat template as a user message (an instruction-tuned model "
+                   "answers it) instead of continuing the text")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
+                   help=f"tokens to generate (default {DEFAULT_NEW_TOKENS}, cut to what the model's context leaves)")
+    add_sampling_arguments(p, greedy_default=True)
     p.add_argument("--plot", metavar="PNG", type=plot_file, help="write a heatmap of expert utilisation per layer")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=run)
@@ -57,31 +92,37 @@ def _progress_streamer(total: int):
     return _Bar()
 
 
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                    "spiece.model", "tekken.json")
-
-
 def _prompt(args: argparse.Namespace):
     """(tokenizer or None, prompt ids of shape [1, n], n >= 1)."""
     import torch
 
+    from ..serve.tokenizer import chat_input_ids, load_tokenizer, require_chat_template
+
+    if args.chat and args.prompt is None:
+        raise InvalidArgumentError("--chat puts --prompt text in the chat template; it cannot take --prompt-ids.")
     if args.prompt is None:
         return None, torch.tensor([args.prompt_ids])
-    local = Path(args.path)
-    if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
-        # transformers would build an empty tokenizer here (no error, no tokens)
-        raise CheckpointError(f"{args.path}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...); "
-                              "pass --prompt-ids instead.")
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.path, local_files_only=local.is_dir())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{args.path}: no usable tokenizer ({exc}); pass --prompt-ids instead.") from exc
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    tokenizer = load_tokenizer(args.path, instead="pass --prompt-ids instead")
+    if args.chat:
+        require_chat_template(tokenizer, args.path, "--chat")
+        ids = torch.tensor([chat_input_ids(tokenizer, [{"role": "user", "content": args.prompt}])])
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     if ids.numel() == 0:
         raise InvalidArgumentError(f"--prompt {args.prompt!r}: the tokenizer gives no tokens; write some text.")
     return tokenizer, ids
+
+
+def _decoding_tokenizer(path: str):
+    """The checkpoint's tokenizer if it has one (to print text for --prompt-ids), else None."""
+    from ..serve.tokenizer import has_tokenizer_files, load_tokenizer
+
+    if not has_tokenizer_files(path):
+        return None
+    try:
+        return load_tokenizer(path, instead="")
+    except OSError:  # CheckpointError: no usable tokenizer; the ids are printed instead
+        return None
 
 
 def _check_vocabulary(ids, config, args: argparse.Namespace) -> None:
@@ -93,36 +134,45 @@ def _check_vocabulary(ids, config, args: argparse.Namespace) -> None:
         )
 
 
+def _check_prompt(ids, config, args: argparse.Namespace) -> int:
+    """The config checks (vocabulary, context); returns the number of tokens to generate."""
+    from ..serve.context import ContextLengthError, context_length, new_token_budget
+
+    _check_vocabulary(ids, config, args)
+    explicit = args.max_new_tokens is not None
+    try:
+        return new_token_budget(ids.shape[1], context_length(config), args.max_new_tokens or DEFAULT_NEW_TOKENS,
+                                explicit)
+    except ContextLengthError as exc:
+        raise ContextLengthError(f"{'--max-new-tokens: ' if explicit else ''}{exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     tokenizer, ids = _prompt(args)  # before the model loads: a bad prompt costs nothing
     local = Path(args.path).is_dir()
     if local:
         from ..detect.config import load_config
 
-        _check_vocabulary(ids, load_config(args.path), args)  # the config checks every entry point runs
+        new_tokens = _check_prompt(ids, load_config(args.path), args)  # the config checks every entry point runs
 
     import torch
 
-    from . import get_offload_handle, load_model
-    from .options import OffloadOptions
+    from ..serve.sampling import Sampling, generation_config
+    from . import get_offload_handle
 
-    opts = OffloadOptions(
-        device=args.device, expert_cache=args.expert_cache, host_cache=args.host_cache,
-        quantize_experts=args.quantize, prefetch=not args.no_prefetch, policy=args.policy,
-    )
-    model = load_model(args.path, device=args.device, options=opts, dtype=args.dtype)
+    model = load_offloaded(args)
     if not local:
-        _check_vocabulary(ids, model.config, args)
+        new_tokens = _check_prompt(ids, model.config, args)
+    if tokenizer is None:
+        tokenizer = _decoding_tokenizer(args.path)
     handle = get_offload_handle(model)
     ids = ids.to(args.device)
-    pad = model.generation_config.pad_token_id
-    if pad is None:
-        pad = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else 0
+    sampling = Sampling.from_mapping(args)
+    config = generation_config(model, sampling, new_tokens, greedy_default=True)
+    sampling.seeded()
     with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=False,
-            streamer=_progress_streamer(args.max_new_tokens), pad_token_id=pad,
-        )
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                             streamer=_progress_streamer(new_tokens))
     new = out[0, ids.shape[1]:]
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, new.tolist()))
     print(text)

@@ -1,8 +1,8 @@
 """The forwards an offloaded model runs, and the maths of one expert from fetched weights.
 
 :func:`attach_offload` binds these to the user's modules (instance attributes only): each one checks the
-routing, tells the engine which experts a layer needs, and dispatches the rows with
-:func:`~moe_patch.dispatch.core.dispatch_combine`, asking the engine for each expert's weights.
+routing and hands the layer to :meth:`OffloadEngine.dispatch` (one grouped GEMM over the cached
+experts' slots, then the misses).
 
 - fused transformers-5 experts (``experts(hidden, top_k_index, top_k_weights)``): :func:`fused_forward`;
 - DBRX's 2-D stacked experts (same signature, 3-D input): :func:`flat_2d_forward`;
@@ -15,28 +15,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..dispatch.core import dispatch_combine, plan_dispatch
-from ..dispatch.experts import ExpertBank, bank_expert, fused_expert_forward
-from ..validation import check_routing
+from ..dispatch.experts import ExpertBank, bank_expert, fused_bank, fused_expert_forward
 from .layers import OffloadLayer
 
 #: instance attribute of offloaded experts modules: ``(engine, layer index)``
 ENGINE_ATTR = "_moe_offload"
 
 
-def expert_bank(layer: OffloadLayer, weights: dict[str, torch.Tensor]) -> ExpertBank:
-    """A one-expert bank from one expert's fetched weights (dense_bmm and flat_2d layouts)."""
-    act = layer.experts.act_fn if layer.storage == "dense_bmm" else layer.experts.mlp.activation_fn
+def slab_bank(layer: OffloadLayer, weights: dict[str, torch.Tensor]) -> ExpertBank:
+    """The bank of ``layer``'s experts over ``weights`` stacked ``[N, ...]`` per parameter (the engine's slots)."""
+    if layer.storage == "fused":
+        return fused_bank(layer.experts, weights)
     if layer.storage == "dense_bmm":
+        act = layer.experts.act_fn
+
         def activate(h: torch.Tensor) -> torch.Tensor:
             gate, up = h.chunk(2, dim=-1)
             return up * act(gate)  # transformers' product order, for bitwise-equal rows
 
-        return ExpertBank(up=weights["gate_up_proj"].unsqueeze(0), down=weights["down_proj"].unsqueeze(0),
-                          activate=activate, transposed=True)
-    return ExpertBank(up=weights["mlp.v1"].unsqueeze(0), gate=weights["mlp.w1"].unsqueeze(0),
-                      down=weights["mlp.w2"].unsqueeze(0), activate=lambda g, u: act(g) * u,
-                      transposed=False, down_transposed=True)
+        return ExpertBank(up=weights["gate_up_proj"], down=weights["down_proj"], activate=activate, transposed=True)
+    act = layer.experts.mlp.activation_fn
+    return ExpertBank(up=weights["mlp.v1"], gate=weights["mlp.w1"], down=weights["mlp.w2"],
+                      activate=lambda g, u: act(g) * u, transposed=False, down_transposed=True)
 
 
 def compute_expert(layer: OffloadLayer, expert: int, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -44,7 +44,7 @@ def compute_expert(layer: OffloadLayer, expert: int, x: torch.Tensor, weights: d
     if layer.storage == "fused":
         return fused_expert_forward(layer.experts, x, weights)
     if layer.storage in ("dense_bmm", "flat_2d"):
-        return bank_expert(expert_bank(layer, weights), 0, x)
+        return bank_expert(slab_bank(layer, {n: t.unsqueeze(0) for n, t in weights.items()}), 0, x)
     # module_list: run the expert module's own class forward with the fetched tensors swapped in for the
     # placeholders (its instance forward is the engine's hook, so functional_call would recurse)
     module = layer.experts[expert]
@@ -64,17 +64,8 @@ def compute_expert(layer: OffloadLayer, expert: int, x: torch.Tensor, weights: d
 def _dispatch(experts: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
               num_experts: int, *, weight_inputs: bool = False) -> torch.Tensor:
     engine, layer = getattr(experts, ENGINE_ATTR)
-    check_routing(experts, top_k_index, top_k_weights, num_experts)
-    plan = plan_dispatch(top_k_index, num_experts)
-    counts = [b - a for a, b in zip(plan.offsets[:-1], plan.offsets[1:])]  # host-side already: no sync
-    engine.begin_layer(layer, x, plan.active, counts)
-    try:
-        return dispatch_combine(
-            x, top_k_index, top_k_weights, num_experts, lambda e, rows: engine.run_expert(layer, e, rows),
-            plan=plan, order=engine.compute_order(layer, plan.active), weight_inputs=weight_inputs,
-        )
-    finally:
-        engine.end_layer(layer)
+    # the routing check rides on the layer's one host transfer
+    return engine.dispatch(layer, x, top_k_index, top_k_weights, weight_inputs=weight_inputs, checked_by=experts)
 
 
 def fused_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -43,7 +43,7 @@ from transformers.core_model_loading import (
 
 from ..errors import CheckpointError, MoEConfigError
 from .checkpoint import Checkpoint, TensorEntry
-from .formats import Piece, QuantizationSpec, StoredLayout, StoredTensor
+from .formats import Piece, QuantizationSpec, StoredLayout, StoredTensor, WeightScheme
 from .formats.hf import SERIALIZED_SUFFIXES, dequant_kind, make_quantizer
 from .layers import OffloadLayer
 
@@ -274,7 +274,31 @@ class CheckpointMap:
         # FP8 everywhere, and every quantized routed expert, decode through moe-patch's layouts
         if conv is not None and (kind == "fp8" or (kind is not None and per_expert_shape is not None)):
             recipe = self._with_layout(recipe, transpose=False)
+        elif kind is None and per_expert_shape is not None:
+            layout = self._cast_layout(recipe)
+            if layout is not None:
+                recipe = TensorRecipe(recipe.target, recipe.parts, recipe.converter, recipe.shape, recipe.dtype, layout)
         return recipe
+
+    def _cast_layout(self, recipe: TensorRecipe) -> StoredLayout | None:
+        """An expert stored in another float dtype than the model's (a bf16 checkpoint computed in fp32):
+        kept in the caches as stored (half the bytes) and cast where it is computed, when its conversion
+        is only stacking and row concatenation. None when the dtypes agree or the conversion is other."""
+        sources = recipe.sources
+        if not sources or all(s.entry.dtype == recipe.dtype for s in sources):
+            return None
+        if any(not s.entry.dtype.is_floating_point or s.entry.dtype in _FP8_DTYPES for s in sources):
+            return None
+        ops = list(recipe.converter.operations) if recipe.converter is not None else []
+        if any(not isinstance(op, (MergeModulelist, Concatenate)) or (isinstance(op, Concatenate) and op.dim != 1)
+               for op in ops):
+            return None
+        shapes = [s.shape if s.shape else (1,) for s in sources]
+        if any(tuple(sh[1:]) != tuple(recipe.shape[1:]) for sh in shapes) or \
+                sum(sh[0] for sh in shapes) != (recipe.shape[0] if recipe.shape else 1):
+            return None
+        pieces = tuple(Piece("plain", i, rows=sh[0], cols=sh[1] if len(sh) > 1 else 1) for i, sh in enumerate(shapes))
+        return StoredLayout(pieces, WeightScheme("cast"), recipe.shape, recipe.dtype)
 
     def _fused_recipes(self, layer: OffloadLayer, name: str, target: str) -> list[TensorRecipe]:
         conv, parts = self._group(target)
@@ -315,6 +339,10 @@ class CheckpointMap:
         recipes = [
             TensorRecipe(target, tuple((p, (rows[p][e],)) for p in patterns), conv, shape, dtype) for e in range(n)
         ]
+        if kind is None:
+            layout = self._cast_layout(recipes[0])
+            if layout is not None:
+                recipes = [TensorRecipe(r.target, r.parts, r.converter, r.shape, r.dtype, layout) for r in recipes]
         if kind is not None:
             # one layout for the layer, checked on expert 0; every other expert must store the same shapes
             layout = self._with_layout(recipes[0], transpose=kind == "mxfp4").stored
@@ -530,6 +558,17 @@ class CheckpointMap:
     def stored_experts(self) -> bool:
         """Whether routed experts are kept in a quantized stored format (decoded where computed)."""
         return any(r.stored is not None for recipes in self.experts.values() for r in recipes.values())
+
+    def stored_description(self) -> str | None:
+        """How routed experts are stored when that differs from the model's tensors (None otherwise)."""
+        if self.quantization is not None:
+            return self.quantization.describe()
+        for recipes in self.experts.values():
+            for r in recipes.values():
+                if r.stored is not None:
+                    stored = str(r.sources[0].entry.dtype).removeprefix("torch.")
+                    return f"{stored} (cast to {str(r.dtype).removeprefix('torch.')} where computed)"
+        return None
 
     def expert_nbytes(self, layer: int, expert: int = 0, *, stored: bool = True) -> int:
         """Bytes of one expert as stored on disk (``stored``) or in the model dtype."""

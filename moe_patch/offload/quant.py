@@ -109,3 +109,8 @@ def tensors_of(t: torch.Tensor | QuantizedTensor | StoredTensor) -> list[torch.T
             parts += [t.state.state2.absmax, t.state.state2.code, t.state.offset]
         return [x for x in parts if isinstance(x, torch.Tensor)]
     return [t.data, t.state]
+
+
+def quantized_nbytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, kind: str) -> int:
+    """Bytes one expert with these tensor ``shapes`` takes once quantized to ``kind`` (scales included)."""
+    return sum(nbytes_of(quantize(torch.zeros(s, dtype=dtype), kind)) for s in shapes.values())

@@ -54,6 +54,15 @@ class CheckpointSource:
                 self.cmap.load_into(r, out[name])
         return out
 
+    def read_to(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> None:
+        """One expert decoded into the tensors ``out`` (a device slot's views), in the model dtype."""
+        for name, r in self.cmap.experts[(layer, expert)].items():
+            if r.stored is not None:
+                stored = self.cmap.load_stored(r)
+                stored.dequantize(out=out[name].t() if r.stored.transpose else out[name])
+            else:
+                self.cmap.load_into(r, out[name])
+
     def nbytes(self, layer: int, expert: int) -> int:
         """Bytes :meth:`read_into` fills (stored bytes for quantized experts)."""
         return sum(r.nbytes if r.stored is not None else r.model_nbytes
@@ -87,6 +96,10 @@ class MemorySource:
     def __init__(self, layers: list[OffloadLayer], originals: dict[int, dict[str, torch.Tensor]]):
         self.layers = layers
         self.originals = originals  # layer index -> {param path inside the experts module: tensor}
+
+    def read_to(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> None:
+        for name, t in self.read(layer, expert).items():
+            out[name].copy_(t)
 
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         spec, params = self.layers[layer], self.originals[layer]

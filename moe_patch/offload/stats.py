@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .budget import format_bytes
 from .costmodel import Bandwidths
 
@@ -24,14 +26,24 @@ class LayerStats:
     num_experts: int
     hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     cpu_computed: int = 0
-    slots: list[int] = field(default_factory=list)  # routed (token, k) slots per expert
+    slot_counts: torch.Tensor | None = field(default=None, repr=False)  # routed (token, k) slots per expert
     predicted: int = 0  # experts the prefetcher predicted for this layer
     predicted_used: int = 0  # ... that the router then chose
     used_when_predicted: int = 0  # active experts in the steps that had a prediction
 
     def __post_init__(self):
-        if not self.slots:
-            self.slots = [0] * self.num_experts
+        # a CPU tensor: one add per layer step, no Python per expert
+        if self.slot_counts is None:
+            self.slot_counts = torch.zeros(self.num_experts, dtype=torch.int64)
+
+    @property
+    def slots(self) -> list[int]:
+        """Routed (token, k) slots per expert."""
+        return self.slot_counts.tolist()
+
+    def add_slots(self, counts) -> None:
+        """Add one step's routed slots per expert (a CPU tensor or a list, ``num_experts`` long)."""
+        self.slot_counts += torch.as_tensor(counts, dtype=torch.int64)
 
     @property
     def requests(self) -> int:

@@ -23,7 +23,8 @@ class WeightScheme:
 
     Attributes:
         kind: ``"fp8"`` (float8_e4m3fn values times a scale), ``"mxfp4"`` (e2m1 pairs, e8m0 exponent
-            per 32 inputs) or ``"int"`` (packed signed integers times a scale, minus a zero point).
+            per 32 inputs), ``"int"`` (packed signed integers times a scale, minus a zero point) or
+            ``"cast"`` (another float dtype than the model's, e.g. a bf16 checkpoint computed in fp32).
         block: FP8 scale block ``(rows, cols)``; ``None`` means the scale's own shape broadcasts
             (per tensor, per output channel).
         bits / group_size / symmetric: integer schemes (``group_size`` None: one scale per channel).

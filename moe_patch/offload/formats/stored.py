@@ -56,6 +56,9 @@ class StoredLayout:
         dtype = dtype or self.dtype
         if out is None:
             out = torch.empty(self.stored_shape, dtype=dtype, device=tensors[0].device)
+        if not out.dim():  # a 0-d tensor (a scalar expert parameter) has no rows to stack
+            out.copy_(tensors[self.pieces[0].weight].reshape(()))
+            return out
         at = 0
         for p in self.pieces:
             self._decode_piece(p, tensors, dtype, out.narrow(0, at, p.rows))
