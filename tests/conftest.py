@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# machine calibrations (which kernel is fastest here) go to a per-run folder, not the user's cache
+if "MOE_PATCH_CACHE" not in os.environ:
+    os.environ["MOE_PATCH_CACHE"] = tempfile.mkdtemp(prefix="moe-patch-calibration-")
+    atexit.register(shutil.rmtree, os.environ["MOE_PATCH_CACHE"], True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

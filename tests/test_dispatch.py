@@ -168,3 +168,25 @@ def test_experts_computed_in_any_order_sum_to_the_bitwise_same_output():
     ref = dispatch_combine(x, idx, w, 5, fn, plan=plan)
     for order in (plan.active[::-1], plan.active[1:] + plan.active[:1]):
         assert torch.equal(dispatch_combine(x, idx, w, 5, fn, plan=plan, order=order), ref)
+
+
+def test_calibrations_are_measured_once_per_machine_and_kept(tmp_path):
+    """What is fastest is measured on the running machine, once, and kept for later processes."""
+    from moe_patch.dispatch.calibration import Calibrations
+
+    calls = []
+    cache = Calibrations(tmp_path)
+    assert cache.get("question", lambda: calls.append(1) or 3.0) == 3.0
+    assert cache.get("question", lambda: calls.append(1) or 4.0) == 3.0 and calls == [1]
+    assert Calibrations(tmp_path).get("question", lambda: 5.0) == 3.0  # a later process, same machine
+    assert len(list(tmp_path.glob("calibration-*.json"))) == 1
+
+
+def test_kernel_crossovers_come_from_measurements_on_this_machine():
+    import math
+
+    from moe_patch.dispatch.calibration import loop_max_rows, upcast_min_rows
+
+    assert upcast_min_rows(torch.float32) == math.inf  # only half precision can gain from an fp32 upcast
+    assert upcast_min_rows(torch.bfloat16) in (1.0, 4.0, 16.0, 64.0, 256.0, math.inf)
+    assert loop_max_rows(torch.float32) in (0.0, 1.0, 4.0, 16.0, math.inf)

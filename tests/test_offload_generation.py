@@ -17,7 +17,6 @@ from offload_helpers import (
     model_class,
     prompts,
     save_families,
-    save_tiny,
 )
 
 import moe_patch
@@ -188,8 +187,12 @@ def test_statistics_report_and_plot(checkpoints, tmp_path):
     greedy(model, prompts(1), 16)
     st = get_offload_handle(model).stats
     text = str(st)
-    assert "hit rate" in text and "bandwidth bound" in text and "load-CV" in text
+    assert "hit rate" in text and "of the bound" in text and "binds" in text and "load-CV" in text
+    assert "counted by the kernel" in text
     d = st.to_dict()
+    times = d["decode_bound_by_resource"]
+    assert set(times) <= {"memory", "disk"} and times["memory"] > 0  # a CPU run: DRAM, and the disk for misses
+    assert d["non_expert_bytes"] > 0 and d["decode_bound_s"] == max(times.values())
     assert d["decode_tokens_per_s"] > 0 and len(d["layers"]) == 2
     assert sum(d["layers"][0]["slots"]) == 2 * (6 + 15)  # top-2 slots of every token that went through
     pytest.importorskip("matplotlib")

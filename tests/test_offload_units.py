@@ -231,3 +231,68 @@ def test_every_tensor_behind_a_quantized_expert_is_listed_for_stream_bookkeeping
     assert any(t is q.data for t in parts) and sum(t.numel() * t.element_size() for t in parts) >= q.nbytes
     plain = torch.randn(4)
     assert tensors_of(plain) == [plain]
+
+
+def test_the_decode_bound_counts_every_byte_a_step_moves_on_its_own_resource():
+    """docs/offload.md: the busiest resource's time, each resource at its own measured rate."""
+    bw = Bandwidths(dram=20e9, cpu_flops=1e11, cpu_gemv=10e9, disk=1e9)
+    cpu = OffloadStats(layers=[LayerStats(4)], device="cpu", bandwidths=bw, non_expert_bytes=int(0.5e9))
+    cpu.steps["decode"] = 2
+    cpu.bytes_read["decode"] = {"device": int(1e9), "host": 0, "disk": int(0.2e9)}
+    times = cpu.decode_bound_by_resource()
+    # per step: 0.5 GB non-expert + 0.6 GB of experts computed, at the GEMV streaming rate; 0.1 GB from disk
+    assert times == pytest.approx({"memory": 1.1e9 / 10e9, "disk": 0.1e9 / 1e9})
+    assert cpu.decode_bound_s() == pytest.approx(0.11) and cpu.binding_resource == "memory"
+    cpu.seconds["decode"] = 2 * 0.11
+    assert cpu.fraction_of_bound == pytest.approx(1.0)  # running at the bound is 100%: the bound can be reached
+
+    gpu_bw = Bandwidths(dram=20e9, cpu_flops=1e11, cpu_gemv=10e9, h2d=25e9, device_mem=2e12, disk=2e9)
+    gpu = OffloadStats(layers=[LayerStats(4)], device="cuda", bandwidths=gpu_bw, non_expert_bytes=int(2e9))
+    gpu.steps["decode"] = 1
+    gpu.bytes_read["decode"] = {"device": int(4e9), "host": int(1e9), "disk": int(0.5e9)}
+    gpu.cpu_bytes["decode"] = int(0.5e9)  # computed on the CPU where it lay, not copied
+    times = gpu.decode_bound_by_resource()
+    assert times == pytest.approx({"memory": 7e9 / 2e12, "pcie": 1e9 / 25e9, "cpu": 0.5e9 / 10e9, "disk": 0.25})
+    assert gpu.binding_resource == "disk"
+
+
+def test_cpu_compute_dtype_weighs_gemv_speed_against_capacity():
+    from moe_patch.offload.costmodel import choose_compute_dtype
+
+    mib = 2**20
+    # everything fits in fp32 and a bf16 GEMV is 6x slower (AVX2-only CPU): fp32 slots
+    assert choose_compute_dtype(None, 64, mib, half_s=6e-3, fp32_s=2e-3, miss_s=1e-3) == "fp32"
+    # native bf16 (AVX512_BF16/AMX): keep the model's dtype, twice the experts per byte
+    assert choose_compute_dtype(None, 64, mib, half_s=1e-3, fp32_s=2e-3, miss_s=1e-3) == "half"
+    # a tight budget where misses from disk dominate: capacity wins
+    assert choose_compute_dtype(8 * mib, 64, mib, half_s=3e-3, fp32_s=2e-3, miss_s=50e-3) == "half"
+    assert choose_compute_dtype(mib, 64, mib, half_s=1.0, fp32_s=0.0, miss_s=0.0) == "half"  # no fp32 slot fits
+
+
+@pytest.mark.parametrize("fp32_faster", [True, False])
+def test_bf16_models_on_cpu_compute_experts_in_the_dtype_measured_faster(tmp_path, monkeypatch, fp32_faster):
+    from offload_helpers import build, prompts
+
+    import moe_patch
+    from moe_patch.offload import attach, get_offload_handle
+
+    def fake(device="cpu", dtype=torch.float32, size_mb=256):  # this CPU's GEMV rates, as calibrate measures them
+        slow = dtype != torch.float32 if fp32_faster else dtype == torch.float32
+        return Bandwidths(dram=20e9, cpu_flops=1e11, cpu_gemv=1e9 if slow else 8e9)
+
+    monkeypatch.setattr(attach, "calibrate", fake)
+    path = tmp_path / "bf16"
+    build("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
+    import transformers
+
+    resident = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    model = moe_patch.load_model(path, dtype=torch.bfloat16)
+    handle = get_offload_handle(model)
+    with torch.no_grad():
+        got, want = model(prompts(2)).logits.float(), resident(prompts(2)).logits.float()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2  # bf16 tolerance
+    engine = handle.engine
+    if fp32_faster:
+        assert handle.stats.compute_dtype == "float32" and engine.dev.groups[0].slab.dtype == torch.float32
+    else:
+        assert handle.stats.compute_dtype is None and engine.dev.groups[0].slab.dtype == torch.bfloat16

@@ -105,17 +105,40 @@ def test_instance_patches_leave_the_class_and_other_instances_alone():
     assert "forward" not in block_a.__dict__
 
 
-def test_patch_reaches_the_moe_patch_dispatch(monkeypatch):
+def test_patch_reaches_the_moe_patch_experts_forward(monkeypatch):
     """A patch that silently kept transformers' path would pass every exactness test: check the call."""
-    from moe_patch.dispatch import experts as experts_mod
+    from moe_patch import validation
 
     calls = []
-    real = experts_mod.bank_dispatch
-    monkeypatch.setattr(experts_mod, "bank_dispatch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = validation.check_routing
+    monkeypatch.setattr(validation, "check_routing", lambda *a, **k: calls.append(1) or real(*a, **k))
     model, inputs = build("mixtral")
     patch_model(model)
     logits(model, inputs)
     assert len(calls) == len(inspect_model(model).blocks)
+
+
+@pytest.mark.parametrize("crossover,ours", [(1.0, True), (float("inf"), False)])
+def test_decorated_experts_take_ours_only_where_it_is_measured_faster(monkeypatch, crossover, ours):
+    """Never slower than stock: bf16 experts run moe-patch's fp32 path only where this machine's calibration
+    says fp32 beats bf16 at that many rows per expert; otherwise the implementation the model had."""
+    import transformers.integrations.moe as hf_moe
+
+    from moe_patch.dispatch import calibration
+    from moe_patch.dispatch import experts as experts_mod
+
+    monkeypatch.setattr(calibration, "upcast_min_rows", lambda dtype: crossover)
+    ours_calls, stock_calls = [], []
+    real_ours, real_stock = experts_mod.bank_dispatch, hf_moe.grouped_mm_experts_forward
+    monkeypatch.setattr(experts_mod, "bank_dispatch", lambda *a, **k: ours_calls.append(1) or real_ours(*a, **k))
+    monkeypatch.setitem(hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "grouped_mm",
+                        lambda *a, **k: stock_calls.append(1) or real_stock(*a, **k))
+    monkeypatch.setattr(hf_moe, "grouped_mm_experts_forward", hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping["grouped_mm"])
+    model, inputs = build("mixtral", torch.bfloat16)
+    patch_model(model)
+    logits(model, inputs)
+    blocks = len(inspect_model(model).blocks)
+    assert (len(ours_calls), len(stock_calls)) == ((blocks, 0) if ours else (0, blocks))
 
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "legacy-mixtral"])

@@ -23,13 +23,21 @@ from moe_patch.testing.tiny import tiny_config
 
 @pytest.fixture
 def dispatch_calls(monkeypatch):
-    """Counts calls of moe-patch's dispatch, from every module that calls it."""
-    from moe_patch.adapters import dbrx, jetmoe, llama4, module_list
+    """Counts calls of moe-patch's dispatch: its registered experts implementation (which may hand the
+    maths to the stock kernel where that is faster, after its routing check), and every adapter's."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from moe_patch.adapters import dbrx, fused, jetmoe, llama4, module_list
 
     calls = []
-    for mod in (experts_dispatch, module_list, dbrx, jetmoe, llama4):
-        real = mod.bank_dispatch
-        monkeypatch.setattr(mod, "bank_dispatch", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    fused.register_experts_implementation()
+    real = ALL_EXPERTS_FUNCTIONS["moe_patch"]
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "moe_patch",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    for mod in (fused, module_list, dbrx, jetmoe, llama4):
+        real_dispatch = mod.bank_dispatch
+        monkeypatch.setattr(mod, "bank_dispatch",
+                            lambda *a, _real=real_dispatch, **k: calls.append(1) or _real(*a, **k))
     return calls
 
 

@@ -20,14 +20,13 @@ import torch
 
 from ..detect.spec import ExpertLayout
 from ..dispatch.core import dispatch_combine, plan_dispatch
-from ..dispatch.experts import ExpertBank, bank_dispatch, bank_expert, glu, moe_patch_experts_forward
+from ..dispatch.experts import IMPLEMENTATION_NAME, ExpertBank, bank_dispatch, bank_expert, glu, moe_patch_experts_forward
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
 from .base import Adapter, PatchOptions, bind_forward, param_3d, set_attrs
 
 if TYPE_CHECKING:
     from ..detect.finder import BlockHandle
 
-IMPLEMENTATION_NAME = "moe_patch"
 
 
 def register_experts_implementation() -> None:

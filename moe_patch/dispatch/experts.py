@@ -29,16 +29,30 @@ from .core import (
     plan_dispatch,
 )
 
-#: On CPU, half-precision GEMMs run ~6x slower than fp32 ones (no native bf16 FMA on AVX2): with at
-#: least this many rows per active expert, casting that expert's weights to fp32 costs less than it
-#: saves (bench/dispatch.py: at 8 rows per Mixtral-shaped expert the cast made it 1.8x slower, at
-#: 32 rows per Qwen3-shaped expert 1.9x faster, at 128 rows per Mixtral-shaped expert 3.9x faster).
-CPU_UPCAST_MIN_ROWS = 32
+def _loop_wins(weight: torch.Tensor, x: torch.Tensor, rows_per_expert: float) -> bool:
+    """On a CPU, whether a loop over the active experts beats one grouped GEMM at this many rows each
+    (measured on the running machine: on one 2-core AVX2 VM grouped_mm streamed a decode expert 3x faster
+    than F.linear's GEMV, on others the loop wins at one row)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    from .calibration import loop_max_rows
 
-#: With at most this many active experts, loop over them on weight views instead of one grouped GEMM.
-#: Measured on the 2-core CPU (bench/dispatch.py): grouped_mm wins even for one decode row (its kernel
-#: streams a [2I, H] expert faster than F.linear's GEMV: 2.3 vs 7.5 ms at 7168x1024 fp32), so 0.
-LOOP_MAX_ACTIVE_EXPERTS = 0
+    return rows_per_expert <= loop_max_rows(weight.dtype)
+
+#: The name moe-patch registers in transformers' experts registry.
+IMPLEMENTATION_NAME = "moe_patch"
+
+
+def upcast_wins(weight: torch.Tensor, x: torch.Tensor, rows_per_expert: float) -> bool:
+    """Whether half-precision experts with this many rows each compute faster in fp32 (their weights cast
+    on the fly) on this CPU: half-precision GEMMs run several times slower than fp32 on CPUs without
+    native bf16/fp16 arithmetic. The crossover is measured on the running machine
+    (:func:`~moe_patch.dispatch.calibration.upcast_min_rows`), never assumed."""
+    if x.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+        return False
+    from .calibration import upcast_min_rows
+
+    return rows_per_expert >= upcast_min_rows(weight.dtype)
 
 
 @dataclass(frozen=True)
@@ -147,13 +161,12 @@ def bank_dispatch(bank: ExpertBank, x: torch.Tensor, top_k_index: torch.Tensor, 
     """Route ``x [T, H]`` through the bank: grouped GEMMs when experts get many rows (prefill, inference),
     a loop over the active experts on weight views otherwise (decode, training: autograd-safe)."""
     plan = plan if plan is not None else plan_dispatch(top_k_index, bank.num_experts)
-    rows_per_expert = top_k_index.numel() / max(len(plan.active), 1)
-    if (x.device.type == "cpu" and bank.up.dtype in (torch.bfloat16, torch.float16)
-            and rows_per_expert >= CPU_UPCAST_MIN_ROWS and not torch.compiler.is_compiling()):
+    rows_per_expert = plan.offsets[-1] / max(len(plan.active), 1)
+    if upcast_wins(bank.up, x, rows_per_expert):
         return dispatch_combine(x, top_k_index, top_k_weights, bank.num_experts,
                                 lambda e, rows: bank_expert(bank, e, rows, torch.float32),
                                 plan=plan, weight_inputs=weight_inputs)
-    if len(plan.active) > LOOP_MAX_ACTIVE_EXPERTS and grouped_mm_supported(x, bank.kernel_operands()):
+    if grouped_mm_supported(x, bank.kernel_operands()) and not _loop_wins(bank.up, x, rows_per_expert):
         return bank_grouped(bank, x, plan, top_k_weights, weight_inputs=weight_inputs)
     return dispatch_combine(x, top_k_index, top_k_weights, bank.num_experts,
                             lambda e, rows: bank_expert(bank, e, rows), plan=plan, weight_inputs=weight_inputs)
@@ -254,6 +267,18 @@ def _transformers_kernel_accepts(bank: ExpertBank) -> bool:
     return grouped_mm_accepts(bank.kernel_operands())
 
 
+def stock_experts_forward(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """The experts implementation ``module`` ran before moe-patch (what stock transformers runs for it):
+    the one its config selected at patch time, ``grouped_mm`` (transformers' default) if none."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    replaced = getattr(module.config, "_moe_patch_replaces", None) or "grouped_mm"
+    if replaced == IMPLEMENTATION_NAME:  # pragma: no cover - a config that named us before patching
+        replaced = "grouped_mm"
+    eager = getattr(type(module).forward, "__wrapped__", None)  # the class's own (undecorated) forward
+    return ALL_EXPERTS_FUNCTIONS.get_interface(replaced, eager)
+
+
 def moe_patch_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -262,11 +287,11 @@ def moe_patch_experts_forward(
 ) -> torch.Tensor:
     """The ``moe_patch`` experts implementation, registered in transformers' experts registry.
 
-    On CPU picks per call between a loop over the active experts on weight views and grouped GEMMs
-    (with fp32 upcast of half-precision experts for prefill), exact against transformers' eager
-    forward. On CUDA and while compiling it checks the routing and runs transformers' own sync-free
-    grouped kernels, unless their kernel cannot take the experts' weights (odd widths, float64: then ours,
-    which loops).
+    Never slower than stock: it checks the routing, then runs the implementation the model had before
+    patching (transformers' grouped GEMMs by default), except where moe-patch is measured faster on this
+    machine (half-precision experts with enough rows each, on a CPU where fp32 beats its half-precision
+    GEMM) or where transformers' kernel cannot take the weights (odd widths, float64: ours loops).
+    On CUDA and while compiling, transformers' grouped path is its sync-free one.
     """
     from ..validation import check_routing  # local: validation imports nothing from dispatch
 
@@ -276,4 +301,13 @@ def moe_patch_experts_forward(
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    # rows per active expert without a host sync: at most min(E, T * k) experts are active
+    slots = top_k_index.numel()
+    if upcast_wins(bank.up, hidden_states, slots / max(1, min(bank.num_experts, slots))):
+        return bank_dispatch(bank, hidden_states, top_k_index, top_k_weights)
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    stock = stock_experts_forward(self)
+    if stock is not grouped_mm_experts_forward or _transformers_kernel_accepts(bank):
+        return stock(self, hidden_states, top_k_index, top_k_weights)
     return bank_dispatch(bank, hidden_states, top_k_index, top_k_weights)

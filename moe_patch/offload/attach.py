@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from ..validation import NAME_ATTR
 from .budget import check_budget, parse_bytes
 from .cache import POLICIES
 from .checkpoint import Checkpoint
-from .costmodel import calibrate, choose_device_format, time_stored_expert
+from .costmodel import calibrate, choose_compute_dtype, choose_device_format, measure_disk, time_stored_expert
 from .engine import EngineConfig, OffloadEngine
 from .forwards import ENGINE_ATTR, flat_2d_forward, fused_forward, llama4_block_forward
 from .keymap import CheckpointMap
@@ -30,7 +30,7 @@ from .layers import OffloadLayer, find_offload_layers
 from .options import DEVICE_FORMATS, OffloadOptions
 from .quant import check_format, quantized_nbytes
 from .sources import CheckpointSource, MemorySource
-from .stats import OffloadStats
+from .stats import OffloadStats, read_proc_io
 
 logger = logging.getLogger(__name__)
 _ATTR = ENGINE_ATTR  # on the model: its OffloadHandle; on experts modules: (engine, layer index)
@@ -59,7 +59,9 @@ class OffloadHandle:
         self.engine.stats = OffloadStats(
             layers=[type(s)(s.num_experts) for s in old.layers], device=old.device,
             expert_bytes=old.expert_bytes, bandwidths=old.bandwidths, stored_expert_bytes=old.stored_expert_bytes,
-            device_format=old.device_format, stored_format=old.stored_format,
+            device_format=old.device_format, stored_format=old.stored_format, non_expert_bytes=old.non_expert_bytes,
+            compute_dtype=old.compute_dtype,
+            io_read_start=read_proc_io(),
         )
 
     @torch.no_grad()
@@ -179,6 +181,28 @@ def _device_format(opts: OffloadOptions, source: Any, layers: list[OffloadLayer]
     return choice
 
 
+def _compute_dtype(opts: OffloadOptions, source: Any, layers: list[OffloadLayer], expert_cache: int | None,
+                   device: torch.device, quant: str | None) -> torch.dtype | None:
+    """On a CPU, the dtype the slots keep half-precision experts in (None: the model's): fp32 where this
+    machine's fp32 GEMV beats its bf16/fp16 one by more than the capacity it costs (measured)."""
+    dtype = layers[0].dtype
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or quant or not opts.calibrate:
+        return None
+    if getattr(source, "stored", False) and opts.device_format == "stored":
+        return None
+    half_bw, fp32_bw = calibrate("cpu", dtype), calibrate("cpu", torch.float32)
+    half_bytes = max(layer.expert_bytes for layer in layers)
+    n = sum(layer.num_experts for layer in layers)
+    half_s = half_bytes / (half_bw.cpu_gemv or half_bw.dram)
+    fp32_s = 2 * half_bytes / (fp32_bw.cpu_gemv or fp32_bw.dram)
+    stored = max(_host_bytes(layer, source, None) for layer in layers)
+    miss_s = stored / fp32_bw.dram  # a miss from RAM at best (the page cache, or the host tier)
+    choice = choose_compute_dtype(expert_cache, n, half_bytes, half_s, fp32_s, miss_s)
+    logger.info("CPU experts computed in %s (GEMV per expert: %.2f ms %s, %.2f ms float32)",
+                "float32" if choice == "fp32" else dtype, 1e3 * half_s, dtype, 1e3 * fp32_s)
+    return torch.float32 if choice == "fp32" else None
+
+
 def _bind(handle: OffloadHandle, module: nn.Module, fn: Any, layer: OffloadLayer, engine: OffloadEngine,
           experts: nn.Module) -> None:
     """Give ``module`` (the experts, or the Llama 4 block) the offloaded forward ``fn`` (instance only)."""
@@ -263,9 +287,12 @@ def attach_offload(
 
     bandwidths = calibrate(str(device), layers[0].dtype) if opts.calibrate else None
     device_format = _device_format(opts, source, layers, expert_cache, host_cache, device, bandwidths)
+    compute_dtype = _compute_dtype(opts, source, layers, expert_cache, device, quant)
     host_bytes = max(_host_bytes(layer, source, quant) for layer in layers)
     device_bytes = max(layer.expert_bytes for layer in layers) if device_format == "dequantized" and \
         getattr(source, "stored", False) else host_bytes
+    if compute_dtype is not None:
+        device_bytes = max(layer.expert_bytes for layer in layers) * 4 // layers[0].dtype.itemsize
     check_budget(expert_cache, device_bytes, name="expert_cache", allow_zero=False)
     check_budget(host_cache, host_bytes, name="host_cache", allow_zero=True)
 
@@ -276,11 +303,14 @@ def attach_offload(
             device=device, expert_cache=expert_cache, host_cache=host_cache, policy=opts.policy,
             hot=tuple(tuple(k) for k in opts.hot_experts), quantize=quant, prefetch=opts.prefetch,
             cpu_compute=opts.cpu_compute, max_prefetch_per_layer=opts.max_prefetch_per_layer, bandwidths=bandwidths,
-            device_format=device_format,
+            device_format=device_format, compute_dtype=compute_dtype,
         ),
     )
     if checkpoint_map is not None:
         engine.stats.stored_format = checkpoint_map.stored_description()
+        if bandwidths is not None:  # the bound needs the storage's own speed, measured cold
+            engine.stats.bandwidths = bandwidths = replace(
+                bandwidths, disk=measure_disk(sorted({e.file for e in checkpoint_map.checkpoint.entries.values()})))
     for layer in layers:
         for p in _param_paths(layer):
             _set_param(layer.experts, p, torch.empty(0, dtype=layer.dtype))
@@ -327,10 +357,30 @@ def attach_offload(
         st.tokens[phase] += shape[0] * shape[1] if phase == "prefill" else shape[0]
         st.steps[phase] += 1
 
+    engine.stats.non_expert_bytes = _non_expert_step_bytes(model)
+    engine.stats.io_read_start = read_proc_io()
     handle._hooks.append(model.register_forward_pre_hook(model_pre, with_kwargs=True))
     handle._hooks.append(model.register_forward_hook(model_post, with_kwargs=True))
     model.__dict__[_ATTR] = handle
     return handle
+
+
+def _non_expert_step_bytes(model: nn.Module) -> int:
+    """Bytes of resident weights a decode step reads: every parameter left after the experts became
+    placeholders, except an input embedding table not shared with the output head (one row is read)."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = set()
+    if embed is not None and getattr(embed, "weight", None) is not None:
+        if head is None or getattr(head, "weight", None) is not embed.weight:
+            skip.add(id(embed.weight))
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
 
 
 def get_offload_handle(model: nn.Module) -> OffloadHandle | None:

@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="put --prompt in the tokenizer's chat template as a user message (an instruction-tuned model "
                    "answers it) instead of continuing the text")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
-                   help=f"tokens to generate (default {DEFAULT_NEW_TOKENS}, cut to what the model's context leaves)")
+                   help=f"tokens to generate (default {DEFAULT_NEW_TOKENS}, cut to what the model's context leaves; "
+                   "a value that does not fit is refused)")
     add_sampling_arguments(p, greedy_default=True)
     p.add_argument("--plot", metavar="PNG", type=plot_file, help="write a heatmap of expert utilisation per layer")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")

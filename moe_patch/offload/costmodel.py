@@ -31,6 +31,8 @@ class Bandwidths:
     device_flops: float = 0.0
     cpu_gemv: float = 0.0  # bytes/s a one-row expert GEMV streams on the CPU (0: use ``dram``)
     roundtrip_s: float = 0.0  # moving a row to the CPU and its result back (CUDA: includes a sync)
+    device_mem: float = 0.0  # bytes/s a device-to-device copy moves on the GPU (HBM), 0 without one
+    disk: float = 0.0  # bytes/s of cold reads from the checkpoint's storage (0: not measured)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -78,7 +80,7 @@ def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, size_mb: 
     dst.fill_(0.0)  # first touch outside the timing
     t = _median_time(lambda: dst.copy_(src), repeats=3)
     dram = 2 * n * 4 / t  # a copy reads and writes
-    del dst
+    dst = None  # free the 256 MiB before the GEMM timings
     # 64 rows: enough for the GEMM kernels, short where half precision is slow (0.2 s on a 2-core AVX2 VM)
     a, b = torch.randn(64, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
     t = _median_time(lambda: a @ b, repeats=3)
@@ -88,7 +90,7 @@ def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, size_mb: 
     row = torch.randn(1, 2048).to(dtype)
     t = _median_time(lambda: [torch.nn.functional.linear(row, m) for m in mats], repeats=3)
     cpu_gemv = sum(m.numel() * m.element_size() for m in mats) / t
-    h2d = device_flops = roundtrip = 0.0
+    h2d = device_flops = roundtrip = device_mem = 0.0
     if device.startswith("cuda") and torch.cuda.is_available():  # pragma: no cover - needs a GPU
         m = 64 * 2**20 // 4
         pinned = src[:m].pin_memory()
@@ -110,8 +112,45 @@ def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, size_mb: 
         device_flops = 2 * 64 * 1024 * 1024 / _median_time(mm)
         grow = row.to(device)
         roundtrip = _median_time(lambda: grow.to("cpu").to(device).sum().item())
+        big = torch.empty(n, device=device)
+        other = torch.empty_like(big)
+
+        def d2d():
+            other.copy_(big)
+            torch.cuda.synchronize()
+
+        device_mem = 2 * n * 4 / _median_time(d2d)
     return Bandwidths(dram=dram, cpu_flops=cpu_flops, h2d=h2d, device_flops=device_flops, cpu_gemv=cpu_gemv,
-                      roundtrip_s=roundtrip)
+                      roundtrip_s=roundtrip, device_mem=device_mem if device.startswith("cuda") else 0.0)
+
+
+def measure_disk(files: list[str], limit: int = 64 * 2**20) -> float:
+    """Cold read bandwidth of the checkpoint's storage: up to ``limit`` bytes of its largest shard, dropped
+    from the page cache first (``posix_fadvise``), read in expert-sized requests. 0 when it cannot tell."""
+    import os
+
+    if not files or not hasattr(os, "posix_fadvise"):
+        return 0.0
+    path = max(files, key=os.path.getsize)
+    size = min(limit, os.path.getsize(path))
+    if size < 2**20:
+        return 0.0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        buf = bytearray(4 * 2**20)
+        t0 = time.perf_counter()
+        done = 0
+        while done < size:
+            got = os.preadv(fd, [memoryview(buf)[: min(len(buf), size - done)]], done)
+            if got <= 0:
+                break
+            done += got
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return done / elapsed if elapsed > 0 else 0.0
 
 
 def expected_use_s(budget: int | None, n_experts: int, entry_bytes: int, decode_s: float, miss_s: float,
@@ -161,3 +200,18 @@ def time_stored_expert(source, layer: int, device: torch.device) -> tuple[float,
 
     decode()  # warm-up (lookup tables, allocator)
     return read_s, _median_time(decode, repeats=3)
+
+
+def choose_compute_dtype(budget: int | None, n_experts: int, half_bytes: int, half_s: float, fp32_s: float,
+                         miss_s: float) -> str:
+    """``"half"`` or ``"fp32"``: the dtype a CPU keeps half-precision experts in its slots to compute them.
+
+    fp32 slots hold half as many experts (a miss costs ``miss_s`` more often) but compute each use in
+    ``fp32_s`` instead of ``half_s``: on CPUs without native bf16 arithmetic a bf16 GEMV can be several
+    times slower than an fp32 one reading twice the bytes. Expected seconds per use, uniform routing.
+    """
+    if budget is not None and budget < 2 * half_bytes:
+        return "half"  # not one fp32 expert fits
+    half = expected_use_s(budget, n_experts, half_bytes, half_s, miss_s, decode_on_hit=True)
+    fp32 = expected_use_s(budget, n_experts, 2 * half_bytes, fp32_s, miss_s, decode_on_hit=True)
+    return "fp32" if fp32 < 0.9 * half else "half"

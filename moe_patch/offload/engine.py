@@ -89,6 +89,9 @@ class EngineConfig:
     io_threads: int | None = None  # None: default_io_threads()
     # for stored checkpoints: device entries "stored" (decoded per use) or "dequantized" (decoded on insert)
     device_format: str = "dequantized"
+    # CPU: the dtype compute-ready slots keep experts in when it is not the model's (fp32 for bf16 models on
+    # CPUs where an fp32 GEMV beats a bf16 one; chosen by the cost model at attach)
+    compute_dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -148,7 +151,9 @@ class OffloadEngine:
         # device slots hold the model's tensors (one grouped GEMM per layer) unless experts stay stored
         # or quantized there; decoded device entries are a different object from the host's stored copy
         self.compute_ready = config.quantize is None and (not self.stored or config.device_format == "dequantized")
-        self.decode_on_insert = self.stored and self.compute_ready
+        self.slot_dtype = config.compute_dtype if self.compute_ready else None
+        converts = self.slot_dtype is not None and self.slot_dtype != layers[0].dtype
+        self.decode_on_insert = (self.stored or converts) and self.compute_ready
         # CPU: one RAM tier unless the host keeps the compact stored copy of decoded slots
         self.merged = not self.on_cuda and not self.decode_on_insert
         self.io_threads = config.io_threads or default_io_threads()
@@ -177,6 +182,7 @@ class OffloadEngine:
             bandwidths=config.bandwidths,
             stored_expert_bytes=max(self._source_bytes(layer) for layer in layers),
             device_format=(config.device_format if self.stored else None),
+            compute_dtype=str(self.slot_dtype).removeprefix("torch.") if converts else None,
         )
         self.dev = self._make_device_tier()
         self.pool = self._make_pool()
@@ -192,7 +198,7 @@ class OffloadEngine:
     def _entry_bytes(self, layer: OffloadLayer) -> int:
         """Bytes of one device-tier entry of ``layer``."""
         if self.compute_ready:
-            return TensorSlab.nbytes_per_slot(layer.shapes, layer.dtype)
+            return TensorSlab.nbytes_per_slot(layer.shapes, self.slot_dtype or layer.dtype)
         if self.cfg.quantize:
             return quantized_nbytes(layer.shapes, layer.dtype, self.cfg.quantize)
         return self._source_bytes(layer)
@@ -215,7 +221,7 @@ class OffloadEngine:
             capacity = n_experts if share is None else max(1, min(n_experts, share // slot_bytes))
             table = SlotTable([m.index for m in members], members[0].num_experts, capacity, slot_bytes,
                               policy=cfg.policy, hot=cfg.hot, budget=share)
-            slab = (TensorSlab(members[0].shapes, members[0].dtype, capacity, self.device)
+            slab = (TensorSlab(members[0].shapes, self.slot_dtype or members[0].dtype, capacity, self.device)
                     if self.compute_ready else None)
             group = _Group([m.index for m in members], table, slab, [None] * capacity)
             groups.append(group)
@@ -598,6 +604,7 @@ class OffloadEngine:
                 st.hits["host"] += 1
                 st.cpu_computed += 1
                 self.stats.bytes_read[self.phase]["host"] += host.nbytes
+                self.stats.cpu_bytes[self.phase] += host.nbytes
                 return {n: materialize(t) for n, t in host.tensors.items()}, ("cpu", key)
         t0 = time.perf_counter()
         tier = None

@@ -68,6 +68,18 @@ class LayerStats:
         return self.predicted_used / self.used_when_predicted if self.used_when_predicted else float("nan")
 
 
+def read_proc_io() -> int | None:
+    """``read_bytes`` of ``/proc/self/io`` (storage reads the kernel did for this process), None elsewhere."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def coefficient_of_variation(values: list[int] | list[float]) -> float:
     n = len(values)
     mean = sum(values) / n if n else 0.0
@@ -105,9 +117,13 @@ class OffloadStats:
     prefetch_useful: int = 0
     prefetch_dropped: int = 0  # queued prefetches cancelled once the layer's real routing was known
     bandwidths: Bandwidths | None = None
+    cpu_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))  # computed on the CPU (GPU runs)
+    non_expert_bytes: int = 0  # resident weights every step reads (attention, norms, routers, lm_head)
+    io_read_start: int | None = None  # the process's kernel-counted storage reads at attach (/proc/self/io)
     stored_expert_bytes: int = 0  # one expert as the checkpoint stores it (== expert_bytes unless quantized)
     device_format: str | None = None  # quantized checkpoints: device cache keeps "stored" or "dequantized" experts
     stored_format: str | None = None  # e.g. "fp8: FP8 e4m3 with 128x128 blocks"; None for bf16/fp16/fp32
+    compute_dtype: str | None = None  # CPU: the dtype slots keep experts in when it is not the model's
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -137,22 +153,46 @@ class OffloadStats:
         """Measured read throughput of the checkpoint files (page cache included, as the run saw it)."""
         return self.disk_bytes_total / self.disk_read_s if self.disk_read_s else 0.0
 
-    def decode_bound_s(self) -> float:
-        """Lower bound on one decode step from the bytes it moved and the measured bandwidths."""
+    def decode_bound_by_resource(self) -> dict[str, float]:
+        """Seconds one decode step must spend on each resource, from the bytes it moved there and the
+        measured bandwidths (docs/offload.md, "A bound that can be reached"):
+
+        - the compute device's memory streams the non-expert weights and every expert computed there
+          (CPU: at the one-row GEMV rate, which computing cannot beat; GPU: at its copy bandwidth);
+        - PCIe carries the misses copied to the GPU, DRAM the experts the CPU computes on a GPU run;
+        - the disk delivers the misses read from the checkpoint.
+        """
         steps = self.steps["decode"]
         if not steps or self.bandwidths is None:
-            return float("nan")
-        b = self.bytes_read["decode"]
-        per_step = {
-            "disk": b["disk"] / steps,
-            # on CPU every expert used is streamed from DRAM; on CUDA only host-tier ones cross PCIe
-            "dram": sum(b.values()) / steps if self.device == "cpu" else b["host"] / steps,
-        }
-        bw = {"disk": self.disk_bandwidth, "dram": self.bandwidths.dram}
-        if self.device != "cpu":
-            per_step["h2d"] = (b["host"] + b["disk"]) / steps
-            bw["h2d"] = self.bandwidths.h2d
-        return bandwidth_bound_s(per_step, bw)
+            return {}
+        bw = self.bandwidths
+        b = {t: v / steps for t, v in self.bytes_read["decode"].items()}
+        cpu = self.cpu_bytes["decode"] / steps
+        disk_bw = bw.disk or self.disk_bandwidth
+        if self.device == "cpu":
+            load = {"memory": (self.non_expert_bytes + b["device"] + b["host"] + b["disk"], bw.cpu_gemv or bw.dram),
+                    "disk": (b["disk"], disk_bw)}
+        else:
+            copied = b["host"] + b["disk"] - cpu
+            load = {"memory": (self.non_expert_bytes + b["device"] + copied, bw.device_mem),
+                    "pcie": (copied, bw.h2d), "cpu": (cpu, bw.cpu_gemv or bw.dram), "disk": (b["disk"], disk_bw)}
+        return {r: nbytes / rate for r, (nbytes, rate) in load.items() if nbytes > 0 and rate > 0}
+
+    def decode_bound_s(self) -> float:
+        """Lower bound on one decode step: the busiest resource's time, with transfers overlapped."""
+        times = self.decode_bound_by_resource()
+        return max(times.values()) if times else float("nan")
+
+    @property
+    def binding_resource(self) -> str | None:
+        times = self.decode_bound_by_resource()
+        return max(times, key=times.get) if times else None
+
+    def kernel_read_bytes(self) -> int | None:
+        """Bytes the kernel read from storage for this process since attach (``/proc/self/io``): the
+        honest count behind ``disk_bytes_total`` (readahead, page-granular reads and other files included)."""
+        now = read_proc_io()
+        return None if now is None or self.io_read_start is None else now - self.io_read_start
 
     @property
     def decode_s_per_step(self) -> float:
@@ -169,6 +209,7 @@ class OffloadStats:
         return {
             "device": self.device,
             "stored_format": self.stored_format,
+            "compute_dtype": self.compute_dtype,
             "device_format": self.device_format,
             "expert_bytes": self.expert_bytes,
             "stored_expert_bytes": self.stored_expert_bytes,
@@ -183,7 +224,11 @@ class OffloadStats:
             "prefetch_cancelled": self.prefetch_dropped,
             "decode_s_per_step": self.decode_s_per_step,
             "decode_bound_s": self.decode_bound_s(),
+            "decode_bound_by_resource": self.decode_bound_by_resource(),
             "fraction_of_bound": self.fraction_of_bound,
+            "non_expert_bytes": self.non_expert_bytes,
+            "disk_bytes_total": self.disk_bytes_total,
+            "kernel_read_bytes": self.kernel_read_bytes(),
             "bandwidths": self.bandwidths.as_dict() if self.bandwidths else None,
             "disk_bandwidth": self.disk_bandwidth,
             "layers": [
@@ -200,6 +245,8 @@ class OffloadStats:
         lines = [
             f"moe-patch offload statistics ({self.device})",
         ]
+        if self.compute_dtype:
+            lines.append(f"  experts computed in {self.compute_dtype} (faster than the model's dtype on this CPU)")
         if self.stored_format:
             lines.append(
                 f"  experts stored as {self.stored_format}: {format_bytes(self.stored_expert_bytes)} each "
@@ -214,12 +261,15 @@ class OffloadStats:
             "  decode bytes/token: " + ", ".join(f"{t} {format_bytes(b)}" for t, b in self.bytes_per_token().items()
                                                   if not math.isnan(b)),
         ]
+        kernel = self.kernel_read_bytes()
+        lines.append(f"  disk reads: {format_bytes(self.disk_bytes_total)} requested"
+                     + (f", {format_bytes(kernel)} counted by the kernel for the process" if kernel is not None else ""))
         bound = self.decode_bound_s()
         if not math.isnan(bound):
+            parts = ", ".join(f"{r} {1e3 * t:.1f} ms" for r, t in self.decode_bound_by_resource().items())
             lines.append(
-                f"  decode {1e3 * self.decode_s_per_step:.1f} ms/step vs bandwidth bound {1e3 * bound:.1f} ms "
-                f"({pct(self.fraction_of_bound)} of the bound; disk {format_bytes(self.disk_bandwidth)}/s, "
-                f"DRAM {format_bytes(self.bandwidths.dram)}/s measured)"
+                f"  decode {1e3 * self.decode_s_per_step:.1f} ms/step vs bound {1e3 * bound:.1f} ms "
+                f"({pct(self.fraction_of_bound)} of the bound; {parts}; {self.binding_resource} binds)"
             )
         lines.append("  layer  hit-rate  device/host/disk  cpu  load-CV  prefetch P/R")
         for i, s in enumerate(self.layers):

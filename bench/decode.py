@@ -1,0 +1,376 @@
+"""End-to-end decode and prefill: stock transformers, ``patch_model``, the offload engine (every expert cached,
+and experts from disk under a memory cap) and, when given a build, llama.cpp on the same weights.
+
+    python bench/decode.py --layers 4 --rounds 3                                   # transformers systems only
+    python bench/decode.py --llama-cpp /path/to/llama.cpp --cap 2.77GiB --budget 1GiB   # + llama.cpp, capped runs
+
+The checkpoint is random bf16 weights with Qwen3-30B-A3B layer shapes (``moe_patch.testing.synthetic``), converted
+once to GGUF (bf16 and Q8_0) with llama.cpp's own ``convert_hf_to_gguf.py`` (its built-in ``llama-spm`` vocabulary
+stands in for the tokenizer a random model does not have) and ``llama-quantize`` when it is built.
+
+Every system sees the same tokens: llama-bench feeds ``rand() % n_vocab`` from glibc's generator seeded 1
+(a BOS first), so the Python systems are teacher-forced with exactly that sequence (:func:`glibc_rand`), one
+token per step for decode (``-n``) and one batch for prefill (``-p``). Routing, and so speed, depends on the
+tokens. Each (system, round) runs in a fresh process; rounds interleave the systems; figures are medians;
+the load average is recorded before and after. Memory caps are cgroup-v1 limits on RAM *and page cache*
+(root only), so "from disk" means it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import torch  # noqa: E402
+
+VOCAB = 32000
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def glibc_rand(n: int, seed: int = 1) -> list[int]:
+    """The first ``n`` values of glibc's ``rand()`` after ``srand(seed)`` (its TYPE_3 additive generator),
+    which llama-bench uses (unseeded: seed 1) to make its tokens."""
+    r = [0] * (344 + n)
+    r[0] = seed
+    for i in range(1, 31):
+        r[i] = (16807 * r[i - 1]) % 2147483647
+    for i in range(31, 34):
+        r[i] = r[i - 31]
+    for i in range(34, 344 + n):
+        r[i] = (r[i - 31] + r[i - 3]) & 0xFFFFFFFF
+    return [r[i] >> 1 for i in range(344, 344 + n)]
+
+
+def llama_bench_tokens(n: int, bos: int | None, vocab: int = VOCAB) -> list[int]:
+    """The ``n`` tokens llama-bench's pp / tg test feeds in a fresh process: BOS (when the vocabulary adds
+    one) then ``rand() % vocab``."""
+    values = glibc_rand(n)
+    tokens = [v % vocab for v in values]
+    if bos is not None:
+        tokens = [bos] + tokens[: n - 1]
+    return tokens[:n]
+
+
+# --------------------------------------------------------------------------- the Python systems
+def _load(system: str, path: Path, dtype: torch.dtype, budget: int | None):
+    import moe_patch
+    from transformers import AutoModelForCausalLM
+
+    if system in ("stock", "patched"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        if system == "patched":
+            moe_patch.patch_model(model)
+        return model
+    from moe_patch.offload import OffloadOptions
+
+    options = OffloadOptions(expert_cache=budget if system == "engine-capped" else None, host_cache=0)
+    return moe_patch.load_model(path, dtype=dtype, options=options)
+
+
+def _decode_steps(model, tokens: list[int]) -> list[float]:
+    """Feed ``tokens`` one per step with a KV cache (teacher-forced); seconds of each step."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    times = []
+    with torch.no_grad():
+        for t in tokens:
+            ids = torch.tensor([[t]])
+            t0 = time.perf_counter()
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _prefill_s(model, tokens: list[int]) -> float:
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(input_ids=torch.tensor([tokens]), use_cache=False)
+        return time.perf_counter() - t0
+
+
+def worker(args) -> dict:
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    path = Path(args.checkpoint)
+    from moe_patch.testing.synthetic import drop_page_cache
+
+    if args.system == "engine-capped":
+        drop_page_cache(path)
+    t0 = time.perf_counter()
+    model = _load(args.system, path, dtype, args.budget_bytes)
+    load_s = time.perf_counter() - t0
+    decode_tokens = llama_bench_tokens(args.tokens, args.bos)
+    prefill_tokens = llama_bench_tokens(args.prompt, args.bos)
+    from moe_patch.offload import get_offload_handle
+
+    handle = get_offload_handle(model)
+    if args.system == "engine-cached":
+        _decode_steps(model, decode_tokens)  # every expert this sequence uses is now cached
+        _prefill_s(model, prefill_tokens)
+        handle.reset_stats()
+    io0 = _proc_io()
+    steps = _decode_steps(model, decode_tokens)
+    io1 = _proc_io()
+    prefill = _prefill_s(model, prefill_tokens)
+    out = {"system": args.system, "load_s": load_s, "decode_tok_s": len(steps) / sum(steps),
+           "prefill_tok_s": len(prefill_tokens) / prefill, "peak_rss": _peak_rss(),
+           "disk_read_bytes_per_token": (io1 - io0) / len(steps) if io0 is not None else None}
+    if handle is not None:
+        st = handle.stats.to_dict()
+        out["stats"] = {k: st[k] for k in ("hit_rate", "decode_bytes_per_token", "fraction_of_bound",
+                                            "decode_bound_s", "stored_format", "device_format")}
+        out["stats_text"] = str(handle.stats)
+    return out
+
+
+def _proc_io() -> int | None:
+    """Bytes this process made the kernel read from storage (``/proc/self/io`` read_bytes)."""
+    try:
+        text = Path("/proc/self/io").read_text()
+    except OSError:
+        return None
+    return int(re.search(r"^read_bytes: (\d+)", text, re.M).group(1))
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------- llama.cpp
+def llama_cpp_tools(root: Path) -> dict[str, Path]:
+    found = {}
+    for name in ("llama-bench", "llama-quantize"):
+        for cand in (root / "build" / "bin" / name, root / "bin" / name, root / name):
+            if cand.is_file():
+                found[name] = cand
+                break
+    convert = next((p for p in (root / "convert_hf_to_gguf.py", root.parent / "convert_hf_to_gguf.py") if p.is_file()),
+                   None)
+    if "llama-bench" not in found or convert is None:
+        raise SystemExit(f"{root}: no llama-bench binary or convert_hf_to_gguf.py found")
+    found["convert"] = convert
+    return found
+
+
+def to_gguf(tools: dict[str, Path], checkpoint: Path, out: Path, quant: str) -> Path:
+    """bf16 GGUF from the checkpoint with llama.cpp's converter (the built-in llama-spm vocabulary as the
+    tokenizer), then Q8_0 with llama-quantize (or the converter's own q8_0 when it is not built)."""
+    target = out / f"model-{quant}.gguf"
+    if target.exists():
+        return target
+    out.mkdir(parents=True, exist_ok=True)
+    bf16 = out / "model-bf16.gguf"
+    if not bf16.exists():
+        shim = out / "convert_random.py"
+        arch = json.loads((checkpoint / "config.json").read_text())["architectures"][0]
+        shim.write_text(
+            "import sys\n"
+            f"sys.path.insert(0, {str(tools['convert'].parent / 'gguf-py')!r})\n"
+            # the converter finds its built-in vocabularies under sys.path[0]/models
+            f"sys.path.insert(0, {str(tools['convert'].parent)!r})\n"
+            "import convert_hf_to_gguf as c\n"
+            "from conversion import get_model_class\n"
+            "# a random-weight model has no tokenizer: llama.cpp's built-in 32000-token SentencePiece vocabulary\n"
+            f"get_model_class({arch!r}).set_vocab = lambda self: self._set_vocab_builtin('llama-spm', 32000)\n"
+            "sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[1:]\n"
+            "c.main()\n"
+        )
+        subprocess.run([sys.executable, str(shim), str(checkpoint), "--outtype", "bf16", "--outfile", str(bf16)],
+                       check=True, capture_output=True, text=True)
+    if quant == "bf16":
+        return bf16
+    if "llama-quantize" in tools:
+        subprocess.run([str(tools["llama-quantize"]), str(bf16), str(target), quant.upper()], check=True,
+                       capture_output=True, text=True)
+    else:  # the converter writes q8_0 itself
+        subprocess.run([sys.executable, str(out / "convert_random.py"), str(checkpoint), "--outtype", quant,
+                        "--outfile", str(target)], check=True, capture_output=True, text=True)
+    return target
+
+
+def gguf_bos(path: Path, tools: dict[str, Path]) -> int | None:
+    """The BOS id llama-bench feeds first, when the GGUF's vocabulary adds one."""
+    sys.path.insert(0, str(tools["convert"].parent / "gguf-py"))
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def field(name):
+        f = reader.fields.get(name)
+        return None if f is None else f.parts[f.data[0]].tolist()[0]
+
+    return field("tokenizer.ggml.bos_token_id") if field("tokenizer.ggml.add_bos_token") else None
+
+
+def run_llama_bench(tools: dict[str, Path], gguf: Path, args, group: str | None) -> dict:
+    """pp and tg in separate processes, so each starts llama-bench's rand() sequence afresh (the tokens the
+    Python systems are fed)."""
+    out = {}
+    for test, flag in (("prefill", ["-p", str(args.prompt), "-n", "0"]), ("decode", ["-p", "0", "-n", str(args.tokens)])):
+        cmd = [str(tools["llama-bench"]), "-m", str(gguf), "-t", str(args.threads), "-r", "1", "--no-warmup", "-o",
+               "json", *flag]
+        if group:
+            cmd = ["sh", "-c", f'echo $$ > {CGROUP_ROOT / group}/cgroup.procs && exec "$@"', "sh", *cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        if proc.returncode != 0:
+            return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        result = json.loads(proc.stdout)[0]
+        out[f"{test}_tok_s"] = result["avg_ts"]
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+def _cgroup(name: str, limit: int | None) -> str | None:
+    if not limit:
+        return None
+    d = CGROUP_ROOT / name
+    try:
+        d.mkdir(exist_ok=True)
+        (d / "memory.limit_in_bytes").write_text(str(limit))
+        (d / "memory.max_usage_in_bytes").write_text("0")
+        return name
+    except OSError:
+        return None
+
+
+def run_python(system: str, args, checkpoint: Path, group: str | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", system, "--checkpoint", str(checkpoint), "--dtype", args.dtype,
+           "--tokens", str(args.tokens), "--prompt", str(args.prompt), "--threads", str(args.threads),
+           "--budget", args.budget, "--bos", str(args.bos if args.bos is not None else -1)]
+    if group:
+        cmd = ["sh", "-c", f'echo $$ > {CGROUP_ROOT / group}/cgroup.procs && exec "$@"', "sh", *cmd]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(_HERE).parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    if proc.returncode != 0:
+        return {"system": system, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype of the Python systems")
+    p.add_argument("--tokens", type=int, default=32, help="decode steps (llama-bench -n)")
+    p.add_argument("--prompt", type=int, default=16, help="prefill length (llama-bench -p)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--budget", default="1GiB", help="expert_cache of the capped engine run")
+    p.add_argument("--cap", default=None, help="RAM + page cache cap of the capped runs (e.g. 2.77GiB); none: skip them")
+    p.add_argument("--llama-cpp", default=None, help="a llama.cpp source tree with llama-bench built")
+    p.add_argument("--systems", default="stock,patched,engine-cached")
+    p.add_argument("--workdir", default="/tmp/moe_patch_bench")
+    p.add_argument("--json", default=None)
+    p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--bos", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    from moe_patch.sizes import parse_size
+
+    args.budget_bytes = parse_size(args.budget)
+    if args.worker:
+        args.bos = None if args.bos is not None and args.bos < 0 else args.bos
+        args.system = args.worker
+        print(json.dumps(worker(args)))
+        return 0
+    from moe_patch.sizes import format_bytes
+    from moe_patch.testing.synthetic import build_checkpoint
+
+    checkpoint = build_checkpoint(Path(args.workdir) / f"qwen3-30b-a3b-shaped-{args.layers}L", args.layers)
+    cap = parse_size(args.cap) if args.cap else None
+    systems = args.systems.split(",") + (["engine-capped"] if cap else [])
+    tools, ggufs = None, {}
+    args.bos = None
+    if args.llama_cpp:
+        tools = llama_cpp_tools(Path(args.llama_cpp))
+        for quant in ("bf16", "q8_0"):
+            ggufs[quant] = to_gguf(tools, checkpoint, Path(args.workdir) / f"gguf-{args.layers}L", quant)
+        args.bos = gguf_bos(ggufs["bf16"], tools)
+        systems += ["llama.cpp-bf16", "llama.cpp-q8_0"] + (["llama.cpp-bf16-capped"] if cap else [])
+    load_before = os.getloadavg()
+    results: dict[str, list[dict]] = {s: [] for s in systems}
+    for r in range(args.rounds):
+        order = systems[r % len(systems):] + systems[: r % len(systems)]  # interleaved, rotated per round
+        for system in order:
+            capped = system.endswith("capped")
+            group = _cgroup(f"moe_decode_{r}_{system}", cap) if capped else None
+            if capped and group is None:
+                results[system].append({"error": "memory cap needs a cgroup-v1 memory controller (root)"})
+                continue
+            if system.startswith("llama.cpp"):
+                quant = "q8_0" if "q8_0" in system else "bf16"
+                if capped:
+                    from moe_patch.testing.synthetic import drop_page_cache
+
+                    drop_page_cache(ggufs[quant].parent, "*.gguf")
+                res = run_llama_bench(tools, ggufs[quant], args, group)
+            else:
+                res = run_python(system, args, checkpoint, group)
+            if group:
+                peak = CGROUP_ROOT / group / "memory.max_usage_in_bytes"
+                res["cgroup_peak"] = int(peak.read_text()) if peak.exists() else None
+                try:
+                    (CGROUP_ROOT / group).rmdir()
+                except OSError:
+                    pass
+            results[system].append(res)
+            print(f"round {r} {system}: {json.dumps({k: v for k, v in res.items() if k != 'stats_text'})}",
+                  file=sys.stderr)
+    load_after = os.getloadavg()
+    print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, {platform.processor() or _cpu_name()}, "
+          f"torch {torch.__version__}, {args.threads} threads; load average {load_before[0]:.2f} before, "
+          f"{load_after[0]:.2f} after")
+    print(f"model: Qwen3-30B-A3B layer shapes, {args.layers} layers, bf16 checkpoint, compute {args.dtype}; "
+          f"{args.tokens} decode steps and a {args.prompt}-token prefill on llama-bench's token sequence; "
+          f"medians of {args.rounds} interleaved rounds" + (f"; capped runs: RAM + page cache {args.cap}, "
+                                                            f"expert_cache {args.budget}" if cap else ""))
+    print("\n| system | decode tok/s | prefill tok/s | decode vs stock | disk read per token (kernel) | notes |")
+    print("|---|---|---|---|---|---|")
+    med = {}
+    for system, runs in results.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            print(f"| {system} | error: {runs[0].get('error') if runs else 'not run'} | | | | |")
+            continue
+        med[system] = {k: statistics.median(r[k] for r in ok) for k in ("decode_tok_s", "prefill_tok_s")}
+        io = [r.get("disk_read_bytes_per_token") for r in ok if r.get("disk_read_bytes_per_token") is not None]
+        note = ""
+        if ok[-1].get("stats"):
+            st = ok[-1]["stats"]
+            note = f"hit rate {st['hit_rate']:.0%}, {st['fraction_of_bound']:.0%} of its bound" \
+                if st["hit_rate"] == st["hit_rate"] and st["fraction_of_bound"] == st["fraction_of_bound"] else ""
+        if ok[-1].get("cgroup_peak"):
+            note += f" cgroup peak {format_bytes(ok[-1]['cgroup_peak'])}"
+        ratio = med[system]["decode_tok_s"] / med["stock"]["decode_tok_s"] if "stock" in med else float("nan")
+        print(f"| {system} | {med[system]['decode_tok_s']:.2f} | {med[system]['prefill_tok_s']:.1f} | {ratio:.2f}x | "
+              f"{format_bytes(statistics.median(io)) if io else '-'} | {note.strip()} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "medians": med,
+                                               "load": [load_before, load_after]}, indent=2))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

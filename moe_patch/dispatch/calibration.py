@@ -1,0 +1,161 @@
+"""What is fastest on the running machine, measured once and kept (per machine, in a small JSON file).
+
+Which kernel wins depends on the CPU: a bf16 GEMM runs natively on AVX512_BF16/AMX and several times
+slower than fp32 on AVX2-only CPUs, where casting a half-precision expert to fp32 pays off once it has
+enough rows. Nothing here is a constant tuned on one machine: :func:`upcast_min_rows` times both on a
+representative expert the first time a question is asked on a machine, and the answer is stored in
+``$MOE_PATCH_CACHE`` (default ``~/.cache/moe_patch``) under a fingerprint of the CPU, torch and the
+thread count, so later processes on the same machine do not measure again.
+
+:data:`CALIBRATIONS` is the explicit registry of these answers (the only mutable state of the dispatch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+def machine_fingerprint() -> str:
+    """The CPU model and flags, torch's version and build, and the intra-op thread count, hashed."""
+    cpu = platform.processor() or ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+        flags = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("flags")), "")
+        cpu = f"{model}|{flags}"
+    except OSError:
+        pass
+    text = f"{platform.machine()}|{cpu}|{torch.__version__}|{torch.get_num_threads()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Calibrations:
+    """Measured answers keyed by question, per machine; kept in memory and in one JSON file per machine."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.directory = Path(directory or os.environ.get("MOE_PATCH_CACHE") or "~/.cache/moe_patch").expanduser()
+        self._lock = threading.Lock()
+        self._values: dict[str, dict[str, float]] = {}  # fingerprint -> question -> answer
+
+    def _file(self, fingerprint: str) -> Path:
+        return self.directory / f"calibration-{fingerprint}.json"
+
+    def _load(self, fingerprint: str) -> dict[str, float]:
+        values = self._values.get(fingerprint)
+        if values is None:
+            try:
+                values = json.loads(self._file(fingerprint).read_text())
+            except (OSError, ValueError):
+                values = {}
+            self._values[fingerprint] = values
+        return values
+
+    def get(self, question: str, measure: Callable[[], float]) -> float:
+        """The answer to ``question`` on this machine: stored, or measured now (and stored)."""
+        fingerprint = machine_fingerprint()
+        with self._lock:
+            values = self._load(fingerprint)
+            if question in values:
+                return values[question]
+            t0 = time.perf_counter()
+            answer = float(measure())
+            values[question] = answer
+            logger.info("calibrated %s = %s in %.2f s", question, answer, time.perf_counter() - t0)
+            self._store(fingerprint, values)
+            return answer
+
+    def _store(self, fingerprint: str, values: dict[str, float]) -> None:
+        # best effort and atomic: a read-only home only means measuring again in the next process
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self._file(fingerprint).with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(values, indent=2))
+            os.replace(tmp, self._file(fingerprint))
+        except OSError as exc:
+            logger.debug("could not store calibrations in %s: %s", self.directory, exc)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+
+CALIBRATIONS = Calibrations()
+
+
+def _median_s(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()  # warm-up: packing, allocator
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _measure_upcast_min_rows(dtype: torch.dtype) -> float:
+    """Smallest row count at which ``F.linear`` on one expert-sized matrix cast to fp32 beats it in ``dtype``."""
+    out_features, in_features = 1536, 1024  # a gate/up projection of a mid-sized expert (Qwen3-30B-A3B: 1536 x 2048)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    for rows in (1, 4, 16, 64, 256):
+        x = torch.randn(rows, in_features, generator=gen).to(dtype)
+        native = _median_s(lambda: F.linear(x, w))
+        upcast = _median_s(lambda: F.linear(x.float(), w.float()))
+        if upcast < 0.9 * native:  # a clear win only: near parity, stay in the model's dtype
+            return float(rows)
+    return math.inf
+
+
+def upcast_min_rows(dtype: torch.dtype) -> float:
+    """Rows per expert from which computing a half-precision expert in fp32 (its weights cast on the fly)
+    is faster than computing it in its own ``dtype`` on this CPU; ``inf`` where it never is."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return math.inf
+    return CALIBRATIONS.get(f"cpu_upcast_min_rows/{str(dtype).removeprefix('torch.')}",
+                            lambda: _measure_upcast_min_rows(dtype))
+
+
+def _measure_loop_max_rows(dtype: torch.dtype) -> float:
+    """Largest rows per expert at which a loop of per-expert ``F.linear`` beats one grouped GEMM over the
+    same experts (0: the grouped GEMM always wins)."""
+    from .core import _grouped_mm
+
+    experts, out_features, in_features = 8, 1536, 1024
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(experts, out_features, in_features, generator=gen).to(dtype)
+    wt = w.transpose(-2, -1)
+    best = 0.0
+    for rows in (1, 4, 16):
+        x = torch.randn(experts * rows, in_features, generator=gen).to(dtype)
+        offs = torch.arange(1, experts + 1, dtype=torch.int32) * rows
+        try:
+            grouped = _median_s(lambda: _grouped_mm(x, wt, offs))
+        except RuntimeError:  # no grouped kernel for this dtype here
+            return math.inf
+        loop = _median_s(lambda: [F.linear(x[e * rows:(e + 1) * rows], w[e]) for e in range(experts)])
+        if loop < 0.9 * grouped:
+            best = float(rows)
+        else:
+            break
+    return best
+
+
+def loop_max_rows(dtype: torch.dtype) -> float:
+    """Rows per active expert up to which a loop over the experts is faster than one grouped GEMM on this
+    machine's CPU (decode, where each expert gets a row or a few); 0 when the grouped GEMM always wins."""
+    return CALIBRATIONS.get(f"cpu_loop_max_rows/{str(dtype).removeprefix('torch.')}",
+                            lambda: _measure_loop_max_rows(dtype))

@@ -1,0 +1,134 @@
+"""Random-weight checkpoints with the layer shapes of real MoE releases, saved as those releases are.
+
+For benchmarks (``bench/offload.py``, ``bench/decode.py``): nothing is downloaded; weights are random,
+shapes, key names, shard layout and formats are the real ones. Builds are atomic (a killed build leaves
+no half-written folder) and reused when the folder exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+#: the real checkpoints whose layer shapes the synthetic ones take
+SHAPES = {
+    "qwen3": dict(name="Qwen3-30B-A3B", hidden=2048, inter=768, experts=128, top_k=8),
+    "gpt-oss": dict(name="gpt-oss-20b", hidden=2880, inter=2880, experts=32, top_k=4),
+}
+#: checkpoint format -> the shapes its benchmark uses (the FP8 releases are Qwen3's, MXFP4 gpt-oss's)
+FORMAT_SHAPES = {"bf16": "qwen3", "fp8": "qwen3", "mxfp4": "gpt-oss"}
+
+
+def config(layers: int, shape: str = "qwen3"):
+    from transformers import GptOssConfig, Qwen3MoeConfig
+
+    s = SHAPES[shape]
+    if shape == "gpt-oss":
+        # gpt-oss-20b's layers; vocabulary 32000 instead of 201088 (its embeddings would be 2.3 GB of the
+        # non-expert weights here, which only dilutes what this benchmark measures)
+        return GptOssConfig(
+            vocab_size=32000, hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=layers,
+            num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=s["experts"],
+            num_experts_per_tok=s["top_k"], sliding_window=128, max_position_embeddings=4096,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2),
+            tie_word_embeddings=False, dtype="bfloat16", pad_token_id=0, eos_token_id=None, bos_token_id=None,
+        )
+    return Qwen3MoeConfig(
+        vocab_size=32000, hidden_size=s["hidden"], intermediate_size=6144, moe_intermediate_size=s["inter"],
+        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=s["experts"], num_experts_per_tok=s["top_k"], norm_topk_prob=True, max_position_embeddings=4096,
+        tie_word_embeddings=False, dtype="bfloat16", pad_token_id=0, eos_token_id=None, bos_token_id=None,
+    )
+
+
+def _atomic_folder(path: Path, fill) -> Path:
+    """Build a checkpoint folder with ``fill(tmp)`` and rename it into place (a killed build leaves no half)."""
+    if (path / "model.safetensors.index.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    os.sync()  # dirty pages cannot be dropped from the page cache; write them out now
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def build_checkpoint(path: Path, layers: int, shape: str = "qwen3") -> Path:
+    """Random bf16 weights saved like the real checkpoint (Qwen3: per-expert keys; gpt-oss: fused
+    experts), one safetensors shard per layer, written atomically."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    def fill(tmp: Path) -> None:
+        cfg = config(layers, shape)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(cfg)
+        where = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are the slow part on CPU
+        gen = torch.Generator(where).manual_seed(0)
+
+        def rand(shape_, std=0.02):
+            return (torch.randn(shape_, generator=gen, device=where) * std).to(torch.bfloat16).cpu()
+
+        per_expert = shape == "qwen3"  # gpt-oss checkpoints store the experts fused, as the model holds them
+        params = meta.state_dict()
+        weight_map: dict[str, str] = {}
+        owners = sorted({int(n.split(".")[2]) if n.startswith("model.layers.") else -1 for n in params})
+        for layer in owners:
+            shard: dict[str, torch.Tensor] = {}
+            for name, p in params.items():
+                owner = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+                if owner != layer:
+                    continue
+                if per_expert and name.endswith("experts.gate_up_proj"):
+                    prefix = name[: -len("gate_up_proj")]
+                    for e in range(p.shape[0]):
+                        shard[f"{prefix}{e}.gate_proj.weight"] = rand((p.shape[1] // 2, p.shape[2]))
+                        shard[f"{prefix}{e}.up_proj.weight"] = rand((p.shape[1] // 2, p.shape[2]))
+                elif per_expert and name.endswith("experts.down_proj"):
+                    prefix = name[: -len("down_proj")]
+                    for e in range(p.shape[0]):
+                        shard[f"{prefix}{e}.down_proj.weight"] = rand(tuple(p.shape[1:]))
+                elif name.endswith("norm.weight"):
+                    shard[name] = torch.ones(p.shape, dtype=torch.bfloat16)
+                elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                    shard[name] = rand(p.shape, std=0.5)  # a router that routes decisively
+                else:
+                    shard[name] = rand(p.shape)
+            fname = f"model-{'other' if layer < 0 else f'layer{layer:03d}'}.safetensors"
+            save_file(shard, tmp / fname, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, fname))
+            del shard
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        cfg.architectures = [type(meta).__name__]  # what converters (llama.cpp's) dispatch on
+        cfg.save_pretrained(tmp)
+
+    return _atomic_folder(path, fill)
+
+
+def build_quantized(bf16: Path, path: Path, fmt: str) -> Path:
+    """The bf16 checkpoint rewritten shard by shard as the real releases store it: FP8 with 128x128 block
+    scales on every linear weight (Qwen3-30B-A3B-FP8) or MXFP4 experts (gpt-oss)."""
+    from moe_patch.testing.quantized import pack_fp8, pack_mxfp4
+
+    def fill(tmp: Path) -> None:
+        shutil.rmtree(tmp)
+        (pack_fp8 if fmt == "fp8" else pack_mxfp4)(bf16, tmp)
+
+    return _atomic_folder(path, fill)
+
+
+def drop_page_cache(path: Path, pattern: str = "*.safetensors") -> None:
+    """Write out and drop the page cache of the files matching ``pattern`` in ``path`` (a cold "disk" tier)."""
+    os.sync()
+    for f in Path(path).glob(pattern):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
