@@ -135,6 +135,12 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     except ImportError:  # pragma: no cover - area not installed
         pass
     try:
+        from .serve import cli as serve_cli
+
+        regs.append(serve_cli.register)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
         from converters import cli as converters_cli
 
         regs.append(converters_cli.register)

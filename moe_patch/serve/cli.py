@@ -1,0 +1,137 @@
+"""``moe-patch serve`` (an OpenAI-compatible server) and ``moe-patch chat`` (a terminal chat)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import ipaddress
+import logging
+import os
+import socket
+
+from ..cli import int_at_least, non_empty
+from ..errors import InvalidArgumentError, MoEPatchError
+from ..offload.cli import add_offload_arguments, load_offloaded, offload_options
+from . import limits
+from .sampling import add_sampling_arguments
+
+logger = logging.getLogger("moe_patch.serve")
+
+API_KEY_ENV = "MOE_PATCH_API_KEY"
+# what transformers' server imports (its `serving` extra) and the openai types its handlers build answers with
+SERVE_MODULES = ("fastapi", "uvicorn", "openai", "pydantic")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    s = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint with offloaded experts over an OpenAI-compatible HTTP API",
+        description="Load PATH with its routed experts paged from disk and serve /v1/chat/completions, "
+        "/v1/completions, /v1/models and /stats (offload figures) on HOST:PORT. Requests run one at a time "
+        "on the offload engine, in arrival order.",
+    )
+    add_offload_arguments(s)
+    s.add_argument("--host", type=non_empty, default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=limits.PORT.argparse_type(), default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", metavar="KEY",
+                   help=f"require `Authorization: Bearer KEY` on every request; prefer the {API_KEY_ENV} "
+                   "environment variable (command lines are visible to other users)")
+    s.add_argument("--served-model-name", metavar="NAME", type=non_empty,
+                   help="the model's name in the API (default: PATH as given)")
+    s.set_defaults(func=serve)
+
+    c = subparsers.add_parser(
+        "chat",
+        help="chat in the terminal with a checkpoint whose experts are offloaded",
+        description="Load PATH with its routed experts paged from disk and chat: each turn goes through the "
+        "tokenizer's chat template, tokens print as they are generated. Type !help for the commands "
+        "(!stats prints the offload statistics).",
+    )
+    add_offload_arguments(c)
+    add_sampling_arguments(c, greedy_default=False)
+    c.add_argument("--system", metavar="TEXT", type=non_empty, help="system prompt")
+    c.add_argument("--max-new-tokens", type=int_at_least(1), default=512,
+                   help="longest reply in tokens (default 512, cut to what the model's context leaves)")
+    c.add_argument("--verbose-prompt", action="store_true",
+                   help="print the token ids sent to the model before each reply (to check the chat template)")
+    c.set_defaults(func=chat)
+
+
+def require_serving_dependencies() -> None:
+    missing = [module for module in SERVE_MODULES if importlib.util.find_spec(module) is None]
+    if missing:
+        raise MoEPatchError(f"serving needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                            "installed: pip install 'moe-patch[serve]'")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        where = "--api-key" if args.api_key is not None else API_KEY_ENV
+        raise InvalidArgumentError(f"{where} is empty; give a key, or none to serve without one.")
+    return key.strip() if key else None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use is said in a second, not after
+    minutes of loading."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise InvalidArgumentError(f"--host {host}: not an address of this machine ({exc.strerror}).") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise InvalidArgumentError(f"cannot listen on {host}:{port}: {exc.strerror} (choose another --port).") from None
+    return sock
+
+
+def serve(args: argparse.Namespace) -> int:
+    require_serving_dependencies()
+    key = _api_key(args)
+    sock = bind(args.host, args.port)
+    if key is None and not is_loopback(args.host):
+        logger.warning("moe-patch serve: listening on %s without an API key: anyone who can reach this machine "
+                       "can use the model (set %s).", args.host, API_KEY_ENV)
+    import uvicorn
+
+    from .app import build_app
+    from .loader import OffloadModelManager
+
+    try:
+        name = args.served_model_name or args.path
+        manager = OffloadModelManager(args.path, name=name, options=offload_options(args), dtype=args.dtype)
+        app = build_app(manager, api_key=key)
+        where = f"[{args.host}]" if ":" in args.host else args.host
+        logger.info("moe-patch serve: %s at http://%s:%d/v1 (one generation at a time%s)", name, where, args.port,
+                    "; API key required" if key else "")
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C it caught
+        logger.info("moe-patch serve: stopped.")
+    finally:
+        sock.close()
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSession
+    from .tokenizer import load_tokenizer, require_chat_template
+
+    tokenizer = load_tokenizer(args.path, instead="moe-patch chat needs the checkpoint's tokenizer")
+    require_chat_template(tokenizer, args.path, "moe-patch chat")
+    session = ChatSession(load_offloaded(args), tokenizer, args)
+    session.loop()
+    return 0

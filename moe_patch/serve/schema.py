@@ -1,0 +1,130 @@
+"""What a request may contain, checked before anything is tokenized or queued.
+
+Three kinds of fields:
+- fields the server acts on, with their types and ranges (pydantic, strict: ``"5"`` is not 5; ranges from
+  :mod:`.limits`);
+- fields of OpenAI's request that would change the answer but are not implemented (``n > 1``,
+  ``logprobs``, ``response_format``...): refused, unless they hold the value that changes nothing. (transformers'
+  server only logs a warning for these, so a client asking for JSON mode silently got free text.)
+- bookkeeping fields that cannot change the answer (``user``, ``metadata``...): accepted and ignored.
+Anything else is not an OpenAI field at all (a typo such as ``max_token``) and is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import limits
+from .errors import RequestError
+
+# moe-patch's extensions of OpenAI's request (transformers' own settings; vLLM and llama.cpp take them too)
+EXTENSIONS = {"top_k", "repetition_penalty"}
+
+# OpenAI fields with no effect on the tokens generated.
+BOOKKEEPING = {"user", "metadata", "store", "service_tier", "stream_options", "safety_identifier",
+               "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options"}
+
+# Unimplemented OpenAI fields, accepted only with the values that change nothing.
+NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "parallel_tool_calls": (None, True, False),  # the chat template decides how tools are called
+    "tool_choice": (None, "auto"),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _TextPart(_Strict):
+    type: Literal["text"]  # a text-only server: an image would be dropped without a word by transformers
+    text: str
+
+
+class _Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None
+
+
+class _Generation(_Strict):
+    model: str | None = None
+    stream: bool | None = None
+    max_tokens: int | None = Field(None, **limits.MAX_NEW_TOKENS.constraints())
+    temperature: float | None = Field(None, **limits.TEMPERATURE.constraints())
+    top_p: float | None = Field(None, **limits.TOP_P.constraints())
+    top_k: int | None = Field(None, **limits.TOP_K.constraints())
+    repetition_penalty: float | None = Field(None, **limits.REPETITION_PENALTY.constraints())
+    frequency_penalty: float | None = Field(None, **limits.FREQUENCY_PENALTY.constraints())
+    seed: int | None = Field(None, **limits.SEED.constraints())
+    stop: str | list[str] | None = None
+    generation_config: str | None = None  # transformers' extension: a GenerationConfig as a JSON string
+
+    @field_validator("generation_config")
+    @classmethod
+    def _json_object(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"must be a GenerationConfig as a JSON string ({exc})") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("must be a JSON object")
+        return value
+
+
+class ChatRequest(_Generation):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, **limits.MAX_NEW_TOKENS.constraints())
+    tools: list[dict] | None = None
+    chat_template_kwargs: dict | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias, as OpenAI's
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids such as \"50256\", got {key!r}")
+        return value
+
+
+class CompletionRequest(_Generation):
+    prompt: str = Field(min_length=1)  # transformers' handler takes one string
+    suffix: str | None = None
+
+
+def _openai_fields(params_class: type) -> set[str]:
+    return set(params_class.__required_keys__) | set(params_class.__optional_keys__)
+
+
+def check_request(body: dict[str, Any], schema: type[_Generation], params_class: type) -> None:
+    """Raise :class:`RequestError` for the first problem of ``body``; ``params_class`` is the TypedDict of
+    the fields transformers' handler knows (OpenAI's request plus transformers' extensions)."""
+    known = _openai_fields(params_class) | EXTENSIONS
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise RequestError(f"unrecognized request argument: {unknown[0]}", param=unknown[0], code="unknown_parameter")
+    acted_on = set(schema.model_fields)
+    for name in sorted(set(body) - acted_on - BOOKKEEPING):
+        if body[name] not in NO_OP_VALUES.get(name, (None,)):
+            raise RequestError(f"{name} is not supported by moe-patch serve", param=name,
+                               code="unsupported_parameter")
+    try:
+        schema.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        missing = err["type"] == "missing"
+        message = f"missing required parameter: {where}" if missing else f"{where}: {err['msg']}"
+        raise RequestError(message, param=where, code="missing_required_parameter" if missing else "invalid_value") from None
