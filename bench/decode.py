@@ -145,9 +145,9 @@ def _proc_io() -> int | None:
 
 
 def _peak_rss() -> int:
-    import resource
+    from moe_patch.testing.synthetic import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 # --------------------------------------------------------------------------- llama.cpp
@@ -189,16 +189,20 @@ def to_gguf(tools: dict[str, Path], checkpoint: Path, out: Path, quant: str) -> 
             "sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[1:]\n"
             "c.main()\n"
         )
-        subprocess.run([sys.executable, str(shim), str(checkpoint), "--outtype", "bf16", "--outfile", str(bf16)],
+        partial = bf16.with_suffix(".partial")  # a killed conversion leaves no file that looks finished
+        subprocess.run([sys.executable, str(shim), str(checkpoint), "--outtype", "bf16", "--outfile", str(partial)],
                        check=True, capture_output=True, text=True)
+        partial.rename(bf16)
     if quant == "bf16":
         return bf16
+    partial = target.with_suffix(".partial")
     if "llama-quantize" in tools:
-        subprocess.run([str(tools["llama-quantize"]), str(bf16), str(target), quant.upper()], check=True,
+        subprocess.run([str(tools["llama-quantize"]), str(bf16), str(partial), quant.upper()], check=True,
                        capture_output=True, text=True)
     else:  # the converter writes q8_0 itself
         subprocess.run([sys.executable, str(out / "convert_random.py"), str(checkpoint), "--outtype", quant,
-                        "--outfile", str(target)], check=True, capture_output=True, text=True)
+                        "--outfile", str(partial)], check=True, capture_output=True, text=True)
+    partial.rename(target)
     return target
 
 

@@ -35,7 +35,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -50,11 +49,8 @@ from moe_patch.testing.synthetic import (  # noqa: E402
     build_checkpoint,
     build_quantized,
     drop_page_cache,
+    peak_rss_bytes,
 )
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 
 def _timed_generate(model, ids, new_tokens: int) -> tuple[list[int], float, list[float]]:
     """Greedy generation; returns tokens, prefill seconds and each decode step's seconds."""

@@ -260,8 +260,8 @@ def test_quantized_checkpoints_on_cuda_match_the_stock_dequantized_load(name, de
             # host entries and what crossed PCIe are the stored bytes
             assert all(engine.host._entries[k].nbytes == stored for k in engine.host.keys())
             if device_format == "stored":
-                assert all(engine.dev._entries[k].nbytes == stored for k in engine.dev.keys())
+                assert all(engine.dev.nbytes(k) == stored for k in engine.dev.keys())
             else:
-                assert all(engine.dev._entries[k].nbytes == engine.layers[0].expert_bytes for k in engine.dev.keys())
+                assert all(engine.dev.nbytes(k) == engine.layers[0].expert_bytes for k in engine.dev.keys())
     finally:
         handle.detach(restore_weights=False)

@@ -240,10 +240,10 @@ def test_the_decode_bound_counts_every_byte_a_step_moves_on_its_own_resource():
     cpu.steps["decode"] = 2
     cpu.bytes_read["decode"] = {"device": int(1e9), "host": 0, "disk": int(0.2e9)}
     times = cpu.decode_bound_by_resource()
-    # per step: 0.5 GB non-expert + 0.6 GB of experts computed, at the GEMV streaming rate; 0.1 GB from disk
-    assert times == pytest.approx({"memory": 1.1e9 / 10e9, "disk": 0.1e9 / 1e9})
-    assert cpu.decode_bound_s() == pytest.approx(0.11) and cpu.binding_resource == "memory"
-    cpu.seconds["decode"] = 2 * 0.11
+    # per step: 0.5 GB non-expert + 0.6 GB of experts computed, at DRAM speed; 0.1 GB from disk
+    assert times == pytest.approx({"memory": 1.1e9 / 20e9, "disk": 0.1e9 / 1e9})
+    assert cpu.decode_bound_s() == pytest.approx(0.1) and cpu.binding_resource == "disk"
+    cpu.seconds["decode"] = 2 * 0.1
     assert cpu.fraction_of_bound == pytest.approx(1.0)  # running at the bound is 100%: the bound can be reached
 
     gpu_bw = Bandwidths(dram=20e9, cpu_flops=1e11, cpu_gemv=10e9, h2d=25e9, device_mem=2e12, disk=2e9)
@@ -252,7 +252,7 @@ def test_the_decode_bound_counts_every_byte_a_step_moves_on_its_own_resource():
     gpu.bytes_read["decode"] = {"device": int(4e9), "host": int(1e9), "disk": int(0.5e9)}
     gpu.cpu_bytes["decode"] = int(0.5e9)  # computed on the CPU where it lay, not copied
     times = gpu.decode_bound_by_resource()
-    assert times == pytest.approx({"memory": 7e9 / 2e12, "pcie": 1e9 / 25e9, "cpu": 0.5e9 / 10e9, "disk": 0.25})
+    assert times == pytest.approx({"memory": 7e9 / 2e12, "pcie": 1e9 / 25e9, "cpu": 0.5e9 / 20e9, "disk": 0.25})
     assert gpu.binding_resource == "disk"
 
 

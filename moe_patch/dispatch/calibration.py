@@ -12,6 +12,7 @@ thread count, so later processes on the same machine do not measure again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,6 +32,12 @@ logger = logging.getLogger(__name__)
 
 def machine_fingerprint() -> str:
     """The CPU model and flags, torch's version and build, and the intra-op thread count, hashed."""
+    return _fingerprint(torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(threads: int) -> str:
+    # read once per process and thread count: the dispatch asks on every call
     cpu = platform.processor() or ""
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -39,7 +46,7 @@ def machine_fingerprint() -> str:
         cpu = f"{model}|{flags}"
     except OSError:
         pass
-    text = f"{platform.machine()}|{cpu}|{torch.__version__}|{torch.get_num_threads()}"
+    text = f"{platform.machine()}|{cpu}|{torch.__version__}|{threads}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -67,6 +74,9 @@ class Calibrations:
     def get(self, question: str, measure: Callable[[], float]) -> float:
         """The answer to ``question`` on this machine: stored, or measured now (and stored)."""
         fingerprint = machine_fingerprint()
+        known = self._values.get(fingerprint)
+        if known is not None and question in known:  # the hot path: a dict lookup, no lock, no I/O
+            return known[question]
         with self._lock:
             values = self._load(fingerprint)
             if question in values:
@@ -129,33 +139,38 @@ def upcast_min_rows(dtype: torch.dtype) -> float:
                             lambda: _measure_upcast_min_rows(dtype))
 
 
-def _measure_loop_max_rows(dtype: torch.dtype) -> float:
-    """Largest rows per expert at which a loop of per-expert ``F.linear`` beats one grouped GEMM over the
-    same experts (0: the grouped GEMM always wins)."""
+#: rows per expert at which loop and grouped GEMM are timed against each other
+LOOP_BUCKETS = (1, 4, 16, 64, 256)
+
+
+def _measure_loop_wins(dtype: torch.dtype) -> float:
+    """For each row count of :data:`LOOP_BUCKETS`, whether a loop of per-expert ``F.linear`` beats one
+    grouped GEMM over the same experts (a bit per bucket; the crossover is not always monotonic: a CPU
+    GEMM kernel may win at a few rows and lose at many)."""
     from .core import _grouped_mm
 
-    experts, out_features, in_features = 8, 1536, 1024
+    experts, out_features, in_features = 8, 2048, 1024
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(experts, out_features, in_features, generator=gen).to(dtype)
     wt = w.transpose(-2, -1)
-    best = 0.0
-    for rows in (1, 4, 16):
+    bits = 0
+    for i, rows in enumerate(LOOP_BUCKETS):
         x = torch.randn(experts * rows, in_features, generator=gen).to(dtype)
         offs = torch.arange(1, experts + 1, dtype=torch.int32) * rows
         try:
             grouped = _median_s(lambda: _grouped_mm(x, wt, offs))
-        except RuntimeError:  # no grouped kernel for this dtype here
-            return math.inf
+        except RuntimeError:  # no grouped kernel for this dtype here: the loop always
+            return float(2 ** len(LOOP_BUCKETS) - 1)
         loop = _median_s(lambda: [F.linear(x[e * rows:(e + 1) * rows], w[e]) for e in range(experts)])
-        if loop < 0.9 * grouped:
-            best = float(rows)
-        else:
-            break
-    return best
+        if loop < 0.95 * grouped:
+            bits |= 1 << i
+    return float(bits)
 
 
-def loop_max_rows(dtype: torch.dtype) -> float:
-    """Rows per active expert up to which a loop over the experts is faster than one grouped GEMM on this
-    machine's CPU (decode, where each expert gets a row or a few); 0 when the grouped GEMM always wins."""
-    return CALIBRATIONS.get(f"cpu_loop_max_rows/{str(dtype).removeprefix('torch.')}",
-                            lambda: _measure_loop_max_rows(dtype))
+def loop_wins(dtype: torch.dtype, rows_per_expert: float) -> bool:
+    """Whether, on this machine's CPU, a loop over the active experts beats one grouped GEMM at this many
+    rows each (the nearest measured bucket)."""
+    bits = int(CALIBRATIONS.get(f"cpu_loop_wins/{str(dtype).removeprefix('torch.')}",
+                                lambda: _measure_loop_wins(dtype)))
+    nearest = min(range(len(LOOP_BUCKETS)), key=lambda i: abs(math.log2(LOOP_BUCKETS[i]) - math.log2(max(rows_per_expert, 1))))
+    return bool(bits >> nearest & 1)

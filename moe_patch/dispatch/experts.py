@@ -35,9 +35,9 @@ def _loop_wins(weight: torch.Tensor, x: torch.Tensor, rows_per_expert: float) ->
     than F.linear's GEMV, on others the loop wins at one row)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    from .calibration import loop_max_rows
+    from .calibration import loop_wins
 
-    return rows_per_expert <= loop_max_rows(weight.dtype)
+    return loop_wins(weight.dtype, rows_per_expert)
 
 #: The name moe-patch registers in transformers' experts registry.
 IMPLEMENTATION_NAME = "moe_patch"

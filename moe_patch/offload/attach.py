@@ -182,7 +182,8 @@ def _device_format(opts: OffloadOptions, source: Any, layers: list[OffloadLayer]
 
 
 def _compute_dtype(opts: OffloadOptions, source: Any, layers: list[OffloadLayer], expert_cache: int | None,
-                   device: torch.device, quant: str | None) -> torch.dtype | None:
+                   host_cache: int | None, device: torch.device, quant: str | None,
+                   disk_bw: float) -> torch.dtype | None:
     """On a CPU, the dtype the slots keep half-precision experts in (None: the model's): fp32 where this
     machine's fp32 GEMV beats its bf16/fp16 one by more than the capacity it costs (measured)."""
     dtype = layers[0].dtype
@@ -196,7 +197,8 @@ def _compute_dtype(opts: OffloadOptions, source: Any, layers: list[OffloadLayer]
     half_s = half_bytes / (half_bw.cpu_gemv or half_bw.dram)
     fp32_s = 2 * half_bytes / (fp32_bw.cpu_gemv or fp32_bw.dram)
     stored = max(_host_bytes(layer, source, None) for layer in layers)
-    miss_s = stored / fp32_bw.dram  # a miss from RAM at best (the page cache, or the host tier)
+    # a miss comes from the host tier (RAM) when there is one, else from the checkpoint's storage
+    miss_s = stored / (disk_bw if not host_cache and disk_bw > 0 else fp32_bw.dram)
     choice = choose_compute_dtype(expert_cache, n, half_bytes, half_s, fp32_s, miss_s)
     logger.info("CPU experts computed in %s (GEMV per expert: %.2f ms %s, %.2f ms float32)",
                 "float32" if choice == "fp32" else dtype, 1e3 * half_s, dtype, 1e3 * fp32_s)
@@ -286,8 +288,12 @@ def attach_offload(
         source = MemorySource(layers, originals)
 
     bandwidths = calibrate(str(device), layers[0].dtype) if opts.calibrate else None
+    if bandwidths is not None and checkpoint_map is not None:  # the storage's own speed, measured cold
+        files = sorted({e.file for e in checkpoint_map.checkpoint.entries.values()})
+        bandwidths = replace(bandwidths, disk=measure_disk(files))
     device_format = _device_format(opts, source, layers, expert_cache, host_cache, device, bandwidths)
-    compute_dtype = _compute_dtype(opts, source, layers, expert_cache, device, quant)
+    compute_dtype = _compute_dtype(opts, source, layers, expert_cache, host_cache, device, quant,
+                                   bandwidths.disk if bandwidths is not None else 0.0)
     host_bytes = max(_host_bytes(layer, source, quant) for layer in layers)
     device_bytes = max(layer.expert_bytes for layer in layers) if device_format == "dequantized" and \
         getattr(source, "stored", False) else host_bytes
@@ -308,9 +314,6 @@ def attach_offload(
     )
     if checkpoint_map is not None:
         engine.stats.stored_format = checkpoint_map.stored_description()
-        if bandwidths is not None:  # the bound needs the storage's own speed, measured cold
-            engine.stats.bandwidths = bandwidths = replace(
-                bandwidths, disk=measure_disk(sorted({e.file for e in checkpoint_map.checkpoint.entries.values()})))
     for layer in layers:
         for p in _param_paths(layer):
             _set_param(layer.experts, p, torch.empty(0, dtype=layer.dtype))

@@ -34,6 +34,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 if hasattr(torch, "float8_e8m0fnu"):  # e8m0 scales (ue8m0 FP8, MX formats); torch >= 2.7
     DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+# the other element types safetensors writes, so a valid file is never refused (push validates with this reader)
+DTYPES.update({code: getattr(torch, name) for code, name in
+               (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"))
+               if hasattr(torch, name)})
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 2**20  # safetensors refuses headers above 100 MB too

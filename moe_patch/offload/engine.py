@@ -43,6 +43,8 @@ import torch
 
 from ..dispatch.core import dispatch_combine
 from ..dispatch.experts import bank_dispatch, grouped_dispatch_on_device
+from ..errors import BudgetError
+from ..sizes import format_bytes
 from ..validation import check_summary, routing_summary
 from .cache import Key, TierCache
 from .costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
@@ -221,12 +223,23 @@ class OffloadEngine:
             capacity = n_experts if share is None else max(1, min(n_experts, share // slot_bytes))
             table = SlotTable([m.index for m in members], members[0].num_experts, capacity, slot_bytes,
                               policy=cfg.policy, hot=cfg.hot, budget=share)
-            slab = (TensorSlab(members[0].shapes, self.slot_dtype or members[0].dtype, capacity, self.device)
-                    if self.compute_ready else None)
+            slab = self._allocate_slab(members[0], capacity) if self.compute_ready else None
             group = _Group([m.index for m in members], table, slab, [None] * capacity)
             groups.append(group)
             group_of.update({m.index: group for m in members})
         return DeviceTier(groups, group_of, budget)
+
+    def _allocate_slab(self, layer: OffloadLayer, capacity: int) -> TensorSlab:
+        """The slots of one layout, allocated up front (on CUDA the budget is taken at attach)."""
+        try:
+            return TensorSlab(layer.shapes, self.slot_dtype or layer.dtype, capacity, self.device)
+        except torch.OutOfMemoryError as exc:  # pragma: no cover - GPU only
+            need = capacity * TensorSlab.nbytes_per_slot(layer.shapes, self.slot_dtype or layer.dtype)
+            raise BudgetError(
+                f"expert_cache: {capacity} expert slots ({format_bytes(need)}) do not fit in {self.device} memory "
+                "next to the rest of the model; give a smaller expert_cache (e.g. what `moe-patch inspect --gpu` "
+                "plans)."
+            ) from exc
 
     def _make_pool(self) -> SlotPool | None:
         """Host slots for reads that do not go straight into a device slot, when the budgets are finite:
@@ -373,7 +386,7 @@ class OffloadEngine:
                 guard = torch.tensor([s for s in protected if s >= 0], dtype=torch.int64)
                 group.table.pin(guard)
             try:
-                slot = group.table.victim()
+                slot = group.table.victim(key)
             finally:
                 if background:
                     group.table.unpin(guard)
@@ -490,8 +503,10 @@ class OffloadEngine:
             table.touch(layer, hit_experts, hit_slots)
             table.pin(hit_slots)
             # the one conversion to Python of this layer's bookkeeping (CPU tensors: no device sync)
-            routed, cached, rows = torch.stack([active, hit.to(torch.int64), counts_h[active]]).tolist()
+            routed, cached, rows, slot_of = torch.stack([active, hit.to(torch.int64), counts_h[active], slots]).tolist()
             misses = [e for e, c in zip(routed, cached) if not c]
+            held = [s for s, c in zip(slot_of, cached) if c]
+            span = (min(held), max(held) + 1) if held else (0, 0)
             self._protected = {(layer, e) for e in routed}
             self._arrived = {}
             st.add_slots(counts_h)
@@ -510,14 +525,14 @@ class OffloadEngine:
             if predicted is not None:
                 self._prefetch(layer + 1, host[E:E + predicted.numel()].to(torch.int64))
         try:
-            out = self._compute_slots(spec, group, x, top_k_index, top_k_weights, hit_experts, hit_slots,
+            out = self._compute_slots(spec, group, x, top_k_index, top_k_weights, hit_experts, hit_slots, span,
                                       weight_inputs)
         finally:
             self._unpin(table, hit_slots)
         if misses:
             keep = torch.zeros(E + 1, dtype=torch.bool)
             keep[misses] = True
-            miss_index = torch.where(keep.to(top_k_index.device)[top_k_index.clamp(0, E)], top_k_index,
+            miss_index = torch.where(self._to_routing(keep, top_k_index)[top_k_index.clamp(0, E)], top_k_index,
                                      torch.full_like(top_k_index, E))
             out = out + dispatch_combine(
                 x, miss_index, top_k_weights, E, lambda e, rows: self._run(layer, e, rows), weight_inputs=weight_inputs)
@@ -527,10 +542,10 @@ class OffloadEngine:
 
     def _compute_slots(self, spec: OffloadLayer, group: _Group, x: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor, experts: torch.Tensor, slots: torch.Tensor,
-                       weight_inputs: bool) -> torch.Tensor:
+                       span: tuple[int, int], weight_inputs: bool) -> torch.Tensor:
         """The cached experts of a layer: one grouped GEMM over slot indices (compute-ready slabs), or each
         entry decoded and computed (stored / quantized object slots)."""
-        E, N = spec.num_experts, group.table.capacity
+        E = spec.num_experts
         if experts.numel() == 0:
             return torch.zeros(x.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
         if self.on_cuda or group.slab is None:  # pragma: no branch - only pending copies or objects need it
@@ -542,7 +557,7 @@ class OffloadEngine:
             by_expert = dict(zip(experts.tolist(), slots.tolist()))
             keep = torch.full((E + 1,), E, dtype=torch.int64)
             keep[experts] = experts
-            index = keep.to(top_k_index.device)[top_k_index.clamp(0, E)]
+            index = self._to_routing(keep, top_k_index)[top_k_index.clamp(0, E)]
 
             def one(e: int, rows: torch.Tensor) -> torch.Tensor:
                 weights = {n: materialize(t) for n, t in self._entry(group, by_expert[e]).items()}
@@ -551,18 +566,32 @@ class OffloadEngine:
                 return compute_expert(spec, e, rows, weights)
 
             return dispatch_combine(x, index, top_k_weights, E, one, weight_inputs=weight_inputs)
-        remap = torch.full((E + 1,), N, dtype=torch.int64)  # not cached (or dropped): past the last slot
-        remap[experts] = slots
-        slot_index = remap.to(top_k_index.device)[top_k_index.clamp(0, E)]
-        bank = self._bank(spec, group)
+        # the grouped GEMM runs over the slot range holding this layer's cached experts only (with every
+        # expert at home, exactly the layer's own experts): slots outside it are neither read nor looped over
+        lo, hi = span
+        remap = torch.full((E + 1,), hi - lo, dtype=torch.int64)  # not cached (or dropped): past the range
+        remap[experts] = slots - lo
+        slot_index = self._to_routing(remap, top_k_index)[top_k_index.clamp(0, E)]
+        bank = self._bank(spec, group, lo, hi)
         if self.on_cuda:  # pragma: no cover - GPU only
             return grouped_dispatch_on_device(bank, x, slot_index, top_k_weights, weight_inputs=weight_inputs)
         return bank_dispatch(bank, x, slot_index, top_k_weights, weight_inputs=weight_inputs)
 
-    def _bank(self, spec: OffloadLayer, group: _Group):
-        bank = self._banks.get(spec.index)
+    @staticmethod
+    def _to_routing(table: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+        """A small host-made lookup table on the routing's device. From pageable memory a host-to-device
+        copy waits for the stream first (a sync); from pinned memory it is queued like the rest."""
+        if top_k_index.device.type == "cpu":
+            return table
+        return table.pin_memory().to(top_k_index.device, non_blocking=True)  # pragma: no cover - GPU only
+
+    def _bank(self, spec: OffloadLayer, group: _Group, lo: int, hi: int):
+        key = (spec.index, lo, hi)
+        bank = self._banks.get(key)
         if bank is None:
-            bank = self._banks[spec.index] = slab_bank(spec, group.slab.tensors)
+            if len(self._banks) > 4 * len(self.layers):  # ranges move with evictions: keep the recent ones
+                self._banks.clear()
+            bank = self._banks[key] = slab_bank(spec, {n: t[lo:hi] for n, t in group.slab.tensors.items()})
         return bank
 
     # -- per expert: misses, and ModuleList experts ------------------------------------------------

@@ -99,8 +99,19 @@ class SlotTable:
         self.pins.clamp_(min=0)
 
     # -- placement -----------------------------------------------------------------------------
-    def victim(self) -> int | None:
-        """The slot to fill next: a free one, else the policy's choice among unpinned ones (None: all pinned)."""
+    @property
+    def homes(self) -> bool:
+        """Every expert of these layers has a slot of its own (the budget holds them all): then expert ``e``
+        of the ``i``-th layer always lives in slot ``i * E + e``, so a layer's slots are one contiguous range
+        and its grouped GEMM runs over that layer's experts only, as the resident model's does."""
+        return self.capacity >= len(self.layers) * self.slot_of.shape[1]
+
+    def victim(self, key: Key | None = None) -> int | None:
+        """The slot to fill next: ``key``'s own slot when every expert has one (:attr:`homes`), else a free
+        one, else the policy's choice among unpinned ones (None: all pinned)."""
+        if key is not None and self.homes:
+            slot = self.layers.index(key[0]) * self.slot_of.shape[1] + key[1]
+            return slot if int(self.pins[slot]) == 0 and int(self.owner[slot, 0]) < 0 else None
         free = ((self.owner[:, 0] < 0) & (self.pins == 0)).nonzero()  # a pinned empty slot is being filled
         if free.numel():
             return int(free[0])

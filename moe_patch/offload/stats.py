@@ -157,8 +157,8 @@ class OffloadStats:
         """Seconds one decode step must spend on each resource, from the bytes it moved there and the
         measured bandwidths (docs/offload.md, "A bound that can be reached"):
 
-        - the compute device's memory streams the non-expert weights and every expert computed there
-          (CPU: at the one-row GEMV rate, which computing cannot beat; GPU: at its copy bandwidth);
+        - the compute device's memory streams the non-expert weights and every expert computed there, at its
+          measured streaming rate (CPU: DRAM copy bandwidth, or a faster measured GEMV; GPU: device copy);
         - PCIe carries the misses copied to the GPU, DRAM the experts the CPU computes on a GPU run;
         - the disk delivers the misses read from the checkpoint.
         """
@@ -169,13 +169,14 @@ class OffloadStats:
         b = {t: v / steps for t, v in self.bytes_read["decode"].items()}
         cpu = self.cpu_bytes["decode"] / steps
         disk_bw = bw.disk or self.disk_bandwidth
+        stream = max(bw.dram, bw.cpu_gemv)  # no kernel streams weights faster than memory does
         if self.device == "cpu":
-            load = {"memory": (self.non_expert_bytes + b["device"] + b["host"] + b["disk"], bw.cpu_gemv or bw.dram),
+            load = {"memory": (self.non_expert_bytes + b["device"] + b["host"] + b["disk"], stream),
                     "disk": (b["disk"], disk_bw)}
         else:
             copied = b["host"] + b["disk"] - cpu
             load = {"memory": (self.non_expert_bytes + b["device"] + copied, bw.device_mem),
-                    "pcie": (copied, bw.h2d), "cpu": (cpu, bw.cpu_gemv or bw.dram), "disk": (b["disk"], disk_bw)}
+                    "pcie": (copied, bw.h2d), "cpu": (cpu, stream), "disk": (b["disk"], disk_bw)}
         return {r: nbytes / rate for r, (nbytes, rate) in load.items() if nbytes > 0 and rate > 0}
 
     def decode_bound_s(self) -> float:

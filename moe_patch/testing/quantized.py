@@ -66,12 +66,17 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     *lead, out, n_in = w.shape
     if n_in % 32:
         raise ValueError(f"MXFP4 needs the input dimension to be a multiple of 32, got {n_in}")
-    g = w.float().reshape(*lead, out, n_in // 32, 32)
+    if lead:  # one matrix at a time: the fp32 temporaries of a whole [E, out, in] stack can be tens of GB
+        pairs = [quantize_mxfp4(m) for m in w.reshape(-1, out, n_in)]
+        blocks = torch.stack([b for b, _ in pairs]).reshape(*lead, out, n_in // 32, 16)
+        return blocks, torch.stack([s for _, s in pairs]).reshape(*lead, out, n_in // 32)
+    g = w.float().reshape(out, n_in // 32, 32)
     amax = g.abs().amax(-1, keepdim=True)
     exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.zeros_like(amax)).clamp(-127, 127)
     scaled = g / torch.exp2(exp)
-    mags = torch.tensor(FP4_MAGNITUDES)
-    code = (scaled.abs().unsqueeze(-1) - mags).abs().argmin(-1)
+    # nearest e2m1 magnitude: the midpoints between neighbouring codes
+    mids = torch.tensor([(a + b) / 2 for a, b in zip(FP4_MAGNITUDES, FP4_MAGNITUDES[1:])])
+    code = torch.bucketize(scaled.abs().contiguous(), mids)
     code = torch.where((scaled < 0) & (code > 0), code + 8, code).to(torch.uint8)
     blocks = code[..., 0::2] | (code[..., 1::2] << 4)
     return blocks.contiguous(), (exp.squeeze(-1) + 127).to(torch.uint8)

@@ -132,3 +132,17 @@ def drop_page_cache(path: Path, pattern: str = "*.safetensors") -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: after a fork and an
+    exec it still reports the parent's address space (a benchmark's worker then "peaks" at its driver's RSS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
