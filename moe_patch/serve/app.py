@@ -30,7 +30,8 @@ def build_app(manager: OffloadModelManager, *, api_key: str | None = None) -> Fa
 
     model = manager.model
     book = StatsBook(get_offload_handle(model))
-    generation = OffloadGenerationState(OffloadGenerateManager(book, context_length(model.config)))
+    generation = OffloadGenerationState(OffloadGenerateManager(book, context_length(model.config),
+                                                                thread=manager.thread))
     common = {"model_manager": manager, "generation_state": generation}
     app = build_server(
         manager, OffloadChatHandler(**common), completion_handler=OffloadCompletionHandler(**common),
@@ -49,6 +50,7 @@ def build_app(manager: OffloadModelManager, *, api_key: str | None = None) -> Fa
         return JSONResponse({"model": manager.name, **book.to_dict()})
 
     app.state.stats_book = book
+    app.state.generation = generation
     install_error_handlers(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, key=api_key)

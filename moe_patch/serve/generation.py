@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from transformers.cli.serving.utils import GenerateManager, GenerationState
+from transformers.cli.serving.utils import GenerateManager, GenerationState, InferenceThread
 
 from ..errors import InvalidArgumentError
 from .context import ContextLengthError, new_token_budget
@@ -52,8 +52,9 @@ CURRENT_REQUEST: ContextVar[RequestScope | None] = ContextVar("moe_patch_request
 class OffloadGenerateManager(GenerateManager):
     """transformers' sequential manager with admission, per-request seeding and offload statistics."""
 
-    def __init__(self, book: StatsBook, context: int | None):
-        super().__init__()
+    def __init__(self, book: StatsBook, context: int | None, thread: InferenceThread | None = None):
+        # the thread the model was loaded on (``loader.py`` says why); transformers' own init makes a new one
+        self._thread = thread or InferenceThread()
         self.book = book
         self.context = context
 

@@ -5,6 +5,12 @@ with its routed experts left on disk for the offload engine, and never unloaded 
 transformers' manager builds models with ``from_pretrained`` in ``_load_model`` and its tokenizer in
 ``_load_processor``; those two are the whole difference, so request handling, streaming and the
 inference thread stay transformers' own.
+
+The model is loaded on the server's inference thread, the thread every ``generate()`` runs on, so the
+server process computes on one thread only: GNU OpenMP keeps a worker pool per thread that has run a
+parallel region, and once more pools' threads exist than cores it stops spin-waiting between regions
+(its throttled spin count), which made every decode step of a model loaded on the main thread and run
+on the inference thread ~40% slower on 2 cores (``bench/serve.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers.cli.serving.model_manager import ModelManager
+from transformers.cli.serving.utils import InferenceThread
 
 from ..offload import OffloadOptions, get_offload_handle
 from .errors import RequestError
@@ -21,10 +28,13 @@ from .tokenizer import load_tokenizer
 
 
 class OffloadModelManager(ModelManager):
-    """Serves ``path`` under ``name``; ``options`` and ``dtype`` go to :func:`moe_patch.load_model`."""
+    """Serves ``path`` under ``name``; ``options`` and ``dtype`` go to :func:`moe_patch.load_model`, which runs
+    on ``thread`` (the inference thread the generations will run on; a new one if not given)."""
 
-    def __init__(self, path: str | Path, *, name: str, options: OffloadOptions, dtype: str = "auto"):
+    def __init__(self, path: str | Path, *, name: str, options: OffloadOptions, dtype: str = "auto",
+                 thread: InferenceThread | None = None):
         self.path, self.name, self.options, self.load_dtype = str(path), name, options, dtype
+        self.thread = thread or InferenceThread()
         # before the model: a checkpoint without a tokenizer fails in seconds, not after loading
         self.tokenizer = load_tokenizer(path, instead="moe-patch serve needs the checkpoint's tokenizer")
         self.created = int(time.time())
@@ -48,7 +58,7 @@ class OffloadModelManager(ModelManager):
         self.check_name(model_id_and_revision)
         from ..offload import load_model
 
-        return load_model(self.path, options=self.options, dtype=self.load_dtype)
+        return self.thread.submit(load_model, self.path, options=self.options, dtype=self.load_dtype).result()
 
     @property
     def model(self) -> Any:
