@@ -20,7 +20,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from moe_patch.detect.config import EXPERT_COUNT_FIELDS, TOP_K_FIELDS, validate_moe_config
+from moe_patch.detect.config import EXPERT_COUNT_FIELDS, TOP_K_FIELDS, load_config, validate_moe_config
 from moe_patch.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,16 @@ def check_config(folder: str | Path) -> dict | None:
     config = _read_json(Path(folder) / "config.json")
     if config is not None:
         validate_moe_config(config)
+        if _known_to_transformers(config):  # and transformers' own parsing (strict fields), as loading does
+            load_config(folder)
     return config
+
+
+def _known_to_transformers(config: dict) -> bool:
+    """A config transformers reads without the checkpoint's own code (others are published as they are)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return config.get("model_type") in CONFIG_MAPPING_NAMES
 
 
 def _first(cfg: dict, names: tuple[str, ...]) -> Any:

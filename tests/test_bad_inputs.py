@@ -95,6 +95,12 @@ def truncate_expert_shard(work: Path) -> None:
     os.truncate(shard, shard.stat().st_size - 64)
 
 
+def append_to_expert_shard(work: Path) -> None:
+    shard, _ = shard_of(work / "moe", ".experts.")
+    with open(shard, "ab") as fh:
+        fh.write(bytes(64))
+
+
 def set_config(folder: str, **fields) -> Callable[[Path], None]:
     return lambda work: edit_json(work / folder / "config.json", lambda c: c.update(fields))
 
@@ -148,6 +154,10 @@ CLI_CASES = [
     Cli("push-truncated-shard", ("push", "moe", "me/x", "--dry-run"), 1, "truncated", truncate_expert_shard),
     Cli("push-inconsistent-moe-config", ("push", "moe", "me/x", "--dry-run"), 1,
         "num_experts_per_tok = 8 exceeds num_local_experts = 4", set_config("moe", num_experts_per_tok=8)),
+    Cli("push-config-field-of-the-wrong-type", ("push", "moe", "me/x", "--dry-run"), 1,
+        "transformers cannot read this config", set_config("moe", hidden_size="abc")),
+    Cli("push-shard-with-bytes-after-its-tensors", ("push", "moe", "me/x", "--dry-run"), 1,
+        "bytes follow the last tensor, which safetensors refuses", append_to_expert_shard),
     # 2. the same config validation on every entry point that reads a config
     Cli("config-run-top-k-above-experts", ("run", "moe", "--prompt-ids", "1,2"), 1,
         "num_experts_per_tok = 8 exceeds num_local_experts = 4", set_config("moe", num_experts_per_tok=8)),

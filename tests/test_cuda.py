@@ -144,6 +144,28 @@ def test_offloaded_generation_on_cuda_matches_the_resident_model(family, batch, 
         handle.detach(restore_weights=False)
 
 
+@pytest.mark.parametrize("budget", ["two_experts", "everything"])
+def test_odd_expert_widths_offloaded_on_cuda_fall_back_where_the_grouped_kernel_cannot_run(budget, tmp_path):
+    """An expert width of 37 fp32 values breaks the grouped kernel's 16-byte strides: the engine's slot
+    GEMM takes the checked path, as the resident patched model does, and generates the same tokens."""
+    from offload_helpers import config_for
+    from transformers import AutoModelForCausalLM
+
+    cfg = config_for("qwen3_moe")
+    cfg.moe_intermediate_size = 37
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "odd")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "odd", dtype=torch.float32, experts_implementation="eager").to(CUDA).eval()
+    expected = greedy(ref, prompts(2).to(CUDA), NEW)
+    one = 3 * 37 * cfg.hidden_size * 4
+    model = moe_patch.load_model(tmp_path / "odd", device=CUDA, dtype=torch.float32,
+                                 expert_cache=2 * one if budget == "two_experts" else None)
+    try:
+        assert torch.equal(greedy(model, prompts(2).to(CUDA), NEW), expected)
+    finally:
+        get_offload_handle(model).detach(restore_weights=False)
+
+
 def test_device_memory_holds_non_expert_weights_plus_the_budget(checkpoints):
     one = expert_bytes("qwen3_moe")
     torch.cuda.synchronize()

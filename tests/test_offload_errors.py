@@ -56,6 +56,39 @@ def test_truncated_shard_is_named_with_its_tensor(sharded):
     assert shard.name in str(err.value) and "tensor" in str(err.value)
 
 
+def _raw_safetensors(path: Path, entries: dict, data: bytes) -> Path:
+    header = json.dumps(entries).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return path
+
+
+@pytest.mark.parametrize("offsets, data, message", [
+    ({"a": [0, 8], "b": [4, 12]}, bytes(12), "overlaps"),
+    ({"a": [0, 8], "b": [12, 20]}, bytes(20), "4 bytes unused"),
+    ({"a": [0, 8], "b": [8, 16]}, bytes(20), "4 bytes follow the last tensor"),
+])
+def test_files_safetensors_refuses_are_refused_by_the_reader(tmp_path, offsets, data, message):
+    """Every file the one checkpoint reader (offload, push, converters) accepts, safetensors loads."""
+    from safetensors import SafetensorError
+
+    from moe_patch.offload.checkpoint import read_header
+
+    entries = {k: {"dtype": "F32", "shape": [2], "data_offsets": v} for k, v in offsets.items()}
+    file = _raw_safetensors(tmp_path / "bad.safetensors", entries, data)
+    with pytest.raises(SafetensorError):
+        load_file(file)
+    with pytest.raises(CheckpointError, match=message):
+        read_header(file)
+
+
+def test_the_reader_accepts_what_safetensors_writes(tmp_path):
+    from moe_patch.offload.checkpoint import read_header
+
+    tensors = {"z": torch.zeros(0), "b": torch.ones(3, dtype=torch.bfloat16), "a": torch.arange(5)}
+    save_file(tensors, tmp_path / "ok.safetensors", metadata={"format": "pt"})
+    assert sorted(read_header(tmp_path / "ok.safetensors")) == ["a", "b", "z"]
+
+
 def test_tensor_absent_from_index_is_named(sharded):
     idx_path = sharded / "model.safetensors.index.json"
     idx = json.loads(idx_path.read_text())
@@ -214,3 +247,17 @@ def test_undecorated_fused_experts_are_refused_by_offload_with_one_line(family):
     model, _ = tiny_model(family)
     with pytest.raises(NoMoEFoundError, match="not offloadable: .*Experts"):
         attach_offload(model, options={"expert_cache": None})
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused_before_anything_changes(monkeypatch):
+    from offload_helpers import build
+
+    from moe_patch.offload import OffloadOptions, attach_offload
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    model = build("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MoEConfigError, match=r"'cuda:3' but this machine has 1 CUDA device \(cuda:0 to cuda:0\)"):
+        attach_offload(model, options=OffloadOptions(device="cuda:3"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -7,6 +7,8 @@ transformers (fp32, greedy, 64 new tokens).
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from offload_helpers import (
@@ -20,6 +22,7 @@ from offload_helpers import (
 )
 
 import moe_patch
+from moe_patch.errors import MoEPatchError
 from moe_patch.offload import get_offload_handle
 
 NEW = 64
@@ -195,6 +198,11 @@ def test_statistics_report_and_plot(checkpoints, tmp_path):
     assert d["non_expert_bytes"] > 0 and d["decode_bound_s"] == max(times.values())
     assert d["decode_tokens_per_s"] > 0 and len(d["layers"]) == 2
     assert sum(d["layers"][0]["slots"]) == 2 * (6 + 15)  # top-2 slots of every token that went through
+    with pytest.MonkeyPatch.context() as mp:  # without matplotlib: one line naming the install, no file
+        mp.setitem(sys.modules, "matplotlib", None)
+        with pytest.raises(MoEPatchError, match="pip install matplotlib"):
+            st.plot_utilisation(str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()
     pytest.importorskip("matplotlib")
     png = st.plot_utilisation(str(tmp_path / "util.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -264,3 +272,25 @@ def test_prefetch_leaves_host_resident_misses_to_the_cpu_when_asked(tmp_path):
     handle = get_offload_handle(model)
     assert sum(layer.cpu_computed for layer in handle.stats.layers) > 0
     handle.detach(restore_weights=False)
+
+
+@pytest.mark.parametrize("budget", ["two_experts", "everything"])
+def test_odd_expert_widths_offloaded_run_where_the_grouped_kernel_cannot(budget, tmp_path):
+    """An expert width of 37 fp32 values breaks the grouped kernel's 16-byte strides: the engine's slot
+    GEMM falls back to the loop, as the resident patched model does, and generates the same tokens."""
+    from offload_helpers import config_for
+    from transformers import AutoModelForCausalLM
+
+    cfg = config_for("qwen3_moe")
+    cfg.moe_intermediate_size = 37
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "odd")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "odd", dtype=torch.float32, experts_implementation="eager").eval()
+    expected = greedy(ref, prompts(2), 16)
+    one = 3 * 37 * cfg.hidden_size * 4
+    model = moe_patch.load_model(tmp_path / "odd", dtype=torch.float32,
+                                 expert_cache=2 * one if budget == "two_experts" else None)
+    try:
+        assert torch.equal(greedy(model, prompts(2), 16), expected)
+    finally:
+        get_offload_handle(model).detach(restore_weights=False)

@@ -139,6 +139,18 @@ def test_odd_widths_also_run_on_the_gpu_path(name, monkeypatch):
     assert rel_diff(logits(model, inputs), ref) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_odd_widths_under_transformers_default_grouped_mm_run_the_checked_loop(name):
+    """Stock grouped_mm hands odd widths to the kernel and fails; the patched model, which defers to the
+    implementation it replaced where that is faster, checks the kernel's preconditions first."""
+    model, inputs = build(name, **ODD_WIDTH[name])
+    model.set_experts_implementation("eager")
+    ref = logits(model, inputs)
+    model.set_experts_implementation("grouped_mm")
+    patch_model(model)
+    assert rel_diff(logits(model, inputs), ref) < 1e-5
+
+
 def test_bf16_widths_aligned_only_in_fp32_are_also_checked():
     model, inputs = build("mixtral", dtype=torch.bfloat16, intermediate_size=36)  # 72 bf16 bytes
     model.set_experts_implementation("eager")

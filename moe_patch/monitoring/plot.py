@@ -5,25 +5,11 @@ matplotlib is optional (``pip install matplotlib``); the file is written atomica
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
-from ..atomic import write_bytes
-from ..errors import MoEPatchError
+from ..plotting import pyplot, save_png
 from .stats import RoutingReport
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend, or a one-line error saying how to install it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise MoEPatchError("plotting routing needs matplotlib: pip install matplotlib") from exc
-    return plt
 
 
 def relative_load(report: RoutingReport) -> list[list[float]]:
@@ -67,11 +53,4 @@ def plot_routing(report: RoutingReport, history: list[RoutingReport], path: Path
         ax.set_title("load balance per window")
         ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, buffer.getvalue())
-    return path
+    return save_png(fig, path)

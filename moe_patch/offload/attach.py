@@ -252,6 +252,10 @@ def attach_offload(
         raise MoEConfigError(f"device={opts.device!r}: not a device name; use 'cpu', 'cuda' or 'cuda:N'.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoEConfigError(f"device={opts.device!r} but CUDA is not available here; use device='cpu'.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()  # pragma: no cover - needs a GPU
+        raise MoEConfigError(f"device={opts.device!r} but this machine has {n} CUDA device{'s' * (n != 1)} "
+                             f"(cuda:0 to cuda:{n - 1}).")
     if device.type not in ("cpu", "cuda"):
         raise MoEConfigError(f"device={opts.device!r}: offloading supports 'cpu' and 'cuda'.")
     if opts.policy not in POLICIES:

@@ -131,7 +131,22 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
                 "truncated. Re-download it."
             )
         out[key] = TensorEntry(key, path, dtype, shape, base + begin, base + stop)
+    _check_layout(path, out.values(), base, size)
     return out
+
+
+def _check_layout(path: str, entries, base: int, size: int) -> None:
+    """The data of a safetensors file is its tensors back to back, nothing between, over or after them
+    (the library refuses any other file: a pushed shard that passes here loads everywhere)."""
+    at = base
+    for entry in sorted(entries, key=lambda e: (e.start, e.end)):
+        if entry.start != at:
+            what = "overlaps the tensor before it" if entry.start < at else f"leaves {entry.start - at} bytes unused before it"
+            raise CheckpointError(f"{path}: tensor {entry.key!r} {what}, which safetensors refuses. The file is corrupt.")
+        at = entry.end
+    if at != size:
+        raise CheckpointError(f"{path}: {size - at} bytes follow the last tensor, which safetensors refuses. "
+                              "The file is corrupt (or was appended to).")
 
 
 class Checkpoint:

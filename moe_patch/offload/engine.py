@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..dispatch.core import dispatch_combine
+from ..dispatch.core import dispatch_combine, grouped_mm_supported
 from ..dispatch.experts import bank_dispatch, grouped_dispatch_on_device
 from ..errors import BudgetError
 from ..sizes import format_bytes
@@ -573,8 +573,9 @@ class OffloadEngine:
         remap[experts] = slots - lo
         slot_index = self._to_routing(remap, top_k_index)[top_k_index.clamp(0, E)]
         bank = self._bank(spec, group, lo, hi)
-        if self.on_cuda:  # pragma: no cover - GPU only
+        if self.on_cuda and grouped_mm_supported(x, bank.kernel_operands()):  # pragma: no cover - GPU only
             return grouped_dispatch_on_device(bank, x, slot_index, top_k_weights, weight_inputs=weight_inputs)
+        # the CPU, or operands the kernel refuses (odd widths, float64): the path that checks and falls back
         return bank_dispatch(bank, x, slot_index, top_k_weights, weight_inputs=weight_inputs)
 
     @staticmethod

@@ -281,14 +281,10 @@ class OffloadStats:
         return "\n".join(lines)
 
     def plot_utilisation(self, path: str) -> str:
-        """Write a PNG heatmap of routed slots per expert and layer; needs matplotlib."""
-        try:
-            import matplotlib
+        """Write a PNG heatmap of routed slots per expert and layer (atomically); needs matplotlib."""
+        from ..plotting import pyplot, save_png
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError("plotting needs matplotlib: pip install matplotlib") from exc
+        plt = pyplot()
         width = max(s.num_experts for s in self.layers)
         grid = [[(s.slots[e] if e < s.num_experts else float("nan")) for e in range(width)] for s in self.layers]
         fig, ax = plt.subplots(figsize=(max(4, width / 8), max(2.5, len(grid) / 4)))
@@ -301,6 +297,4 @@ class OffloadStats:
         ax.set_title("expert utilisation (routed token slots)")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return str(save_png(fig, path))
