@@ -3,6 +3,7 @@ and experts from disk under a memory cap) and, when given a build, llama.cpp on 
 
     python bench/decode.py --layers 4 --rounds 3                                   # transformers systems only
     python bench/decode.py --llama-cpp /path/to/llama.cpp --cap 2.77GiB --budget 1GiB   # + llama.cpp, capped runs
+    python bench/decode.py --profile                          # where a decode step's milliseconds go, per part
 
 The checkpoint is random bf16 weights with Qwen3-30B-A3B layer shapes (``moe_patch.testing.synthetic``), converted
 once to GGUF (bf16 and Q8_0) with llama.cpp's own ``convert_hf_to_gguf.py`` (its built-in ``llama-spm`` vocabulary
@@ -93,6 +94,51 @@ def _decode_steps(model, tokens: list[int]) -> list[float]:
     return times
 
 
+def profile_step(model, tokens: list[int]) -> dict[str, dict[str, float]]:
+    """Where the milliseconds of a decode step go: wall time per part of the model (forward hooks; the CPU
+    computes synchronously), the weight bytes each part reads per step and the rate that makes."""
+    from moe_patch.detect import find_moe_blocks
+
+    text = model.model
+    blocks = find_moe_blocks(model)
+    experts = {id(h.experts): h for h in blocks}
+    routers = {id(h.router) for h in blocks}
+    parts: dict[str, list[torch.nn.Module]] = {"attention": [], "router": [], "routed experts": [], "shared experts": [],
+                                              "norms": [], "embedding": [text.embed_tokens], "lm_head": [model.lm_head]}
+    for layer in text.layers:
+        parts["attention"].append(layer.self_attn)
+        parts["norms"] += [layer.input_layernorm, layer.post_attention_layernorm]
+        for child in layer.mlp.children():
+            kind = "routed experts" if id(child) in experts else "router" if id(child) in routers else "shared experts"
+            parts[kind].append(child)
+    parts["norms"].append(text.norm)
+    spent = {k: 0.0 for k in parts}
+    hooks, started = [], {}
+    for kind, modules in parts.items():
+        for m in modules:
+            hooks.append(m.register_forward_pre_hook(lambda mod, a, kind=kind: started.__setitem__(id(mod), time.perf_counter())))
+            hooks.append(m.register_forward_hook(
+                lambda mod, a, o, kind=kind: spent.__setitem__(kind, spent[kind] + time.perf_counter() - started[id(mod)])))
+    try:
+        total = sum(_decode_steps(model, tokens))
+    finally:
+        for h in hooks:
+            h.remove()
+    k = model.config.num_experts_per_tok
+    out = {}
+    for kind, modules in parts.items():
+        nbytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        if kind == "routed experts":  # top-k of them per token, read in full (offloaded ones hold no parameters)
+            nbytes = sum(k * h.info.params_per_expert for h in blocks) * text.embed_tokens.weight.element_size()
+        if kind == "embedding":
+            nbytes = model.config.hidden_size * text.embed_tokens.weight.element_size()  # one row
+        ms = 1000 * spent[kind] / len(tokens)
+        out[kind] = {"ms": ms, "mb": nbytes / 1e6, "gb_s": nbytes / 1e9 / (ms / 1000) if ms else 0.0}
+    rest = 1000 * total / len(tokens) - sum(v["ms"] for v in out.values())
+    out["rest (Python, cache, sampling-free glue)"] = {"ms": rest, "mb": 0.0, "gb_s": 0.0}
+    return out
+
+
 def _prefill_s(model, tokens: list[int]) -> float:
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -116,10 +162,13 @@ def worker(args) -> dict:
     from moe_patch.offload import get_offload_handle
 
     handle = get_offload_handle(model)
-    if args.system == "engine-cached":
-        _decode_steps(model, decode_tokens)  # every expert this sequence uses is now cached
+    if args.system != "engine-capped":  # in RAM: every system warm (weights paged in, experts cached)
+        _decode_steps(model, decode_tokens)
         _prefill_s(model, prefill_tokens)
-        handle.reset_stats()
+        if handle is not None:
+            handle.reset_stats()
+    if args.profile:
+        return {"system": args.system, "profile": profile_step(model, decode_tokens)}
     io0 = _proc_io()
     steps = _decode_steps(model, decode_tokens)
     io1 = _proc_io()
@@ -254,7 +303,8 @@ def _cgroup(name: str, limit: int | None) -> str | None:
 def run_python(system: str, args, checkpoint: Path, group: str | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--checkpoint", str(checkpoint), "--dtype", args.dtype,
            "--tokens", str(args.tokens), "--prompt", str(args.prompt), "--threads", str(args.threads),
-           "--budget", args.budget, "--bos", str(args.bos if args.bos is not None else -1)]
+           "--budget", args.budget, "--bos", str(args.bos if args.bos is not None else -1)] + (
+           ["--profile"] if args.profile else [])
     if group:
         cmd = ["sh", "-c", f'echo $$ > {CGROUP_ROOT / group}/cgroup.procs && exec "$@"', "sh", *cmd]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(_HERE).parent), os.environ.get("PYTHONPATH", "")]))
@@ -262,6 +312,30 @@ def run_python(system: str, args, checkpoint: Path, group: str | None) -> dict:
     if proc.returncode != 0:
         return {"system": system, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_profiles(args, checkpoint: Path) -> int:
+    """One warm decode of each in-RAM system, timed per part of the model (``--profile``)."""
+    rows = {}
+    for system in args.systems.split(","):
+        res = run_python(system, args, checkpoint, None)
+        if "error" in res:
+            print(f"{system}: {res['error']}", file=sys.stderr)
+            continue
+        rows[system] = res["profile"]
+    print(f"\n{args.layers} layers, {args.dtype}, {args.tokens} decode steps after a warm-up, {args.threads} threads; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print("| part | " + " | ".join(f"{s} ms/step (GB/s)" for s in rows) + " | weight MB read per step |")
+    print("|---|" + "---|" * (len(rows) + 1))
+    first = next(iter(rows.values()), {})
+    for part in first:
+        cells = [f"{r[part]['ms']:.2f}" + (f" ({r[part]['gb_s']:.1f})" if r[part]["gb_s"] else "") for r in rows.values()]
+        print(f"| {part} | " + " | ".join(cells) + f" | {first[part]['mb']:.1f} |")
+    totals = [sum(v["ms"] for v in r.values()) for r in rows.values()]
+    print("| total | " + " | ".join(f"{t:.2f}" for t in totals) + f" | {sum(v['mb'] for v in first.values()):.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"profiles": rows, "systems": list(rows)}, indent=2))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -282,6 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     p.add_argument("--bos", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the comparison: where a decode step's milliseconds go, per part of each system")
     args = p.parse_args(argv)
     from moe_patch.sizes import parse_size
 
@@ -295,6 +371,8 @@ def main(argv=None) -> int:
     from moe_patch.testing.synthetic import build_checkpoint
 
     checkpoint = build_checkpoint(Path(args.workdir) / f"qwen3-30b-a3b-shaped-{args.layers}L", args.layers)
+    if args.profile:
+        return print_profiles(args, checkpoint)
     cap = parse_size(args.cap) if args.cap else None
     systems = args.systems.split(",") + (["engine-capped"] if cap else [])
     tools, ggufs = None, {}
