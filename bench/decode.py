@@ -103,14 +103,18 @@ def profile_step(model, tokens: list[int]) -> dict[str, dict[str, float]]:
     blocks = find_moe_blocks(model)
     experts = {id(h.experts): h for h in blocks}
     routers = {id(h.router) for h in blocks}
-    parts: dict[str, list[torch.nn.Module]] = {"attention": [], "router": [], "routed experts": [], "shared experts": [],
-                                              "norms": [], "embedding": [text.embed_tokens], "lm_head": [model.lm_head]}
+    parts: dict[str, list[torch.nn.Module]] = {"attention": [], "MoE block": [], "of which router": [],
+                                              "of which routed experts": [], "norms": [],
+                                              "embedding": [text.embed_tokens], "lm_head": [model.lm_head]}
     for layer in text.layers:
         parts["attention"].append(layer.self_attn)
         parts["norms"] += [layer.input_layernorm, layer.post_attention_layernorm]
-        for child in layer.mlp.children():
-            kind = "routed experts" if id(child) in experts else "router" if id(child) in routers else "shared experts"
-            parts[kind].append(child)
+        parts["MoE block"].append(layer.mlp)
+        for child in layer.mlp.children():  # the offload engine runs its experts inside the block: not seen
+            if id(child) in experts:
+                parts["of which routed experts"].append(child)
+            elif id(child) in routers:
+                parts["of which router"].append(child)
     parts["norms"].append(text.norm)
     spent = {k: 0.0 for k in parts}
     hooks, started = [], {}
@@ -128,13 +132,16 @@ def profile_step(model, tokens: list[int]) -> dict[str, dict[str, float]]:
     out = {}
     for kind, modules in parts.items():
         nbytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-        if kind == "routed experts":  # top-k of them per token, read in full (offloaded ones hold no parameters)
+        if kind in ("MoE block", "of which routed experts"):  # top-k experts per token (offloaded: no parameters)
             nbytes = sum(k * h.info.params_per_expert for h in blocks) * text.embed_tokens.weight.element_size()
+            if kind == "MoE block":
+                nbytes += sum(p.numel() * p.element_size() for h in blocks if h.router is not None
+                              for p in h.router.parameters())
         if kind == "embedding":
             nbytes = model.config.hidden_size * text.embed_tokens.weight.element_size()  # one row
         ms = 1000 * spent[kind] / len(tokens)
         out[kind] = {"ms": ms, "mb": nbytes / 1e6, "gb_s": nbytes / 1e9 / (ms / 1000) if ms else 0.0}
-    rest = 1000 * total / len(tokens) - sum(v["ms"] for v in out.values())
+    rest = 1000 * total / len(tokens) - sum(v["ms"] for k, v in out.items() if not k.startswith("of which"))
     out["rest (Python, cache, sampling-free glue)"] = {"ms": rest, "mb": 0.0, "gb_s": 0.0}
     return out
 
@@ -331,8 +338,11 @@ def print_profiles(args, checkpoint: Path) -> int:
     for part in first:
         cells = [f"{r[part]['ms']:.2f}" + (f" ({r[part]['gb_s']:.1f})" if r[part]["gb_s"] else "") for r in rows.values()]
         print(f"| {part} | " + " | ".join(cells) + f" | {first[part]['mb']:.1f} |")
-    totals = [sum(v["ms"] for v in r.values()) for r in rows.values()]
-    print("| total | " + " | ".join(f"{t:.2f}" for t in totals) + f" | {sum(v['mb'] for v in first.values()):.1f} |")
+    def top(r):
+        return [v for k, v in r.items() if not k.startswith("of which")]
+
+    totals = [sum(v["ms"] for v in top(r)) for r in rows.values()]
+    print("| total | " + " | ".join(f"{t:.2f}" for t in totals) + f" | {sum(v['mb'] for v in top(first)):.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"profiles": rows, "systems": list(rows)}, indent=2))
     return 0
