@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import RoutingError
+
+_SMALL = 64  # routing slots up to which the CPU check reads them to Python instead of reducing on tensors
 
 #: Attribute set on patched modules: the module path used in error messages, and whether to check.
 NAME_ATTR = "_moe_patch_name"
@@ -48,6 +52,10 @@ def check_routing(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weig
     """
     if top_k_index.device.type == "cpu":  # no sync to save: three scalar reads are the cheapest there
         if not getattr(module, VALIDATE_ATTR, True) or torch.compiler.is_compiling() or top_k_index.numel() == 0:
+            return
+        if top_k_index.numel() <= _SMALL and top_k_weights.numel() <= _SMALL:  # decode: Python beats 4 tensor ops
+            ids, weights = top_k_index.reshape(-1).tolist(), top_k_weights.reshape(-1).tolist()
+            check_summary(module, [min(ids), max(ids), all(map(math.isfinite, weights))], num_experts)
             return
         lo, hi = torch.aminmax(top_k_index)
         check_summary(module, [lo.item(), hi.item(), bool(torch.isfinite(top_k_weights).all())], num_experts)

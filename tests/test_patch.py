@@ -371,16 +371,27 @@ def _break_router(model, *, value=None, index=None):
     router.forward = forward
 
 
-def test_nan_router_weights_raise_an_error_naming_the_layer():
+def _routing_inputs(model, inputs, slots: str) -> dict:
+    """The model's inputs, or enough tokens that the CPU check takes its tensor path (> 64 routing slots)."""
+    if slots == "few":
+        return inputs
+    return {"input_ids": torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))}
+
+
+@pytest.mark.parametrize("slots", ["few", "many"])
+def test_nan_router_weights_raise_an_error_naming_the_layer(slots):
     model, inputs = build("qwen3_moe")
+    inputs = _routing_inputs(model, inputs, slots)
     patch_model(model)
     _break_router(model, value=float("nan"))
     with pytest.raises(RoutingError, match=r"model\.layers\.0\.mlp\.experts: non-finite routing weights"):
         logits(model, inputs)
 
 
-def test_out_of_range_expert_indices_raise_an_error_naming_the_layer():
+@pytest.mark.parametrize("slots", ["few", "many"])
+def test_out_of_range_expert_indices_raise_an_error_naming_the_layer(slots):
     model, inputs = build("qwen3_moe")
+    inputs = _routing_inputs(model, inputs, slots)
     patch_model(model)
     _break_router(model, index=model.config.num_experts)
     with pytest.raises(RoutingError, match=r"model\.layers\.0\.mlp\.experts: router chose expert index 8"):

@@ -169,6 +169,25 @@ def test_float64_experts_run_where_the_grouped_kernel_cannot(name):
     assert rel_diff(logits(model, inputs), ref) < 1e-12
 
 
+def test_the_kernel_check_follows_the_weights_when_they_change_dtype():
+    """The grouped-kernel precondition is checked once per layer and weights, not once per call: a model
+    patched in fp32 and then cast to float64 (which the kernel refuses) falls back to the loop, and
+    unpatching leaves no cache behind."""
+    model, inputs = build("mixtral")
+    model.set_experts_implementation("grouped_mm")
+    patch_model(model)
+    logits(model, inputs)
+    experts = [m for m in model.modules() if "_moe_patch_cache_kernel_accepts" in m.__dict__]
+    assert experts and all(m.__dict__["_moe_patch_cache_kernel_accepts"][1] for m in experts)
+    model.double()
+    out = logits(model, inputs)
+    assert not any(m.__dict__["_moe_patch_cache_kernel_accepts"][1] for m in experts)
+    unpatch_model(model)
+    assert not any("_moe_patch_cache_kernel_accepts" in m.__dict__ for m in model.modules())
+    model.set_experts_implementation("eager")
+    assert rel_diff(out, logits(model, inputs)) < 1e-12
+
+
 @pytest.mark.parametrize("hidden, inter, transposed", [(64, ODD, False), (64, ODD, True), (ODD, 32, False)])
 def test_bank_dispatch_falls_back_to_the_loop_for_unaligned_banks(hidden, inter, transposed):
     g = torch.Generator().manual_seed(0)

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 #: The record lives on the module itself, so unpatching restores exactly and a ``copy.deepcopy`` of the
 #: model carries records about its own modules (a list of undo closures would point at the original's).
 SAVED_ATTR = "_moe_patch_saved"
+#: Prefix of what the dispatch caches on a patched module (derived from its weights; dropped on unpatch).
+CACHE_PREFIX = "_moe_patch_cache_"
 
 
 class _Absent(enum.Enum):
@@ -97,7 +99,10 @@ def bind_forward(module: torch.nn.Module, fn: Callable) -> None:
 
 
 def restore(module: torch.nn.Module) -> bool:
-    """Put back every attribute :func:`set_attrs` changed on ``module``; False if it changed none."""
+    """Put back every attribute :func:`set_attrs` changed on ``module`` and drop the dispatch's caches
+    (``_moe_patch_cache_*``); False if it changed nothing."""
+    for key in [k for k in module.__dict__ if k.startswith(CACHE_PREFIX)]:
+        del module.__dict__[key]
     saved = module.__dict__.pop(SAVED_ATTR, None)
     if saved is None:
         return False

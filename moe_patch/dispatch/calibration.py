@@ -106,8 +106,10 @@ class Calibrations:
 CALIBRATIONS = Calibrations()
 
 
-def _median_s(fn: Callable[[], object], repeats: int = 3) -> float:
-    fn()  # warm-up: packing, allocator
+def median_seconds(fn: Callable[[], object], repeats: int = 3, *, warmup: bool = True) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls (after one untimed call: packing, allocator)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -123,8 +125,8 @@ def _measure_upcast_min_rows(dtype: torch.dtype) -> float:
     w = torch.randn(out_features, in_features, generator=gen).to(dtype)
     for rows in (1, 4, 16, 64, 256):
         x = torch.randn(rows, in_features, generator=gen).to(dtype)
-        native = _median_s(lambda: F.linear(x, w))
-        upcast = _median_s(lambda: F.linear(x.float(), w.float()))
+        native = median_seconds(lambda: F.linear(x, w))
+        upcast = median_seconds(lambda: F.linear(x.float(), w.float()))
         if upcast < 0.9 * native:  # a clear win only: near parity, stay in the model's dtype
             return float(rows)
     return math.inf
@@ -158,10 +160,10 @@ def _measure_loop_wins(dtype: torch.dtype) -> float:
         x = torch.randn(experts * rows, in_features, generator=gen).to(dtype)
         offs = torch.arange(1, experts + 1, dtype=torch.int32) * rows
         try:
-            grouped = _median_s(lambda: _grouped_mm(x, wt, offs))
+            grouped = median_seconds(lambda: _grouped_mm(x, wt, offs))
         except RuntimeError:  # no grouped kernel for this dtype here: the loop always
             return float(2 ** len(LOOP_BUCKETS) - 1)
-        loop = _median_s(lambda: [F.linear(x[e * rows:(e + 1) * rows], w[e]) for e in range(experts)])
+        loop = median_seconds(lambda: [F.linear(x[e * rows:(e + 1) * rows], w[e]) for e in range(experts)])
         if loop < 0.95 * grouped:
             bits |= 1 << i
     return float(bits)

@@ -131,6 +131,20 @@ def bank_expert(bank: ExpertBank, e: int, x: torch.Tensor, compute_dtype: torch.
     return bank.post(y) if bank.post is not None else y
 
 
+def grouped_mlp(bank: ExpertBank, rows: torch.Tensor, offs: torch.Tensor, eid: torch.Tensor | None) -> torch.Tensor:
+    """The experts' MLP over expert-sorted ``rows`` in grouped GEMMs (``offs``: cumulative rows per expert,
+    ``eid``: each row's expert, for the biases)."""
+    h = grouped_linear(rows, bank.up, offs, transposed=bank.transposed,
+                       bias_rows=bank.up_bias[eid] if bank.up_bias is not None else None)
+    if bank.gate is not None:
+        h = bank.activate(grouped_linear(rows, bank.gate, offs, transposed=bank.transposed), h)
+    else:
+        h = bank.activate(h)
+    y = grouped_linear(h, bank.down, offs, transposed=bank._down_t,
+                       bias_rows=bank.down_bias[eid] if bank.down_bias is not None else None)
+    return bank.post(y) if bank.post is not None else y
+
+
 def bank_grouped(bank: ExpertBank, x: torch.Tensor, plan: DispatchPlan, top_k_weights: torch.Tensor,
                  *, weight_inputs: bool = False) -> torch.Tensor:
     """All experts of the bank in grouped GEMMs over expert-sorted rows; returns ``[T, H]``."""
@@ -142,16 +156,7 @@ def bank_grouped(bank: ExpertBank, x: torch.Tensor, plan: DispatchPlan, top_k_we
     rows = x[plan.token_ids[:n]]
     if weight_inputs:
         rows = (rows * top_k_weights.reshape(-1)[plan.order[:n]].unsqueeze(-1)).to(rows.dtype)
-    h = grouped_linear(rows, bank.up, offs, transposed=bank.transposed,
-                       bias_rows=bank.up_bias[eid] if bank.up_bias is not None else None)
-    if bank.gate is not None:
-        h = bank.activate(grouped_linear(rows, bank.gate, offs, transposed=bank.transposed), h)
-    else:
-        h = bank.activate(h)
-    y = grouped_linear(h, bank.down, offs, transposed=bank._down_t,
-                       bias_rows=bank.down_bias[eid] if bank.down_bias is not None else None)
-    if bank.post is not None:
-        y = bank.post(y)
+    y = grouped_mlp(bank, rows, offs, eid)
     weights = torch.ones_like(top_k_weights) if weight_inputs else top_k_weights
     return combine_sorted(y, plan, weights, x.shape[0]).to(x.dtype)
 
@@ -232,16 +237,7 @@ def grouped_dispatch_on_device(bank: ExpertBank, x: torch.Tensor, top_k_index: t
     if weight_inputs:
         rows = (rows * w).to(rows.dtype)
     eid = sorted_ids.clamp(max=n - 1)
-    h = grouped_linear(rows, bank.up, offs, transposed=bank.transposed,
-                       bias_rows=bank.up_bias[eid] if bank.up_bias is not None else None)
-    if bank.gate is not None:
-        h = bank.activate(grouped_linear(rows, bank.gate, offs, transposed=bank.transposed), h)
-    else:
-        h = bank.activate(h)
-    y = grouped_linear(h, bank.down, offs, transposed=bank._down_t,
-                       bias_rows=bank.down_bias[eid] if bank.down_bias is not None else None)
-    if bank.post is not None:
-        y = bank.post(y)
+    y = grouped_mlp(bank, rows, offs, eid)
     if not weight_inputs:
         y = y * w.to(y.dtype)
     y = torch.where(valid.unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))  # rows past the groups
@@ -265,6 +261,23 @@ def _transformers_kernel_accepts(bank: ExpertBank) -> bool:
     if torch.compiler.is_compiling() and bank.up.dtype != torch.bfloat16:
         return True
     return grouped_mm_accepts(bank.kernel_operands())
+
+
+_ACCEPTS_ATTR = "_moe_patch_cache_kernel_accepts"  # adapters.base.CACHE_PREFIX: unpatch drops it
+
+
+def _module_kernel_accepts(module: torch.nn.Module) -> bool:
+    """:func:`_transformers_kernel_accepts` for a fused-experts module, kept on the module for as long as its
+    weights are the same tensors in the same place (a decode step asks once per layer; the answer only
+    changes when the weights are moved, replaced or re-typed)."""
+    if torch.compiler.is_compiling():  # a graph has no data pointers to key on
+        return _transformers_kernel_accepts(fused_bank(module))
+    weights = tuple(getattr(module, n) for n in expert_weight_names(module))
+    key = tuple((w.data_ptr(), w.dtype, w.stride()) for w in weights)
+    cached = module.__dict__.get(_ACCEPTS_ATTR)
+    if cached is None or cached[0] != key:
+        cached = module.__dict__[_ACCEPTS_ATTR] = (key, _transformers_kernel_accepts(fused_bank(module)))
+    return cached[1]
 
 
 def stock_experts_forward(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
@@ -295,19 +308,17 @@ def moe_patch_experts_forward(
     """
     from ..validation import check_routing  # local: validation imports nothing from dispatch
 
-    check_routing(self, top_k_index, top_k_weights)  # skipped while compiling
-    bank = fused_bank(self)
-    if use_transformers_grouped(hidden_states) and _transformers_kernel_accepts(bank):
-        from transformers.integrations.moe import grouped_mm_experts_forward
+    from transformers.integrations.moe import grouped_mm_experts_forward
 
+    check_routing(self, top_k_index, top_k_weights)  # skipped while compiling
+    if use_transformers_grouped(hidden_states) and _module_kernel_accepts(self):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     # rows per active expert without a host sync: at most min(E, T * k) experts are active
     slots = top_k_index.numel()
-    if upcast_wins(bank.up, hidden_states, slots / max(1, min(bank.num_experts, slots))):
-        return bank_dispatch(bank, hidden_states, top_k_index, top_k_weights)
-    from transformers.integrations.moe import grouped_mm_experts_forward
-
+    up = self.gate_up_proj if self.has_gate else self.up_proj
+    if upcast_wins(up, hidden_states, slots / max(1, min(up.shape[0], slots))):
+        return bank_dispatch(fused_bank(self), hidden_states, top_k_index, top_k_weights)
     stock = stock_experts_forward(self)
-    if stock is not grouped_mm_experts_forward or _transformers_kernel_accepts(bank):
+    if stock is not grouped_mm_experts_forward or _module_kernel_accepts(self):
         return stock(self, hidden_states, top_k_index, top_k_weights)
-    return bank_dispatch(bank, hidden_states, top_k_index, top_k_weights)
+    return bank_dispatch(fused_bank(self), hidden_states, top_k_index, top_k_weights)

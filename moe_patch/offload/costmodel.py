@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..dispatch.calibration import median_seconds
+
 
 @dataclass(frozen=True)
 class Bandwidths:
@@ -62,12 +64,7 @@ def prefer_cpu(rows: int, nbytes: int, flops_per_row: int, bw: Bandwidths) -> bo
 
 
 def _median_time(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return median_seconds(fn, repeats, warmup=False)  # callers warm up what needs it
 
 
 @functools.lru_cache(maxsize=8)
