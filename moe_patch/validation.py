@@ -50,7 +50,7 @@ def check_routing(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weig
     Costs one host sync per block; ``patch_model(model, validate=False)`` turns it off for speed.
     Skipped while compiling (a data-dependent branch would break the graph).
     """
-    if top_k_index.device.type == "cpu":  # no sync to save: three scalar reads are the cheapest there
+    if top_k_index.device.type == "cpu":  # no sync to save: read the values (few) or three reductions
         if not getattr(module, VALIDATE_ATTR, True) or torch.compiler.is_compiling() or top_k_index.numel() == 0:
             return
         if top_k_index.numel() <= _SMALL and top_k_weights.numel() <= _SMALL:  # decode: Python beats 4 tensor ops

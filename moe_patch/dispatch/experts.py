@@ -182,7 +182,7 @@ def bank_dispatch(bank: ExpertBank, x: torch.Tensor, top_k_index: torch.Tensor, 
 def fused_bank(module: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> ExpertBank:
     """The bank of a transformers-5 fused experts module (flags from its decorator), over its own
     parameters or over ``weights`` stacked like them (``[N, ...]``, e.g. the offload engine's slots)."""
-    first = "gate_up_proj" if module.has_gate else "up_proj"
+    first = up_weight_name(module)
 
     def get(name: str) -> torch.Tensor | None:
         return weights.get(name) if weights is not None else getattr(module, name, None)
@@ -198,9 +198,14 @@ def fused_bank(module: torch.nn.Module, weights: dict[str, torch.Tensor] | None 
     )
 
 
+def up_weight_name(module: torch.nn.Module) -> str:
+    """The first weight a fused-experts module multiplies by: ``gate_up_proj`` (gated) or ``up_proj``."""
+    return "gate_up_proj" if module.has_gate else "up_proj"
+
+
 def expert_weight_names(module: torch.nn.Module) -> tuple[str, ...]:
     """Names of the per-expert parameters of a fused-experts module, in compute order."""
-    names = ["gate_up_proj" if module.has_gate else "up_proj"]
+    names = [up_weight_name(module)]
     if module.has_bias:
         names.append(names[0] + "_bias")
     names += ["down_proj"] + (["down_proj_bias"] if module.has_bias else [])
@@ -315,7 +320,7 @@ def moe_patch_experts_forward(
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     # rows per active expert without a host sync: at most min(E, T * k) experts are active
     slots = top_k_index.numel()
-    up = self.gate_up_proj if self.has_gate else self.up_proj
+    up = getattr(self, up_weight_name(self))
     if upcast_wins(up, hidden_states, slots / max(1, min(up.shape[0], slots))):
         return bank_dispatch(fused_bank(self), hidden_states, top_k_index, top_k_weights)
     stock = stock_experts_forward(self)

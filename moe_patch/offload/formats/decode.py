@@ -127,7 +127,13 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     index = _scratch("mxfp4_index", n, torch.int32, blocks.device)
     index.copy_(blocks.reshape(-1))
     direct = out is not None and out.dtype == compute and out.is_contiguous()
-    vals = out.view(words.dtype).reshape(-1) if direct else _scratch("mxfp4_vals", n, words.dtype, blocks.device)
+    own = out is None and compute == dtype  # the result is a new tensor anyway: decode straight into it
+    if direct:
+        vals = out.view(words.dtype).reshape(-1)
+    elif own:
+        vals = torch.empty(n, dtype=words.dtype, device=blocks.device)
+    else:  # a temporary in the compute dtype, then cast or copied into ``out``
+        vals = _scratch("mxfp4_vals", n, words.dtype, blocks.device)
     torch.index_select(words, 0, index, out=vals)
     vals = vals.view(compute).view(rows, groups, 2 * width)
     # torch.ldexp(x, e) is x * pow(2.0, e): the same factor, so the same rounding
@@ -135,6 +141,8 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     vals.mul_(factor.unsqueeze(-1))
     if direct:
         return out
+    if own:
+        return vals.view(rows, groups * 2 * width)
     return _finish(vals.view(rows, groups * 2 * width), dtype, out, scratch=True)
 
 
