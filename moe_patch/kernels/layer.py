@@ -1,0 +1,288 @@
+"""One MoE layer's routed experts computed by the native kernels, one call per layer.
+
+A :class:`MoEKernel` is built once per layer from its :class:`~.spec.MoELayerSpec`; experts are attached
+with :meth:`MoEKernel.set_expert` (their stored tensors are checked once, there, and referenced, not copied:
+a cache slot can be re-pointed at any time between calls). Per call:
+
+- :meth:`MoEKernel.forward`: gate_up, activation, down and the weighted sum over top-k, for all tokens;
+- :meth:`MoEKernel.gate_up` then :meth:`MoEKernel.down`: the two halves, for families with their own gate
+  (``_apply_gate``): any activation runs in torch between them;
+- :meth:`MoEKernel.decode`: one expert's projection as a dense matrix (for a torch GEMM at large row counts).
+
+Slots whose expert id is outside ``[0, E)`` or whose expert is not attached are skipped (the caller computes
+them elsewhere, e.g. on a GPU). The compute precision follows ``x``: bf16 activations are computed with bf16
+weights (decoded exactly as the torch decoders do in bf16) and fp32 accumulation; fp32 and fp16 activations
+in fp32. Details and error bounds: moe_patch/kernels/README.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from ..errors import InvalidArgumentError
+from .errors import KernelUnavailableError
+from .library import (ACTIVATIONS, DT_BF16, DT_F32, ERRORS, GLU_LAYOUTS, KERNELS, MODE_DOWN, MODE_FUSED,
+                      MODE_GATE_UP, PTRS, MpCall, MpLayer, Variant)
+from .spec import FLOAT_DTYPES, ExpertWeights, MoELayerSpec, projection_pointers
+
+COMPUTE = ("auto", "bf16", "fp32")
+
+
+class Workspace:
+    """Scratch memory of kernel calls: grown when a call needs more, then reused (no allocation per call)."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+        self.call = MpCall()
+        self.call_ref = ctypes.byref(self.call)
+
+    def ensure(self, nbytes: int) -> tuple[int, int]:
+        """Address and size of at least ``nbytes`` bytes."""
+        if self._buf is None or self._buf.numel() < nbytes:
+            self._buf = None  # free the old one first
+            self._buf = torch.empty(nbytes + nbytes // 4, dtype=torch.uint8)
+        return self._buf.data_ptr(), self._buf.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buf is None else self._buf.numel()
+
+    def release(self) -> None:
+        self._buf = None
+
+
+class _ThreadWorkspaces(threading.local):
+    """One default :class:`Workspace` per thread (calls from several threads never share scratch)."""
+
+    def get(self) -> Workspace:
+        ws = getattr(self, "ws", None)
+        if ws is None:
+            ws = self.ws = Workspace()
+        return ws
+
+
+#: the default workspaces (explicit registry; ``WORKSPACES.get().release()`` frees this thread's)
+WORKSPACES = _ThreadWorkspaces()
+
+
+def _check_2d(t: torch.Tensor, name: str, dtypes, rows: int | None, cols: int | None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise InvalidArgumentError(f"{name} must be a tensor, got {type(t).__name__}.")
+    if t.device.type != "cpu" or t.dim() != 2 or t.dtype not in dtypes:
+        raise InvalidArgumentError(f"{name} must be a 2-D CPU tensor of {' or '.join(map(str, dtypes))}, got "
+                                   f"{tuple(t.shape)} {t.dtype} on {t.device}.")
+    if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
+        raise InvalidArgumentError(f"{name} has shape {tuple(t.shape)}, expected ({rows}, {cols}).")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise InvalidArgumentError(f"{name} must have contiguous rows (stride 1 along its last dimension).")
+    if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
+        raise InvalidArgumentError(f"{name} has overlapping rows (stride {t.stride(0)}).")
+
+
+class MoEKernel:
+    """The routed experts of one MoE layer, computed from their stored bytes by the native CPU kernels.
+
+    Raises :class:`KernelUnavailableError` (with the reason) when the kernels do not run on this machine or
+    cannot compute ``spec``; callers then keep their torch path.
+
+    Args:
+        spec: the layer's shape, formats and activation.
+        compute: ``auto`` (bf16 for bf16 activations, fp32 otherwise), ``bf16`` or ``fp32``.
+        isa: the best instruction-set variant allowed (``avx512bf16``, ``avx512``, ``avx2``); default: the
+            best one the probe passed. For tests and comparisons.
+    """
+
+    def __init__(self, spec: MoELayerSpec, *, compute: str = "auto", isa: str | None = None):
+        if compute not in COMPUTE:
+            raise InvalidArgumentError(f"compute must be one of {', '.join(COMPUTE)}, got {compute!r}.")
+        status = KERNELS.status()
+        if not status.available:
+            raise KernelUnavailableError(status.reason)
+        reason = spec.unsupported()
+        if reason:
+            raise KernelUnavailableError(reason)
+        self.spec = spec
+        self.compute = compute
+        allowed = list(status.variants)
+        if isa is not None:
+            if isa not in allowed:
+                raise KernelUnavailableError(f"instruction-set variant {isa!r} does not run here "
+                                             f"(usable: {', '.join(allowed)})")
+            allowed = allowed[allowed.index(isa):]
+        self._bf16 = KERNELS.variant(allowed[0])
+        fp32 = [v for v in allowed if not KERNELS.variant(v).bf16_dot]
+        self._fp32 = KERNELS.variant(fp32[0]) if fp32 else None
+        self._table = torch.zeros(spec.num_experts, PTRS, dtype=torch.int64)
+        self._keep: list[list[torch.Tensor] | None] = [None] * spec.num_experts
+        layer = MpLayer()
+        layer.gu = spec.gate_up.proj(*spec.gate_up_shape)
+        layer.dn = spec.down.proj(*spec.down_shape)
+        layer.num_experts, layer.hidden, layer.inter = spec.num_experts, spec.hidden, spec.intermediate
+        layer.glu, layer.act = GLU_LAYOUTS[spec.glu_layout], ACTIVATIONS[spec.activation]
+        layer.alpha, layer.limit = spec.alpha, spec.limit
+        layer.table = self._table.data_ptr()
+        self._layer = layer
+        self._layer_ref = ctypes.byref(layer)
+        #: name of the variant that ran the last call (tests assert the compiled path ran)
+        self.last_variant: str | None = None
+
+    @property
+    def variants(self) -> tuple[str, str | None]:
+        """(variant of bf16-compute calls, variant of fp32-compute calls)."""
+        return self._bf16.name, self._fp32.name if self._fp32 else None
+
+    # ------------------------------------------------------------------ experts
+    def set_expert(self, expert: int, weights: ExpertWeights | None) -> None:
+        """Attach ``expert``'s stored tensors (checked against the spec; referenced, not copied), or detach it
+        with ``None`` (its slots are then skipped)."""
+        if not 0 <= expert < self.spec.num_experts:
+            raise InvalidArgumentError(f"expert {expert} is outside [0, {self.spec.num_experts}).")
+        if weights is None:
+            self._table[expert].zero_()
+            self._keep[expert] = None
+            return
+        s = self.spec
+        gu, keep_gu = projection_pointers(s.gate_up, *s.gate_up_shape, f"expert {expert} gate_up", weights.gate_up,
+                                          weights.gate_up_scale, weights.gate_up_zero_point, weights.gate_up_bias)
+        dn, keep_dn = projection_pointers(s.down, *s.down_shape, f"expert {expert} down", weights.down,
+                                          weights.down_scale, weights.down_zero_point, weights.down_bias)
+        self._keep[expert] = keep_gu + keep_dn
+        self._table[expert] = torch.tensor(gu + dn, dtype=torch.int64)
+
+    def has_expert(self, expert: int) -> bool:
+        return self._keep[expert] is not None
+
+    # ------------------------------------------------------------------ calls
+    def _variant(self, dtype: torch.dtype) -> tuple[Variant, bool]:
+        bf16 = self.compute == "bf16" or (self.compute == "auto" and dtype == torch.bfloat16)
+        if bf16:
+            return self._bf16, True
+        if self._fp32 is None:
+            raise KernelUnavailableError(f"no fp32 variant allowed with isa={self._bf16.name}")
+        return self._fp32, False
+
+    def _routing(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None, tokens: int) -> int:
+        if not isinstance(top_k_index, torch.Tensor) or top_k_index.dim() != 2 or top_k_index.dtype != torch.int64 \
+                or top_k_index.shape[0] != tokens or not top_k_index.is_contiguous() \
+                or top_k_index.device.type != "cpu":
+            raise InvalidArgumentError(f"top_k_index must be a contiguous int64 CPU tensor [{tokens}, k], got "
+                                       f"{getattr(top_k_index, 'shape', None)} {getattr(top_k_index, 'dtype', None)}.")
+        k = top_k_index.shape[1]
+        if k < 1:
+            raise InvalidArgumentError("top_k_index has no columns.")
+        if top_k_weights is not None:
+            if not isinstance(top_k_weights, torch.Tensor) or tuple(top_k_weights.shape) != (tokens, k) \
+                    or top_k_weights.dtype not in FLOAT_DTYPES or not top_k_weights.is_contiguous() \
+                    or top_k_weights.device.type != "cpu":
+                raise InvalidArgumentError(f"top_k_weights must be a contiguous float CPU tensor [{tokens}, {k}], "
+                                           f"got {getattr(top_k_weights, 'shape', None)} "
+                                           f"{getattr(top_k_weights, 'dtype', None)}.")
+        return k
+
+    def _run(self, mode: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None,
+             out: torch.Tensor, tokens: int, k: int, accumulate: bool, weight_inputs: bool,
+             workspace: Workspace | None) -> None:
+        variant, bf16 = self._variant(x.dtype)
+        threads = torch.get_num_threads()
+        ws = workspace or WORKSPACES.get()
+        need = variant.workspace(self._layer_ref, tokens, k, mode, int(weight_inputs), threads)
+        ptr, size = ws.ensure(need)
+        c = ws.call
+        c.x, c.idx, c.out, c.ws = x.data_ptr(), top_k_index.data_ptr(), out.data_ptr(), ptr
+        c.wts = top_k_weights.data_ptr() if top_k_weights is not None else None
+        c.x_stride, c.out_stride, c.ws_bytes = x.stride(0), out.stride(0), size
+        c.x_dtype, c.out_dtype = FLOAT_DTYPES[x.dtype], FLOAT_DTYPES[out.dtype]
+        c.w_dtype = FLOAT_DTYPES[top_k_weights.dtype] if top_k_weights is not None else DT_F32
+        c.T, c.k, c.mode, c.accumulate, c.weight_inputs = tokens, k, mode, int(accumulate), int(weight_inputs)
+        c.nthreads, c.round_bf16 = threads, int(bf16)
+        rc = variant.run(self._layer_ref, ws.call_ref)
+        if rc:
+            raise RuntimeError(f"internal error: kernel {variant.name} returned {rc} ({ERRORS.get(rc, '?')})")
+        self.last_variant = variant.name
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                out: torch.Tensor | None = None, *, accumulate: bool = False, weight_inputs: bool = False,
+                workspace: Workspace | None = None) -> torch.Tensor:
+        """``out[t] (+)= sum_j w[t, j] * down(act(gate_up(x[t])))`` over the routed, attached experts.
+
+        Args:
+            x: ``[T, hidden]`` float32, bfloat16 or float16 (rows contiguous).
+            top_k_index: ``[T, k]`` int64 expert ids (outside ``[0, E)``: skipped).
+            top_k_weights: ``[T, k]`` routing weights.
+            out: ``[T, hidden]`` result (float32/bfloat16/float16); a new tensor of x's dtype when None.
+            accumulate: add into ``out`` instead of overwriting it (the sum is formed in fp32 and added once).
+            weight_inputs: scale each expert's input by its routing weight instead of its output (Llama 4).
+        """
+        s = self.spec
+        _check_2d(x, "x", FLOAT_DTYPES, None, s.hidden)
+        tokens = x.shape[0]
+        k = self._routing(top_k_index, top_k_weights, tokens)
+        if top_k_weights is None:
+            raise InvalidArgumentError("forward needs top_k_weights.")
+        if out is None:
+            out, accumulate = torch.empty(tokens, s.hidden, dtype=x.dtype), False
+        _check_2d(out, "out", FLOAT_DTYPES, tokens, s.hidden)
+        if tokens:
+            self._run(MODE_FUSED, x, top_k_index, top_k_weights, out, tokens, k, accumulate, weight_inputs,
+                      workspace)
+        return out
+
+    def gate_up(self, x: torch.Tensor, top_k_index: torch.Tensor, out: torch.Tensor | None = None, *,
+                top_k_weights: torch.Tensor | None = None, weight_inputs: bool = False,
+                workspace: Workspace | None = None) -> torch.Tensor:
+        """The gate_up projection (bias included, no activation) of every routed slot: fp32 ``[T * k, 2I]``,
+        row ``t * k + j`` for slot ``(t, j)``, columns in stored row order (interleaved for gpt-oss). Rows of
+        skipped slots are left as they were (zeros in a new tensor)."""
+        s = self.spec
+        _check_2d(x, "x", FLOAT_DTYPES, None, s.hidden)
+        tokens = x.shape[0]
+        k = self._routing(top_k_index, top_k_weights, tokens)
+        if weight_inputs and top_k_weights is None:
+            raise InvalidArgumentError("weight_inputs needs top_k_weights.")
+        if out is None:
+            out = torch.zeros(tokens * k, 2 * s.intermediate, dtype=torch.float32)
+        _check_2d(out, "out", (torch.float32,), tokens * k, 2 * s.intermediate)
+        if tokens:
+            self._run(MODE_GATE_UP, x, top_k_index, top_k_weights, out, tokens, k, False, weight_inputs, workspace)
+        return out
+
+    def down(self, a: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+             out: torch.Tensor, *, accumulate: bool = False, weight_inputs: bool = False,
+             workspace: Workspace | None = None) -> torch.Tensor:
+        """``out[t] (+)= sum_j w[t, j] * down(a[t * k + j])`` (weights not applied with ``weight_inputs``): the
+        second half after an activation computed elsewhere. ``a``'s dtype sets the compute precision."""
+        s = self.spec
+        _check_2d(out, "out", FLOAT_DTYPES, None, s.hidden)
+        tokens = out.shape[0]
+        k = self._routing(top_k_index, top_k_weights, tokens)
+        if top_k_weights is None and not weight_inputs:
+            raise InvalidArgumentError("down needs top_k_weights (or weight_inputs=True).")
+        _check_2d(a, "a", FLOAT_DTYPES, tokens * k, s.intermediate)
+        if tokens:
+            self._run(MODE_DOWN, a, top_k_index, top_k_weights, out, tokens, k, accumulate, weight_inputs, workspace)
+        return out
+
+    def decode(self, expert: int, projection: str = "gate_up", dtype: torch.dtype = torch.bfloat16,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert ``expert``'s ``gate_up`` or ``down`` weight as a dense ``[rows, cols]`` tensor of ``dtype``
+        (bfloat16 or float32): the values the kernels compute with, equal to the torch decoders' in ``dtype``."""
+        if projection not in ("gate_up", "down"):
+            raise InvalidArgumentError(f"projection must be 'gate_up' or 'down', got {projection!r}.")
+        if dtype not in (torch.bfloat16, torch.float32):
+            raise InvalidArgumentError(f"decode dtype must be bfloat16 or float32, got {dtype}.")
+        if not 0 <= expert < self.spec.num_experts or not self.has_expert(expert):
+            raise InvalidArgumentError(f"expert {expert} is not attached.")
+        rows, cols = self.spec.gate_up_shape if projection == "gate_up" else self.spec.down_shape
+        if out is None:
+            out = torch.empty(rows, cols, dtype=dtype)
+        if out.dtype != dtype or tuple(out.shape) != (rows, cols) or not out.is_contiguous():
+            raise InvalidArgumentError(f"out must be a contiguous {dtype} tensor of shape ({rows}, {cols}).")
+        variant, bf16 = self._variant(dtype)
+        rc = variant.decode(self._layer_ref, int(projection == "down"), expert, out.data_ptr(),
+                            DT_BF16 if dtype == torch.bfloat16 else DT_F32, int(bf16), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"internal error: kernel decode returned {rc} ({ERRORS.get(rc, '?')})")
+        return out
