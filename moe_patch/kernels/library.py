@@ -8,6 +8,7 @@ Environment:
     tests both ways); ``1``/``on``/``auto`` or unset: use them where they work.
     ``MOE_PATCH_KERNELS_ISA``: ``avx512bf16``, ``avx512`` or ``avx2`` caps the variant used (for testing each
     variant this CPU runs, or to compare them); a variant the probe did not pass is refused.
+    ``MOE_PATCH_KERNEL_CACHE``: where compiled libraries are kept (default ``$MOE_PATCH_CACHE/kernels``).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class KernelRegistry:
         if cap and cap not in VARIANTS:
             return self._unavailable(f"MOE_PATCH_KERNELS_ISA={cap!r} is not one of {', '.join(VARIANTS)}")
         try:
-            path = build_library()
+            path, built = build_library()
             lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
         except KernelUnavailableError as exc:
             return self._unavailable(str(exc))
@@ -135,13 +136,14 @@ class KernelRegistry:
         if lib.mp_abi_version() != ABI_VERSION or lib.mp_sizeof_layer() != ctypes.sizeof(MpLayer) \
                 or lib.mp_sizeof_call() != ctypes.sizeof(MpCall):
             return self._unavailable(f"{path} does not match this moe_patch version (ABI); delete it to rebuild")
-        results = probe(path, list(VARIANTS))
-        passed = [v for v in VARIANTS if results.get(v) == "ok"]
+        results = probe(path, list(built))
+        passed = [v for v in built if results.get(v) == "ok"]
         if cap:
             order = list(VARIANTS)
             if results.get(cap) != "ok":
-                return self._unavailable(f"MOE_PATCH_KERNELS_ISA={cap}: that variant does not run on this CPU "
-                                         f"({results.get(cap)})", results, path)
+                why = results.get(cap) or "its instruction sets are not listed by this CPU"
+                return self._unavailable(f"MOE_PATCH_KERNELS_ISA={cap}: that variant does not run here ({why})",
+                                         results, path)
             passed = [v for v in passed if order.index(v) >= order.index(cap)]
         if not passed:
             return self._unavailable("no instruction-set variant runs on this CPU (AVX2+FMA+F16C at least): "

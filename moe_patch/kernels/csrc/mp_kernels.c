@@ -77,6 +77,7 @@ AI float hsum(vacc_t a) { return _mm512_reduce_add_ps(a); }
 #define VI_ADD _mm512_add_epi32
 #define VI_SLLI _mm512_slli_epi32
 #define VI_ASF _mm512_castsi512_ps
+#define VF_SEL(cond_a, cond_b, pred, yes, no) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(cond_a, cond_b, pred), no, yes)
 #elif MP_DOT == 2
 #define CK 16
 #define VL 16
@@ -109,6 +110,7 @@ AI float hsum(vacc_t a) { return _mm512_reduce_add_ps(a); }
 #define VI_ASI _mm512_castps_si512
 #define VI_AND _mm512_and_si512
 #define VI_SRLI _mm512_srli_epi32
+#define VF_SEL(cond_a, cond_b, pred, yes, no) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(cond_a, cond_b, pred), no, yes)
 #elif MP_DOT == 3
 #define CK 8
 #define VL 8
@@ -146,6 +148,7 @@ AI float hsum(vacc_t a) {
 #define VI_ASI _mm256_castps_si256
 #define VI_AND _mm256_and_si256
 #define VI_SRLI _mm256_srli_epi32
+#define VF_SEL(cond_a, cond_b, pred, yes, no) _mm256_blendv_ps(no, yes, _mm256_cmp_ps(cond_a, cond_b, pred))
 #else
 #error "unknown MP_DOT"
 #endif
@@ -839,9 +842,9 @@ static rows_fn pick_rows(const mp_proj *P) {
 
 /* ------------------------------------------------------------------ activations (fp32, VL lanes) */
 /* exp as Cephes' expf: range reduction by ln 2 in two parts, degree-6 polynomial, 2**n through the exponent
- * field (inputs clamped so n stays a normal exponent); about 1 ulp */
-AI vf_t vexp(vf_t x) {
-    x = VF_MIN(VF_MAX(x, VF_SET1(-87.3f)), VF_SET1(88.3f));
+ * field (about 1 ulp); above ln(FLT_MAX) it is inf and NaN stays NaN, so sigmoid and silu saturate like torch's */
+AI vf_t vexp(vf_t x0) {
+    vf_t x = VF_MIN(VF_MAX(x0, VF_SET1(-87.3f)), VF_SET1(88.3f));
     vf_t fx = VF_RINT(VF_MUL(x, VF_SET1(1.44269504088896341f)));
     x = VF_SUB(x, VF_MUL(fx, VF_SET1(0.693359375f)));
     x = VF_SUB(x, VF_MUL(fx, VF_SET1(-2.12194440e-4f)));
@@ -853,7 +856,9 @@ AI vf_t vexp(vf_t x) {
     y = VF_FMA(y, x, VF_SET1(5.0000001201e-1f));
     y = VF_FMA(y, VF_MUL(x, x), VF_ADD(x, VF_SET1(1.0f)));
     vi_t n = VI_SLLI(VI_ADD(VF_TOI(fx), VI_SET1(127)), 23);
-    return VF_MUL(y, VI_ASF(n));
+    y = VF_MUL(y, VI_ASF(n));
+    y = VF_SEL(x0, VF_SET1(88.72283f), _CMP_GT_OQ, VF_SET1(__builtin_inff()), y);
+    return VF_SEL(x0, x0, _CMP_UNORD_Q, x0, y);
 }
 
 AI vf_t act_apply(int act, vf_t g, vf_t u, float alpha, float limit) {
@@ -870,8 +875,8 @@ AI vf_t act_apply(int act, vf_t g, vf_t u, float alpha, float limit) {
         vf_t t = VF_SUB(one, VF_DIV(VF_SET1(2.0f), VF_ADD(vexp(VF_ADD(z, z)), one)));
         return VF_MUL(VF_MUL(VF_MUL(VF_SET1(0.5f), g), VF_ADD(one, t)), u);
     }
-    default: /* silu(gate) * up */
-        return VF_DIV(VF_MUL(g, u), VF_ADD(one, vexp(VF_SUB(VF_SET1(0.0f), g))));
+    default: /* silu(gate) * up, silu first (gate * up alone can overflow where the result does not) */
+        return VF_MUL(VF_DIV(g, VF_ADD(one, vexp(VF_SUB(VF_SET1(0.0f), g)))), u);
     }
 }
 
@@ -984,6 +989,8 @@ static void unit_gate_up_fused(const mp_layer *L, const mp_call *C, const ws_t *
             for (int j = 0; j < JB; j += VL)
                 VF_STORE(o + j, act_apply(L->act, VF_LOAD(g + j), VF_LOAD(u + j), L->alpha, L->limit));
             for (int j = 0; j < jn; j++) dst[j] = to_xe(o[j], C->round_bf16);
+            if (j0 + jn == I) /* the padding the down projection's last chunk reads: zeros, never stale NaNs */
+                for (int j = I; j < w->Ip; j++) dst[j - j0] = (xe_t)0;
         }
     }
 }
