@@ -18,17 +18,34 @@ in fp32. Details and error bounds: moe_patch/kernels/README.md.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
 from .errors import KernelUnavailableError
+from .crossover import CROSSOVERS, ROW_BUCKETS
 from .library import (ACTIVATIONS, DT_BF16, DT_F32, ERRORS, GLU_LAYOUTS, KERNELS, MODE_DOWN, MODE_FUSED,
                       MODE_GATE_UP, PTRS, MpCall, MpLayer, Variant)
 from .spec import FLOAT_DTYPES, ExpertWeights, MoELayerSpec, projection_pointers
 
 COMPUTE = ("auto", "bf16", "fp32")
+
+
+def torch_activation(spec: MoELayerSpec, h: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation in torch (the GEMM path): ``h`` [rows, 2I] in stored row order -> [rows, I]."""
+    if spec.glu_layout == "interleaved":
+        gate, up = h[..., 0::2], h[..., 1::2]
+    else:
+        gate, up = h.chunk(2, dim=-1)
+    if spec.activation == "gpt_oss":
+        gate, up = gate.clamp(max=spec.limit), up.clamp(-spec.limit, spec.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * spec.alpha)
+    if spec.activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    return F.silu(gate) * up
 
 
 class Workspace:
@@ -93,11 +110,19 @@ class MoEKernel:
         compute: ``auto`` (bf16 for bf16 activations, fp32 otherwise), ``bf16`` or ``fp32``.
         isa: the best instruction-set variant allowed (``avx512bf16``, ``avx512``, ``avx2``); default: the
             best one the probe passed. For tests and comparisons.
+        gemm_min_rows: experts with at least this many rows in a :meth:`forward` call are decoded densely and
+            computed with torch's GEMM instead (prefill); ``"auto"``: the crossover measured on this machine
+            (:mod:`.crossover`); ``None``: never.
     """
 
-    def __init__(self, spec: MoELayerSpec, *, compute: str = "auto", isa: str | None = None):
+    def __init__(self, spec: MoELayerSpec, *, compute: str = "auto", isa: str | None = None,
+                 gemm_min_rows: float | str | None = "auto"):
         if compute not in COMPUTE:
             raise InvalidArgumentError(f"compute must be one of {', '.join(COMPUTE)}, got {compute!r}.")
+        if gemm_min_rows != "auto" and gemm_min_rows is not None and not (
+                isinstance(gemm_min_rows, (int, float)) and gemm_min_rows >= 1):
+            raise InvalidArgumentError(f"gemm_min_rows must be 'auto', None or a number >= 1, got {gemm_min_rows!r}.")
+        self.gemm_min_rows = gemm_min_rows
         status = KERNELS.status()
         if not status.available:
             raise KernelUnavailableError(status.reason)
@@ -116,7 +141,8 @@ class MoEKernel:
         fp32 = [v for v in allowed if not KERNELS.variant(v).bf16_dot]
         self._fp32 = KERNELS.variant(fp32[0]) if fp32 else None
         self._table = torch.zeros(spec.num_experts, PTRS, dtype=torch.int64)
-        self._keep: list[list[torch.Tensor] | None] = [None] * spec.num_experts
+        self._keep: list[list[torch.Tensor] | None] = [None] * spec.num_experts  # what the table points into
+        self._experts: list[ExpertWeights | None] = [None] * spec.num_experts
         layer = MpLayer()
         layer.gu = spec.gate_up.proj(*spec.gate_up_shape)
         layer.dn = spec.down.proj(*spec.down_shape)
@@ -142,7 +168,7 @@ class MoEKernel:
             raise InvalidArgumentError(f"expert {expert} is outside [0, {self.spec.num_experts}).")
         if weights is None:
             self._table[expert].zero_()
-            self._keep[expert] = None
+            self._keep[expert] = self._experts[expert] = None
             return
         s = self.spec
         gu, keep_gu = projection_pointers(s.gate_up, *s.gate_up_shape, f"expert {expert} gate_up", weights.gate_up,
@@ -150,6 +176,7 @@ class MoEKernel:
         dn, keep_dn = projection_pointers(s.down, *s.down_shape, f"expert {expert} down", weights.down,
                                           weights.down_scale, weights.down_zero_point, weights.down_bias)
         self._keep[expert] = keep_gu + keep_dn
+        self._experts[expert] = weights
         self._table[expert] = torch.tensor(gu + dn, dtype=torch.int64)
 
     def has_expert(self, expert: int) -> bool:
@@ -184,11 +211,12 @@ class MoEKernel:
 
     def _run(self, mode: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None,
              out: torch.Tensor, tokens: int, k: int, accumulate: bool, weight_inputs: bool,
-             workspace: Workspace | None) -> None:
+             workspace: Workspace | None, layer_ref=None) -> None:
+        layer_ref = layer_ref or self._layer_ref
         variant, bf16 = self._variant(x.dtype)
         threads = torch.get_num_threads()
         ws = workspace or WORKSPACES.get()
-        need = variant.workspace(self._layer_ref, tokens, k, mode, int(weight_inputs), threads)
+        need = variant.workspace(layer_ref, tokens, k, mode, int(weight_inputs), threads)
         ptr, size = ws.ensure(need)
         c = ws.call
         c.x, c.idx, c.out, c.ws = x.data_ptr(), top_k_index.data_ptr(), out.data_ptr(), ptr
@@ -198,7 +226,7 @@ class MoEKernel:
         c.w_dtype = FLOAT_DTYPES[top_k_weights.dtype] if top_k_weights is not None else DT_F32
         c.T, c.k, c.mode, c.accumulate, c.weight_inputs = tokens, k, mode, int(accumulate), int(weight_inputs)
         c.nthreads, c.round_bf16 = threads, int(bf16)
-        rc = variant.run(self._layer_ref, ws.call_ref)
+        rc = variant.run(layer_ref, ws.call_ref)
         if rc:
             raise RuntimeError(f"internal error: kernel {variant.name} returned {rc} ({ERRORS.get(rc, '?')})")
         self.last_variant = variant.name
@@ -225,10 +253,60 @@ class MoEKernel:
         if out is None:
             out, accumulate = torch.empty(tokens, s.hidden, dtype=x.dtype), False
         _check_2d(out, "out", FLOAT_DTYPES, tokens, s.hidden)
-        if tokens:
+        if not tokens:
+            return out
+        big = self._gemm_experts(x.dtype, top_k_index) if tokens * k >= ROW_BUCKETS[0] else []
+        if not big:
             self._run(MODE_FUSED, x, top_k_index, top_k_weights, out, tokens, k, accumulate, weight_inputs,
                       workspace)
+            return out
+        # experts with many rows: dense decode + torch GEMM; the rest through the kernel (a table without them)
+        table = self._table.clone()
+        table[big] = 0
+        layer = MpLayer.from_buffer_copy(self._layer)
+        layer.table = table.data_ptr()
+        self._run(MODE_FUSED, x, top_k_index, top_k_weights, out, tokens, k, accumulate, weight_inputs,
+                  workspace, ctypes.byref(layer))
+        out.add_(self._gemm_part(big, x, top_k_index, top_k_weights, weight_inputs))
         return out
+
+    def _gemm_experts(self, dtype: torch.dtype, top_k_index: torch.Tensor) -> list[int]:
+        """The attached experts with at least the crossover's rows in this call."""
+        if self.gemm_min_rows is None:
+            return []
+        _, bf16 = self._variant(dtype)
+        compute = torch.bfloat16 if bf16 else torch.float32
+        threshold = (CROSSOVERS.get(self.spec.gate_up.kind, compute) if self.gemm_min_rows == "auto"
+                     else float(self.gemm_min_rows))
+        if math.isinf(threshold) or top_k_index.numel() < threshold:
+            return []
+        flat = top_k_index.reshape(-1)
+        counts = torch.bincount(flat[(flat >= 0) & (flat < self.spec.num_experts)], minlength=self.spec.num_experts)
+        return [e for e in (counts >= threshold).nonzero().flatten().tolist() if self._experts[e] is not None]
+
+    def _gemm_part(self, experts: list[int], x: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor, weight_inputs: bool) -> torch.Tensor:
+        """fp32 [T, hidden]: ``experts`` decoded to the compute dtype (the torch decoders' values) and computed
+        with torch's GEMM, activation in fp32 as in the kernel."""
+        _, bf16 = self._variant(x.dtype)
+        compute = torch.bfloat16 if bf16 else torch.float32
+        s, k = self.spec, top_k_index.shape[1]
+        acc = torch.zeros(x.shape[0], s.hidden, dtype=torch.float32)
+        flat = top_k_index.reshape(-1)
+        for e in experts:
+            slots = (flat == e).nonzero().flatten()
+            tok, w = slots // k, top_k_weights.reshape(-1)[slots].float()
+            xin = (x[tok].float() * w[:, None] if weight_inputs else x[tok]).to(compute)
+            weights = self._experts[e]
+            h = F.linear(xin, self.decode(e, "gate_up", compute)).float()
+            if weights.gate_up_bias is not None:
+                h += weights.gate_up_bias.float()
+            a = torch_activation(s, h).to(compute)
+            y = F.linear(a, self.decode(e, "down", compute)).float()
+            if weights.down_bias is not None:
+                y += weights.down_bias.float()
+            acc.index_add_(0, tok, y if weight_inputs else y * w[:, None])
+        return acc
 
     def gate_up(self, x: torch.Tensor, top_k_index: torch.Tensor, out: torch.Tensor | None = None, *,
                 top_k_weights: torch.Tensor | None = None, weight_inputs: bool = False,

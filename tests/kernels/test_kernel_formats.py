@@ -39,6 +39,9 @@ COMPUTE = [torch.bfloat16, torch.float32]
 
 
 def build(spec: MoELayerSpec, experts, **kw) -> MoEKernel:
+    """The kernel layer for ``experts`` (None: not attached); the fused kernel at every row count unless
+    ``gemm_min_rows`` says otherwise (the GEMM path has tests of its own)."""
+    kw.setdefault("gemm_min_rows", None)
     layer = MoEKernel(spec, **kw)
     for e, pair in enumerate(experts):
         if pair is not None:

@@ -90,6 +90,45 @@ def test_the_two_halves_with_an_activation_in_torch(compute, kernel_status, gen)
     assert rel_err(fused, out.double()) <= 10 * TOL[compute]  # torch's sigmoid vs the kernels' exp
 
 
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("fmt", [ExpertFormat("mxfp4", bias=torch.bfloat16), ExpertFormat("fp8", block=(32, 32))],
+                         ids=["mxfp4", "fp8"])
+def test_experts_with_many_rows_go_through_torch_gemm(fmt, compute, kernel_status, gen):
+    """At or above gemm_min_rows an expert is decoded densely (the decoders' values) and computed by torch's
+    GEMM, the others by the kernel; the sum is the layer's. torch's bf16 GEMM rounds both projections to bf16
+    (as the stock model's linears do), so bf16 is held to a few bf16 ulps (1e-2) there."""
+    spec = MoELayerSpec(4, 64, 32, fmt, fmt, activation="gpt_oss", glu_layout="interleaved")
+    experts = make_experts(spec, gen)
+    idx = torch.tensor([[0, 1]] * 20 + [[2, 3]] * 3)  # experts 0 and 1: 20 rows; 2 and 3: 3 rows
+    wts = torch.rand(23, 2, generator=gen)
+    x = torch.randn(23, 64, generator=gen).to(compute)
+    ref = reference(spec, experts, x, idx, wts, compute)
+    split = build(spec, experts, gemm_min_rows=16)
+    out = split.forward(x, idx, wts, torch.ones(23, 64), accumulate=True)
+    assert rel_err(out - 1, ref) <= (1e-5 if compute == torch.float32 else 1e-2)
+    assert rel_err(out[20:] - 1, ref[20:]) <= TOL[compute] * 10  # rows of the kernel's experts only
+
+
+def test_the_gemm_crossover_is_measured_once_per_machine(kernel_status, monkeypatch, tmp_path, gen):
+    from moe_patch.kernels import crossover
+
+    monkeypatch.setenv("MOE_PATCH_KERNEL_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(crossover, "measure_gemm_min_rows", lambda kind, dtype: calls.append(kind) or 16.0)
+    reg = crossover.Crossovers()
+    assert reg.get("mxfp4", torch.bfloat16) == 16.0 and reg.get("mxfp4", torch.bfloat16) == 16.0
+    assert crossover.Crossovers().get("mxfp4", torch.bfloat16) == 16.0  # a new process reads the file
+    assert calls == ["mxfp4"]
+    monkeypatch.setattr(crossover, "CROSSOVERS", reg)
+    from moe_patch.kernels import layer as klayer
+
+    monkeypatch.setattr(klayer, "CROSSOVERS", reg)
+    spec = MoELayerSpec(2, 64, 32, MX, MX)
+    auto = build(spec, make_experts(spec, gen), gemm_min_rows="auto")
+    assert auto._gemm_experts(torch.bfloat16, torch.tensor([[0, 1]] * 16)) == [0, 1]
+    assert auto._gemm_experts(torch.bfloat16, torch.tensor([[0, 1]] * 15)) == []
+
+
 def test_accumulate_dtypes_and_strides(layer_case, gen):
     spec, experts, layer = layer_case
     idx, wts = routing(6, 2, 5, gen)

@@ -1,0 +1,143 @@
+"""Rows per expert from which decoding an expert densely and running torch's GEMM beats the fused kernel.
+
+The kernel decodes each weight once per call and multiplies it with every row routed to its expert from
+registers (up to 8 rows) or from a per-thread L1/L2 buffer (more), with the CPU's bf16 dot product. At
+prefill row counts a tuned GEMM (oneDNN through torch, AMX where the CPU has it) may be faster, paying one
+dense decode of the expert. Which wins depends on the CPU, the thread count and the format, so it is timed
+once per machine on a representative expert and kept in ``$MOE_PATCH_KERNEL_CACHE`` (a JSON file per CPU,
+torch version and thread count). :data:`CROSSOVERS` is the explicit registry of these answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..atomic import write_bytes
+from .build import cache_root
+from .probe import cpu_fingerprint
+
+logger = logging.getLogger(__name__)
+
+#: rows per expert at which the two are timed against each other
+ROW_BUCKETS = (16, 64, 256)
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_gemm_min_rows(kind: str, compute: torch.dtype) -> float:
+    """Smallest of :data:`ROW_BUCKETS` at which decode + torch GEMM is clearly (10%) faster than the kernel
+    for one expert of a mid-sized shape (Qwen3-30B-A3B: hidden 2048, intermediate 768) stored as ``kind``;
+    ``inf`` where it never is."""
+    from .layer import MoEKernel
+    from .spec import ExpertFormat, ExpertWeights, MoELayerSpec
+
+    hidden, inter = 2048, 768
+    gen = torch.Generator().manual_seed(0)
+    fmt = {"fp8": ExpertFormat("fp8", block=(128, 128)), "mxfp4": ExpertFormat("mxfp4"),
+           "int4": ExpertFormat("int4", group_size=32, scale_dtype=torch.bfloat16),
+           "int8": ExpertFormat("int8", scale_dtype=torch.bfloat16)}.get(kind, ExpertFormat(kind))
+    layer = MoEKernel(MoELayerSpec(1, hidden, inter, fmt, fmt))
+    layer.set_expert(0, ExpertWeights(*_random_expert(fmt, hidden, inter, gen)))
+    wg = torch.empty(2 * inter, hidden, dtype=compute)
+    wd = torch.empty(hidden, inter, dtype=compute)
+    for rows in ROW_BUCKETS:
+        x = torch.randn(rows, hidden, generator=gen).to(compute)
+        idx = torch.zeros(rows, 1, dtype=torch.int64)
+        wts = torch.ones(rows, 1)
+        out = torch.empty(rows, hidden, dtype=compute)
+        fused = _median_seconds(lambda: layer.forward(x, idx, wts, out))
+
+        def gemm():
+            layer.decode(0, "gate_up", compute, wg)
+            layer.decode(0, "down", compute, wd)
+            gate, up = F.linear(x, wg).chunk(2, dim=-1)
+            F.linear(F.silu(gate) * up, wd)
+
+        if _median_seconds(gemm) < 0.9 * fused:
+            return float(rows)
+    return math.inf
+
+
+def _random_expert(fmt, hidden: int, inter: int, gen: torch.Generator) -> tuple:
+    """(gate_up, down, gate_up scale, down scale) of random stored bytes in ``fmt``."""
+    def one(rows: int, cols: int):
+        if fmt.kind in ("bf16", "fp16", "fp32"):
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[fmt.kind]
+            return (torch.randn(rows, cols, generator=gen) * 0.05).to(dtype), None
+        if fmt.kind == "fp8":
+            b = torch.randint(0, 126, (rows, cols), dtype=torch.uint8, generator=gen)
+            return b.view(torch.float8_e4m3fn), torch.rand(-(-rows // 128), -(-cols // 128), generator=gen) * 1e-3
+        if fmt.kind == "mxfp4":
+            return (torch.randint(0, 256, (rows, cols // 32, 16), dtype=torch.uint8, generator=gen),
+                    torch.randint(118, 124, (rows, cols // 32), dtype=torch.uint8, generator=gen))
+        words = cols // 8 if fmt.kind == "int4" else cols // 4
+        groups = cols // fmt.group_size if fmt.group_size else 1
+        return (torch.randint(-(1 << 31), (1 << 31) - 1, (rows, words), dtype=torch.int32, generator=gen),
+                (torch.rand(rows, groups, generator=gen) * 1e-2).to(torch.bfloat16))
+
+    (gw, gs), (dw, ds) = one(2 * inter, hidden), one(hidden, inter)
+    return gw, dw, gs, ds
+
+
+class Crossovers:
+    """Measured crossovers, in memory and in one JSON file per machine (CPU, torch, thread count)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, dict[str, float]] = {}
+
+    def _file(self, key: str):
+        return cache_root() / f"crossover-{key}.json"
+
+    def get(self, kind: str, compute: torch.dtype) -> float:
+        """Rows per expert from which the GEMM path wins for ``kind`` in ``compute`` on this machine."""
+        key = f"{cpu_fingerprint()}-{torch.__version__}-t{torch.get_num_threads()}"
+        question = f"{kind}/{str(compute).removeprefix('torch.')}"
+        known = self._values.get(key)
+        if known is not None and question in known:
+            return known[question]
+        with self._lock:
+            values = self._values.setdefault(key, self._read(key))
+            if question not in values:
+                t0 = time.perf_counter()
+                values[question] = measure_gemm_min_rows(kind, compute)
+                logger.info("kernel/GEMM crossover %s = %s rows per expert (measured in %.1f s)", question,
+                            values[question], time.perf_counter() - t0)
+                try:
+                    cache_root().mkdir(parents=True, exist_ok=True)
+                    write_bytes(self._file(key), json.dumps(values, indent=1).encode())
+                except OSError as exc:  # a read-only cache only means measuring again next time
+                    logger.debug("could not keep the crossover in %s: %s", self._file(key), exc)
+            return values[question]
+
+    def _read(self, key: str) -> dict[str, float]:
+        try:
+            values = json.loads(self._file(key).read_text())
+            return {k: float(v) for k, v in values.items()} if isinstance(values, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+
+#: the process's crossovers (explicit registry)
+CROSSOVERS = Crossovers()
