@@ -87,7 +87,7 @@ def test_the_two_halves_with_an_activation_in_torch(compute, kernel_status, gen)
     out = layer.down(a, idx, wts, torch.zeros(7, 64))
     assert rel_err(out, reference(spec, experts, x, idx, wts, compute, stage="down", a=a)) <= TOL[compute]
     fused = layer.forward(x, idx, wts, torch.zeros(7, 64))
-    assert rel_err(fused, out.double()) <= 10 * TOL[compute]  # torch's sigmoid vs the kernels' exp
+    assert rel_err(fused, out.double()) <= 2 * TOL[compute]  # torch's sigmoid vs the kernels' exp
 
 
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32], ids=str)
@@ -106,7 +106,7 @@ def test_experts_with_many_rows_go_through_torch_gemm(fmt, compute, kernel_statu
     split = build(spec, experts, gemm_min_rows=16)
     out = split.forward(x, idx, wts, torch.ones(23, 64), accumulate=True)
     assert rel_err(out - 1, ref) <= (1e-5 if compute == torch.float32 else 1e-2)
-    assert rel_err(out[20:] - 1, ref[20:]) <= TOL[compute] * 10  # rows of the kernel's experts only
+    assert rel_err(out[20:] - 1, ref[20:]) <= TOL[compute]  # rows of the kernel's experts only
 
 
 def test_the_gemm_crossover_is_measured_once_per_machine(kernel_status, monkeypatch, tmp_path, gen):
