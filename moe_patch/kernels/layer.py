@@ -86,17 +86,19 @@ WORKSPACES = _ThreadWorkspaces()
 
 
 def _check_2d(t: torch.Tensor, name: str, dtypes, rows: int | None, cols: int | None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise InvalidArgumentError(f"{name} must be a tensor, got {type(t).__name__}.")
-    if t.device.type != "cpu" or t.dim() != 2 or t.dtype not in dtypes:
+    """A 2-D CPU tensor of ``dtypes``, ``[rows, cols]`` (None: any), rows contiguous (the per-call check: cheap)."""
+    if not isinstance(t, torch.Tensor) or not t.is_cpu or t.dim() != 2 or t.dtype not in dtypes:
         raise InvalidArgumentError(f"{name} must be a 2-D CPU tensor of {' or '.join(map(str, dtypes))}, got "
-                                   f"{tuple(t.shape)} {t.dtype} on {t.device}.")
-    if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
+                                   f"{getattr(t, 'shape', None)} {getattr(t, 'dtype', type(t).__name__)}"
+                                   f" on {getattr(t, 'device', '?')}.")
+    r, c = t.shape
+    if (rows is not None and r != rows) or (cols is not None and c != cols):
         raise InvalidArgumentError(f"{name} has shape {tuple(t.shape)}, expected ({rows}, {cols}).")
-    if t.shape[1] > 1 and t.stride(1) != 1:
+    sr, sc = t.stride()
+    if c > 1 and sc != 1:
         raise InvalidArgumentError(f"{name} must have contiguous rows (stride 1 along its last dimension).")
-    if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
-        raise InvalidArgumentError(f"{name} has overlapping rows (stride {t.stride(0)}).")
+    if r > 1 and sr < c:
+        raise InvalidArgumentError(f"{name} has overlapping rows (stride {sr}).")
 
 
 class MoEKernel:
@@ -154,6 +156,7 @@ class MoEKernel:
         self._layer_ref = ctypes.byref(layer)
         #: name of the variant that ran the last call (tests assert the compiled path ran)
         self.last_variant: str | None = None
+        self._ws_bytes: dict[tuple, int] = {}  # workspace bytes per call shape (the layout depends on nothing else)
 
     @property
     def variants(self) -> tuple[str, str | None]:
@@ -192,21 +195,20 @@ class MoEKernel:
         return self._fp32, False
 
     def _routing(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None, tokens: int) -> int:
-        if not isinstance(top_k_index, torch.Tensor) or top_k_index.dim() != 2 or top_k_index.dtype != torch.int64 \
-                or top_k_index.shape[0] != tokens or not top_k_index.is_contiguous() \
-                or top_k_index.device.type != "cpu":
+        if not isinstance(top_k_index, torch.Tensor) or top_k_index.dtype != torch.int64 or not top_k_index.is_cpu \
+                or top_k_index.dim() != 2 or top_k_index.shape[0] != tokens or not top_k_index.is_contiguous():
             raise InvalidArgumentError(f"top_k_index must be a contiguous int64 CPU tensor [{tokens}, k], got "
                                        f"{getattr(top_k_index, 'shape', None)} {getattr(top_k_index, 'dtype', None)}.")
         k = top_k_index.shape[1]
         if k < 1:
             raise InvalidArgumentError("top_k_index has no columns.")
-        if top_k_weights is not None:
-            if not isinstance(top_k_weights, torch.Tensor) or tuple(top_k_weights.shape) != (tokens, k) \
-                    or top_k_weights.dtype not in FLOAT_DTYPES or not top_k_weights.is_contiguous() \
-                    or top_k_weights.device.type != "cpu":
-                raise InvalidArgumentError(f"top_k_weights must be a contiguous float CPU tensor [{tokens}, {k}], "
-                                           f"got {getattr(top_k_weights, 'shape', None)} "
-                                           f"{getattr(top_k_weights, 'dtype', None)}.")
+        if top_k_weights is not None and (
+                not isinstance(top_k_weights, torch.Tensor) or top_k_weights.dtype not in FLOAT_DTYPES
+                or not top_k_weights.is_cpu or top_k_weights.shape != top_k_index.shape
+                or not top_k_weights.is_contiguous()):
+            raise InvalidArgumentError(f"top_k_weights must be a contiguous float CPU tensor [{tokens}, {k}], got "
+                                       f"{getattr(top_k_weights, 'shape', None)} "
+                                       f"{getattr(top_k_weights, 'dtype', None)}.")
         return k
 
     def _run(self, mode: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None,
@@ -216,7 +218,12 @@ class MoEKernel:
         variant, bf16 = self._variant(x.dtype)
         threads = torch.get_num_threads()
         ws = workspace or WORKSPACES.get()
-        need = variant.workspace(layer_ref, tokens, k, mode, int(weight_inputs), threads)
+        key = (variant.name, tokens, k, mode, weight_inputs, threads)
+        need = self._ws_bytes.get(key)
+        if need is None:
+            need = self._ws_bytes[key] = variant.workspace(layer_ref, tokens, k, mode, int(weight_inputs), threads)
+            if len(self._ws_bytes) > 256:  # many distinct prefill lengths: forget, do not grow
+                self._ws_bytes.clear()
         ptr, size = ws.ensure(need)
         c = ws.call
         c.x, c.idx, c.out, c.ws = x.data_ptr(), top_k_index.data_ptr(), out.data_ptr(), ptr
