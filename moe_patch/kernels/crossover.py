@@ -53,7 +53,7 @@ def measure_gemm_min_rows(kind: str, compute: torch.dtype) -> float:
     fmt = {"fp8": ExpertFormat("fp8", block=(128, 128)), "mxfp4": ExpertFormat("mxfp4"),
            "int4": ExpertFormat("int4", group_size=32, scale_dtype=torch.bfloat16),
            "int8": ExpertFormat("int8", scale_dtype=torch.bfloat16)}.get(kind, ExpertFormat(kind))
-    layer = MoEKernel(MoELayerSpec(1, hidden, inter, fmt, fmt))
+    layer = MoEKernel(MoELayerSpec(1, hidden, inter, fmt, fmt), gemm_min_rows=None)  # the kernel alone
     layer.set_expert(0, ExpertWeights(*_random_expert(fmt, hidden, inter, gen)))
     wg = torch.empty(2 * inter, hidden, dtype=compute)
     wd = torch.empty(hidden, inter, dtype=compute)

@@ -32,6 +32,9 @@ from .library import (ACTIVATIONS, DT_BF16, DT_F32, ERRORS, GLU_LAYOUTS, KERNELS
 from .spec import FLOAT_DTYPES, ExpertWeights, MoELayerSpec, projection_pointers
 
 COMPUTE = ("auto", "bf16", "fp32")
+#: tokens per kernel call: longer inputs are computed in chunks (bounds the workspace; at this length every
+#: expert already has enough rows to reuse each decoded weight many times)
+MAX_TOKENS = 4096
 
 
 def torch_activation(spec: MoELayerSpec, h: torch.Tensor) -> torch.Tensor:
@@ -143,8 +146,9 @@ class MoEKernel:
         fp32 = [v for v in allowed if not KERNELS.variant(v).bf16_dot]
         self._fp32 = KERNELS.variant(fp32[0]) if fp32 else None
         self._table = torch.zeros(spec.num_experts, PTRS, dtype=torch.int64)
-        self._keep: list[list[torch.Tensor] | None] = [None] * spec.num_experts  # what the table points into
-        self._experts: list[ExpertWeights | None] = [None] * spec.num_experts
+        # what the table points into, held here (a caller re-assigning its ExpertWeights cannot free it)
+        self._keep: list[list[torch.Tensor] | None] = [None] * spec.num_experts
+        self._biases: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * spec.num_experts
         layer = MpLayer()
         layer.gu = spec.gate_up.proj(*spec.gate_up_shape)
         layer.dn = spec.down.proj(*spec.down_shape)
@@ -171,7 +175,7 @@ class MoEKernel:
             raise InvalidArgumentError(f"expert {expert} is outside [0, {self.spec.num_experts}).")
         if weights is None:
             self._table[expert].zero_()
-            self._keep[expert] = self._experts[expert] = None
+            self._keep[expert], self._biases[expert] = None, (None, None)
             return
         s = self.spec
         gu, keep_gu = projection_pointers(s.gate_up, *s.gate_up_shape, f"expert {expert} gate_up", weights.gate_up,
@@ -179,7 +183,7 @@ class MoEKernel:
         dn, keep_dn = projection_pointers(s.down, *s.down_shape, f"expert {expert} down", weights.down,
                                           weights.down_scale, weights.down_zero_point, weights.down_bias)
         self._keep[expert] = keep_gu + keep_dn
-        self._experts[expert] = weights
+        self._biases[expert] = (weights.gate_up_bias, weights.down_bias)
         self._table[expert] = torch.tensor(gu + dn, dtype=torch.int64)
 
     def has_expert(self, expert: int) -> bool:
@@ -215,6 +219,15 @@ class MoEKernel:
              out: torch.Tensor, tokens: int, k: int, accumulate: bool, weight_inputs: bool,
              workspace: Workspace | None, layer_ref=None) -> None:
         layer_ref = layer_ref or self._layer_ref
+        if tokens > MAX_TOKENS:
+            for t0 in range(0, tokens, MAX_TOKENS):
+                t1 = min(tokens, t0 + MAX_TOKENS)
+                xs = x[t0 * k: t1 * k] if mode == MODE_DOWN else x[t0:t1]
+                os_ = out[t0 * k: t1 * k] if mode == MODE_GATE_UP else out[t0:t1]
+                wts = top_k_weights[t0:t1] if top_k_weights is not None else None
+                self._run(mode, xs, top_k_index[t0:t1], wts, os_, t1 - t0, k, accumulate, weight_inputs, workspace,
+                          layer_ref)
+            return
         variant, bf16 = self._variant(x.dtype)
         threads = torch.get_num_threads()
         ws = workspace or WORKSPACES.get()
@@ -262,7 +275,8 @@ class MoEKernel:
         _check_2d(out, "out", FLOAT_DTYPES, tokens, s.hidden)
         if not tokens:
             return out
-        big = self._gemm_experts(x.dtype, top_k_index) if tokens * k >= ROW_BUCKETS[0] else []
+        # an expert has at most one row per token: below the smallest bucket no call asks the crossover
+        big = self._gemm_experts(x.dtype, top_k_index) if tokens >= ROW_BUCKETS[0] else []
         if not big:
             self._run(MODE_FUSED, x, top_k_index, top_k_weights, out, tokens, k, accumulate, weight_inputs,
                       workspace)
@@ -289,7 +303,7 @@ class MoEKernel:
             return []
         flat = top_k_index.reshape(-1)
         counts = torch.bincount(flat[(flat >= 0) & (flat < self.spec.num_experts)], minlength=self.spec.num_experts)
-        return [e for e in (counts >= threshold).nonzero().flatten().tolist() if self._experts[e] is not None]
+        return [e for e in (counts >= threshold).nonzero().flatten().tolist() if self._keep[e] is not None]
 
     def _gemm_part(self, experts: list[int], x: torch.Tensor, top_k_index: torch.Tensor,
                    top_k_weights: torch.Tensor, weight_inputs: bool) -> torch.Tensor:
@@ -304,14 +318,14 @@ class MoEKernel:
             slots = (flat == e).nonzero().flatten()
             tok, w = slots // k, top_k_weights.reshape(-1)[slots].float()
             xin = (x[tok].float() * w[:, None] if weight_inputs else x[tok]).to(compute)
-            weights = self._experts[e]
+            gate_up_bias, down_bias = self._biases[e]
             h = F.linear(xin, self.decode(e, "gate_up", compute)).float()
-            if weights.gate_up_bias is not None:
-                h += weights.gate_up_bias.float()
+            if gate_up_bias is not None:
+                h += gate_up_bias.float()
             a = torch_activation(s, h).to(compute)
             y = F.linear(a, self.decode(e, "down", compute)).float()
-            if weights.down_bias is not None:
-                y += weights.down_bias.float()
+            if down_bias is not None:
+                y += down_bias.float()
             acc.index_add_(0, tok, y if weight_inputs else y * w[:, None])
         return acc
 

@@ -129,6 +129,24 @@ def test_the_gemm_crossover_is_measured_once_per_machine(kernel_status, monkeypa
     assert auto._gemm_experts(torch.bfloat16, torch.tensor([[0, 1]] * 15)) == []
 
 
+def test_measuring_the_crossover_runs_the_kernel_alone(kernel_status, monkeypatch):
+    """The measurement times the fused kernel with the GEMM path off (asking the crossover from inside its own
+    measurement would wait on itself), decodes and runs the GEMM, and answers a bucket or inf."""
+    from moe_patch.kernels import crossover
+    from moe_patch.kernels import layer as klayer
+
+    class NoCrossover:
+        def get(self, *a):
+            raise AssertionError("the measurement asked for the crossover")
+
+    monkeypatch.setattr(klayer, "CROSSOVERS", NoCrossover())
+    timings = iter([1.0, 0.5])  # kernel, then GEMM: the GEMM wins at the first bucket
+    monkeypatch.setattr(crossover, "_median_seconds", lambda fn, repeats=5: (fn(), next(timings))[1])
+    assert crossover.measure_gemm_min_rows("mxfp4", torch.bfloat16) == crossover.ROW_BUCKETS[0]
+    monkeypatch.setattr(crossover, "_median_seconds", lambda fn, repeats=5: (fn(), 1.0)[1])
+    assert crossover.measure_gemm_min_rows("bf16", torch.float32) == float("inf")
+
+
 def test_accumulate_dtypes_and_strides(layer_case, gen):
     spec, experts, layer = layer_case
     idx, wts = routing(6, 2, 5, gen)
@@ -144,6 +162,24 @@ def test_accumulate_dtypes_and_strides(layer_case, gen):
     out = layer.forward(x16, idx, wts.half(), torch.zeros(6, 64))
     assert rel_err(out, reference(spec, experts, x16.float(), idx, wts.half(), torch.float32)) <= TOL[torch.float32]
     assert layer.forward(x[:0], idx[:0], wts[:0]).shape == (0, 64)
+
+
+def test_long_inputs_are_computed_in_chunks(layer_case, gen, monkeypatch):
+    from moe_patch.kernels import layer as klayer
+
+    spec, experts, layer = layer_case
+    idx, wts = routing(11, 2, 5, gen)
+    x = torch.randn(11, 64, generator=gen)
+    whole = layer.forward(x, idx, wts, torch.zeros(11, 64))
+    h_whole = layer.gate_up(x, idx)
+    monkeypatch.setattr(klayer, "MAX_TOKENS", 4)
+    assert torch.equal(layer.forward(x, idx, wts, torch.zeros(11, 64)), whole)
+    assert torch.equal(layer.gate_up(x, idx), h_whole)
+    a = torch.randn(22, 32, generator=gen)
+    monkeypatch.setattr(klayer, "MAX_TOKENS", 4096)
+    down_whole = layer.down(a, idx, wts, torch.zeros(11, 64))
+    monkeypatch.setattr(klayer, "MAX_TOKENS", 3)
+    assert torch.equal(layer.down(a, idx, wts, torch.zeros(11, 64)), down_whole)
 
 
 def test_results_do_not_depend_on_the_thread_count(layer_case, gen):

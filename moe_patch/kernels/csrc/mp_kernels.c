@@ -7,16 +7,17 @@
  * and every exported symbol carries the variant's name (mp_run_avx512bf16, ...). Python picks the variant a
  * probe proved to run on this CPU (moe_patch/kernels/probe.py).
  *
- * Semantics (identical for every variant): each weight is decoded to exactly the value the project's pure
- * torch decoders give in the compute dtype (bf16 or fp32; moe_patch/offload/formats/decode.py), activations
- * are held in the compute dtype, products are accumulated in fp32. Outputs are therefore independent of the
- * variant and of the thread count up to fp32 summation order (each output element is summed by one thread, in
- * a fixed order: same variant and inputs give the same bits for any thread count).
+ * Semantics (the same in every variant; moe_patch/kernels/README.md): in fp32 compute each weight is exactly the
+ * project's torch decoders' float32 value (moe_patch/offload/formats/decode.py); in bf16 compute the decoders'
+ * bf16 value, except FP8 and symmetric integers, whose block/group scale multiplies each block's fp32 partial
+ * sum (the exact product). Activations are held in the compute dtype, products summed in fp32. Outputs differ
+ * between variants only in fp32 summation order and do not depend on the thread count (each output element is
+ * summed by one thread, in a fixed order).
  *
  * One call computes a whole MoE layer for all tokens: routing slots are grouped by expert, the gate_up units
  * (expert x 16 gate/up pairs) and down units (16 output rows over every active expert) are spread over the
  * OpenMP threads of the runtime torch uses, and each weight row chunk is decoded once per call and used for
- * every row routed to its expert (in registers for up to RTR rows, through a per-thread L1/L2 buffer above).
+ * every row routed to its expert (from registers for up to 8 rows, through a per-thread L1/L2 buffer above).
  * No allocation: the caller passes a workspace of mp_workspace_* bytes. */
 #include <immintrin.h>
 #include <math.h>
@@ -766,10 +767,7 @@ AI void rows_reg(const int F, const int RB, const int RT, const mp_proj *P, cons
  * registers, more through buf (the rows decoded once per call into L1/L2, then a register-tiled product) */
 AI void rows_compute(const int F, const int RB, const mp_proj *P, const int64_t *ep, const int *rows, int nrows,
                      int R, const xe_t *const *xr, float *res, xe_t *buf, int Kp, float *bsc) {
-#ifndef REG_MAX
-#define REG_MAX 8
-#endif
-    if (R <= REG_MAX) switch (R) {
+    switch (R) {
     case 1: rows_reg(F, RB, 1, P, ep, rows, nrows, xr, res, bsc); return;
     case 2: rows_reg(F, RB, 2, P, ep, rows, nrows, xr, res, bsc); return;
     case 3: rows_reg(F, RB, 3, P, ep, rows, nrows, xr, res, bsc); return;
