@@ -228,6 +228,7 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default="1,2,4,8", help="rows per expert, comma-separated (default 1,2,4,8)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=9, help="timed calls per system per round")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: torch's, all cores)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
@@ -235,6 +236,8 @@ def main(argv=None) -> None:
     if bad:
         p.error(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
     rows = [int(r) for r in args.rows.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     status = kernels.status()
     if not status.available:
         raise SystemExit(f"kernels not available: {status.reason}")

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
+from transformers.activations import ACT2FN
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from moe_patch.kernels import ExpertFormat, ExpertWeights, MoELayerSpec
 from moe_patch.offload.formats.decode import dequantize_fp8, dequantize_int, dequantize_mxfp4, unpack_int
@@ -140,17 +142,15 @@ def decoded(fmt: ExpertFormat, st: Stored, rows: int, cols: int, compute: torch.
 
 # --------------------------------------------------------------------------- the layer
 def _act(spec: MoELayerSpec, h: torch.Tensor) -> torch.Tensor:
+    """The activation as transformers computes it: gpt-oss's own ``_apply_gate``, ``ACT2FN`` otherwise."""
     if spec.glu_layout == "interleaved":
         g, u = h[..., 0::2], h[..., 1::2]
     else:
         g, u = h.chunk(2, dim=-1)
     if spec.activation == "gpt_oss":
-        g = g.clamp(max=spec.limit)
-        u = u.clamp(-spec.limit, spec.limit)
-        return (u + 1) * g * torch.sigmoid(g * spec.alpha)
-    if spec.activation == "gelu_tanh":
-        return F.gelu(g, approximate="tanh") * u
-    return F.silu(g) * u
+        interleaved = torch.stack([g, u], dim=-1).flatten(-2)
+        return GptOssExperts._apply_gate(SimpleNamespace(alpha=spec.alpha, limit=spec.limit), interleaved)
+    return ACT2FN["gelu_pytorch_tanh" if spec.activation == "gelu_tanh" else "silu"](g) * u
 
 
 def reference(spec: MoELayerSpec, experts: list, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor,

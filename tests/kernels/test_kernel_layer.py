@@ -165,6 +165,7 @@ def test_accumulate_dtypes_and_strides(layer_case, gen):
 
 
 def test_long_inputs_are_computed_in_chunks(layer_case, gen, monkeypatch):
+    """Chunks change the rows per expert, hence the tile shapes, hence only the fp32 summation order."""
     from moe_patch.kernels import layer as klayer
 
     spec, experts, layer = layer_case
@@ -173,13 +174,13 @@ def test_long_inputs_are_computed_in_chunks(layer_case, gen, monkeypatch):
     whole = layer.forward(x, idx, wts, torch.zeros(11, 64))
     h_whole = layer.gate_up(x, idx)
     monkeypatch.setattr(klayer, "MAX_TOKENS", 4)
-    assert torch.equal(layer.forward(x, idx, wts, torch.zeros(11, 64)), whole)
-    assert torch.equal(layer.gate_up(x, idx), h_whole)
+    assert rel_err(layer.forward(x, idx, wts, torch.zeros(11, 64)), whole.double()) <= 1e-6
+    assert rel_err(layer.gate_up(x, idx), h_whole.double()) <= 1e-6
     a = torch.randn(22, 32, generator=gen)
     monkeypatch.setattr(klayer, "MAX_TOKENS", 4096)
     down_whole = layer.down(a, idx, wts, torch.zeros(11, 64))
     monkeypatch.setattr(klayer, "MAX_TOKENS", 3)
-    assert torch.equal(layer.down(a, idx, wts, torch.zeros(11, 64)), down_whole)
+    assert rel_err(layer.down(a, idx, wts, torch.zeros(11, 64)), down_whole.double()) <= 1e-6
 
 
 def test_results_do_not_depend_on_the_thread_count(layer_case, gen):
