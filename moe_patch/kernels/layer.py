@@ -108,7 +108,8 @@ class MoEKernel:
     """The routed experts of one MoE layer, computed from their stored bytes by the native CPU kernels.
 
     Raises :class:`KernelUnavailableError` (with the reason) when the kernels do not run on this machine or
-    cannot compute ``spec``; callers then keep their torch path.
+    cannot compute ``spec``; callers then keep their torch path. Calls may run from several threads at once
+    (each thread has its own default workspace); :meth:`set_expert` must not race a call routed to that expert.
 
     Args:
         spec: the layer's shape, formats and activation.

@@ -228,6 +228,7 @@ typedef struct {
     __m512 tab;
 #else
     __m256 tlo, thi;
+    __m256 grp[4]; /* MXFP4: the current group of 32, decoded at its first chunk */
 #endif
 } cur_t;
 
@@ -241,7 +242,7 @@ AI void cur_init(cur_t *c, const mp_proj *P, const int64_t *ep, int n) {
 #elif MP_DOT == 2
     c->tab = _mm512_setzero_ps();
 #else
-    c->tlo = c->thi = _mm256_setzero_ps();
+    c->tlo = c->thi = c->grp[0] = c->grp[1] = c->grp[2] = c->grp[3] = _mm256_setzero_ps();
 #endif
     if (P->has_zp) {
         int per = 32 / P->bits;
@@ -463,6 +464,21 @@ AI __m256i nibbles8(const uint8_t *p) {
     return _mm256_cvtepu16_epi32(w);
 }
 
+/* MXFP4 group of 32 (16 bytes) at once: nibbles to bytes in element order, pshufb to twice the e2m1 value
+ * (integers -12..12), to fp32, times 2**(scale - 128): exact (the decoder's value; +0 for the code of -0) */
+AI void mxfp4_group8(cur_t *c, const uint8_t *p, int s) {
+    const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+    __m128i v0 = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(lo, hi)), v1 = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(lo, hi));
+    const __m256 f = _mm256_set1_ps(mp_fp4_f32[s][2] * 0.5f); /* 2**(s-127) / 2, exact (s = 255: inf) */
+    c->grp[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)), f);
+    c->grp[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))), f);
+    c->grp[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1)), f);
+    c->grp[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))), f);
+}
+
 AI __m256 fp8_scaled8(const uint8_t *p, float s) {
     __m256i d = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
     __m256 v = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 20), _mm256_set1_epi32((int)0x87F00000u)));
@@ -484,13 +500,9 @@ AI vw_t dec(const int F, const int RB, cur_t *c, const mp_proj *P, int k0) {
         return RB ? vround_bf16(v) : v;
     }
     case K_FP8: return fp8_scaled8(p, sload(c->s, k0 >> P->b1_shift, P->sdtype));
-    case K_MXFP4: {
-        __m256i idx = nibbles8(p);
-        __m256 v = _mm256_permutevar8x32_ps(_mm256_load_ps(mp_fp4_f32[c->s[k0 >> 5]]), idx);
-        /* codes 8..15 are the negatives of 0..7 (inf and NaN included) */
-        __m256i sign = _mm256_and_si256(_mm256_slli_epi32(idx, 28), _mm256_set1_epi32((int)0x80000000u));
-        return _mm256_xor_ps(v, _mm256_castsi256_ps(sign));
-    }
+    case K_MXFP4:
+        if ((k0 & 31) == 0) mxfp4_group8(c, p, c->s[k0 >> 5]);
+        return c->grp[(k0 >> 3) & 3];
     case K_INT4:
     case K_INT4S: {
         if (group_start(P, k0)) int4_table(F, c, P, k0 >> P->b1_shift, RB);
