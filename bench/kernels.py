@@ -221,7 +221,8 @@ def run(shapes: list[str], formats: list[str], rows: list[int], rounds: int, cal
 
 def _table(results: dict) -> None:
     for shape, per in results.items():
-        print(f"\n{shape}: DRAM read {per['dram_read_gbps']:.1f} GB/s (median), {per['dram_read_best_gbps']:.1f} (best)")
+        print(f"\n{shape}: DRAM read {per['dram_read_gbps']:.1f} GB/s (median), "
+              f"{per['dram_read_best_gbps']:.1f} (best)")
         print(f"{'format':6} {'rows':>5} {'kernel GB/s':>12} {'of DRAM':>8} {'of 1-row':>9} {'torch GB/s':>11} "
               f"{'kernel/torch':>13} {'best GB/s':>10} {'best/best':>10}")
         for kind, entry in per.items():

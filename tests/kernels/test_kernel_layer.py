@@ -13,8 +13,8 @@ from moe_patch.errors import InvalidArgumentError
 from moe_patch.kernels import ExpertFormat, ExpertWeights, KernelUnavailableError, MoEKernel, MoELayerSpec, Workspace
 
 MX = ExpertFormat("mxfp4")
-GPT_OSS = MoELayerSpec(4, 64, 96, ExpertFormat("mxfp4", bias=torch.bfloat16), ExpertFormat("mxfp4", bias=torch.bfloat16),
-                       activation="gpt_oss", glu_layout="interleaved")
+MX_BIAS = ExpertFormat("mxfp4", bias=torch.bfloat16)
+GPT_OSS = MoELayerSpec(4, 64, 96, MX_BIAS, MX_BIAS, activation="gpt_oss", glu_layout="interleaved")
 
 
 @pytest.fixture

@@ -400,7 +400,8 @@ AI vw_t dec(const int F, const int RB, cur_t *c, const mp_proj *P, int k0) {
     const uint8_t *p = c->w + boff(F == K_INT4S ? K_INT4 : F == K_INT8S ? K_INT8 : F, k0);
     switch (F) {
     case K_BF16:
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
     case K_F16: {
         __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         return RB ? vround_bf16(v) : v;
@@ -471,7 +472,8 @@ AI void mxfp4_group8(cur_t *c, const uint8_t *p, int s) {
     const __m128i m4 = _mm_set1_epi8(0x0F);
     __m128i b = _mm_loadu_si128((const __m128i *)p);
     __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
-    __m128i v0 = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(lo, hi)), v1 = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(lo, hi));
+    __m128i v0 = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(lo, hi));
+    __m128i v1 = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(lo, hi));
     const __m256 f = _mm256_set1_ps(mp_fp4_f32[s][2] * 0.5f); /* 2**(s-127) / 2, exact (s = 255: inf) */
     c->grp[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)), f);
     c->grp[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))), f);
@@ -981,7 +983,8 @@ static int64_t layout(const mp_layer *L, int T, int k, int mode, int wi, int nth
     int64_t o_xc = off; off += up64(rows_x * Kpx * (int64_t)sizeof(xe_t));
     int64_t o_ac = off; off += mode == MP_MODE_FUSED ? up64((int64_t)S * Ip * (int64_t)sizeof(xe_t)) : 0;
     int64_t tb = up64((int64_t)MR * Kmaxp * sizeof(xe_t)) + up64((int64_t)TCH * 2 * NB * 4) +
-                 up64((int64_t)T * HB * 4) + up64((int64_t)TCH * sizeof(void *)) + up64(4 * (int64_t)MR * (Kmaxp / 32 + 1));
+                 up64((int64_t)T * HB * 4) + up64((int64_t)TCH * sizeof(void *)) +
+                 up64(4 * (int64_t)MR * (Kmaxp / 32 + 1));
     int64_t o_thr = off;
     off += tb * (nthreads > 0 ? nthreads : 1);
     if (w) {
@@ -1092,7 +1095,8 @@ static void unit_gate_up_only(const mp_layer *L, const mp_call *C, const ws_t *w
         fn(P, ep, rows, nn, R, xr, res, sc.buf, w->Kpx, sc.bsc, C->round_bf16);
         for (int r = 0; r < R; r++) {
             float *dst = (float *)C->out + (int64_t)w->list[c0 + r] * C->out_stride + n0;
-            for (int i = 0; i < nn; i++) dst[i] = res[r * nn + i] + (bias ? ld_elem(bias, n0 + i, P->bias_dtype) : 0.0f);
+            for (int i = 0; i < nn; i++)
+                dst[i] = res[r * nn + i] + (bias ? ld_elem(bias, n0 + i, P->bias_dtype) : 0.0f);
         }
     }
 }
@@ -1310,7 +1314,10 @@ static float st_weight(const mp_proj *P, const int64_t *ep, int n, int k) {
     case MP_W_MXFP4: return fp4[(w[k >> 1] >> (4 * (k & 1))) & 15] * ldexpf(1.0f, s[si] - 127);
     case MP_W_INT4: {
         int q = (w[k >> 1] >> (4 * (k & 1))) & 15, z = 8;
-        if (P->has_zp) z = (int)((((const uint32_t *)(uintptr_t)ep[2])[(n / 8) * P->scols + (k >> P->b1_shift)] >> (4 * (n % 8))) & 15);
+        if (P->has_zp) {
+            const uint32_t *zw = (const uint32_t *)(uintptr_t)ep[2];
+            z = (int)((zw[(n / 8) * P->scols + (k >> P->b1_shift)] >> (4 * (n % 8))) & 15);
+        }
         return round_bf16(round_bf16((float)(q - z) * sload(s, si, P->sdtype)));
     }
     default: return round_bf16((float)((int)w[k] - 128) * sload(s, si, P->sdtype)); /* INT8, symmetric */
@@ -1364,7 +1371,8 @@ static int st_case(int gu_fmt, int dn_fmt, int act, int nthreads) {
         else { D->b0 = 1; D->b1_shift = 31; D->scols = 1; D->wrow_bytes = 2 * I; }
         if (dn_fmt == MP_W_BF16)
             for (int n = 0; n < H; n++)
-                for (int i = 0; i < I; i++) ((uint16_t *)dw[e][n])[i] = (uint16_t)(0x3c00 + (st_next() >> 25) + ((st_next() >> 31) << 15));
+                for (int i = 0; i < I; i++)
+                    ((uint16_t *)dw[e][n])[i] = (uint16_t)(0x3c00 + (st_next() >> 25) + ((st_next() >> 31) << 15));
         table[e][MP_DN_W] = (int64_t)(uintptr_t)dw[e];
         table[e][MP_DN_S] = (int64_t)(uintptr_t)ds[e];
     }
