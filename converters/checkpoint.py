@@ -47,12 +47,8 @@ class TensorInfo:
     dtype: torch.dtype
 
 
-def read_config_dict(folder: Path) -> dict[str, Any]:
-    """Return ``config.json`` normalised by transformers' own config class (no remote code); the
-    checks and error messages are moe-patch's one config loader's."""
-    from moe_patch.detect.config import load_config
-
-    config = load_config(folder)
+def config_dict(config: Any) -> dict[str, Any]:
+    """A transformers config as the plain dict the converter reads (``model_type`` included)."""
     data = config.to_dict()
     data["model_type"] = config.model_type
     return data
@@ -68,11 +64,16 @@ class DenseCheckpoint:
                 f"{self.folder}: not a folder; SRC must be a local Hugging Face model folder (for a Hub repo, "
                 f"download it first: moe-patch pull REPO_ID --local-dir DIR)."
             )
-        self.config = read_config_dict(self.folder)
+        from moe_patch.detect.config import load_config
+
+        # transformers' own config class reads config.json (no remote code); moe-patch's one config loader checks it
+        hf_config = load_config(self.folder)
+        self.config = config_dict(hf_config)
         self.files = self._weight_files()
         self.tensors: dict[str, TensorInfo] = {}
         for name in self.files:
             self._read_header(name)
+        self._check_against(hf_config)
 
     # -- discovery -------------------------------------------------------------------------------
     def _weight_files(self) -> list[str]:
@@ -121,6 +122,40 @@ class DenseCheckpoint:
             if stray:
                 raise CheckpointError(f"{path}: tensors {stray[:3]} listed in {INDEX_NAME} are not in the file.")
 
+    def _check_against(self, config: Any) -> None:
+        """Every tensor of the model ``config`` describes is here, in the shape the config implies (tied ones may be
+        absent). Otherwise transformers would initialise the missing ones at random when it loads the output, or
+        refuse its shapes: the upcycled model could not be right, with or without verification."""
+        from moe_patch.detect.config import meta_model
+
+        model = meta_model(config)  # built on the meta device: no memory, nothing read
+        tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+        vocab = getattr(config.get_text_config(), "vocab_size", None)
+        heads = {f"{n}.weight" for n, m in model.named_modules()
+                 if m is not None and m in (model.get_input_embeddings(), model.get_output_embeddings())}
+        for key, expected in model.state_dict().items():
+            info = self.tensors.get(key)
+            if info is None and key in tied:
+                continue
+            if info is None:
+                why = "transformers would initialise it at random, so the upcycled model could not match the source"
+                if key in heads and not config.tie_word_embeddings:
+                    why = ("config.json has tie_word_embeddings=false, so the output head is a tensor of its own and "
+                           f"transformers would initialise it at random; add it, or set tie_word_embeddings=true if "
+                           "the head is the input embedding")
+                raise CheckpointError(f"{self.folder}: tensor {key!r} is missing from the checkpoint; {why}.")
+            if info.shape != tuple(expected.shape):
+                if key in heads and info.shape[1:] == tuple(expected.shape[1:]) and vocab == expected.shape[0]:
+                    raise CheckpointError(
+                        f"{self.folder}: config.json vocab_size = {vocab} but {key} has {info.shape[0]} rows; "
+                        "transformers cannot load such a model (nor the upcycled one). Set vocab_size to the "
+                        "embedding's rows if the weights are right."
+                    )
+                raise CheckpointError(
+                    f"{self.folder}: tensor {key} has shape {list(info.shape)}, config.json implies "
+                    f"{list(expected.shape)}; the weights do not match the config."
+                )
+
     # -- reads -----------------------------------------------------------------------------------
     def __enter__(self) -> DenseCheckpoint:
         return self
@@ -159,15 +194,14 @@ class DenseCheckpoint:
                 t = sl[rows]
             else:
                 t = sl[rows if rows is not None else slice(None), cols]
-            return t
-
-    def expect_shape(self, key: str, shape: tuple[int, ...]) -> None:
-        got = self.info(key).shape
-        if got != tuple(shape):
+        # every weight passes here once on its way to the output: a NaN or inf would be copied into every expert
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(
-                f"{self.folder}: tensor {key} has shape {list(got)}, config.json implies {list(shape)}; "
-                "the weights do not match the config."
+                f"{self.folder / info.file}: tensor {key} holds NaN or infinite values ({bad} of {t.numel()} read); "
+                "a model computed from it cannot be right. Re-download or repair the checkpoint."
             )
+        return t
 
     @property
     def floating_dtype(self) -> torch.dtype:
