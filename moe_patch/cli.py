@@ -64,7 +64,13 @@ def size(minimum: int = 0) -> Callable[[str], str]:
 
 
 def non_empty(text: str) -> str:
-    """Any text but the empty string (an empty prompt gives the model nothing to continue)."""
+    """Any valid UTF-8 text but the empty string (an empty prompt gives the model nothing to continue; bytes that
+    are not UTF-8 are refused, naming the first, rather than replaced: ``moe_patch.text``)."""
+    from .text import text_problem
+
+    problem = text_problem(text, from_bytes=True)  # argv is decoded with surrogateescape
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}; give the text in UTF-8")
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text

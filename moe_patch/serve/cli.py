@@ -8,11 +8,13 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 
-from ..cli import int_at_least, non_empty
+from ..cli import int_at_least, non_empty, size
 from ..errors import InvalidArgumentError, MoEPatchError
 from ..offload.cli import add_offload_arguments, load_offloaded, offload_options
 from . import limits
+from .auth import QueryValuesFilter
 from .sampling import add_sampling_arguments
 
 logger = logging.getLogger("moe_patch.serve")
@@ -39,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "environment variable (command lines are visible to other users)")
     s.add_argument("--served-model-name", metavar="NAME", type=non_empty,
                    help="the model's name in the API (default: PATH as given)")
+    s.add_argument("--max-request-bytes", metavar="SIZE", type=size(minimum=1),
+                   help="refuse (413) request bodies larger than this, before reading them (default: 32 bytes per "
+                   "token of the model's context, at least 1MiB)")
     s.set_defaults(func=serve)
 
     c = subparsers.add_parser(
@@ -108,17 +113,21 @@ def serve(args: argparse.Namespace) -> int:
                        "can use the model (set %s).", args.host, API_KEY_ENV)
     import uvicorn
 
+    from ..sizes import parse_size
     from .app import build_app
     from .loader import OffloadModelManager
 
     try:
         name = args.served_model_name or args.path
         manager = OffloadModelManager(args.path, name=name, options=offload_options(args), dtype=args.dtype)
-        app = build_app(manager, api_key=key)
+        limit = parse_size(args.max_request_bytes, name="--max-request-bytes") if args.max_request_bytes else None
+        app = build_app(manager, api_key=key, max_request_bytes=limit)
         where = f"[{args.host}]" if ":" in args.host else args.host
         logger.info("moe-patch serve: %s at http://%s:%d/v1 (one generation at a time%s)", name, where, args.port,
                     "; API key required" if key else "")
-        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+        config = uvicorn.Config(app, log_level="info")  # configures uvicorn's loggers: the filter goes on after
+        logging.getLogger("uvicorn.access").addFilter(QueryValuesFilter())
+        uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C it caught
         logger.info("moe-patch serve: stopped.")
     finally:
@@ -133,5 +142,9 @@ def chat(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.path, instead="moe-patch chat needs the checkpoint's tokenizer")
     require_chat_template(tokenizer, args.path, "moe-patch chat")
     session = ChatSession(load_offloaded(args), tokenizer, args)
+    if hasattr(sys.stdin, "reconfigure"):
+        # bytes that are not UTF-8 arrive as escaped surrogates (not as an exception that loses the line), so the
+        # session can name the first bad byte and go on
+        sys.stdin.reconfigure(errors="surrogateescape")
     session.loop()
     return 0
