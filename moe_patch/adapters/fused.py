@@ -13,6 +13,7 @@ added to a module that did not have them; the layout is read from the parameters
 
 from __future__ import annotations
 
+import enum
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from ..detect.spec import ExpertLayout
 from ..dispatch.core import dispatch_combine, plan_dispatch
 from ..dispatch.experts import IMPLEMENTATION_NAME, ExpertBank, bank_dispatch, bank_expert, glu, moe_patch_experts_forward
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
-from .base import Adapter, PatchOptions, bind_forward, param_3d, set_attrs
+from .base import SAVED_ATTR, Adapter, PatchOptions, bind_forward, param_3d, set_attrs
 
 if TYPE_CHECKING:
     from ..detect.finder import BlockHandle
@@ -38,19 +39,25 @@ def register_experts_implementation() -> None:
         ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION_NAME, moe_patch_experts_forward)
 
 
+class _Chosen(enum.Enum):
+    """A view's ``replaces`` once an implementation was chosen by name (an enum member survives copy and pickle)."""
+
+    BY_NAME = "chosen by name"
+
+
 class ExpertsConfigView:
     """What a patched experts module holds as its ``config``: the model's own config object, read and
     written through, except that the experts implementation reads ``"moe_patch"`` while that config
-    still selects the implementation it selected at patch time (``replaces``).
+    still selects the implementation it selected at patch time (``replaces``) and none was chosen by name since.
 
-    So ``model.set_experts_implementation("eager")`` (which writes the model's config) takes effect on
-    a patched model, selecting the original one again hands the experts back to moe-patch, and two
+    So ``model.set_experts_implementation(name)`` takes effect on a patched model, ``name`` being any
+    implementation, the one moe-patch stood in for included (:class:`ChoiceByName` tells the view), and two
     models sharing one config object are patched independently (each patched module has its own view).
     """
 
     __slots__ = ("_moe_patch_config", "_moe_patch_replaces")
 
-    def __init__(self, config: Any, replaces: str | None):
+    def __init__(self, config: Any, replaces: str | None | _Chosen):
         object.__setattr__(self, "_moe_patch_config", config)
         object.__setattr__(self, "_moe_patch_replaces", replaces)
 
@@ -58,6 +65,10 @@ class ExpertsConfigView:
     def _experts_implementation(self) -> str | None:
         current = self._moe_patch_config._experts_implementation
         return IMPLEMENTATION_NAME if current == self._moe_patch_replaces else current
+
+    def hand_over(self) -> None:
+        """From now on the experts run what the model's config selects (until ``patch_model`` patches anew)."""
+        object.__setattr__(self, "_moe_patch_replaces", _Chosen.BY_NAME)
 
     @property
     def selects_moe_patch(self) -> bool:
@@ -80,6 +91,54 @@ class ExpertsConfigView:
 
     def __repr__(self) -> str:
         return f"ExpertsConfigView(replaces={self._moe_patch_replaces!r}, config={self._moe_patch_config!r})"
+
+
+class ChoiceByName:
+    """``set_experts_implementation`` of a model holding patched decorated experts: transformers' own, then every
+    experts view it addressed is handed over. For transformers, choosing the implementation the config already
+    selects changes nothing, so without this the experts moe-patch stands in for could not be given back to that
+    implementation by name (and half-precision experts kept moe-patch's calibrated fp32 path). An object with
+    ``__reduce__``: a deepcopy or a pickled copy of the model gets one bound to itself."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.__wrapped__ = type(model).set_experts_implementation  # what help() and inspect show
+
+    def __call__(self, experts_implementation: str | dict) -> None:
+        model = self.model
+        type(model).set_experts_implementation(model, experts_implementation)
+        config = model.config
+        chosen = None if isinstance(experts_implementation, str) else {
+            id(config if key == "" else getattr(config, key, None)) for key in experts_implementation}
+        for module in model.modules():
+            view = module.__dict__.get("config")
+            if isinstance(view, ExpertsConfigView) and (chosen is None or id(view._moe_patch_config) in chosen):
+                view.hand_over()
+
+    def __reduce__(self):
+        return (ChoiceByName, (self.model,))
+
+
+def install_choice_by_name(root: torch.nn.Module) -> None:
+    """Give each transformers model under ``root`` that holds patched decorated experts a :class:`ChoiceByName`
+    (an instance attribute recorded by ``set_attrs``: unpatching removes it; the class keeps its method)."""
+    from transformers import PreTrainedModel
+
+    for model in root.modules():
+        if isinstance(model, PreTrainedModel) and any(
+                isinstance(m.__dict__.get("config"), ExpertsConfigView) for m in model.modules()):
+            set_attrs(model, set_experts_implementation=ChoiceByName(model))
+
+
+def dispatches(module: torch.nn.Module) -> bool | None:
+    """Whether a module moe-patch changed dispatches through moe-patch now; None for a model that only holds a
+    :class:`ChoiceByName` (it dispatches nothing itself)."""
+    view = module.__dict__.get("config")
+    if isinstance(view, ExpertsConfigView):
+        return view.selects_moe_patch
+    if set(module.__dict__.get(SAVED_ATTR, ())) == {"set_experts_implementation"}:
+        return None
+    return True
 
 
 def is_decorated(experts: torch.nn.Module) -> bool:

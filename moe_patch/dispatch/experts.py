@@ -290,8 +290,8 @@ def stock_experts_forward(module: torch.nn.Module) -> Callable[..., torch.Tensor
     the one its config selected at patch time, ``grouped_mm`` (transformers' default) if none."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    replaced = getattr(module.config, "_moe_patch_replaces", None) or "grouped_mm"
-    if replaced == IMPLEMENTATION_NAME:  # pragma: no cover - a config that named us before patching
+    replaced = getattr(module.config, "_moe_patch_replaces", None)
+    if not isinstance(replaced, str) or replaced == IMPLEMENTATION_NAME:  # none, or a config that named us
         replaced = "grouped_mm"
     eager = getattr(type(module).forward, "__wrapped__", None)  # the class's own (undecorated) forward
     return ALL_EXPERTS_FUNCTIONS.get_interface(replaced, eager)
