@@ -7,6 +7,7 @@ transformers (fp32, greedy, 64 new tokens).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -217,6 +218,40 @@ def test_cli_run_prints_statistics(checkpoints, capsys):
     assert code == 0
     assert "hit rate" in out and "decode" in out
     assert len(out.splitlines()[0].split()) == 4  # the four generated token ids
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_cli_run_with_quantized_experts_reports_the_logit_error(kind, checkpoints, capsys):
+    """As the README promises: `--quantize` says what it cost, measured on the generated sequence against
+    full-precision experts read from the checkpoint (text and --json)."""
+    import json
+
+    from moe_patch.cli import main
+
+    argv = ["run", str(checkpoints["mixtral"]), "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--dtype", "float32",
+            "--expert-cache", str(expert_bytes("mixtral")), "--quantize", kind]
+    assert main(argv) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(f"{kind} experts: logit error"))
+    assert "of the largest logit" in line and "top-1 agreement" in line
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    error = json.loads(out[out.index("{"):])["quantization_error"]
+    assert error["format"] == kind and 0 < error["max_rel"] < 0.3 and 0 < error["top1_agreement"] <= 1
+    assert error["tokens"] == 3 + 4
+
+
+def test_cli_run_quantized_prints_no_warning_about_a_kernel_it_does_not_use(checkpoints):
+    """bitsandbytes' CPU backend (on AVX512-BF16 CPUs) warns at import that it cannot fetch a fused 4-bit GEMV
+    kernel from the Hub; moe-patch never calls that op (it dequantizes, then multiplies in torch)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([str(Path(sys.executable).with_name("moe-patch")), "run", str(checkpoints["mixtral"]),
+                           "--prompt-ids", "5,6", "--max-new-tokens", "2", "--quantize", "nf4"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "gemm_4bit_forward" not in proc.stderr and "nf4 experts: logit error" in proc.stdout
 
 
 def test_bf16_checkpoint_computed_in_fp32_matches_transformers_upcast(tmp_path):

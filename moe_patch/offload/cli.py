@@ -178,8 +178,20 @@ def run(args: argparse.Namespace) -> int:
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, new.tolist()))
     print(text)
     stats = handle.stats
-    print(json.dumps(stats.to_dict(), indent=2) if args.json else stats)
-    if args.plot:
-        print(f"utilisation plot: {stats.plot_utilisation(args.plot)}")
+    shown = stats.to_dict() if args.json else str(stats)  # before the error measurement's forwards count in
+    plotted = stats.plot_utilisation(args.plot) if args.plot else None
+    if args.quantize:  # what the README promises: the logit error the quantized experts cause, on this sequence
+        with torch.no_grad():
+            error = {"format": args.quantize, "tokens": out.shape[1], **handle.quantization_error(out)}
+    if args.json:
+        print(json.dumps({**shown, **({"quantization_error": error} if args.quantize else {})}, indent=2))
+    else:
+        print(shown)
+        if args.quantize:
+            print(f"{args.quantize} experts: logit error on the {error['tokens']} tokens above, against full-precision "
+                  f"experts read from the checkpoint: max |dlogit| {error['max_abs']:.3g} ({error['max_rel']:.2%} of "
+                  f"the largest logit), top-1 agreement {error['top1_agreement']:.1%}")
+    if plotted:
+        print(f"utilisation plot: {plotted}")
     handle.detach(restore_weights=False)
     return 0

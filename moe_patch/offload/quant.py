@@ -9,6 +9,7 @@ Both formats run on CPU with bitsandbytes >= 0.45 (``quantize_4bit``/``dequantiz
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,11 +66,19 @@ def check_format(kind: str | None) -> str | None:
         return None
     if kind not in FORMATS:
         raise MoEConfigError(f"quantize_experts={kind!r}: choose one of {', '.join(FORMATS)} or None.")
+    # bitsandbytes' CPU backend, on a CPU with AVX512-BF16, tries at import to fetch a fused gemv_4bit kernel from the
+    # Hub (kernels-community) and warns "Failed to load CPU gemm_4bit_forward" without the `kernels` package. moe-patch
+    # never calls gemv_4bit (it dequantizes with dequantize_4bit, then multiplies in torch): the warning is dropped.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_unused_kernel_warning)
     try:
         import bitsandbytes.functional  # noqa: F401
     except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
         raise MoEConfigError("quantize_experts needs bitsandbytes: pip install bitsandbytes") from exc
     return kind
+
+
+def _unused_kernel_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
 
 
 def quantize(t: torch.Tensor, kind: str) -> torch.Tensor | QuantizedTensor:
