@@ -114,8 +114,9 @@ class UpcycleConfig:
     argv: Sequence[str] | None = None  #: recorded in the report; default: the equivalent CLI command
 
 
-#: UpcycleConfig fields by the type they must hold (the CLI's argparse types guarantee it; the library API is checked
-#: by :func:`check_config`, so ``top_k="two"`` or ``top_k=2.5`` is a one-line error, never a ValueError or a truncation).
+#: UpcycleConfig fields by the type they must hold (the CLI's argparse types guarantee it; the library API is
+#: checked by :func:`check_config`: ``top_k="two"`` or ``top_k=2.5`` is a one-line error, never a ValueError or a
+#: truncation).
 _INTEGER_FIELDS = ("num_experts", "top_k", "granularity", "shared_experts", "calibration_tokens", "seed")
 _NUMBER_FIELDS = ("router_std", "drop_ratio", "noise", "verify_tolerance")
 _TEXT_FIELDS = ("target", "router_init", "calibration_format")
