@@ -70,7 +70,7 @@ def _stored_format(folder: Path, report, summary) -> dict:
     """How the routed experts are stored (quantized formats: bytes per expert as stored and dequantized),
     from config.json alone; an unsupported quantization method is reported, not raised (inspect describes)."""
     from .errors import MoEConfigError
-    from .offload.formats import read_quantization_config
+    from .formats import read_quantization_config
 
     try:
         raw = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config")

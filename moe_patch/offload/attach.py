@@ -23,12 +23,12 @@ from .budget import check_budget, parse_bytes
 from .cache import POLICIES
 from .checkpoint import Checkpoint
 from .costmodel import calibrate, choose_compute_dtype, choose_device_format, measure_disk, time_stored_expert
-from .engine import EngineConfig, OffloadEngine
+from .engine import EngineConfig, OffloadEngine, encoded_nbytes
 from .forwards import ENGINE_ATTR, flat_2d_forward, fused_forward, llama4_block_forward
 from .keymap import CheckpointMap
 from .layers import OffloadLayer, find_offload_layers
 from .options import DEVICE_FORMATS, OffloadOptions
-from .quant import check_format, quantized_nbytes
+from ..formats import cache_format
 from .sources import CheckpointSource, MemorySource
 from .stats import OffloadStats, read_proc_io
 
@@ -144,7 +144,7 @@ def _param_paths(layer: OffloadLayer) -> list[str]:
 
 
 def _quantized_size(layer: OffloadLayer, quant: str) -> int:
-    return quantized_nbytes(layer.shapes, layer.dtype, quant)
+    return encoded_nbytes(layer, quant)
 
 
 def _host_bytes(layer: OffloadLayer, source: Any, quant: str | None) -> int:
@@ -264,7 +264,8 @@ def attach_offload(
         raise MoEConfigError(f"cpu_compute={opts.cpu_compute!r}: choose 'auto', 'always' or 'never'.")
     if opts.device_format not in DEVICE_FORMATS:
         raise MoEConfigError(f"device_format={opts.device_format!r}: choose one of {', '.join(DEVICE_FORMATS)}.")
-    quant = check_format(opts.quantize_experts)
+    fmt = cache_format(opts.quantize_experts)
+    quant = fmt.name if fmt is not None else None
     layers = find_offload_layers(model, handles)
     expert_cache = parse_bytes(opts.expert_cache, name="expert_cache")
     host_cache = parse_bytes(opts.host_cache, name="host_cache")

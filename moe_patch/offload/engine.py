@@ -48,11 +48,10 @@ from ..sizes import format_bytes
 from ..validation import check_summary, routing_summary
 from .cache import Key, TierCache
 from .costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
-from .formats import StoredTensor
+from ..formats import FORMATS, StoredTensor, materialize, nbytes_of, tensors_of
 from .forwards import compute_expert, slab_bank
 from .layers import OffloadLayer
 from .pool import SlotPool, aligned
-from .quant import QuantizedTensor, materialize, nbytes_of, quantize, quantized_nbytes, tensors_of
 from .slab import SlotTable, TensorSlab
 from .sources import ExpertSource
 from .stats import LayerStats, OffloadStats
@@ -62,12 +61,19 @@ from .stats import LayerStats, OffloadStats
 class ExpertWeights:
     """One expert's tensors as a tier holds them (possibly quantized or stored), with its size."""
 
-    tensors: dict[str, torch.Tensor | QuantizedTensor | StoredTensor]
+    tensors: dict[str, torch.Tensor | StoredTensor]
     nbytes: int
     ready: Any = None  # CUDA event recorded after an async copy; None when usable at once
     tier: str = "disk"  # where it was read from the last time it entered the device tier
     slot: Any = None  # the pool slot holding the tensors (returned to the pool when this entry dies)
     moved: int = 0  # bytes moved to bring it into the device tier (stored bytes for quantized experts)
+
+
+def encoded_nbytes(layer: OffloadLayer, kind: str) -> int:
+    """Bytes one expert of ``layer`` takes once the caches encode it in the cache format ``kind``."""
+    fmt = FORMATS[kind]
+    return sum(fmt.encoded_nbytes(s, layer.dtype) if len(s) == 2 else math.prod(s) * layer.dtype.itemsize
+               for s in layer.shapes.values())
 
 
 def default_io_threads() -> int:
@@ -202,7 +208,7 @@ class OffloadEngine:
         if self.compute_ready:
             return TensorSlab.nbytes_per_slot(layer.shapes, self.slot_dtype or layer.dtype)
         if self.cfg.quantize:
-            return quantized_nbytes(layer.shapes, layer.dtype, self.cfg.quantize)
+            return encoded_nbytes(layer, self.cfg.quantize)
         return self._source_bytes(layer)
 
     def _make_device_tier(self) -> DeviceTier:
@@ -285,7 +291,7 @@ class OffloadEngine:
         raw = self.source.nbytes(*key) if hasattr(self.source, "nbytes") else sum(
             nbytes_of(t) for t in tensors.values())
         if self.cfg.quantize:
-            tensors = {n: quantize(t, self.cfg.quantize) for n, t in tensors.items()}
+            tensors = {n: FORMATS[self.cfg.quantize].encode(t) for n, t in tensors.items()}
         if self.on_cuda and slot is None and out is None:  # pragma: no cover - GPU only
             tensors = {n: t.pin_memory() for n, t in tensors.items()}
         with self._lock:

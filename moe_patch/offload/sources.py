@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from .formats import StoredTensor
+from ..formats import StoredTensor
 from .keymap import CheckpointMap
 from .layers import OffloadLayer
 
