@@ -58,7 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def inspect_folder(folder, *, trust_remote_code: bool = False):
     """(MoEReport, CheckpointSummary) of a local checkpoint folder, from its config and index only."""
-    from .detect import inspect_model
+    from .families import inspect_model
     from .detect.config import load_config, meta_model, summarize_checkpoint
 
     config = load_config(folder, trust_remote_code=trust_remote_code)

@@ -49,7 +49,6 @@ from ..validation import check_summary, routing_summary
 from .cache import Key, TierCache
 from .costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
 from ..formats import FORMATS, StoredTensor, materialize, nbytes_of, tensors_of
-from .forwards import compute_expert, slab_bank
 from .layers import OffloadLayer
 from .pool import SlotPool, aligned
 from .slab import SlotTable, TensorSlab
@@ -487,8 +486,8 @@ class OffloadEngine:
         E = spec.num_experts
         summary = routing_summary(checked_by, top_k_index, top_k_weights) if checked_by is not None else None
         if self.bypass_caches:
-            return dispatch_combine(x, top_k_index, top_k_weights, E, lambda e, rows: compute_expert(
-                spec, e, rows, {n: t.to(rows.device) for n, t in self.source.read(layer, e).items()}),
+            return dispatch_combine(x, top_k_index, top_k_weights, E, lambda e, rows: spec.compute_expert(
+                e, rows, {n: t.to(rows.device) for n, t in self.source.read(layer, e).items()}),
                 weight_inputs=weight_inputs)
         counts = expert_counts(top_k_index, E).to(torch.float64)
         predicted = self._predict_counts(layer + 1, x) if self._prefetching(layer + 1) else None
@@ -569,7 +568,7 @@ class OffloadEngine:
                 weights = {n: materialize(t) for n, t in self._entry(group, by_expert[e]).items()}
                 if grad:
                     weights = {n: t.clone() for n, t in weights.items()}
-                return compute_expert(spec, e, rows, weights)
+                return spec.compute_expert(e, rows, weights)
 
             return dispatch_combine(x, index, top_k_weights, E, one, weight_inputs=weight_inputs)
         # the grouped GEMM runs over the slot range holding this layer's cached experts only (with every
@@ -598,7 +597,7 @@ class OffloadEngine:
         if bank is None:
             if len(self._banks) > 4 * len(self.layers):  # ranges move with evictions: keep the recent ones
                 self._banks.clear()
-            bank = self._banks[key] = slab_bank(spec, {n: t[lo:hi] for n, t in group.slab.tensors.items()})
+            bank = self._banks[key] = spec.slot_bank({n: t[lo:hi] for n, t in group.slab.tensors.items()})
         return bank
 
     # -- per expert: misses, and ModuleList experts ------------------------------------------------
@@ -613,8 +612,8 @@ class OffloadEngine:
                 # gradients w.r.t. the input exact (the experts themselves are frozen).
                 weights = {n: t.clone() for n, t in weights.items()}
             if release[0] == "cpu" and x.device.type != "cpu":  # pragma: no cover - GPU only
-                return compute_expert(spec, expert, x.to("cpu"), weights).to(x.device)
-            return compute_expert(spec, expert, x, weights)
+                return spec.compute_expert(expert, x.to("cpu"), weights).to(x.device)
+            return spec.compute_expert(expert, x, weights)
         finally:
             self._release(key, release)
 
@@ -721,7 +720,7 @@ class OffloadEngine:
         """Expert ``expert`` of a ModuleList ``layer`` on rows ``x`` (its block calls each expert)."""
         spec = self.layers[layer]
         if self.bypass_caches:
-            return compute_expert(spec, expert, x, {n: t.to(x.device) for n, t in self.source.read(layer, expert).items()})
+            return spec.compute_expert(expert, x, {n: t.to(x.device) for n, t in self.source.read(layer, expert).items()})
         used = self._active.setdefault(layer, {})
         used[expert] = used.get(expert, 0) + x.shape[0]
         key = (layer, expert)

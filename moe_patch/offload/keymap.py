@@ -214,9 +214,9 @@ class CheckpointMap:
             for e in range(layer.num_experts):
                 self.experts[(layer.index, e)] = {}
             for name in layer.param_names:
-                if layer.storage == "module_list":
+                if layer.expert_param_path(0, name) is not None:  # each expert's tensors of its own
                     for e in range(layer.num_experts):
-                        target = f"{layer.experts_path}.{e}.{name}"
+                        target = f"{layer.experts_path}.{layer.expert_param_path(e, name)}"
                         expert_targets.add(target)
                         self.experts[(layer.index, e)][name] = self._whole_recipe(
                             target, per_expert_shape=layer.shapes[name])
@@ -312,7 +312,7 @@ class CheckpointMap:
         if kind is not None:  # companions a checkpoint need not have (activation scales, zero points...)
             patterns = [p for p in patterns if parts.get(p)]
         per_expert_keys = conv is not None and any(isinstance(op, MergeModulelist) for op in conv.operations)
-        split = n if layer.storage == "flat_2d" else None
+        split = layer.family.checkpoint_split(n)
         rows: dict[str, list[Source]] = {}
         for pattern in patterns:
             keys = parts.get(pattern)
