@@ -156,7 +156,7 @@ def test_disk_error_in_a_background_read_surfaces_in_the_forward(tmp_path, monke
 
     path = save_tiny("qwen2_moe", tmp_path / "q")
     model = moe_patch.load_model(path, dtype=torch.float32, expert_cache=2 * expert_bytes("qwen2_moe"))
-    assert get_offload_handle(model).engine.cfg.prefetch  # reads also happen on the prefetch thread
+    assert get_offload_handle(model).engine.options.prefetch  # reads also happen on the prefetch thread
     calls = {"n": 0}
     real = os.preadv
 

@@ -149,7 +149,7 @@ def test_llama4_offload_computes_only_the_routed_experts(checkpoints, oracles):
     path = checkpoints["llama4-fused"]
     model = moe_patch.load_model(path, dtype=torch.float32)
     handle = get_offload_handle(model)
-    import moe_patch.offload.engine as engine_module
+    import moe_patch.offload.backends.cpu as engine_module  # where the CPU backend computes cached experts
 
     rows = []
     grouped = engine_module.bank_dispatch

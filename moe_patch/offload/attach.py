@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import MoEConfigError
-from .budget import check_budget, parse_bytes
-from .cache import POLICIES
-from .checkpoint import Checkpoint
-from .costmodel import calibrate, choose_compute_dtype, choose_device_format, measure_disk, time_stored_expert
-from .engine import EngineConfig, OffloadEngine, encoded_nbytes
 from ..families.records import changed_modules, restore
-from .runner import LayerRunner
+from .checkpoint import Checkpoint
+from .engine import OffloadEngine
 from .keymap import CheckpointMap
 from .layers import OffloadLayer, find_offload_layers
-from .options import DEVICE_FORMATS, OffloadOptions
-from ..formats import cache_format
+from .options import OffloadOptions
+from .plan import make_plan
+from .runner import LayerRunner
 from .sources import CheckpointSource, MemorySource
 from .stats import OffloadStats, read_proc_io
 
@@ -54,14 +51,7 @@ class OffloadHandle:
 
     def reset_stats(self) -> None:
         """Zero the counters (e.g. after a warm-up run); the caches keep their content."""
-        old = self.engine.stats
-        self.engine.stats = OffloadStats(
-            layers=[type(s)(s.num_experts) for s in old.layers], device=old.device,
-            expert_bytes=old.expert_bytes, bandwidths=old.bandwidths, stored_expert_bytes=old.stored_expert_bytes,
-            device_format=old.device_format, stored_format=old.stored_format, non_expert_bytes=old.non_expert_bytes,
-            compute_dtype=old.compute_dtype,
-            io_read_start=read_proc_io(),
-        )
+        self.engine.stats.reset()
 
     @torch.no_grad()
     def quantization_error(self, input_ids: torch.Tensor) -> dict[str, float]:
@@ -134,68 +124,6 @@ def _set_param(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
     mod._parameters[name] = nn.Parameter(value, requires_grad=requires_grad)
 
 
-def _quantized_size(layer: OffloadLayer, quant: str) -> int:
-    return encoded_nbytes(layer, quant)
-
-
-def _host_bytes(layer: OffloadLayer, source: Any, quant: str | None) -> int:
-    """Bytes one expert takes in the host tier: quantized, stored (quantized checkpoints) or model dtype."""
-    if quant is not None:
-        return _quantized_size(layer, quant)
-    if getattr(source, "stored", False):
-        return source.nbytes(layer.index, 0)
-    return layer.expert_bytes
-
-
-def _device_format(opts: OffloadOptions, source: Any, layers: list[OffloadLayer], expert_cache: int | None,
-                   host_cache: int | None, device: torch.device, bandwidths: Any) -> str:
-    """How the device cache keeps experts of a quantized checkpoint (the cost model's choice for "auto")."""
-    if not getattr(source, "stored", False):
-        return "dequantized"  # nothing to decode: the stored bytes are the model's
-    if opts.device_format != "auto":
-        return opts.device_format
-    n = sum(layer.num_experts for layer in layers)
-    stored = max(source.nbytes(layer.index, 0) for layer in layers)
-    decoded = max(layer.expert_bytes for layer in layers)
-    if expert_cache is None or expert_cache >= n * decoded:
-        return "dequantized"
-    if bandwidths is None or expert_cache < decoded:  # not calibrated, or no decoded expert fits: capacity
-        return "stored"
-    read_s, decode_s = time_stored_expert(source, layers[0].index, device)
-    if host_cache:  # misses come from the host tier: a PCIe copy on CUDA, nothing beyond the decode on CPU
-        miss_s = stored / bandwidths.h2d if device.type == "cuda" and bandwidths.h2d else 0.0
-    else:
-        miss_s = read_s
-    choice = choose_device_format(expert_cache, n, stored, decoded, decode_s, miss_s)
-    logger.info("device cache keeps experts %s (decode %.2f ms, miss %.2f ms per expert)", choice, 1e3 * decode_s,
-                1e3 * miss_s)
-    return choice
-
-
-def _compute_dtype(opts: OffloadOptions, source: Any, layers: list[OffloadLayer], expert_cache: int | None,
-                   host_cache: int | None, device: torch.device, quant: str | None,
-                   disk_bw: float) -> torch.dtype | None:
-    """On a CPU, the dtype the slots keep half-precision experts in (None: the model's): fp32 where this
-    machine's fp32 GEMV beats its bf16/fp16 one by more than the capacity it costs (measured)."""
-    dtype = layers[0].dtype
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or quant or not opts.calibrate:
-        return None
-    if getattr(source, "stored", False) and opts.device_format == "stored":
-        return None
-    half_bw, fp32_bw = calibrate("cpu", dtype), calibrate("cpu", torch.float32)
-    half_bytes = max(layer.expert_bytes for layer in layers)
-    n = sum(layer.num_experts for layer in layers)
-    half_s = half_bytes / (half_bw.cpu_gemv or half_bw.dram)
-    fp32_s = 2 * half_bytes / (fp32_bw.cpu_gemv or fp32_bw.dram)
-    stored = max(_host_bytes(layer, source, None) for layer in layers)
-    # a miss comes from the host tier (RAM) when there is one, else from the checkpoint's storage
-    miss_s = stored / (disk_bw if not host_cache and disk_bw > 0 else fp32_bw.dram)
-    choice = choose_compute_dtype(expert_cache, n, half_bytes, half_s, fp32_s, miss_s)
-    logger.info("CPU experts computed in %s (GEMV per expert: %.2f ms %s, %.2f ms float32)",
-                "float32" if choice == "fp32" else dtype, 1e3 * half_s, dtype, 1e3 * fp32_s)
-    return torch.float32 if choice == "fp32" else None
-
-
 def _tokens(args: tuple, kwargs: dict) -> tuple[int, int] | None:
     x = kwargs.get("input_ids")
     if x is None and args and isinstance(args[0], torch.Tensor):
@@ -228,40 +156,14 @@ def attach_offload(
     opts = OffloadOptions.coerce(options or OffloadOptions())
     if getattr(model, _ATTR, None) is not None:
         raise MoEConfigError("this model is already offloaded; call .detach() on its handle first.")
-    try:
-        device = torch.device(opts.device)
-    except (RuntimeError, TypeError) as exc:
-        raise MoEConfigError(f"device={opts.device!r}: not a device name; use 'cpu', 'cuda' or 'cuda:N'.") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MoEConfigError(f"device={opts.device!r} but CUDA is not available here; use device='cpu'.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        n = torch.cuda.device_count()  # pragma: no cover - needs a GPU
-        raise MoEConfigError(f"device={opts.device!r} but this machine has {n} CUDA device{'s' * (n != 1)} "
-                             f"(cuda:0 to cuda:{n - 1}).")
-    if device.type not in ("cpu", "cuda"):
-        raise MoEConfigError(f"device={opts.device!r}: offloading supports 'cpu' and 'cuda'.")
-    if opts.policy not in POLICIES:
-        raise MoEConfigError(f"policy={opts.policy!r}: choose one of {', '.join(POLICIES)}.")
-    if opts.cpu_compute not in ("auto", "always", "never"):
-        raise MoEConfigError(f"cpu_compute={opts.cpu_compute!r}: choose 'auto', 'always' or 'never'.")
-    if opts.device_format not in DEVICE_FORMATS:
-        raise MoEConfigError(f"device_format={opts.device_format!r}: choose one of {', '.join(DEVICE_FORMATS)}.")
-    fmt = cache_format(opts.quantize_experts)
-    quant = fmt.name if fmt is not None else None
     layers = find_offload_layers(model, handles)
-    expert_cache = parse_bytes(opts.expert_cache, name="expert_cache")
-    host_cache = parse_bytes(opts.host_cache, name="host_cache")
+    device = opts.torch_device
 
     originals: dict[int, dict[str, torch.Tensor]] = {}
     if checkpoint_map is None and opts.checkpoint is not None:
         checkpoint_map = CheckpointMap(Checkpoint(opts.checkpoint), model, layers)
     if checkpoint_map is not None:
         source = CheckpointSource(checkpoint_map)
-        if quant is not None and checkpoint_map.quantization is not None:
-            raise MoEConfigError(
-                f"quantize_experts={quant!r}: this checkpoint's experts are already quantized "
-                f"({checkpoint_map.quantization.method}) and are kept in their stored bytes; drop quantize_experts."
-            )
     else:
         for layer in layers:
             params = {p: layer.experts.get_parameter(p) for p in layer.parameter_paths()}
@@ -273,32 +175,12 @@ def attach_offload(
             # host RAM is the bottom tier: experts of a model already on the GPU move out of it
             originals[layer.index] = {p: t.detach().cpu() for p, t in params.items()}
         source = MemorySource(layers, originals)
-
-    bandwidths = calibrate(str(device), layers[0].dtype) if opts.calibrate else None
-    if bandwidths is not None and checkpoint_map is not None:  # the storage's own speed, measured cold
-        files = sorted({e.file for e in checkpoint_map.checkpoint.entries.values()})
-        bandwidths = replace(bandwidths, disk=measure_disk(files))
-    device_format = _device_format(opts, source, layers, expert_cache, host_cache, device, bandwidths)
-    compute_dtype = _compute_dtype(opts, source, layers, expert_cache, host_cache, device, quant,
-                                   bandwidths.disk if bandwidths is not None else 0.0)
-    host_bytes = max(_host_bytes(layer, source, quant) for layer in layers)
-    device_bytes = max(layer.expert_bytes for layer in layers) if device_format == "dequantized" and \
-        getattr(source, "stored", False) else host_bytes
-    if compute_dtype is not None:
-        device_bytes = max(layer.expert_bytes for layer in layers) * 4 // layers[0].dtype.itemsize
-    check_budget(expert_cache, device_bytes, name="expert_cache", allow_zero=False)
-    check_budget(host_cache, host_bytes, name="host_cache", allow_zero=True)
+    files = sorted({e.file for e in checkpoint_map.checkpoint.entries.values()}) if checkpoint_map else None
+    quantization = checkpoint_map.quantization.method if checkpoint_map and checkpoint_map.quantization else None
+    plan = make_plan(opts, layers, source, files, quantization)
 
     # the engine (and its pinned host pool) first: if that fails, the model is still untouched
-    engine = OffloadEngine(
-        layers, source,
-        EngineConfig(
-            device=device, expert_cache=expert_cache, host_cache=host_cache, policy=opts.policy,
-            hot=tuple(tuple(k) for k in opts.hot_experts), quantize=quant, prefetch=opts.prefetch,
-            cpu_compute=opts.cpu_compute, max_prefetch_per_layer=opts.max_prefetch_per_layer, bandwidths=bandwidths,
-            device_format=device_format, compute_dtype=compute_dtype,
-        ),
-    )
+    engine = OffloadEngine(layers, source, opts, plan)
     if checkpoint_map is not None:
         engine.stats.stored_format = checkpoint_map.stored_description()
     for layer in layers:
@@ -322,8 +204,7 @@ def attach_offload(
         timing["t0"] = time.perf_counter()
 
     def model_post(module, args, kwargs, output):
-        if device.type == "cuda":  # pragma: no cover - GPU only
-            torch.cuda.synchronize(device)
+        engine.backend.synchronize()
         shape = timing.get("shape")
         if shape is None:
             return

@@ -14,6 +14,8 @@ class DeviceBackend(Protocol):
     device: torch.device
     #: host pool buffers are page-locked (asynchronous host-to-device copies)
     pins_host: bool
+    #: slot copies run asynchronously: the compute must wait for them (:meth:`wait_slot`)
+    asynchronous: bool
 
     # entries
     def stage(self, tensors: dict[str, Any]) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from ...formats import StoredTensor
 class CpuBackend:
     """The device slots are host RAM: copies are plain, nothing runs asynchronously, nothing is waited for."""
 
-    #: host pool buffers are page-locked (asynchronous host-to-device copies)
-    pins_host: bool = False
+    pins_host = False
+    asynchronous = False
 
     def __init__(self, device: torch.device, lock: threading.RLock):
         self.device = device

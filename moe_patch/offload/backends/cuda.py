@@ -27,6 +27,7 @@ from .cpu import CpuBackend
 
 class CudaBackend(CpuBackend):  # pragma: no cover - GPU only (tests/test_cuda.py)
     pins_host = True
+    asynchronous = True
 
     def __init__(self, device: torch.device, lock: threading.RLock):
         super().__init__(device, lock)
