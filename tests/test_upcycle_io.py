@@ -261,7 +261,7 @@ def test_missing_shard_is_refused(dense, tmp_path):
     shards = sorted(src.glob("model-*.safetensors"))
     assert len(shards) > 1
     shards[-1].unlink()
-    with pytest.raises(CheckpointError, match=f"{shards[-1].name} listed in model.safetensors.index.json are missing"):
+    with pytest.raises(CheckpointError, match=f"{shards[-1].name} listed in model.safetensors.index.json is missing"):
         upcycle(src, tmp_path / "o", UpcycleConfig(num_experts=4, top_k=2))
 
 

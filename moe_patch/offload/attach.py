@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from ..errors import MoEConfigError
+from ..io import Checkpoint
 from ..validation import NAME_ATTR
 from .budget import check_budget, parse_bytes
 from .cache import POLICIES
-from .checkpoint import Checkpoint
 from .costmodel import calibrate, choose_compute_dtype, choose_device_format, measure_disk, time_stored_expert
 from .engine import EngineConfig, OffloadEngine
 from .forwards import ENGINE_ATTR, flat_2d_forward, fused_forward, llama4_block_forward

@@ -42,7 +42,7 @@ from transformers.core_model_loading import (
 )
 
 from ..errors import CheckpointError, MoEConfigError
-from .checkpoint import Checkpoint, TensorEntry
+from ..io import Checkpoint, TensorEntry
 from .formats import Piece, QuantizationSpec, StoredLayout, StoredTensor, WeightScheme
 from .formats.hf import SERIALIZED_SUFFIXES, dequant_kind, make_quantizer
 from .layers import OffloadLayer
