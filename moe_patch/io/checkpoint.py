@@ -55,7 +55,8 @@ class Checkpoint:
 
     def __init__(self, directory: str | os.PathLike, entries: Mapping[str, TensorEntry] | None = None):
         self.directory = Path(directory)
-        self.entries: dict[str, TensorEntry] = dict(entries) if entries is not None else checkpoint_entries(self.directory)
+        self.entries: dict[str, TensorEntry] = (
+            dict(entries) if entries is not None else checkpoint_entries(self.directory))
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
