@@ -315,7 +315,7 @@ def _header_is_a_list(work: Path) -> None:
 
 
 def _inspect_folder(work: Path, folder: str = ""):
-    from moe_patch.commands import inspect_folder
+    from moe_patch.detect.config import inspect_folder
 
     return inspect_folder(work / folder)
 
@@ -599,7 +599,7 @@ def test_one_byte_formatter_for_the_whole_package():
     (KeyError("weight"), "moe-patch boom: internal error: KeyError: 'weight' (re-run with --debug for the traceback"),
 ])
 def test_an_error_nobody_foresaw_is_still_one_line_and_debug_shows_the_traceback(monkeypatch, capsys, raised, line):
-    from moe_patch import cli
+    from moe_patch.cli import entry as cli
 
     def register(sub):
         sub.add_parser("boom").set_defaults(func=lambda args: (_ for _ in ()).throw(raised))
