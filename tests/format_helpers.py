@@ -19,7 +19,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from moe_patch.offload.formats.hf import reference_fp8_block
+from moe_patch.formats import FORMATS
 from moe_patch.testing.quantized import pack_compressed_tensors, pack_fp8, pack_mxfp4
 from moe_patch.testing.tiny import tiny_config
 
@@ -130,7 +130,7 @@ def _dequantized_copy(src: Path, dst: Path, block: tuple[int, int]) -> Path:
         if key.endswith("weight_scale_inv"):
             continue
         scale = tensors.get(key[: -len("weight")] + "weight_scale_inv")
-        out[key] = reference_fp8_block(t, scale, list(block), torch.float32) if scale is not None else t.float()
+        out[key] = FORMATS["fp8"].reference(t, scale, list(block), torch.float32) if scale is not None else t.float()
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     config.pop("quantization_config")

@@ -315,7 +315,7 @@ def _header_is_a_list(work: Path) -> None:
 
 
 def _inspect_folder(work: Path, folder: str = ""):
-    from moe_patch.detect.config import inspect_folder
+    from moe_patch.cli.inspect import inspect_folder
 
     return inspect_folder(work / folder)
 

@@ -20,9 +20,10 @@ import moe_patch
 from moe_patch.errors import CheckpointError, MoEConfigError
 from moe_patch.offload import get_offload_handle
 from moe_patch.offload.costmodel import choose_device_format
-from moe_patch.offload.formats import StoredTensor, read_quantization_config
-from moe_patch.offload.formats import hf as reference
-from moe_patch.offload.formats.decode import dequantize_fp8, dequantize_int, dequantize_mxfp4
+from moe_patch.formats import FORMATS, StoredTensor, read_quantization_config
+from moe_patch.formats.compressed import dequantize_int
+from moe_patch.formats.fp8 import dequantize_fp8
+from moe_patch.formats.mxfp4 import dequantize_mxfp4
 from moe_patch.testing.quantized import quantize_fp8_block, quantize_int_group, quantize_mxfp4
 
 NEW = 64
@@ -179,10 +180,10 @@ def test_llama4_offload_computes_only_the_routed_experts(checkpoints, oracles):
 def test_fp8_decoder_matches_transformers(shape, block, fmt, dtype):
     q, s = quantize_fp8_block(torch.randn(shape), block, fmt)
     ours = dequantize_fp8(q, s, block, dtype)
-    assert torch.equal(ours, reference.reference_fp8_block(q, s, list(block) if block else None, dtype))
+    assert torch.equal(ours, FORMATS["fp8"].reference(q, s, list(block) if block else None, dtype))
     if block is None or all(d % b == 0 for d, b in zip(shape, block)):
         # where stock loading is right, it agrees bit for bit (float32 product, one rounding)
-        assert torch.equal(ours, reference.reference_fp8_loader(q, s, dtype))
+        assert torch.equal(ours, FORMATS["fp8"].reference_loader(q, s, dtype))
 
 
 def test_stock_fp8_loading_guesses_the_block_from_the_shapes():
@@ -191,14 +192,14 @@ def test_stock_fp8_loading_guesses_the_block_from_the_shapes():
     transformers was fixed and format_helpers can use its stock loader for every case."""
     q, s = quantize_fp8_block(torch.randn(200, 300), (128, 128))
     right = dequantize_fp8(q, s, (128, 128), torch.float32)
-    assert not torch.allclose(reference.reference_fp8_loader(q, s, torch.float32), right)
+    assert not torch.allclose(FORMATS["fp8"].reference_loader(q, s, torch.float32), right)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_mxfp4_decoder_matches_transformers(dtype):
     w = torch.randn(48, 128) * torch.logspace(-20, 20, 128)  # exponents far from zero in both directions
     blocks, scales = quantize_mxfp4(w)
-    assert torch.equal(dequantize_mxfp4(blocks, scales, dtype).t(), reference.reference_mxfp4(blocks, scales, dtype))
+    assert torch.equal(dequantize_mxfp4(blocks, scales, dtype).t(), FORMATS["mxfp4"].reference(blocks, scales, dtype))
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, None), (8, 16)])
@@ -213,7 +214,7 @@ def test_packed_int_decoder_matches_compressed_tensors(bits, group, dtype):
         scheme["group_size"] = group
     packed = pack_to_int32(q, bits)
     ours = dequantize_int(packed, scale, None, bits=bits, group_size=group, shape=(32, 64), dtype=dtype)
-    assert torch.equal(ours, reference.reference_compressed_int(packed, scale, None, (32, 64), scheme, dtype))
+    assert torch.equal(ours, FORMATS["compressed-tensors"].reference(packed, scale, None, (32, 64), scheme, dtype))
 
 
 def test_asymmetric_int4_with_packed_zero_points_matches_compressed_tensors():
@@ -225,7 +226,7 @@ def test_asymmetric_int4_with_packed_zero_points_matches_compressed_tensors():
     scheme = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}
     packed, packed_zp = pack_to_int32(q, 4), pack_to_int32(zp, 4, packed_dim=0)
     ours = dequantize_int(packed, scale, packed_zp, bits=4, group_size=32, shape=(32, 64), dtype=torch.float32)
-    assert torch.equal(ours, reference.reference_compressed_int(packed, scale, packed_zp, (32, 64), scheme,
+    assert torch.equal(ours, FORMATS["compressed-tensors"].reference(packed, scale, packed_zp, (32, 64), scheme,
                                                                 torch.float32))
 
 

@@ -12,7 +12,7 @@ from moe_patch.errors import BudgetError
 from moe_patch.offload.budget import check_budget, format_bytes, parse_bytes
 from moe_patch.offload.cache import TierCache
 from moe_patch.offload.costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
-from moe_patch.offload.quant import materialize, nbytes_of, quantize
+from moe_patch.formats import FORMATS, materialize, nbytes_of, tensors_of
 from moe_patch.offload.stats import LayerStats, OffloadStats, bandwidth_bound_s, coefficient_of_variation
 
 
@@ -139,13 +139,13 @@ def test_statistics_derive_rates_cv_and_bound():
 def test_quantized_experts_round_trip_within_format_error_and_shrink(kind, tol):
     torch.manual_seed(0)
     w = torch.randn(64, 128)
-    q = quantize(w, kind)
+    q = FORMATS[kind].encode(w)
     back = materialize(q)
     assert back.shape == w.shape and back.dtype == w.dtype
     assert (back - w).abs().max() / w.abs().max() < tol
     assert nbytes_of(q) < w.numel() * w.element_size() / (3 if kind == "int8" else 6)
     bias = torch.randn(64)
-    assert quantize(bias, kind) is bias  # vectors stay in full precision
+    assert FORMATS[kind].encode(bias) is bias  # vectors stay in full precision
     moved = q.to("cpu")  # the device copy the caches make; the original must survive it
     assert torch.equal(materialize(moved), back) and torch.equal(materialize(q), back)
 
@@ -223,12 +223,10 @@ def test_an_offloaded_decode_step_reads_back_a_constant_few_times_per_layer(tmp_
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_every_tensor_behind_a_quantized_expert_is_listed_for_stream_bookkeeping(kind):
-    from moe_patch.offload.quant import tensors_of
-
-    q = quantize(torch.randn(64, 128), kind)
+    q = FORMATS[kind].encode(torch.randn(64, 128))
     parts = tensors_of(q)
     assert all(isinstance(t, torch.Tensor) for t in parts)
-    assert any(t is q.data for t in parts) and sum(t.numel() * t.element_size() for t in parts) >= q.nbytes
+    assert any(t is q.tensors[0] for t in parts) and sum(t.numel() * t.element_size() for t in parts) >= q.nbytes
     plain = torch.randn(4)
     assert tensors_of(plain) == [plain]
 

@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from ..demo import build_demo_checkpoint, run_demo
-    from ..detect.config import inspect_folder
     from ..detect.table import human_count
+    from .inspect import inspect_folder
 
     with tempfile.TemporaryDirectory(prefix="moe-patch-demo-") as tmp:
         out = args.out or Path(tmp) / f"{args.family}-random"

@@ -21,11 +21,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_inspect)
 
 
+def inspect_folder(folder, *, trust_remote_code: bool = False):
+    """(MoEReport, CheckpointSummary) of a local checkpoint folder, from its config and index only."""
+    from ..detect.config import load_config, meta_model, summarize_checkpoint
+    from ..families import inspect_model
+
+    config = load_config(folder, trust_remote_code=trust_remote_code)
+    report = inspect_model(meta_model(config, trust_remote_code=trust_remote_code))
+    return report, summarize_checkpoint(folder)
+
+
 def _stored_format(folder: Path, report, summary) -> dict:
     """How the routed experts are stored (quantized formats: bytes per expert as stored and dequantized),
     from config.json alone; an unsupported quantization method is reported, not raised (inspect describes)."""
     from ..errors import MoEConfigError
-    from ..offload.formats import read_quantization_config
+    from ..formats import read_quantization_config
 
     try:
         raw = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config")
@@ -55,8 +65,6 @@ def _inspect(args: argparse.Namespace) -> int:
         from hub_scripts.pull import fetch_metadata
 
         folder = fetch_metadata(args.path, revision=args.revision)
-    from ..detect.config import inspect_folder
-
     report, summary = inspect_folder(folder, trust_remote_code=args.trust_remote_code)
     stored = _stored_format(folder, report, summary)
     plan = None

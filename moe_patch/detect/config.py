@@ -190,13 +190,3 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
     summary.per_expert_tensors = sum(1 for k in keys if _PER_EXPERT.search(k))
     summary.fused_expert_tensors = sum(1 for k in keys if _FUSED.search(k))
     return summary
-
-
-def inspect_folder(folder: str | Path, *, trust_remote_code: bool = False):
-    """(MoEReport, CheckpointSummary) of a local checkpoint folder, from its config and index only: the
-    model is built on the meta device, no weights are read."""
-    from .finder import inspect_model
-
-    config = load_config(folder, trust_remote_code=trust_remote_code)
-    report = inspect_model(meta_model(config, trust_remote_code=trust_remote_code))
-    return report, summarize_checkpoint(folder)

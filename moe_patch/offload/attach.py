@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import types
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,21 +18,21 @@ from torch import nn
 
 from ..errors import MoEConfigError
 from ..io import Checkpoint
-from ..validation import NAME_ATTR
 from .budget import check_budget, parse_bytes
 from .cache import POLICIES
 from .costmodel import calibrate, choose_compute_dtype, choose_device_format, measure_disk, time_stored_expert
-from .engine import EngineConfig, OffloadEngine
-from .forwards import ENGINE_ATTR, flat_2d_forward, fused_forward, llama4_block_forward
+from .engine import EngineConfig, OffloadEngine, encoded_nbytes
+from ..families.records import changed_modules, restore
+from .runner import LayerRunner
 from .keymap import CheckpointMap
 from .layers import OffloadLayer, find_offload_layers
 from .options import DEVICE_FORMATS, OffloadOptions
-from .quant import check_format, quantized_nbytes
+from ..formats import cache_format
 from .sources import CheckpointSource, MemorySource
 from .stats import OffloadStats, read_proc_io
 
 logger = logging.getLogger(__name__)
-_ATTR = ENGINE_ATTR  # on the model: its OffloadHandle; on experts modules: (engine, layer index)
+_ATTR = "_moe_offload"  # on the model: its OffloadHandle
 
 
 @dataclass
@@ -46,7 +45,7 @@ class OffloadHandle:
     options: OffloadOptions
     _originals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _hooks: list[Any] = field(default_factory=list, repr=False)
-    _bound: list[nn.Module] = field(default_factory=list, repr=False)  # modules whose forward we replaced
+    _bound: list[nn.Module] = field(default_factory=list, repr=False)  # modules the families' installs changed
     attached: bool = True
 
     @property
@@ -97,8 +96,7 @@ class OffloadHandle:
                 h.remove()
             self._hooks.clear()
             for mod in self._bound:
-                for attr in ("forward", _ATTR, NAME_ATTR):
-                    mod.__dict__.pop(attr, None)
+                restore(mod)
             self._bound.clear()
             for layer in self.layers:
                 for name, value in restored.get(layer.index, {}).items():
@@ -115,12 +113,11 @@ class OffloadHandle:
         src = self.engine.source
         out: dict[str, torch.Tensor] = {}
         per_expert = [src.read(layer.index, e) for e in range(layer.num_experts)]
-        if layer.storage != "module_list":
-            for n in layer.param_names:
+        for n in layer.param_names:
+            if layer.expert_param_path(0, n) is None:
                 out[n] = layer.stack(n, [w[n] for w in per_expert])
-        else:
-            for e, w in enumerate(per_expert):
-                out.update({f"{e}.{n}": t for n, t in w.items()})
+            else:
+                out.update({layer.expert_param_path(e, n): w[n] for e, w in enumerate(per_expert)})
         return out
 
 
@@ -137,14 +134,8 @@ def _set_param(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
     mod._parameters[name] = nn.Parameter(value, requires_grad=requires_grad)
 
 
-def _param_paths(layer: OffloadLayer) -> list[str]:
-    if layer.storage != "module_list":
-        return list(layer.param_names)
-    return [f"{e}.{n}" for e in range(layer.num_experts) for n in layer.param_names]
-
-
 def _quantized_size(layer: OffloadLayer, quant: str) -> int:
-    return quantized_nbytes(layer.shapes, layer.dtype, quant)
+    return encoded_nbytes(layer, quant)
 
 
 def _host_bytes(layer: OffloadLayer, source: Any, quant: str | None) -> int:
@@ -205,15 +196,6 @@ def _compute_dtype(opts: OffloadOptions, source: Any, layers: list[OffloadLayer]
     return torch.float32 if choice == "fp32" else None
 
 
-def _bind(handle: OffloadHandle, module: nn.Module, fn: Any, layer: OffloadLayer, engine: OffloadEngine,
-          experts: nn.Module) -> None:
-    """Give ``module`` (the experts, or the Llama 4 block) the offloaded forward ``fn`` (instance only)."""
-    experts.__dict__[_ATTR] = (engine, layer.index)
-    experts.__dict__[NAME_ATTR] = layer.experts_path  # routing errors name the layer, as on resident models
-    module.forward = types.MethodType(fn, module)
-    handle._bound.extend({id(m): m for m in (module, experts)}.values())
-
-
 def _tokens(args: tuple, kwargs: dict) -> tuple[int, int] | None:
     x = kwargs.get("input_ids")
     if x is None and args and isinstance(args[0], torch.Tensor):
@@ -264,7 +246,8 @@ def attach_offload(
         raise MoEConfigError(f"cpu_compute={opts.cpu_compute!r}: choose 'auto', 'always' or 'never'.")
     if opts.device_format not in DEVICE_FORMATS:
         raise MoEConfigError(f"device_format={opts.device_format!r}: choose one of {', '.join(DEVICE_FORMATS)}.")
-    quant = check_format(opts.quantize_experts)
+    fmt = cache_format(opts.quantize_experts)
+    quant = fmt.name if fmt is not None else None
     layers = find_offload_layers(model, handles)
     expert_cache = parse_bytes(opts.expert_cache, name="expert_cache")
     host_cache = parse_bytes(opts.host_cache, name="host_cache")
@@ -281,7 +264,7 @@ def attach_offload(
             )
     else:
         for layer in layers:
-            params = {p: layer.experts.get_parameter(p) for p in _param_paths(layer)}
+            params = {p: layer.experts.get_parameter(p) for p in layer.parameter_paths()}
             if any(t.is_meta for t in params.values()):
                 raise MoEConfigError(
                     f"{layer.experts_path}: the experts are not loaded (meta tensors); pass "
@@ -319,30 +302,15 @@ def attach_offload(
     if checkpoint_map is not None:
         engine.stats.stored_format = checkpoint_map.stored_description()
     for layer in layers:
-        for p in _param_paths(layer):
+        for p in layer.parameter_paths():
             _set_param(layer.experts, p, torch.empty(0, dtype=layer.dtype))
     if device.type == "cuda" and move_model:  # pragma: no cover - GPU only
         model.to(device)
     handle = OffloadHandle(model=model, engine=engine, layers=layers, options=opts, _originals=originals)
+    before = {id(m) for m in changed_modules(model)}
     for layer in layers:
-        if layer.storage in ("fused", "flat_2d"):
-            _bind(handle, layer.experts, fused_forward if layer.storage == "fused" else flat_2d_forward, layer, engine,
-                  layer.experts)
-        elif layer.storage == "dense_bmm":
-            block = model.get_submodule(layer.path)
-            _bind(handle, block, llama4_block_forward, layer, engine, layer.experts)
-        else:
-            block = model.get_submodule(layer.path) if layer.path else model
-            for e, mod in enumerate(layer.experts):
-                mod.forward = (lambda x, *a, _l=layer.index, _e=e, **k: engine.run_expert(_l, _e, x))
-                handle._bound.append(mod)
-
-            def pre(module, args, kwargs, _l=layer.index):
-                hidden = args[0] if args else next(iter(kwargs.values()))
-                engine.begin_layer(_l, hidden)
-
-            handle._hooks.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-            handle._hooks.append(block.register_forward_hook(lambda m, a, o, _l=layer.index: engine.end_layer(_l)))
+        layer.family.install_offload(layer.handle, LayerRunner(engine, layer.index), handle._hooks)
+    handle._bound = [m for m in changed_modules(model) if id(m) not in before]
 
     timing: dict[str, Any] = {}
 
@@ -372,11 +340,18 @@ def attach_offload(
     return handle
 
 
+def _embedding(model: nn.Module, getter: str) -> nn.Module | None:
+    """The model's input/output embedding, None where it has none (a vision backbone raises instead)."""
+    try:
+        return getattr(model, getter)() if hasattr(model, getter) else None
+    except NotImplementedError:
+        return None
+
+
 def _non_expert_step_bytes(model: nn.Module) -> int:
     """Bytes of resident weights a decode step reads: every parameter left after the experts became
     placeholders, except an input embedding table not shared with the output head (one row is read)."""
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed, head = _embedding(model, "get_input_embeddings"), _embedding(model, "get_output_embeddings")
     skip = set()
     if embed is not None and getattr(embed, "weight", None) is not None:
         if head is None or getattr(head, "weight", None) is not embed.weight:

@@ -48,11 +48,9 @@ from ..sizes import format_bytes
 from ..validation import check_summary, routing_summary
 from .cache import Key, TierCache
 from .costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
-from .formats import StoredTensor
-from .forwards import compute_expert, slab_bank
+from ..formats import FORMATS, StoredTensor, materialize, nbytes_of, tensors_of
 from .layers import OffloadLayer
 from .pool import SlotPool, aligned
-from .quant import QuantizedTensor, materialize, nbytes_of, quantize, quantized_nbytes, tensors_of
 from .slab import SlotTable, TensorSlab
 from .sources import ExpertSource
 from .stats import LayerStats, OffloadStats
@@ -62,12 +60,19 @@ from .stats import LayerStats, OffloadStats
 class ExpertWeights:
     """One expert's tensors as a tier holds them (possibly quantized or stored), with its size."""
 
-    tensors: dict[str, torch.Tensor | QuantizedTensor | StoredTensor]
+    tensors: dict[str, torch.Tensor | StoredTensor]
     nbytes: int
     ready: Any = None  # CUDA event recorded after an async copy; None when usable at once
     tier: str = "disk"  # where it was read from the last time it entered the device tier
     slot: Any = None  # the pool slot holding the tensors (returned to the pool when this entry dies)
     moved: int = 0  # bytes moved to bring it into the device tier (stored bytes for quantized experts)
+
+
+def encoded_nbytes(layer: OffloadLayer, kind: str) -> int:
+    """Bytes one expert of ``layer`` takes once the caches encode it in the cache format ``kind``."""
+    fmt = FORMATS[kind]
+    return sum(fmt.encoded_nbytes(s, layer.dtype) if len(s) == 2 else math.prod(s) * layer.dtype.itemsize
+               for s in layer.shapes.values())
 
 
 def default_io_threads() -> int:
@@ -202,7 +207,7 @@ class OffloadEngine:
         if self.compute_ready:
             return TensorSlab.nbytes_per_slot(layer.shapes, self.slot_dtype or layer.dtype)
         if self.cfg.quantize:
-            return quantized_nbytes(layer.shapes, layer.dtype, self.cfg.quantize)
+            return encoded_nbytes(layer, self.cfg.quantize)
         return self._source_bytes(layer)
 
     def _make_device_tier(self) -> DeviceTier:
@@ -285,7 +290,7 @@ class OffloadEngine:
         raw = self.source.nbytes(*key) if hasattr(self.source, "nbytes") else sum(
             nbytes_of(t) for t in tensors.values())
         if self.cfg.quantize:
-            tensors = {n: quantize(t, self.cfg.quantize) for n, t in tensors.items()}
+            tensors = {n: FORMATS[self.cfg.quantize].encode(t) for n, t in tensors.items()}
         if self.on_cuda and slot is None and out is None:  # pragma: no cover - GPU only
             tensors = {n: t.pin_memory() for n, t in tensors.items()}
         with self._lock:
@@ -481,8 +486,8 @@ class OffloadEngine:
         E = spec.num_experts
         summary = routing_summary(checked_by, top_k_index, top_k_weights) if checked_by is not None else None
         if self.bypass_caches:
-            return dispatch_combine(x, top_k_index, top_k_weights, E, lambda e, rows: compute_expert(
-                spec, e, rows, {n: t.to(rows.device) for n, t in self.source.read(layer, e).items()}),
+            return dispatch_combine(x, top_k_index, top_k_weights, E, lambda e, rows: spec.compute_expert(
+                e, rows, {n: t.to(rows.device) for n, t in self.source.read(layer, e).items()}),
                 weight_inputs=weight_inputs)
         counts = expert_counts(top_k_index, E).to(torch.float64)
         predicted = self._predict_counts(layer + 1, x) if self._prefetching(layer + 1) else None
@@ -563,7 +568,7 @@ class OffloadEngine:
                 weights = {n: materialize(t) for n, t in self._entry(group, by_expert[e]).items()}
                 if grad:
                     weights = {n: t.clone() for n, t in weights.items()}
-                return compute_expert(spec, e, rows, weights)
+                return spec.compute_expert(e, rows, weights)
 
             return dispatch_combine(x, index, top_k_weights, E, one, weight_inputs=weight_inputs)
         # the grouped GEMM runs over the slot range holding this layer's cached experts only (with every
@@ -592,7 +597,7 @@ class OffloadEngine:
         if bank is None:
             if len(self._banks) > 4 * len(self.layers):  # ranges move with evictions: keep the recent ones
                 self._banks.clear()
-            bank = self._banks[key] = slab_bank(spec, {n: t[lo:hi] for n, t in group.slab.tensors.items()})
+            bank = self._banks[key] = spec.slot_bank({n: t[lo:hi] for n, t in group.slab.tensors.items()})
         return bank
 
     # -- per expert: misses, and ModuleList experts ------------------------------------------------
@@ -607,8 +612,8 @@ class OffloadEngine:
                 # gradients w.r.t. the input exact (the experts themselves are frozen).
                 weights = {n: t.clone() for n, t in weights.items()}
             if release[0] == "cpu" and x.device.type != "cpu":  # pragma: no cover - GPU only
-                return compute_expert(spec, expert, x.to("cpu"), weights).to(x.device)
-            return compute_expert(spec, expert, x, weights)
+                return spec.compute_expert(expert, x.to("cpu"), weights).to(x.device)
+            return spec.compute_expert(expert, x, weights)
         finally:
             self._release(key, release)
 
@@ -715,7 +720,7 @@ class OffloadEngine:
         """Expert ``expert`` of a ModuleList ``layer`` on rows ``x`` (its block calls each expert)."""
         spec = self.layers[layer]
         if self.bypass_caches:
-            return compute_expert(spec, expert, x, {n: t.to(x.device) for n, t in self.source.read(layer, expert).items()})
+            return spec.compute_expert(expert, x, {n: t.to(x.device) for n, t in self.source.read(layer, expert).items()})
         used = self._active.setdefault(layer, {})
         used[expert] = used.get(expert, 0) + x.shape[0]
         key = (layer, expert)

@@ -21,7 +21,7 @@ from ..detect.config import load_config
 from ..errors import CheckpointError, InvalidArgumentError, MoEConfigError
 from ..io import Checkpoint
 from .attach import OffloadHandle, attach_offload
-from .formats import read_quantization_config
+from ..formats import read_quantization_config
 from .keymap import CheckpointMap
 from .layers import find_offload_layers
 from .options import OffloadOptions

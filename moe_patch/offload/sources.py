@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from .formats import StoredTensor
+from ..formats import StoredTensor
 from .keymap import CheckpointMap
 from .layers import OffloadLayer
 
@@ -103,9 +103,11 @@ class MemorySource:
 
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         spec, params = self.layers[layer], self.originals[layer]
-        if spec.storage != "module_list":
-            return {n: spec.expert_slice(params[n], expert) for n in spec.param_names}
-        return {n: params[f"{expert}.{n}"] for n in spec.param_names}
+        out = {}
+        for n in spec.param_names:
+            own = spec.expert_param_path(expert, n)
+            out[n] = spec.expert_slice(params[n], expert) if own is None else params[own]
+        return out
 
     def close(self) -> None:
         pass

@@ -10,10 +10,11 @@ import torch
 from ..detect.spec import ExpertLayout
 from ..dispatch.experts import ExpertBank, bank_dispatch, glu
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
-from .base import Adapter, PatchOptions, bind_forward, set_attrs
+from .base import Family, PatchOptions
+from .records import bind_forward, set_attrs
 
 if TYPE_CHECKING:
-    from ..detect.finder import BlockHandle
+    from ..detect.spec import BlockHandle
 
 
 def _jetmoe_forward(self, layer_input: torch.Tensor) -> torch.Tensor:
@@ -32,10 +33,13 @@ def _jetmoe_forward(self, layer_input: torch.Tensor) -> torch.Tensor:
     return out.view(bsz, length, self.input_size) + self.bias
 
 
-class JetMoeAdapter(Adapter):
+class JetMoeFamily(Family):
     """The block owns the parallel-experts pair; `input_linear` stands for the experts."""
 
     name = "parallel_experts"
+    routing_reader = "sorted_plan"
+    offload_unsupported = ("JetMoE's experts are a pair of block-level parallel linears whose router returns its own "
+                           "sorted plan; they stay resident")
 
     def match(self, block, name, experts) -> bool:
         out = getattr(block, "output_linear", None)

@@ -1,37 +1,22 @@
-"""One expert's parameter slice kept in the bytes the checkpoint stores it in, and how it decodes.
+"""One expert's parameter slice kept in the bytes it is stored in, and how it decodes (any format).
 
-A :class:`StoredLayout` (built once per parameter of a layer by the key map) says which stored
-tensors make the slice and how: for FP8 ``[gate; up]`` it is two pieces (each an FP8 weight and its
-block scales) concatenated along rows; for MXFP4 one piece (blocks and e8m0 scales) transposed into
-the model's ``[in, out]`` layout. A :class:`StoredTensor` is those tensors for one expert: it moves
-between devices as stored bytes (so a host-to-device copy moves FP8 or FP4, not bf16) and
-``dequantize()`` builds the model's tensor where it sits, right before it is computed.
+A :class:`StoredLayout` (built once per parameter of a layer by the key map, or by a cache format) says which
+stored tensors make the slice and how: for FP8 ``[gate; up]`` two pieces (each an FP8 weight and its block
+scales) stacked along rows; for MXFP4 one piece (blocks and e8m0 scales) transposed into the model's
+``[in, out]`` layout; for a cache-quantized nf4 weight one piece (packed codes and block absmax). A
+:class:`StoredTensor` is those tensors for one expert: it moves between devices as stored bytes (a
+host-to-device copy moves FP8 or FP4, not bf16) and ``dequantize()`` builds the model's tensor where it sits,
+right before it is computed.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
-from .decode import dequantize_fp8, dequantize_int, dequantize_mxfp4
-from .spec import WeightScheme
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One stored weight and its companions, as positions in the expert's list of stored tensors.
-
-    ``role`` is ``"fp8"``, ``"mxfp4"``, ``"int"`` or ``"plain"`` (stored unquantized: only a cast).
-    ``rows`` / ``cols``: the decoded weight's shape in the stored orientation.
-    """
-
-    role: str
-    weight: int
-    scale: int | None = None
-    zero_point: int | None = None
-    rows: int = 0
-    cols: int = 0
+from .base import Piece, WeightScheme
 
 
 @dataclass(frozen=True)
@@ -49,6 +34,10 @@ class StoredLayout:
         """The decoded shape before the transpose (rows of every piece stacked)."""
         return tuple(reversed(self.shape)) if self.transpose else self.shape
 
+    @property
+    def kind(self) -> str:
+        return self.scheme.kind
+
     def decode(self, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """The model's tensor from the stored ``tensors``, computed on their device. ``out`` (shape
@@ -61,26 +50,9 @@ class StoredLayout:
             return out
         at = 0
         for p in self.pieces:
-            self._decode_piece(p, tensors, dtype, out.narrow(0, at, p.rows))
+            p.format.decode(p, tensors, self.scheme, dtype, out.narrow(0, at, p.rows))
             at += p.rows
         return out.t() if self.transpose else out
-
-    def _decode_piece(self, p: Piece, t: tuple[torch.Tensor, ...], dtype: torch.dtype, out: torch.Tensor) -> None:
-        w = t[p.weight]
-        if p.role == "plain":
-            out.copy_(w.reshape(out.shape))
-        elif p.role == "fp8":
-            dequantize_fp8(w, t[p.scale], self.scheme.block, dtype, out=out)
-        elif p.role == "mxfp4":
-            dequantize_mxfp4(w, t[p.scale], dtype, out=out)
-        else:
-            zp = t[p.zero_point] if p.zero_point is not None else None
-            dequantize_int(w, t[p.scale], zp, bits=self.scheme.bits, group_size=self.scheme.group_size,
-                           shape=(p.rows, p.cols), dtype=dtype, out=out)
-
-    @property
-    def kind(self) -> str:
-        return self.scheme.kind
 
 
 @dataclass
@@ -122,3 +94,44 @@ class StoredTensor:
 
     def parts(self) -> list[torch.Tensor]:
         return list(self.tensors)
+
+
+def materialize(t: torch.Tensor | StoredTensor) -> torch.Tensor:
+    """The tensor to compute with, decoded where ``t`` lives."""
+    return t.dequantize() if isinstance(t, StoredTensor) else t
+
+
+def nbytes_of(t: torch.Tensor | StoredTensor) -> int:
+    """Bytes a cache entry's tensor holds (stored bytes, not the decoded size)."""
+    return t.nbytes if isinstance(t, StoredTensor) else t.numel() * t.element_size()
+
+
+def tensors_of(t: torch.Tensor | StoredTensor) -> list[torch.Tensor]:
+    """The tensors behind a (possibly stored) weight, for stream bookkeeping."""
+    return t.parts() if isinstance(t, StoredTensor) else [t]
+
+
+# -- scratch buffers shared by the decoders ------------------------------------------------------------
+_local = threading.local()
+
+
+def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread reusable buffer for a decoder's temporaries on the CPU: a fresh multi-megabyte tensor
+    is a fresh mapping whose first touch page-faults (it took two thirds of an MXFP4 decode). On a GPU the
+    caching allocator already reuses memory."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    bufs = _local.__dict__.setdefault("bufs", {})
+    buf = bufs.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = bufs[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def finish(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None, *, from_scratch: bool = False) -> torch.Tensor:
+    """``x`` as the result: into ``out``, or a tensor of its own when ``x`` is a scratch buffer."""
+    if out is not None:
+        return out.copy_(x)
+    if x.dtype == dtype:
+        return x.clone() if from_scratch else x
+    return x.to(dtype)

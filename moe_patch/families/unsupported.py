@@ -14,7 +14,7 @@ __all__ = ["UNSUPPORTED", "is_supported"]
 
 #: model_type -> why moe-patch does not patch this family.
 UNSUPPORTED: dict[str, str] = {
-    # Detected (moe_patch.adapters.doge) and reported, deliberately not patched.
+    # Detected (moe_patch.families.doge) and reported, deliberately not patched.
     "doge": (
         "CDMoE retrieval experts are single neurons (rows of two embedding tables picked by a "
         "product-key router); transformers already computes them with one gather and two batched "

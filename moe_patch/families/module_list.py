@@ -26,13 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from ..detect.spec import ExpertLayout
+from ..detect.structure import find_router
 from ..dispatch.core import dispatch_combine
 from ..dispatch.experts import ExpertBank, bank_dispatch, glu
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
-from .base import Adapter, PatchOptions, bind_forward, restore, set_attrs
+from .base import ExpertTensors, Family, OffloadRunner, PatchOptions
+from .records import bind_forward, restore, set_attrs
 
 if TYPE_CHECKING:
-    from ..detect.finder import BlockHandle
+    from ..detect.spec import BlockHandle
 
 #: (gate, up, down) parameter-holder names of one expert, in the conventions seen in the wild.
 GLU_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
@@ -53,6 +55,13 @@ def _experts_list(experts: torch.nn.Module) -> list[torch.nn.Module]:
     kinds = Counter(type(m) for m in items)
     main = max(kinds, key=kinds.get)
     return [m for m in items if type(m) is main]
+
+
+def _expert_keys(experts: torch.nn.Module) -> list[str]:
+    """The child names of the expert modules, in order (``0, 1, ...`` in a ModuleList; a ModuleDict's keys)."""
+    kinds = _experts_list(experts)
+    main = type(kinds[0]) if kinds else None
+    return [name for name, m in experts.named_children() if type(m) is main]
 
 
 def _linears(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -323,16 +332,64 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
-class ModuleListAdapter(Adapter):
+class ExpertListOffload(Family):
+    """Offloading of experts kept as a list of expert modules, which their block calls one at a time: every
+    expert module's forward asks the engine (:meth:`OffloadRunner.run_expert`), and hooks around the block
+    tell the engine where the layer begins (to prefetch the next one) and ends (its routing is then known)."""
+
+    offload_unsupported = None
+
+    def expert_tensors(self, experts) -> ExpertTensors:
+        first = _experts_list(experts)[0]
+        params = dict(first.named_parameters())
+        return ExpertTensors(tuple(params), {n: tuple(p.shape) for n, p in params.items()},
+                             next(iter(params.values())).dtype, len(_experts_list(experts)))
+
+    def expert_param_path(self, experts, expert, name) -> str:
+        return f"{_expert_keys(experts)[expert]}.{name}"
+
+    def lora_targets(self, handle: BlockHandle) -> tuple[list[str], list[str]]:
+        """Expert modules are plain ``nn.Linear`` layers: peft's ``target_modules`` reaches each one."""
+        names = [n for n, m in handle.experts.named_modules() if isinstance(m, torch.nn.Linear)]
+        return [f"{handle.info.experts_path}.{n}" for n in names], []
+
+    def compute_expert(self, experts, expert, x, weights) -> torch.Tensor:
+        # the expert module's own class forward with the fetched tensors in place of its placeholders (its
+        # instance forward asks the engine, so torch.func.functional_call would recurse)
+        module = _experts_list(experts)[expert]
+        slots = []
+        for name, value in weights.items():
+            path, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(path) if path else module
+            slots.append((owner, leaf, owner._parameters[leaf]))
+            owner._parameters[leaf] = value
+        try:
+            return type(module).forward(module, x.to(next(iter(weights.values())).dtype))
+        finally:
+            for owner, leaf, old in slots:
+                owner._parameters[leaf] = old
+
+    def install_offload(self, handle: BlockHandle, runner: OffloadRunner, hooks: list) -> None:
+        for e, module in enumerate(_experts_list(handle.experts)):
+            set_attrs(module, forward=lambda x, *a, _e=e, **k: runner.run_expert(_e, x))
+
+        def before(module, args, kwargs):
+            runner.begin_layer(args[0] if args else next(iter(kwargs.values())))
+
+        hooks.append(handle.block.register_forward_pre_hook(before, with_kwargs=True))
+        hooks.append(handle.block.register_forward_hook(lambda m, a, o: runner.end_layer()))
+
+
+class ModuleListFamily(ExpertListOffload):
     """Blocks whose own forward loops over a list of expert MLPs."""
+
+    routing_reader = "router_table"
 
     name = "module_list"
 
     def match(self, block, name, experts) -> bool:
         if not _is_mlp_list(experts) or _container_takes_routing(experts):
             return False
-        from ..detect.finder import find_router
-
         hidden, _ = _sizes(experts)
         return find_router(block, name, len(_experts_list(experts)), hidden)[1] is not None
 
@@ -427,10 +484,11 @@ def _nllb_experts_forward(self, hidden_states, router_mask, router_probs):
     return out * (1 - self.moe_token_dropout) if self.moe_token_dropout > 0 else out
 
 
-class RoutedListAdapter(Adapter):
+class RoutedListFamily(ExpertListOffload):
     """Expert lists called by their block with routing (Switch Transformers, NLLB-MoE)."""
 
     name = "routed_list"
+    routing_reader = "capacity"
 
     def match(self, block, name, experts) -> bool:
         return _is_mlp_list(experts) and _container_takes_routing(experts)
@@ -442,7 +500,7 @@ class RoutedListAdapter(Adapter):
         return _sizes(experts)
 
     def layout(self, experts) -> ExpertLayout:
-        return ModuleListAdapter.layout(self, experts)  # same storage description
+        return ModuleListFamily.layout(self, experts)  # same storage description
 
     def install(self, handle: BlockHandle, options: PatchOptions) -> str | None:
         experts = handle.experts

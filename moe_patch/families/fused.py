@@ -1,10 +1,11 @@
 """Experts stored as 3-D parameters on one module (transformers 5 layout).
 
-- ``ExpertsInterfaceAdapter``: classes decorated with ``@use_experts_implementation`` (64 families in
+- ``ExpertsInterfaceFamily``: classes decorated with ``@use_experts_implementation`` (64 families in
   transformers 5.23). We register ``"moe_patch"`` in transformers' own experts registry and let the
   module's config select it (through :class:`ExpertsConfigView`): no transformers class is modified.
-- ``PlainFusedAdapter``: same call signature and layout without the decorator (e.g. step3p7).
-- ``ZeroExpertsAdapter``: LongCat-Flash, whose router may pick identity "zero computation" experts.
+  Offloaded, the experts module gets a routed forward whose runner is the offload engine.
+- ``PlainFusedFamily``: same call signature and layout without the decorator (e.g. step3p7).
+- ``ZeroExpertsFamily``: LongCat-Flash, whose router may pick identity "zero computation" experts.
 
 The undecorated ones get an instance forward and nothing else: transformers recognises decorated
 experts by ``has_gate`` / ``is_transposed`` (expert-parallel plans, exporters), so those flags are never
@@ -20,12 +21,23 @@ import torch
 
 from ..detect.spec import ExpertLayout
 from ..dispatch.core import dispatch_combine, plan_dispatch
-from ..dispatch.experts import IMPLEMENTATION_NAME, ExpertBank, bank_dispatch, bank_expert, glu, moe_patch_experts_forward
+from ..dispatch.experts import (
+    IMPLEMENTATION_NAME,
+    ExpertBank,
+    bank_dispatch,
+    bank_expert,
+    expert_weight_names,
+    fused_bank,
+    fused_expert_forward,
+    glu,
+    moe_patch_experts_forward,
+)
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
-from .base import Adapter, PatchOptions, bind_forward, param_3d, set_attrs
+from .base import ExpertTensors, Family, PatchOptions, param_3d, run_experts
+from .records import bind_forward, set_attrs
 
 if TYPE_CHECKING:
-    from ..detect.finder import BlockHandle
+    from ..detect.spec import BlockHandle
 
 
 
@@ -102,8 +114,15 @@ def _fused_layout(experts: torch.nn.Module, transposed: bool, gated: bool, bias:
                         post_norm=post_norm, param_names=tuple(names))
 
 
-class ExpertsInterfaceAdapter(Adapter):
+def _routed_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts' call signature, computed by the installed runner (the offload engine)."""
+    return run_experts(self, hidden_states, top_k_index, top_k_weights)
+
+
+class ExpertsInterfaceFamily(Family):
     name = "experts_interface"
+    offload_unsupported = None
 
     def match(self, block, name, experts) -> bool:
         return is_decorated(experts)
@@ -120,6 +139,20 @@ class ExpertsInterfaceAdapter(Adapter):
         experts = handle.experts
         view = ExpertsConfigView(experts.config, replaces=experts.config._experts_implementation)
         set_attrs(experts, config=view, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate})
+
+    def bind_routed(self, handle: BlockHandle) -> None:
+        bind_forward(handle.experts, _routed_forward)
+
+    def expert_tensors(self, experts) -> ExpertTensors:
+        names = expert_weight_names(experts)
+        return ExpertTensors(names, {n: tuple(getattr(experts, n).shape[1:]) for n in names},
+                             experts.down_proj.dtype, int(experts.num_experts))
+
+    def slot_bank(self, experts, weights) -> ExpertBank:
+        return fused_bank(experts, weights)
+
+    def compute_expert(self, experts, expert, x, weights) -> torch.Tensor:
+        return fused_expert_forward(experts, x, weights)
 
 
 def _has_routed_signature(experts: torch.nn.Module) -> bool:
@@ -153,10 +186,12 @@ def _plain_fused_forward(self, hidden_states, top_k_index, top_k_weights):
     return bank_dispatch(bank, hidden_states, top_k_index, top_k_weights)
 
 
-class PlainFusedAdapter(Adapter):
+class PlainFusedFamily(Family):
     """Fused [gate; up] experts with the transformers 5 call signature but no decorator."""
 
     name = "fused_plain"
+    offload_unsupported = ("undecorated fused experts (step3p7) carry no layout flags the offloaded forward could "
+                           "follow; they stay resident")
 
     def match(self, block, name, experts) -> bool:
         gu, down = param_3d(experts, "gate_up_proj"), param_3d(experts, "down_proj")
@@ -198,8 +233,10 @@ def _zero_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return dispatch_combine(hidden_states, top_k_index, top_k_weights, total, expert_fn, plan=plan)
 
 
-class ZeroExpertsAdapter(Adapter):
+class ZeroExpertsFamily(Family):
     name = "zero_experts"
+    offload_unsupported = ("LongCat-Flash's zero-computation experts are routed beside the real ones; the offload "
+                           "engine pages real experts only, so these blocks stay resident")
 
     def match(self, block, name, experts) -> bool:
         return (

@@ -10,18 +10,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..detect.spec import ExpertLayout
-from .base import Adapter, PatchOptions
+from .base import Family, PatchOptions
 
 if TYPE_CHECKING:
-    from ..detect.finder import BlockHandle
+    from ..detect.spec import BlockHandle
 
 
 def _tables(block: torch.nn.Module) -> list[tuple[str, torch.nn.Embedding]]:
     return [(n, m) for n, m in block.named_children() if isinstance(m, torch.nn.Embedding)]
 
 
-class ProductKeyExpertsAdapter(Adapter):
+class ProductKeyExpertsFamily(Family):
     name = "product_key"
+    offload_unsupported = "single-neuron retrieval experts (rows of two embedding tables) are not paged per expert"
     routing_kind = "product_key"
 
     def match(self, block, name, experts) -> bool:

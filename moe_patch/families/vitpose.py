@@ -11,10 +11,12 @@ import torch
 from ..detect.spec import ExpertLayout
 from ..errors import RoutingError
 from ..validation import NAME_ATTR
-from .base import Adapter, PatchOptions, bind_forward, set_attrs
+from .base import PatchOptions
+from .module_list import ExpertListOffload
+from .records import bind_forward, set_attrs
 
 if TYPE_CHECKING:
-    from ..detect.finder import BlockHandle
+    from ..detect.spec import BlockHandle
 
 
 def _per_image_experts_forward(self, hidden_state: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -28,7 +30,7 @@ def _per_image_experts_forward(self, hidden_state: torch.Tensor, indices: torch.
     return out
 
 
-class PerImageExpertsAdapter(Adapter):
+class PerImageExpertsFamily(ExpertListOffload):
     name = "per_image"
     fixed_top_k = 1
     routing_kind = "per_input"  # the caller's dataset_index picks the expert of each image
