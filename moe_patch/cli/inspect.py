@@ -1,4 +1,5 @@
-"""`moe-patch inspect`: argument parsing and printing only (the report comes from :mod:`moe_patch.detect`)."""
+"""`moe-patch inspect`: argument parsing and printing; the report is :func:`moe_patch.inspect_model` of a model built
+on the meta device from config.json, with the checkpoint summary of :mod:`moe_patch.detect.config`."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def inspect_folder(folder, *, trust_remote_code: bool = False):
-    """(MoEReport, CheckpointSummary) of a local checkpoint folder, from its config and index only."""
+    """(MoEReport, CheckpointSummary) of a local checkpoint folder, from its config and index only (also the
+    demo's). It joins detect (config, index) and the families' finder, which imports detect: only a layer
+    above both can call the two."""
     from ..detect.config import load_config, meta_model, summarize_checkpoint
     from ..families import inspect_model
 
