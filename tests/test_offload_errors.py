@@ -71,7 +71,7 @@ def test_files_safetensors_refuses_are_refused_by_the_reader(tmp_path, offsets, 
     """Every file the one checkpoint reader (offload, push, converters) accepts, safetensors loads."""
     from safetensors import SafetensorError
 
-    from moe_patch.offload.checkpoint import read_header
+    from moe_patch.io import read_header
 
     entries = {k: {"dtype": "F32", "shape": [2], "data_offsets": v} for k, v in offsets.items()}
     file = _raw_safetensors(tmp_path / "bad.safetensors", entries, data)
@@ -82,7 +82,7 @@ def test_files_safetensors_refuses_are_refused_by_the_reader(tmp_path, offsets, 
 
 
 def test_the_reader_accepts_what_safetensors_writes(tmp_path):
-    from moe_patch.offload.checkpoint import read_header
+    from moe_patch.io import read_header
 
     tensors = {"z": torch.zeros(0), "b": torch.ones(3, dtype=torch.bfloat16), "a": torch.arange(5)}
     save_file(tensors, tmp_path / "ok.safetensors", metadata={"format": "pt"})

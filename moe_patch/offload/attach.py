@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import MoEConfigError
+from ..io import Checkpoint
 from ..families.records import changed_modules, restore
-from .checkpoint import Checkpoint
 from .engine import OffloadEngine
 from .keymap import CheckpointMap
 from .layers import OffloadLayer, find_offload_layers

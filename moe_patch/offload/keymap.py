@@ -42,7 +42,7 @@ from transformers.core_model_loading import (
 )
 
 from ..errors import CheckpointError, MoEConfigError
-from .checkpoint import Checkpoint, TensorEntry
+from ..io import Checkpoint, TensorEntry
 from ..formats import CAST, Format, QuantizationSpec, StoredLayout, StoredPart, StoredTensor, format_of_op
 from ..formats.hf import make_quantizer
 from .layers import OffloadLayer

@@ -19,8 +19,8 @@ from torch import nn
 
 from ..detect.config import load_config
 from ..errors import CheckpointError, InvalidArgumentError, MoEConfigError
+from ..io import Checkpoint
 from .attach import OffloadHandle, attach_offload
-from .checkpoint import Checkpoint
 from ..formats import read_quantization_config
 from .keymap import CheckpointMap
 from .layers import find_offload_layers

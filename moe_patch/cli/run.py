@@ -1,7 +1,7 @@
 """``moe-patch run``: generate with experts offloaded, show a progress bar and the statistics.
 
-It also holds the loading arguments (budgets, device, dtype, cache policy) that ``serve`` and ``chat``
-share with ``run``, and :func:`load_offloaded`, which turns them into a model.
+The loading arguments (budgets, device, dtype, cache policy) that ``serve`` and ``chat`` share with ``run``
+are in :mod:`.offload_args`.
 """
 
 from __future__ import annotations
@@ -11,44 +11,15 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import device, int_at_least, non_empty, plot_file, size, token_ids
 from ..errors import InvalidArgumentError
+from .args import int_at_least, non_empty, plot_file, token_ids
+from .offload_args import add_offload_arguments, load_offloaded
+from .sampling_args import add_sampling_arguments
 
 DEFAULT_NEW_TOKENS = 32
 
 
-def add_offload_arguments(p: argparse.ArgumentParser) -> None:
-    """PATH and how its experts are paged: the arguments of ``run``, ``serve`` and ``chat``."""
-    p.add_argument("path", help="checkpoint directory or Hub repo id")
-    p.add_argument("--expert-cache", type=size(), default=None, help="device-cache budget, e.g. 8GiB (default: no limit)")
-    p.add_argument("--host-cache", type=size(), default="0", help="host-RAM cache budget, e.g. 32GiB (default 0: off)")
-    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:n] (default cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (default auto: the checkpoint's)")
-    p.add_argument("--quantize", choices=["nf4", "int8"], default=None, help="keep experts quantized in the caches")
-    p.add_argument("--policy", choices=["lru", "lfu", "pinned-hot"], default="lru")
-    p.add_argument("--no-prefetch", action="store_true", help="switch the next-layer prefetch off")
-
-
-def offload_options(args: argparse.Namespace):
-    from .options import OffloadOptions
-
-    return OffloadOptions(
-        device=args.device, expert_cache=args.expert_cache, host_cache=args.host_cache,
-        quantize_experts=args.quantize, prefetch=not args.no_prefetch, policy=args.policy,
-    )
-
-
-def load_offloaded(args: argparse.Namespace):
-    """The model of ``args.path`` with its experts offloaded as the arguments of :func:`add_offload_arguments` say."""
-    from . import load_model
-
-    return load_model(args.path, options=offload_options(args), dtype=args.dtype)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..serve.sampling import add_sampling_arguments
-
     p = subparsers.add_parser(
         "run",
         help="generate with routed experts paged from the checkpoint (expert offloading)",
@@ -158,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..offload import get_offload_handle
     from ..serve.sampling import Sampling, generation_config
-    from . import get_offload_handle
 
     model = load_offloaded(args)
     if not local:

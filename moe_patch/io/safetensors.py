@@ -1,15 +1,9 @@
-"""The checkpoint's own safetensors files: headers, the shard index, and positional reads.
-
-This is the only place that touches checkpoint bytes. Tensors are read with ``os.preadv`` at the
-offsets the safetensors header gives, instead of through ``safe_open``'s memory map, because:
-
-- a shard truncated or replaced while a model runs turns a mapped read into SIGBUS (the process
-  dies); a positional read comes back short and becomes a :class:`CheckpointError`;
-- mapped pages count in the process RSS, which would hide the cache budgets;
-- bytes can land directly in a caller's buffer (pinned host memory on CUDA).
+"""The safetensors file format: one file's header, read and checked against the file.
 
 The header format (8-byte little-endian length, JSON of ``{name: {dtype, shape, data_offsets}}``,
-then the data) is the documented safetensors layout.
+then the data) is the documented safetensors layout. Every reader of checkpoint files in moe-patch
+(offload, inspect, upcycle, push) parses headers here, so a missing, unreadable, truncated or malformed
+shard is told apart, and named with its tensor, the same way everywhere.
 """
 
 from __future__ import annotations
@@ -18,9 +12,7 @@ import json
 import math
 import os
 import struct
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -38,8 +30,6 @@ if hasattr(torch, "float8_e8m0fnu"):  # e8m0 scales (ue8m0 FP8, MX formats); tor
 DTYPES.update({code: getattr(torch, name) for code, name in
                (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"))
                if hasattr(torch, name)})
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 2**20  # safetensors refuses headers above 100 MB too
 
 
@@ -147,122 +137,3 @@ def _check_layout(path: str, entries, base: int, size: int) -> None:
     if at != size:
         raise CheckpointError(f"{path}: {size - at} bytes follow the last tensor, which safetensors refuses. "
                               "The file is corrupt (or was appended to).")
-
-
-class Checkpoint:
-    """All tensors of a safetensors checkpoint directory, indexed by key; reads byte ranges.
-
-    Construction reads every shard header and checks the index against them, so a missing or
-    truncated shard or a tensor absent from its shard is reported before anything runs.
-    File descriptors stay open for the life of the object (``close()`` releases them).
-    """
-
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-        index_path = self.directory / INDEX_NAME
-        self.entries: dict[str, TensorEntry] = {}
-        if index_path.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or UTF-8
-                raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc}).") from exc
-            except OSError as exc:
-                raise CheckpointError(f"{index_path}: cannot read the index ({exc.strerror or exc}).") from exc
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index_path}: not a valid safetensors index (weight_map is not an object).")
-            by_file: dict[str, list[str]] = {}
-            for key, fname in weight_map.items():
-                by_file.setdefault(fname, []).append(key)
-            for fname, keys in sorted(by_file.items()):
-                fpath = self.directory / fname
-                if not fpath.is_file():
-                    raise CheckpointError(
-                        f"{fpath}: shard listed in {INDEX_NAME} is missing (it holds {keys[0]!r} and "
-                        f"{len(keys) - 1} more tensors). Re-download the checkpoint."
-                    )
-                header = read_header(fpath)
-                for key in keys:
-                    if key not in header:
-                        raise CheckpointError(f"{fpath}: tensor {key!r} is listed in {INDEX_NAME} but absent from the shard.")
-                    self.entries[key] = header[key]
-        else:
-            files = sorted(self.directory.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(
-                    f"{self.directory}: no {INDEX_NAME} and no .safetensors file. moe-patch offloads from "
-                    "safetensors checkpoints only (never pickle)."
-                )
-            for fpath in files:
-                self.entries.update(read_header(fpath))
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.entries
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def _fd(self, file: str) -> int:
-        with self._lock:
-            fd = self._fds.get(file)
-            if fd is None:
-                try:
-                    fd = os.open(file, os.O_RDONLY)
-                except OSError as exc:
-                    raise CheckpointError(f"{file}: cannot open shard ({exc.strerror}).") from exc
-                if hasattr(os, "posix_fadvise"):
-                    # experts are read as exact byte ranges in routing order: readahead would read (and count
-                    # in RSS-free page cache) neighbouring experts nobody asked for, 3x the bytes on the bench
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                self._fds[file] = fd
-            return fd
-
-    def read_bytes(self, entry: TensorEntry, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read ``[start, end)`` of ``entry``'s file into a uint8 tensor (``out`` if given, e.g. pinned)."""
-        n = end - start
-        buf = out if out is not None else torch.empty(n, dtype=torch.uint8)
-        if buf.numel() != n or buf.dtype != torch.uint8:
-            raise ValueError(f"read buffer must be {n} uint8 elements")
-        view = memoryview(buf.numpy()) if n else memoryview(b"")
-        done = 0
-        try:
-            while done < n:  # preadv may return short counts for large reads
-                got = os.preadv(self._fd(entry.file), [view[done:]], start + done)
-                if got == 0:
-                    break
-                done += got
-        except OSError as exc:
-            raise CheckpointError(
-                f"{entry.file}: reading tensor {entry.key!r} failed ({exc.strerror or exc}). The shard changed or "
-                "the disk failed while the model was running."
-            ) from exc
-        if done != n:
-            raise CheckpointError(
-                f"{entry.file}: tensor {entry.key!r} is cut short ({done} of {n} bytes at offset {start}); the shard "
-                "was truncated or replaced while the model was running."
-            )
-        return buf
-
-    def read(self, entry: TensorEntry, row: int | None = None, out: torch.Tensor | None = None,
-             split: int | None = None) -> torch.Tensor:
-        """The tensor ``entry`` (or its ``row`` along the first dimension, or chunk ``row`` of ``split``),
-        in its stored dtype."""
-        if row is None:
-            start, end, shape = entry.start, entry.end, entry.shape
-        else:
-            (start, end), shape = entry.row_range(row, split), entry.row_shape(split)
-        raw = self.read_bytes(entry, start, end, out)
-        return raw.view(entry.dtype).reshape(shape)
-
-    def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-    def __del__(self):  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import ipaddress
 import logging
-import os
-import socket
 
-from ..cli import int_at_least, non_empty
-from ..errors import InvalidArgumentError, MoEPatchError
-from ..offload.cli import add_offload_arguments, load_offloaded, offload_options
-from . import limits
-from .sampling import add_sampling_arguments
+from ..serve import limits
+from ..serve.preflight import API_KEY_ENV, api_key, bind, is_loopback, require_serving_dependencies
+from .args import int_at_least, non_empty
+from .offload_args import add_offload_arguments, load_offloaded, offload_options
+from .sampling_args import add_sampling_arguments
 
 logger = logging.getLogger("moe_patch.serve")
-
-API_KEY_ENV = "MOE_PATCH_API_KEY"
-# what transformers' server imports (its `serving` extra) and the openai types its handlers build answers with
-SERVE_MODULES = ("fastapi", "uvicorn", "openai", "pydantic")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,58 +50,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(func=chat)
 
 
-def require_serving_dependencies() -> None:
-    missing = [module for module in SERVE_MODULES if importlib.util.find_spec(module) is None]
-    if missing:
-        raise MoEPatchError(f"serving needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
-                            "installed: pip install 'moe-patch[serve]'")
-
-
-def _api_key(args: argparse.Namespace) -> str | None:
-    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
-    if key is not None and not key.strip():
-        where = "--api-key" if args.api_key is not None else API_KEY_ENV
-        raise InvalidArgumentError(f"{where} is empty; give a key, or none to serve without one.")
-    return key.strip() if key else None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to any interface
-        return False
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads: a port in use is said in a second, not after
-    minutes of loading."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise InvalidArgumentError(f"--host {host}: not an address of this machine ({exc.strerror}).") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise InvalidArgumentError(f"cannot listen on {host}:{port}: {exc.strerror} (choose another --port).") from None
-    return sock
-
-
 def serve(args: argparse.Namespace) -> int:
     require_serving_dependencies()
-    key = _api_key(args)
+    key = api_key(args.api_key)
     sock = bind(args.host, args.port)
     if key is None and not is_loopback(args.host):
         logger.warning("moe-patch serve: listening on %s without an API key: anyone who can reach this machine "
                        "can use the model (set %s).", args.host, API_KEY_ENV)
     import uvicorn
 
-    from .app import build_app
-    from .loader import OffloadModelManager
+    from ..serve.app import build_app
+    from ..serve.loader import OffloadModelManager
 
     try:
         name = args.served_model_name or args.path
@@ -127,8 +78,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    from .chat import ChatSession
-    from .tokenizer import load_tokenizer, require_chat_template
+    from ..serve.chat import ChatSession
+    from ..serve.tokenizer import load_tokenizer, require_chat_template
 
     tokenizer = load_tokenizer(args.path, instead="moe-patch chat needs the checkpoint's tokenizer")
     require_chat_template(tokenizer, args.path, "moe-patch chat")

@@ -1,4 +1,5 @@
-"""`moe-patch push` and `moe-patch pull`: argument parsing and printing only; the work is in push.py/pull.py."""
+"""`moe-patch push` and `moe-patch pull`: argument parsing and printing only; the work is in
+:mod:`hub_scripts.push` and :mod:`hub_scripts.pull`."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import argparse
 import logging
 from typing import TYPE_CHECKING
 
-from moe_patch.cli import new_folder
-from moe_patch.sizes import format_bytes
+from ..sizes import format_bytes
+from .args import new_folder
 
 if TYPE_CHECKING:
-    from .push import PushResult
+    from hub_scripts.push import PushResult
 
 
 def _quiet_http_logs(args: argparse.Namespace) -> None:
@@ -42,7 +43,7 @@ def _print_push(result: PushResult) -> None:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .push import push_folder  # lazy: `moe-patch --help` must not import torch through the card code
+    from hub_scripts.push import push_folder  # lazy: `moe-patch --help` must not import torch through the card code
 
     _quiet_http_logs(args)
     result = push_folder(
@@ -63,7 +64,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from .pull import pull
+    from hub_scripts.pull import pull
 
     _quiet_http_logs(args)
     path = pull(args.repo_id, revision=args.revision, include=args.include, local_dir=args.local_dir)

@@ -1,24 +1,17 @@
-"""`moe-patch demo` and `moe-patch inspect`: argument parsing and printing only."""
+"""`moe-patch inspect`: argument parsing and printing; the report is :func:`moe_patch.inspect_model` of a model built
+on the meta device from config.json, with the checkpoint summary of :mod:`moe_patch.detect.config`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 
-from .cli import int_at_least, new_folder, size
+from .args import size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build a small random MoE checkpoint, inspect, patch, generate (no download)")
-    p.add_argument("--family", default="qwen3_moe", choices=("qwen3_moe", "mixtral", "deepseek_v3"),
-                   help="MoE family of the random checkpoint (default qwen3_moe)")
-    p.add_argument("--out", type=new_folder, help="where to write the demo checkpoint (default: a temporary folder)")
-    p.add_argument("--tokens", type=int_at_least(1), default=32, help="tokens to generate (default 32)")
-    p.set_defaults(func=_demo)
-
     p = sub.add_parser("inspect", help="report the MoE blocks of a checkpoint from its config (no weights read)")
     p.add_argument("path", help="local checkpoint folder, or a Hub repo id")
     p.add_argument("--revision", help="Hub revision (repo ids only)")
@@ -29,37 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_inspect)
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import build_demo_checkpoint, run_demo
-    from .detect.table import human_count
-
-    with tempfile.TemporaryDirectory(prefix="moe-patch-demo-") as tmp:
-        out = args.out or Path(tmp) / f"{args.family}-random"
-        print(f"1/4 building a random {args.family} checkpoint in {out}")
-        build_demo_checkpoint(out, args.family)
-        print("2/4 inspecting it from config.json + safetensors index (meta device, no weights read)")
-        report, summary = inspect_folder(out)
-        print(report)
-        print(f"   checkpoint: {len(summary.shards)} shards, {summary.expert_storage}")
-        print("3/4 loading, patching, generating, checking against the Hugging Face forward")
-        r = run_demo(out, new_tokens=args.tokens)
-        print("4/4 results")
-        print(f"   logits max relative difference (fp32): {r.max_rel_logit_diff:.2e}  (bound 1e-5)")
-        print(f"   greedy tokens identical over {args.tokens} tokens: {r.tokens_identical}")
-        print(f"   prefill 4x128 tokens: reference {r.prefill_ms_reference:.1f} ms, patched {r.prefill_ms_patched:.1f} ms "
-              f"({r.prefill_ms_reference / r.prefill_ms_patched:.2f}x)")
-        print(f"   generate, per token: reference {r.decode_ms_reference:.2f} ms, patched {r.decode_ms_patched:.2f} ms "
-              f"({r.decode_ms_reference / r.decode_ms_patched:.2f}x)")
-        print(f"   params: total {human_count(report.total_params)}, active per token {human_count(report.active_params)}")
-        ok = r.tokens_identical and r.max_rel_logit_diff <= 1e-5
-    print("demo: OK" if ok else "demo: MISMATCH against the reference (please report this)")
-    return 0 if ok else 1
-
-
 def inspect_folder(folder, *, trust_remote_code: bool = False):
-    """(MoEReport, CheckpointSummary) of a local checkpoint folder, from its config and index only."""
-    from .families import inspect_model
-    from .detect.config import load_config, meta_model, summarize_checkpoint
+    """(MoEReport, CheckpointSummary) of a local checkpoint folder, from its config and index only (also the
+    demo's). It joins detect (config, index) and the families' finder, which imports detect: only a layer
+    above both can call the two."""
+    from ..detect.config import load_config, meta_model, summarize_checkpoint
+    from ..families import inspect_model
 
     config = load_config(folder, trust_remote_code=trust_remote_code)
     report = inspect_model(meta_model(config, trust_remote_code=trust_remote_code))
@@ -69,8 +37,8 @@ def inspect_folder(folder, *, trust_remote_code: bool = False):
 def _stored_format(folder: Path, report, summary) -> dict:
     """How the routed experts are stored (quantized formats: bytes per expert as stored and dequantized),
     from config.json alone; an unsupported quantization method is reported, not raised (inspect describes)."""
-    from .errors import MoEConfigError
-    from .formats import read_quantization_config
+    from ..errors import MoEConfigError
+    from ..formats import read_quantization_config
 
     try:
         raw = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config")
@@ -94,7 +62,7 @@ def _inspect(args: argparse.Namespace) -> int:
     folder = Path(args.path)
     if not folder.is_dir():
         if folder.exists() or args.path.startswith((".", "/")) or args.path.count("/") != 1:
-            from .errors import CheckpointError
+            from ..errors import CheckpointError
 
             raise CheckpointError(f"{args.path}: not a checkpoint folder (and not a Hub repo id 'owner/name')")
         from hub_scripts.pull import fetch_metadata
@@ -104,7 +72,7 @@ def _inspect(args: argparse.Namespace) -> int:
     stored = _stored_format(folder, report, summary)
     plan = None
     if args.gpu or args.ram:
-        from .offload import plan_memory
+        from ..offload import plan_memory
 
         plan = plan_memory(report, gpu=args.gpu, ram=args.ram, bytes_per_param=summary.bytes_per_param,
                            expert_bytes_per_param=stored.get("bytes_per_param"))
@@ -117,7 +85,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     print(report)
-    from .detect.table import human_bytes
+    from ..detect.table import human_bytes
 
     size = human_bytes(summary.total_bytes) if summary.total_bytes else "unknown size"
     print(f"  checkpoint: {len(summary.shards)} safetensors shards, {size}, experts stored as {summary.expert_storage}")

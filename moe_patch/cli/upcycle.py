@@ -1,4 +1,7 @@
-"""`moe-patch upcycle`: parse arguments, call :func:`converters.upcycle`, print the result. No logic here."""
+"""`moe-patch upcycle`: parse arguments, call :func:`converters.upcycle`, print the result. No logic here.
+
+``--push-to-hub`` is wiring between two areas (the converter, then :func:`hub_scripts.push.push_folder`), so
+it lives here: converters and hub_scripts do not import each other."""
 
 from __future__ import annotations
 
@@ -6,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from moe_patch.cli import size
-from moe_patch.errors import MoEPatchError
+from ..errors import MoEPatchError
+from .args import size
 
 EPILOG = """\
 exact recipes (default): plain copies (--granularity 1) and fine-grained experts with renormalised
@@ -109,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str] | None = None):
-    from . import UpcycleConfig
+    from converters import UpcycleConfig
 
     layers = args.moe_layers
     return UpcycleConfig(
@@ -138,14 +141,15 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import plan_upcycle, upcycle
-    from .hub import push_output
+    from converters import plan_upcycle, upcycle
 
     config = config_from_args(args)
     if args.push_to_hub and not args.dry_run:
+        # both before hours of conversion, not after: a bad repo id, and a Hub module that cannot be imported
         from hub_scripts.api import check_repo_id
+        from hub_scripts.push import push_folder
 
-        check_repo_id(args.push_to_hub)  # a bad repo id must fail before hours of conversion, not after
+        check_repo_id(args.push_to_hub)
     if args.dry_run:
         plan = plan_upcycle(args.src, config)
         try:
@@ -163,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.push_to_hub:
-        url = push_output(args.out, args.push_to_hub, private=args.private, commit_message=args.commit_message)
+        # the model card is made from OUT/upcycle_report.json
+        url = push_folder(args.out, args.push_to_hub, private=args.private, commit_message=args.commit_message)
         print(f"pushed to {url}")
     return 0
 

@@ -1,35 +1,22 @@
-"""Upcycle and push several recipes from one YAML file: `python -m hub_scripts.batch recipes.yaml`.
+"""Upcycle and push several recipes from one YAML file (`moe-patch batch recipes.yaml`): the plan and its runner.
 
-The file::
-
-    defaults:                 # optional; merged into every job (a job's own keys win, recipes merge per key)
-      private: true
-      recipe: {top_k: 2, router_init: zero}
-    jobs:
-      - name: llama-8x2       # optional, defaults to the output folder's name
-        source: meta-llama/Llama-3.2-1B     # dense checkpoint: local folder, or a Hub repo id (pulled
-                                            # first; it becomes the card's base_model)
-        output: out/llama-8x2               # relative paths are relative to the YAML file
-        repo_id: my-user/llama-8x2          # optional: push when given
-        recipe: {num_experts: 8, granularity: 1}
-        branch: main          # optional push options: private, branch, create_pr, commit_message,
-                              # base_model, license (card metadata)
-      - source: ...
-
-Each job runs the converter, then `push_folder`. The converter is called through one small interface,
+The file's format: `moe-patch batch --help` (moe_patch/cli/batch.py). Each job runs the converter, then
+`push_folder`. The converter is called through one small interface,
 `upcycle(source: str, output: Path, **recipe, argv=[...]) -> object`: the recipe keys go through as
 keyword arguments unchanged (they are `converters.UpcycleConfig` fields), and `argv` is the equivalent
 `moe-patch upcycle ...` command line, recorded in the report and shown on the model card. It is
 `converters.upcycle`, imported when the batch runs (see `find_upcycle`), or passed in by a caller.
-Jobs run in order; the first failure stops the batch unless `--keep-going`. `--skip-existing` reuses outputs that already hold an `upcycle_report.json` (a re-run
-after a failure only redoes what is missing; pushes resume on their own).
+Jobs run in order; the first failure stops the batch unless `--keep-going`. `--skip-existing` reuses
+outputs that already hold an `upcycle_report.json` (a re-run after a failure only redoes what is missing;
+pushes resume on their own).
+
+This module drives converters and hub_scripts together, so it stands above both, in the command-line
+layer: neither package imports the other.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +24,12 @@ from typing import Any
 
 import yaml
 
-from moe_patch.errors import MoEPatchError
+from hub_scripts.api import check_repo_id
+from hub_scripts.card import REPORT_FILE
+from hub_scripts.pull import pull
+from hub_scripts.push import PushResult, push_folder
 
-from .api import check_repo_id
-from .card import REPORT_FILE
-from .pull import pull
-from .push import PushResult, push_folder
+from ..errors import MoEPatchError
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +75,8 @@ def _recipe_keys() -> set[str]:
     """The converter's option names (its UpcycleConfig fields), so a typo fails in --dry-run too."""
     import dataclasses
 
-    try:
-        from converters import UpcycleConfig
-    except ImportError:
-        return set()
+    from converters import UpcycleConfig
+
     return {f.name for f in dataclasses.fields(UpcycleConfig)} - {"argv"}
 
 
@@ -105,7 +90,7 @@ def load_plan(path: str | Path) -> list[BatchJob]:
     except yaml.YAMLError as exc:
         raise BatchConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list) or not data["jobs"]:
-        raise BatchConfigError(f"{path} must be a mapping with a non-empty 'jobs' list (see hub_scripts/batch.py).")
+        raise BatchConfigError(f"{path} must be a mapping with a non-empty 'jobs' list (see `moe-patch batch --help`).")
     unknown_top = set(data) - {"defaults", "jobs"}
     if unknown_top:
         raise BatchConfigError(f"{path}: unknown top-level key(s) {sorted(unknown_top)}; expected 'defaults' and 'jobs'.")
@@ -127,7 +112,7 @@ def load_plan(path: str | Path) -> list[BatchJob]:
         if unknown:
             raise BatchConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(JOB_KEYS)}.")
         recipe_keys = _recipe_keys()
-        bad = sorted(set(merged["recipe"]) - recipe_keys) if recipe_keys else []
+        bad = sorted(set(merged["recipe"]) - recipe_keys)
         if bad:
             raise BatchConfigError(f"{where}.recipe: unknown option(s) {bad}; allowed: {sorted(recipe_keys)}.")
         for key in ("source", "output"):
@@ -191,13 +176,8 @@ def equivalent_command(job: BatchJob) -> list[str]:
 
 def find_upcycle() -> UpcycleFn:
     """The converter's library entry point, `converters.upcycle(src, out, config=None, **config_fields)`."""
-    try:
-        from converters import upcycle
-    except ImportError as exc:
-        raise MoEPatchError(
-            f"The converters package cannot be imported ({exc}): install moe-patch with its converters, or call"
-            " hub_scripts.batch.run_batch(jobs, upcycle=...) with your own converter."
-        ) from exc
+    from converters import upcycle
+
     return upcycle
 
 
@@ -263,36 +243,3 @@ def format_plan(jobs: Sequence[BatchJob]) -> str:
         push = f" -> push {job.repo_id}" + (f" {job.push_options}" if job.push_options else "") if job.repo_id else ""
         lines.append(f"{job.name}: {job.source} -> {job.output} [{recipe}]{push}")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hub_scripts.batch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipes", help="YAML file with 'jobs' (and optional 'defaults')")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    parser.add_argument("--keep-going", action="store_true", help="run the remaining jobs after a failure")
-    parser.add_argument("--skip-existing", action="store_true", help="reuse outputs that already hold a report")
-    parser.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
-    try:
-        jobs = load_plan(args.recipes)
-        print(format_plan(jobs))
-        if args.dry_run:
-            return 0
-        results = run_batch(jobs, keep_going=args.keep_going, skip_existing=args.skip_existing)
-    except MoEPatchError as exc:
-        if args.debug:
-            raise
-        print(f"batch: error: {exc}", file=sys.stderr)
-        return 1
-    for r in results:
-        where = r.push.commit_url if r.push else (r.error or str(r.output))
-        print(f"{r.status:>16}  {r.name}  {where}")
-    not_run = len(jobs) - len(results)
-    if not_run:
-        print(f"{not_run} job(s) not run after the failure (use --keep-going to run them anyway).")
-    return 0 if all(r.status != "failed" for r in results) and not not_run else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
