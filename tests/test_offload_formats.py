@@ -240,7 +240,7 @@ def test_packed_checkpoints_are_what_transformers_reads(name, checkpoints):
     bf16 = transformers.AutoModelForCausalLM.from_pretrained(path.parent / f"{name}-bf16", dtype=torch.float32)
     stock = load_oracle(name, path)
     want = bf16.state_dict()
-    tolerance = {"mxfp4": 0.35, "compressed": 0.2}.get(CASES[name].oracle, 0.08)
+    tolerance = {"mxfp4": 0.35, "compressed": 0.2, "metal": 0.2}.get(CASES[name].oracle, 0.08)
     for key, value in stock.state_dict().items():
         if ".experts." in key and value.dim() >= 2:
             assert _rel(value, want[key]) < tolerance, key
@@ -382,3 +382,17 @@ def test_inspect_plans_with_stored_bytes_gpt_oss_120b_fits_64gib_of_ram(tmp_path
     assert 60e9 < stored["total_bytes"] < 62e9 and stored["dequantized_total_bytes"] > 3.7 * stored["total_bytes"]
     plan = data["memory_plan"]
     assert plan["expert_bytes"] == stored["total_bytes"] and plan["disk_expert_bytes"] == 0
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_metal_affine_decoder_matches_transformers(bits, dtype):
+    from transformers.integrations.metal_quantization import _affine_quantize_tensor
+
+    from moe_patch.formats.metal import dequantize_affine
+
+    w = (torch.randn(48, 256) * torch.logspace(-3, 3, 256)).to(dtype)
+    packed, scales, biases = _affine_quantize_tensor(w, 64, bits)
+    scales, biases = scales.to(dtype), biases.to(dtype)
+    ours = dequantize_affine(packed, scales, biases, bits=bits, group_size=64, dtype=dtype)
+    assert torch.equal(ours, FORMATS["metal"].reference(packed, scales, biases, bits=bits, group_size=64))

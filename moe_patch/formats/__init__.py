@@ -18,11 +18,12 @@ from .bnb import INT8, NF4
 from .cast import CAST
 from .compressed import COMPRESSED_TENSORS
 from .fp8 import FP8
+from .metal import METAL
 from .mxfp4 import MXFP4
 from .stored import StoredLayout, StoredTensor, materialize, nbytes_of, tensors_of
 
 #: the registry, in the order errors list them
-_REGISTERED: tuple[Format, ...] = (FP8, MXFP4, COMPRESSED_TENSORS, CAST, NF4, INT8)
+_REGISTERED: tuple[Format, ...] = (FP8, MXFP4, COMPRESSED_TENSORS, METAL, CAST, NF4, INT8)
 
 FORMATS: dict[str, Format] = {f.name: f for f in _REGISTERED}
 #: checkpoint formats by ``quantization_config.quant_method``
