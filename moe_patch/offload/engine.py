@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 
 import torch
 
@@ -47,7 +48,7 @@ from .plan import EnginePlan, encoded_nbytes
 from .policy import POLICIES
 from .prefetch import Prefetcher, expert_counts
 from .reader import Reader, make_pool
-from .slab import SlotTable, TensorSlab
+from .slab import TensorSlab
 from .sources import ExpertSource
 from .stats import LayerStats, OffloadStats
 
@@ -232,7 +233,7 @@ class OffloadEngine:
                 return spec.compute_expert(expert, x.to("cpu"), weights).to(x.device)
             return spec.compute_expert(expert, x, weights)
         finally:
-            lease.release(self)
+            lease.release()
 
     def acquire(self, key: Key, rows: int) -> Lease:
         """The decoded weights of ``key``: from its device slot (loaded now if needed), or computed on the
@@ -247,7 +248,7 @@ class OffloadEngine:
                 st.hits[tier] += 1
                 self.stats.bytes_read[self.phase][tier] += (group.table.slot_bytes if tier == "device"
                                                             else self.source.nbytes(*key))
-                return SlotLease(self.loader.weights(group, slot), group, slot)
+                return self._slot_lease(group, slot)
             fut = self.prefetcher.inflight.get(key)
             if fut is None and self._cpu_candidate(key, rows):
                 # Decided and pinned under one lock: the worker cannot evict it in between.
@@ -257,7 +258,7 @@ class OffloadEngine:
                 st.cpu_computed += 1
                 self.stats.bytes_read[self.phase]["host"] += host.nbytes
                 self.stats.cpu_bytes[self.phase] += host.nbytes
-                return HostLease({n: materialize(t) for n, t in host.tensors.items()}, key)
+                return HostLease({n: materialize(t) for n, t in host.tensors.items()}, partial(self._unpin_host, key))
         t0 = time.perf_counter()
         if fut is not None:
             tier = fut.result()  # re-raises a background read error
@@ -267,17 +268,21 @@ class OffloadEngine:
                     group.table.pin(torch.tensor([slot]))
                     tier = self.loader.arrived.pop(key, tier if tier != "device" else "device")
                     self._account(st, key, tier, t0, group)
-                    return SlotLease(self.loader.weights(group, slot), group, slot)
+                    return self._slot_lease(group, slot)
         slot, host, tier, moved = self.loader.load(key, background=False)
         with self.lock:
             self._account(st, key, tier, t0, group, moved)
         if slot is not None:
-            return SlotLease(self.loader.weights(group, slot), group, slot)
+            return self._slot_lease(group, slot)
         # every slot is pinned by this layer (a budget below its active experts): compute from the read
         return ReadLease(self.loader.from_read(host))
 
-    def unpin(self, table: SlotTable, slots: torch.Tensor) -> None:
-        self.loader.unpin(table, slots)
+    def _slot_lease(self, group: SlotGroup, slot: int) -> SlotLease:
+        return SlotLease(self.loader.weights(group, slot), partial(self.loader.unpin, group.table, torch.tensor([slot])))
+
+    def _unpin_host(self, key: Key) -> None:
+        with self.lock:
+            self.host.unpin(key)
 
     def _account(self, st: LayerStats, key: Key, tier: str, t0: float, group: SlotGroup,
                  moved: int | None = None) -> None:

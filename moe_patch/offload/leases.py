@@ -8,45 +8,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from .cache import Key
-    from .device_tier import SlotGroup
-    from .engine import OffloadEngine
 
 
 @dataclass
 class Lease:
     weights: dict[str, torch.Tensor] = field(repr=False)
+    #: undoes the pin that keeps the weights where they are (None: nothing is held)
+    unpin: Callable[[], None] | None = field(default=None, repr=False)
 
     #: the expert is computed on the CPU, wherever the rows are
     on_cpu = False
 
-    def release(self, engine: OffloadEngine) -> None:
+    def release(self) -> None:
         """Give the expert back (its slot or host entry may be evicted again)."""
+        if self.unpin is not None:
+            self.unpin()
+            self.unpin = None
 
 
 @dataclass
 class SlotLease(Lease):
-    group: SlotGroup = None
-    slot: int = -1
-
-    def release(self, engine: OffloadEngine) -> None:
-        engine.unpin(self.group.table, torch.tensor([self.slot]))
+    """An expert in a device slot."""
 
 
 @dataclass
 class HostLease(Lease):
-    key: Key = (-1, -1)
-    on_cpu = True
+    """An expert the CPU computes from its host-tier entry."""
 
-    def release(self, engine: OffloadEngine) -> None:
-        with engine.lock:
-            engine.host.unpin(self.key)
+    on_cpu = True
 
 
 @dataclass
