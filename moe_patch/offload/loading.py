@@ -160,7 +160,7 @@ def load_model(
     handle: OffloadHandle = attach_offload(model, layers, opts, checkpoint_map=cmap, move_model=False)
     try:
         for key, recipe in cmap.dense.items():
-            value = cmap.load(recipe, per_expert=False)
+            value = cmap.reader.load(recipe, per_expert=False)
             if tuple(value.shape) != recipe.shape:  # transformers' dequantize ops are only checked here
                 first = recipe.entries[0]
                 raise CheckpointError(

@@ -62,7 +62,7 @@ class CheckpointSource:
         return self.cmap.stored_experts
 
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        return {name: self.cmap.load(r, per_expert=True) for name, r in self.cmap.experts[(layer, expert)].items()}
+        return {name: self.cmap.reader.load(r, per_expert=True) for name, r in self.cmap.experts[(layer, expert)].items()}
 
     def read_into(self, layer: int, expert: int, slot=None) -> dict[str, torch.Tensor | StoredTensor]:
         """One expert as the caches hold it: stored bytes for quantized experts, the model dtype otherwise;
@@ -70,20 +70,20 @@ class CheckpointSource:
         out: dict[str, torch.Tensor | StoredTensor] = {}
         for name, r in self.cmap.experts[(layer, expert)].items():
             if r.stored is not None:
-                out[name] = self.cmap.load_stored(r, slot)
+                out[name] = self.cmap.reader.load_stored(r, slot)
             else:
                 out[name] = slot.tensor(r.shape, r.dtype) if slot is not None else torch.empty(r.shape, dtype=r.dtype)
-                self.cmap.load_into(r, out[name])
+                self.cmap.reader.load_into(r, out[name])
         return out
 
     def read_to(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> None:
         """One expert decoded into the tensors ``out`` (a device slot's views), in the model dtype."""
         for name, r in self.cmap.experts[(layer, expert)].items():
             if r.stored is not None:
-                stored = self.cmap.load_stored(r)
+                stored = self.cmap.reader.load_stored(r)
                 stored.dequantize(out=out[name].t() if r.stored.transpose else out[name])
             else:
-                self.cmap.load_into(r, out[name])
+                self.cmap.reader.load_into(r, out[name])
 
     def nbytes(self, layer: int, expert: int) -> int:
         """Bytes :meth:`read_into` fills (stored bytes for quantized experts)."""
