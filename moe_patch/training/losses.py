@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..detect.finder import model_root
+from ..detect.structure import model_root
 from ..errors import MoEConfigError
 
 logger = logging.getLogger(__name__)
