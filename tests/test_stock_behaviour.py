@@ -127,6 +127,23 @@ def test_the_choice_is_honoured_however_it_is_made(how, dispatch_calls, kernel_c
     assert kernel_calls and not dispatch_calls and not is_patched(model)
 
 
+def test_a_patched_model_is_freed_when_its_last_reference_goes():
+    """No reference cycle through the model's set_experts_implementation: `del model` frees it at once, without
+    waiting for the garbage collector (a model's weights can be gigabytes)."""
+    import gc
+    import weakref
+
+    model, _ = build("mixtral")
+    patch_model(model)
+    gone = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def test_only_patch_model_hands_the_experts_back_to_moe_patch(dispatch_calls):
     model, inputs = build("mixtral")
     patch_model(model)

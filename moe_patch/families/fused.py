@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -110,11 +111,17 @@ class ChoiceByName:
     experts view it addressed is handed over. For transformers, choosing the implementation the config already
     selects changes nothing, so without this the experts moe-patch stands in for could not be given back to that
     implementation by name (and half-precision experts kept moe-patch's calibrated fp32 path). An object with
-    ``__reduce__``: a deepcopy or a pickled copy of the model gets one bound to itself."""
+    ``__reduce__``: a deepcopy or a pickled copy of the model gets one bound to itself. It holds its model weakly,
+    so the model is not kept alive by a reference cycle (freed when the last user reference goes, not at the next
+    garbage collection: its weights can be gigabytes)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        self._model = weakref.ref(model)
         self.__wrapped__ = type(model).set_experts_implementation  # what help() and inspect show
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model()
 
     def __call__(self, experts_implementation: str | dict) -> None:
         model = self.model
