@@ -27,6 +27,8 @@ _EXPORTS = {
     "RoutingCallback": "callback",
     "enable_router_aux_loss": "losses",
     "router_z_loss": "losses",
+    "weigh_router_losses": "losses",
+    "sum_over_processes": "distributed",
     "param_groups": "roles",
     "parameter_roles": "roles",
     "split_by_role": "roles",
