@@ -4,7 +4,7 @@
     python examples/train_upcycled.py --dense ./my-llama --data ./my-corpus/ --steps 2000 --out ./run
     python examples/train_upcycled.py --lora           # LoRA on the experts (peft target_parameters) + attention
     torchrun --nproc_per_node 2 examples/train_upcycled.py --out ./run             # DDP, 2 processes
-    accelerate launch --num_processes 2 examples/train_upcycled.py --out ./run     # the same through accelerate
+    accelerate launch --multi_gpu --num_processes 2 examples/train_upcycled.py --out ./run   # through accelerate
 
 What it does, in order:
 1. ``converters.upcycle`` turns the dense checkpoint into a stock Mixtral (plain copies, random router),

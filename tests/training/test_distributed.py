@@ -3,7 +3,8 @@
 Runs tests/training/twin_train.py (an upcycled Mixtral, load-balancing loss 0.1, router z-loss 0.01, router /
 expert learning rates) with the same global batch of 8 sequences at every step: one process with one batch of
 8 (the reference), one process with 2 accumulated batches of 4, ``torchrun --nproc_per_node 2`` with the Trainer
-(DDP on CPU, gloo) and with torch's ``fully_shard`` (FSDP2), and examples/train_upcycled.py under torchrun.
+(DDP on CPU, gloo) and with torch's ``fully_shard`` (FSDP2), and examples/train_upcycled.py under torchrun and
+``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -102,10 +103,12 @@ def test_router_losses_are_per_batch_means_under_accumulation(tmp_path):
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
 
 
-def test_train_upcycled_example_under_torchrun(tmp_path, launch_script):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_train_upcycled_example_on_two_processes(tmp_path, launch_script, launcher):
     launch_script(ROOT / "examples" / "train_upcycled.py",
-           ["--steps", "4", "--batch", "2", "--block", "32", "--corpus-files", "12", "--vocab", "300", "--hidden",
-            "32", "--layers", "2", "--log-every", "2", "--out", str(tmp_path)], procs=2)
+                  ["--steps", "4", "--batch", "2", "--block", "32", "--corpus-files", "12", "--vocab", "300",
+                   "--hidden", "32", "--layers", "2", "--log-every", "2", "--out", str(tmp_path)],
+                  procs=2, launcher=launcher)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["processes"] == 2 and result["global_batch"] == 4
     routed = [h for h in result["log_history"] if "routing/load_cv_max" in h]
