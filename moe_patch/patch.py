@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from .adapters.base import PatchOptions, changed_modules, restore
-from .adapters.fused import ExpertsConfigView
-from .detect import find_moe_blocks
-from .detect.finder import model_root
+from .detect.structure import model_root
+from .families import PatchOptions, find_moe_blocks
+from .families.fused import ExpertsConfigView
+from .families.records import changed_modules, restore
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class PatchReport:
 @dataclass
 class _PatchState:
     """Kept on the model root: what :func:`patch_model` reported and was asked. What was changed on each
-    module is recorded on that module (``adapters.base.SAVED_ATTR``), so a copy of the model holds
+    module is recorded on that module (``families.records.SAVED_ATTR``), so a copy of the model holds
     records about its own modules and :func:`unpatch_model` on either leaves the other alone."""
 
     report: PatchReport
@@ -128,7 +128,7 @@ def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any =
         options = PatchOptions(validate=validate)
         try:
             for h in handles:
-                reason = h.adapter.install(h, options)
+                reason = h.family.install(h, options)
                 if reason:
                     report.skipped[h.info.experts_path] = reason
                 else:

@@ -315,7 +315,7 @@ def _header_is_a_list(work: Path) -> None:
 
 
 def _inspect_folder(work: Path, folder: str = ""):
-    from moe_patch.commands import inspect_folder
+    from moe_patch.cli.inspect import inspect_folder
 
     return inspect_folder(work / folder)
 
@@ -376,7 +376,8 @@ LIB_CASES = [
     Lib("ok-load-model-path-is-a-file", lambda w, m: moe_patch.load_model(w / "moe" / "config.json"), CheckpointError,
         "not a checkpoint directory"),
     Lib("ok-inspect-folder-without-config", lambda w, m: _inspect_folder(w), CheckpointError, "config.json: not found"),
-    Lib("ok-push-missing-shard", lambda w, m: _push_dry(w), CheckpointError, "lists shards missing", unlink_a_shard),
+    Lib("ok-push-missing-shard", lambda w, m: _push_dry(w), CheckpointError,
+        "listed in model.safetensors.index.json is missing", unlink_a_shard),
     Lib("ok-push-pull-request-to-a-branch", lambda w, m: _push_dry(w, create_pr=True, branch="dev"), HubError,
         "cannot be combined with --branch dev"),
     Lib("ok-upcycle-output-exists", lambda w, m: _upcycle(w, out="moe"), OutputError, "already exists; pass --overwrite"),
@@ -598,7 +599,7 @@ def test_one_byte_formatter_for_the_whole_package():
     (KeyError("weight"), "moe-patch boom: internal error: KeyError: 'weight' (re-run with --debug for the traceback"),
 ])
 def test_an_error_nobody_foresaw_is_still_one_line_and_debug_shows_the_traceback(monkeypatch, capsys, raised, line):
-    from moe_patch import cli
+    from moe_patch.cli import entry as cli
 
     def register(sub):
         sub.add_parser("boom").set_defaults(func=lambda args: (_ for _ in ()).throw(raised))

@@ -294,3 +294,29 @@ def test_odd_expert_widths_offloaded_run_where_the_grouped_kernel_cannot(budget,
         assert torch.equal(greedy(model, prompts(2), 16), expected)
     finally:
         get_offload_handle(model).detach(restore_weights=False)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "pinned-hot"])
+def test_every_eviction_policy_drives_both_tiers_end_to_end(policy, tmp_path):
+    """One policy for the whole run: the device slots and the host tier both evict with it, through
+    ``load_model``. A bf16 checkpoint computed in fp32 keeps the host tier on a CPU (slots hold decoded
+    fp32 copies of the stored bf16 bytes), so both tiers fill and evict here."""
+    from offload_helpers import build
+
+    import transformers
+
+    from moe_patch.offload import OffloadOptions
+
+    path = tmp_path / "bf16"
+    build("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
+    resident = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    one = expert_bytes("qwen3_moe")  # fp32 bytes of one expert
+    options = OffloadOptions(expert_cache=2 * one, host_cache=one, policy=policy, hot_experts=((0, 1), (1, 2)),
+                             calibrate=False, device_format="dequantized")
+    model = moe_patch.load_model(path, dtype=torch.float32, options=options)
+    engine = get_offload_handle(model).engine
+    assert not engine.merged  # the host tier keeps the stored bf16 copy of what the slots hold decoded
+    assert torch.equal(greedy(model, prompts(1), 16), greedy(resident, prompts(1), 16))
+    assert engine.host.policy.name == policy and {g.table.policy.name for g in engine.dev.groups} == {policy}
+    assert engine.dev.evictions > 0 and engine.host.evictions > 0
+    assert engine.dev.peak <= 2 * one and engine.host.peak <= one

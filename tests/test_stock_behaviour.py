@@ -11,7 +11,7 @@ import torch
 from patch_helpers import build, logits, undeclared_shared_storage
 
 from moe_patch import inspect_model, patch_model, unpatch_model
-from moe_patch.adapters.module_list import PACK_ATTR
+from moe_patch.families.module_list import PACK_ATTR
 from moe_patch.dispatch import experts as experts_dispatch
 from moe_patch.dispatch.core import plan_dispatch
 from moe_patch.dispatch.experts import ExpertBank, bank_dispatch, bank_expert, glu
@@ -27,14 +27,14 @@ def dispatch_calls(monkeypatch):
     maths to the stock kernel where that is faster, after its routing check), and every adapter's."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    from moe_patch.adapters import dbrx, fused, jetmoe, llama4, module_list
+    from moe_patch.families import base, fused, jetmoe, module_list
 
     calls = []
     fused.register_experts_implementation()
     real = ALL_EXPERTS_FUNCTIONS["moe_patch"]
     monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "moe_patch",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    for mod in (fused, module_list, dbrx, jetmoe, llama4):
+    for mod in (fused, module_list, base, jetmoe):  # base: the resident runner of Llama 4 and DBRX
         real_dispatch = mod.bank_dispatch
         monkeypatch.setattr(mod, "bank_dispatch",
                             lambda *a, _real=real_dispatch, **k: calls.append(1) or _real(*a, **k))

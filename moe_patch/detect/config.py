@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, MoEConfigError
+from ..io import read_header, read_index
 
 #: Config fields that count routed experts / say how many a token picks, across transformers families.
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
@@ -172,21 +173,12 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
         pass
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        try:
-            index = json.loads(indexes[0].read_text())
-            weight_map = index["weight_map"]
-            summary.shards = sorted(set(weight_map.values()))
-            total = (index.get("metadata") or {}).get("total_size")
-        except OSError as exc:
-            raise CheckpointError(f"{indexes[0]}: cannot read the safetensors index ({exc.strerror or exc})") from exc
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{indexes[0]}: malformed safetensors index ({exc!r})") from exc
-        summary.total_bytes = total if isinstance(total, int) and not isinstance(total, bool) else None
-        keys = list(weight_map)
+        index = read_index(indexes[0])  # the index only: no shard is opened
+        summary.shards = index.shards
+        summary.total_bytes = index.total_size
+        keys = list(index.weight_map)
     else:
         # The package's one safetensors reader: headers only, a truncated or unreadable shard named.
-        from ..offload.checkpoint import read_header
-
         shards = sorted(p.name for p in folder.glob("*.safetensors"))
         summary.shards = shards
         keys = []

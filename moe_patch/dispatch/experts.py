@@ -7,7 +7,7 @@ alone when ``has_gate`` is False. The module's own ``_apply_gate`` does the gati
 soft-capped SwiGLU in some families, interleaved split in gpt_oss), so it is always called here.
 
 Other layouts (DBRX's 2-D stacks, JetMoE, Llama 4, repacked ModuleLists) are described by the same
-:class:`ExpertBank`, built by their adapters from views of the model's own parameters.
+:class:`ExpertBank`, built by their families from views of the model's own parameters.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def _transformers_kernel_accepts(bank: ExpertBank) -> bool:
     return grouped_mm_accepts(bank.kernel_operands())
 
 
-_ACCEPTS_ATTR = "_moe_patch_cache_kernel_accepts"  # adapters.base.CACHE_PREFIX: unpatch drops it
+_ACCEPTS_ATTR = "_moe_patch_cache_kernel_accepts"  # families.records.CACHE_PREFIX: unpatch drops it
 
 
 def _module_kernel_accepts(module: torch.nn.Module) -> bool:

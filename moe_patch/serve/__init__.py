@@ -17,5 +17,7 @@ loader; see docs/serve.md. Importing this package needs no serving library: ``ap
     sampling.py    sampling settings -> GenerationConfig
     tokenizer.py   the checkpoint's tokenizer and chat template
     chat.py        the terminal chat
-    cli.py         the `serve` and `chat` subcommands
+    preflight.py   what `serve` checks before loading: its libraries, the API key, the socket
+
+The `serve` and `chat` subcommands are moe_patch/cli/serve.py.
 """

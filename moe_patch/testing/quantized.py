@@ -216,3 +216,25 @@ def pack_compressed_tensors(src: str | Path, dst: str | Path, *, scheme: str = "
                                         "output_activations": None, "format": fmt}},
           "ignore": ignore, "kv_cache_scheme": None}
     return _rewrite(Path(src), Path(dst), transform, qc)
+
+
+def pack_metal(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int = 32,
+               skip: tuple[str, ...] = NOT_QUANTIZED) -> Path:
+    """Rewrite a saved checkpoint in transformers' Metal (MLX affine) format: every 2-D linear weight except
+    ``skip`` becomes ``bits``-bit codes packed in uint32 with a ``scales`` and ``qbiases`` per ``group_size``
+    inputs, quantized by transformers' own ``_affine_quantize_tensor``."""
+    from transformers.integrations.metal_quantization import _affine_quantize_tensor
+
+    def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, t in tensors.items():
+            if not _quantizable(key, t, skip):
+                out[key] = t
+                continue
+            base = key[: -len("weight")]
+            packed, scales, biases = _affine_quantize_tensor(t, group_size, bits)
+            out[key], out[base + "scales"], out[base + "qbiases"] = packed, scales.to(t.dtype), biases.to(t.dtype)
+        return out
+
+    qc = {"quant_method": "metal", "bits": bits, "group_size": group_size, "modules_to_not_convert": ["lm_head"]}
+    return _rewrite(Path(src), Path(dst), transform, qc)

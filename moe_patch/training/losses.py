@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..detect.finder import model_root
+from ..detect.structure import model_root
 from ..errors import MoEConfigError
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def enable_router_aux_loss(model: nn.Module, coef: float | None = None) -> float
     root = model_root(model)
     configs = [c for c in _configs(root) if hasattr(c, "output_router_logits")]
     holders = [m for m in root.modules() if hasattr(m, "router_aux_loss_coef") and not isinstance(
-        getattr(m, "router_aux_loss_coef"), nn.Module)]
+        m.router_aux_loss_coef, nn.Module)]
     if not configs or not holders:
         logger.warning(
             "%s: its config has no output_router_logits / router_aux_loss_coef, so this model computes no router "

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..detect.finder import model_root
+from ..detect.structure import model_root
 from ..errors import MoEConfigError
 from .losses import router_z_loss, weigh_router_losses
 from .roles import parameter_roles, regroup_optimizer
