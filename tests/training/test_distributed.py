@@ -118,3 +118,21 @@ def test_train_upcycled_example_on_two_processes(tmp_path, launch_script, launch
     from transformers import AutoModelForCausalLM
 
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "model")).__name__ == "MixtralForCausalLM"
+
+
+def test_building_blocks_outside_a_process_group():
+    """weigh_router_losses is the arithmetic the Trainer's scaling needs; sum_over_processes is the identity
+    without a process group (one process: its counts are the whole batch's)."""
+    import moe_patch
+    from moe_patch.testing.tiny import tiny_model
+    from moe_patch.training import sum_over_processes, weigh_router_losses
+
+    loss, aux, z = torch.tensor(8.0), torch.tensor(0.5), torch.tensor(0.25)
+    # 4 processes, 2 accumulation steps: 4 x (CE + aux) becomes 4 x CE + (aux + z) / 2
+    got = weigh_router_losses(4 * (loss + aux), aux_term=aux, z_term=z, loss_scale=4, batch_weight=0.5)
+    assert float(got) == pytest.approx(4 * 8.0 + (0.5 + 0.25) / 2)
+    model, inputs = tiny_model("mixtral")
+    with moe_patch.monitor(model) as monitor:
+        model(**inputs)
+    report = monitor.report()
+    assert sum_over_processes(report) is report
