@@ -97,7 +97,7 @@ def _decode_steps(model, tokens: list[int]) -> list[float]:
 def profile_step(model, tokens: list[int]) -> dict[str, dict[str, float]]:
     """Where the milliseconds of a decode step go: wall time per part of the model (forward hooks; the CPU
     computes synchronously), the weight bytes each part reads per step and the rate that makes."""
-    from moe_patch.detect import find_moe_blocks
+    from moe_patch.families import find_moe_blocks
 
     text = model.model
     blocks = find_moe_blocks(model)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from moe_patch import patch_model
-from moe_patch.adapters.fused import register_experts_implementation
+from moe_patch.families.fused import register_experts_implementation
 from moe_patch.validation import VALIDATE_ATTR
 
 SHAPES = {

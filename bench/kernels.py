@@ -12,7 +12,7 @@ reads its weights from DRAM. Per (format, R), in the same interleaved rounds:
 
 - ``kernel``: ``MoEKernel.forward`` (bf16 activations: gate_up, activation, down and the weighted sum);
 - ``torch_decode``: for quantized formats, each expert decoded to bf16 by the torch decoders
-  (moe_patch/offload/formats/decode.py) into a reused buffer, then ``F.linear`` (the path the kernels replace);
+  (moe_patch/formats/{fp8,mxfp4,compressed}.py) into a reused buffer, then ``F.linear`` (the path the kernels replace);
 - ``torch_bf16``: for bf16 weights, plain torch ``F.linear`` per expert (``x @ W.T``);
 
 and the machine's DRAM read bandwidth (torch sum over 1 GiB, all threads). Figures are GB/s of stored
@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from moe_patch import kernels
+from moe_patch.formats.compressed import dequantize_int
+from moe_patch.formats.fp8 import dequantize_fp8
+from moe_patch.formats.mxfp4 import dequantize_mxfp4
 from moe_patch.kernels import ExpertFormat, ExpertWeights, MoEKernel, MoELayerSpec
-from moe_patch.offload.formats.decode import dequantize_fp8, dequantize_int, dequantize_mxfp4
 
 SHAPES = {  # name: (hidden, expert intermediate, experts, top-k)
     "gpt-oss-20b": (2880, 2880, 32, 4),
@@ -184,12 +186,12 @@ def run(shapes: list[str], formats: list[str], rows: list[int], rounds: int, cal
                 out = torch.empty(r, hidden, dtype=torch.bfloat16)
                 for kind in formats:
                     layer = layers[kind]
-                    times = _call_times(lambda: layer.kernel_call(x, out), calls)
+                    times = _call_times(lambda layer=layer, x=x, out=out: layer.kernel_call(x, out), calls)
                     samples[(kind, r, "kernel")].append(statistics.median(times))
                     best[(kind, r)] = min(best[(kind, r)], *times)
                     if r <= 64 or rnd == 0:  # torch at large row counts is slow: once is enough for a ratio
                         samples[(kind, r, "torch")].append(statistics.median(_call_times(
-                            lambda: layer.torch_call(x, out), 3)))
+                            lambda layer=layer, x=x, out=out: layer.torch_call(x, out), 3)))
             print(f"  round {rnd + 1}/{rounds} done, load average {os.getloadavg()[0]:.2f}", flush=True)
         bw = 2 ** 30 / statistics.median(dram) / 1e9
         bw_best = 2 ** 30 / dram_best / 1e9
@@ -209,8 +211,8 @@ def run(shapes: list[str], formats: list[str], rows: list[int], rounds: int, cal
                     "kernel_vs_torch": t_s / k_s,
                 }
             one = entry["rows"].get(1)
-            for r, e in entry["rows"].items():
-                if one:
+            if one:
+                for e in entry["rows"].values():
                     e["of_1_row_bytes_per_s"] = e["kernel_gbps"] / one["kernel_gbps"]
             results[shape][kind] = entry
         results[shape]["dram_read_gbps"] = bw

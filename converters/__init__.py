@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import importlib
 
-# Lazy, like moe_patch/__init__: `moe-patch --help` (which registers `upcycle` from converters.cli) must
-# not pay for importing torch. Name -> submodule that defines it.
+# Lazy, like moe_patch/__init__: `import converters` must not pay for importing torch until a name is used.
+# Name -> submodule that defines it.
 _EXPORTS = {
     "REPORT_NAME": "pipeline",
     "UpcycleConfig": "pipeline",

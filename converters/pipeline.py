@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
+import os
 import re
 import resource
 import shlex
@@ -45,6 +47,7 @@ from .targets import (
     Target,
     build_target_config,
     check_source_config,
+    engine_warnings,
     moe_layer_indices,
     resolve_target,
 )
@@ -112,6 +115,66 @@ class UpcycleConfig:
     argv: Sequence[str] | None = None  #: recorded in the report; default: the equivalent CLI command
 
 
+#: UpcycleConfig fields by the type they must hold (the CLI's argparse types guarantee it; the library API is
+#: checked by :func:`check_config`: ``top_k="two"`` or ``top_k=2.5`` is a one-line error, never a ValueError or a
+#: truncation).
+_INTEGER_FIELDS = ("num_experts", "top_k", "granularity", "shared_experts", "calibration_tokens", "seed")
+_NUMBER_FIELDS = ("router_std", "drop_ratio", "noise", "verify_tolerance")
+_TEXT_FIELDS = ("target", "router_init", "calibration_format")
+_PATH_LIST_FIELDS = ("experts_from", "lora_experts")
+_OPTIONAL_FIELDS = ("num_experts", "router_std", "calibration", "argv")
+
+
+def _flag(name: str) -> str:
+    return name if name in ("verify", "overwrite", "verify_tolerance", "argv") else "--" + name.replace("_", "-")
+
+
+def check_config(config: UpcycleConfig) -> None:
+    """Refuse, with one :class:`MoEConfigError` naming the option, a field of a type the conversion cannot use."""
+    if not isinstance(config, UpcycleConfig):
+        raise MoEConfigError(f"expected an UpcycleConfig, got {type(config).__name__}")
+
+    def bad(name: str, expected: str) -> MoEConfigError:
+        return MoEConfigError(f"{_flag(name)} {getattr(config, name)!r}: expected {expected}.")
+
+    for name in _INTEGER_FIELDS:
+        value = getattr(config, name)
+        if not (value is None and name in _OPTIONAL_FIELDS) and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise bad(name, "an integer")
+    for name in _NUMBER_FIELDS:
+        value = getattr(config, name)
+        if not (value is None and name in _OPTIONAL_FIELDS) and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise bad(name, "a number")
+    for name in _TEXT_FIELDS:
+        if not isinstance(getattr(config, name), str):
+            raise bad(name, "text")
+    for name in ("verify", "overwrite"):
+        if not isinstance(getattr(config, name), bool):
+            raise bad(name, "True or False")
+    if not isinstance(config.dtype, str):
+        raise bad("dtype", f"one of auto, {', '.join(DTYPES)}")
+    layers = config.moe_layers
+    if not isinstance(layers, str) and not (
+            isinstance(layers, (list, tuple, range)) and layers
+            and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers)):
+        raise bad("moe_layers", "layer indices (integers), 'all', 'every-N' or a comma-separated list of indices")
+    for name in _PATH_LIST_FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, (list, tuple)) or not all(
+                isinstance(p, (str, os.PathLike)) for p in value):
+            raise bad(name, "a list of model folders (one per expert copy)")
+    if config.calibration is not None and not isinstance(config.calibration, (str, os.PathLike)):
+        raise bad("calibration", "a file path")
+    if isinstance(config.max_shard_size, bool) or not isinstance(config.max_shard_size, (str, numbers.Integral)):
+        raise bad("max_shard_size", "a size such as 5GB or a number of bytes")
+    if config.argv is not None and (isinstance(config.argv, str) or not all(isinstance(a, str) for a in config.argv)):
+        raise bad("argv", "a list of strings")
+    if not (math.isfinite(config.verify_tolerance) and config.verify_tolerance >= 0):
+        raise bad("verify_tolerance", "a finite, non-negative relative difference")
+
+
 @dataclass
 class PlannedTensor:
     spec: TensorSpec
@@ -144,6 +207,8 @@ class UpcyclePlan:
     config: UpcycleConfig
     weights: WeightSource
     router_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: inference engines that will not serve the output, and why (logged as warnings when planned)
+    engine_warnings: list[str] = field(default_factory=list)
 
     @property
     def output_bytes(self) -> int:
@@ -166,6 +231,7 @@ class UpcyclePlan:
             f"  output size: {format_bytes(self.output_bytes)} ({self.output_bytes:,} bytes of tensors)",
             f"  predicted peak RSS: conversion {format_bytes(self.predicted_peak_rss)}"
             + (f"; with --verify {format_bytes(self.predicted_verify_rss)}" if c.verify else " (--no-verify)"),
+            *(f"  engines: {w}" for w in self.engine_warnings),
         ]
         return "\n".join(lines + ["  tensor groups (name pattern, shape, dtype, count):", *self._tensor_groups()])
 
@@ -255,6 +321,7 @@ def _is_power_of_two(x: float) -> bool:
 
 def plan_upcycle(src: str | Path, config: UpcycleConfig) -> UpcyclePlan:
     """Decide the whole conversion from configs and headers. The caller must ``plan.weights.close()``."""
+    check_config(config)
     src = Path(src)
     if config.experts_from and config.lora_experts:
         raise MoEConfigError("--experts-from and --lora-experts are alternatives; give one of them.")
@@ -313,11 +380,6 @@ def _plan(src: Path, config: UpcycleConfig, weights: WeightSource) -> UpcyclePla
         )
     moe_layers = moe_layer_indices(config.moe_layers, L)
     out_dtype = _out_dtype(config.dtype, base)
-
-    for i in range(L):
-        for p, shape in enumerate(((F, H), (F, H), (H, F))):
-            base.expect_shape(mlp_key(i, p), shape)
-
     tcfg = build_target_config(
         scfg,
         target,
@@ -329,6 +391,9 @@ def _plan(src: Path, config: UpcycleConfig, weights: WeightSource) -> UpcyclePla
         dtype=str(out_dtype).replace("torch.", ""),
     )
     _validate_target_config(tcfg)
+    engines = engine_warnings(target, tcfg)
+    for warning in engines:
+        logger.warning("%s", warning)
 
     reasons = _inexact_reasons(config, layout, base, out_dtype, weights)
     plan = UpcyclePlan(
@@ -350,6 +415,7 @@ def _plan(src: Path, config: UpcycleConfig, weights: WeightSource) -> UpcyclePla
         baseline_rss=_current_rss(),
         config=config,
         weights=weights,
+        engine_warnings=engines,
     )
     _plan_tensors(plan)
     specs = [t.spec for t in plan.tensors]
@@ -579,6 +645,7 @@ def upcycle(src: str | Path, out: str | Path, config: UpcycleConfig | None = Non
     if config is not None and kwargs:
         raise TypeError("pass either an UpcycleConfig or keyword arguments, not both")
     config = config or UpcycleConfig(**kwargs)
+    check_config(config)
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     _check_out_apart(out, [src, *config.experts_from, *config.lora_experts,
@@ -594,9 +661,10 @@ def upcycle(src: str | Path, out: str | Path, config: UpcycleConfig | None = Non
             try:
                 from tqdm.auto import tqdm
 
-                for t in tqdm(
-                    plan.tensors, desc="upcycle", unit="tensor", disable=not logger.isEnabledFor(logging.INFO)
-                ):
+                # no bar on a stderr that is not a terminal (None): a log would keep every redraw, and an error
+                # after the bar started would not be the one line the CLI promises
+                for t in tqdm(plan.tensors, desc="upcycle", unit="tensor",
+                              disable=None if logger.isEnabledFor(logging.INFO) else True):
                     writer.write(t.spec.name, t.make())
                 files = writer.close()
             except BaseException:
@@ -609,11 +677,13 @@ def upcycle(src: str | Path, out: str | Path, config: UpcycleConfig | None = Non
             if config.verify:
                 verification = verify_folders(src, tmp, seed=config.seed, tolerance=config.verify_tolerance)
                 if plan.exact and not verification.passed:
+                    measured = (f"max |dlogit| {verification.max_abs_logit_diff:.3g} (relative "
+                                f"{verification.rel_diff:.3g} > {config.verify_tolerance:g}), greedy agreement "
+                                f"{verification.greedy_token_agreement:.3f}")
+                    why = ("; ".join(verification.causes) if verification.causes
+                           else "no known cause: please report this with the source config.json")
                     raise VerificationError(
-                        f"the upcycled model differs from {src}: max |dlogit| {verification.max_abs_logit_diff:.3g} "
-                        f"(relative {verification.rel_diff:.3g} > {config.verify_tolerance:g}), greedy agreement "
-                        f"{verification.greedy_token_agreement:.3f}. Nothing was written; please report this with "
-                        "the source config.json."
+                        f"the upcycled model differs from {src} ({measured}): {why}. Nothing was written."
                     )
             report = _report(plan, out, files, verification)
             report.peak_rss_bytes = peak
@@ -683,7 +753,7 @@ def reproduce_argv(src: str | Path, out: str | Path, c: UpcycleConfig) -> list[s
 
 
 def _notes(plan: UpcyclePlan) -> list[str]:
-    notes = [f"not exact at init: {r}" for r in plan.inexact_reasons]
+    notes = [f"not exact at init: {r}" for r in plan.inexact_reasons] + list(plan.engine_warnings)
     if plan.layout.routed_slices > 1 and plan.config.router_init != "zero":
         # measured: bf16 router logits of 8-64 copies tie at the top-k boundary for 0.4-4% of tokens per layer
         notes.append(

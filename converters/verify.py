@@ -7,7 +7,7 @@ fp32, so the check also proves the output loads with plain transformers and that
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +32,38 @@ class Verification:
     sequence_length: int
     tolerance: float
     passed: bool
+    #: what is known to explain a failure (weights transformers initialised at random, logits that are not finite);
+    #: empty when the models load completely and compute finite logits
+    causes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _load(folder: Path):
+def _load(folder: Path, role: str) -> tuple[torch.nn.Module, list[str]]:
+    """The model in ``folder`` in fp32, and what its loading says would make it differ (named for ``role``)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False,
+                                                       output_loading_info=True)
     model.eval()
-    return model
+    causes = []
+    if info.get("missing_keys"):
+        keys = sorted(info["missing_keys"])
+        causes.append(f"{role} lacks {len(keys)} tensor(s) transformers initialised at random ({', '.join(keys[:3])})")
+    if info.get("mismatched_keys"):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
+        causes.append(f"{role} has {len(keys)} tensor(s) of the wrong shape ({', '.join(keys[:3])})")
+    return model, causes
+
+
+def _logit_causes(ref: torch.Tensor, out: torch.Tensor) -> list[str]:
+    if not bool(torch.isfinite(ref).all()):
+        return ["the dense model's own logits are not finite (its weights overflow fp32 on random tokens), so no "
+                "upcycled model can be compared with it"]
+    if not bool(torch.isfinite(out).all()):
+        return ["the upcycled model's logits are not finite where the dense model's are"]
+    return []
 
 
 @torch.no_grad()
@@ -77,6 +98,7 @@ def compare_models(
     same = a[:, :n] == b[:, :n]
     agreement = float(same.float().mean()) if same.numel() else 1.0
     diverge = [int((~row).nonzero()[0]) for row in same if not bool(row.all())]
+    passed = rel <= tolerance and agreement == 1.0
     return Verification(
         max_abs_logit_diff=max_abs,
         rel_diff=rel,
@@ -86,17 +108,22 @@ def compare_models(
         batch_size=batch_size,
         sequence_length=sequence_length,
         tolerance=tolerance,
-        passed=rel <= tolerance and agreement == 1.0,
+        passed=passed,
+        causes=() if passed else tuple(_logit_causes(ref, out)),
     )
 
 
 def verify_folders(
     dense_dir: Path, moe_dir: Path, *, seed: int = 0, tolerance: float = EXACT_TOLERANCE
 ) -> Verification:
-    """Load both checkpoints in fp32 and :func:`compare_models` them (needs both models in RAM)."""
-    dense = _load(Path(dense_dir))
-    moe = _load(Path(moe_dir))
+    """Load both checkpoints in fp32 and :func:`compare_models` them (needs both models in RAM); a failure carries
+    what loading said about either model among its causes."""
+    dense, dense_causes = _load(Path(dense_dir), "the dense source")
+    moe, moe_causes = _load(Path(moe_dir), "the upcycled model")
     try:
-        return compare_models(dense, moe, vocab_size=int(dense.config.vocab_size), seed=seed, tolerance=tolerance)
+        result = compare_models(dense, moe, vocab_size=int(dense.config.vocab_size), seed=seed, tolerance=tolerance)
     finally:
         del dense, moe
+    if result.passed:
+        return result
+    return replace(result, causes=(*dense_causes, *moe_causes, *result.causes))

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from moe_patch.errors import CheckpointError, OutputError
+from moe_patch.io import INDEX_NAME
 
-from .checkpoint import INDEX_NAME, TORCH_TO_ST
+from .checkpoint import TORCH_TO_ST
 
 logger = logging.getLogger(__name__)
 

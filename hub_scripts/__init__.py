@@ -7,6 +7,7 @@ Public API::
     from hub_scripts.card import build_model_card   # -> huggingface_hub.ModelCard
     from hub_scripts.api import make_api            # one HfApi from HF_ENDPOINT and the usual token lookup
 
-CLI: `moe-patch push`, `moe-patch pull` (hub_scripts/cli.py); batch: `python -m hub_scripts.batch recipes.yaml`.
+CLI: `moe-patch push`, `moe-patch pull` (moe_patch/cli/hub.py); batch: `moe-patch batch recipes.yaml`
+(moe_patch/cli/batch.py, above both hub_scripts and converters).
 Errors are `hub_scripts.errors.HubError` subclasses (themselves `moe_patch.errors.MoEPatchError`).
 """

@@ -6,11 +6,10 @@ run uploaded them) are not sent again, so the answer to any failed upload is "ru
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi
 from huggingface_hub.errors import OfflineModeIsEnabled
@@ -19,6 +18,7 @@ from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
 from moe_patch import atomic
 from moe_patch.errors import CheckpointError
+from moe_patch.io import read_header, read_index, read_shards
 from moe_patch.sizes import format_bytes as human_bytes  # the package's one byte formatter
 
 from .api import check_repo_id, make_api
@@ -28,6 +28,7 @@ from .errors import HubAuthError, HubError, UploadInterruptedError, hub_errors
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMMIT_MESSAGE = "Upload MoE checkpoint with moe-patch"
+RERUN = "Re-run the conversion."  # what to do about a checkpoint that fails the checks before a push
 
 
 @dataclass
@@ -69,37 +70,20 @@ def check_checkpoint_files(folder: Path, files: Iterable[str] | None = None) -> 
     """Refuse to publish safetensors that a loader would refuse, naming the file and the tensor.
 
     Every ``*.safetensors`` file among ``files`` (default: what would be uploaded) goes through the
-    offload loader's header reader (``moe_patch.offload.checkpoint.read_header``: the header parses,
-    each tensor's byte range lies inside the file), and every ``*.safetensors.index.json`` must agree
-    with its shards: each listed shard present, each listed tensor in its shard, no unlisted tensor.
+    package's one header reader (``moe_patch.io.read_header``: the header parses, each tensor's byte
+    range lies inside the file), and every ``*.safetensors.index.json`` must agree with its shards
+    (``moe_patch.io.read_shards``): each listed shard present, each listed tensor in its shard, no
+    unlisted tensor.
     """
-    from moe_patch.offload.checkpoint import read_header
-
     rels = [rel for rel, _ in list_upload_files(folder)] if files is None else list(files)
-    headers = {rel: read_header(folder / rel) for rel in rels if rel.endswith(".safetensors")}
+    checked: set[Path] = set()
     for rel in (r for r in rels if r.endswith(".safetensors.index.json")):
-        index = folder / rel
-        listed: dict[str, set[str]] = {}
-        try:
-            for key, shard in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items():
-                listed.setdefault((PurePosixPath(rel).parent / shard).as_posix(), set()).add(key)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({exc}); re-run the conversion.") from exc
-        missing = sorted(PurePosixPath(s).name for s in listed if s not in headers)
-        if missing:
-            raise CheckpointError(
-                f"{index.name} lists shards missing from {folder}: {', '.join(missing[:5])}"
-                f"{' ...' if len(missing) > 5 else ''}. The checkpoint is incomplete: re-run the conversion."
-            )
-        for shard, keys in sorted(listed.items()):
-            absent, unlisted = sorted(keys - headers[shard].keys()), sorted(headers[shard].keys() - keys)
-            if absent:
-                raise CheckpointError(f"{folder / shard}: tensor {absent[0]!r} is listed in {index.name} but absent "
-                                      f"from the shard ({len(absent)} such tensors). Re-run the conversion.")
-            if unlisted:
-                raise CheckpointError(f"{folder / shard}: tensor {unlisted[0]!r} is in the shard but {index.name} does "
-                                      f"not list it there ({len(unlisted)} such tensors): the index and the shards "
-                                      "come from different saves. Re-run the conversion.")
+        index = read_index(folder / rel)
+        read_shards(index, complete=True, advice=RERUN)
+        checked.update(index.folder / shard for shard in index.shards)
+    for rel in rels:
+        if rel.endswith(".safetensors") and folder / rel not in checked:
+            read_header(folder / rel)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -41,7 +41,7 @@ __all__ = [
 def __getattr__(name: str):
     # Lazy: `import moe_patch` must not import transformers' model zoo.
     if name == "inspect_model":
-        from .detect import inspect_model
+        from .families import inspect_model
 
         return inspect_model
     if name in ("patch_model", "unpatch_model", "PatchReport"):

@@ -171,9 +171,33 @@ def atomic_dir(out: str | os.PathLike, *, replace: bool = False, needed_bytes: i
         raise
 
 
+def _check_name(path: Path) -> None:
+    # the OS refuses a NUL in a path with a ValueError, which is not an OSError
+    if "\x00" in os.fspath(path):
+        raise OutputError(f"{os.fspath(path)!r}: a path cannot contain a NUL character; nothing was written.")
+
+
+def make_parent(path: str | os.PathLike) -> None:
+    """Create the missing folders above ``path``; one :class:`OutputError` naming the folder when that fails (a
+    file in the way, no permission, a read-only file system)."""
+    path = Path(path)
+    _check_name(path)
+    folder = path.parent
+    for above in (*reversed(folder.parents), folder):
+        if above.exists() and not above.is_dir():
+            raise OutputError(f"{folder}: cannot create the folder ({above} is a file); nothing was written to "
+                              f"{path}.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the folder ({exc.strerror or exc}); nothing was written to "
+                          f"{path}.") from None
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary sibling and a rename (never a half-written file)."""
     path = Path(path)
+    _check_name(path)
     clean_leftovers(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=_prefix(path.name), dir=path.parent)

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from .adapters.base import PatchOptions, changed_modules, restore
-from .adapters.fused import ExpertsConfigView
-from .detect import find_moe_blocks
-from .detect.finder import model_root
+from .detect.structure import model_root
+from .families import PatchOptions, find_moe_blocks
+from .families.fused import dispatches, install_choice_by_name
+from .families.records import changed_modules, restore
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class PatchReport:
 @dataclass
 class _PatchState:
     """Kept on the model root: what :func:`patch_model` reported and was asked. What was changed on each
-    module is recorded on that module (``adapters.base.SAVED_ATTR``), so a copy of the model holds
+    module is recorded on that module (``families.records.SAVED_ATTR``), so a copy of the model holds
     records about its own modules and :func:`unpatch_model` on either leaves the other alone."""
 
     report: PatchReport
@@ -65,7 +65,8 @@ def is_patched(model: torch.nn.Module) -> bool:
     """Whether moe-patch dispatches some MoE block of ``model`` now.
 
     False before :func:`patch_model`, after :func:`unpatch_model`, and once
-    ``model.set_experts_implementation(...)`` has handed every patched block to another implementation.
+    ``model.set_experts_implementation(name)`` has handed every patched block to ``name`` (any implementation,
+    the one moe-patch stood in for included: only :func:`patch_model` hands them back).
     """
     # A peft PeftModel and the model it wraps share state, so patching either is the same patch.
     root = model_root(model)
@@ -74,12 +75,7 @@ def is_patched(model: torch.nn.Module) -> bool:
         return False
     if state.report.offload is not None:
         return bool(getattr(state.report.offload, "attached", True))
-    return any(_dispatching(m) for m in changed_modules(root))
-
-
-def _dispatching(module: torch.nn.Module) -> bool:
-    view = module.__dict__.get("config")
-    return view.selects_moe_patch if isinstance(view, ExpertsConfigView) else True
+    return any(dispatches(m) for m in changed_modules(root))
 
 
 def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any = None) -> PatchReport:
@@ -128,11 +124,12 @@ def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any =
         options = PatchOptions(validate=validate)
         try:
             for h in handles:
-                reason = h.adapter.install(h, options)
+                reason = h.family.install(h, options)
                 if reason:
                     report.skipped[h.info.experts_path] = reason
                 else:
                     report.patched.append(h.info.experts_path)
+            install_choice_by_name(root)
         except BaseException:
             for module in list(changed_modules(root)):
                 restore(module)

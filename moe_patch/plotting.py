@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_bytes
+from .atomic import make_parent, write_bytes
 from .errors import MoEPatchError
 
 
@@ -35,6 +35,6 @@ def save_png(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     finally:
         plt.close(fig)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     write_bytes(path, buffer.getvalue())
     return path

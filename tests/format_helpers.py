@@ -19,8 +19,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from moe_patch.offload.formats.hf import reference_fp8_block
-from moe_patch.testing.quantized import pack_compressed_tensors, pack_fp8, pack_mxfp4
+from moe_patch.formats import FORMATS
+from moe_patch.testing.quantized import pack_compressed_tensors, pack_fp8, pack_metal, pack_mxfp4
 from moe_patch.testing.tiny import tiny_config
 
 VOCAB = 128
@@ -79,6 +79,12 @@ CASES: dict[str, FormatCase] = {
         dict(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
              num_attention_heads=4, num_key_value_heads=2),
         lambda s, d: pack_compressed_tensors(s, d, scheme="fp8", experts_only=True), "compressed"),
+    # transformers' Metal (MLX affine) uint4 with a scale and a bias per 32 inputs, on every linear
+    "qwen3_moe-metal": FormatCase(
+        "qwen3_moe",
+        dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+             head_dim=16, num_attention_heads=4, num_key_value_heads=2),
+        lambda s, d: pack_metal(s, d, bits=4, group_size=32), "metal"),
     # Llama 4: experts fused in the checkpoint ([E, H, 2I] / [E, I, H]), bf16
     "llama4-fused": FormatCase(
         "llama4_text",
@@ -130,7 +136,7 @@ def _dequantized_copy(src: Path, dst: Path, block: tuple[int, int]) -> Path:
         if key.endswith("weight_scale_inv"):
             continue
         scale = tensors.get(key[: -len("weight")] + "weight_scale_inv")
-        out[key] = reference_fp8_block(t, scale, list(block), torch.float32) if scale is not None else t.float()
+        out[key] = FORMATS["fp8"].reference(t, scale, list(block), torch.float32) if scale is not None else t.float()
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     config.pop("quantization_config")
@@ -148,6 +154,8 @@ def load_oracle(name: str, path: Path) -> torch.nn.Module:
         kwargs["quantization_config"] = transformers.FineGrainedFP8Config(dequantize=True)
     elif case.oracle == "mxfp4":
         kwargs["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+    elif case.oracle == "metal":  # its quantizer places the model on Apple's GPU unless told otherwise
+        kwargs.update(quantization_config=transformers.MetalConfig(dequantize=True), device_map="cpu")
     elif case.oracle == "compressed":
         kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
     elif case.oracle == "ragged_fp8":

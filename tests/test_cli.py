@@ -115,3 +115,72 @@ def test_memory_plan_says_when_the_non_expert_weights_do_not_fit(tmp_path, capsy
     DeepseekV3Config(dtype="bfloat16").save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path), "--gpu", "24GiB"]) == 0
     assert "do not fit the device budget 24.00 GiB" in capsys.readouterr().out
+
+
+# -- the command-line layer: every command registered, a broken module seen, the shared types alone ----------
+COMMANDS = {"demo", "inspect", "run", "serve", "chat", "upcycle", "push", "pull", "batch"}
+
+
+def _subcommands(parser) -> set[str]:
+    import argparse
+
+    return {name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices}
+
+
+def test_every_command_module_of_the_layer_is_registered():
+    """A command module that defines register() but is left out of the parser is a command users never see."""
+    import importlib
+    import pkgutil
+
+    import moe_patch.cli
+    from moe_patch.cli import entry
+
+    modules = {m.name for m in pkgutil.iter_modules(moe_patch.cli.__path__) if m.name != "__main__"}
+    with_register = {m for m in modules if hasattr(importlib.import_module(f"moe_patch.cli.{m}"), "register")}
+    assert with_register == {m.__module__.rsplit(".", 1)[1] for m in entry._registrars()}
+    assert _subcommands(entry.build_parser()) == COMMANDS
+
+
+def test_a_broken_command_module_fails_loudly_instead_of_removing_its_command(monkeypatch):
+    """No `except ImportError: pass`: a module of the layer that cannot be imported stops every command with its
+    ImportError, where it used to drop `moe-patch run` silently."""
+    import sys
+
+    import moe_patch.cli
+
+    monkeypatch.setitem(sys.modules, "moe_patch.cli.run", None)  # `import moe_patch.cli.run` now fails
+    monkeypatch.delattr(moe_patch.cli, "run", raising=False)
+    with pytest.raises(ImportError, match="moe_patch.cli.run"):
+        main(["inspect", "--help"])
+
+
+def test_the_shared_argument_types_import_without_any_command_and_the_parser_without_torch():
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import moe_patch.cli.args
+alone = sorted(m for m in sys.modules if m.startswith("moe_patch.cli."))
+from moe_patch.cli import entry
+entry.build_parser()
+heavy = sorted(m for m in ("torch", "transformers", "huggingface_hub", "converters", "hub_scripts") if m in sys.modules)
+print(alone, heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['moe_patch.cli.args'] []"  # `moe-patch --help` loads no model library
+
+
+def test_a_command_whose_extra_is_missing_is_still_listed_and_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    from moe_patch.cli import entry
+
+    assert "serve" in _subcommands(entry.build_parser())
+    assert main(["serve", "some/model"]) == 1
+    err = capsys.readouterr().err
+    assert err == "moe-patch serve: error: serving needs uvicorn, which is not installed: " \
+                  "pip install 'moe-patch[serve]'\n"

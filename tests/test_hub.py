@@ -18,7 +18,6 @@ from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hub_scripts import cli as hub_cli
 from hub_scripts.api import make_api
 from hub_scripts.card import GENERATED_MARKER, build_model_card
 from hub_scripts.errors import (
@@ -32,7 +31,8 @@ from hub_scripts.errors import (
 )
 from hub_scripts.pull import fetch_metadata, pull
 from hub_scripts.push import human_bytes, push_folder
-from moe_patch import cli as moe_cli
+from moe_patch.cli import entry as moe_cli
+from moe_patch.cli import hub as hub_cli
 from moe_patch.errors import CheckpointError
 
 try:
@@ -418,20 +418,21 @@ def test_cli_debug_shows_the_traceback(hub, monkeypatch):
 def test_push_and_pull_are_registered_on_the_moe_patch_command():
     parser = moe_cli.build_parser()
     args = parser.parse_args(["push", "out", "me/x", "--private", "--branch", "b", "--dry-run"])
-    assert args.func.__module__ == "hub_scripts.cli" and args.private and args.branch == "b" and args.dry_run
+    assert args.func.__module__ == "moe_patch.cli.hub" and args.private and args.branch == "b" and args.dry_run
     args = parser.parse_args(["pull", "me/x", "--include", "*.json", "*.md", "--revision", "v1"])
-    assert args.func.__module__ == "hub_scripts.cli" and args.include == ["*.json", "*.md"]
+    assert args.func.__module__ == "moe_patch.cli.hub" and args.include == ["*.json", "*.md"]
 
 
 def test_upcycle_push_to_hub_publishes_through_push_folder(hub, tmp_path, monkeypatch, capsys):
     """The converter's `--push-to-hub` calls hub_scripts.push.push_folder: the card comes from its report."""
-    from converters import cli as converters_cli
     from transformers import MistralConfig
+
+    from moe_patch.cli import upcycle as upcycle_cli
 
     AutoModelForCausalLM.from_config(MistralConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "dense")
-    monkeypatch.setattr(moe_cli, "_registrars", lambda: [converters_cli.register, hub_cli.register])
+    monkeypatch.setattr(moe_cli, "_registrars", lambda: [upcycle_cli.register, hub_cli.register])
     rc = moe_cli.main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "4",
                        "--top-k", "2", "--router-init", "zero", "--push-to-hub", "tester/upcycled", "--private"])
 

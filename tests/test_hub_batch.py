@@ -1,4 +1,5 @@
-"""The batch driver: YAML plan parsing, then convert-and-push for each job against the loopback Hub.
+"""The batch driver (`moe-patch batch`): YAML plan parsing, then convert-and-push for each job against the
+loopback Hub.
 
 The converter is injected (a fake that copies a tiny MoE checkpoint and writes its report), so these
 tests cover the plan and the push side; the real converter is tested with the converters package.
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from hub_scripts import batch
-from hub_scripts.batch import BatchConfigError, load_plan, run_batch
 from hub_scripts.push import push_folder
+from moe_patch.cli import batch_jobs, main
+from moe_patch.cli.batch_jobs import BatchConfigError, load_plan, run_batch
 from moe_patch.errors import MoEPatchError
 
 try:
@@ -158,22 +159,22 @@ def test_a_source_that_is_neither_folder_nor_repo_is_a_clear_job_error(hub, api,
     assert "'test-org/missing' not found" in results[1].error
 
 
-def test_module_entry_point_dry_run_prints_the_plan(tmp_path, capsys):
-    assert batch.main([str(write_yaml(tmp_path, PLAN)), "--dry-run"]) == 0
+def test_the_batch_command_dry_run_prints_the_plan(tmp_path, capsys):
+    assert main(["batch", str(write_yaml(tmp_path, PLAN)), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "first: acme/dense-1b" in out and "push tester/first-moe" in out and "num_experts=8" in out
 
 
-def test_module_entry_point_runs_jobs_and_reports_failures_in_one_line(hub, tiny_moe_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(batch, "find_upcycle", lambda: FakeUpcycle(tiny_moe_dir, fail_on="second"))
-    assert batch.main([str(local_plan(tmp_path))]) == 1
+def test_the_batch_command_runs_jobs_and_reports_failures_in_one_line(hub, tiny_moe_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(batch_jobs, "find_upcycle", lambda: FakeUpcycle(tiny_moe_dir, fail_on="second"))
+    assert main(["batch", str(local_plan(tmp_path))]) == 1
     out = capsys.readouterr().out
     assert f"{hub.url}/tester/first-moe/commit/" in out
     assert f"failed  second  cannot upcycle {tmp_path / 'dense-src'}: unsupported architecture" in out
 
-    assert batch.main([str(write_yaml(tmp_path, "jobs: 3"))]) == 1
+    assert main(["batch", str(write_yaml(tmp_path, "jobs: 3"))]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("batch: error:")
+    assert len(err) == 1 and err[0].startswith("moe-patch batch: error:")
 
 
 def test_batch_with_the_real_converter_publishes_a_verified_card(hub, api, tmp_path):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import moe_patch
 from moe_patch import MoEConfigError, MoEPatchError, NoMoEFoundError
-from moe_patch.detect import find_moe_blocks
+from moe_patch.families import find_moe_blocks
 from moe_patch.monitoring import LayerCounts, RoutingReport
 from moe_patch.testing.legacy import legacy_moe_model
 from moe_patch.testing.tiny import tiny_model

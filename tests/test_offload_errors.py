@@ -71,7 +71,7 @@ def test_files_safetensors_refuses_are_refused_by_the_reader(tmp_path, offsets, 
     """Every file the one checkpoint reader (offload, push, converters) accepts, safetensors loads."""
     from safetensors import SafetensorError
 
-    from moe_patch.offload.checkpoint import read_header
+    from moe_patch.io import read_header
 
     entries = {k: {"dtype": "F32", "shape": [2], "data_offsets": v} for k, v in offsets.items()}
     file = _raw_safetensors(tmp_path / "bad.safetensors", entries, data)
@@ -82,7 +82,7 @@ def test_files_safetensors_refuses_are_refused_by_the_reader(tmp_path, offsets, 
 
 
 def test_the_reader_accepts_what_safetensors_writes(tmp_path):
-    from moe_patch.offload.checkpoint import read_header
+    from moe_patch.io import read_header
 
     tensors = {"z": torch.zeros(0), "b": torch.ones(3, dtype=torch.bfloat16), "a": torch.arange(5)}
     save_file(tensors, tmp_path / "ok.safetensors", metadata={"format": "pt"})
@@ -156,7 +156,7 @@ def test_disk_error_in_a_background_read_surfaces_in_the_forward(tmp_path, monke
 
     path = save_tiny("qwen2_moe", tmp_path / "q")
     model = moe_patch.load_model(path, dtype=torch.float32, expert_cache=2 * expert_bytes("qwen2_moe"))
-    assert get_offload_handle(model).engine.cfg.prefetch  # reads also happen on the prefetch thread
+    assert get_offload_handle(model).engine.options.prefetch  # reads also happen on the prefetch thread
     calls = {"n": 0}
     real = os.preadv
 

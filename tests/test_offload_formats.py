@@ -20,9 +20,10 @@ import moe_patch
 from moe_patch.errors import CheckpointError, MoEConfigError
 from moe_patch.offload import get_offload_handle
 from moe_patch.offload.costmodel import choose_device_format
-from moe_patch.offload.formats import StoredTensor, read_quantization_config
-from moe_patch.offload.formats import hf as reference
-from moe_patch.offload.formats.decode import dequantize_fp8, dequantize_int, dequantize_mxfp4
+from moe_patch.formats import FORMATS, StoredTensor, read_quantization_config
+from moe_patch.formats.compressed import dequantize_int
+from moe_patch.formats.fp8 import dequantize_fp8
+from moe_patch.formats.mxfp4 import dequantize_mxfp4
 from moe_patch.testing.quantized import quantize_fp8_block, quantize_int_group, quantize_mxfp4
 
 NEW = 64
@@ -148,7 +149,7 @@ def test_llama4_offload_computes_only_the_routed_experts(checkpoints, oracles):
     path = checkpoints["llama4-fused"]
     model = moe_patch.load_model(path, dtype=torch.float32)
     handle = get_offload_handle(model)
-    import moe_patch.offload.engine as engine_module
+    import moe_patch.offload.backends.cpu as engine_module  # where the CPU backend computes cached experts
 
     rows = []
     grouped = engine_module.bank_dispatch
@@ -179,10 +180,10 @@ def test_llama4_offload_computes_only_the_routed_experts(checkpoints, oracles):
 def test_fp8_decoder_matches_transformers(shape, block, fmt, dtype):
     q, s = quantize_fp8_block(torch.randn(shape), block, fmt)
     ours = dequantize_fp8(q, s, block, dtype)
-    assert torch.equal(ours, reference.reference_fp8_block(q, s, list(block) if block else None, dtype))
+    assert torch.equal(ours, FORMATS["fp8"].reference(q, s, list(block) if block else None, dtype))
     if block is None or all(d % b == 0 for d, b in zip(shape, block)):
         # where stock loading is right, it agrees bit for bit (float32 product, one rounding)
-        assert torch.equal(ours, reference.reference_fp8_loader(q, s, dtype))
+        assert torch.equal(ours, FORMATS["fp8"].reference_loader(q, s, dtype))
 
 
 def test_stock_fp8_loading_guesses_the_block_from_the_shapes():
@@ -191,14 +192,14 @@ def test_stock_fp8_loading_guesses_the_block_from_the_shapes():
     transformers was fixed and format_helpers can use its stock loader for every case."""
     q, s = quantize_fp8_block(torch.randn(200, 300), (128, 128))
     right = dequantize_fp8(q, s, (128, 128), torch.float32)
-    assert not torch.allclose(reference.reference_fp8_loader(q, s, torch.float32), right)
+    assert not torch.allclose(FORMATS["fp8"].reference_loader(q, s, torch.float32), right)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_mxfp4_decoder_matches_transformers(dtype):
     w = torch.randn(48, 128) * torch.logspace(-20, 20, 128)  # exponents far from zero in both directions
     blocks, scales = quantize_mxfp4(w)
-    assert torch.equal(dequantize_mxfp4(blocks, scales, dtype).t(), reference.reference_mxfp4(blocks, scales, dtype))
+    assert torch.equal(dequantize_mxfp4(blocks, scales, dtype).t(), FORMATS["mxfp4"].reference(blocks, scales, dtype))
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, None), (8, 16)])
@@ -213,7 +214,7 @@ def test_packed_int_decoder_matches_compressed_tensors(bits, group, dtype):
         scheme["group_size"] = group
     packed = pack_to_int32(q, bits)
     ours = dequantize_int(packed, scale, None, bits=bits, group_size=group, shape=(32, 64), dtype=dtype)
-    assert torch.equal(ours, reference.reference_compressed_int(packed, scale, None, (32, 64), scheme, dtype))
+    assert torch.equal(ours, FORMATS["compressed-tensors"].reference(packed, scale, None, (32, 64), scheme, dtype))
 
 
 def test_asymmetric_int4_with_packed_zero_points_matches_compressed_tensors():
@@ -225,7 +226,7 @@ def test_asymmetric_int4_with_packed_zero_points_matches_compressed_tensors():
     scheme = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}
     packed, packed_zp = pack_to_int32(q, 4), pack_to_int32(zp, 4, packed_dim=0)
     ours = dequantize_int(packed, scale, packed_zp, bits=4, group_size=32, shape=(32, 64), dtype=torch.float32)
-    assert torch.equal(ours, reference.reference_compressed_int(packed, scale, packed_zp, (32, 64), scheme,
+    assert torch.equal(ours, FORMATS["compressed-tensors"].reference(packed, scale, packed_zp, (32, 64), scheme,
                                                                 torch.float32))
 
 
@@ -239,7 +240,7 @@ def test_packed_checkpoints_are_what_transformers_reads(name, checkpoints):
     bf16 = transformers.AutoModelForCausalLM.from_pretrained(path.parent / f"{name}-bf16", dtype=torch.float32)
     stock = load_oracle(name, path)
     want = bf16.state_dict()
-    tolerance = {"mxfp4": 0.35, "compressed": 0.2}.get(CASES[name].oracle, 0.08)
+    tolerance = {"mxfp4": 0.35, "compressed": 0.2, "metal": 0.2}.get(CASES[name].oracle, 0.08)
     for key, value in stock.state_dict().items():
         if ".experts." in key and value.dim() >= 2:
             assert _rel(value, want[key]) < tolerance, key
@@ -381,3 +382,17 @@ def test_inspect_plans_with_stored_bytes_gpt_oss_120b_fits_64gib_of_ram(tmp_path
     assert 60e9 < stored["total_bytes"] < 62e9 and stored["dequantized_total_bytes"] > 3.7 * stored["total_bytes"]
     plan = data["memory_plan"]
     assert plan["expert_bytes"] == stored["total_bytes"] and plan["disk_expert_bytes"] == 0
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_metal_affine_decoder_matches_transformers(bits, dtype):
+    from transformers.integrations.metal_quantization import _affine_quantize_tensor
+
+    from moe_patch.formats.metal import dequantize_affine
+
+    w = (torch.randn(48, 256) * torch.logspace(-3, 3, 256)).to(dtype)
+    packed, scales, biases = _affine_quantize_tensor(w, 64, bits)
+    scales, biases = scales.to(dtype), biases.to(dtype)
+    ours = dequantize_affine(packed, scales, biases, bits=bits, group_size=64, dtype=dtype)
+    assert torch.equal(ours, FORMATS["metal"].reference(packed, scales, biases, bits=bits, group_size=64))

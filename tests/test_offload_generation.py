@@ -7,6 +7,7 @@ transformers (fp32, greedy, 64 new tokens).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -219,6 +220,40 @@ def test_cli_run_prints_statistics(checkpoints, capsys):
     assert len(out.splitlines()[0].split()) == 4  # the four generated token ids
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_cli_run_with_quantized_experts_reports_the_logit_error(kind, checkpoints, capsys):
+    """As the README promises: `--quantize` says what it cost, measured on the generated sequence against
+    full-precision experts read from the checkpoint (text and --json)."""
+    import json
+
+    from moe_patch.cli import main
+
+    argv = ["run", str(checkpoints["mixtral"]), "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--dtype", "float32",
+            "--expert-cache", str(expert_bytes("mixtral")), "--quantize", kind]
+    assert main(argv) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(f"{kind} experts: logit error"))
+    assert "of the largest logit" in line and "top-1 agreement" in line
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    error = json.loads(out[out.index("{"):])["quantization_error"]
+    assert error["format"] == kind and 0 < error["max_rel"] < 0.3 and 0 < error["top1_agreement"] <= 1
+    assert error["tokens"] == 3 + 4
+
+
+def test_cli_run_quantized_prints_no_warning_about_a_kernel_it_does_not_use(checkpoints):
+    """bitsandbytes' CPU backend (on AVX512-BF16 CPUs) warns at import that it cannot fetch a fused 4-bit GEMV
+    kernel from the Hub; moe-patch never calls that op (it dequantizes, then multiplies in torch)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([str(Path(sys.executable).with_name("moe-patch")), "run", str(checkpoints["mixtral"]),
+                           "--prompt-ids", "5,6", "--max-new-tokens", "2", "--quantize", "nf4"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "gemm_4bit_forward" not in proc.stderr and "nf4 experts: logit error" in proc.stdout
+
+
 def test_bf16_checkpoint_computed_in_fp32_matches_transformers_upcast(tmp_path):
     path = _bf16_checkpoint("qwen3_moe", tmp_path / "bf16")
     ref = load_reference("qwen3_moe", path)  # transformers upcasts to fp32 at load
@@ -294,3 +329,29 @@ def test_odd_expert_widths_offloaded_run_where_the_grouped_kernel_cannot(budget,
         assert torch.equal(greedy(model, prompts(2), 16), expected)
     finally:
         get_offload_handle(model).detach(restore_weights=False)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "pinned-hot"])
+def test_every_eviction_policy_drives_both_tiers_end_to_end(policy, tmp_path):
+    """One policy for the whole run: the device slots and the host tier both evict with it, through
+    ``load_model``. A bf16 checkpoint computed in fp32 keeps the host tier on a CPU (slots hold decoded
+    fp32 copies of the stored bf16 bytes), so both tiers fill and evict here."""
+    from offload_helpers import build
+
+    import transformers
+
+    from moe_patch.offload import OffloadOptions
+
+    path = tmp_path / "bf16"
+    build("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
+    resident = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    one = expert_bytes("qwen3_moe")  # fp32 bytes of one expert
+    options = OffloadOptions(expert_cache=2 * one, host_cache=one, policy=policy, hot_experts=((0, 1), (1, 2)),
+                             calibrate=False, device_format="dequantized")
+    model = moe_patch.load_model(path, dtype=torch.float32, options=options)
+    engine = get_offload_handle(model).engine
+    assert not engine.merged  # the host tier keeps the stored bf16 copy of what the slots hold decoded
+    assert torch.equal(greedy(model, prompts(1), 16), greedy(resident, prompts(1), 16))
+    assert engine.host.policy.name == policy and {g.table.policy.name for g in engine.dev.groups} == {policy}
+    assert engine.dev.evictions > 0 and engine.host.evictions > 0
+    assert engine.dev.peak <= 2 * one and engine.host.peak <= one

@@ -12,7 +12,7 @@ from moe_patch.errors import BudgetError
 from moe_patch.offload.budget import check_budget, format_bytes, parse_bytes
 from moe_patch.offload.cache import TierCache
 from moe_patch.offload.costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
-from moe_patch.offload.quant import materialize, nbytes_of, quantize
+from moe_patch.formats import FORMATS, materialize, nbytes_of, tensors_of
 from moe_patch.offload.stats import LayerStats, OffloadStats, bandwidth_bound_s, coefficient_of_variation
 
 
@@ -139,13 +139,13 @@ def test_statistics_derive_rates_cv_and_bound():
 def test_quantized_experts_round_trip_within_format_error_and_shrink(kind, tol):
     torch.manual_seed(0)
     w = torch.randn(64, 128)
-    q = quantize(w, kind)
+    q = FORMATS[kind].encode(w)
     back = materialize(q)
     assert back.shape == w.shape and back.dtype == w.dtype
     assert (back - w).abs().max() / w.abs().max() < tol
     assert nbytes_of(q) < w.numel() * w.element_size() / (3 if kind == "int8" else 6)
     bias = torch.randn(64)
-    assert quantize(bias, kind) is bias  # vectors stay in full precision
+    assert FORMATS[kind].encode(bias) is bias  # vectors stay in full precision
     moved = q.to("cpu")  # the device copy the caches make; the original must survive it
     assert torch.equal(materialize(moved), back) and torch.equal(materialize(q), back)
 
@@ -169,7 +169,7 @@ def test_pool_slots_return_when_their_entry_dies():
 
 
 def test_prefetch_ranks_experts_by_predicted_rows_and_drops_unused():
-    from moe_patch.offload.engine import most_used
+    from moe_patch.offload.prefetch import most_used
 
     assert most_used([0, 5, 2, 5, 0, 1], 3) == [1, 3, 2]  # ties keep the lower index first
     assert most_used([0, 0, 3], 5) == [2]  # experts no row chose are never prefetched
@@ -218,17 +218,17 @@ def test_an_offloaded_decode_step_reads_back_a_constant_few_times_per_layer(tmp_
     two, eight = _conversions_per_decode_step(tmp_path, 2), _conversions_per_decode_step(tmp_path, 8)
     layers = 2
     assert two == eight, (two, eight)  # 8 vs 2 experts per token (about 8 vs 6 active per layer)
-    assert eight <= 4 * layers, eight
+    # + 1: the last layer's output check, read at the step's end after the synchronize the step timing makes
+    # anyway (every other layer's check rides on the next layer's one transfer)
+    assert eight <= 4 * layers + 1, eight
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_every_tensor_behind_a_quantized_expert_is_listed_for_stream_bookkeeping(kind):
-    from moe_patch.offload.quant import tensors_of
-
-    q = quantize(torch.randn(64, 128), kind)
+    q = FORMATS[kind].encode(torch.randn(64, 128))
     parts = tensors_of(q)
     assert all(isinstance(t, torch.Tensor) for t in parts)
-    assert any(t is q.data for t in parts) and sum(t.numel() * t.element_size() for t in parts) >= q.nbytes
+    assert any(t is q.tensors[0] for t in parts) and sum(t.numel() * t.element_size() for t in parts) >= q.nbytes
     plain = torch.randn(4)
     assert tensors_of(plain) == [plain]
 
@@ -274,13 +274,13 @@ def test_bf16_models_on_cpu_compute_experts_in_the_dtype_measured_faster(tmp_pat
     from offload_helpers import build, prompts
 
     import moe_patch
-    from moe_patch.offload import attach, get_offload_handle
+    from moe_patch.offload import get_offload_handle, plan
 
     def fake(device="cpu", dtype=torch.float32, size_mb=256):  # this CPU's GEMV rates, as calibrate measures them
         slow = dtype != torch.float32 if fp32_faster else dtype == torch.float32
         return Bandwidths(dram=20e9, cpu_flops=1e11, cpu_gemv=1e9 if slow else 8e9)
 
-    monkeypatch.setattr(attach, "calibrate", fake)
+    monkeypatch.setattr(plan, "calibrate", fake)
     path = tmp_path / "bf16"
     build("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
     import transformers
@@ -296,3 +296,23 @@ def test_bf16_models_on_cpu_compute_experts_in_the_dtype_measured_faster(tmp_pat
         assert handle.stats.compute_dtype == "float32" and engine.dev.groups[0].slab.dtype == torch.float32
     else:
         assert handle.stats.compute_dtype is None and engine.dev.groups[0].slab.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "pinned-hot"])
+def test_both_tiers_choose_the_same_victim_under_one_policy(policy):
+    """The host tier (a byte budget over an ordered dict) and the device slots (tensors) score with the
+    same EvictionPolicy: the same history gives the same victim."""
+    from moe_patch.offload.slab import SlotTable
+
+    host = TierCache(300, policy, hot=[(0, 0)])
+    slots = SlotTable([0], 8, 3, 100, policy=policy, hot=[(0, 0)])
+    for e in range(3):
+        host.put((0, e), e, 100)
+        slots.assign(slots.victim((0, e)), (0, e))
+    for e in (0, 2, 2, 0, 1):  # uses after insertion: expert 1 is the most recent, 0 and 2 are used more
+        host.get((0, e))
+        slots.touch(0, torch.tensor([e]), torch.tensor([slots.slot((0, e))]))
+    _, evicted = host.put((0, 3), 3, 100)
+    victim = slots.owner[slots.victim()].tolist()
+    assert [k for k, _ in evicted] == [tuple(victim)]
+    assert tuple(victim) == {"lru": (0, 2), "lfu": (0, 1), "pinned-hot": (0, 2)}[policy]

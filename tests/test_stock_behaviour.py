@@ -11,7 +11,7 @@ import torch
 from patch_helpers import build, logits, undeclared_shared_storage
 
 from moe_patch import inspect_model, patch_model, unpatch_model
-from moe_patch.adapters.module_list import PACK_ATTR
+from moe_patch.families.module_list import PACK_ATTR
 from moe_patch.dispatch import experts as experts_dispatch
 from moe_patch.dispatch.core import plan_dispatch
 from moe_patch.dispatch.experts import ExpertBank, bank_dispatch, bank_expert, glu
@@ -27,14 +27,14 @@ def dispatch_calls(monkeypatch):
     maths to the stock kernel where that is faster, after its routing check), and every adapter's."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    from moe_patch.adapters import dbrx, fused, jetmoe, llama4, module_list
+    from moe_patch.families import base, fused, jetmoe, module_list
 
     calls = []
     fused.register_experts_implementation()
     real = ALL_EXPERTS_FUNCTIONS["moe_patch"]
     monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "moe_patch",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    for mod in (fused, module_list, dbrx, jetmoe, llama4):
+    for mod in (fused, module_list, base, jetmoe):  # base: the resident runner of Llama 4 and DBRX
         real_dispatch = mod.bank_dispatch
         monkeypatch.setattr(mod, "bank_dispatch",
                             lambda *a, _real=real_dispatch, **k: calls.append(1) or _real(*a, **k))
@@ -60,15 +60,104 @@ def test_set_experts_implementation_takes_effect_on_a_patched_model(dispatch_cal
     assert model.config._experts_implementation == "eager"  # and leaves the user's choice alone
 
 
-def test_selecting_the_patched_implementation_again_hands_the_experts_back_to_moe_patch(dispatch_calls):
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Which of transformers' experts implementations ran: each registered one wrapped to record its name (as
+    transformers' own test_eager_matches_batched_and_grouped_inference does with mocks); the eager forward is the
+    class's own, recorded through the decorator's fallback."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    calls: list[str] = []
+    for name in ("grouped_mm", "batched_mm"):
+        real = ALL_EXPERTS_FUNCTIONS[name]
+        monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["grouped_mm", "batched_mm", "eager"])
+def test_an_explicit_choice_runs_that_implementation_in_every_dtype(name, dtype, dispatch_calls, kernel_calls):
+    """`set_experts_implementation(name)` on a patched model runs `name`, also the one moe-patch stood in for
+    (grouped_mm, transformers' default: for transformers the call changes nothing, and the half-precision
+    experts used to stay on moe-patch's calibrated fp32 path)."""
+    model, inputs = build("mixtral", dtype=dtype)
+    model.set_experts_implementation(name)
+    stock = logits(model, inputs)
+    kernel_calls.clear()
+    patch_model(model)
+    model.set_experts_implementation(name)
+    assert model.config._experts_implementation == name and not is_patched(model)
+    assert torch.equal(logits(model, inputs), stock)
+    blocks = len(inspect_model(model).blocks)
+    assert not dispatch_calls and kernel_calls == ([] if name == "eager" else [name] * blocks)
+
+
+def test_implementations_chosen_in_turn_each_run_as_transformers_test_switches_them(dispatch_calls, kernel_calls):
+    """The sequence of transformers' test_eager_matches_batched_and_grouped_inference, on a model patched when
+    built: eager, batched_mm, grouped_mm, each checked to run, in fp16."""
+    model, inputs = build("mixtral", dtype=torch.float16)
+    patch_model(model)
+    blocks = len(inspect_model(model).blocks)
+    for name in ("eager", "batched_mm", "grouped_mm"):
+        model.set_experts_implementation(name)
+        kernel_calls.clear()
+        logits(model, inputs)
+        assert kernel_calls == ([] if name == "eager" else [name] * blocks) and not dispatch_calls
+
+
+@pytest.mark.parametrize("how", ["inner model", "dict", "deepcopy", "pickled"])
+def test_the_choice_is_honoured_however_it_is_made(how, dispatch_calls, kernel_calls):
+    model, inputs = build("mixtral", dtype=torch.float16)
+    patch_model(model)
+    if how == "inner model":
+        model.model.set_experts_implementation("grouped_mm")
+    elif how == "dict":
+        model.set_experts_implementation({"": "grouped_mm"})
+    elif how == "deepcopy":
+        model = copy.deepcopy(model)
+        model.set_experts_implementation("grouped_mm")
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        model = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+        model.set_experts_implementation("grouped_mm")
+    kernel_calls.clear()
+    logits(model, inputs)
+    assert kernel_calls and not dispatch_calls and not is_patched(model)
+
+
+def test_a_patched_model_is_freed_when_its_last_reference_goes():
+    """No reference cycle through the model's set_experts_implementation: `del model` frees it at once, without
+    waiting for the garbage collector (a model's weights can be gigabytes)."""
+    import gc
+    import weakref
+
+    model, _ = build("mixtral")
+    patch_model(model)
+    gone = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+def test_only_patch_model_hands_the_experts_back_to_moe_patch(dispatch_calls):
     model, inputs = build("mixtral")
     patch_model(model)
     model.set_experts_implementation("batched_mm")
     assert not is_patched(model)
-    model.set_experts_implementation("grouped_mm")  # what moe-patch stood in for
-    assert is_patched(model)
+    model.set_experts_implementation("grouped_mm")  # what moe-patch stood in for: now an explicit choice
+    assert not is_patched(model)
+    logits(model, inputs)
+    assert not dispatch_calls
+    report = patch_model(model)
+    assert report.patched and not report.already_patched and is_patched(model)
     logits(model, inputs)
     assert len(dispatch_calls) == len(inspect_model(model).blocks)
+    assert unpatch_model(model) and "set_experts_implementation" not in vars(model)
 
 
 def test_patch_model_after_switching_away_patches_anew(dispatch_calls):
@@ -272,10 +361,14 @@ DECORATED_MARKS = ("has_gate", "is_transposed", "has_bias", "has_post_expert_nor
                    "_apply_gate")
 
 
+#: Instance attributes patching may set: an instance forward (how undecorated layouts are patched) and, on models
+#: holding decorated experts, transformers' own set_experts_implementation followed by handing the experts over.
+INSTANCE_OVERRIDES = ("forward", "set_experts_implementation")
+
+
 def _public_attributes(model) -> dict[str, frozenset[str]]:
-    """Each module's public instance attributes and decorated-experts marks; ``forward`` aside (an
-    instance forward is how undecorated layouts are patched)."""
-    return {n: frozenset(k for k in m.__dict__ if not k.startswith("_") and k != "forward") | frozenset(
+    """Each module's public instance attributes and decorated-experts marks; :data:`INSTANCE_OVERRIDES` aside."""
+    return {n: frozenset(k for k in m.__dict__ if not k.startswith("_") and k not in INSTANCE_OVERRIDES) | frozenset(
         k for k in DECORATED_MARKS if hasattr(m, k)) for n, m in model.named_modules()}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, MoEConfigError
+from ..io import read_header, read_index
 
 #: Config fields that count routed experts / say how many a token picks, across transformers families.
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
@@ -56,12 +57,10 @@ def validate_moe_config(config) -> None:
                     raise MoEConfigError(f"config field {where}{name} = {value} exceeds {where}{n_name} = {n_experts}")
 
 
-def load_config(folder: str | Path, *, trust_remote_code: bool = False):
-    """``AutoConfig`` for a local folder, with clear errors for a missing or malformed config.json."""
-    from transformers import AutoConfig
-
-    folder = Path(folder)
-    cfg_path = folder / "config.json"
+def read_raw_config(folder: str | Path) -> dict:
+    """``config.json`` of a local folder as a dict, with its top-level shape checked (the fields transformers
+    would otherwise trip over with a traceback, and the MoE fields)."""
+    cfg_path = Path(folder) / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: not found; a checkpoint folder needs its config.json")
     try:
@@ -72,7 +71,21 @@ def load_config(folder: str | Path, *, trust_remote_code: bool = False):
         raise MoEConfigError(f"{cfg_path}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise MoEConfigError(f"{cfg_path}: no 'model_type' field; is this a transformers checkpoint?")
+    qc = raw.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise MoEConfigError(f"{cfg_path}: quantization_config must be a JSON object (quant_method and its fields), "
+                             f"got {type(qc).__name__} {json.dumps(qc)[:40]}")
     validate_moe_config(raw)  # before transformers' own checks, whose errors do not name our fields
+    return raw
+
+
+def load_config(folder: str | Path, *, trust_remote_code: bool = False):
+    """``AutoConfig`` for a local folder, with clear errors for a missing or malformed config.json."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    raw = read_raw_config(folder)
     if raw.get("auto_map") and not trust_remote_code:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -172,21 +185,12 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
         pass
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        try:
-            index = json.loads(indexes[0].read_text())
-            weight_map = index["weight_map"]
-            summary.shards = sorted(set(weight_map.values()))
-            total = (index.get("metadata") or {}).get("total_size")
-        except OSError as exc:
-            raise CheckpointError(f"{indexes[0]}: cannot read the safetensors index ({exc.strerror or exc})") from exc
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{indexes[0]}: malformed safetensors index ({exc!r})") from exc
-        summary.total_bytes = total if isinstance(total, int) and not isinstance(total, bool) else None
-        keys = list(weight_map)
+        index = read_index(indexes[0])  # the index only: no shard is opened
+        summary.shards = index.shards
+        summary.total_bytes = index.total_size
+        keys = list(index.weight_map)
     else:
         # The package's one safetensors reader: headers only, a truncated or unreadable shard named.
-        from ..offload.checkpoint import read_header
-
         shards = sorted(p.name for p in folder.glob("*.safetensors"))
         summary.shards = shards
         keys = []

@@ -168,3 +168,19 @@ class MoEReport:
         from .table import format_report
 
         return format_report(self)
+
+
+@dataclass
+class BlockHandle:
+    """A detected block together with the live modules it describes, and the family that drives it."""
+
+    info: MoEBlock
+    block: Any  # torch.nn.Module (typed loosely: this module does not import torch)
+    experts: Any
+    router: Any
+    family: Any  # moe_patch.families.base.Family
+
+    @property
+    def adapter(self) -> Any:
+        """The family (its earlier name)."""
+        return self.family

@@ -1,13 +1,10 @@
-"""Plain-text rendering of a :class:`MoEReport`."""
+"""Plain-text rendering of a :class:`~moe_patch.detect.spec.MoEReport` (which imports this module: none back)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..sizes import format_bytes as human_bytes  # the one byte formatter (planner.py imports it from here)
-
-if TYPE_CHECKING:
-    from .spec import MoEReport
 
 
 def human_count(n: float) -> str:
@@ -17,7 +14,7 @@ def human_count(n: float) -> str:
     return str(int(n))
 
 
-def format_report(report: MoEReport) -> str:
+def format_report(report: Any) -> str:
     lines = [f"{report.model_class} ({report.family or 'unknown family'})"]
     if not report.blocks:
         lines.append("  no Mixture-of-Experts block found")

@@ -7,7 +7,7 @@ alone when ``has_gate`` is False. The module's own ``_apply_gate`` does the gati
 soft-capped SwiGLU in some families, interleaved split in gpt_oss), so it is always called here.
 
 Other layouts (DBRX's 2-D stacks, JetMoE, Llama 4, repacked ModuleLists) are described by the same
-:class:`ExpertBank`, built by their adapters from views of the model's own parameters.
+:class:`ExpertBank`, built by their families from views of the model's own parameters.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def _transformers_kernel_accepts(bank: ExpertBank) -> bool:
     return grouped_mm_accepts(bank.kernel_operands())
 
 
-_ACCEPTS_ATTR = "_moe_patch_cache_kernel_accepts"  # adapters.base.CACHE_PREFIX: unpatch drops it
+_ACCEPTS_ATTR = "_moe_patch_cache_kernel_accepts"  # families.records.CACHE_PREFIX: unpatch drops it
 
 
 def _module_kernel_accepts(module: torch.nn.Module) -> bool:
@@ -290,8 +290,8 @@ def stock_experts_forward(module: torch.nn.Module) -> Callable[..., torch.Tensor
     the one its config selected at patch time, ``grouped_mm`` (transformers' default) if none."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    replaced = getattr(module.config, "_moe_patch_replaces", None) or "grouped_mm"
-    if replaced == IMPLEMENTATION_NAME:  # pragma: no cover - a config that named us before patching
+    replaced = getattr(module.config, "_moe_patch_replaces", None)
+    if not isinstance(replaced, str) or replaced == IMPLEMENTATION_NAME:  # none, or a config that named us
         replaced = "grouped_mm"
     eager = getattr(type(module).forward, "__wrapped__", None)  # the class's own (undecorated) forward
     return ALL_EXPERTS_FUNCTIONS.get_interface(replaced, eager)

@@ -10,6 +10,7 @@ torch version and thread count). :data:`CROSSOVERS` is the explicit registry of 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -57,20 +58,20 @@ def measure_gemm_min_rows(kind: str, compute: torch.dtype) -> float:
     layer.set_expert(0, ExpertWeights(*_random_expert(fmt, hidden, inter, gen)))
     wg = torch.empty(2 * inter, hidden, dtype=compute)
     wd = torch.empty(hidden, inter, dtype=compute)
+
+    def gemm(x: torch.Tensor) -> None:
+        layer.decode(0, "gate_up", compute, wg)
+        layer.decode(0, "down", compute, wd)
+        gate, up = F.linear(x, wg).chunk(2, dim=-1)
+        F.linear(F.silu(gate) * up, wd)
+
     for rows in ROW_BUCKETS:
         x = torch.randn(rows, hidden, generator=gen).to(compute)
         idx = torch.zeros(rows, 1, dtype=torch.int64)
         wts = torch.ones(rows, 1)
         out = torch.empty(rows, hidden, dtype=compute)
-        fused = _median_seconds(lambda: layer.forward(x, idx, wts, out))
-
-        def gemm():
-            layer.decode(0, "gate_up", compute, wg)
-            layer.decode(0, "down", compute, wd)
-            gate, up = F.linear(x, wg).chunk(2, dim=-1)
-            F.linear(F.silu(gate) * up, wd)
-
-        if _median_seconds(gemm) < 0.9 * fused:
+        fused = _median_seconds(functools.partial(layer.forward, x, idx, wts, out))
+        if _median_seconds(functools.partial(gemm, x)) < 0.9 * fused:
             return float(rows)
     return math.inf
 

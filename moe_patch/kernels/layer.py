@@ -25,10 +25,23 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from .errors import KernelUnavailableError
 from .crossover import CROSSOVERS, ROW_BUCKETS
-from .library import (ACTIVATIONS, DT_BF16, DT_F32, ERRORS, GLU_LAYOUTS, KERNELS, MODE_DOWN, MODE_FUSED,
-                      MODE_GATE_UP, PTRS, MpCall, MpLayer, Variant)
+from .errors import KernelUnavailableError
+from .library import (
+    ACTIVATIONS,
+    DT_BF16,
+    DT_F32,
+    ERRORS,
+    GLU_LAYOUTS,
+    KERNELS,
+    MODE_DOWN,
+    MODE_FUSED,
+    MODE_GATE_UP,
+    PTRS,
+    MpCall,
+    MpLayer,
+    Variant,
+)
 from .spec import FLOAT_DTYPES, ExpertWeights, MoELayerSpec, projection_pointers
 
 COMPUTE = ("auto", "bf16", "fp32")

@@ -1,7 +1,7 @@
 """What a kernel layer computes: the stored format of each projection, the layer's shape and activation,
 and the checks that an expert's tensors are what the format says (pure; no library needed).
 
-Storage follows the checkpoints (and ``moe_patch/offload/formats/decode.py``), weights in nn.Linear
+Storage follows the checkpoints (and the decoders of ``moe_patch/formats``), weights in nn.Linear
 orientation ``[rows = outputs, cols = inputs]``:
 
 ========  ==========================================  ===========================================

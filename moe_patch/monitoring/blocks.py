@@ -4,7 +4,7 @@
   ``ParamWrapper`` modules (``experts.base_layer.base_layer``); detection then describes the innermost
   wrapper as the block and finds no router beside the experts. :func:`resolve_block` finds the real one.
 - offloaded models: the offload engine replaces every routed expert tensor by an empty placeholder, so
-  detection by parameter shapes finds nothing; the engine's own layer records say where the blocks are
+  detection by parameter shapes finds nothing; the engine kept the blocks it detected before
   (:func:`moe_blocks`).
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..detect.finder import BlockHandle, find_moe_blocks, find_router, model_root
-from ..detect.routing import infer_routing
-from ..detect.spec import ExpertLayout, MoEBlock
+from ..detect.spec import BlockHandle
+from ..detect.structure import find_router, model_root
+from ..families import find_moe_blocks
 
 _WRAPPED = ".base_layer"
 
@@ -47,7 +47,7 @@ def resolve_block(root: nn.Module, handle: BlockHandle) -> ResolvedBlock:
 
 
 def moe_blocks(model: nn.Module) -> list[BlockHandle]:
-    """Detection's blocks, or, for a model offloaded by moe-patch, blocks described from the engine's layers."""
+    """Detection's blocks, or, for a model offloaded by moe-patch, the blocks the engine detected."""
     handles = find_moe_blocks(model)
     if handles:
         return handles
@@ -57,17 +57,4 @@ def moe_blocks(model: nn.Module) -> list[BlockHandle]:
     offload = get_offload_handle(root)
     if offload is None:
         return []
-    out = []
-    for layer in offload.layers:
-        block = root.get_submodule(layer.path) if layer.path else root
-        # The engine drives two storages: fused experts keep their (hidden, top_k_index, top_k_weights) call;
-        # a ModuleList block routes inside its own forward, as the module_list adapter's blocks do.
-        adapter = "module_list" if layer.storage == "module_list" else "offloaded_fused"
-        info = MoEBlock(
-            path=layer.path, experts_path=layer.experts_path, router_path=None, shared_paths=(), family="",
-            adapter=adapter, num_experts=layer.num_experts, top_k=layer.top_k, hidden_size=0, intermediate_size=0,
-            layout=ExpertLayout(storage=layer.storage, param_names=layer.param_names),
-            routing=infer_routing(layer.router, block, layer.experts), params_per_expert=0, shared_params=0,
-            router_params=0, dtype=str(layer.dtype).replace("torch.", ""))
-        out.append(BlockHandle(info=info, block=block, experts=layer.experts, router=layer.router, adapter=None))
-    return out
+    return [layer.handle for layer in offload.layers]  # detected before the weights left: still true

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..detect.finder import BlockHandle, model_root
+from ..detect.spec import BlockHandle
+from ..detect.structure import model_root
 from ..detect.routing import infer_routing
 from ..detect.spec import RoutingSpec
 from ..errors import MoEConfigError
@@ -29,13 +30,6 @@ from .counters import LayerCounter
 
 logger = logging.getLogger(__name__)
 
-#: Blocks whose routing only their router's output shows, by the adapter that drives them.
-ROUTER_READERS = {
-    "routed_list": "capacity",  # Switch Transformers, NLLB-MoE
-    "llama4_dense": "dense_scores",
-    "parallel_experts": "sorted_plan",  # JetMoE
-    "module_list": "router_table",  # 4.x-style and remote-code blocks
-}
 
 WHEN = ("always", "train", "eval")
 
@@ -45,7 +39,7 @@ class Tap:
     """How one block is observed."""
 
     counter: LayerCounter
-    reader: str  # "experts_call" or a value of ROUTER_READERS
+    reader: str  # "experts_call" or a family's ``routing_reader`` (a function of .readers)
     routing_module: nn.Module  # the experts (pre-hook) or the router (forward hook)
     logits_module: nn.Module | None
     logits_index: int | None  # position of the logits in logits_module's output (None: find them by shape)
@@ -146,7 +140,7 @@ def plan_taps(model: nn.Module, handles: list[BlockHandle]) -> tuple[list[Tap], 
         real = resolve_block(root, h)
         block_path, block, router = real.path, real.block, real.router
         spec = info.routing if block is h.block else infer_routing(router, block, real.experts)
-        reader = ROUTER_READERS.get(info.adapter)
+        reader = h.family.routing_reader
         names = None
         if reader is None:
             names = _routing_arg_names(h.experts) if spec.kind not in ("per_input", "product_key") else None
@@ -261,4 +255,4 @@ def check_when(when: str) -> str:
     return when
 
 
-__all__ = ["HookState", "ROUTER_READERS", "Tap", "Taps", "check_when", "install", "plan_taps"]
+__all__ = ["HookState", "Tap", "Taps", "check_when", "install", "plan_taps"]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..detect.finder import model_root
+from ..detect.structure import model_root
 from ..errors import MoEConfigError, NoMoEFoundError
 from .blocks import moe_blocks
 from .counters import read_changed, read_counts

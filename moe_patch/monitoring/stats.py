@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..offload.stats import coefficient_of_variation
+from .table import FIGURES, format_routing
 
 NAN = float("nan")
 
@@ -151,20 +152,6 @@ def _add_lists(a: list, b: list) -> list:
     return [x + y for x, y in zip(a, b)]
 
 
-#: The figures of one layer, in table and log order: (key, LayerCounts property, short column title).
-FIGURES: tuple[tuple[str, str, str], ...] = (
-    ("load_cv", "load_cv", "load CV"),
-    ("max_over_mean", "max_over_mean", "max/mean"),
-    ("idle_share", "idle_share", "idle"),
-    ("weight_mass", "weight_mass", "w-mass"),
-    ("topk_prob_mass", "topk_prob_mass", "p(top-k)"),
-    ("entropy", "normalized_entropy", "entropy"),
-    ("z_loss", "z_loss", "z-loss"),
-    ("dropped_slots", "dropped_slot_share", "dropped"),
-    ("top1_changed", "", "top-1 changed"),
-)
-
-
 @dataclass
 class LayerRouting:
     """One layer's counts plus its routing stability (not additive, so kept beside the counts).
@@ -247,8 +234,6 @@ class RoutingReport:
         return cls(layers=layers, calls=data.get("calls", 0), step=data.get("step"), skipped=data.get("skipped", {}))
 
     def __str__(self) -> str:
-        from .table import format_routing
-
         return format_routing(self)
 
 

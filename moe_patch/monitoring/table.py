@@ -1,14 +1,23 @@
-"""Plain-text rendering of a :class:`RoutingReport`."""
+"""The figures a routing report shows, and its plain-text rendering (of a
+:class:`~moe_patch.monitoring.stats.RoutingReport`, which imports this module: none back)."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
-from .stats import FIGURES
-
-if TYPE_CHECKING:
-    from .stats import RoutingReport
+#: The figures of one layer, in table and log order: (key, LayerCounts property, short column title).
+FIGURES: tuple[tuple[str, str, str], ...] = (
+    ("load_cv", "load_cv", "load CV"),
+    ("max_over_mean", "max_over_mean", "max/mean"),
+    ("idle_share", "idle_share", "idle"),
+    ("weight_mass", "weight_mass", "w-mass"),
+    ("topk_prob_mass", "topk_prob_mass", "p(top-k)"),
+    ("entropy", "normalized_entropy", "entropy"),
+    ("z_loss", "z_loss", "z-loss"),
+    ("dropped_slots", "dropped_slot_share", "dropped"),
+    ("top1_changed", "", "top-1 changed"),
+)
 
 
 def _cell(key: str, value: float) -> str:
@@ -19,7 +28,8 @@ def _cell(key: str, value: float) -> str:
     return f"{value:.3f}" if key in ("weight_mass", "topk_prob_mass", "entropy") else f"{value:.2f}"
 
 
-def format_routing(report: RoutingReport) -> str:
+def format_routing(report: Any) -> str:
+    """The table of a :class:`~moe_patch.monitoring.stats.RoutingReport`."""
     lines = [f"routing over {report.calls} forward calls, {report.tokens} tokens per layer"
              + (f" (step {report.step})" if report.step is not None else "")]
     header = ("layer", "tokens") + tuple(title for _, _, title in FIGURES) + ("non-finite",)

@@ -1,13 +1,8 @@
-"""Byte-budgeted expert caches and their eviction policies (pure bookkeeping, no tensors moved here).
+"""The host tier: a byte-budgeted cache of experts in host RAM, evicting by the run's :mod:`.policy`.
 
-A :class:`TierCache` maps ``(layer, expert)`` to an entry with a size in bytes and never holds more
-than its budget: an insert that cannot fit without evicting a pinned entry is refused. Policies:
-
-- ``lru``: evict the least recently used entry (default; decode reuses recent experts);
-- ``lfu``: evict the least frequently used entry (ties: least recent), frequencies kept across
-  evictions so a popular expert earns its place back;
-- ``pinned-hot``: like LRU, but the ``hot`` keys given by the caller (e.g. the most used experts
-  of a calibration run) are only evicted when nothing else can be.
+A :class:`TierCache` maps ``(layer, expert)`` to an entry with a size in bytes and never holds more than
+its budget: an insert that cannot fit without evicting a pinned entry is refused. Entries are kept in
+recency order, so LRU takes the oldest unpinned one without scoring; other policies score the candidates.
 """
 
 from __future__ import annotations
@@ -17,10 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BudgetError
+import torch
+
+from .policy import POLICIES, EvictionPolicy
 
 Key = tuple[int, int]
-POLICIES = ("lru", "lfu", "pinned-hot")
 
 
 @dataclass
@@ -28,20 +24,21 @@ class CacheEntry:
     value: Any
     nbytes: int
     pins: int = 0
+    last_used: int = 0
 
 
 class TierCache:
     """One tier of the expert hierarchy, with a hard byte budget (``None``: unlimited)."""
 
-    def __init__(self, budget: int | None, policy: str = "lru", hot: Iterable[Key] = (), name: str = "cache"):
-        if policy not in POLICIES:
-            raise BudgetError(f"{name}: unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}.")
+    def __init__(self, budget: int | None, policy: EvictionPolicy | str = "lru", hot: Iterable[Key] = (),
+                 name: str = "cache"):
         self.name = name
         self.budget = budget
-        self.policy = policy
+        self.policy = POLICIES[policy] if isinstance(policy, str) else policy
         self.hot = set(hot)
         self._entries: OrderedDict[Key, CacheEntry] = OrderedDict()  # recency order, oldest first
-        self._freq: dict[Key, int] = {}
+        self._uses: dict[Key, int] = {}  # kept across evictions
+        self._clock = 0
         self.used = 0
         self.peak = 0  # most bytes ever held (the tests check it against the budget)
         self.evictions = 0
@@ -59,14 +56,22 @@ class TierCache:
     def enabled(self) -> bool:
         return self.budget is None or self.budget > 0
 
+    def _touch(self, key: Key, entry: CacheEntry) -> None:
+        self._clock += 1
+        entry.last_used = self._clock
+        self._uses[key] = self._uses.get(key, 0) + 1
+
     def get(self, key: Key, *, touch: bool = True) -> Any | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
         if touch:
             self._entries.move_to_end(key)
-            self._freq[key] = self._freq.get(key, 0) + 1
+            self._touch(key, entry)
         return entry.value
+
+    def nbytes(self, key: Key) -> int:
+        return self._entries[key].nbytes
 
     def pin(self, key: Key) -> None:
         self._entries[key].pins += 1
@@ -87,13 +92,12 @@ class TierCache:
         candidates = [k for k, e in self._entries.items() if e.pins == 0]
         if not candidates:
             return None
-        if self.policy == "lfu":
-            # min frequency; candidates are in recency order so the first minimum is the least recent
-            return min(candidates, key=lambda k: self._freq.get(k, 0))
-        if self.policy == "pinned-hot":
-            cold = [k for k in candidates if k not in self.hot]
-            return (cold or candidates)[0]
-        return candidates[0]
+        if self.policy.recency_only:
+            return candidates[0]  # recency order: the oldest unpinned entry
+        score = self.policy.score(torch.tensor([self._entries[k].last_used for k in candidates]),
+                                  torch.tensor([self._uses.get(k, 0) for k in candidates]),
+                                  torch.tensor([k in self.hot for k in candidates]), self._clock)
+        return candidates[int(torch.argmin(score))]  # the first minimum: the least recent among equals
 
     def put(self, key: Key, value: Any, nbytes: int) -> tuple[bool, list[tuple[Key, Any]]]:
         """Insert, evicting as the policy says. Returns ``(stored, evicted [(key, value)])``.
@@ -114,8 +118,8 @@ class TierCache:
             assert victim is not None  # guaranteed by the evictable check above
             evicted.append((victim, self.pop(victim)))
             self.evictions += 1
-        self._entries[key] = CacheEntry(value, nbytes)
-        self._freq[key] = self._freq.get(key, 0) + 1
+        entry = self._entries[key] = CacheEntry(value, nbytes)
+        self._touch(key, entry)
         self.used += nbytes
         self.peak = max(self.peak, self.used)
         return True, evicted

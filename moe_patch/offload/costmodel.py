@@ -183,7 +183,7 @@ def time_stored_expert(source, layer: int, device: torch.device) -> tuple[float,
     then decoded on ``device`` (after its copy, on CUDA). Used once at attach for the device format."""
     t0 = time.perf_counter()
     recipes = source.cmap.experts[(layer, 0)]
-    stored = [source.cmap.load_stored(r) for r in recipes.values() if r.stored is not None]
+    stored = [source.cmap.reader.load_stored(r) for r in recipes.values() if r.stored is not None]
     read_s = time.perf_counter() - t0
     if device.type == "cuda":  # pragma: no cover - GPU only
         stored = [s.to(device) for s in stored]

@@ -10,7 +10,7 @@ dimension), which gives exactly row ``e`` of the fully converted parameter witho
 Quantized checkpoints (FP8, MXFP4, compressed-tensors) go through the conversions of transformers'
 own quantizer in its ``dequantize=True`` mode, so the same rules also say which stored tensors
 (weights, block scales, FP4 blocks) make each parameter. Their dequantize step is replaced by
-:class:`~moe_patch.offload.formats.StoredLayout`: routed experts stay in their stored bytes (read into
+:class:`~moe_patch.formats.StoredLayout`: routed experts stay in their stored bytes (read into
 the caches as stored, decoded where they are computed), FP8 weights use the config's block size
 (transformers' ``Fp8Dequantize`` guesses it from the shapes, wrongly when a dimension is not a
 multiple of 128). Other dense tensors of compressed-tensors checkpoints use transformers' own op.
@@ -23,9 +23,6 @@ naming the file and tensor.
 from __future__ import annotations
 
 import logging
-import math
-import threading
-from dataclasses import dataclass
 
 import torch
 from transformers.conversion_mapping import get_model_conversion_mapping
@@ -42,126 +39,24 @@ from transformers.core_model_loading import (
 )
 
 from ..errors import CheckpointError, MoEConfigError
-from .checkpoint import Checkpoint, TensorEntry
-from .formats import Piece, QuantizationSpec, StoredLayout, StoredTensor, WeightScheme
-from .formats.hf import SERIALIZED_SUFFIXES, dequant_kind, make_quantizer
+from ..formats import (
+    CAST,
+    Format,
+    QuantizationSpec,
+    StoredLayout,
+    StoredPart,
+    claimed_by,
+    format_of_op,
+)
+from ..formats.hf import make_quantizer
+from ..io import Checkpoint, TensorEntry
 from .layers import OffloadLayer
+from .recipes import RecipeReader, Source, TensorRecipe, apply_recipe
 
 logger = logging.getLogger(__name__)
 
 #: Converter operations that act on each expert independently (they never mix rows of dim 0).
 _PER_EXPERT_OPS = (MergeModulelist, Concatenate, Transpose, Interleave, Chunk)
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-@dataclass(frozen=True)
-class Source:
-    """One checkpoint tensor, or one expert's part of it: row ``row`` (``split`` None) or chunk ``row``
-    of ``split`` equal chunks along dimension 0 (DBRX stacks experts as ``[E * F, H]``)."""
-
-    entry: TensorEntry
-    row: int | None = None
-    split: int | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.entry.shape if self.row is None else self.entry.row_shape(self.split)
-
-    @property
-    def range(self) -> tuple[int, int]:
-        e = self.entry
-        return (e.start, e.end) if self.row is None else e.row_range(self.row, self.split)
-
-    @property
-    def nbytes(self) -> int:
-        start, end = self.range
-        return end - start
-
-
-@dataclass(frozen=True)
-class TensorRecipe:
-    """How to build one model tensor (or one expert's slice of it) from checkpoint tensors.
-
-    ``parts`` maps each converter source pattern (or the checkpoint key, for a plain rename) to the
-    checkpoint tensors it collects, in transformers' order. ``stored`` is set when the tensors are
-    quantized and decoded by moe-patch: its pieces index the flat list :attr:`sources`.
-    """
-
-    target: str
-    parts: tuple[tuple[str, tuple[Source, ...]], ...]
-    converter: WeightConverter | None
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    stored: StoredLayout | None = None
-
-    @property
-    def sources(self) -> list[Source]:
-        return [s for _, group in self.parts for s in group]
-
-    @property
-    def entries(self) -> list[TensorEntry]:
-        return [s.entry for s in self.sources]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes read from disk for this recipe (the stored bytes)."""
-        return sum(s.nbytes for s in self.sources)
-
-    @property
-    def model_nbytes(self) -> int:
-        """Bytes of the tensor it builds, in the model dtype."""
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def operations(self) -> list:
-        """The converter's operations moe-patch runs itself (its dequantize op is replaced by ``stored``)."""
-        ops = list(self.converter.operations) if self.converter is not None else []
-        return ops[1:] if ops and dequant_kind(ops[0]) is not None and self.stored is not None else ops
-
-
-class _ShapeShim:
-    """Stands in for the model in converter ops that look the target up (``Transpose(check_dims=True)``,
-    compressed-tensors' dtype lookup): a meta tensor of the target's shape and dtype."""
-
-    def __init__(self, shape, dtype=torch.float32):
-        self._t = torch.empty(shape, device="meta", dtype=dtype)
-
-    def get_parameter(self, name):
-        return self._t
-
-
-def apply_recipe(recipe: TensorRecipe, tensors: list[list[torch.Tensor]], *, per_expert: bool) -> torch.Tensor:
-    """Run ``recipe``'s conversion on loaded ``tensors`` (one list per part, in ``parts`` order).
-
-    ``per_expert``: the tensors are one expert's (the output loses the expert dimension).
-    Works on meta tensors too, which is how shapes are checked before reading.
-    """
-    if recipe.stored is not None:
-        decoded = recipe.stored.decode(tuple(t for group in tensors for t in group))
-        return decoded
-    conv = recipe.converter
-    if conv is None:
-        (t,) = tensors[0]
-        return t
-    merges = any(isinstance(op, MergeModulelist) for op in conv.operations)
-    input_dict = {}
-    for (pattern, _), group in zip(recipe.parts, tensors):
-        # A row of an already-fused tensor keeps a batch dimension of one so the ops see [1, ...].
-        input_dict[pattern] = list(group) if (merges or not per_expert) else [t.unsqueeze(0) for t in group]
-    shim_shape = ((1,) if per_expert else ()) + recipe.shape
-    out = input_dict
-    for op in recipe.operations:
-        out = op.convert(
-            out, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
-            full_layer_name=recipe.target, model=_ShapeShim(shim_shape, recipe.dtype), config=None, missing_keys=None,
-        )
-    if len(out) != 1:
-        wanted = recipe.target.rpartition(".")[2]
-        out = {k: v for k, v in out.items() if k.endswith(wanted)}
-    (result,) = out.values()
-    if isinstance(result, list):
-        (result,) = result
-    return result.squeeze(0) if per_expert else result
 
 
 def _expert_number_position(keys: list[str]) -> int | None:
@@ -175,14 +70,6 @@ def _expert_number_position(keys: list[str]) -> int | None:
     return None
 
 
-def _strip_suffix(pattern: str, suffixes: tuple[str, ...]) -> tuple[str, str]:
-    """``mlp.experts.*.gate_proj.weight_scale_inv`` -> (``mlp.experts.*.gate_proj.``, ``weight_scale_inv``)."""
-    for suffix in sorted(suffixes, key=len, reverse=True):
-        if pattern.endswith(suffix):
-            return pattern[: -len(suffix)], suffix
-    return pattern, ""
-
-
 class CheckpointMap:
     """Every model tensor's recipe: per expert for offloaded layers, whole for everything else.
 
@@ -193,7 +80,7 @@ class CheckpointMap:
                  quantization: QuantizationSpec | None = None):
         self.checkpoint = checkpoint
         self.quantization = quantization
-        self._scratch = threading.local()  # per-thread read buffer for casting loads
+        self.reader = RecipeReader(checkpoint)  # the recipes' reads
         meta = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
         quantizer = make_quantizer(quantization.raw) if quantization is not None else None
         conversions = get_model_conversion_mapping(model, hf_quantizer=quantizer)
@@ -214,6 +101,8 @@ class CheckpointMap:
             conv = by_pattern[pattern] if pattern is not None else None
             slot = groups.setdefault(renamed, (conv, {}))
             slot[1].setdefault(pattern if pattern is not None else key, []).append(key)
+        if quantization is None:
+            self._refuse_unlabelled(checkpoint)
         self._groups = groups
         self._meta = meta
         self.layers = layers
@@ -223,9 +112,9 @@ class CheckpointMap:
             for e in range(layer.num_experts):
                 self.experts[(layer.index, e)] = {}
             for name in layer.param_names:
-                if layer.storage == "module_list":
+                if layer.expert_param_path(0, name) is not None:  # each expert's tensors of its own
                     for e in range(layer.num_experts):
-                        target = f"{layer.experts_path}.{e}.{name}"
+                        target = f"{layer.experts_path}.{layer.expert_param_path(e, name)}"
                         expert_targets.add(target)
                         self.experts[(layer.index, e)][name] = self._whole_recipe(
                             target, per_expert_shape=layer.shapes[name])
@@ -242,6 +131,19 @@ class CheckpointMap:
             logger.debug("checkpoint tensors not used by the model: %s", self.unexpected[:10])
         self.validate()
 
+    @staticmethod
+    def _refuse_unlabelled(checkpoint: Checkpoint) -> None:
+        """Quantized tensors in a checkpoint whose config has no (or an empty) ``quantization_config``: reading
+        FP8 or packed values as plain numbers, scales ignored, would generate garbage with exit 0."""
+        for key, entry in checkpoint.entries.items():
+            fmt = claimed_by(key, entry.dtype)
+            if fmt is not None:
+                raise MoEConfigError(
+                    f"{entry.file}: tensor {key!r} ({str(entry.dtype).removeprefix('torch.')}) is {fmt.name}-quantized "
+                    f"but {checkpoint.directory}/config.json has no quantization_config (or an empty one): restore "
+                    f"the release's quantization_config (quant_method {fmt.method!r}) before loading."
+                )
+
     # -- recipes -----------------------------------------------------------------------------
     def _group(self, target: str) -> tuple[WeightConverter | None, dict[str, list[str]]]:
         if target not in self._groups:
@@ -252,9 +154,10 @@ class CheckpointMap:
             )
         return self._groups[target]
 
-    def _dequant(self, conv: WeightConverter | None) -> str | None:
+    def _dequant(self, conv: WeightConverter | None) -> Format | None:
+        """The format whose transformers dequantize op starts ``conv`` (None: not a dequantizing conversion)."""
         ops = conv.operations if conv is not None else []
-        return dequant_kind(ops[0]) if ops else None
+        return format_of_op(ops[0]) if ops else None
 
     def _whole_recipe(self, target: str, per_expert_shape: tuple[int, ...] | None = None) -> TensorRecipe:
         conv, parts = self._group(target)
@@ -267,12 +170,13 @@ class CheckpointMap:
             if bad:
                 raise MoEConfigError(f"{target}: conversion {type(bad[0]).__name__} cannot be applied per expert.")
         sources = tuple((p, tuple(Source(self.checkpoint.entries[k]) for k in keys)) for p, keys in parts.items())
-        if kind == "fp8" and per_expert_shape is None and not any(
-                s.entry.dtype in _FP8_DTYPES for _, group in sources for s in group):
+        if kind is not None and kind.decodes_dense and per_expert_shape is None and not kind.stores_quantized(
+                [s.entry for _, group in sources for s in group]):
             conv = None  # an unquantized tensor of an FP8 checkpoint (norm, embedding): used as stored
         recipe = TensorRecipe(target, sources, conv, shape, dtype)
-        # FP8 everywhere, and every quantized routed expert, decode through moe-patch's layouts
-        if conv is not None and (kind == "fp8" or (kind is not None and per_expert_shape is not None)):
+        # every quantized routed expert, and dense tensors of the formats transformers decodes wrongly (FP8's
+        # block guess), decode through moe-patch's layouts
+        if conv is not None and kind is not None and (kind.decodes_dense or per_expert_shape is not None):
             recipe = self._with_layout(recipe, transpose=False)
         elif kind is None and per_expert_shape is not None:
             layout = self._cast_layout(recipe)
@@ -284,21 +188,25 @@ class CheckpointMap:
         """An expert stored in another float dtype than the model's (a bf16 checkpoint computed in fp32):
         kept in the caches as stored (half the bytes) and cast where it is computed, when its conversion
         is only stacking and row concatenation. None when the dtypes agree or the conversion is other."""
-        sources = recipe.sources
-        if not sources or all(s.entry.dtype == recipe.dtype for s in sources):
-            return None
-        if any(not s.entry.dtype.is_floating_point or s.entry.dtype in _FP8_DTYPES for s in sources):
+        parts = self._stored_parts(recipe)
+        if not CAST.applies(list(parts.values()), recipe.shape, recipe.dtype):
             return None
         ops = list(recipe.converter.operations) if recipe.converter is not None else []
         if any(not isinstance(op, (MergeModulelist, Concatenate)) or (isinstance(op, Concatenate) and op.dim != 1)
                for op in ops):
             return None
-        shapes = [s.shape if s.shape else (1,) for s in sources]
-        if any(tuple(sh[1:]) != tuple(recipe.shape[1:]) for sh in shapes) or \
-                sum(sh[0] for sh in shapes) != (recipe.shape[0] if recipe.shape else 1):
-            return None
-        pieces = tuple(Piece("plain", i, rows=sh[0], cols=sh[1] if len(sh) > 1 else 1) for i, sh in enumerate(shapes))
-        return StoredLayout(pieces, WeightScheme("cast"), recipe.shape, recipe.dtype)
+        pieces = tuple(CAST.pieces(None, recipe.target, recipe.shape, parts))
+        return StoredLayout(pieces, CAST.scheme, recipe.shape, recipe.dtype)
+
+    @staticmethod
+    def _stored_parts(recipe: TensorRecipe) -> dict[str, StoredPart]:
+        """The recipe's stored tensors keyed by their converter pattern (one per pattern for an expert)."""
+        parts, at = {}, 0
+        for pattern, group in recipe.parts:
+            for s in group:
+                parts[pattern if len(group) == 1 else f"{pattern}#{at}"] = StoredPart(at, s.entry, s.shape)
+                at += 1
+        return parts
 
     def _fused_recipes(self, layer: OffloadLayer, name: str, target: str) -> list[TensorRecipe]:
         conv, parts = self._group(target)
@@ -315,7 +223,7 @@ class CheckpointMap:
         if kind is not None:  # companions a checkpoint need not have (activation scales, zero points...)
             patterns = [p for p in patterns if parts.get(p)]
         per_expert_keys = conv is not None and any(isinstance(op, MergeModulelist) for op in conv.operations)
-        split = n if layer.storage == "flat_2d" else None
+        split = layer.family.checkpoint_split(n)
         rows: dict[str, list[Source]] = {}
         for pattern in patterns:
             keys = parts.get(pattern)
@@ -345,7 +253,7 @@ class CheckpointMap:
                 recipes = [TensorRecipe(r.target, r.parts, r.converter, r.shape, r.dtype, layout) for r in recipes]
         if kind is not None:
             # one layout for the layer, checked on expert 0; every other expert must store the same shapes
-            layout = self._with_layout(recipes[0], transpose=kind == "mxfp4").stored
+            layout = self._with_layout(recipes[0], transpose=kind.transposed).stored
             first = [(s.shape, s.entry.dtype) for s in recipes[0].sources]
             for r in recipes[1:]:
                 for s, (shape, dtype) in zip(r.sources, first):
@@ -385,12 +293,6 @@ class CheckpointMap:
         """``recipe`` with the :class:`StoredLayout` that decodes its stored tensors (checked here)."""
         q = self.quantization
         assert q is not None
-        flat = recipe.sources
-        index = {}
-        at = 0
-        for pattern, group in recipe.parts:
-            index[pattern] = at  # one source per pattern for an expert; dense recipes too
-            at += len(group)
         if any(len(group) != 1 for _, group in recipe.parts):
             raise MoEConfigError(f"{recipe.target}: expected one stored tensor per part, got {[len(g) for _, g in recipe.parts]}.")
         ops = list(recipe.converter.operations[1:]) if recipe.converter is not None else []
@@ -401,122 +303,17 @@ class CheckpointMap:
                 f"{recipe.target}: quantized experts converted with {[type(op).__name__ for op in ops]} are not "
                 "supported by the offload engine (only stacking and [gate; up] concatenation)."
             )
-        if q.method == "mxfp4":
-            pieces = [self._mxfp4_piece(recipe, flat, index)]
-        else:
-            pieces = self._scaled_pieces(recipe, flat, index, SERIALIZED_SUFFIXES[q.method])
+        pieces = q.format.pieces(q.experts, recipe.target, recipe.shape, self._stored_parts(recipe))
         layout = StoredLayout(tuple(pieces), q.experts, recipe.shape, recipe.dtype, transpose=transpose)
         stored_shape = (sum(p.rows for p in pieces), pieces[0].cols)
         if stored_shape != layout.stored_shape or len({p.cols for p in pieces}) != 1:
-            first = flat[pieces[0].weight]
+            first = recipe.sources[pieces[0].weight]
             raise CheckpointError(
                 f"{first.entry.file}: tensor {first.entry.key!r} (shape {list(first.shape)}) decodes to "
                 f"{list(stored_shape)} but {recipe.target!r} needs {list(layout.stored_shape)} "
                 f"({q.method} layout). The checkpoint does not match config.json."
             )
         return TensorRecipe(recipe.target, recipe.parts, recipe.converter, recipe.shape, recipe.dtype, layout)
-
-    def _mxfp4_piece(self, recipe: TensorRecipe, flat: list[Source], index: dict[str, int]) -> Piece:
-        blocks = next((p for p in index if p.endswith("_blocks")), None)
-        scales = next((p for p in index if p.endswith("_scales")), None)
-        if blocks is None or scales is None:
-            raise CheckpointError(
-                f"{self.checkpoint.directory}: {recipe.target!r} needs both *_blocks and *_scales tensors "
-                f"(MXFP4); found {sorted(index)}."
-            )
-        b, s = flat[index[blocks]], flat[index[scales]]
-        if b.entry.dtype != torch.uint8 or s.entry.dtype != torch.uint8 or len(b.shape) != 3 or b.shape[-1] != 16 \
-                or tuple(s.shape) != tuple(b.shape[:-1]):
-            raise CheckpointError(
-                f"{b.entry.file}: MXFP4 tensors {b.entry.key!r} {list(b.shape)} {b.entry.dtype} / {s.entry.key!r} "
-                f"{list(s.shape)} {s.entry.dtype} do not form uint8 blocks [rows, groups, 16] with scales [rows, groups]."
-            )
-        return Piece("mxfp4", index[blocks], index[scales], rows=b.shape[0], cols=b.shape[1] * 32)
-
-    def _scaled_pieces(self, recipe: TensorRecipe, flat: list[Source], index: dict[str, int],
-                       suffixes: tuple[str, ...]) -> list[Piece]:
-        """One piece per projection (gate, up...), in the converter's order."""
-        q = self.quantization
-        bases: dict[str, dict[str, int]] = {}
-        for pattern, at in index.items():
-            base, suffix = _strip_suffix(pattern, suffixes)
-            bases.setdefault(base, {})[suffix] = at
-        # the target's own rows: with several projections, they stack in the order transformers concatenates
-        pieces = []
-        for base, roles in bases.items():
-            where = flat[next(iter(roles.values()))].entry
-            if "weight_global_scale" in roles:
-                raise CheckpointError(f"{where.file}: {base}weight_global_scale (NVFP4-style) is not supported.")
-            if "weight_packed" in roles:
-                pieces.append(self._int_piece(recipe, flat, roles, base, len(bases)))
-                continue
-            if "weight" not in roles:
-                raise CheckpointError(f"{where.file}: no weight tensor for {base!r} (found {sorted(roles)}).")
-            w = flat[roles["weight"]]
-            scale_key = "weight_scale_inv" if q.method == "fp8" else "weight_scale"
-            if len(w.shape) != 2:
-                raise CheckpointError(f"{w.entry.file}: tensor {w.entry.key!r} has shape {list(w.shape)}; expected 2-D.")
-            if w.entry.dtype not in _FP8_DTYPES:
-                if scale_key in roles:
-                    raise CheckpointError(
-                        f"{w.entry.file}: tensor {w.entry.key!r} is {w.entry.dtype} but has a scale; expected FP8.")
-                pieces.append(Piece("plain", roles["weight"], rows=w.shape[0], cols=w.shape[1]))
-                continue
-            if scale_key not in roles:
-                raise CheckpointError(
-                    f"{w.entry.file}: FP8 tensor {w.entry.key!r} has no {w.entry.key.rpartition('.')[0]}.{scale_key} "
-                    "scale tensor. The checkpoint is incomplete; re-download it."
-                )
-            self._check_fp8_scale(w, flat[roles[scale_key]])
-            pieces.append(Piece("fp8", roles["weight"], roles[scale_key], rows=w.shape[0], cols=w.shape[1]))
-        return pieces
-
-    def _check_fp8_scale(self, w: Source, s: Source) -> None:
-        rows, cols = w.shape
-        block = self.quantization.experts.block
-        numel = math.prod(s.shape)
-        if block is None:
-            ok = numel == 1 or tuple(s.shape) in ((rows, 1), (rows,))
-            want = "one value, [rows] or [rows, 1]"
-        else:
-            grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
-            ok = tuple(s.shape) == grid
-            want = f"{list(grid)} for weight_block_size {list(block)}"
-        if not ok:
-            raise CheckpointError(
-                f"{s.entry.file}: scale tensor {s.entry.key!r} has shape {list(s.shape)} but weight {w.entry.key!r} "
-                f"{[rows, cols]} needs {want}. The checkpoint or its quantization_config.weight_block_size is wrong."
-            )
-        if not (s.entry.dtype.is_floating_point or s.entry.dtype == torch.uint8):
-            raise CheckpointError(f"{s.entry.file}: scale tensor {s.entry.key!r} has dtype {s.entry.dtype}; expected "
-                                  "float32/bf16/fp16 or e8m0 exponent bytes.")
-
-    def _int_piece(self, recipe: TensorRecipe, flat: list[Source], roles: dict[str, int], base: str,
-                   n_bases: int) -> Piece:
-        scheme = self.quantization.experts
-        packed = flat[roles["weight_packed"]]
-        where = packed.entry
-        if "weight_scale" not in roles:
-            raise CheckpointError(f"{where.file}: packed tensor {where.key!r} has no {base}weight_scale tensor.")
-        if not scheme.symmetric and "weight_zero_point" not in roles:
-            raise CheckpointError(f"{where.file}: asymmetric tensor {where.key!r} has no {base}weight_zero_point tensor.")
-        rows = packed.shape[0]
-        # the model says how many input columns there are (the packed width is rounded up to 32 bits)
-        out_rows, cols = recipe.shape if len(recipe.shape) == 2 else (rows, 0)
-        if where.dtype != torch.int32 or len(packed.shape) != 2 or packed.shape[1] != math.ceil(cols * scheme.bits / 32):
-            raise CheckpointError(
-                f"{where.file}: packed tensor {where.key!r} ({list(packed.shape)}, {where.dtype}) cannot hold "
-                f"{rows}x{cols} int{scheme.bits} values."
-            )
-        scale = flat[roles["weight_scale"]]
-        groups = cols // scheme.group_size if scheme.group_size else 1
-        if tuple(scale.shape) != (rows, groups):
-            raise CheckpointError(
-                f"{scale.entry.file}: scale tensor {scale.entry.key!r} has shape {list(scale.shape)}; {where.key!r} "
-                f"needs [{rows}, {groups}] (group_size {scheme.group_size})."
-            )
-        return Piece("int", roles["weight_packed"], roles["weight_scale"], roles.get("weight_zero_point"),
-                     rows=rows, cols=cols)
 
     # -- checks ------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -574,59 +371,3 @@ class CheckpointMap:
         """Bytes of one expert as stored on disk (``stored``) or in the model dtype."""
         recipes = self.experts[(layer, expert)].values()
         return sum(r.nbytes if stored else r.model_nbytes for r in recipes)
-
-    # -- reading -----------------------------------------------------------------------------
-    def _read_sources(self, recipe: TensorRecipe, views: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        out = []
-        for i, s in enumerate(recipe.sources):
-            start, end = s.range
-            buf = views[i] if views is not None else None
-            raw = self.checkpoint.read_bytes(s.entry, start, end, out=buf.view(-1).view(torch.uint8) if buf is not None else None)
-            out.append(buf if buf is not None else raw.view(s.entry.dtype).reshape(s.shape))
-        return out
-
-    def load_stored(self, recipe: TensorRecipe, slot=None) -> StoredTensor:
-        """One expert's stored tensors (into views of a pool ``slot`` when given), not decoded."""
-        views = [slot.tensor(s.shape, s.entry.dtype) for s in recipe.sources] if slot is not None else None
-        return StoredTensor(recipe.stored, tuple(self._read_sources(recipe, views)))
-
-    def load_into(self, recipe: TensorRecipe, out: torch.Tensor) -> None:
-        """Read one expert's ``recipe`` into ``out`` (e.g. a pool slot) without temporaries.
-
-        When the conversion is only stacking and ``[gate; up]`` concatenation, the bytes go straight
-        from disk into ``out`` (or, when the dtype differs, into a per-thread scratch buffer that
-        ``copy_`` casts into ``out``); other conversions run transformers' ops and copy the result.
-        """
-        conv = recipe.converter
-        simple = recipe.stored is None and (conv is None or all(
-            isinstance(op, MergeModulelist) or (isinstance(op, Concatenate) and op.dim == 1) for op in conv.operations
-        ))
-        dtypes = {e.dtype for e in recipe.entries}
-        if not simple or len(dtypes) != 1:
-            out.copy_(self.load(recipe, per_expert=True))
-            return
-        (stored,) = dtypes
-        nbytes = recipe.nbytes
-        if stored == out.dtype:
-            flat = out.view(-1).view(torch.uint8)
-        else:
-            scratch = getattr(self._scratch, "buf", None)
-            if scratch is None or scratch.numel() < nbytes:
-                scratch = self._scratch.buf = torch.empty(nbytes, dtype=torch.uint8)
-            flat = scratch[:nbytes]
-        at = 0
-        for s in recipe.sources:  # parts follow the converter's source order: gate rows, then up rows
-            start, end = s.range
-            self.checkpoint.read_bytes(s.entry, start, end, out=flat.narrow(0, at, end - start))
-            at += end - start
-        if stored != out.dtype:
-            out.copy_(flat.view(stored).view(out.shape))
-
-    def load(self, recipe: TensorRecipe, *, per_expert: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read and convert ``recipe`` (decoded if quantized, cast to ``dtype``, default the model's)."""
-        if recipe.stored is not None:
-            stored = self.load_stored(recipe)
-            return stored.layout.decode(stored.tensors, dtype=dtype or recipe.dtype)
-        tensors = [[self.checkpoint.read(s.entry, s.row, split=s.split) for s in group] for _, group in recipe.parts]
-        out = apply_recipe(recipe, tensors, per_expert=per_expert)
-        return out.to(dtype or recipe.dtype).contiguous()

@@ -19,9 +19,9 @@ from torch import nn
 
 from ..detect.config import load_config
 from ..errors import CheckpointError, InvalidArgumentError, MoEConfigError
+from ..io import Checkpoint
 from .attach import OffloadHandle, attach_offload
-from .checkpoint import Checkpoint
-from .formats import read_quantization_config
+from ..formats import read_quantization_config
 from .keymap import CheckpointMap
 from .layers import find_offload_layers
 from .options import OffloadOptions
@@ -160,7 +160,7 @@ def load_model(
     handle: OffloadHandle = attach_offload(model, layers, opts, checkpoint_map=cmap, move_model=False)
     try:
         for key, recipe in cmap.dense.items():
-            value = cmap.load(recipe, per_expert=False)
+            value = cmap.reader.load(recipe, per_expert=False)
             if tuple(value.shape) != recipe.shape:  # transformers' dequantize ops are only checked here
                 first = recipe.entries[0]
                 raise CheckpointError(

@@ -1,16 +1,29 @@
-"""User-facing offload settings (one dataclass; budgets are parsed and checked at attach time)."""
+"""User-facing offload settings: one dataclass that checks itself when it is made."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
-DEVICE_FORMATS = ("auto", "stored", "dequantized")
+import torch
+
+from ..errors import MoEConfigError
+from ..formats import cache_format
+from .budget import parse_bytes
+from .policy import POLICIES
+
+Policy = Literal["lru", "lfu", "pinned-hot"]
+CpuCompute = Literal["auto", "always", "never"]
+DeviceFormat = Literal["auto", "stored", "dequantized"]
+DEVICE_FORMATS: tuple[str, ...] = get_args(DeviceFormat)
 
 
 @dataclass
 class OffloadOptions:
     """How experts are paged between the compute device, host RAM and the checkpoint.
+
+    Every field is checked when the options are made (one clear error naming the field), so a bad value
+    never reaches a half-offloaded model.
 
     Attributes:
         device: compute device, ``"cpu"`` or ``"cuda[:n]"``. On CPU the device cache is the
@@ -19,7 +32,7 @@ class OffloadOptions:
         host_cache: byte budget of the host-RAM cache (pinned on CUDA); 0 switches it off.
         quantize_experts: ``None``, ``"nf4"`` or ``"int8"``: store experts quantized in the caches.
         prefetch: read the next layer's likely experts in the background.
-        policy: device-cache eviction: ``"lru"``, ``"lfu"`` or ``"pinned-hot"``.
+        policy: eviction in both caches: ``"lru"``, ``"lfu"`` or ``"pinned-hot"`` (:mod:`.policy`).
         hot_experts: ``(layer, expert)`` pairs the ``pinned-hot`` policy keeps longest.
         cpu_compute: compute host-resident misses on the CPU when the cost model says it is
             cheaper than copying them (``"auto"``), ``"always"`` or ``"never"``.
@@ -36,15 +49,55 @@ class OffloadOptions:
     device: str = "cpu"
     expert_cache: int | str | None = None
     host_cache: int | str | None = 0
-    quantize_experts: str | None = None
+    quantize_experts: Literal["nf4", "int8"] | None = None
     prefetch: bool = True
-    policy: str = "lru"
+    policy: Policy = "lru"
     hot_experts: tuple[tuple[int, int], ...] = ()
-    cpu_compute: str = "auto"
+    cpu_compute: CpuCompute = "auto"
     checkpoint: str | None = None
     calibrate: bool = True
     max_prefetch_per_layer: int | None = None
-    device_format: str = "auto"
+    device_format: DeviceFormat = "auto"
+
+    def __post_init__(self) -> None:
+        self.torch_device  # noqa: B018 - parsed and checked here
+        if self.policy not in POLICIES:
+            raise MoEConfigError(f"policy={self.policy!r}: choose one of {', '.join(POLICIES)}.")
+        if self.cpu_compute not in get_args(CpuCompute):
+            raise MoEConfigError(f"cpu_compute={self.cpu_compute!r}: choose 'auto', 'always' or 'never'.")
+        if self.device_format not in DEVICE_FORMATS:
+            raise MoEConfigError(f"device_format={self.device_format!r}: choose one of {', '.join(DEVICE_FORMATS)}.")
+        cache_format(self.quantize_experts)  # a known name, its library installed
+        self.expert_cache_bytes, self.host_cache_bytes  # noqa: B018 - the budgets parse
+        if self.max_prefetch_per_layer is not None and (
+                not isinstance(self.max_prefetch_per_layer, int) or self.max_prefetch_per_layer < 0):
+            raise MoEConfigError(f"max_prefetch_per_layer={self.max_prefetch_per_layer!r}: expected an integer >= 0.")
+        self.hot_experts = tuple(tuple(k) for k in self.hot_experts)
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The compute device, checked against this machine."""
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise MoEConfigError(f"device={self.device!r}: not a device name; use 'cpu', 'cuda' or 'cuda:N'.") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise MoEConfigError(f"device={self.device!r} but CUDA is not available here; use device='cpu'.")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()  # pragma: no cover - needs a GPU
+            raise MoEConfigError(f"device={self.device!r} but this machine has {n} CUDA device{'s' * (n != 1)} "
+                                 f"(cuda:0 to cuda:{n - 1}).")
+        if device.type not in ("cpu", "cuda"):
+            raise MoEConfigError(f"device={self.device!r}: offloading supports 'cpu' and 'cuda'.")
+        return device
+
+    @property
+    def expert_cache_bytes(self) -> int | None:
+        return parse_bytes(self.expert_cache, name="expert_cache")
+
+    @property
+    def host_cache_bytes(self) -> int | None:
+        return parse_bytes(self.host_cache, name="host_cache")
 
     @classmethod
     def coerce(cls, value: Any) -> OffloadOptions:

@@ -25,6 +25,17 @@ def aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def tensors_slot_bytes(shapes, dtype: torch.dtype) -> int:
+    """A slot for tensors of these shapes in ``dtype``, each starting on an aligned offset."""
+    total = 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        total += aligned(n * torch.empty((), dtype=dtype).element_size())
+    return total
+
+
 class Slot:
     """One slot; hands out typed views of its bytes in order."""
 

@@ -7,7 +7,8 @@ Python call per expert:
 
 - ``slot_of[layer, expert]``: the slot holding it, or -1; ``owner[slot]``: ``(layer, expert)`` or -1;
 - ``pins[slot]``: experts in use by the layer being computed (never evicted);
-- ``last_used[slot]`` (LRU), ``freq[layer, expert]`` (LFU, kept across evictions), ``hot`` (pinned-hot).
+- ``last_used[slot]``, ``freq[layer, expert]`` (kept across evictions) and ``hot``: what the run's
+  :class:`~.policy.EvictionPolicy` scores to choose a victim.
 
 When the experts are kept compute-ready (the model's dtype, decoded), their tensors live in a
 :class:`TensorSlab`: one ``[N, *shape]`` tensor per parameter, so every cached expert of a layer is a
@@ -22,20 +23,19 @@ from collections.abc import Iterable
 
 import torch
 
-from ..errors import BudgetError
+from .policy import POLICIES, EvictionPolicy
 
 Key = tuple[int, int]
-POLICIES = ("lru", "lfu", "pinned-hot")
 
 
 class SlotTable:
     """Slot bookkeeping for one expert layout: ``capacity`` slots of ``slot_bytes`` each."""
 
     def __init__(self, layers: list[int], num_experts: int, capacity: int, slot_bytes: int, *,
-                 policy: str = "lru", hot: Iterable[Key] = (), budget: int | None = None, name: str = "expert_cache"):
-        if policy not in POLICIES:
-            raise BudgetError(f"{name}: unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}.")
-        self.name, self.policy = name, policy
+                 policy: EvictionPolicy | str = "lru", hot: Iterable[Key] = (), budget: int | None = None,
+                 name: str = "expert_cache"):
+        self.name = name
+        self.policy = POLICIES[policy] if isinstance(policy, str) else policy
         self.layers = list(layers)
         self.capacity = capacity
         self.slot_bytes = slot_bytes
@@ -119,14 +119,8 @@ class SlotTable:
         if candidates.numel() == 0:
             return None
         owners = self.owner[candidates]
-        recency = self.last_used[candidates].to(torch.float64)
-        if self.policy == "lfu":
-            # fewest uses first, least recent among equals
-            score = self.freq[owners[:, 0], owners[:, 1]].to(torch.float64) * (self.clock + 1) + recency
-        elif self.policy == "pinned-hot":
-            score = self.hot[owners[:, 0], owners[:, 1]].to(torch.float64) * (self.clock + 1) + recency
-        else:
-            score = recency
+        score = self.policy.score(self.last_used[candidates], self.freq[owners[:, 0], owners[:, 1]],
+                                  self.hot[owners[:, 0], owners[:, 1]], self.clock)
         return int(candidates[torch.argmin(score)])
 
     def assign(self, slot: int, key: Key) -> Key | None:

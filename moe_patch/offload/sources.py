@@ -1,6 +1,7 @@
 """Where experts come from when no cache holds them: the checkpoint on disk, or the model's own RAM.
 
-A source returns one expert's tensors on the CPU in the model dtype; it owns no cache and no policy.
+A source returns one expert's tensors on the CPU; it owns no cache and no policy. Both sources implement the
+whole :class:`ExpertSource` protocol, which is all the engine asks of them.
 """
 
 from __future__ import annotations
@@ -9,17 +10,37 @@ from typing import Protocol
 
 import torch
 
-from .formats import StoredTensor
+from ..formats import StoredTensor
 from .keymap import CheckpointMap
 from .layers import OffloadLayer
+from .pool import aligned, tensors_slot_bytes
 
 
 class ExpertSource(Protocol):
-    tier: str  # the statistics tier its reads count in: "disk" or "host"
+    #: the statistics tier its reads count in: "disk" or "host"
+    tier: str
+    #: experts come in a compact stored form (quantized, or another float dtype) decoded where computed
+    stored: bool
+    #: reads fill the caller's pool slots (False: the source hands out memory it already holds)
+    reads_into_slots: bool
 
-    def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]: ...
+    def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert decoded, in the model dtype."""
 
-    def close(self) -> None: ...
+    def read_into(self, layer: int, expert: int, slot=None) -> dict[str, torch.Tensor | StoredTensor]:
+        """One expert as the caches hold it (stored bytes for stored experts), into a pool ``slot`` if given."""
+
+    def read_to(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> None:
+        """One expert decoded into the tensors ``out`` (a device slot's views)."""
+
+    def nbytes(self, layer: int, expert: int) -> int:
+        """Bytes :meth:`read_into` gives (stored bytes for stored experts)."""
+
+    def slot_bytes(self, layer: int, expert: int = 0) -> int:
+        """A pool slot that holds what :meth:`read_into` writes, with its alignment padding."""
+
+    def close(self) -> None:
+        """Release files."""
 
 
 class CheckpointSource:
@@ -30,6 +51,7 @@ class CheckpointSource:
     """
 
     tier = "disk"
+    reads_into_slots = True
 
     def __init__(self, cmap: CheckpointMap):
         self.cmap = cmap
@@ -40,7 +62,7 @@ class CheckpointSource:
         return self.cmap.stored_experts
 
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        return {name: self.cmap.load(r, per_expert=True) for name, r in self.cmap.experts[(layer, expert)].items()}
+        return {name: self.cmap.reader.load(r, per_expert=True) for name, r in self.cmap.experts[(layer, expert)].items()}
 
     def read_into(self, layer: int, expert: int, slot=None) -> dict[str, torch.Tensor | StoredTensor]:
         """One expert as the caches hold it: stored bytes for quantized experts, the model dtype otherwise;
@@ -48,20 +70,20 @@ class CheckpointSource:
         out: dict[str, torch.Tensor | StoredTensor] = {}
         for name, r in self.cmap.experts[(layer, expert)].items():
             if r.stored is not None:
-                out[name] = self.cmap.load_stored(r, slot)
+                out[name] = self.cmap.reader.load_stored(r, slot)
             else:
                 out[name] = slot.tensor(r.shape, r.dtype) if slot is not None else torch.empty(r.shape, dtype=r.dtype)
-                self.cmap.load_into(r, out[name])
+                self.cmap.reader.load_into(r, out[name])
         return out
 
     def read_to(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> None:
         """One expert decoded into the tensors ``out`` (a device slot's views), in the model dtype."""
         for name, r in self.cmap.experts[(layer, expert)].items():
             if r.stored is not None:
-                stored = self.cmap.load_stored(r)
+                stored = self.cmap.reader.load_stored(r)
                 stored.dequantize(out=out[name].t() if r.stored.transpose else out[name])
             else:
-                self.cmap.load_into(r, out[name])
+                self.cmap.reader.load_into(r, out[name])
 
     def nbytes(self, layer: int, expert: int) -> int:
         """Bytes :meth:`read_into` fills (stored bytes for quantized experts)."""
@@ -70,8 +92,6 @@ class CheckpointSource:
 
     def slot_bytes(self, layer: int, expert: int = 0) -> int:
         """Slot size that holds what :meth:`read_into` writes, with its alignment padding."""
-        from .pool import aligned
-
         total = 0
         for r in self.cmap.experts[(layer, expert)].values():
             if r.stored is not None:
@@ -92,6 +112,8 @@ class MemorySource:
     """
 
     tier = "host"
+    stored = False
+    reads_into_slots = False  # its reads are views of the parameters it keeps: no copy, no pool
 
     def __init__(self, layers: list[OffloadLayer], originals: dict[int, dict[str, torch.Tensor]]):
         self.layers = layers
@@ -103,9 +125,21 @@ class MemorySource:
 
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         spec, params = self.layers[layer], self.originals[layer]
-        if spec.storage != "module_list":
-            return {n: spec.expert_slice(params[n], expert) for n in spec.param_names}
-        return {n: params[f"{expert}.{n}"] for n in spec.param_names}
+        out = {}
+        for n in spec.param_names:
+            own = spec.expert_param_path(expert, n)
+            out[n] = spec.expert_slice(params[n], expert) if own is None else params[own]
+        return out
+
+    def read_into(self, layer: int, expert: int, slot=None) -> dict[str, torch.Tensor]:
+        return self.read(layer, expert)
+
+    def nbytes(self, layer: int, expert: int) -> int:
+        return self.layers[layer].expert_bytes
+
+    def slot_bytes(self, layer: int, expert: int = 0) -> int:
+        spec = self.layers[layer]
+        return tensors_slot_bytes(spec.shapes.values(), spec.dtype)
 
     def close(self) -> None:
         pass

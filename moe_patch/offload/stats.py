@@ -7,7 +7,7 @@ a pure function, so the report can be recomputed from a saved ``to_dict()``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -99,6 +99,11 @@ def bandwidth_bound_s(bytes_by_source: dict[str, float], bw: dict[str, float]) -
     return max(times, default=0.0)
 
 
+def _counter(factory):
+    """A field :meth:`OffloadStats.reset` zeroes (a new counter is reset without touching ``reset``)."""
+    return field(default_factory=factory, metadata={"counter": True})
+
+
 @dataclass
 class OffloadStats:
     """Everything the engine counted since attach (or the last ``reset()``)."""
@@ -106,24 +111,31 @@ class OffloadStats:
     layers: list[LayerStats]
     device: str = "cpu"
     expert_bytes: int = 0
-    bytes_read: dict[str, dict[str, int]] = field(default_factory=lambda: {p: dict.fromkeys(TIERS, 0) for p in PHASES})
-    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
-    steps: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    stall_s: float = 0.0
-    disk_read_s: float = 0.0
-    disk_bytes_total: int = 0
-    prefetch_issued: int = 0
-    prefetch_useful: int = 0
-    prefetch_dropped: int = 0  # queued prefetches cancelled once the layer's real routing was known
+    bytes_read: dict[str, dict[str, int]] = _counter(lambda: {p: dict.fromkeys(TIERS, 0) for p in PHASES})
+    tokens: dict[str, int] = _counter(lambda: dict.fromkeys(PHASES, 0))
+    steps: dict[str, int] = _counter(lambda: dict.fromkeys(PHASES, 0))
+    seconds: dict[str, float] = _counter(lambda: dict.fromkeys(PHASES, 0.0))
+    stall_s: float = _counter(float)
+    disk_read_s: float = _counter(float)
+    disk_bytes_total: int = _counter(int)
+    prefetch_issued: int = _counter(int)
+    prefetch_dropped: int = _counter(int)  # queued prefetches cancelled once the layer's real routing was known
     bandwidths: Bandwidths | None = None
-    cpu_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))  # computed on the CPU (GPU runs)
+    cpu_bytes: dict[str, int] = _counter(lambda: dict.fromkeys(PHASES, 0))  # computed on the CPU (GPU runs)
     non_expert_bytes: int = 0  # resident weights every step reads (attention, norms, routers, lm_head)
     io_read_start: int | None = None  # the process's kernel-counted storage reads at attach (/proc/self/io)
     stored_expert_bytes: int = 0  # one expert as the checkpoint stores it (== expert_bytes unless quantized)
     device_format: str | None = None  # quantized checkpoints: device cache keeps "stored" or "dequantized" experts
     stored_format: str | None = None  # e.g. "fp8: FP8 e4m3 with 128x128 blocks"; None for bf16/fp16/fp32
     compute_dtype: str | None = None  # CPU: the dtype slots keep experts in when it is not the model's
+
+    def reset(self) -> None:
+        """Zero every counter in place (the fields made with ``_counter``; descriptions of the run stay)."""
+        for f in fields(self):
+            if f.metadata.get("counter"):
+                setattr(self, f.name, f.default_factory())
+        self.layers = [LayerStats(s.num_experts) for s in self.layers]
+        self.io_read_start = read_proc_io()
 
     # -- derived -----------------------------------------------------------------------------
     @property

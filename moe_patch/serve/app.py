@@ -13,25 +13,29 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from transformers.cli.serving.server import build_server
 
+from ..text import byte_limit
 from .auth import APIKeyMiddleware
 from .context import context_length
 from .errors import install_error_handlers
 from .generation import OffloadGenerateManager, OffloadGenerationState
 from .handlers import OffloadChatHandler, OffloadCompletionHandler
 from .loader import OffloadModelManager
+from .request_size import RequestSizeMiddleware
 from .stats import StatsBook
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/load_model")
 
 
-def build_app(manager: OffloadModelManager, *, api_key: str | None = None) -> FastAPI:
-    """The app serving ``manager``'s model; requests without ``api_key`` (when given) get 401."""
+def build_app(manager: OffloadModelManager, *, api_key: str | None = None,
+              max_request_bytes: int | None = None) -> FastAPI:
+    """The app serving ``manager``'s model; requests without ``api_key`` (when given) get 401, bodies over
+    ``max_request_bytes`` (default: ``moe_patch.text.byte_limit`` of the model's context) get 413."""
     from ..offload import get_offload_handle
 
     model = manager.model
     book = StatsBook(get_offload_handle(model))
-    generation = OffloadGenerationState(OffloadGenerateManager(book, context_length(model.config),
-                                                                thread=manager.thread))
+    context = context_length(model.config)
+    generation = OffloadGenerationState(OffloadGenerateManager(book, context, thread=manager.thread))
     common = {"model_manager": manager, "generation_state": generation}
     app = build_server(
         manager, OffloadChatHandler(**common), completion_handler=OffloadCompletionHandler(**common),
@@ -52,7 +56,8 @@ def build_app(manager: OffloadModelManager, *, api_key: str | None = None) -> Fa
     app.state.stats_book = book
     app.state.generation = generation
     install_error_handlers(app)
-    if api_key:
+    app.add_middleware(RequestSizeMiddleware, limit=max_request_bytes or byte_limit(context), context=context)
+    if api_key:  # added last: the outermost, so a request without the key is answered before its size matters
         app.add_middleware(APIKeyMiddleware, key=api_key)
     return app
 

@@ -19,6 +19,8 @@ import threading
 from typing import Any, TextIO
 
 from ..offload import get_offload_handle
+from ..sizes import format_bytes
+from ..text import byte_limit, text_problem
 from . import limits
 from .context import ContextLengthError, context_length, new_token_budget
 from .sampling import Sampling, generation_config
@@ -82,13 +84,34 @@ class ChatSession:
             except (EOFError, KeyboardInterrupt):
                 self.say()
                 return
+            except UnicodeDecodeError as exc:  # a stdin that decodes strictly: the line is lost, the session is not
+                self.say(f"your message is not valid UTF-8 at byte {exc.start} of what was read ({exc.reason}); "
+                         "nothing was sent")
+                continue
             if not line:
+                continue
+            refused = self.refusal(line)
+            if refused:
+                self.say(f"your message {refused}; nothing was sent")
                 continue
             if line.startswith("!"):
                 if not self.command(line):
                     return
             else:
                 self.reply(line)
+
+    def refusal(self, line: str) -> str | None:
+        """Why ``line`` is not sent to the model (text that is not Unicode, or far more than the context holds:
+        refused before tokenizing), or None."""
+        problem = text_problem(line, from_bytes=True)  # stdin is read with surrogateescape (cli.chat)
+        if problem:
+            return f"is {problem}"
+        size, limit = len(line.encode("utf-8")), byte_limit(self.context)
+        if size > limit:
+            context = f"the model's context of {self.context} tokens" if self.context else "a prompt"
+            return (f"is {format_bytes(size)} ({size} bytes); {context} holds far less, so it was not tokenized "
+                    f"(the limit is {format_bytes(limit)})")
+        return None
 
     # -- commands --------------------------------------------------------------------------------------------
     def command(self, line: str) -> bool:

@@ -11,6 +11,7 @@ On top of transformers' manager, this one
 - checks the prompt against the model's context before queueing (``context.new_token_budget``);
 - seeds on the inference thread, right before the request's generate() (transformers seeds when it
   builds the request, on the event loop, which reseeds whatever generation is running then);
+- stops at the request's stop strings with any tokenizer (``stops.py``);
 - measures each generation in the :class:`~moe_patch.serve.stats.StatsBook`.
 
 A client that disconnects from a stream cancels its generation at the next token (transformers'
@@ -32,6 +33,7 @@ from .context import ContextLengthError, new_token_budget
 from .errors import RequestError
 from .sampling import Sampling
 from .stats import StatsBook
+from .stops import ModelWithStops
 
 
 @dataclass
@@ -42,6 +44,7 @@ class RequestScope:
     seed: int | None = None
     max_tokens_given: bool = True
     prompt_tokens: int | None = None
+    stops: list[str] | None = None
 
 
 # Set by the handler for the duration of one request (each request runs in its own asyncio task, whose
@@ -58,8 +61,8 @@ class OffloadGenerateManager(GenerateManager):
         self.book = book
         self.context = context
 
-    def _admit(self, inputs: dict, gen_config: Any, request_id: str) -> None:
-        """Count the prompt and fix the length (or refuse the request) before it is queued."""
+    def _admit(self, inputs: dict, gen_config: Any, request_id: str) -> RequestScope:
+        """Count the prompt and fix the length (or refuse the request) before it is queued; take the stop strings."""
         scope = CURRENT_REQUEST.get() or RequestScope(request_id)
         ids = inputs["input_ids"]
         scope.prompt_tokens = int(ids.shape[-1]) if hasattr(ids, "shape") else len(ids)
@@ -71,14 +74,24 @@ class OffloadGenerateManager(GenerateManager):
             raise RequestError(str(exc), code="context_length_exceeded") from None
         except InvalidArgumentError as exc:  # a prompt of no tokens
             raise RequestError(str(exc)) from None
+        stops = gen_config.stop_strings  # handled by ModelWithStops: transformers' own fails on some tokenizers
+        gen_config.stop_strings = None
+        scope.stops = [stops] if isinstance(stops, str) else list(stops or [])
+        return scope
+
+    @staticmethod
+    def _model(model: Any, processor: Any, scope: RequestScope) -> Any:
+        return ModelWithStops(model, processor, scope.stops, scope.prompt_tokens) if scope.stops else model
 
     def generate_streaming(self, model, processor, inputs, gen_config, request_id, response_parser=None):
-        self._admit(inputs, gen_config, request_id)
-        return super().generate_streaming(model, processor, inputs, gen_config, request_id, response_parser)
+        scope = self._admit(inputs, gen_config, request_id)
+        return super().generate_streaming(self._model(model, processor, scope), processor, inputs, gen_config,
+                                          request_id, response_parser)
 
     async def generate_non_streaming(self, model, processor, inputs, gen_config, request_id):
-        self._admit(inputs, gen_config, request_id)
-        return await super().generate_non_streaming(model, processor, inputs, gen_config, request_id)
+        scope = self._admit(inputs, gen_config, request_id)
+        return await super().generate_non_streaming(self._model(model, processor, scope), processor, inputs,
+                                                    gen_config, request_id)
 
     # transformers' manager sends every generate() through these two; called on the event loop, in the
     # request's context, so the scope read here is the request's.

@@ -9,12 +9,9 @@ applies to both. Settings left out keep the base configuration's value.
 
 from __future__ import annotations
 
-import argparse
 import copy
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
-
-from . import limits
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -75,18 +72,3 @@ def generation_config(model: Any, sampling: Sampling, max_new_tokens: int, *, gr
         eos = config.eos_token_id
         config.pad_token_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
     return config
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser, greedy_default: bool) -> None:
-    """``--temperature --top-p --top-k --repetition-penalty --seed``, validated by :mod:`.limits`."""
-    g = parser.add_argument_group(
-        "sampling",
-        "default: greedy decoding" if greedy_default else "default: the checkpoint's generation_config.json",
-    )
-    g.add_argument("--temperature", type=limits.TEMPERATURE.argparse_type(),
-                   help="0 = greedy; > 0 samples at that temperature")
-    g.add_argument("--top-p", type=limits.TOP_P.argparse_type(), help="nucleus sampling: keep this probability mass")
-    g.add_argument("--top-k", type=limits.TOP_K.argparse_type(), help="sample among the k most likely tokens")
-    g.add_argument("--repetition-penalty", type=limits.REPETITION_PENALTY.argparse_type(),
-                   help="> 1 discourages repeating tokens (also with greedy decoding)")
-    g.add_argument("--seed", type=limits.SEED.argparse_type(), help="seed for reproducible sampling")

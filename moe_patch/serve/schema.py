@@ -17,8 +17,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..text import text_problem
 from . import limits
 from .errors import RequestError
+
+#: OpenAI's API takes up to 4 stop sequences.
+MAX_STOP_STRINGS = 4
 
 # moe-patch's extensions of OpenAI's request (transformers' own settings; vLLM and llama.cpp take them too)
 EXTENSIONS = {"top_k", "repetition_penalty"}
@@ -70,6 +74,16 @@ class _Generation(_Strict):
     stop: str | list[str] | None = None
     generation_config: str | None = None  # transformers' extension: a GenerationConfig as a JSON string
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences (as OpenAI's API), got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("a stop sequence cannot be empty")
+        return value
+
     @field_validator("generation_config")
     @classmethod
     def _json_object(cls, value: str | None) -> str | None:
@@ -104,6 +118,26 @@ class CompletionRequest(_Generation):
     suffix: str | None = None
 
 
+def _check_text(value: Any, where: str) -> None:
+    """Refuse (400, naming the field) a string anywhere in the body that is not Unicode text: JSON can carry lone
+    surrogates (``"\\ud800"``), which no tokenizer encodes (transformers' answered them with a 500)."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise RequestError(f"{where}: {problem}; send Unicode text (surrogates only in pairs)", param=where,
+                               code="invalid_value")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and text_problem(key):
+                name = where or "the request body"
+                raise RequestError(f"a key of {name} is {text_problem(key)}; send Unicode text", param=where or None,
+                                   code="invalid_value")
+            _check_text(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}.{i}")
+
+
 def _openai_fields(params_class: type) -> set[str]:
     return set(params_class.__required_keys__) | set(params_class.__optional_keys__)
 
@@ -111,6 +145,7 @@ def _openai_fields(params_class: type) -> set[str]:
 def check_request(body: dict[str, Any], schema: type[_Generation], params_class: type) -> None:
     """Raise :class:`RequestError` for the first problem of ``body``; ``params_class`` is the TypedDict of
     the fields transformers' handler knows (OpenAI's request plus transformers' extensions)."""
+    _check_text(body, "")  # first: no other message may echo a string that cannot be encoded
     known = _openai_fields(params_class) | EXTENSIONS
     unknown = sorted(set(body) - known)
     if unknown:

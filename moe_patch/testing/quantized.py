@@ -129,6 +129,18 @@ def _quantizable(key: str, t: torch.Tensor, skip: tuple[str, ...]) -> bool:
     return key.endswith(".weight") and t.dim() == 2 and t.is_floating_point() and not key.endswith(skip)
 
 
+def _per_weight(skip: tuple[str, ...], quantize: Callable[[str, torch.Tensor], dict[str, torch.Tensor]]) -> Transform:
+    """A shard transform that replaces every quantizable weight by what ``quantize(key, weight)`` returns (the
+    weight's stored tensors by name) and keeps every other tensor."""
+    def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, t in tensors.items():
+            out.update(quantize(key, t) if _quantizable(key, t, skip) else {key: t})
+        return out
+
+    return transform
+
+
 def pack_fp8(src: str | Path, dst: str | Path, *, block_size: tuple[int, int] | None = (128, 128),
              scale_fmt: str = "float", per_tensor: bool = False,
              skip: tuple[str, ...] = NOT_QUANTIZED) -> Path:
@@ -137,23 +149,15 @@ def pack_fp8(src: str | Path, dst: str | Path, *, block_size: tuple[int, int] | 
     Every 2-D linear weight except ``skip`` becomes float8_e4m3fn plus ``weight_scale_inv``: per
     ``block_size`` block, per output channel (``block_size=None``), or per tensor (``per_tensor``).
     """
-    def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key, t in tensors.items():
-            if not _quantizable(key, t, skip):
-                out[key] = t
-                continue
-            block = tuple(t.shape) if per_tensor else block_size
-            q, scale = quantize_fp8_block(t, block, scale_fmt)
-            out[key] = q
-            out[key[: -len("weight")] + "weight_scale_inv"] = scale.reshape(()) if per_tensor else scale
-        return out
+    def quantize(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale = quantize_fp8_block(t, tuple(t.shape) if per_tensor else block_size, scale_fmt)
+        return {key: q, key[: -len("weight")] + "weight_scale_inv": scale.reshape(()) if per_tensor else scale}
 
     qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
           "weight_block_size": list(block_size) if block_size is not None and not per_tensor else None}
     if scale_fmt != "float":
         qc["scale_fmt"] = scale_fmt
-    return _rewrite(Path(src), Path(dst), transform, qc)
+    return _rewrite(Path(src), Path(dst), _per_weight(skip, quantize), qc)
 
 
 def pack_mxfp4(src: str | Path, dst: str | Path) -> Path:
@@ -216,3 +220,19 @@ def pack_compressed_tensors(src: str | Path, dst: str | Path, *, scheme: str = "
                                         "output_activations": None, "format": fmt}},
           "ignore": ignore, "kv_cache_scheme": None}
     return _rewrite(Path(src), Path(dst), transform, qc)
+
+
+def pack_metal(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int = 32,
+               skip: tuple[str, ...] = NOT_QUANTIZED) -> Path:
+    """Rewrite a saved checkpoint in transformers' Metal (MLX affine) format: every 2-D linear weight except
+    ``skip`` becomes ``bits``-bit codes packed in uint32 with a ``scales`` and ``qbiases`` per ``group_size``
+    inputs, quantized by transformers' own ``_affine_quantize_tensor``."""
+    from transformers.integrations.metal_quantization import _affine_quantize_tensor
+
+    def quantize(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        packed, scales, biases = _affine_quantize_tensor(t, group_size, bits)
+        base = key[: -len("weight")]
+        return {key: packed, base + "scales": scales.to(t.dtype), base + "qbiases": biases.to(t.dtype)}
+
+    qc = {"quant_method": "metal", "bits": bits, "group_size": group_size, "modules_to_not_convert": ["lm_head"]}
+    return _rewrite(Path(src), Path(dst), _per_weight(skip, quantize), qc)

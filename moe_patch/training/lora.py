@@ -15,7 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from ..detect.finder import find_moe_blocks, model_root
+from ..detect.structure import model_root
+from ..families import find_moe_blocks
 from ..errors import MoEConfigError, NoMoEFoundError
 
 #: Attention projection names across the families moe-patch upcycles and most others.
@@ -38,17 +39,13 @@ def expert_lora_targets(model: nn.Module, *, attention: bool = False, shared_exp
     modules: list[str] = []
     parameters: list[str] = []
     for h in handles:
-        layout = h.info.layout
-        fused = _fused_parameters(h) if layout.storage != "module_list" else None
-        if fused:
-            parameters += fused
-        elif layout.storage == "module_list":
-            linear_names = [n for n, m in h.experts.named_modules() if isinstance(m, nn.Linear)]
-            modules += [f"{h.info.experts_path}.{n}" for n in linear_names]
-        else:
+        targets = h.family.lora_targets(h)
+        if targets is None:
             raise MoEConfigError(
-                f"{h.info.experts_path}: experts stored as {layout.flags()} cannot get per-expert LoRA from peft; "
-                "put LoRA on the attention and shared experts instead (attention=True, shared_experts=True)")
+                f"{h.info.experts_path}: experts stored as {h.info.layout.flags()} cannot get per-expert LoRA from "
+                "peft; put LoRA on the attention and shared experts instead (attention=True, shared_experts=True)")
+        modules += targets[0]
+        parameters += targets[1]
         if shared_experts:
             for path in h.info.shared_paths:
                 shared = root.get_submodule(path)
@@ -57,26 +54,6 @@ def expert_lora_targets(model: nn.Module, *, attention: bool = False, shared_exp
         present = {name.rpartition(".")[2] for name, m in root.named_modules() if isinstance(m, nn.Linear)}
         modules += [n for n in ATTENTION_NAMES if n in present]
     return modules, parameters
-
-
-def _fused_parameters(handle) -> list[str] | None:
-    """Full names of a block's 3-D expert weights (named on the experts module, or on the block for JetMoE);
-    None when one of them is not 3-D (DBRX's 2-D stacks)."""
-    out = []
-    for name in handle.info.layout.param_names:
-        if name.endswith("bias"):
-            continue
-        for owner, path in ((handle.experts, handle.info.experts_path), (handle.block, handle.info.path)):
-            try:
-                param = owner.get_parameter(name)
-            except AttributeError:
-                continue
-            if param.dim() == 3:
-                out.append(f"{path}.{name}" if path else name)
-                break
-        else:
-            return None
-    return out
 
 
 def expert_lora_config(model: nn.Module, *, r: int = 8, alpha: int = 16, attention: bool = False,

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..detect.finder import find_moe_blocks, model_root
+from ..detect.structure import model_root
+from ..families import find_moe_blocks
 from ..errors import MoEConfigError
 from ..monitoring.blocks import resolve_block
 

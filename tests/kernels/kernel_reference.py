@@ -2,7 +2,7 @@
 
 Stored tensors are made by the project's own quantizers (``moe_patch.testing.quantized``) and
 compressed-tensors' packer; weights are decoded by the project's torch decoders
-(``moe_patch/offload/formats/decode.py``, themselves checked bit for bit against transformers), then the
+(``moe_patch/formats/{fp8,mxfp4,compressed}.py``, themselves checked bit for bit against transformers), then the
 layer is computed in float64. The reference rounds where the kernels' documented semantics round
 (activations to the compute dtype), so what remains is fp32 accumulation.
 """
@@ -17,8 +17,10 @@ import torch
 from transformers.activations import ACT2FN
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
+from moe_patch.formats.compressed import dequantize_int, unpack_int
+from moe_patch.formats.fp8 import dequantize_fp8
+from moe_patch.formats.mxfp4 import dequantize_mxfp4
 from moe_patch.kernels import ExpertFormat, ExpertWeights, MoELayerSpec
-from moe_patch.offload.formats.decode import dequantize_fp8, dequantize_int, dequantize_mxfp4, unpack_int
 from moe_patch.testing.quantized import quantize_fp8_block, quantize_int_group, quantize_mxfp4
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from kernel_reference import decoded, expert_weights, make_experts, reference, rel_err
 
+from moe_patch.formats.mxfp4 import dequantize_mxfp4
 from moe_patch.kernels import ExpertFormat, MoEKernel, MoELayerSpec
-from moe_patch.offload.formats.decode import dequantize_mxfp4
 
 pytestmark = pytest.mark.usefixtures("kernel_status")  # skipped where the kernels cannot run
 
@@ -152,8 +152,8 @@ def test_decode_is_the_decoders_value(name, gen):
 def test_every_fp8_ue8m0_scale_byte_decodes_like_the_decoder(gen):
     fmt = ExpertFormat("fp8", block=(1, 32), scale_dtype=torch.uint8)
     spec = MoELayerSpec(1, 64, 128, fmt, fmt)
+    from moe_patch.formats.fp8 import dequantize_fp8
     from moe_patch.kernels import ExpertWeights
-    from moe_patch.offload.formats.decode import dequantize_fp8
 
     q = torch.randint(0, 256, (256, 64), dtype=torch.uint8, generator=gen).view(torch.float8_e4m3fn)
     scales = torch.stack([torch.arange(256, dtype=torch.uint8), torch.arange(255, -1, -1).to(torch.uint8)], 1)

@@ -7,9 +7,9 @@
  * and every exported symbol carries the variant's name (mp_run_avx512bf16, ...). Python picks the variant a
  * probe proved to run on this CPU (moe_patch/kernels/probe.py).
  *
- * Semantics (the same in every variant; moe_patch/kernels/README.md): in fp32 compute each weight is exactly the
- * project's torch decoders' float32 value (moe_patch/offload/formats/decode.py); in bf16 compute the decoders'
- * bf16 value, except FP8 and symmetric integers, whose block/group scale multiplies each block's fp32 partial
+ * Semantics (the same in every variant; moe_patch/kernels/README.md): in fp32 compute each weight is exactly
+ * the project's torch decoders' float32 value (moe_patch/formats: fp8.py, mxfp4.py, compressed.py); in bf16
+ * compute the decoders' bf16 value, except FP8 and symmetric integers, whose block/group scale multiplies each block's fp32 partial
  * sum (the exact product). Activations are held in the compute dtype, products summed in fp32. Outputs differ
  * between variants only in fp32 summation order and do not depend on the thread count (each output element is
  * summed by one thread, in a fixed order).

@@ -1,0 +1,67 @@
+"""The one way moe-patch changes a module of a user's model: instance attributes set with :func:`set_attrs`
+(forwards with :func:`bind_forward`), each recorded on the module itself so that :func:`restore` puts back
+exactly what was there. Patching and offloading both install through these (offloading also swaps the expert
+parameters for placeholders and adds model hooks, in ``moe_patch/offload/attach.py``, which undoes them).
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+from collections.abc import Callable, Iterator
+
+import torch
+
+#: The one attribute moe-patch adds to each module it changes: what every attribute it set held before.
+#: The record lives on the module itself, so unpatching restores exactly and a ``copy.deepcopy`` of the
+#: model carries records about its own modules (a list of undo closures would point at the original's).
+SAVED_ATTR = "_moe_patch_saved"
+#: Prefix of what the dispatch caches on a patched module (derived from its weights; dropped on unpatch).
+CACHE_PREFIX = "_moe_patch_cache_"
+
+
+class _Absent(enum.Enum):
+    """Marks an attribute the module did not have (an enum member stays itself through copy and pickle)."""
+
+    ABSENT = "absent"
+
+
+ABSENT = _Absent.ABSENT
+
+
+def set_attrs(module: torch.nn.Module, **attrs) -> None:
+    """Set instance attributes, recording on the module what each held before (the first time only)."""
+    saved = module.__dict__.get(SAVED_ATTR)
+    if saved is None:
+        saved = {}
+        object.__setattr__(module, SAVED_ATTR, saved)
+    for k, v in attrs.items():
+        saved.setdefault(k, module.__dict__.get(k, ABSENT))
+        object.__setattr__(module, k, v)
+
+
+def bind_forward(module: torch.nn.Module, fn: Callable) -> None:
+    """Give one module instance a new forward (its class and every other instance keep theirs). A bound
+    method: ``copy.deepcopy`` rebinds it to the copy."""
+    set_attrs(module, forward=types.MethodType(fn, module))
+
+
+def restore(module: torch.nn.Module) -> bool:
+    """Put back every attribute :func:`set_attrs` changed on ``module`` and drop the dispatch's caches
+    (``_moe_patch_cache_*``); False if it changed nothing."""
+    for key in [k for k in module.__dict__ if k.startswith(CACHE_PREFIX)]:
+        del module.__dict__[key]
+    saved = module.__dict__.pop(SAVED_ATTR, None)
+    if saved is None:
+        return False
+    for k, v in saved.items():
+        if v is ABSENT:
+            module.__dict__.pop(k, None)
+        else:
+            object.__setattr__(module, k, v)
+    return True
+
+
+def changed_modules(root: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The modules under ``root`` that carry a moe-patch record."""
+    return (m for m in root.modules() if SAVED_ATTR in m.__dict__)
