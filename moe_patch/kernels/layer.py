@@ -192,13 +192,14 @@ class MoEKernel:
             self._keep[expert], self._biases[expert] = None, (None, None)
             return
         s = self.spec
-        gu, keep_gu = projection_pointers(s.gate_up, *s.gate_up_shape, f"expert {expert} gate_up", weights.gate_up,
-                                          weights.gate_up_scale, weights.gate_up_zero_point, weights.gate_up_bias)
-        dn, keep_dn = projection_pointers(s.down, *s.down_shape, f"expert {expert} down", weights.down,
-                                          weights.down_scale, weights.down_zero_point, weights.down_bias)
+        gu, up, keep_gu = projection_pointers(s.gate_up, *s.gate_up_shape, f"expert {expert} gate_up",
+                                              weights.gate_up, weights.gate_up_scale, weights.gate_up_zero_point,
+                                              weights.gate_up_bias)
+        dn, _, keep_dn = projection_pointers(s.down, *s.down_shape, f"expert {expert} down", weights.down,
+                                             weights.down_scale, weights.down_zero_point, weights.down_bias)
         self._keep[expert] = keep_gu + keep_dn
         self._biases[expert] = (weights.gate_up_bias, weights.down_bias)
-        self._table[expert] = torch.tensor(gu + dn, dtype=torch.int64)
+        self._table[expert] = torch.tensor(gu + dn + up, dtype=torch.int64)
 
     def has_expert(self, expert: int) -> bool:
         return self._keep[expert] is not None

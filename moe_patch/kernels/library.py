@@ -28,7 +28,7 @@ from .probe import probe
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # enum values of csrc/mp_common.h
 W_FORMATS = {"bf16": 1, "fp16": 2, "fp32": 3, "fp8": 4, "mxfp4": 5, "int4": 6, "int8": 7}
@@ -36,13 +36,15 @@ DT_NONE, DT_F32, DT_BF16, DT_F16, DT_E8M0 = -1, 0, 1, 2, 3
 ACTIVATIONS = {"silu": 1, "gpt_oss": 2, "gelu_tanh": 3}
 GLU_LAYOUTS = {"halves": 0, "interleaved": 1}
 MODE_FUSED, MODE_GATE_UP, MODE_DOWN = 0, 1, 2
-PTRS = 8  # columns of the expert table: gu_w, gu_s, gu_z, gu_b, dn_w, dn_s, dn_z, dn_b
+# columns of the expert table: gu_w, gu_s, gu_z, gu_b, dn_w, dn_s, dn_z, dn_b, then up_w, up_s, up_z (the second
+# part of a gate_up projection stored as two tensors)
+PTRS = 11
 ERRORS = {-1: "workspace too small", -2: "invalid argument"}
 
 
 class MpProj(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("fmt", "rows", "cols", "sdtype", "b0", "b1_shift", "scols", "bits",
-                                               "has_zp", "bias_dtype")] + [("wrow_bytes", ctypes.c_int64)]
+                                               "has_zp", "bias_dtype", "split", "pad_")] + [("wrow_bytes", ctypes.c_int64)]
 
 
 class MpLayer(ctypes.Structure):

@@ -58,6 +58,11 @@ class ExpertFormat:
         bias: dtype of a per-expert bias of this projection (gpt-oss), ``None`` without.
         transposed: stored ``[cols, rows]`` (gpt-oss bf16, Llama 4). Not computed by the kernels: the layer
             is refused so the caller keeps torch's path.
+        split: the rows are stored as two tensors, the first and the second half (a gate_up projection whose
+            gate and up are stored apart: DeepSeek/Qwen3/MiniMax FP8, Kimi int4). Weight, scale and zero point
+            are then each a ``(first, second)`` pair in :class:`ExpertWeights`, each half shaped as a projection
+            of ``rows // 2`` rows (its own scale grid: a ragged last block per half, as the checkpoints store
+            it); the bias stays one tensor. Read through a second pointer per row, so it costs nothing.
     """
 
     kind: str
@@ -68,6 +73,7 @@ class ExpertFormat:
     zero_point: bool = False
     bias: torch.dtype | None = None
     transposed: bool = False
+    split: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -94,6 +100,10 @@ class ExpertFormat:
         """Why the kernels cannot compute this projection of shape ``[rows, cols]``, or None."""
         if self.transposed:
             return f"{self.kind} experts stored transposed ([in, out]) are computed in torch, not by the kernels"
+        if self.split:
+            if rows % 2:
+                return f"a projection stored in two halves needs an even number of rows, got {rows}"
+            rows //= 2
         sdt = self.effective_scale_dtype()
         if sdt is not None and sdt not in SCALE_DTYPES:
             return f"{self.kind} scales of dtype {sdt} are not supported"
@@ -117,6 +127,9 @@ class ExpertFormat:
         """The C description of this projection (call :meth:`unsupported` first)."""
         p = MpProj()
         p.fmt, p.rows, p.cols = W_FORMATS[self.kind], rows, cols
+        p.split = rows // 2 if self.split else 0
+        if self.split:  # scales, blocks and zero points are those of one half
+            rows //= 2
         sdt = self.effective_scale_dtype()
         p.sdtype = SCALE_DTYPES[sdt] if sdt is not None else DT_F32
         p.b0, p.b1_shift, p.scols = 1, 31, 1
@@ -227,18 +240,26 @@ class MoELayerSpec:
 
     def unsupported(self) -> str | None:
         """Why the kernels cannot compute this layer, or None."""
+        if self.down.split:
+            return "the down projection is one tensor (only gate_up may be stored in two halves)"
+        if self.gate_up.split and self.glu_layout != "halves":
+            return "a gate_up projection stored in two halves is [gate; up]: the glu layout must be 'halves'"
         return self.gate_up.unsupported(*self.gate_up_shape) or self.down.unsupported(*self.down_shape)
+
+
+Halves = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class ExpertWeights:
-    """One expert's stored tensors (CPU, contiguous), as :class:`ExpertFormat` describes them."""
+    """One expert's stored tensors (CPU, contiguous), as :class:`ExpertFormat` describes them. For a gate_up
+    projection stored in two halves (``ExpertFormat.split``) its weight, scale and zero point are pairs."""
 
-    gate_up: torch.Tensor
+    gate_up: torch.Tensor | Halves
     down: torch.Tensor
-    gate_up_scale: torch.Tensor | None = None
+    gate_up_scale: torch.Tensor | Halves | None = None
     down_scale: torch.Tensor | None = None
-    gate_up_zero_point: torch.Tensor | None = None
+    gate_up_zero_point: torch.Tensor | Halves | None = None
     down_zero_point: torch.Tensor | None = None
     gate_up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
@@ -260,13 +281,21 @@ def _check_tensor(t: torch.Tensor | None, where: str, dtypes, shapes) -> torch.T
     return t
 
 
-def projection_pointers(fmt: ExpertFormat, rows: int, cols: int, where: str, weight: torch.Tensor,
-                        scale: torch.Tensor | None, zero_point: torch.Tensor | None,
-                        bias: torch.Tensor | None) -> tuple[list[int], list[torch.Tensor]]:
-    """The four addresses (weight, scale, zero point, bias) of one projection after checking every tensor
-    against ``fmt``; and the tensors to keep alive while they are used."""
-    keep = [_check_tensor(weight, f"{where} weight", (WEIGHT_DTYPES[fmt.kind],), {fmt.weight_shape(rows, cols)})]
-    ptrs = [weight.data_ptr(), 0, 0, 0]
+def _halves(t, where: str) -> tuple:
+    if not isinstance(t, (tuple, list)) or len(t) != 2:
+        raise InvalidArgumentError(f"{where}: the projection is stored in two halves (ExpertFormat.split); give a "
+                                   f"(first, second) pair, got {type(t).__name__}.")
+    return tuple(t)
+
+
+def _part_pointers(fmt: ExpertFormat, rows: int, cols: int, where: str, weight, scale, zero_point,
+                   keep: list[torch.Tensor]) -> list[int]:
+    """The three addresses (weight, scale, zero point) of one stored part after checking its tensors."""
+    if isinstance(weight, (tuple, list)):
+        raise InvalidArgumentError(f"{where}: a pair of tensors for a projection stored as one (ExpertFormat.split "
+                                   "is False).")
+    keep.append(_check_tensor(weight, f"{where} weight", (WEIGHT_DTYPES[fmt.kind],), {fmt.weight_shape(rows, cols)}))
+    ptrs = [weight.data_ptr(), 0, 0]
     sdt = fmt.effective_scale_dtype()
     if sdt is not None:
         dtypes = (sdt,) if sdt != torch.uint8 else tuple(d for d, c in SCALE_DTYPES.items() if c == DT_E8M0)
@@ -280,9 +309,29 @@ def projection_pointers(fmt: ExpertFormat, rows: int, cols: int, where: str, wei
         ptrs[2] = zero_point.data_ptr()
     elif zero_point is not None:
         raise InvalidArgumentError(f"{where}: the format has no zero points, got one.")
+    return ptrs
+
+
+def projection_pointers(fmt: ExpertFormat, rows: int, cols: int, where: str, weight, scale, zero_point,
+                        bias: torch.Tensor | None) -> tuple[list[int], list[int], list[torch.Tensor]]:
+    """The four addresses (weight, scale, zero point, bias) of one projection after checking every tensor
+    against ``fmt``, the three of its second half (zeros unless ``fmt.split``), and the tensors to keep
+    alive while they are used."""
+    keep: list[torch.Tensor] = []
+    second = [0, 0, 0]
+    if fmt.split:
+        half = rows // 2
+        w = _halves(weight, f"{where} weight")
+        s = _halves(scale, f"{where} scale") if scale is not None else (None, None)
+        z = _halves(zero_point, f"{where} zero point") if zero_point is not None else (None, None)
+        ptrs = _part_pointers(fmt, half, cols, f"{where} (first half)", w[0], s[0], z[0], keep)
+        second = _part_pointers(fmt, half, cols, f"{where} (second half)", w[1], s[1], z[1], keep)
+    else:
+        ptrs = _part_pointers(fmt, rows, cols, where, weight, scale, zero_point, keep)
+    ptrs.append(0)
     if fmt.bias is not None:
         keep.append(_check_tensor(bias, f"{where} bias", (fmt.bias,), {(rows,)}))
         ptrs[3] = bias.data_ptr()
     elif bias is not None:
         raise InvalidArgumentError(f"{where}: the format has no bias, got one (set ExpertFormat.bias).")
-    return ptrs, keep
+    return ptrs, second, keep

@@ -7,7 +7,7 @@
 
 #include <stdint.h>
 
-#define MP_ABI_VERSION 1
+#define MP_ABI_VERSION 2
 
 /* stored weight formats */
 enum { MP_W_BF16 = 1, MP_W_F16 = 2, MP_W_F32 = 3, MP_W_FP8 = 4, MP_W_MXFP4 = 5, MP_W_INT4 = 6, MP_W_INT8 = 7 };
@@ -16,8 +16,9 @@ enum { MP_DT_NONE = -1, MP_DT_F32 = 0, MP_DT_BF16 = 1, MP_DT_F16 = 2, MP_DT_E8M0
 enum { MP_ACT_SILU = 1, MP_ACT_GPTOSS = 2, MP_ACT_GELU_TANH = 3 };
 enum { MP_GLU_HALVES = 0, MP_GLU_INTERLEAVED = 1 };
 enum { MP_MODE_FUSED = 0, MP_MODE_GATE_UP = 1, MP_MODE_DOWN = 2 };
-/* per-expert pointer table columns (0 = absent; a null weight skips the expert) */
-enum { MP_GU_W, MP_GU_S, MP_GU_Z, MP_GU_B, MP_DN_W, MP_DN_S, MP_DN_Z, MP_DN_B, MP_PTRS };
+/* per-expert pointer table columns (0 = absent; a null weight skips the expert). MP_UP_*: the second part of a
+ * gate_up projection stored as two tensors (gu.split > 0: rows from gu.split on are read there, from row 0) */
+enum { MP_GU_W, MP_GU_S, MP_GU_Z, MP_GU_B, MP_DN_W, MP_DN_S, MP_DN_Z, MP_DN_B, MP_UP_W, MP_UP_S, MP_UP_Z, MP_PTRS };
 
 /* errors returned by mp_run_* */
 enum { MP_OK = 0, MP_ERR_WORKSPACE = -1, MP_ERR_ARG = -2 };
@@ -32,6 +33,8 @@ typedef struct {
     int32_t bits;        /* INT: 4 or 8 */
     int32_t has_zp;      /* INT: packed zero points (packed along rows, one int32 word holds 32/bits rows) */
     int32_t bias_dtype;  /* MP_DT_* of the bias, MP_DT_NONE without */
+    int32_t split;       /* gate_up stored as two tensors ([gate; up] apart): rows of the first; 0: one tensor */
+    int32_t pad_;
     int64_t wrow_bytes;  /* bytes per stored row */
 } mp_proj;
 

@@ -233,6 +233,10 @@ typedef struct {
 } cur_t;
 
 AI void cur_init(cur_t *c, const mp_proj *P, const int64_t *ep, int n) {
+    if (P->split && n >= P->split) { /* the second stored part (only gate_up splits: ep is the expert's row) */
+        n -= P->split;
+        ep += MP_UP_W;
+    }
     c->w = (const uint8_t *)(uintptr_t)ep[0] + (int64_t)n * P->wrow_bytes;
     c->s = ep[1] ? (const uint8_t *)(uintptr_t)ep[1] + (int64_t)(n / P->b0) * P->scols * sdt_size(P->sdtype) : NULL;
     c->z = NULL;
@@ -1304,6 +1308,10 @@ static float st_fp8(uint8_t b) { /* e4m3 by definition */
 }
 
 static float st_weight(const mp_proj *P, const int64_t *ep, int n, int k) {
+    if (P->split && n >= P->split) {
+        n -= P->split;
+        ep += MP_UP_W;
+    }
     const uint8_t *w = (const uint8_t *)(uintptr_t)ep[0] + (int64_t)n * P->wrow_bytes;
     const uint8_t *s = ep[1] ? (const uint8_t *)(uintptr_t)ep[1] : NULL;
     int64_t si = (int64_t)(n / P->b0) * P->scols + (k >> P->b1_shift);
