@@ -97,6 +97,18 @@ CASES: dict[str, FormatCase] = {
 }
 
 
+#: checkpoints with FP8 blocks the CPU kernels read (32 columns and more; the tiny ones above use 8 and 16), for
+#: the kernel tests: Qwen3-30B-A3B-FP8's layout, the expert width (48) ragged against the 32-block
+KERNEL_CASES: dict[str, FormatCase] = {
+    "qwen3_moe-fp8-block32": FormatCase(
+        "qwen3_moe",
+        dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+             head_dim=16, num_attention_heads=4, num_key_value_heads=2),
+        lambda s, d: pack_fp8(s, d, block_size=(32, 32)), "ragged_fp8"),
+}
+ALL_CASES = {**CASES, **KERNEL_CASES}
+
+
 def _build(case: FormatCase, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     fields = dict(case.config)
@@ -117,7 +129,7 @@ def _build(case: FormatCase, seed: int = 0) -> torch.nn.Module:
 
 def save_case(name: str, root: Path) -> Path:
     """Build case ``name``, save it in bf16 and pack it; returns the checkpoint folder."""
-    case = CASES[name]
+    case = ALL_CASES[name]
     bf16 = root / f"{name}-bf16"
     _build(case).to(torch.bfloat16).save_pretrained(bf16)
     if case.pack is None:
@@ -147,7 +159,7 @@ def _dequantized_copy(src: Path, dst: Path, block: tuple[int, int]) -> Path:
 
 def load_oracle(name: str, path: Path) -> torch.nn.Module:
     """Stock transformers' fp32 model for the checkpoint at ``path`` (see the module docstring)."""
-    case = CASES[name]
+    case = ALL_CASES[name]
     auto = transformers.AutoModelForCausalLM
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if case.oracle == "fp8":

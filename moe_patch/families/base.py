@@ -66,6 +66,30 @@ class ExpertTensors:
         return sum(math.prod(s) for s in self.shapes.values()) * torch.empty((), dtype=self.dtype).element_size()
 
 
+@dataclass(frozen=True)
+class KernelMaths:
+    """What a family's experts compute, in the CPU kernels' terms (:class:`moe_patch.kernels.MoELayerSpec`):
+    the per-expert tensors that are the two projections and their biases, the activation and the gate/up layout.
+
+    Attributes:
+        gate_up / down: names of the projections among the family's per-expert tensors (``gate_up_proj`` ...).
+        gate_up_bias / down_bias: names of their biases, or None.
+        transposed: the model holds the projections as ``[in, out]`` (the kernels read ``[out, in]`` bytes only:
+            stored formats that keep the other orientation, such as MXFP4, still qualify).
+        activation / glu_layout / alpha / limit: as :class:`~moe_patch.kernels.MoELayerSpec`.
+    """
+
+    gate_up: str
+    down: str
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+    transposed: bool = False
+    activation: str = "silu"
+    glu_layout: str = "halves"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
 class Runner(Protocol):
     """Computes a block's routed experts: ``(experts, x [T, H], top_k_index, top_k_weights) -> [T, H]``."""
 
@@ -200,6 +224,11 @@ class Family:
     def slot_bank(self, experts: torch.nn.Module, weights: dict[str, torch.Tensor]) -> ExpertBank:
         """The bank of ``experts``' maths over ``weights`` stacked ``[N, ...]`` per tensor (the engine's slots)."""
         raise NotImplementedError
+
+    def kernel_maths(self, experts: torch.nn.Module) -> KernelMaths | None:
+        """What these experts compute in the CPU kernels' terms, or None when the kernels cannot compute it
+        (an activation or gate they do not have): then torch computes them, as before."""
+        return None
 
     def compute_expert(self, experts: torch.nn.Module, expert: int, x: torch.Tensor,
                        weights: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -35,7 +35,7 @@ from ..dispatch.experts import (
     moe_patch_experts_forward,
 )
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
-from .base import ExpertTensors, Family, PatchOptions, param_3d, run_experts
+from .base import ExpertTensors, Family, KernelMaths, PatchOptions, param_3d, run_experts
 from .records import SAVED_ATTR, bind_forward, set_attrs
 
 if TYPE_CHECKING:
@@ -219,6 +219,36 @@ class ExpertsInterfaceFamily(Family):
 
     def compute_expert(self, experts, expert, x, weights) -> torch.Tensor:
         return fused_expert_forward(experts, x, weights)
+
+    def kernel_maths(self, experts) -> KernelMaths | None:
+        return decorated_kernel_maths(experts)
+
+
+def decorated_kernel_maths(experts: torch.nn.Module) -> KernelMaths | None:
+    """The kernels' maths of decorated experts: transformers' default gate (``act(gate) * up`` over [gate; up]
+    halves) with silu or tanh-gelu, or gpt-oss's own clamped SwiGLU over interleaved rows (its alpha and limit);
+    None for any other gate (a family's own ``_apply_gate``), post-expert norms or ungated experts."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    from .kernel import activation_name
+
+    if not experts.has_gate or experts.has_post_expert_norm:
+        return None
+    names = dict(gate_up="gate_up_proj", down="down_proj", transposed=bool(experts.is_transposed))
+    if experts.has_bias:
+        names.update(gate_up_bias="gate_up_proj_bias", down_bias="down_proj_bias")
+    gate = type(experts)._apply_gate
+    if gate is _default_apply_gate:
+        act = activation_name(getattr(experts, "act_fn", None))
+        if act is None or not getattr(experts, "is_concatenated", True):
+            return None
+        return KernelMaths(**names, activation=act)
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    if gate is GptOssExperts._apply_gate:
+        return KernelMaths(**names, activation="gpt_oss", glu_layout="interleaved", alpha=float(experts.alpha),
+                           limit=float(experts.limit))
+    return None
 
 
 def _has_routed_signature(experts: torch.nn.Module) -> bool:

@@ -10,7 +10,7 @@ import torch
 
 from ..detect.spec import ExpertLayout
 from ..dispatch.experts import ExpertBank
-from .base import ExpertTensors, Family, PatchOptions, ResidentRunner, param_3d, run_experts
+from .base import ExpertTensors, Family, KernelMaths, PatchOptions, ResidentRunner, param_3d, run_experts
 from .records import bind_forward
 
 if TYPE_CHECKING:
@@ -78,3 +78,12 @@ class Llama4Family(Family):
 
     def slot_bank(self, experts, weights) -> ExpertBank:
         return _bank(experts, weights)
+
+    def kernel_maths(self, experts) -> KernelMaths | None:
+        """silu(gate) * up over [gate; up] halves, held ``[in, out]`` (its bf16 checkpoints store them so: the
+        kernels refuse those bytes and torch computes them; the routing weight scales the input)."""
+        from .kernel import activation_name
+
+        if activation_name(experts.act_fn) != "silu":
+            return None
+        return KernelMaths("gate_up_proj", "down_proj", transposed=True)

@@ -21,6 +21,10 @@ from ..errors import MoEConfigError
 
 if TYPE_CHECKING:
     from ..io.safetensors import TensorEntry
+    from ..kernels.spec import ExpertFormat
+
+#: what a format hands the CPU kernels for one stored piece: weight, scale, zero point (views, no copy)
+KernelTensors = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,19 @@ class Format:
         Scales are a small fraction of an expert's bytes, so this runs on every read from disk; the weights
         themselves are not scanned (a NaN there shows as a non-finite expert output, which the engine names)."""
         return None
+
+    # -- the CPU kernels (moe_patch.kernels) -------------------------------------------------------------
+    def kernel_format(self, piece: Piece, scheme: WeightScheme,
+                      tensors: tuple[torch.Tensor, ...]) -> ExpertFormat | None:
+        """How the CPU kernels read ``piece`` straight from its stored bytes (``tensors``: one expert's stored
+        tensors, or meta tensors of the same shapes and dtypes), in the stored orientation ``[rows, cols]``;
+        None when they cannot (the expert is then decoded and computed in torch)."""
+        return None
+
+    def kernel_tensors(self, piece: Piece, tensors: tuple[torch.Tensor, ...]) -> KernelTensors:
+        """``piece``'s (weight, scale, zero point) as the kernels read them (views of ``tensors``, no copy), for a
+        piece :meth:`kernel_format` described."""
+        raise NotImplementedError
 
     # -- cache formats ---------------------------------------------------------------------------------
     def encode(self, tensor: torch.Tensor) -> Any:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..kernels.spec import ExpertFormat
 from .base import Format, Piece, StoredPart, WeightScheme
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -44,6 +45,13 @@ class CastFormat(Format):
     def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
                out: torch.Tensor) -> None:
         out.copy_(tensors[piece.weight].reshape(out.shape))
+
+    def kernel_format(self, piece: Piece, scheme: WeightScheme, tensors: tuple[torch.Tensor, ...]):
+        w = tensors[piece.weight]
+        return ExpertFormat.dense(w.dtype) if w.dim() == 2 else None
+
+    def kernel_tensors(self, piece: Piece, tensors: tuple[torch.Tensor, ...]):
+        return tensors[piece.weight], None, None
 
     def bytes_per_param(self, scheme: WeightScheme) -> float:
         return 2.0  # the checkpoints this serves store bf16/fp16

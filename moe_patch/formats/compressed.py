@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, MoEConfigError
+from ..kernels.spec import ExpertFormat
 from .base import Format, Piece, StoredPart, WeightScheme, by_base, first_nonfinite, positive_int
 from .cast import CAST
 from .fp8 import FP8, scaled_piece
@@ -152,6 +153,17 @@ class CompressedTensorsFormat(Format):
 
     def nonfinite(self, piece: Piece, tensors: tuple[torch.Tensor, ...]) -> int | None:
         return first_nonfinite(tensors, piece.scale)
+
+    def kernel_format(self, piece: Piece, scheme: WeightScheme, tensors: tuple[torch.Tensor, ...]):
+        """pack-quantized int4/int8 (groups or channel, zero points packed along rows) as the kernels read it.
+        This format's FP8 pieces are :mod:`.fp8`'s (their ``Piece.format``), so they never come here."""
+        scale = tensors[piece.scale]
+        return ExpertFormat(f"int{scheme.bits}", group_size=scheme.group_size, scale_dtype=scale.dtype,
+                            zero_point=piece.zero_point is not None)
+
+    def kernel_tensors(self, piece: Piece, tensors: tuple[torch.Tensor, ...]):
+        zp = tensors[piece.zero_point] if piece.zero_point is not None else None
+        return tensors[piece.weight], tensors[piece.scale], zp
 
     def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
                out: torch.Tensor) -> None:

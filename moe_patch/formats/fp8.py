@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, MoEConfigError
+from ..kernels.spec import ExpertFormat
 from .base import Format, Piece, StoredPart, WeightScheme, by_base, first_nonfinite, positive_int
 from .cast import CAST, CastFormat
 from .stored import finish, scratch
@@ -124,6 +125,17 @@ def scaled_piece(fp8: Format, cast: CastFormat, scheme: WeightScheme, roles: dic
     return Piece(fp8, w.position, roles[scale_key].position, rows=w.shape[0], cols=w.shape[1])
 
 
+def fp8_kernel_format(piece: Piece, scheme: WeightScheme, tensors: tuple[torch.Tensor, ...]):
+    """The kernels' description of an FP8 e4m3 piece: block scales per ``scheme.block``, else one scale per
+    output channel or per tensor (read from the scale's size); None for e5m2 (the kernels decode e4m3 only)."""
+    w, s = tensors[piece.weight], tensors[piece.scale]
+    if w.dtype != torch.float8_e4m3fn or w.dim() != 2:
+        return None
+    if s.numel() == 1:
+        return ExpertFormat("fp8", per_tensor=True, scale_dtype=s.dtype)
+    return ExpertFormat("fp8", block=scheme.block, scale_dtype=s.dtype)
+
+
 class Fp8Format(Format):
     name = "fp8"
     method = "fp8"
@@ -169,6 +181,12 @@ class Fp8Format(Format):
 
     def nonfinite(self, piece: Piece, tensors: tuple[torch.Tensor, ...]) -> int | None:
         return first_nonfinite(tensors, piece.scale)
+
+    def kernel_format(self, piece: Piece, scheme: WeightScheme, tensors: tuple[torch.Tensor, ...]):
+        return fp8_kernel_format(piece, scheme, tensors)
+
+    def kernel_tensors(self, piece: Piece, tensors: tuple[torch.Tensor, ...]):
+        return tensors[piece.weight], tensors[piece.scale], None
 
     def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
                out: torch.Tensor) -> None:

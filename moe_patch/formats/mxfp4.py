@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..kernels.spec import ExpertFormat
 from .base import Format, Piece, StoredPart, WeightScheme, first_nonfinite
 from .stored import finish, scratch
 
@@ -107,6 +108,12 @@ class Mxfp4Format(Format):
 
     def nonfinite(self, piece: Piece, tensors: tuple[torch.Tensor, ...]) -> int | None:
         return first_nonfinite(tensors, piece.scale)  # e8m0 0xFF is NaN
+
+    def kernel_format(self, piece: Piece, scheme: WeightScheme, tensors: tuple[torch.Tensor, ...]):
+        return ExpertFormat("mxfp4")  # blocks [rows, cols/32, 16] and e8m0 scales, as the kernels read them
+
+    def kernel_tensors(self, piece: Piece, tensors: tuple[torch.Tensor, ...]):
+        return tensors[piece.weight], tensors[piece.scale], None
 
     def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
                out: torch.Tensor) -> None:

@@ -12,10 +12,11 @@ right before it is computed.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..kernels.spec import ExpertFormat
 from .base import Piece, WeightScheme
 
 
@@ -42,6 +43,32 @@ class StoredLayout:
         """The position of a stored tensor whose non-finite values would silently corrupt the decode (a scale
         or bias holding NaN/inf), or None."""
         return next((bad for p in self.pieces if (bad := p.format.nonfinite(p, tensors)) is not None), None)
+
+    def kernel_format(self, tensors: tuple[torch.Tensor, ...], transposed: bool = False) -> ExpertFormat | None:
+        """How the CPU kernels read this parameter straight from its stored bytes (``tensors``: one expert's
+        stored tensors, or meta tensors of their shapes and dtypes); ``transposed``: the model computes with it as
+        ``[in, out]``. Two pieces of equal rows (gate and up stored apart) are one projection in two halves. The
+        result says ``transposed`` when the bytes are ``[in, out]`` (the kernels refuse it). None when a piece's
+        format has no kernel entry, or the pieces differ."""
+        if len(self.shape) != 2 or len(self.pieces) not in (1, 2):
+            return None
+        formats = {p.format.kernel_format(p, self.scheme, tensors) for p in self.pieces}
+        if len(formats) != 1 or None in formats:
+            return None
+        fmt = formats.pop()
+        if len(self.pieces) == 2:
+            if self.pieces[0].rows != self.pieces[1].rows:
+                return None
+            fmt = replace(fmt, split=True)
+        return replace(fmt, transposed=True) if transposed != self.transpose else fmt
+
+    def kernel_tensors(self, tensors: tuple[torch.Tensor, ...]) -> tuple:
+        """(weight, scale, zero point) as the kernels read them, each a ``(first, second)`` pair for two pieces
+        (views of ``tensors``; for a layout :meth:`kernel_format` described)."""
+        parts = [p.format.kernel_tensors(p, tensors) for p in self.pieces]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(None if a is None else (a, b) for a, b in zip(*parts))
 
     def decode(self, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:

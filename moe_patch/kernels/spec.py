@@ -85,6 +85,12 @@ class ExpertFormat:
         if self.bias is not None and self.bias not in FLOAT_DTYPES:
             raise InvalidArgumentError(f"ExpertFormat.bias must be float32, bfloat16 or float16, got {self.bias}.")
 
+    @classmethod
+    def dense(cls, dtype: torch.dtype, *, transposed: bool = False) -> ExpertFormat | None:
+        """Plain float weights of ``dtype`` (None for a dtype the kernels do not read, e.g. float64)."""
+        kind = next((k for k, d in WEIGHT_DTYPES.items() if d == dtype and k in ("bf16", "fp16", "fp32")), None)
+        return cls(kind, transposed=transposed) if kind is not None else None
+
     @property
     def scaled(self) -> bool:
         return self.kind in ("fp8", "mxfp4", "int4", "int8")
