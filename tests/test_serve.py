@@ -84,7 +84,7 @@ def ref(checkpoint) -> Reference:
 
 def offload_flags() -> list[str]:
     one = expert_bytes("mixtral")
-    return ["--dtype", "float32", "--expert-cache", str(2 * one), "--host-cache", str(3 * one)]
+    return ["--dtype", "float32", "--expert-cache", f"{2 * one}B", "--host-cache", f"{3 * one}B"]
 
 
 # -- the server ------------------------------------------------------------------------------------------------

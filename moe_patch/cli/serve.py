@@ -87,12 +87,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
+    from ..offload.loading import resolve_checkpoint
     from ..serve.chat import ChatSession
     from ..serve.tokenizer import load_tokenizer, require_chat_template
 
-    tokenizer = load_tokenizer(args.path, instead="moe-patch chat needs the checkpoint's tokenizer")
+    path = resolve_checkpoint(args.path)  # before the tokenizer: a wrong path is named as such
+    tokenizer = load_tokenizer(path, instead="moe-patch chat needs the checkpoint's tokenizer")
     require_chat_template(tokenizer, args.path, "moe-patch chat")
-    session = ChatSession(load_offloaded(args), tokenizer, args)
+    session = ChatSession(load_offloaded(args, path), tokenizer, args)
     if hasattr(sys.stdin, "reconfigure"):
         # bytes that are not UTF-8 arrive as escaped surrogates (not as an exception that loses the line), so the
         # session can name the first bad byte and go on
