@@ -282,6 +282,8 @@ CLI_CASES = [
     Cli("path-run-gguf-file", ("run", "model.Q4_K_M.gguf", "-p", "hi"), 1,
         "model.Q4_K_M.gguf: a GGUF file (llama.cpp's format), not a checkpoint folder", a_file("model.Q4_K_M.gguf")),
     Cli("path-chat-gguf-file", ("chat", "model.gguf"), 1, "model.gguf: a GGUF file", a_file("model.gguf")),
+    Cli("path-serve-gguf-file", ("serve", "model.gguf", "--port", "58613"), 1, "model.gguf: a GGUF file",
+        a_file("model.gguf")),
     Cli("path-run-folder-of-gguf-files", ("run", "ggufs", "-p", "hi"), 1,
         "ggufs: holds GGUF files (model-Q4_K_M.gguf: llama.cpp's format) and no config.json", gguf_folder),
     Cli("path-run-pickle-weights", ("run", "moe", "-p", "hi"), 1,

@@ -69,8 +69,11 @@ def serve(args: argparse.Namespace) -> int:
     from ..sizes import parse_size
 
     try:
+        from ..offload.loading import resolve_checkpoint
+
         name = args.served_model_name or args.path
-        manager = OffloadModelManager(args.path, name=name, options=offload_options(args), dtype=args.dtype)
+        path = resolve_checkpoint(args.path)  # before the tokenizer: a wrong path is named as such
+        manager = OffloadModelManager(path, name=name, options=offload_options(args), dtype=args.dtype)
         limit = parse_size(args.max_request_bytes, name="--max-request-bytes") if args.max_request_bytes else None
         app = build_app(manager, api_key=key, max_request_bytes=limit)
         where = f"[{args.host}]" if ":" in args.host else args.host
