@@ -142,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             if not stock and not patched:
                 results[family]["note"] = f"no test ran: {stock_tail[-300:]}"
             r = results[family]
-            print(f"{family:24s} tests {r['tests']:4d}  stock {r['stock']['passed']:4d} passed {r['stock']['failed']:3d} "
-                  f"failed {r['stock']['skipped']:4d} skipped | patched {r['patched']['passed']:4d} passed "
-                  f"{r['patched']['failed']:3d} failed {r['patched']['skipped']:4d} skipped | regressions "
+            tally_s, tally_p = r["stock"], r["patched"]
+            print(f"{family:24s} tests {r['tests']:4d}  stock {tally_s['passed']:4d} passed {tally_s['failed']:3d} "
+                  f"failed {tally_s['skipped']:4d} skipped | patched {tally_p['passed']:4d} passed "
+                  f"{tally_p['failed']:3d} failed {tally_p['skipped']:4d} skipped | regressions "
                   f"{len(r['regressions'])}" + (f"  models patched {counts['patched']}/{counts['models']}"
                                                 if counts else ""), flush=True)
             for test in r["regressions"]:

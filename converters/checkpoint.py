@@ -99,7 +99,7 @@ class DenseCheckpoint:
                 why = "transformers would initialise it at random, so the upcycled model could not match the source"
                 if key in heads and not config.tie_word_embeddings:
                     why = ("config.json has tie_word_embeddings=false, so the output head is a tensor of its own and "
-                           f"transformers would initialise it at random; add it, or set tie_word_embeddings=true if "
+                           "transformers would initialise it at random; add it, or set tie_word_embeddings=true if "
                            "the head is the input embedding")
                 raise CheckpointError(f"{self.folder}: tensor {key!r} is missing from the checkpoint; {why}.")
             if info.shape != tuple(expected.shape):

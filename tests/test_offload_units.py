@@ -218,7 +218,9 @@ def test_an_offloaded_decode_step_reads_back_a_constant_few_times_per_layer(tmp_
     two, eight = _conversions_per_decode_step(tmp_path, 2), _conversions_per_decode_step(tmp_path, 8)
     layers = 2
     assert two == eight, (two, eight)  # 8 vs 2 experts per token (about 8 vs 6 active per layer)
-    assert eight <= 4 * layers, eight
+    # + 1: the last layer's output check, read at the step's end after the synchronize the step timing makes
+    # anyway (every other layer's check rides on the next layer's one transfer)
+    assert eight <= 4 * layers + 1, eight
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])

@@ -57,12 +57,10 @@ def validate_moe_config(config) -> None:
                     raise MoEConfigError(f"config field {where}{name} = {value} exceeds {where}{n_name} = {n_experts}")
 
 
-def load_config(folder: str | Path, *, trust_remote_code: bool = False):
-    """``AutoConfig`` for a local folder, with clear errors for a missing or malformed config.json."""
-    from transformers import AutoConfig
-
-    folder = Path(folder)
-    cfg_path = folder / "config.json"
+def read_raw_config(folder: str | Path) -> dict:
+    """``config.json`` of a local folder as a dict, with its top-level shape checked (the fields transformers
+    would otherwise trip over with a traceback, and the MoE fields)."""
+    cfg_path = Path(folder) / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: not found; a checkpoint folder needs its config.json")
     try:
@@ -73,7 +71,21 @@ def load_config(folder: str | Path, *, trust_remote_code: bool = False):
         raise MoEConfigError(f"{cfg_path}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise MoEConfigError(f"{cfg_path}: no 'model_type' field; is this a transformers checkpoint?")
+    qc = raw.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise MoEConfigError(f"{cfg_path}: quantization_config must be a JSON object (quant_method and its fields), "
+                             f"got {type(qc).__name__} {json.dumps(qc)[:40]}")
     validate_moe_config(raw)  # before transformers' own checks, whose errors do not name our fields
+    return raw
+
+
+def load_config(folder: str | Path, *, trust_remote_code: bool = False):
+    """``AutoConfig`` for a local folder, with clear errors for a missing or malformed config.json."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    raw = read_raw_config(folder)
     if raw.get("auto_map") and not trust_remote_code:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 

@@ -61,6 +61,11 @@ def read_quantization_config(qc: Any) -> QuantizationSpec | None:
     return QuantizationSpec(method, fmt.read_config(raw), raw, fmt)
 
 
+def claimed_by(key: str, dtype: Any) -> Format | None:
+    """The checkpoint format a tensor of this name and dtype can only come from (None: any checkpoint)."""
+    return next((f for f in _REGISTERED if f.method and f.claims(key, dtype)), None)
+
+
 def format_of_op(op: Any) -> Format | None:
     """The format whose transformers dequantize operation ``op`` is (None for any other operation)."""
     name = type(op).__name__
@@ -78,6 +83,6 @@ def cache_format(name: str | None) -> Format | None:
     return fmt
 
 
-__all__ = ["CACHE_FORMATS", "FORMATS", "Format", "Piece", "QuantizationSpec", "StoredLayout", "StoredPart",
+__all__ = ["CACHE_FORMATS", "claimed_by", "FORMATS", "Format", "Piece", "QuantizationSpec", "StoredLayout", "StoredPart",
            "StoredTensor", "SUPPORTED_METHODS", "WeightScheme", "cache_format", "format_of_op", "materialize",
            "nbytes_of", "read_quantization_config", "tensors_of"]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, MoEConfigError
-from .base import Format, Piece, StoredPart, WeightScheme, by_base, positive_int
+from .base import Format, Piece, StoredPart, WeightScheme, by_base, first_nonfinite, positive_int
 from .cast import CAST
 from .fp8 import FP8, scaled_piece
 from .stored import finish
@@ -106,6 +106,9 @@ class CompressedTensorsFormat(Format):
         group = f"groups of {scheme.group_size}" if scheme.group_size else "per channel"
         return f"{self.method}: int{scheme.bits} {'symmetric' if scheme.symmetric else 'asymmetric'}, {group}"
 
+    def claims(self, key: str, dtype: torch.dtype) -> bool:
+        return key.endswith((".weight_packed", ".weight_zero_point", ".weight_global_scale", ".weight_shape"))
+
     def pieces(self, scheme: WeightScheme, target: str, shape: tuple[int, ...],
                parts: dict[str, StoredPart]) -> list[Piece]:
         bases = by_base(parts, self.suffixes)
@@ -146,6 +149,9 @@ class CompressedTensorsFormat(Format):
         zero = roles.get("weight_zero_point")
         return Piece(self, packed.position, scale.position, zero.position if zero is not None else None,
                      rows=rows, cols=cols)
+
+    def nonfinite(self, piece: Piece, tensors: tuple[torch.Tensor, ...]) -> int | None:
+        return first_nonfinite(tensors, piece.scale)
 
     def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
                out: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, MoEConfigError
-from .base import Format, Piece, StoredPart, WeightScheme, by_base, positive_int
+from .base import Format, Piece, StoredPart, WeightScheme, by_base, first_nonfinite, positive_int
 from .cast import CAST, CastFormat
 from .stored import finish, scratch
 
@@ -156,6 +156,9 @@ class Fp8Format(Format):
         grid = f"{scheme.block[0]}x{scheme.block[1]} blocks" if scheme.block else "per-tensor/channel scales"
         return f"{method or self.method}: FP8 e4m3 with {grid}" + (" (ue8m0)" if scheme.scale_fmt == "ue8m0" else "")
 
+    def claims(self, key: str, dtype: torch.dtype) -> bool:
+        return dtype in FP8_DTYPES or key.endswith(".weight_scale_inv")
+
     def stores_quantized(self, entries) -> bool:
         return any(e.dtype in FP8_DTYPES for e in entries)
 
@@ -163,6 +166,9 @@ class Fp8Format(Format):
                parts: dict[str, StoredPart]) -> list[Piece]:
         return [scaled_piece(self, CAST, scheme, roles, base, "weight_scale_inv")
                 for base, roles in by_base(parts, self.suffixes).items()]
+
+    def nonfinite(self, piece: Piece, tensors: tuple[torch.Tensor, ...]) -> int | None:
+        return first_nonfinite(tensors, piece.scale)
 
     def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
                out: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, MoEConfigError
-from .base import Format, Piece, StoredPart, WeightScheme, by_base, positive_int
+from .base import Format, Piece, StoredPart, WeightScheme, by_base, first_nonfinite, positive_int
 from .cast import CAST
 
 _PACKED = (torch.uint32, torch.int32)
@@ -58,6 +58,9 @@ class MetalFormat(Format):
     def describe(self, scheme: WeightScheme) -> str:
         return f"metal: uint{scheme.bits} affine (scale and bias per {scheme.group_size}, MLX layout)"
 
+    def claims(self, key: str, dtype: torch.dtype) -> bool:
+        return key.endswith((".scales", ".qbiases")) or (dtype == torch.uint32 and key.endswith(".weight"))
+
     def pieces(self, scheme: WeightScheme, target: str, shape: tuple[int, ...],
                parts: dict[str, StoredPart]) -> list[Piece]:
         pieces = []
@@ -84,6 +87,9 @@ class MetalFormat(Format):
                 )
             pieces.append(Piece(self, w.position, s.position, b.position, rows=rows, cols=cols))
         return pieces
+
+    def nonfinite(self, piece: Piece, tensors: tuple[torch.Tensor, ...]) -> int | None:
+        return first_nonfinite(tensors, piece.scale, piece.zero_point)
 
     def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
                out: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from .base import Format, Piece, StoredPart, WeightScheme
+from .base import Format, Piece, StoredPart, WeightScheme, first_nonfinite
 from .stored import finish, scratch
 
 #: e2m1 values by 4-bit code, as transformers' ``FP4_VALUES``
@@ -84,6 +84,9 @@ class Mxfp4Format(Format):
     def describe(self, scheme: WeightScheme) -> str:
         return "mxfp4: FP4 e2m1, e8m0 scale per 32"
 
+    def claims(self, key: str, dtype: torch.dtype) -> bool:
+        return dtype == torch.uint8 and key.endswith(("_blocks", "_scales"))
+
     def pieces(self, scheme: WeightScheme, target: str, shape: tuple[int, ...],
                parts: dict[str, StoredPart]) -> list[Piece]:
         blocks = next((p for pattern, p in parts.items() if pattern.endswith("_blocks")), None)
@@ -101,6 +104,9 @@ class Mxfp4Format(Format):
                 f"{list(s.shape)} {s.entry.dtype} do not form uint8 blocks [rows, groups, 16] with scales [rows, groups]."
             )
         return [Piece(self, b.position, s.position, rows=b.shape[0], cols=b.shape[1] * 32)]
+
+    def nonfinite(self, piece: Piece, tensors: tuple[torch.Tensor, ...]) -> int | None:
+        return first_nonfinite(tensors, piece.scale)  # e8m0 0xFF is NaN
 
     def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
                out: torch.Tensor) -> None:

@@ -38,6 +38,11 @@ class StoredLayout:
     def kind(self) -> str:
         return self.scheme.kind
 
+    def nonfinite(self, tensors: tuple[torch.Tensor, ...]) -> int | None:
+        """The position of a stored tensor whose non-finite values would silently corrupt the decode (a scale
+        or bias holding NaN/inf), or None."""
+        return next((bad for p in self.pieces if (bad := p.format.nonfinite(p, tensors)) is not None), None)
+
     def decode(self, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """The model's tensor from the stored ``tensors``, computed on their device. ``out`` (shape

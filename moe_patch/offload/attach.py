@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..detect.config import read_raw_config
 from ..errors import MoEConfigError
 from ..io import Checkpoint
 from ..families.records import changed_modules, restore
+from ..formats import read_quantization_config
 from .auto_budget import auto_expert_cache
 from .engine import OffloadEngine
 from .keymap import CheckpointMap
@@ -172,8 +174,9 @@ def attach_offload(
     device = opts.torch_device
 
     originals: dict[int, dict[str, torch.Tensor]] = {}
-    if checkpoint_map is None and opts.checkpoint is not None:
-        checkpoint_map = CheckpointMap(Checkpoint(opts.checkpoint), model, layers)
+    if checkpoint_map is None and opts.checkpoint is not None:  # the folder's own config says how it stores experts
+        stored_as = read_quantization_config(read_raw_config(opts.checkpoint).get("quantization_config"))
+        checkpoint_map = CheckpointMap(Checkpoint(opts.checkpoint), model, layers, stored_as)
     if checkpoint_map is not None:
         source = CheckpointSource(checkpoint_map)
     else:
@@ -213,6 +216,7 @@ def attach_offload(
     timing: dict[str, Any] = {}
 
     def model_pre(module, args, kwargs):
+        engine.forget_checks()
         shape = _tokens(args, kwargs)
         timing["shape"] = shape
         if shape is not None:  # the first forward of a generation is its prefill, even of a one-token prompt
@@ -221,6 +225,7 @@ def attach_offload(
 
     def model_post(module, args, kwargs, output):
         engine.backend.synchronize()
+        engine.check_outputs()
         shape = timing.get("shape")
         if shape is None:
             return

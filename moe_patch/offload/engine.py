@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from ..dispatch.core import dispatch_combine
+from ..errors import ExpertOutputError
 from ..formats import materialize
 from ..validation import check_summary, routing_summary
 from .backends import make_backend
@@ -51,6 +53,18 @@ from .reader import Reader, make_pool
 from .slab import TensorSlab
 from .sources import ExpertSource
 from .stats import LayerStats, OffloadStats
+
+
+@dataclass(frozen=True)
+class _OutputCheck:
+    """A layer's output check in flight: whether it is finite (a device tensor), and what to name the expert with."""
+
+    layer: int
+    finite: torch.Tensor
+    x: torch.Tensor
+    top_k_index: torch.Tensor
+    top_k_weights: torch.Tensor
+    weight_inputs: bool
 
 
 class OffloadEngine:
@@ -81,6 +95,7 @@ class OffloadEngine:
         self.loader = TierLoader(self.dev, self.host, self.reader, source, self.backend, plan, self.lock)
         self.prefetcher = Prefetcher(layers, self.dev, self.stats, self.lock, self.loader.background_load,
                                      plan.io_threads, options.max_prefetch_per_layer)
+        self._pending: _OutputCheck | None = None  # the last layer's output, checked at the next transfer
         self._active: dict[int, dict[int, int]] = {}  # expert lists: rows per expert of the running layer
         self._flops = {layer.index: expert_flops_per_row(layer.shapes) for layer in layers}
         self._banks: dict[tuple[int, int, int], object] = {}
@@ -121,11 +136,17 @@ class OffloadEngine:
         counts = expert_counts(top_k_index, E).to(torch.float64)
         prefetching = self.prefetcher.enabled_for(layer + 1)
         predicted = self.prefetcher.predict_counts(layer + 1, x) if prefetching else None
+        pending, self._pending = self._pending, None  # the previous layer's output check rides along
         parts = [counts] + ([predicted.to(torch.float64)] if predicted is not None else [])
+        parts += [pending.finite.reshape(1).to(torch.float64)] if pending is not None else []
         parts += [summary] if summary is not None else []
         host = torch.cat(parts).cpu()  # the layer's one host transfer
+        n_pred = predicted.numel() if predicted is not None else 0
+        checks = host[E + n_pred:].tolist() if pending is not None or summary is not None else []  # one read
+        if pending is not None and not checks[0]:
+            self._name_nonfinite(pending)
         if summary is not None:
-            check_summary(checked_by, host[-3:].tolist(), E)
+            check_summary(checked_by, checks[-3:], E)
         counts_h = host[:E].to(torch.int64)
         active = counts_h.nonzero().flatten()
         group = self.dev.group_of[layer]
@@ -158,7 +179,7 @@ class OffloadEngine:
             for e in early[: max(0, table.capacity - n_hits)]:
                 self.prefetcher.submit((layer, e), cached=False)
             if predicted is not None:
-                self.prefetcher.prefetch(layer + 1, host[E:E + predicted.numel()].to(torch.int64))
+                self.prefetcher.prefetch(layer + 1, host[E:E + n_pred].to(torch.int64))
         try:
             out = self._compute_slots(spec, group, x, top_k_index, top_k_weights, hit_experts, hit_slots, span,
                                       weight_inputs)
@@ -173,7 +194,42 @@ class OffloadEngine:
                 x, miss_index, top_k_weights, E, lambda e, rows: self._run(layer, e, rows), weight_inputs=weight_inputs)
         with self.lock:
             self.loader.protected = set()
+        # checked at the next layer's host transfer (or when the forward ends): no sync of its own
+        self._pending = _OutputCheck(layer, torch.isfinite(out).all(), x, top_k_index, top_k_weights, weight_inputs)
         return out
+
+    def forget_checks(self) -> None:
+        """A new forward begins: an output check left by one that raised belongs to it, not to this one."""
+        self._pending = None
+
+    def check_outputs(self) -> None:
+        """The last layer's output check (the forward has ended and been synchronised)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not bool(pending.finite):
+            self._name_nonfinite(pending)
+
+    def _name_nonfinite(self, check: _OutputCheck) -> None:
+        """Raise :class:`ExpertOutputError` naming the layer and the first expert whose output is non-finite
+        (each active expert recomputed on its rows: only after a failure)."""
+        spec, E = self.layers[check.layer], self.layers[check.layer].num_experts
+        where = spec.experts_path
+        if not bool(torch.isfinite(check.x).all()):
+            raise ExpertOutputError(f"{where}: its input holds NaN or inf (from the layers before it: attention or "
+                                    f"an earlier MoE layer overflowed {check.x.dtype}); no expert is at fault here.")
+        for e in sorted(set(check.top_k_index.reshape(-1).tolist()) & set(range(E))):
+            rows = (check.top_k_index == e).any(-1).nonzero().flatten()
+            lease = self.acquire((check.layer, e), len(rows))
+            try:
+                y = spec.compute_expert(e, check.x[rows].to(lease.weights[spec.param_names[0]].device), lease.weights)
+            finally:
+                lease.release()
+            if not bool(torch.isfinite(y).all()):
+                raise ExpertOutputError(
+                    f"{where}: expert {e} turns finite inputs into NaN or inf: its weights in the checkpoint hold "
+                    f"non-finite values, or overflow {y.dtype} (load in bfloat16 or float32)."
+                )
+        raise ExpertOutputError(f"{where}: the weighted sum of its experts' outputs overflows {check.x.dtype} "
+                                "(every expert's own output is finite); load in bfloat16 or float32.")
 
     def _compute_slots(self, spec: OffloadLayer, group: SlotGroup, x: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor, experts: torch.Tensor, slots: torch.Tensor,

@@ -45,6 +45,7 @@ from ..formats import (
     QuantizationSpec,
     StoredLayout,
     StoredPart,
+    claimed_by,
     format_of_op,
 )
 from ..formats.hf import make_quantizer
@@ -100,6 +101,8 @@ class CheckpointMap:
             conv = by_pattern[pattern] if pattern is not None else None
             slot = groups.setdefault(renamed, (conv, {}))
             slot[1].setdefault(pattern if pattern is not None else key, []).append(key)
+        if quantization is None:
+            self._refuse_unlabelled(checkpoint)
         self._groups = groups
         self._meta = meta
         self.layers = layers
@@ -127,6 +130,19 @@ class CheckpointMap:
         if self.unexpected:
             logger.debug("checkpoint tensors not used by the model: %s", self.unexpected[:10])
         self.validate()
+
+    @staticmethod
+    def _refuse_unlabelled(checkpoint: Checkpoint) -> None:
+        """Quantized tensors in a checkpoint whose config has no (or an empty) ``quantization_config``: reading
+        FP8 or packed values as plain numbers, scales ignored, would generate garbage with exit 0."""
+        for key, entry in checkpoint.entries.items():
+            fmt = claimed_by(key, entry.dtype)
+            if fmt is not None:
+                raise MoEConfigError(
+                    f"{entry.file}: tensor {key!r} ({str(entry.dtype).removeprefix('torch.')}) is {fmt.name}-quantized "
+                    f"but {checkpoint.directory}/config.json has no quantization_config (or an empty one): restore "
+                    f"the release's quantization_config (quant_method {fmt.method!r}) before loading."
+                )
 
     # -- recipes -----------------------------------------------------------------------------
     def _group(self, target: str) -> tuple[WeightConverter | None, dict[str, list[str]]]:

@@ -20,6 +20,7 @@ from transformers.core_model_loading import (
     WeightConverter,
 )
 
+from ..errors import CheckpointError
 from ..formats import StoredLayout, StoredTensor, format_of_op
 from ..io import Checkpoint, TensorEntry
 
@@ -152,9 +153,19 @@ class RecipeReader:
         return out
 
     def load_stored(self, recipe: TensorRecipe, slot=None) -> StoredTensor:
-        """One expert's stored tensors (into views of a pool ``slot`` when given), not decoded."""
+        """One expert's stored tensors (into views of a pool ``slot`` when given), not decoded. Their scales are
+        checked here, where they enter: a NaN or inf scale would decode to NaN or silently wrong values."""
         views = [slot.tensor(s.shape, s.entry.dtype) for s in recipe.sources] if slot is not None else None
-        return StoredTensor(recipe.stored, tuple(self._read_sources(recipe, views)))
+        tensors = tuple(self._read_sources(recipe, views))
+        bad = recipe.stored.nonfinite(tensors)
+        if bad is not None:
+            s = recipe.sources[bad]
+            part = f" (expert {s.row})" if s.row is not None else ""
+            raise CheckpointError(
+                f"{s.entry.file}: tensor {s.entry.key!r}{part} holds non-finite values (NaN or inf) where "
+                f"{recipe.target!r} needs finite scales; the checkpoint is corrupt. Re-download this shard."
+            )
+        return StoredTensor(recipe.stored, tensors)
 
     def load_into(self, recipe: TensorRecipe, out: torch.Tensor) -> None:
         """Read one expert's ``recipe`` into ``out`` (e.g. a pool slot) without temporaries.

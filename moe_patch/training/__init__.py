@@ -13,6 +13,9 @@
 - :class:`RoutingCallback`: :func:`moe_patch.monitor` figures logged every N steps.
 - :func:`expert_lora_config`: peft LoRA on the routed experts (``target_parameters`` for fused experts).
 - :mod:`~moe_patch.training.data`: local text -> byte-level BPE -> token blocks (nothing downloaded).
+- Under ``torchrun`` / ``accelerate launch`` the router losses keep their one-process weight
+  (:func:`weigh_router_losses`) and routing counts are summed over processes (:func:`sum_over_processes`);
+  docs/scale-out.md.
 
 Needs ``accelerate`` (transformers' Trainer does): ``pip install moe-patch[train]``.
 """
@@ -27,6 +30,8 @@ _EXPORTS = {
     "RoutingCallback": "callback",
     "enable_router_aux_loss": "losses",
     "router_z_loss": "losses",
+    "weigh_router_losses": "losses",
+    "sum_over_processes": "distributed",
     "param_groups": "roles",
     "parameter_roles": "roles",
     "split_by_role": "roles",

@@ -3,6 +3,10 @@
 Logging through ``trainer.log`` puts them in ``state.log_history`` and in front of every ``report_to``
 integration (TensorBoard, W&B, MLflow...) with no code of ours; the callback therefore holds the trainer,
 as TRL's logging callbacks do: ``trainer.add_callback(RoutingCallback(trainer))``.
+
+Under ``torchrun`` / ``accelerate launch`` the counts of every process are summed before the figures are computed
+(one ``all_reduce`` per log), so every process logs the same figures of the whole batch, as the Trainer logs its
+loss; its integrations and console write them once, from the main process.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from transformers import TrainerCallback
 
 from ..errors import MoEConfigError
 from ..monitoring import RoutingMonitor, RoutingReport
+from ..monitoring.plot import plot_routing
+from ..monitoring.stats import LayerRouting
 from ..patch import is_patched
+from .distributed import sum_over_processes
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +41,9 @@ class RoutingCallback(TrainerCallback):
         router_stats: compute entropy / z-loss / top-k probability from router logits.
 
     Counts are taken in training mode only (evaluation inside training is left out) and cover the optimizer
-    steps since the previous log. ``monitor`` (a :class:`~moe_patch.monitoring.RoutingMonitor`) and
-    ``history`` (one report per log) stay readable after training; ``plot(path)`` draws them.
+    steps since the previous log, summed over every process of a distributed run. ``history`` (one report per
+    log, every process's counts) and :meth:`report` (the whole run) stay readable after training; ``plot(path)``
+    draws them. ``monitor`` (a :class:`~moe_patch.monitoring.RoutingMonitor`) holds this process's own counts.
     """
 
     def __init__(self, trainer: Any, *, every: int | None = None, per_layer: bool = False,
@@ -54,7 +62,7 @@ class RoutingCallback(TrainerCallback):
     # -- Trainer events ----------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model = self.trainer.model if model is None else model
-        if not is_patched(model):
+        if not is_patched(model) and state.is_world_process_zero:
             logger.warning(
                 "RoutingCallback: %s is not patched by moe-patch; its routing is logged all the same, but call "
                 "moe_patch.patch_model(model) before training for moe-patch's exact, faster dispatch",
@@ -87,11 +95,36 @@ class RoutingCallback(TrainerCallback):
             device = self.trainer.args.device
             self.monitor.check_stability({k: v.to(device) if hasattr(v, "to") else v
                                           for k, v in self.stability_inputs.items()})
-        report = self.monitor.snapshot(step=step)
+        report = sum_over_processes(self.monitor.snapshot(step=step))  # every process calls this at each log
+        self.history[-1] = report  # the monitor appended this process's window
         self.trainer.log(report.log_figures(self.prefix, per_layer=self.per_layer))
+
+    def report(self) -> RoutingReport:
+        """The whole run so far (every logged window, every process), with the last logged routing stability."""
+        if not self.history:
+            raise MoEConfigError("RoutingCallback.report: nothing recorded yet (train first)")
+        layers = [LayerRouting(lr.counts, lr.top1_changed) for lr in self.history[0].layers]
+        for window in self.history[1:]:
+            for total, lr in zip(layers, window.layers):
+                total.counts = total.counts + lr.counts
+                if lr.top1_changed is not None:
+                    total.top1_changed = lr.top1_changed
+        last = self.history[-1]
+        return RoutingReport(layers=layers, calls=sum(r.calls for r in self.history), step=last.step,
+                             skipped=last.skipped)
+
+    def to_json(self, **kwargs) -> str:
+        """:meth:`report` as JSON, with :attr:`history` under ``"history"``."""
+        import json
+
+        data = self.report().to_dict()
+        data["history"] = [r.to_dict() for r in self.history]
+        return json.dumps(data, indent=kwargs.pop("indent", 2), **kwargs)
+
+    def summary(self) -> str:
+        """A table of :meth:`report`."""
+        return str(self.report())
 
     def plot(self, path: str | Path) -> Path:
         """PNG of the run: expert load per layer over the whole run, load balance per logged step."""
-        if self.monitor is None:
-            raise MoEConfigError("RoutingCallback.plot: nothing recorded yet (train first)")
-        return self.monitor.plot(path)
+        return plot_routing(self.report(), self.history, Path(path))

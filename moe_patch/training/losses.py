@@ -35,6 +35,26 @@ def router_z_loss(router_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch
     return torch.stack(per_layer).mean()
 
 
+def weigh_router_losses(loss: torch.Tensor, *, aux_term: torch.Tensor | None = None,
+                        z_term: torch.Tensor | None = None, loss_scale: float = 1.0,
+                        batch_weight: float = 1.0) -> torch.Tensor:
+    """Give the router losses the weight they have in one process over one batch.
+
+    ``loss`` is a process's micro-batch loss as a data-parallel trainer builds it: the model's loss (cross-entropy
+    normalised by the tokens of the whole accumulated, all-process batch, plus ``aux_term``, the load-balancing
+    term the model added) multiplied by ``loss_scale`` (the number of processes, which undoes DDP's / FSDP's
+    gradient averaging for the cross-entropy). The router terms are means over this micro-batch, so each must
+    weigh ``batch_weight`` (1 / accumulation steps) instead: averaged over processes by the gradient reduction
+    and summed over micro-batches, they then weigh what they weigh in one process. Returns
+    ``loss + (batch_weight - loss_scale) * aux_term + batch_weight * z_term``.
+    """
+    if aux_term is not None:
+        loss = loss + (batch_weight - loss_scale) * aux_term.to(loss.device)
+    if z_term is not None:
+        loss = loss + batch_weight * z_term.to(loss.device)
+    return loss
+
+
 def _configs(model: nn.Module) -> list:
     config = getattr(model, "config", None)
     if config is None:
@@ -59,7 +79,7 @@ def enable_router_aux_loss(model: nn.Module, coef: float | None = None) -> float
     root = model_root(model)
     configs = [c for c in _configs(root) if hasattr(c, "output_router_logits")]
     holders = [m for m in root.modules() if hasattr(m, "router_aux_loss_coef") and not isinstance(
-        getattr(m, "router_aux_loss_coef"), nn.Module)]
+        m.router_aux_loss_coef, nn.Module)]
     if not configs or not holders:
         logger.warning(
             "%s: its config has no output_router_logits / router_aux_loss_coef, so this model computes no router "
