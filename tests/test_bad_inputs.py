@@ -287,7 +287,8 @@ CLI_CASES = [
     Cli("path-run-folder-of-gguf-files", ("run", "ggufs", "-p", "hi"), 1,
         "ggufs: holds GGUF files (model-Q4_K_M.gguf: llama.cpp's format) and no config.json", gguf_folder),
     Cli("path-run-pickle-weights", ("run", "moe", "-p", "hi"), 1,
-        "moe: its weights are PyTorch pickle files (model-00001-of-00003.bin), which moe-patch does not read", moe_pickles),
+        "moe: its weights are PyTorch pickle files (model-00001-of-00003.bin), which moe-patch does not read",
+        moe_pickles),
     Cli("path-run-no-such-folder", ("run", "./no/such", "-p", "hi"), 1, "./no/such: no such folder"),
     Cli("path-run-offline-hub-id", ("run", "someone/some-moe", "-p", "hi"), 1,
         "someone/some-moe: no folder of that name here, and as a Hub repo id: Could not download 'someone/some-moe': "

@@ -12,8 +12,13 @@ import torch
 
 from moe_patch.errors import BudgetError
 from moe_patch.offload.auto_budget import DEFAULT_CONTEXT_CAP, auto_expert_cache, default_context
-from moe_patch.offload.footprint import (HEADROOM, activation_bytes, kv_cache_elements, kv_elements_estimate,
-                                         measured_kv_elements)
+from moe_patch.offload.footprint import (
+    HEADROOM,
+    activation_bytes,
+    kv_cache_elements,
+    kv_elements_estimate,
+    measured_kv_elements,
+)
 from moe_patch.testing.tiny import tiny_model
 
 
@@ -22,8 +27,9 @@ def filled_cache_elements(model, tokens: int) -> int:
     ids = torch.randint(3, 100, (1, tokens), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = model(input_ids=ids, use_cache=True).past_key_values
-    return sum(t.numel() for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-               if isinstance(t, torch.Tensor))  # a linear-attention layer keeps a fixed-size state instead
+    # a linear-attention layer keeps a fixed-size state instead of keys and values
+    kept = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
+    return sum(t.numel() for t in kept if isinstance(t, torch.Tensor))
 
 
 # mixtral: grouped-query; deepseek_v3: MLA latent + rotary key; gpt_oss: sliding and full layers (window 64 in the
@@ -87,7 +93,7 @@ def test_the_automatic_budget_is_free_memory_less_every_term():
     assert chosen.activations == activation_bytes(model.config, 64, 4)
     assert chosen.expert_cache == free - int(free * HEADROOM) - non_expert - chosen.kv_cache - chosen.activations
     assert max(layer.expert_bytes for layer in offload_layers(model)) < chosen.expert_cache < chosen.all_experts
-    assert f"expert cache auto: " in str(chosen) and "KV cache for 64 tokens" in str(chosen)
+    assert "expert cache auto: " in str(chosen) and "KV cache for 64 tokens" in str(chosen)
 
 
 def test_weights_already_on_the_device_are_not_counted_twice_and_the_cap_is_every_expert():
@@ -95,7 +101,7 @@ def test_weights_already_on_the_device_are_not_counted_twice_and_the_cap_is_ever
     layers = offload_layers(model)
     chosen = auto_expert_cache(model, layers, torch.device("cpu"), host_cache=None, context_tokens=16, free=2**40)
     assert chosen.non_expert == 0
-    assert chosen.expert_cache == chosen.all_experts == sum(l.num_experts * l.expert_bytes for l in layers)
+    assert chosen.expert_cache == chosen.all_experts == sum(x.num_experts * x.expert_bytes for x in layers)
     assert "every routed expert fits" in str(chosen)
 
 

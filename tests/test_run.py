@@ -189,7 +189,8 @@ def test_the_context_bounds_the_prompt_and_the_new_tokens(checkpoint, capsys):
 
 
 def test_sampling_with_a_seed_is_reproducible(checkpoint, capsys):
-    argv = ["run", str(checkpoint), *flags(), "-p", PROMPT, "-n", "12", "--temp", "1.2", "--top-k", "40", "-s", "7", "-q"]
+    argv = ["run", str(checkpoint), *flags(), "-p", PROMPT, "-n", "12", "--temp", "1.2", "--top-k", "40", "-s", "7",
+            "-q"]
     texts = []
     for _ in range(2):
         assert main(argv) == 0

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("-p", "--prompt", type=non_empty, help="prompt text (needs the checkpoint's tokenizer)")
     src.add_argument("-f", "--file", type=prompt_file, metavar="FILE",
                      help="read the prompt from FILE ('-': from standard input)")
-    src.add_argument("--prompt-ids", type=token_ids, help="comma-separated token ids, for checkpoints without a tokenizer")
+    src.add_argument("--prompt-ids", type=token_ids,
+                     help="comma-separated token ids, for checkpoints without a tokenizer")
     p.add_argument("--chat", action="store_true",
                    help="put the prompt in the tokenizer's chat template as a user message (an instruction-tuned model "
                    "answers it) instead of continuing the text")
@@ -51,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="tokens of context this run may use, prompt plus generated (default: the model's context); "
                    "--expert-cache auto leaves room for the KV cache of the tokens this run can reach")
     add_sampling_arguments(p, greedy_default=True)
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the generated text: no progress, no statistics")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the generated text: no progress, no statistics")
     p.add_argument("--plot", metavar="PNG", type=plot_file, help="write a heatmap of expert utilisation per layer")
     p.add_argument("--json", action="store_true",
                    help="print one JSON document instead of the text: the text, its token ids, the statistics")

@@ -4,7 +4,8 @@ needs besides the experts, less headroom.
 The rule (the chosen budget is logged with each term)::
 
     expert_cache = free - 10% of free (headroom: allocator, fragmentation, workspaces)
-                        - non-expert weights not yet on the device (attention, embeddings, norms, routers, shared experts)
+                        - non-expert weights not yet on the device (attention, embeddings, norms, routers,
+                          shared experts)
                         - KV cache for the context (transformers' own cache, measured on meta: :mod:`.footprint`)
                         - activations of a prefill over the context (an estimate: :func:`.footprint.activation_bytes`)
                         - the host cache, on a CPU (both tiers are the same RAM)

@@ -19,9 +19,9 @@ from torch import nn
 
 from ..detect.config import load_config
 from ..errors import CheckpointError, InvalidArgumentError, MoEConfigError
+from ..formats import read_quantization_config
 from ..io import Checkpoint
 from .attach import OffloadHandle, attach_offload
-from ..formats import read_quantization_config
 from .keymap import CheckpointMap
 from .layers import find_offload_layers
 from .options import OffloadOptions
@@ -69,8 +69,8 @@ def check_checkpoint_folder(folder: Path) -> None:
         pickles = sorted(f.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in folder.glob(pattern))
         if pickles:
             raise CheckpointError(
-                f"{folder}: its weights are PyTorch pickle files ({pickles[0]}), which moe-patch does not read (loading "
-                "a pickle can run code); save the model as safetensors (save_pretrained does by default).")
+                f"{folder}: its weights are PyTorch pickle files ({pickles[0]}), which moe-patch does not read "
+                "(loading a pickle can run code); save the model as safetensors (save_pretrained does by default).")
         raise CheckpointError(f"{folder}: config.json but no *.safetensors weights; the checkpoint is incomplete.")
     ggufs = sorted(f.name for f in folder.glob("*.gguf"))
     if ggufs:
