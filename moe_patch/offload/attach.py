@@ -139,14 +139,16 @@ def _tokens(args: tuple, kwargs: dict) -> tuple[int, int] | None:
 
 
 def _has_cached_tokens(kwargs: dict) -> bool:
-    """Whether this forward continues a sequence: a KV cache holding tokens, or positions past the first."""
-    cache = kwargs.get("past_key_values")
-    if cache is not None and hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length()) > 0
-    positions = kwargs.get("cache_position")
-    if isinstance(positions, torch.Tensor) and positions.numel():
-        return int(positions.reshape(-1)[0]) > 0
-    return cache is not None
+    """Whether this forward continues a sequence: a KV cache holding tokens (transformers' ``Cache``, passed as
+    ``past_key_values`` up to 5.23 and as ``cache`` since 5.25), else positions past the first."""
+    for value in kwargs.values():
+        if hasattr(value, "get_seq_length"):
+            return int(value.get_seq_length()) > 0
+    for name in ("cache_position", "position_ids"):  # only without a cache object: a host read of one position
+        positions = kwargs.get(name)
+        if isinstance(positions, torch.Tensor) and positions.numel():
+            return int(positions.reshape(-1)[0]) > 0
+    return False
 
 
 def attach_offload(

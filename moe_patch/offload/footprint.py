@@ -13,6 +13,7 @@ an encoder-decoder, a cache class of its own), :func:`kv_elements_estimate` coun
 
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 from typing import Any
@@ -100,12 +101,14 @@ def measured_kv_elements(config: Any, tokens: int, *, trust_remote_code: bool = 
     for handle in find_moe_blocks(model):  # the routed experts' output does not shape the cache
         handle.experts.forward = types.MethodType(_zeros, handle.experts)
     cache = DynamicCache(config=model.config)
+    # transformers 5.25 renamed forward's `past_key_values` to `cache` (the old name warns until 5.40)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' warnings about a config seen on meta are not the user's
     try:
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, use_cache=True, **{cache_arg: cache})
     finally:
         hf_logging.set_verbosity(verbosity)
     return _cache_elements(cache)
