@@ -84,7 +84,7 @@ def ref(checkpoint) -> Reference:
 
 def offload_flags() -> list[str]:
     one = expert_bytes("mixtral")
-    return ["--dtype", "float32", "--expert-cache", str(2 * one), "--host-cache", str(3 * one)]
+    return ["--dtype", "float32", "--expert-cache", f"{2 * one}B", "--host-cache", f"{3 * one}B"]
 
 
 # -- the server ------------------------------------------------------------------------------------------------
@@ -499,10 +499,10 @@ def test_run_decodes_prompt_ids_when_the_checkpoint_has_a_tokenizer(checkpoint, 
 
 @pytest.mark.parametrize("extra, code, message", [
     (["--prompt", "w5", "--top-p", "0"], 2, "argument --top-p: expected a number in (0, 1], got 0"),
-    (["--prompt", "w5", "--temperature", "-0.5"], 2, "argument --temperature: expected a number >= 0, got -0.5"),
+    (["--prompt", "w5", "--temperature", "-0.5"], 2, "argument --temperature/--temp: expected a number >= 0, got -0.5"),
     (["--prompt", "w5", "--top-k", "0"], 2, "argument --top-k: expected an integer >= 1, got 0"),
-    (["--prompt", "w5", "--seed", "x"], 2, "argument --seed: expected an integer in [0, "),
-    (["--prompt-ids", "5,6", "--chat"], 1, "--chat puts --prompt text in the chat template"),
+    (["--prompt", "w5", "--seed", "x"], 2, "argument -s/--seed: expected an integer in [0, "),
+    (["--prompt-ids", "5,6", "--chat"], 1, "--chat puts the prompt text in the chat template"),
     (["--prompt", "w5", "--max-new-tokens", str(CONTEXT)], 1, "--max-new-tokens: the prompt (1 tokens) plus"),
 ])
 def test_run_refuses_bad_generation_arguments_in_one_line(checkpoint, capsys, extra, code, message):

@@ -69,8 +69,11 @@ def serve(args: argparse.Namespace) -> int:
     from ..sizes import parse_size
 
     try:
+        from ..offload.loading import resolve_checkpoint
+
         name = args.served_model_name or args.path
-        manager = OffloadModelManager(args.path, name=name, options=offload_options(args), dtype=args.dtype)
+        path = resolve_checkpoint(args.path)  # before the tokenizer: a wrong path is named as such
+        manager = OffloadModelManager(path, name=name, options=offload_options(args), dtype=args.dtype)
         limit = parse_size(args.max_request_bytes, name="--max-request-bytes") if args.max_request_bytes else None
         app = build_app(manager, api_key=key, max_request_bytes=limit)
         where = f"[{args.host}]" if ":" in args.host else args.host
@@ -87,12 +90,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
+    from ..offload.loading import resolve_checkpoint
     from ..serve.chat import ChatSession
     from ..serve.tokenizer import load_tokenizer, require_chat_template
 
-    tokenizer = load_tokenizer(args.path, instead="moe-patch chat needs the checkpoint's tokenizer")
+    path = resolve_checkpoint(args.path)  # before the tokenizer: a wrong path is named as such
+    tokenizer = load_tokenizer(path, instead="moe-patch chat needs the checkpoint's tokenizer")
     require_chat_template(tokenizer, args.path, "moe-patch chat")
-    session = ChatSession(load_offloaded(args), tokenizer, args)
+    session = ChatSession(load_offloaded(args, path), tokenizer, args)
     if hasattr(sys.stdin, "reconfigure"):
         # bytes that are not UTF-8 arrive as escaped surrogates (not as an exception that loses the line), so the
         # session can name the first bad byte and go on
