@@ -8,6 +8,7 @@ that the model is ready).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -20,6 +21,10 @@ from .errors import install_error_handlers
 from .handlers import Served, chat_completion, completion
 from .request_size import RequestSizeMiddleware
 from .responses import sse
+
+
+#: How long ``GET /stats`` waits for the engine's thread to read the offload engine's report.
+STATS_WAIT_S = 2.0
 
 
 def build_app(served: Served, *, api_key: str | None = None, max_request_bytes: int | None = None) -> FastAPI:
@@ -49,8 +54,13 @@ def build_app(served: Served, *, api_key: str | None = None, max_request_bytes: 
         return JSONResponse(entry(served.names.find(model_id) or served.names.primary))
 
     @app.get("/stats")
-    def stats() -> JSONResponse:
-        return JSONResponse({"model": served.names.primary, **served.engine.status(), **served.engine.book.to_dict()})
+    async def stats() -> JSONResponse:
+        engine = served.engine
+        try:  # read between two passes; a long prefill or generate() meanwhile: the report of the last idle moment
+            await asyncio.wait_for(asyncio.wrap_future(engine.call(engine.engine_report)), STATS_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
+        return JSONResponse({"model": served.names.primary, **engine.status(), **engine.book.to_dict()})
 
     @app.get("/health")
     def health() -> JSONResponse:

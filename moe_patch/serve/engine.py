@@ -204,6 +204,14 @@ class Engine:
                 "max_batch": self.max_batch, "waiting": waiting, "running": [s.job.request_id for s in rows],
                 "prompt_cache": self.prompt_cache.to_dict()}
 
+    def engine_report(self) -> dict[str, Any] | None:
+        """The offload engine's own report since the server started (``OffloadStats.to_dict``). On the engine thread
+        (``call`` it from others), where the counters do not move while it is read."""
+        self._report_due = False
+        report = self.handle.stats.to_dict() if self.handle is not None else None
+        self.book.set_engine_report(report)
+        return report
+
     @property
     def thread_id(self) -> int | None:
         return self._thread.ident
@@ -236,8 +244,7 @@ class Engine:
                 if self._rows:
                     self._step()
                 elif self._report_due:  # idle: the engine's own report, read here where its counters do not move
-                    self._report_due = False
-                    self.book.set_engine_report(self.handle.stats.to_dict() if self.handle is not None else None)
+                    self.engine_report()
 
     def _setup(self) -> None:
         from ..offload import get_offload_handle
@@ -377,7 +384,8 @@ class Engine:
 
     def _solo(self, job: Job) -> None:
         """``job`` through transformers' ``generate()``, alone (the batch is empty)."""
-        from transformers import BaseStreamer, StoppingCriteria, StoppingCriteriaList, set_seed
+        from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+        from transformers.generation import BaseStreamer
 
         seq = _Sequence(job, self.tokenizer, None)
 
