@@ -82,3 +82,41 @@ def test_helpers():
     assert held_back("abc</st", 3, ["</stop>"]) == 4
     assert held_back("abc</st", 4, ["</stop>"]) == 0  # never into text already sent
     assert first_stop("a stop b stop", 3, ["stop"]) == 9
+
+
+# -- a chat answer with the tokenizer's response template -------------------------------------------------------------
+TEMPLATE = {"defaults": {"role": "assistant"}, "start_anchor": "<|assistant|>",
+            "fields": {"reasoning_content": {"open": "<think>", "close": "</think>", "content": "text"},
+                       "tool_calls": {"open_pattern": r"\s*<tool_call>", "close": "</tool_call>", "repeats": True,
+                                      "content": "json", "transform": {"type": "function", "function": "{content}"}},
+                       "content": {"content": "text"}}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from offload_helpers import VOCAB
+    from tokenizer_helpers import save_word_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(save_word_tokenizer(tmp_path_factory.mktemp("tok"), VOCAB))
+    tok.response_template = TEMPLATE  # what a tokenizer_config.json's "response_template" gives
+    return tok
+
+
+@pytest.mark.parametrize("text, message", [
+    ('Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+     {"content": "Let me look.", "tool_calls": [("get_weather", {"city": "Paris"})]}),
+    ("<think>hmm</think>The answer is 4.", {"content": "The answer is 4.", "reasoning_content": "hmm"}),
+])
+def test_a_response_template_splits_content_reasoning_and_tool_calls(tokenizer, text, message):
+    import json
+
+    from moe_patch.serve.engine import Finished
+    from moe_patch.serve.handlers import Served, parse_reply
+    from moe_patch.serve.tokenizer import chat_input_ids
+
+    served = Served(engine=None, tokenizer=tokenizer, names=None, context=256, generation_config=None)
+    prompt = chat_input_ids(tokenizer, [{"role": "user", "content": "w5"}])
+    got = parse_reply(served, Finished("stop", text, [], len(prompt), 0), prompt, tools=None)
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got.pop("tool_calls", [])]
+    assert calls == message.pop("tool_calls", []) and got == message
