@@ -189,6 +189,8 @@ class Engine:
         """Stop after the current pass: waiting and running requests end with :class:`Failed`."""
         with self._cond:
             self._closing = True
+            for s in list(self._rows):  # a generate() running alone stops at its next token
+                s.job.cancelled.set()
             self._cond.notify()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
@@ -341,11 +343,14 @@ class Engine:
                                kv.attention_mask(pads, length + 1, self.device),
                                torch.tensor([[length - p] for p in pads], device=self.device), self._cache)
         self._account(rows)
+        plain = [r for r, s in enumerate(rows) if s.chooser.plain_greedy]
+        argmax = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
         ended = []
         for r, s in enumerate(rows):
             s.passes += 1
             s.batch_sum += len(rows)
-            if s.take(*s.chooser.choose(s.ids, logits[r])) is not None:
+            choice = (argmax[r], None) if r in argmax else s.chooser.choose(s.ids, logits[r])
+            if s.take(*choice) is not None:
                 ended.append(r)
         if ended:
             self._leave(ended)
@@ -388,6 +393,7 @@ class Engine:
         from transformers.generation import BaseStreamer
 
         seq = _Sequence(job, self.tokenizer, None)
+        self._rows = [seq]  # for status() and close(); never decoded by the batch (_admit returns after it)
 
         class Tokens(BaseStreamer):
             def __init__(self):
@@ -417,8 +423,11 @@ class Engine:
         if job.seed is not None:
             set_seed(job.seed)
         ids = torch.tensor([job.prompt_ids], device=self.device)
-        self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=Tokens(),
-                            stopping_criteria=StoppingCriteriaList([Until()]))
+        try:
+            self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=Tokens(),
+                                stopping_criteria=StoppingCriteriaList([Until()]))
+        finally:
+            self._rows = []
         self._account([seq])
         if seq.reason is None:
             seq.reason = "cancelled" if job.cancelled.is_set() else "length"

@@ -161,15 +161,16 @@ class _Run:
         served.engine.submit(self.job)
 
     async def events(self):
-        """The request's events until it ends; cancels it when the consumer stops early (client gone)."""
-        try:
-            while True:
-                event = await self.queue.get()
-                yield event
-                if isinstance(event, (Finished, Failed)):
-                    return
-        finally:
-            self.job.cancelled.set()  # no effect once it has ended
+        """The request's events until it ends."""
+        while True:
+            event = await self.queue.get()
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return
+
+    def cancel(self) -> None:
+        """End the generation before its next pass (no effect once it has ended)."""
+        self.job.cancelled.set()
 
     async def result(self, request: Request) -> tuple[list[Delta], Finished]:
         """All of it (non-streamed); the generation is cancelled if the client leaves meanwhile."""
@@ -179,11 +180,10 @@ class _Run:
                 event = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    self.job.cancelled.set()
+                    self.cancel()
                     raise RequestError("the client went away", status=499) from None
                 continue
             if isinstance(event, Failed):
-                self.job.cancelled.set()
                 raise RequestError(f"generation failed: {event.message}", status=500, type="server_error")
             if isinstance(event, Finished):
                 return deltas, event
@@ -246,6 +246,13 @@ async def chat_completion(served: Served, body: dict[str, Any], request: Request
     hold = parse and bool(tools)  # text that may be a tool call is sent once complete
 
     async def chunks():
+        try:
+            async for piece in chat_chunks():
+                yield piece
+        finally:  # also when the client went away and the stream was closed under us
+            run.cancel()
+
+    async def chat_chunks():
         yield answer.chunk({"role": "assistant", "content": ""})
         held: list[tuple[int, Any]] = []
         async for event in run.events():
@@ -289,15 +296,19 @@ async def completion(served: Served, body: dict[str, Any], request: Request):
                                         shown.legacy(entries) if logprobs is not None else None, used(finished)))
 
     async def chunks():
-        async for event in run.events():
-            if isinstance(event, Delta):
-                if event.text or event.logprobs:
-                    yield answer.chunk(event.text, None, shown.legacy(event.logprobs) if logprobs is not None else None)
-            elif isinstance(event, Finished):
-                yield answer.chunk("", event.reason, usage=used(event))
-                yield DONE
-            else:
-                yield error_event(f"generation failed: {event.message}")
-                yield DONE
+        try:
+            async for event in run.events():
+                if isinstance(event, Delta):
+                    if event.text or event.logprobs:
+                        yield answer.chunk(event.text, None,
+                                           shown.legacy(event.logprobs) if logprobs is not None else None)
+                elif isinstance(event, Finished):
+                    yield answer.chunk("", event.reason, usage=used(event))
+                    yield DONE
+                else:
+                    yield error_event(f"generation failed: {event.message}")
+                    yield DONE
+        finally:  # also when the client went away and the stream was closed under us
+            run.cancel()
 
     return _streaming(chunks())

@@ -22,8 +22,7 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, 
 
 def plain_layers(cache: Any) -> bool:
     """Whether ``cache`` is a ``DynamicCache`` of plain full-attention layers (which can be padded and cut)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from transformers import DynamicCache, DynamicLayer
 
     layers = getattr(cache, "layers", None)
     return isinstance(cache, DynamicCache) and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)

@@ -129,6 +129,12 @@ class TokenChooser:
             else:
                 self.generator.manual_seed(seed)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to apply first and no log-probabilities: the arg-max of the raw logits, which the
+        engine takes for all such rows of a batch at once (one device sync instead of one per row)."""
+        return not self.sample and not self.steps and self.top_logprobs is None
+
     def choose(self, ids: list[int], logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         """The next token after ``ids`` (prompt and generated so far) from ``logits`` (the vocabulary's scores, 1-D,
         any float dtype), and its log-probability entry when asked for."""
