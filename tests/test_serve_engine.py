@@ -67,6 +67,20 @@ def stop_engine(engine: Engine) -> None:
     get_offload_handle(engine.model).detach(restore_weights=False)
 
 
+@pytest.fixture
+def engine_of(checkpoints):
+    """``engine_of(family, **options)``: an engine on that family's checkpoint, stopped after the test."""
+    started = []
+
+    def start(family: str, **kw) -> Engine:
+        started.append(start_engine(family, checkpoints[family], **kw))
+        return started[-1]
+
+    yield start
+    for engine in started:
+        stop_engine(engine)
+
+
 def greedy_config(engine: Engine, new_tokens: int, **settings):
     config = effective_config(engine.model.generation_config, engine.model.generation_config)
     config.do_sample, config.max_new_tokens = False, new_tokens
@@ -98,139 +112,118 @@ def random_requests(count: int, seed: int) -> list[tuple[list[int], int]]:
 
 # -- batching is exact ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-def test_requests_decoded_together_get_the_tokens_of_generate_alone(family, checkpoints):
+def test_requests_decoded_together_get_the_tokens_of_generate_alone(family, checkpoints, engine_of):
     ref = load_reference(family, checkpoints[family])
-    engine = start_engine(family, checkpoints[family], max_batch=4, prompt_cache_bytes=0)
-    try:
-        for seed in (0, 1):
-            requests = random_requests(6, seed)  # more than the batch: some wait, then join a running batch
-            sinks = [submit(engine, ids, greedy_config(engine, n)) for ids, n in requests]
-            for (ids, n), sink in zip(requests, sinks):
-                assert sink.wait().token_ids == reference_tokens(ref, ids, n)
-        records = engine.book.records()
-        if family == "gpt_oss":  # sliding-window layers: each request alone through generate()
-            assert engine.batchable and {r.path for r in records} == {"generate"}
-        else:
-            assert engine.batchable is None and {r.path for r in records} == {"batched"}
-            assert max(r.mean_batch or 0 for r in records) > 2  # they really were decoded together
-    finally:
-        stop_engine(engine)
+    engine = engine_of(family, max_batch=4, prompt_cache_bytes=0)
+    for seed in (0, 1):
+        requests = random_requests(6, seed)  # more than the batch: some wait, then join a running batch
+        sinks = [submit(engine, ids, greedy_config(engine, n)) for ids, n in requests]
+        for (ids, n), sink in zip(requests, sinks):
+            assert sink.wait().token_ids == reference_tokens(ref, ids, n)
+    records = engine.book.records()
+    if family == "gpt_oss":  # sliding-window layers: each request alone through generate()
+        assert engine.batchable and {r.path for r in records} == {"generate"}
+    else:
+        assert engine.batchable is None and {r.path for r in records} == {"batched"}
+        assert max(r.mean_batch or 0 for r in records) > 2  # they really were decoded together
 
 
-def test_a_prompt_that_begins_like_an_earlier_sequence_reuses_its_cache_with_the_same_tokens(checkpoints):
+def test_a_prompt_that_begins_like_an_earlier_sequence_reuses_its_cache_with_the_same_tokens(checkpoints, engine_of):
     family = "qwen3_moe"
     ref = load_reference(family, checkpoints[family])
-    engine = start_engine(family, checkpoints[family], prompt_cache_bytes=2**20)
-    try:
-        first = list(range(10, 40))
-        answer = submit(engine, first, greedy_config(engine, 12)).wait()
-        follow_up = first + answer.token_ids + [50, 51, 52]  # the next turn: the history, then more
-        second = submit(engine, follow_up, greedy_config(engine, 12)).wait()
-        # the first sequence's cache holds its prompt and every generated token but the last (never run)
-        assert second.cached_prompt_tokens == len(first) + len(answer.token_ids) - 1
-        assert second.token_ids == reference_tokens(ref, follow_up, 12)
-        third = submit(engine, first[:20] + [60], greedy_config(engine, 5)).wait()  # a prefix of it, then other
-        assert third.cached_prompt_tokens == 20 and third.token_ids == reference_tokens(ref, first[:20] + [60], 5)
-        status = engine.status()["prompt_cache"]
-        assert status["entries"] >= 1 and 0 < status["bytes"] <= 2**20
-    finally:
-        stop_engine(engine)
+    engine = engine_of(family, prompt_cache_bytes=2**20)
+    first = list(range(10, 40))
+    answer = submit(engine, first, greedy_config(engine, 12)).wait()
+    follow_up = first + answer.token_ids + [50, 51, 52]  # the next turn: the history, then more
+    second = submit(engine, follow_up, greedy_config(engine, 12)).wait()
+    # the first sequence's cache holds its prompt and every generated token but the last (never run)
+    assert second.cached_prompt_tokens == len(first) + len(answer.token_ids) - 1
+    assert second.token_ids == reference_tokens(ref, follow_up, 12)
+    third = submit(engine, first[:20] + [60], greedy_config(engine, 5)).wait()  # a prefix of it, then other
+    assert third.cached_prompt_tokens == 20 and third.token_ids == reference_tokens(ref, first[:20] + [60], 5)
+    status = engine.status()["prompt_cache"]
+    assert status["entries"] >= 1 and 0 < status["bytes"] <= 2**20
 
 
-def test_sampling_with_a_seed_draws_what_generate_draws_after_set_seed_even_in_a_batch(checkpoints):
+def test_sampling_with_a_seed_draws_what_generate_draws_after_set_seed_even_in_a_batch(checkpoints, engine_of):
     from transformers import set_seed
 
     family = "mixtral"
     ref = load_reference(family, checkpoints[family])
-    engine = start_engine(family, checkpoints[family])
-    try:
-        settings = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.1}
-        ids = [5, 6, 7, 8]
-        set_seed(1234)
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            expected = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, pad_token_id=0,
-                                    eos_token_id=None, **settings)[0, 4:].tolist()
-        config = greedy_config(engine, 16, eos_token_id=None, **settings)
-        alone = submit(engine, ids, config, seed=1234).wait().token_ids
-        others = [submit(engine, [9, 10, 11], config) for _ in range(2)]  # unseeded neighbours in the batch
-        together = submit(engine, ids, config, seed=1234)
-        assert alone == expected and together.wait().token_ids == expected
-        for other in others:
-            other.wait()
-    finally:
-        stop_engine(engine)
+    engine = engine_of(family)
+    settings = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.1}
+    ids = [5, 6, 7, 8]
+    set_seed(1234)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        expected = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, pad_token_id=0,
+                                eos_token_id=None, **settings)[0, 4:].tolist()
+    config = greedy_config(engine, 16, eos_token_id=None, **settings)
+    alone = submit(engine, ids, config, seed=1234).wait().token_ids
+    others = [submit(engine, [9, 10, 11], config) for _ in range(2)]  # unseeded neighbours in the batch
+    together = submit(engine, ids, config, seed=1234)
+    assert alone == expected and together.wait().token_ids == expected
+    for other in others:
+        other.wait()
 
 
-def test_a_generation_setting_the_batch_does_not_carry_out_runs_through_generate(checkpoints):
+def test_a_generation_setting_the_batch_does_not_carry_out_runs_through_generate(checkpoints, engine_of):
     family = "mixtral"
     ref = load_reference(family, checkpoints[family])
-    engine = start_engine(family, checkpoints[family])
-    try:
-        config = greedy_config(engine, 24, no_repeat_ngram_size=2)
-        assert engine.solo_reason(config) == "the generation setting 'no_repeat_ngram_size'"
-        batched = submit(engine, [20, 21, 22], greedy_config(engine, 30))
-        solo = submit(engine, [5, 6, 7], config)
-        assert solo.wait().token_ids == reference_tokens(ref, [5, 6, 7], 24, no_repeat_ngram_size=2)
-        assert batched.wait().token_ids == reference_tokens(ref, [20, 21, 22], 30)
-        assert [r.path for r in engine.book.records()][-2:] in (["batched", "generate"], ["generate", "batched"])
-    finally:
-        stop_engine(engine)
+    engine = engine_of(family)
+    config = greedy_config(engine, 24, no_repeat_ngram_size=2)
+    assert engine.solo_reason(config) == "the generation setting 'no_repeat_ngram_size'"
+    batched = submit(engine, [20, 21, 22], greedy_config(engine, 30))
+    solo = submit(engine, [5, 6, 7], config)
+    assert solo.wait().token_ids == reference_tokens(ref, [5, 6, 7], 24, no_repeat_ngram_size=2)
+    assert batched.wait().token_ids == reference_tokens(ref, [20, 21, 22], 30)
+    assert [r.path for r in engine.book.records()][-2:] in (["batched", "generate"], ["generate", "batched"])
 
 
-def test_log_probabilities_are_the_models_own(checkpoints):
+def test_log_probabilities_are_the_models_own(checkpoints, engine_of):
     family = "mixtral"
     ref = load_reference(family, checkpoints[family])
-    engine = start_engine(family, checkpoints[family])
-    try:
-        ids = [30, 31, 32, 33]
-        sink = submit(engine, ids, greedy_config(engine, 6), top_logprobs=3)
-        finished = sink.wait()
-        entries = [lp for e in sink.events if isinstance(e, Delta) for _, lp in e.logprobs]
-        assert [e.token_id for e in entries] == [t for t in finished.token_ids if t != 2]
-        sequence = torch.tensor([ids + finished.token_ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(ref(sequence).logits[0].float(), dim=-1)
-        for i, entry in enumerate(entries):
-            row = logp[len(ids) - 1 + i]
-            assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-4)
-            assert [t for t, _ in entry.top] == torch.topk(row, 3).indices.tolist()
-            assert entry.top[0][0] == entry.token_id  # greedy: the most likely token
-    finally:
-        stop_engine(engine)
+    engine = engine_of(family)
+    ids = [30, 31, 32, 33]
+    sink = submit(engine, ids, greedy_config(engine, 6), top_logprobs=3)
+    finished = sink.wait()
+    entries = [lp for e in sink.events if isinstance(e, Delta) for _, lp in e.logprobs]
+    assert [e.token_id for e in entries] == [t for t in finished.token_ids if t != 2]
+    sequence = torch.tensor([ids + finished.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(sequence).logits[0].float(), dim=-1)
+    for i, entry in enumerate(entries):
+        row = logp[len(ids) - 1 + i]
+        assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-4)
+        assert [t for t, _ in entry.top] == torch.topk(row, 3).indices.tolist()
+        assert entry.top[0][0] == entry.token_id  # greedy: the most likely token
 
 
-def test_a_cancelled_request_leaves_the_batch_and_the_others_are_unaffected(checkpoints):
+def test_a_cancelled_request_leaves_the_batch_and_the_others_are_unaffected(checkpoints, engine_of):
     family = "mixtral"
     ref = load_reference(family, checkpoints[family])
-    engine = start_engine(family, checkpoints[family])
-    try:
-        doomed = submit(engine, [40, 41], greedy_config(engine, 200, eos_token_id=None))
-        kept = submit(engine, [42, 43, 44], greedy_config(engine, 40))
-        while not any(isinstance(e, Delta) for e in doomed.events):
-            time.sleep(0.01)
-        doomed.job.cancelled.set()  # the client went away
-        assert doomed.wait().reason == "cancelled" and len(doomed.events[-1].token_ids) < 200
-        assert kept.wait().token_ids == reference_tokens(ref, [42, 43, 44], 40)
-    finally:
-        stop_engine(engine)
+    engine = engine_of(family)
+    doomed = submit(engine, [40, 41], greedy_config(engine, 200, eos_token_id=None))
+    kept = submit(engine, [42, 43, 44], greedy_config(engine, 40))
+    while not any(isinstance(e, Delta) for e in doomed.events):
+        time.sleep(0.01)
+    doomed.job.cancelled.set()  # the client went away
+    assert doomed.wait().reason == "cancelled" and len(doomed.events[-1].token_ids) < 200
+    assert kept.wait().token_ids == reference_tokens(ref, [42, 43, 44], 40)
 
 
-def test_a_full_queue_answers_overloaded_and_loses_nothing_queued(checkpoints):
+def test_a_full_queue_answers_overloaded_and_loses_nothing_queued(checkpoints, engine_of):
     family = "mixtral"
-    engine = start_engine(family, checkpoints["mixtral"], max_queue=2)
-    try:
-        release = threading.Event()
-        engine.call(lambda: release.wait(30))  # the engine thread is busy: requests stay queued
-        time.sleep(0.1)
-        queued = [submit(engine, [5, 6], greedy_config(engine, 3)) for _ in range(2)]
-        with pytest.raises(Overloaded) as refused:
-            submit(engine, [5, 6], greedy_config(engine, 3))
-        assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
-        release.set()
-        assert all(len(sink.wait().token_ids) == 3 for sink in queued)
-    finally:
-        stop_engine(engine)
+    engine = engine_of(family, max_queue=2)
+    release = threading.Event()
+    engine.call(lambda: release.wait(30))  # the engine thread is busy: requests stay queued
+    time.sleep(0.1)
+    queued = [submit(engine, [5, 6], greedy_config(engine, 3)) for _ in range(2)]
+    with pytest.raises(Overloaded) as refused:
+        submit(engine, [5, 6], greedy_config(engine, 3))
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    release.set()
+    assert all(len(sink.wait().token_ids) == 3 for sink in queued)
 
 
 def test_the_engine_loads_and_runs_the_model_on_its_own_thread(checkpoints):
