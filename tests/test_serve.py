@@ -328,7 +328,8 @@ def test_a_stop_string_is_left_out_and_the_answer_is_generates_text_cut_there(se
                  f"{words[3][1:]} {words[4][:2]}",  # from inside one token into the next
                  words[4]):  # one token
         cut = full[:full.index(stop)]
-        for kw in ({"stop": stop}, {"stop": ["never-generated", stop, "w99999"]}):
+        for kw in ({"stop": stop}, {"stop": ["never-generated", stop, "w99999"]},
+                   {"extra_body": {"generation_config": json.dumps({"stop_strings": [stop]})}}):  # transformers' way
             answer = ask(server, max_tokens=24, **kw)
             assert answer.choices[0].message.content == cut and answer.choices[0].finish_reason == "stop"
             text, last = streamed(server, max_tokens=24, **kw)

@@ -92,7 +92,7 @@ def request_config(served: Served, body: dict[str, Any], prompt_tokens: int) -> 
     config = Sampling.from_mapping(body).apply(config)
     if config.max_new_tokens is None:  # a generation_config without a length
         config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-    config.stop_strings = None  # the request's `stop` is matched on the text (output_text.py)
+    config.stop_strings = list(stop_strings(body, config)) or None  # matched on the text by the engine
     config = effective_config(config, served.generation_config)
     try:
         config.max_new_tokens = new_token_budget(prompt_tokens, served.context, config.max_new_tokens,
@@ -100,6 +100,14 @@ def request_config(served: Served, body: dict[str, Any], prompt_tokens: int) -> 
     except ContextLengthError as exc:
         raise RequestError(str(exc), code="context_length_exceeded") from None
     return config
+
+
+def stop_strings(body: dict[str, Any], config: Any) -> tuple[str, ...]:
+    """The request's ``stop``, then any ``stop_strings`` of its ``generation_config``."""
+    out = []
+    for value in (body.get("stop"), config.stop_strings):
+        out += [value] if isinstance(value, str) else list(value or [])
+    return tuple(dict.fromkeys(out))
 
 
 def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -153,11 +161,11 @@ class _Run:
         if logprobs is not None and (why := served.engine.solo_reason(config)):
             raise RequestError(f"logprobs are not available for this request: it runs through transformers' "
                                f"generate() because of {why}", param="logprobs", code="unsupported_parameter")
-        stops = body.get("stop")
+        stops, config.stop_strings = config.stop_strings, None  # the engine matches them (output_text.py)
+        stops = (stops,) if isinstance(stops, str) else tuple(stops or ())
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         self.job = Job(request_id, prompt, config, lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event),
-                       stops=(stops,) if isinstance(stops, str) else tuple(stops or ()), seed=body.get("seed"),
-                       top_logprobs=logprobs)
+                       stops=stops, seed=body.get("seed"), top_logprobs=logprobs)
         served.engine.submit(self.job)
 
     async def events(self):
