@@ -11,8 +11,8 @@ import socket
 from ..errors import InvalidArgumentError, MoEPatchError
 
 API_KEY_ENV = "MOE_PATCH_API_KEY"
-# what transformers' server imports (its `serving` extra) and the openai types its handlers build answers with
-SERVE_MODULES = ("fastapi", "uvicorn", "openai", "pydantic")
+# what the server imports (the `serve` extra)
+SERVE_MODULES = ("fastapi", "uvicorn", "pydantic")
 
 
 def require_serving_dependencies() -> None:
