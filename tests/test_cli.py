@@ -203,4 +203,4 @@ def test_a_command_whose_extra_is_missing_is_still_listed_and_says_what_to_insta
     assert main(["serve", "some/model"]) == 1
     err = capsys.readouterr().err
     assert err == "moe-patch serve: error: serving needs uvicorn, which is not installed: " \
-                  "pip install 'moe-patch[serve]'\n"
+                  "pip install uvicorn (or, in moe-patch's repository, the serve extra: pip install '.[serve]')\n"

@@ -493,7 +493,7 @@ def test_serve_without_its_libraries_says_what_to_install(checkpoint, monkeypatc
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
     assert main(["serve", str(checkpoint)]) == 1
-    assert "pip install 'moe-patch[serve]'" in capsys.readouterr().err
+    assert "pip install '.[serve]'" in capsys.readouterr().err
 
 
 def test_serve_on_a_busy_port_fails_in_one_line_before_loading(checkpoint, capsys):

@@ -2,7 +2,7 @@
 
 The server is moe-patch's own (FastAPI and uvicorn, the ``serve`` extra) around one engine thread that decodes up
 to ``--parallel`` requests in one batch; see docs/serve.md. Importing this package needs no serving library:
-``app``, ``handlers`` and ``loader`` need the ``serve`` extra (``pip install 'moe-patch[serve]'``).
+``app``, ``handlers`` and ``loader`` need the ``serve`` extra (``pip install '.[serve]'``).
 
     loader.py        the served model: tokenizer first, then the model loaded on the engine's thread
     engine.py        the one thread that runs the model: queue, prefill, batched decode, generate() alone
