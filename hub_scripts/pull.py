@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, constants
 from huggingface_hub.utils import filter_repo_objects
 
 from moe_patch.errors import MoEPatchError, OutputError
@@ -43,7 +43,7 @@ def pull(
     patterns = [include] if isinstance(include, str) else (list(include) if include else None)
     api = api or make_api()
     with hub_errors(repo_id, endpoint=api.endpoint, action="download", revision=revision):
-        if patterns:
+        if patterns and not constants.is_offline_mode():  # offline, snapshot_download answers from the cache
             remote = api.list_repo_files(repo_id, revision=revision)
             if not list(filter_repo_objects(remote, allow_patterns=patterns)):
                 shown = ", ".join(sorted(remote)[:10]) + (" ..." if len(remote) > 10 else "")

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 
 class MoEPatchError(Exception):
-    """Base class of every error moe-patch raises on purpose (the CLI prints these without a traceback)."""
+    """Base class of every error moe-patch raises on purpose (the CLI prints these without a traceback).
+
+    ``cli_message``: the same message in the command line's words (``--quantize nf4`` where the library says
+    ``quantize_experts='nf4'``), for an error whose way out names an argument; the message otherwise.
+    """
+
+    def __init__(self, *args: object, cli_message: str | None = None):
+        super().__init__(*args)
+        self._cli_message = cli_message
+
+    @property
+    def cli_message(self) -> str:
+        return getattr(self, "_cli_message", None) or str(self)
 
 
 class MoEConfigError(MoEPatchError, ValueError):

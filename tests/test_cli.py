@@ -105,8 +105,28 @@ def test_inspect_prints_a_memory_plan_for_budgets(tmp_path, capsys):
     assert plan["routed_bytes_per_token"] == 58 * 8 * 3 * 7168 * 2048 * 2
     assert plan["device_expert_bytes"] + plan["host_expert_bytes"] + plan["disk_expert_bytes"] == plan["expert_bytes"]
     assert plan["host_expert_bytes"] == 256 * 2**30
-    assert plan["device_expert_bytes"] == int(80 * 2**30 * 0.9) - plan["non_expert_bytes"]
+    # the context: the model's 4096 tokens (at most 4096 by default); its KV cache as transformers keeps it for
+    # DeepSeek-V3 (one 512-wide latent and a 64-wide rotary key per token and layer, bf16), then its activations
+    assert plan["context_tokens"] == 4096 and plan["kv_exact"]
+    assert plan["kv_cache_bytes"] == 61 * 4096 * (512 + 64) * 2
+    assert plan["device_expert_bytes"] == int(80 * 2**30 * 0.9) - plan["non_expert_bytes"] - plan["kv_cache_bytes"] \
+        - plan["activation_bytes"] > 0
     assert 0 < plan["hit_rate_low"] < plan["hit_rate_high"] < 1
+
+
+def test_the_memory_plan_keeps_the_kv_cache_of_the_context_asked_for(tmp_path, capsys):
+    from transformers import DeepseekV3Config
+
+    DeepseekV3Config(dtype="bfloat16").save_pretrained(tmp_path)
+    plans = {}
+    for ctx in ("1024", "2048"):
+        assert main(["inspect", str(tmp_path), "--gpu", "80GiB", "--ctx-size", ctx, "--json"]) == 0
+        plans[ctx] = json.loads(capsys.readouterr().out)["memory_plan"]
+    assert plans["2048"]["kv_cache_bytes"] == 2 * plans["1024"]["kv_cache_bytes"] > 0
+    assert plans["2048"]["activation_bytes"] > plans["1024"]["activation_bytes"]
+    assert plans["2048"]["device_expert_bytes"] < plans["1024"]["device_expert_bytes"]
+    assert main(["inspect", str(tmp_path), "--gpu", "80GiB", "--ctx-size", "8192"]) == 1
+    assert "--ctx-size 8192: the model's context is 4096 tokens" in capsys.readouterr().err
 
 
 def test_memory_plan_says_when_the_non_expert_weights_do_not_fit(tmp_path, capsys):
@@ -183,4 +203,4 @@ def test_a_command_whose_extra_is_missing_is_still_listed_and_says_what_to_insta
     assert main(["serve", "some/model"]) == 1
     err = capsys.readouterr().err
     assert err == "moe-patch serve: error: serving needs uvicorn, which is not installed: " \
-                  "pip install 'moe-patch[serve]'\n"
+                  "pip install uvicorn (or, in moe-patch's repository, the serve extra: pip install '.[serve]')\n"

@@ -199,3 +199,19 @@ def test_kernel_crossovers_come_from_measurements_on_this_machine():
     assert isinstance(loop_wins(torch.float32, 3), bool)
     bits = int(CALIBRATIONS.get("cpu_loop_wins/float32", lambda: -1.0))  # measured by the call above
     assert 0 <= bits < 32 and loop_wins(torch.float32, 1) == bool(bits & 1)
+
+
+def test_a_gpu_older_than_sm80_runs_the_loop_and_says_so_once(monkeypatch, caplog):
+    """torch's grouped GEMM needs SM80+ (Ampere): older GPUs compute experts in a loop, and the log says it once."""
+    import logging
+    from types import SimpleNamespace
+
+    from moe_patch.dispatch import core
+
+    core._say_no_grouped_kernel.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    weight = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, requires_grad=False)
+    with caplog.at_level(logging.WARNING, logger="moe_patch.dispatch.core"):
+        assert not any(core.grouped_mm_supported(torch.zeros(4, 8), [weight]) for _ in range(3))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "compute capability 7.5" in said[0] and "SM80+" in said[0] and "loop" in said[0]

@@ -386,6 +386,21 @@ def test_offline_mode_is_named_in_the_error(hub, api, ckpt, monkeypatch):
         push_folder(ckpt, "tester/cached", api=api)
 
 
+def test_a_checkpoint_pulled_once_loads_offline_from_the_cache(hub, api, ckpt, monkeypatch):
+    """What `moe-patch run REPO_ID` resolves: a snapshot of the files it needs; offline, the cached one (listing the
+    repository's files to check the patterns would need the network)."""
+    from moe_patch.errors import CheckpointError
+    from moe_patch.offload.loading import resolve_checkpoint
+
+    push_folder(ckpt, "tester/cached-run", api=api)
+    online = resolve_checkpoint("tester/cached-run")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_checkpoint("tester/cached-run") == online
+    with pytest.raises(CheckpointError, match="tester/never-pulled: no folder of that name here, and as a Hub repo "
+                                              "id: .*HF_HUB_OFFLINE is set and no cached copy exists"):
+        resolve_checkpoint("tester/never-pulled")
+
+
 @pytest.mark.parametrize(
     "argv_tail, message",
     [

@@ -65,7 +65,7 @@ def _expected_from_router(name: str, handle, out) -> dict:
         idx = handle.block.route_tokens_to_experts(out)[1]
     else:  # transformers 5 routers: (logits, top-k weights, top-k indices)
         idx = out[2]
-    width = E + int(getattr(handle.experts, "zero_expert_num", 0) or 0)
+    width = E + handle.info.zero_experts  # LongCat-Flash's identity experts, wherever transformers counts them
     counts = [0] * width
     for i in idx.flatten().tolist():
         counts[i] += 1

@@ -237,16 +237,41 @@ def test_gradients_through_evicted_experts_match_the_resident_model(tmp_path):
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["longcat_flash", "step3p7"])
-def test_undecorated_fused_experts_are_refused_by_offload_with_one_line(family):
-    """LongCat-Flash (zero experts) and step3p7 have no layout flags the offloaded forward can follow."""
+def test_zero_computation_experts_stay_resident_with_one_line():
+    """LongCat-Flash routes identity experts beside the real ones: in its experts module (transformers 5.23) or, since
+    5.25, in its block, which hands the experts a real expert id with weight 0 for each: offloaded, each would cost
+    a read for nothing, so the blocks stay resident either way."""
     from moe_patch.errors import NoMoEFoundError
     from moe_patch.offload import attach_offload
     from moe_patch.testing.tiny import tiny_model
 
-    model, _ = tiny_model(family)
-    with pytest.raises(NoMoEFoundError, match="not offloadable: .*Experts"):
+    model, _ = tiny_model("longcat_flash")
+    with pytest.raises(NoMoEFoundError, match="not offloadable: .*Experts.*zero-computation experts"):
         attach_offload(model, options={"expert_cache": None})
+
+
+def test_step3p7_experts_offload_exactly_where_decorated_and_are_refused_where_not():
+    """step3p7's clamped experts: without transformers' experts decorator (5.23) they carry no layout flags the
+    offloaded forward could follow and are refused in one line; decorated (5.25) they offload like any other."""
+    from moe_patch.errors import NoMoEFoundError
+    from moe_patch.families.fused import is_decorated
+    from moe_patch.offload import attach_offload
+    from moe_patch.testing.tiny import main_output, tiny_model
+
+    model, inputs = tiny_model("step3p7", text_config={"swiglu_limits": [0.05, 0.05]})  # clamps that bite
+    experts = [m for m in model.modules() if type(m).__name__ == "Step3p7Experts"]
+    if not is_decorated(experts[0]):
+        with pytest.raises(NoMoEFoundError, match="not offloadable: .*Experts"):
+            attach_offload(model, options={"expert_cache": None})
+        return
+    with torch.no_grad():
+        want = main_output(model(**inputs))
+        handle = attach_offload(model, options={"expert_cache": None, "calibrate": False})
+        try:
+            got = main_output(model(**inputs))
+        finally:
+            handle.detach()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 
 
 def test_a_cuda_device_this_machine_lacks_is_refused_before_anything_changes(monkeypatch):

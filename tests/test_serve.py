@@ -4,7 +4,8 @@ terminal, sampling and the chat template in `moe-patch run`.
 One tiny Mixtral checkpoint (random weights, a context of 256 tokens) with a word-level tokenizer and a
 chat template, both built here; the server is started once for the module, as a user starts it, on a
 free loopback port, with experts paged through a two-expert device cache and a host cache. Every greedy
-answer is compared with transformers' ``generate()`` on the same checkpoint loaded fully resident.
+answer is compared with transformers' ``generate()`` on the same checkpoint loaded fully resident, one request
+at a time, including answers the server decoded in one batch with other clients' requests.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ openai = pytest.importorskip("openai")
 MOE_PATCH = Path(sys.executable).with_name("moe-patch")  # the console script of this environment
 KEY = "sk-test-5f0c2a91d7"  # must never show in the server's output
 NAME = "tiny-moe"
+ALIAS = "tiny-alias"
 CONTEXT = 256
 HELLO = [{"role": "user", "content": "w5 w6 w7"}]
 
@@ -84,7 +86,7 @@ def ref(checkpoint) -> Reference:
 
 def offload_flags() -> list[str]:
     one = expert_bytes("mixtral")
-    return ["--dtype", "float32", "--expert-cache", str(2 * one), "--host-cache", str(3 * one)]
+    return ["--dtype", "float32", "--expert-cache", f"{2 * one}B", "--host-cache", f"{3 * one}B"]
 
 
 # -- the server ------------------------------------------------------------------------------------------------
@@ -129,8 +131,8 @@ def server(checkpoint, tmp_path_factory):
     env = {**os.environ, "MOE_PATCH_API_KEY": KEY, "OMP_NUM_THREADS": "1"}  # the key as users should pass it
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(MOE_PATCH), "serve", str(checkpoint), "--port", str(port),
-                                 "--served-model-name", NAME, *offload_flags()], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
+                                 "--served-model-name", NAME, "--alias", ALIAS, "--parallel", "4", *offload_flags()],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -170,10 +172,17 @@ def streamed(server: Server, messages=HELLO, max_tokens: int = 12, **kw) -> tupl
 
 
 # -- the OpenAI API --------------------------------------------------------------------------------------------
-def test_models_lists_the_served_model(server):
+def test_models_lists_the_served_names(server):
     client = server.client()
-    assert [m.id for m in client.models.list().data] == [NAME]
-    assert client.models.retrieve(NAME).id == NAME
+    assert [m.id for m in client.models.list().data] == [NAME, ALIAS]
+    assert client.models.retrieve(NAME).id == NAME and client.models.retrieve(ALIAS).id == ALIAS
+
+
+@pytest.mark.parametrize("model", [NAME, ALIAS, "gpt-4o", "whatever/the-client-was-set-up-with"])
+def test_any_model_name_is_answered_by_the_one_model_as_llama_server_does(server, ref, model):
+    answer = server.client().chat.completions.create(model=model, messages=HELLO, max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content == ref.answer(HELLO, 8)[0]
+    assert answer.model == NAME  # the client learns what answered
 
 
 def test_greedy_chat_completion_gives_generates_tokens(server, ref):
@@ -184,6 +193,7 @@ def test_greedy_chat_completion_gives_generates_tokens(server, ref):
     assert answer.usage.prompt_tokens == len(ref.chat_ids(HELLO))  # the chat template was applied
     assert answer.choices[0].finish_reason == ("length" if count == 24 else "stop")
     assert answer.model == NAME
+    assert answer.usage.prompt_tokens_details.cached_tokens >= 0
 
 
 def test_streamed_chat_completion_gives_generates_tokens(server, ref):
@@ -212,23 +222,30 @@ def test_text_completion_gives_generates_tokens(server, ref):
 
 def test_stats_report_the_engines_figures_per_request_and_in_total(server):
     before = server.stats()["cumulative"]
-    answer = ask(server, max_tokens=16)
+    messages = [{"role": "user", "content": "w90 w91 w92 w93"}]  # a prompt nothing cached begins with
+    answer = ask(server, messages, max_tokens=16)
     stats = server.stats()
     record = next(r for r in stats["requests"] if r["request_id"] == answer.id)
     fig = record["offload"]
     assert record["prompt_tokens"] == answer.usage.prompt_tokens
-    assert fig["generations"] == 1 and fig["prefill_tokens"] == answer.usage.prompt_tokens
+    assert record["completion_tokens"] == answer.usage.completion_tokens and record["path"] == "batched"
+    assert record["cached_prompt_tokens"] == answer.usage.prompt_tokens_details.cached_tokens
+    assert record["time_to_first_token_s"] > 0 and record["mean_batch"] == 1.0  # alone
+    computed = answer.usage.prompt_tokens - record["cached_prompt_tokens"]
+    assert fig["generations"] == 1 and fig["prefill_tokens"] == (computed if computed > 1 else 0)
     assert fig["decode_tokens"] == answer.usage.completion_tokens - 1  # the first token comes from the prefill
     assert fig["decode_tokens_per_s"] > 0 and 0 <= fig["hit_rate"] <= 1
     assert set(fig["decode_bytes_per_token"]) == {"device", "host", "disk"}
     assert fig["decode_bytes_per_token"]["disk"] > 0  # a two-expert device cache pages from the checkpoint
     assert fig["fraction_of_bound"] is None or fig["fraction_of_bound"] > 0
     total = stats["cumulative"]
-    assert total["generations"] == before["generations"] + 1
+    assert total["generations"] == before["generations"] + 1 and total["requests"] == before["requests"] + 1
     assert total["decode_tokens"] == before["decode_tokens"] + fig["decode_tokens"]
-    engine = stats["last_engine_report"]  # the engine's own report (OffloadStats.to_dict) of that request
-    assert len(engine["layers"]) == 2 and engine["hit_rate"] == pytest.approx(fig["hit_rate"])
-    assert stats["scheduling"].startswith("one generation at a time")
+    assert total["completion_tokens"] == before["completion_tokens"] + answer.usage.completion_tokens
+    engine = stats["engine_report"]  # the engine's own report (OffloadStats.to_dict) since the server started
+    assert len(engine["layers"]) == 2 and engine["disk_bytes_total"] > 0
+    assert stats["scheduling"].startswith("up to 4 requests decoded together") and stats["max_batch"] == 4
+    assert stats["waiting"] == 0 and stats["running"] == [] and stats["prompt_cache"]["entries"] >= 1
 
 
 # -- bad requests: a 4xx with OpenAI's error body, and the server keeps serving -------------------------------------
@@ -236,7 +253,6 @@ LONG = " ".join(["w8"] * (CONTEXT + 10))
 
 
 @pytest.mark.parametrize("body, key, status, code, param", [
-    pytest.param({"model": "gpt-4o", "messages": HELLO}, KEY, 404, "model_not_found", "model", id="unknown-model"),
     pytest.param(b'{"messages": [', KEY, 400, None, None, id="malformed-json"),
     pytest.param(b"[1, 2]", KEY, 400, None, None, id="body-not-an-object"),
     pytest.param({"model": NAME}, KEY, 400, "missing_required_parameter", "messages", id="missing-messages"),
@@ -258,8 +274,12 @@ LONG = " ".join(["w8"] * (CONTEXT + 10))
     pytest.param({"messages": HELLO}, "sk-wrong", 401, "invalid_api_key", None, id="wrong-api-key"),
     pytest.param({"messages": HELLO}, None, 401, "invalid_api_key", None, id="missing-api-key"),
     pytest.param({"messages": HELLO, "n": 2}, KEY, 400, "unsupported_parameter", "n", id="unsupported-n"),
-    pytest.param({"messages": HELLO, "logprobs": True}, KEY, 400, "unsupported_parameter", "logprobs",
-                 id="unsupported-logprobs"),
+    pytest.param({"messages": HELLO, "top_logprobs": 2}, KEY, 400, "invalid_value", "top_logprobs",
+                 id="top-logprobs-without-logprobs"),
+    pytest.param({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, KEY, 400, "invalid_value", "top_logprobs",
+                 id="too-many-top-logprobs"),
+    pytest.param({"messages": HELLO, "logit_bias": {"999999": 5}}, KEY, 400, "invalid_value", "logit_bias",
+                 id="logit-bias-outside-the-vocabulary"),
     pytest.param({"messages": HELLO, "response_format": {"type": "json_object"}}, KEY, 400, "unsupported_parameter",
                  "response_format", id="unsupported-json-mode"),
     pytest.param({"messages": HELLO, "max_token": 5}, KEY, 400, "unknown_parameter", "max_token", id="misspelt-field"),
@@ -280,8 +300,6 @@ def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(server, r
 
 def test_the_openai_client_raises_its_own_errors(server):
     client = server.client()
-    with pytest.raises(openai.NotFoundError, match="does not exist"):
-        client.chat.completions.create(model="gpt-4o", messages=HELLO)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
     with pytest.raises(openai.BadRequestError, match="context"):
@@ -295,31 +313,72 @@ def test_unknown_route_and_text_completion_errors(server):
     assert status == 404
     status, answer = call(f"{server.url}/v1/completions", {"prompt": "", "max_tokens": 3})
     assert status == 400 and answer["error"]["param"] == "prompt"
+    status, answer = call(f"{server.url}/v1/completions", {"prompt": "w5", "logprobs": 6})
+    assert status == 400 and answer["error"]["param"] == "logprobs"
+    status, answer = call(f"{server.url}/v1/completions", {"prompt": "w5", "suffix": "w9"})  # no infill format
+    assert status == 400 and answer["error"]["code"] == "unsupported_parameter"
 
 
-# -- concurrency: one generation at a time; cancelled streams stop -------------------------------------------------
-def test_concurrent_requests_queue_and_each_gets_its_own_tokens(server, ref):
-    prompts = [[{"role": "user", "content": f"w{30 + i} w{50 + i}"}] for i in range(3)]
+# -- stop strings: left out of the answer, which ends with finish_reason "stop" ----------------------------------------
+def test_a_stop_string_is_left_out_and_the_answer_is_generates_text_cut_there(server, ref):
+    full, count = ref.answer(HELLO, 24)
+    words = full.split()
+    assert len(words) >= 6, full
+    for stop in (f"{words[2]} {words[3]}",  # across two tokens
+                 f"{words[3][1:]} {words[4][:2]}",  # from inside one token into the next
+                 words[4]):  # one token
+        cut = full[:full.index(stop)]
+        for kw in ({"stop": stop}, {"stop": ["never-generated", stop, "w99999"]},
+                   {"extra_body": {"generation_config": json.dumps({"stop_strings": [stop]})}}):  # transformers' way
+            answer = ask(server, max_tokens=24, **kw)
+            assert answer.choices[0].message.content == cut and answer.choices[0].finish_reason == "stop"
+            text, last = streamed(server, max_tokens=24, **kw)
+            assert text == cut and last.choices[0].finish_reason == "stop"
+    # a stop string the answer never completes changes nothing
+    answer = ask(server, max_tokens=24, stop=["w1 w2 w3 w4 never"])
+    assert answer.choices[0].message.content == full
+    assert answer.choices[0].finish_reason == ("length" if count == 24 else "stop")
+
+
+def test_a_stop_string_in_a_text_completion_is_left_out(server, ref):
+    new = ref.greedy(ref.tokenizer("w20 w21 w22")["input_ids"], 12)
+    full = ref.tokenizer.decode(new, skip_special_tokens=True)
+    stop = " ".join(full.split()[3:5])
+    for stream in (False, True):
+        got = server.client().completions.create(model=NAME, prompt="w20 w21 w22", max_tokens=12, temperature=0,
+                                                 stop=[stop], stream=stream)
+        text = "".join(c.choices[0].text for c in got) if stream else got.choices[0].text
+        assert text == full[:full.index(stop)]
+
+
+# -- concurrency: requests decoded together, each with the tokens it gets alone -------------------------------------
+@pytest.mark.parametrize("clients", [2, 4])
+def test_concurrent_clients_each_get_the_tokens_they_get_alone(server, ref, clients):
+    prompts = [[{"role": "user", "content": " ".join(f"w{30 + 7 * i + j}" for j in range(1 + 3 * i))}]
+               for i in range(clients)]  # prompts of different lengths: the batch is left-padded
+    lengths = [40 - 6 * i for i in range(clients)]  # answers of different lengths: requests leave the batch
     results: dict[int, tuple[str, str]] = {}
+    start = threading.Barrier(clients)
 
     def one(i: int) -> None:
+        start.wait()
         if i % 2:
-            text, last = streamed(server, prompts[i], max_tokens=20)
+            text, last = streamed(server, prompts[i], max_tokens=lengths[i])
             results[i] = (text, last.id)
         else:
-            answer = ask(server, prompts[i], max_tokens=20)
+            answer = ask(server, prompts[i], max_tokens=lengths[i])
             results[i] = (answer.choices[0].message.content, answer.id)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert sorted(results) == [0, 1, 2]
+    assert sorted(results) == list(range(clients))
     for i, (text, _) in results.items():
-        assert text == ref.answer(prompts[i], 20)[0]
-    spans = sorted((server.record(rid)["started_at"], server.record(rid)["finished_at"]) for _, rid in results.values())
-    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))  # never two at once
+        assert text == ref.answer(prompts[i], lengths[i])[0]
+    batches = [server.record(rid)["mean_batch"] or 1 for _, rid in results.values()]
+    assert max(batches) > 1  # they were decoded together, not one after another
 
 
 def test_a_disconnected_stream_stops_and_the_next_request_is_unaffected(server, ref):
@@ -329,7 +388,7 @@ def test_a_disconnected_stream_stops_and_the_next_request_is_unaffected(server, 
     first = next(chunks)
     next(chunks), next(chunks)
     stream.close()  # the client goes away mid-stream
-    answer = ask(server, max_tokens=24)  # queued behind the cancelled one
+    answer = ask(server, max_tokens=24)  # decoded beside the cancelled one, or after it left
     assert answer.choices[0].message.content == ref.answer(HELLO, 24)[0]
     cancelled = server.record(first.id)["offload"]
     assert cancelled["decode_tokens"] < 150  # stopped, not run to its 200 tokens
@@ -355,29 +414,76 @@ def test_the_api_key_never_reaches_the_log(server):
     assert "401" in log and KEY not in log  # unauthorised requests were logged, the key was not
 
 
-def test_the_server_loads_and_generates_on_one_thread(checkpoint, monkeypatch):
-    """GNU OpenMP stops spin-waiting between parallel regions once the threads of its per-thread pools
-    outnumber the cores: a model loaded on the main thread and run on the inference thread decoded ~40%
-    slower on 2 cores. The load and every generate() run on the one inference thread."""
-    import moe_patch.offload
+# -- prompt-prefix reuse across turns ----------------------------------------------------------------------------------
+def test_a_three_turn_chat_reuses_the_previous_turns_prompt_with_the_tokens_of_a_fresh_run(server, ref):
+    conversation = [{"role": "system", "content": "w100 w101 w102 w103 w104 w105"}]
+    previous_prompt = None
+    for turn, line in enumerate(["w40 w41 w42", "w43 w44", "w45 w46 w47 w48"]):
+        conversation.append({"role": "user", "content": line})
+        answer = ask(server, conversation, max_tokens=10)
+        expected, _ = ref.answer(conversation, 10)
+        assert answer.choices[0].message.content == expected  # as a fresh run
+        record = server.record(answer.id)
+        assert record["cached_prompt_tokens"] == answer.usage.prompt_tokens_details.cached_tokens
+        if previous_prompt is not None:
+            assert record["cached_prompt_tokens"] >= 0.9 * previous_prompt, (turn, record, previous_prompt)
+        previous_prompt = answer.usage.prompt_tokens
+        conversation.append({"role": "assistant", "content": answer.choices[0].message.content})
+    assert server.stats()["cumulative"]["cached_prompt_tokens"] > 0
+
+
+# -- log-probabilities ---------------------------------------------------------------------------------------------
+def test_chat_logprobs_are_the_models_own(server, ref):
+    answer = ask(server, max_tokens=6, logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    ids = ref.chat_ids(HELLO)
+    new = ref.greedy(ids, 6)
+    with torch.no_grad():
+        logp = torch.log_softmax(ref.model(torch.tensor([ids + new])).logits[0], dim=-1)
+    shown = [t for t in new if t != 2]  # the end-of-sequence token adds no text and no entry
+    assert [c.token for c in content] == [ref.tokenizer.decode([t]) for t in shown]
+    for i, (entry, token) in enumerate(zip(content, shown)):
+        assert entry.logprob == pytest.approx(float(logp[len(ids) - 1 + i, token]), abs=1e-4)
+        assert [t.token for t in entry.top_logprobs][0] == entry.token and len(entry.top_logprobs) == 3
+        assert entry.bytes == list(entry.token.encode())
+    pieces = []
+    for chunk in server.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=6, temperature=0,
+                                                         stream=True, logprobs=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            pieces += [c.token for c in chunk.choices[0].logprobs.content]
+    assert pieces == [c.token for c in content]
+
+
+def test_text_completion_logprobs_have_the_legacy_shape(server, ref):
+    answer = server.client().completions.create(model=NAME, prompt="w20 w21 w22", max_tokens=5, temperature=0,
+                                                logprobs=2)
+    lp = answer.choices[0].logprobs
+    assert "".join(lp.tokens[:1]) == answer.choices[0].text.split()[0]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert all(len(top) == 2 for top in lp.top_logprobs) and lp.text_offset[0] == 0
+
+
+def test_a_strict_server_refuses_other_model_names(checkpoint):
+    from fastapi.testclient import TestClient
+
     from moe_patch.offload import OffloadOptions
     from moe_patch.serve.app import build_app
-    from moe_patch.serve.loader import OffloadModelManager
+    from moe_patch.serve.loader import close_served, open_served
+    from moe_patch.serve.names import ServedNames
 
-    real, loaded_on = moe_patch.offload.load_model, []
-
-    def recording(*args, **kwargs):
-        loaded_on.append(threading.get_ident())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(moe_patch.offload, "load_model", recording)
-    manager = OffloadModelManager(checkpoint, name=NAME, options=OffloadOptions(), dtype="float32")
+    served = open_served(checkpoint, names=ServedNames((NAME, ALIAS), strict=True), options=OffloadOptions(),
+                         dtype="float32")
     try:
-        app = build_app(manager)
-        generates_on = app.state.generation.manager.submit(threading.get_ident).result()
-        assert loaded_on == [generates_on] and generates_on != threading.get_ident()
+        client = TestClient(build_app(served))
+        body = {"messages": HELLO, "max_tokens": 2}
+        for name in (NAME, ALIAS):
+            assert client.post("/v1/chat/completions", json={**body, "model": name}).status_code == 200
+        refused = client.post("/v1/chat/completions", json={**body, "model": "gpt-4o"})
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+        assert "tiny-moe" in refused.json()["error"]["message"]
+        assert client.get("/v1/models/gpt-4o").status_code == 404
     finally:
-        manager.shutdown()
+        close_served(served)
 
 
 # -- refusals before anything loads -----------------------------------------------------------------------------------
@@ -387,7 +493,7 @@ def test_serve_without_its_libraries_says_what_to_install(checkpoint, monkeypatc
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
     assert main(["serve", str(checkpoint)]) == 1
-    assert "pip install 'moe-patch[serve]'" in capsys.readouterr().err
+    assert "pip install '.[serve]'" in capsys.readouterr().err
 
 
 def test_serve_on_a_busy_port_fails_in_one_line_before_loading(checkpoint, capsys):
@@ -499,10 +605,10 @@ def test_run_decodes_prompt_ids_when_the_checkpoint_has_a_tokenizer(checkpoint, 
 
 @pytest.mark.parametrize("extra, code, message", [
     (["--prompt", "w5", "--top-p", "0"], 2, "argument --top-p: expected a number in (0, 1], got 0"),
-    (["--prompt", "w5", "--temperature", "-0.5"], 2, "argument --temperature: expected a number >= 0, got -0.5"),
+    (["--prompt", "w5", "--temperature", "-0.5"], 2, "argument --temperature/--temp: expected a number >= 0, got -0.5"),
     (["--prompt", "w5", "--top-k", "0"], 2, "argument --top-k: expected an integer >= 1, got 0"),
-    (["--prompt", "w5", "--seed", "x"], 2, "argument --seed: expected an integer in [0, "),
-    (["--prompt-ids", "5,6", "--chat"], 1, "--chat puts --prompt text in the chat template"),
+    (["--prompt", "w5", "--seed", "x"], 2, "argument -s/--seed: expected an integer in [0, "),
+    (["--prompt-ids", "5,6", "--chat"], 1, "--chat puts the prompt text in the chat template"),
     (["--prompt", "w5", "--max-new-tokens", str(CONTEXT)], 1, "--max-new-tokens: the prompt (1 tokens) plus"),
 ])
 def test_run_refuses_bad_generation_arguments_in_one_line(checkpoint, capsys, extra, code, message):

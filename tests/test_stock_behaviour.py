@@ -380,11 +380,44 @@ def test_patching_adds_no_public_or_decorated_experts_attribute(name):
     assert _public_attributes(model) == before
 
 
-def test_patched_undecorated_experts_are_not_taken_for_decorated_ones():
-    model, _ = build("longcat_flash")
+class PlainFusedExperts(torch.nn.Module):
+    """Fused [gate; up] experts with transformers 5's call signature and no experts decorator, as step3p7's and
+    LongCat-Flash's were before transformers 5.25 decorated them: the layout the ``fused_plain`` family drives."""
+
+    def __init__(self, experts: torch.nn.Module):
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.act_fn = experts.gate_up_proj, experts.down_proj, experts.act_fn
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.down_proj.shape[0]):
+            token, slot = torch.where(top_k_index == e)
+            gate, up = torch.nn.functional.linear(hidden_states[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e]) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+@pytest.mark.parametrize("name", ["plain-fused", "longcat_flash"])
+def test_patched_undecorated_experts_are_not_taken_for_decorated_ones(name):
+    from moe_patch.families import find_moe_blocks
+    from moe_patch.families.fused import is_decorated
+
+    if name == "plain-fused":  # on every transformers: mixtral's experts without the decorator
+        model, inputs = build("mixtral")
+        for handle in find_moe_blocks(model):
+            handle.block.experts = PlainFusedExperts(handle.experts)
+        adapter = "fused_plain"
+    else:  # LongCat-Flash's zero-computation experts, undecorated before transformers 5.25
+        model, inputs = build(name)
+        if is_decorated(find_moe_blocks(model)[0].experts):
+            pytest.skip("this transformers decorates LongCat-Flash's experts (its block routes the zero experts)")
+        adapter = "zero_experts"
+    want = logits(model, inputs)
     patch_model(model)
     report = inspect_model(model)
-    assert {b.adapter for b in report.blocks} == {"zero_experts"}
+    assert {b.adapter for b in report.blocks} == {adapter}
+    assert rel_diff(logits(model, inputs), want) < 1e-5
     experts = model.get_submodule(report.blocks[0].experts_path)
     assert not hasattr(experts, "has_gate") and not hasattr(experts, "is_transposed")
 

@@ -40,13 +40,20 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def size(minimum: int = 0) -> Callable[[str], str]:
-    """A byte size the one size parser reads (``8GiB``, ``500MB``, a byte count); the text is kept as given,
-    so a recorded command line shows what the user typed."""
+def size(minimum: int = 0, *, auto: bool = False) -> Callable[[str], str]:
+    """A byte size the one size parser reads (``8GiB``, ``500MB``, ``4096B``); the text is kept as given, so a
+    recorded command line shows what the user typed. A number without a unit is refused (``--gpu 24`` meant
+    24 GiB, not 24 bytes), except 0; ``auto`` passes where the option has an automatic value."""
 
     def parse(text: str) -> str:
         from ..sizes import parse_size
 
+        if auto and text.strip().lower() == "auto":
+            return "auto"
+        number = text.strip()
+        if number.replace(".", "", 1).isdigit() and float(number) != 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} has no unit; give a unit, e.g. {number}GiB or {number}MB ({number}B for bytes)")
         try:
             parse_size(text, name="", minimum=minimum)  # argparse names the option
         except MoEPatchError as exc:
@@ -70,6 +77,22 @@ def non_empty(text: str) -> str:
     return text
 
 
+def prompt_file(text: str) -> str:
+    """The text of a file, or of standard input for ``-``: the prompt, under the same checks as ``--prompt``
+    (UTF-8, not empty). Its size against the model's context is checked once the config is read."""
+    import sys
+
+    try:
+        data = sys.stdin.buffer.read() if text == "-" else Path(text).expanduser().read_bytes()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc.strerror or exc}") from None
+    where = "standard input" if text == "-" else text
+    try:
+        return non_empty(data.decode("utf-8", errors="surrogateescape"))
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{where}: {exc}") from None
+
+
 def token_ids(text: str) -> list[int]:
     """Comma-separated token ids, each >= 0, at least one (the upper bound is the model's vocabulary)."""
     parts = [t.strip() for t in text.split(",") if t.strip()]
@@ -87,10 +110,13 @@ def token_ids(text: str) -> list[int]:
 
 
 def device(text: str) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N`` (whether that device exists is checked when it is used)."""
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether that device exists is checked when it is used;
+    ``auto`` is resolved then: CUDA when torch sees a GPU, else the CPU)."""
     kind, _, index = text.partition(":")
+    if text == "auto":
+        return text
     if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
     return text
 
 

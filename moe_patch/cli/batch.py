@@ -40,8 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("--keep-going", action="store_true", help="run the remaining jobs after a failure")
     p.add_argument("--skip-existing", action="store_true", help="reuse outputs that already hold a report")
-    # also accepted after the command, as before; SUPPRESS keeps `moe-patch --debug batch` working
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks and debug logs")
     p.set_defaults(func=_batch)
 
 

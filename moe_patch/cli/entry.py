@@ -27,15 +27,33 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
             batch.register]
 
 
+def version_text() -> str:
+    """``moe-patch X (transformers Y, torch Z)``: the installed distributions, read without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"moe-patch {installed('moe-patch')} (transformers {installed('transformers')}, torch {installed('torch')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="moe-patch",
         description="Detect, patch, offload, upcycle and publish Mixture-of-Experts models.",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    debug_help = "show full tracebacks and debug logs"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # subparsers are ArgumentParser too
     for register in _registrars():
         register(sub)
+    # errors say "re-run with --debug": it works after the command too (an alias shares its command's parser)
+    for command in {id(p): p for p in sub.choices.values()}.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
@@ -74,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MoEPatchError as exc:
         if args.debug:
             raise
-        print(f"{where}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{where}: error: {' '.join(exc.cli_message.split())}", file=sys.stderr)
         return 1
     except OSError as exc:  # the file system said no: name the file and the reason
         if args.debug:

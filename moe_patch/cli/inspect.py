@@ -8,7 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .args import size
+from .args import int_at_least, size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,19 +19,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
     p.add_argument("--gpu", type=size(), help="device budget for a memory plan, e.g. 24GiB")
     p.add_argument("--ram", type=size(), help="host RAM budget for a memory plan, e.g. 64GiB")
+    p.add_argument("-c", "--ctx-size", type=int_at_least(1), default=None,
+                   help="context the memory plan keeps KV cache and activations for (default: the model's, at most "
+                   "4096 tokens)")
     p.set_defaults(func=_inspect)
 
 
-def inspect_folder(folder, *, trust_remote_code: bool = False):
+def inspect_folder(folder, *, trust_remote_code: bool = False, with_config: bool = False):
     """(MoEReport, CheckpointSummary) of a local checkpoint folder, from its config and index only (also the
-    demo's). It joins detect (config, index) and the families' finder, which imports detect: only a layer
-    above both can call the two."""
+    demo's), and its config with ``with_config``. It joins detect (config, index) and the families' finder,
+    which imports detect: only a layer above both can call the two."""
     from ..detect.config import load_config, meta_model, summarize_checkpoint
     from ..families import inspect_model
 
     config = load_config(folder, trust_remote_code=trust_remote_code)
     report = inspect_model(meta_model(config, trust_remote_code=trust_remote_code))
-    return report, summarize_checkpoint(folder)
+    return (report, summarize_checkpoint(folder)) + ((config,) if with_config else ())
+
+
+def _context_footprint(config, args: argparse.Namespace, dtype_bytes: float) -> dict:
+    """The memory plan's context: ``--ctx-size`` (at most the model's) or the default, its KV cache and the
+    activations of a prefill over it."""
+    from ..errors import InvalidArgumentError
+    from ..offload.auto_budget import default_context
+    from ..offload.footprint import activation_bytes, kv_cache_elements, model_context
+
+    model = model_context(config)
+    if args.ctx_size and model and args.ctx_size > model:
+        raise InvalidArgumentError(f"--ctx-size {args.ctx_size}: the model's context is {model} tokens; give at most "
+                                   f"{model}.")
+    tokens = args.ctx_size or default_context(config)
+    elements, exact = kv_cache_elements(config, tokens, trust_remote_code=args.trust_remote_code)
+    return {"context_tokens": tokens, "kv_cache_bytes": int(elements * dtype_bytes), "kv_exact": exact,
+            "activation_bytes": activation_bytes(config, tokens, dtype_bytes)}
 
 
 def _stored_format(folder: Path, report, summary) -> dict:
@@ -68,14 +88,15 @@ def _inspect(args: argparse.Namespace) -> int:
         from hub_scripts.pull import fetch_metadata
 
         folder = fetch_metadata(args.path, revision=args.revision)
-    report, summary = inspect_folder(folder, trust_remote_code=args.trust_remote_code)
+    report, summary, config = inspect_folder(folder, trust_remote_code=args.trust_remote_code, with_config=True)
     stored = _stored_format(folder, report, summary)
     plan = None
     if args.gpu or args.ram:
         from ..offload import plan_memory
 
         plan = plan_memory(report, gpu=args.gpu, ram=args.ram, bytes_per_param=summary.bytes_per_param,
-                           expert_bytes_per_param=stored.get("bytes_per_param"))
+                           expert_bytes_per_param=stored.get("bytes_per_param"),
+                           **_context_footprint(config, args, summary.bytes_per_param))
     if args.json:
         data = report.to_dict()
         data["checkpoint"] = {"shards": len(summary.shards), "total_bytes": summary.total_bytes,

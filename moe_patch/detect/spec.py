@@ -98,6 +98,8 @@ class MoEBlock:
         shared_params: parameters of the shared experts (always active).
         router_params: parameters of the router.
         dtype: dtype of the expert weights.
+        zero_experts: identity ("zero computation") experts the router may pick besides the ``num_experts``
+            routed ones (LongCat-Flash); their ids follow the routed ones.
     """
 
     path: str
@@ -116,6 +118,7 @@ class MoEBlock:
     shared_params: int
     router_params: int
     dtype: str
+    zero_experts: int = 0
 
     @property
     def expert_params(self) -> int:

@@ -21,8 +21,9 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,42 +52,61 @@ def _fingerprint(threads: int) -> str:
 
 
 class Calibrations:
-    """Measured answers keyed by question, per machine; kept in memory and in one JSON file per machine."""
+    """Measured answers keyed by question, per machine; kept in memory and in one JSON file per machine.
+
+    An answer is a number (:meth:`get`) or a record of named numbers (:meth:`record`: the offload cost model's
+    bandwidths, measured together)."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory or os.environ.get("MOE_PATCH_CACHE") or "~/.cache/moe_patch").expanduser()
         self._lock = threading.Lock()
-        self._values: dict[str, dict[str, float]] = {}  # fingerprint -> question -> answer
+        self._values: dict[str, dict[str, Any]] = {}  # fingerprint -> question -> answer
 
     def _file(self, fingerprint: str) -> Path:
         return self.directory / f"calibration-{fingerprint}.json"
 
-    def _load(self, fingerprint: str) -> dict[str, float]:
+    def _load(self, fingerprint: str) -> dict[str, Any]:
         values = self._values.get(fingerprint)
         if values is None:
             try:
                 values = json.loads(self._file(fingerprint).read_text())
             except (OSError, ValueError):
                 values = {}
+            if not isinstance(values, dict):
+                values = {}
             self._values[fingerprint] = values
         return values
 
-    def get(self, question: str, measure: Callable[[], float]) -> float:
-        """The answer to ``question`` on this machine: stored, or measured now (and stored)."""
+    def _answer(self, question: str, measure: Callable[[], Any], valid: Callable[[Any], bool]) -> Any:
         fingerprint = machine_fingerprint()
         known = self._values.get(fingerprint)
-        if known is not None and question in known:  # the hot path: a dict lookup, no lock, no I/O
+        if known is not None and question in known and valid(known[question]):  # the hot path: no lock, no I/O
             return known[question]
         with self._lock:
             values = self._load(fingerprint)
-            if question in values:
+            if question in values and valid(values[question]):
                 return values[question]
             t0 = time.perf_counter()
-            answer = float(measure())
+            answer = measure()
             values[question] = answer
-            logger.info("calibrated %s = %s in %.2f s", question, answer, time.perf_counter() - t0)
+            shown = f" = {answer}" if isinstance(answer, float) else ""  # a record: its figures are in the file
+            logger.info("calibrated %s%s in %.2f s (kept in %s)", question, shown, time.perf_counter() - t0,
+                        self._file(fingerprint))
             self._store(fingerprint, values)
             return answer
+
+    def get(self, question: str, measure: Callable[[], float]) -> float:
+        """The answer to ``question`` on this machine: stored, or measured now (and stored)."""
+        return self._answer(question, lambda: float(measure()), lambda v: isinstance(v, (int, float)))
+
+    def record(self, question: str, fields: Sequence[str], measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """A record of named numbers (``fields``, all present) answering ``question`` on this machine: stored, or
+        measured now (and stored). A stored record missing a field (an older version's) is measured again."""
+
+        def valid(value: Any) -> bool:
+            return isinstance(value, dict) and all(isinstance(value.get(f), (int, float)) for f in fields)
+
+        return dict(self._answer(question, lambda: {f: float(v) for f, v in measure().items()}, valid))
 
     def _store(self, fingerprint: str, values: dict[str, float]) -> None:
         # best effort and atomic: a read-only home only means measuring again in the next process

@@ -12,10 +12,14 @@ go where and how results are combined. The experts' own maths (gate, activation,
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
 """``fn(expert_id, rows[n, H]) -> out[n, H_out]``: one expert applied to the rows routed to it."""
@@ -185,11 +189,19 @@ def grouped_mm_supported(hidden_states: torch.Tensor, operands: list[torch.Tenso
     if torch.compiler.is_compiling() and weight.dtype != torch.bfloat16:
         return False
     if weight.device.type == "cuda":
-        if torch.cuda.get_device_capability(weight.device) < (8, 0):
+        capability = torch.cuda.get_device_capability(weight.device)
+        if capability < (8, 0):
+            _say_no_grouped_kernel(weight.device, capability)
             return False
     elif weight.device.type != "cpu":
         return False
     return grouped_mm_accepts(operands)
+
+
+@functools.cache  # once per device and process: the dispatch asks on every call
+def _say_no_grouped_kernel(device: torch.device, capability: tuple[int, int]) -> None:
+    logger.warning("%s (compute capability %d.%d) has no grouped GEMM kernel (torch's needs SM80+, Ampere or newer): "
+                   "experts run in a loop, one GEMM per active expert", device, *capability)
 
 
 def combine_sorted(

@@ -37,10 +37,16 @@ def find_moe_blocks(model: torch.nn.Module) -> list[BlockHandle]:
     return handles
 
 
+def zero_experts(block: torch.nn.Module, experts: torch.nn.Module) -> int:
+    """LongCat-Flash's identity experts: counted by its experts module (transformers 5.23) or, since 5.25, by the
+    block, which maps them to weight-0 routed ids before the experts run."""
+    return int(getattr(experts, "zero_expert_num", 0) or getattr(block, "zero_expert_num", 0) or 0)
+
+
 def _describe(model, block_path, block, experts_name, experts, adapter: Family) -> BlockHandle | None:
     num_experts = adapter.num_experts(experts)
     hidden, inter = adapter.sizes(experts)
-    extra = int(getattr(experts, "zero_expert_num", 0) or 0)
+    extra = zero_experts(block, experts)
     router_name, router = find_router(block, experts_name, num_experts, hidden, extra)
     if adapter.routing_kind:
         routing = RoutingSpec(kind=adapter.routing_kind)
@@ -80,6 +86,7 @@ def _describe(model, block_path, block, experts_name, experts, adapter: Family) 
         shared_params=shared_params,
         router_params=sum(p.numel() for p in router.parameters()) if router is not None else 0,
         dtype=str(weights[0].dtype).replace("torch.", "") if weights else "",
+        zero_experts=extra,
     )
     return BlockHandle(info=info, block=block, experts=experts, router=router, family=adapter)
 

@@ -329,10 +329,14 @@ def _zero_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return dispatch_combine(hidden_states, top_k_index, top_k_weights, total, expert_fn, plan=plan)
 
 
+#: Why a block with zero-computation experts stays resident, whichever module handles them.
+ZERO_EXPERTS_RESIDENT = ("LongCat-Flash's zero-computation experts are routed beside the real ones; the offload "
+                         "engine pages real experts only, so these blocks stay resident")
+
+
 class ZeroExpertsFamily(Family):
     name = "zero_experts"
-    offload_unsupported = ("LongCat-Flash's zero-computation experts are routed beside the real ones; the offload "
-                           "engine pages real experts only, so these blocks stay resident")
+    offload_unsupported = ZERO_EXPERTS_RESIDENT
 
     def match(self, block, name, experts) -> bool:
         return (

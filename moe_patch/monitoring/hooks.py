@@ -141,6 +141,8 @@ def plan_taps(model: nn.Module, handles: list[BlockHandle]) -> tuple[list[Tap], 
         block_path, block, router = real.path, real.block, real.router
         spec = info.routing if block is h.block else infer_routing(router, block, real.experts)
         reader = h.family.routing_reader
+        if reader is None and info.zero_experts and not hasattr(h.experts, "zero_expert_num"):
+            reader = "router_table"  # the block hides zero-expert picks from its experts: only the router shows them
         names = None
         if reader is None:
             names = _routing_arg_names(h.experts) if spec.kind not in ("per_input", "product_key") else None
@@ -155,8 +157,7 @@ def plan_taps(model: nn.Module, handles: list[BlockHandle]) -> tuple[list[Tap], 
         logits_module, logits_index = _logits_source(block_path, block, h.experts, router, recorders)
         if reader != "experts_call" and logits_module is not router:
             logits_module, logits_index = router, None
-        zero = int(getattr(h.experts, "zero_expert_num", 0) or 0)
-        counter = LayerCounter(info.experts_path, info.num_experts, info.top_k, zero, spec.kind)
+        counter = LayerCounter(info.experts_path, info.num_experts, info.top_k, info.zero_experts, spec.kind)
         taps.append(Tap(counter=counter, reader=reader,
                         routing_module=h.experts if reader == "experts_call" else router,
                         logits_module=logits_module, logits_index=logits_index, spec=spec,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from ..errors import MoEConfigError
 from ..io import Checkpoint
 from ..families.records import changed_modules, restore
 from ..formats import read_quantization_config
+from .auto_budget import auto_expert_cache
 from .engine import OffloadEngine
 from .keymap import CheckpointMap
 from .layers import OffloadLayer, find_offload_layers
@@ -137,6 +138,19 @@ def _tokens(args: tuple, kwargs: dict) -> tuple[int, int] | None:
     return int(x.shape[0]), int(x.shape[1])
 
 
+def _has_cached_tokens(kwargs: dict) -> bool:
+    """Whether this forward continues a sequence: a KV cache holding tokens (transformers' ``Cache``, passed as
+    ``past_key_values`` up to 5.23 and as ``cache`` since 5.25), else positions past the first."""
+    for value in kwargs.values():
+        if hasattr(value, "get_seq_length"):
+            return int(value.get_seq_length()) > 0
+    for name in ("cache_position", "position_ids"):  # only without a cache object: a host read of one position
+        positions = kwargs.get(name)
+        if isinstance(positions, torch.Tensor) and positions.numel():
+            return int(positions.reshape(-1)[0]) > 0
+    return False
+
+
 def attach_offload(
     model: nn.Module,
     handles: list[Any] | None = None,
@@ -180,6 +194,10 @@ def attach_offload(
         source = MemorySource(layers, originals)
     files = sorted({e.file for e in checkpoint_map.checkpoint.entries.values()}) if checkpoint_map else None
     quantization = checkpoint_map.quantization.method if checkpoint_map and checkpoint_map.quantization else None
+    if opts.auto_expert_cache:  # a byte budget from free memory, before anything is allocated
+        chosen = auto_expert_cache(model, layers, device, host_cache=opts.host_cache_bytes,
+                                   context_tokens=opts.context_tokens)
+        opts = replace(opts, expert_cache=chosen.expert_cache)
     plan = make_plan(opts, layers, source, files, quantization)
 
     # the engine (and its pinned host pool) first: if that fails, the model is still untouched
@@ -203,8 +221,8 @@ def attach_offload(
         engine.forget_checks()
         shape = _tokens(args, kwargs)
         timing["shape"] = shape
-        if shape is not None:
-            engine.phase = "prefill" if shape[1] > 1 else "decode"
+        if shape is not None:  # the first forward of a generation is its prefill, even of a one-token prompt
+            engine.phase = "prefill" if shape[1] > 1 or not _has_cached_tokens(kwargs) else "decode"
         timing["t0"] = time.perf_counter()
 
     def model_post(module, args, kwargs, output):

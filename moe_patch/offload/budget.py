@@ -20,6 +20,10 @@ def parse_bytes(value: int | float | str | None, *, name: str = "budget") -> int
     return None if value is None else parse_size(value, name=name, error=BudgetError)
 
 
+#: The command line's flag for each budget argument (error messages name the one the user typed).
+FLAGS = {"expert_cache": "--expert-cache", "host_cache": "--host-cache"}
+
+
 def check_budget(budget: int | None, expert_bytes: int, *, name: str, allow_zero: bool) -> None:
     """Raise :class:`BudgetError` when ``budget`` cannot hold the largest expert.
 
@@ -29,9 +33,11 @@ def check_budget(budget: int | None, expert_bytes: int, *, name: str, allow_zero
     if budget is None or (allow_zero and budget == 0):
         return
     if budget < expert_bytes:
-        raise BudgetError(
-            f"{name}={format_bytes(budget)} ({budget} bytes) is smaller than one expert: the minimum is "
-            f"{format_bytes(expert_bytes)} ({expert_bytes} bytes)"
-            + (" (or 0 to switch this tier off)" if allow_zero else "")
-            + ". Raise the budget, or quantize the experts (quantize_experts='nf4') to shrink them."
-        )
+        def message(option: str, quantize: str) -> str:
+            return (f"{option}={format_bytes(budget)} ({budget} bytes) is smaller than one expert: the minimum is "
+                    f"{format_bytes(expert_bytes)} ({expert_bytes} bytes)"
+                    + (" (or 0 to switch this tier off)" if allow_zero else "")
+                    + f". Raise the budget, or quantize the experts ({quantize}) to shrink them.")
+
+        raise BudgetError(message(name, "quantize_experts='nf4'"),
+                          cli_message=message(FLAGS.get(name, name), "--quantize nf4"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 
 import torch
 
@@ -67,10 +68,29 @@ def _median_time(fn, repeats: int = 5) -> float:
     return median_seconds(fn, repeats, warmup=False)  # callers warm up what needs it
 
 
+def _device_key(device: str) -> str:
+    """The calibrated device: the CPU (the machine's fingerprint says which), or the GPU by name."""
+    if device.startswith("cuda") and torch.cuda.is_available():  # pragma: no cover - needs a GPU
+        return f"cuda/{torch.cuda.get_device_name(torch.device(device))}"
+    return "cpu"
+
+
 @functools.lru_cache(maxsize=8)
 def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, size_mb: int = 256) -> Bandwidths:
-    """Measure DRAM bandwidth, CPU GEMM and one-row GEMV throughput in ``dtype`` (and on CUDA pinned
-    host-to-device bandwidth, device GEMM throughput and the row round trip). About 1 s."""
+    """DRAM bandwidth, CPU GEMM and one-row GEMV throughput in ``dtype`` (and on CUDA pinned host-to-device
+    bandwidth, device GEMM throughput and the row round trip): measured once per machine (about 1 s and
+    ~650 MB for a moment) and kept with the dispatch's calibrations (:mod:`moe_patch.dispatch.calibration`,
+    per machine fingerprint), so later loads on the same machine read them."""
+    from ..dispatch.calibration import CALIBRATIONS
+
+    question = f"offload_bandwidths/{_device_key(device)}/{str(dtype).removeprefix('torch.')}/{size_mb}MiB"
+    fields = [f.name for f in dataclass_fields(Bandwidths) if f.name != "disk"]  # disk: per checkpoint
+    measured = CALIBRATIONS.record(question, fields, lambda: measure_bandwidths(device, dtype, size_mb).as_dict())
+    return Bandwidths(**{f: measured[f] for f in fields})
+
+
+def measure_bandwidths(device: str = "cpu", dtype: torch.dtype = torch.float32, size_mb: int = 256) -> Bandwidths:
+    """Measure what :func:`calibrate` keeps, now."""
     n = size_mb * 2**20 // 4
     src, dst = torch.empty(n), torch.empty(n)
     src.fill_(1.0)

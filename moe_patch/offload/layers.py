@@ -17,6 +17,7 @@ from torch import nn
 from ..detect.spec import BlockHandle, MoEBlock
 from ..errors import NoMoEFoundError
 from ..families import ExpertTensors, Family, find_moe_blocks
+from ..families.fused import ZERO_EXPERTS_RESIDENT
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,9 @@ def find_offload_layers(model: nn.Module, handles: list[Any] | None = None) -> l
     handles = find_moe_blocks(model) if handles is None else handles
     kept, skipped = [], []
     for h in handles:
-        reason = h.family.offload_unsupported
+        # since transformers 5.25 LongCat's block maps zero-expert picks to weight-0 routed ids: offloaded, each
+        # would read a real expert for nothing, so such blocks stay resident as before
+        reason = h.family.offload_unsupported or (ZERO_EXPERTS_RESIDENT if h.info.zero_experts else None)
         if reason is None:
             kept.append(h)
         else:

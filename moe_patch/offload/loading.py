@@ -19,9 +19,9 @@ from torch import nn
 
 from ..detect.config import load_config
 from ..errors import CheckpointError, InvalidArgumentError, MoEConfigError
+from ..formats import read_quantization_config
 from ..io import Checkpoint
 from .attach import OffloadHandle, attach_offload
-from ..formats import read_quantization_config
 from .keymap import CheckpointMap
 from .layers import find_offload_layers
 from .options import OffloadOptions
@@ -32,12 +32,21 @@ _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt
 
 
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None, token: Any = None) -> Path:
-    """A local directory as is; a Hub repo id through one snapshot download (safetensors only)."""
-    p = Path(path_or_repo_id)
+    """A local checkpoint folder as is; a Hub repo id through one snapshot download (safetensors only; offline,
+    the Hugging Face cache). Anything else is refused naming what it is: a missing folder, a file (a GGUF file
+    says so), a folder without config.json or without safetensors weights (pickle-only weights say so)."""
+    p = Path(path_or_repo_id).expanduser()
+    text = str(path_or_repo_id)
     if p.is_dir():
+        check_checkpoint_folder(p)
         return p
-    if p.exists() or str(path_or_repo_id).startswith((".", "/")) or str(path_or_repo_id).count("/") > 1:
-        raise CheckpointError(f"{path_or_repo_id}: not a checkpoint directory (expected config.json and .safetensors).")
+    if p.exists():
+        if p.suffix.lower() == ".gguf":
+            raise CheckpointError(f"{text}: a GGUF file (llama.cpp's format), not a checkpoint folder; moe-patch runs "
+                                  "Hugging Face checkpoints: give the folder with config.json and *.safetensors.")
+        raise CheckpointError(f"{text}: a file, not a checkpoint directory (expected config.json and .safetensors).")
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or "\\" in text:
+        raise CheckpointError(f"{text}: no such folder (a checkpoint folder holds config.json and *.safetensors).")
     from hub_scripts.api import make_api
     from hub_scripts.errors import HubError
     from hub_scripts.pull import pull
@@ -45,9 +54,31 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
     try:
         # Experts are read from the shards in place, so every safetensors shard is needed; never *.bin.
         # One HfApi built now, so HF_ENDPOINT is read at call time (module-level helpers bind it at import).
-        return pull(str(path_or_repo_id), revision=revision, include=_DOWNLOAD_PATTERNS, api=make_api(token=token))
+        folder = pull(text, revision=revision, include=_DOWNLOAD_PATTERNS, api=make_api(token=token))
     except HubError as exc:
-        raise CheckpointError(f"{path_or_repo_id}: cannot download the checkpoint from the Hub: {exc}") from exc
+        raise CheckpointError(f"{text}: no folder of that name here, and as a Hub repo id: {exc}") from exc
+    check_checkpoint_folder(folder)
+    return folder
+
+
+def check_checkpoint_folder(folder: Path) -> None:
+    """Refuse a folder that cannot be a checkpoint, naming what it holds instead (before any file is parsed)."""
+    if (folder / "config.json").is_file():
+        if any(folder.glob("*.safetensors")):
+            return
+        pickles = sorted(f.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in folder.glob(pattern))
+        if pickles:
+            raise CheckpointError(
+                f"{folder}: its weights are PyTorch pickle files ({pickles[0]}), which moe-patch does not read "
+                "(loading a pickle can run code); save the model as safetensors (save_pretrained does by default).")
+        raise CheckpointError(f"{folder}: config.json but no *.safetensors weights; the checkpoint is incomplete.")
+    ggufs = sorted(f.name for f in folder.glob("*.gguf"))
+    if ggufs:
+        raise CheckpointError(
+            f"{folder}: holds GGUF files ({ggufs[0]}: llama.cpp's format) and no config.json; moe-patch runs Hugging "
+            "Face checkpoints: give the folder of the original model (config.json and *.safetensors).")
+    raise CheckpointError(f"{folder}/config.json: not found; a checkpoint folder needs its config.json "
+                          "(and *.safetensors weights).")
 
 
 def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype:

@@ -28,7 +28,8 @@ class OffloadOptions:
     Attributes:
         device: compute device, ``"cpu"`` or ``"cuda[:n]"``. On CPU the device cache is the
             resident RAM tier.
-        expert_cache: byte budget of the device cache (int or ``"8GiB"``); ``None`` = no limit.
+        expert_cache: byte budget of the device cache (int or ``"8GiB"``); ``None`` = no limit; ``"auto"`` =
+            the device's free memory less the rest of the run and headroom, chosen at attach (:mod:`.auto_budget`).
         host_cache: byte budget of the host-RAM cache (pinned on CUDA); 0 switches it off.
         quantize_experts: ``None``, ``"nf4"`` or ``"int8"``: store experts quantized in the caches.
         prefetch: read the next layer's likely experts in the background.
@@ -40,6 +41,8 @@ class OffloadOptions:
             already holds in RAM are the bottom tier (``patch_model`` on a loaded model).
         calibrate: measure DRAM/GEMM (and PCIe) bandwidths for the cost model and the statistics.
         max_prefetch_per_layer: cap on experts prefetched per layer (default: half the device cache).
+        context_tokens: tokens of context (KV cache, prefill activations) ``expert_cache="auto"`` leaves room
+            for; None: the model's context, at most 4096.
         device_format: quantized checkpoints (FP8, MXFP4, compressed-tensors) only: the device cache
             keeps experts ``"stored"`` (decoded each time they run: more experts per byte) or
             ``"dequantized"`` (decoded once when cached); ``"auto"`` lets the cost model choose. The host
@@ -58,6 +61,7 @@ class OffloadOptions:
     calibrate: bool = True
     max_prefetch_per_layer: int | None = None
     device_format: DeviceFormat = "auto"
+    context_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.torch_device  # noqa: B018 - parsed and checked here
@@ -72,6 +76,10 @@ class OffloadOptions:
         if self.max_prefetch_per_layer is not None and (
                 not isinstance(self.max_prefetch_per_layer, int) or self.max_prefetch_per_layer < 0):
             raise MoEConfigError(f"max_prefetch_per_layer={self.max_prefetch_per_layer!r}: expected an integer >= 0.")
+        if self.context_tokens is not None and (
+                not isinstance(self.context_tokens, int) or isinstance(self.context_tokens, bool)
+                or self.context_tokens < 1):
+            raise MoEConfigError(f"context_tokens={self.context_tokens!r}: expected an integer >= 1 or None.")
         self.hot_experts = tuple(tuple(k) for k in self.hot_experts)
 
     @property
@@ -92,8 +100,14 @@ class OffloadOptions:
         return device
 
     @property
+    def auto_expert_cache(self) -> bool:
+        """Whether the device-cache budget is chosen at attach from free memory (``expert_cache="auto"``)."""
+        return isinstance(self.expert_cache, str) and self.expert_cache.strip().lower() == "auto"
+
+    @property
     def expert_cache_bytes(self) -> int | None:
-        return parse_bytes(self.expert_cache, name="expert_cache")
+        """The device-cache budget in bytes (None: no limit, or ``"auto"`` not yet chosen)."""
+        return None if self.auto_expert_cache else parse_bytes(self.expert_cache, name="expert_cache")
 
     @property
     def host_cache_bytes(self) -> int | None:

@@ -122,6 +122,10 @@ def make_plan(opts: OffloadOptions, layers: list[OffloadLayer], source: ExpertSo
             f"({quantization}) and are kept in their stored bytes; drop quantize_experts."
         )
     expert_cache, host_cache = opts.expert_cache_bytes, opts.host_cache_bytes
+    # a budget below the most compact form of one expert fails before the machine is calibrated (~1 s)
+    compact = max(host_expert_bytes(layer, source, fmt) for layer in layers)
+    check_budget(expert_cache, compact, name="expert_cache", allow_zero=False)
+    check_budget(host_cache, compact, name="host_cache", allow_zero=True)
     bandwidths = calibrate(str(device), layers[0].dtype) if opts.calibrate else None
     if bandwidths is not None and checkpoint_files:  # the storage's own speed, measured cold
         bandwidths = replace(bandwidths, disk=measure_disk(checkpoint_files))

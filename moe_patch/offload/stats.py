@@ -265,9 +265,13 @@ class OffloadStats:
                 f"  experts stored as {self.stored_format}: {format_bytes(self.stored_expert_bytes)} each "
                 f"({format_bytes(self.expert_bytes)} decoded); device cache keeps them {self.device_format}"
             )
+        def rate(phase: str, digits: int) -> str:
+            value = self.tokens_per_s(phase)
+            return "- tok/s" if math.isnan(value) else f"{value:.{digits}f} tok/s"
+
         lines += [
-            f"  prefill: {self.tokens['prefill']} tokens, {self.tokens_per_s('prefill'):.1f} tok/s | "
-            f"decode: {self.tokens['decode']} tokens, {self.tokens_per_s('decode'):.2f} tok/s",
+            f"  prefill: {self.tokens['prefill']} tokens, {rate('prefill', 1)} | "
+            f"decode: {self.tokens['decode']} tokens, {rate('decode', 2)}",
             f"  device-cache hit rate {pct(self.hit_rate)}; stall {self.stall_s:.3f} s; "
             f"prefetch precision {pct(self.prefetch_precision)}, recall {pct(self.prefetch_recall)} "
             f"({self.prefetch_issued} issued, {self.prefetch_dropped} cancelled before reading)",

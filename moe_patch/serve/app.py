@@ -1,63 +1,82 @@
-"""The FastAPI app: transformers' ``build_server`` with moe-patch's manager, handlers and generation state,
-plus ``GET /stats``, ``GET /v1/models/{id}``, OpenAI-shaped errors and the optional API key.
+"""The FastAPI app: the OpenAI routes, ``GET /stats``, the model list, OpenAI-shaped errors, the request-size bound
+and the optional API key.
 
-Routes kept from transformers: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /health`` and ``POST /load_model`` (which ``transformers chat`` calls first; it answers "ready").
-Dropped: ``/reset`` (it would unload the one model the server exists for) and the endpoints whose
-requests this server does not check (``/v1/responses``, ``/v1/systemone``, ``/v1/audio/transcriptions``).
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``,
+``GET /stats``, ``GET /health`` and ``POST /load_model`` (which ``transformers chat`` calls before chatting; it answers
+that the model is ready).
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from transformers.cli.serving.server import build_server
+import asyncio
+import time
+from typing import Any
+
+from fastapi import Body, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..text import byte_limit
 from .auth import APIKeyMiddleware
-from .context import context_length
 from .errors import install_error_handlers
-from .generation import OffloadGenerateManager, OffloadGenerationState
-from .handlers import OffloadChatHandler, OffloadCompletionHandler
-from .loader import OffloadModelManager
+from .handlers import Served, chat_completion, completion
 from .request_size import RequestSizeMiddleware
-from .stats import StatsBook
-
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/load_model")
+from .responses import sse
 
 
-def build_app(manager: OffloadModelManager, *, api_key: str | None = None,
-              max_request_bytes: int | None = None) -> FastAPI:
-    """The app serving ``manager``'s model; requests without ``api_key`` (when given) get 401, bodies over
-    ``max_request_bytes`` (default: ``moe_patch.text.byte_limit`` of the model's context) get 413."""
-    from ..offload import get_offload_handle
+#: How long ``GET /stats`` waits for the engine's thread to read the offload engine's report.
+STATS_WAIT_S = 2.0
 
-    model = manager.model
-    book = StatsBook(get_offload_handle(model))
-    context = context_length(model.config)
-    generation = OffloadGenerationState(OffloadGenerateManager(book, context, thread=manager.thread))
-    common = {"model_manager": manager, "generation_state": generation}
-    app = build_server(
-        manager, OffloadChatHandler(**common), completion_handler=OffloadCompletionHandler(**common),
-        response_handler=None, transcription_handler=None, systemone_handler=None, generation_state=generation,
-    )
-    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) in ROUTES
-                         or getattr(r, "path", "").startswith(("/docs", "/openapi", "/redoc"))]
+
+def build_app(served: Served, *, api_key: str | None = None, max_request_bytes: int | None = None) -> FastAPI:
+    """The app serving ``served``; requests without ``api_key`` (when given) get 401, bodies over ``max_request_bytes``
+    (default: ``moe_patch.text.byte_limit`` of the model's context) get 413."""
+    app = FastAPI(title="moe-patch serve", docs_url=None, redoc_url=None)
+    created = int(time.time())
+
+    def entry(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "moe-patch"}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, body: dict = Body(...)):  # noqa: B008 - FastAPI's way to take a JSON object
+        return await chat_completion(served, body, request)
+
+    @app.post("/v1/completions")
+    async def complete(request: Request, body: dict = Body(...)):  # noqa: B008
+        return await completion(served, body, request)
+
+    @app.get("/v1/models")
+    def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [entry(name) for name in served.names.names]})
 
     @app.get("/v1/models/{model_id:path}")
     def retrieve_model(model_id: str) -> JSONResponse:
-        manager.check_name(model_id)
-        return JSONResponse(manager.get_gen_models()[0])
+        served.names.check(model_id)
+        return JSONResponse(entry(served.names.find(model_id) or served.names.primary))
 
     @app.get("/stats")
-    def stats() -> JSONResponse:
-        return JSONResponse({"model": manager.name, **book.to_dict()})
+    async def stats() -> JSONResponse:
+        engine = served.engine
+        try:  # read between two passes; a long prefill or generate() meanwhile: the report of the last idle moment
+            await asyncio.wait_for(asyncio.wrap_future(engine.call(engine.engine_report)), STATS_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
+        return JSONResponse({"model": served.names.primary, **engine.status(), **engine.book.to_dict()})
 
-    app.state.stats_book = book
-    app.state.generation = generation
+    @app.get("/health")
+    def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.post("/load_model")
+    def load_model(body: dict | None = Body(None)) -> StreamingResponse:  # noqa: B008
+        # transformers chat reads loading progress as server-sent events until "ready": the model is loaded
+        served.names.check((body or {}).get("model"))
+        return StreamingResponse(iter([sse({"status": "ready", "model": served.names.primary, "cached": True})]),
+                                 media_type="text/event-stream")
+
+    app.state.served = served
     install_error_handlers(app)
-    app.add_middleware(RequestSizeMiddleware, limit=max_request_bytes or byte_limit(context), context=context)
+    limit = max_request_bytes or byte_limit(served.context)
+    app.add_middleware(RequestSizeMiddleware, limit=limit, context=served.context)
     if api_key:  # added last: the outermost, so a request without the key is answered before its size matters
         app.add_middleware(APIKeyMiddleware, key=api_key)
     return app
-

@@ -2,9 +2,8 @@
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
-transformers' handlers raise FastAPI ``HTTPException``s (``{"detail": ...}``) and malformed bodies give
-FastAPI's 422 validation list; both are rewritten here, in one place, as are unexpected exceptions (500,
-logged with their traceback).
+FastAPI's own refusals (``HTTPException``: unknown routes, wrong methods) and malformed bodies (its 422 validation
+list) are rewritten here, in one place, as are unexpected exceptions (500, logged with their traceback).
 """
 
 from __future__ import annotations
@@ -21,9 +20,10 @@ class RequestError(InvalidArgumentError):
     """A request the server refuses: HTTP ``status`` and OpenAI's ``param`` / ``code`` fields."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+        self.headers = headers
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -43,9 +43,9 @@ def install_error_handlers(app: Any) -> None:
 
     @app.exception_handler(RequestError)
     async def _request_error(_request, exc: RequestError):
-        return _json_error(exc.status, error_body(exc.message, exc.type, exc.param, exc.code))
+        return _json_error(exc.status, error_body(exc.message, exc.type, exc.param, exc.code), exc.headers)
 
-    @app.exception_handler(HTTPException)  # transformers' handlers, unknown routes, wrong methods
+    @app.exception_handler(HTTPException)  # unknown routes, wrong methods
     async def _http_error(request, exc: HTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)

@@ -11,8 +11,8 @@ import socket
 from ..errors import InvalidArgumentError, MoEPatchError
 
 API_KEY_ENV = "MOE_PATCH_API_KEY"
-# what transformers' server imports (its `serving` extra) and the openai types its handlers build answers with
-SERVE_MODULES = ("fastapi", "uvicorn", "openai", "pydantic")
+# what the server imports (the `serve` extra)
+SERVE_MODULES = ("fastapi", "uvicorn", "pydantic")
 
 
 def require_serving_dependencies() -> None:
@@ -21,7 +21,8 @@ def require_serving_dependencies() -> None:
     missing = [module for module in SERVE_MODULES if importlib.util.find_spec(module) is None]
     if missing:
         raise MoEPatchError(f"serving needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
-                            "installed: pip install 'moe-patch[serve]'")
+                            f"installed: pip install {' '.join(missing)} (or, in moe-patch's repository, the serve extra: "
+                            "pip install '.[serve]')")
 
 
 def api_key(given: str | None) -> str | None:

@@ -4,7 +4,7 @@ Three kinds of fields:
 - fields the server acts on, with their types and ranges (pydantic, strict: ``"5"`` is not 5; ranges from
   :mod:`.limits`);
 - fields of OpenAI's request that would change the answer but are not implemented (``n > 1``,
-  ``logprobs``, ``response_format``...): refused, unless they hold the value that changes nothing. (transformers'
+  ``response_format``...): refused, unless they hold the value that changes nothing. (transformers'
   server only logs a warning for these, so a client asking for JSON mode silently got free text.)
 - bookkeeping fields that cannot change the answer (``user``, ``metadata``...): accepted and ignored.
 Anything else is not an OpenAI field at all (a typo such as ``max_token``) and is refused by name.
@@ -13,7 +13,7 @@ Anything else is not an OpenAI field at all (a typo such as ``max_token``) and i
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -23,6 +23,25 @@ from .errors import RequestError
 
 #: OpenAI's API takes up to 4 stop sequences.
 MAX_STOP_STRINGS = 4
+#: OpenAI's limits on alternatives per token: chat's ``top_logprobs``, the legacy completions' ``logprobs``.
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+# The fields of OpenAI's requests (openai-python's CompletionCreateParams types when this was written), and
+# transformers' extensions that this server acts on too (`generation_config`, `chat_template_kwargs`).
+CHAT_FIELDS = {
+    "messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation", "n", "parallel_tool_calls",
+    "prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+    "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
+    "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
+    "web_search_options", "generation_config", "chat_template_kwargs",
+}
+COMPLETION_FIELDS = {
+    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
+    "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user",
+    "generation_config",
+}
 
 # moe-patch's extensions of OpenAI's request (transformers' own settings; vLLM and llama.cpp take them too)
 EXTENSIONS = {"top_k", "repetition_penalty"}
@@ -36,8 +55,8 @@ NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
     "best_of": (None, 1),
     "echo": (None, False),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
+    # fill-in-the-middle needs the model's own infill format; transformers' server appended the suffix to the answer
+    "suffix": (None, ""),
     "presence_penalty": (None, 0),
     "logit_bias": (None, {}),
     "parallel_tool_calls": (None, True, False),  # the chat template decides how tools are called
@@ -98,7 +117,11 @@ class _Generation(_Strict):
 
 
 class ChatRequest(_Generation):
+    openai_fields: ClassVar[set[str]] = CHAT_FIELDS
+
     messages: list[_Message] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(None, **limits.MAX_NEW_TOKENS.constraints())
     tools: list[dict] | None = None
     chat_template_kwargs: dict | None = None
@@ -114,8 +137,10 @@ class ChatRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: str = Field(min_length=1)  # transformers' handler takes one string
-    suffix: str | None = None
+    openai_fields: ClassVar[set[str]] = COMPLETION_FIELDS
+
+    prompt: str = Field(min_length=1)  # one string (OpenAI's also takes lists: n prompts, n answers)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # alternatives per token
 
 
 def _check_text(value: Any, where: str) -> None:
@@ -138,15 +163,10 @@ def _check_text(value: Any, where: str) -> None:
             _check_text(item, f"{where}.{i}")
 
 
-def _openai_fields(params_class: type) -> set[str]:
-    return set(params_class.__required_keys__) | set(params_class.__optional_keys__)
-
-
-def check_request(body: dict[str, Any], schema: type[_Generation], params_class: type) -> None:
-    """Raise :class:`RequestError` for the first problem of ``body``; ``params_class`` is the TypedDict of
-    the fields transformers' handler knows (OpenAI's request plus transformers' extensions)."""
+def check_request(body: dict[str, Any], schema: type[ChatRequest] | type[CompletionRequest]) -> None:
+    """Raise :class:`RequestError` for the first problem of ``body``."""
     _check_text(body, "")  # first: no other message may echo a string that cannot be encoded
-    known = _openai_fields(params_class) | EXTENSIONS
+    known = schema.openai_fields | EXTENSIONS
     unknown = sorted(set(body) - known)
     if unknown:
         raise RequestError(f"unrecognized request argument: {unknown[0]}", param=unknown[0], code="unknown_parameter")
@@ -163,3 +183,6 @@ def check_request(body: dict[str, Any], schema: type[_Generation], params_class:
         missing = err["type"] == "missing"
         message = f"missing required parameter: {where}" if missing else f"{where}: {err['msg']}"
         raise RequestError(message, param=where, code="missing_required_parameter" if missing else "invalid_value") from None
+    if body.get("top_logprobs") and not body.get("logprobs"):
+        raise RequestError("top_logprobs needs logprobs: true (as OpenAI's API)", param="top_logprobs",
+                           code="invalid_value")

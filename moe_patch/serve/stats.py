@@ -1,10 +1,15 @@
 """Offload figures of each generation and their running totals: the server's ``GET /stats`` and chat's ``!stats``.
 
-Generations run one at a time on the engine (``generation.py``), so a generation's figures are the
-engine's own counters between a ``reset_stats()`` right before it and the read right after it. Totals
-add up the counts behind the figures (tokens, seconds, bytes, cache hits, bandwidth-bound time) and
-divide at the end, so a long generation weighs more than a short one; one generation's figures are the
-totals of that generation alone, so both come from the same code.
+Totals add up the counts behind the figures (tokens, seconds, bytes, cache hits, bandwidth-bound time) and divide
+at the end, so a long generation weighs more than a short one; one generation's figures are the totals of that
+generation alone, so both come from the same code.
+
+`moe-patch chat` runs one generation at a time: its figures are the engine's own counters between a
+``reset_stats()`` right before it and the read right after it (:class:`StatsBook`). The server decodes several
+requests in one batch, so nothing can be reset per request: :class:`EngineMeter` reads what the engine counted
+during each forward pass, the server's totals add every pass once, and each request's figures add the passes it
+took part in (a pass shared by four requests counts for each of them, with its four tokens: the rates are those
+the request saw; its own token counts and times are in its record).
 """
 
 from __future__ import annotations
@@ -68,6 +73,20 @@ class Totals:
             self.bound_s += per_step * stats.steps["decode"]
             self.bounded_decode_s += stats.seconds["decode"]
         self.stall_s += stats.stall_s
+        return self
+
+    def plus(self, other: Totals) -> Totals:
+        """Add ``other``'s counts (a forward pass's, from :class:`EngineMeter`) to these."""
+        self.generations += other.generations
+        for phase in PHASES:
+            self.tokens[phase] += other.tokens[phase]
+            self.seconds[phase] += other.seconds[phase]
+        for mine, theirs in ((self.decode_bytes, other.decode_bytes), (self.hits, other.hits)):
+            for key, n in theirs.items():
+                mine[key] = mine.get(key, 0) + n
+        self.bound_s += other.bound_s
+        self.bounded_decode_s += other.bounded_decode_s
+        self.stall_s += other.stall_s
         return self
 
     def figures(self) -> dict[str, Any]:
@@ -188,4 +207,104 @@ class StatsBook:
                 "cumulative": self._totals.figures(),
                 "requests": [asdict(r) for r in self._records],
                 "last_engine_report": self._last.to_dict() if self._last is not None else None,
+            })
+
+
+class EngineMeter:
+    """What the offload engine counted since the previous :meth:`delta` (one forward pass, when called after each),
+    as :class:`Totals`. Read on the thread that runs the model, between passes."""
+
+    def __init__(self, handle: OffloadHandle | None):
+        self._handle = handle
+        self._last, self._last_steps = self._counts()
+
+    def _counts(self) -> tuple[Totals, int]:
+        if self._handle is None:
+            return Totals(), 0
+        stats, out = self._handle.stats, Totals()
+        out.tokens, out.seconds = dict(stats.tokens), dict(stats.seconds)
+        out.decode_bytes = dict(stats.bytes_read["decode"])
+        for layer in stats.layers:
+            for tier, n in layer.hits.items():
+                out.hits[tier] = out.hits.get(tier, 0) + n
+        out.stall_s = stats.stall_s
+        return out, stats.steps["decode"]
+
+    def delta(self) -> Totals:
+        now, steps = self._counts()
+        last, out = self._last, Totals()
+        for phase in PHASES:
+            out.tokens[phase] = now.tokens[phase] - last.tokens[phase]
+            out.seconds[phase] = now.seconds[phase] - last.seconds[phase]
+        for mine, new, old in ((out.decode_bytes, now.decode_bytes, last.decode_bytes), (out.hits, now.hits, last.hits)):
+            for key, n in new.items():
+                mine[key] = n - old.get(key, 0)
+        out.stall_s = now.stall_s - last.stall_s
+        passes = steps - self._last_steps
+        if passes and self._handle is not None:
+            per_step = self._handle.stats.decode_bound_s()  # the bound per decode step, from everything so far
+            if math.isfinite(per_step):
+                out.bound_s, out.bounded_decode_s = per_step * passes, out.seconds["decode"]
+        self._last, self._last_steps = now, steps
+        return out
+
+
+@dataclass
+class RequestRecord:
+    """One request the server answered (``GET /stats``' ``requests``)."""
+
+    request_id: str
+    started_at: float  # Unix time its prefill began
+    finished_at: float
+    queued_s: float  # from its arrival at the engine to its prefill
+    wall_s: float  # from its prefill to its last token
+    time_to_first_token_s: float | None  # from its arrival at the engine
+    prompt_tokens: int
+    cached_prompt_tokens: int  # of them, taken from the prompt cache instead of computed
+    completion_tokens: int
+    finish_reason: str
+    path: str  # "batched" (the step loop) or "generate" (transformers' generate(), alone)
+    mean_batch: float | None  # requests per decode pass it took part in, on average
+    offload: dict[str, Any]  # figures of the forward passes it took part in
+
+
+class ServerBook:
+    """The server's totals and its last ``keep`` requests; written by the engine's thread, read by the HTTP ones."""
+
+    def __init__(self, keep: int = 100):
+        self._lock = threading.Lock()
+        self._records: deque[RequestRecord] = deque(maxlen=keep)
+        self._totals = Totals()
+        self._counts = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0}
+        self._engine_report: dict[str, Any] | None = None
+
+    def add_pass(self, delta: Totals) -> None:
+        with self._lock:
+            self._totals.plus(delta)
+
+    def finished(self, record: RequestRecord) -> None:
+        with self._lock:
+            self._records.append(record)
+            self._totals.generations += 1
+            self._counts["requests"] += 1
+            self._counts["prompt_tokens"] += record.prompt_tokens
+            self._counts["cached_prompt_tokens"] += record.cached_prompt_tokens
+            self._counts["completion_tokens"] += record.completion_tokens
+
+    def set_engine_report(self, report: dict[str, Any] | None) -> None:
+        with self._lock:
+            self._engine_report = report
+
+    def records(self) -> list[RequestRecord]:
+        with self._lock:
+            return list(self._records)
+
+    def to_dict(self) -> dict[str, Any]:
+        with self._lock:
+            counts = dict(self._counts)
+            counts["cached_prompt_fraction"] = _ratio(counts["cached_prompt_tokens"], counts["prompt_tokens"])
+            return json_safe({
+                "cumulative": {**self._totals.figures(), **counts},
+                "requests": [asdict(r) for r in self._records],
+                "engine_report": self._engine_report,
             })

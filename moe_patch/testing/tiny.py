@@ -70,6 +70,7 @@ _SIZES: dict[str, Any] = {
     "swa_head_dim": 16, "num_sliding_attention_heads": 4,
     "kv_lora_rank": 32, "q_lora_rank": 32, "o_lora_rank": 32, "qk_rope_head_dim": 16,
     "qk_nope_head_dim": 16, "v_head_dim": 16, "qk_head_dim": 32, "index_head_dim": 16, "index_n_heads": 2,
+    "index_num_heads": 2,
     "max_position_embeddings": 512, "max_seq_len": 512, "sliding_window": 64, "sliding_window_size": 64,
     "attention_chunk_size": 64, "max_window_layers": 2,
     # linear attention / state space
@@ -114,7 +115,9 @@ _TOKEN_ID = re.compile(r"(token_id|token_index|_id)$")
 _DEPTH_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "decoder_layers", "depth")
 # Lists of layer indices (filtered to the new depth) rather than per-layer lists.
 _INDEX_LISTS = {"mlp_only_layers", "moe_layers", "global_attn_indexes", "deepstack_visual_indexes",
-                "out_indices", "fullatt_block_indexes"}
+                "out_indices", "fullatt_block_indexes", "index_layers"}
+# per-layer lists whose values are layer indices (kolibri1_1: the layer whose K/V each layer reads)
+_LAYER_REFERENCE_LISTS = {"kv_source_layers"}
 
 
 @dataclass
@@ -206,6 +209,8 @@ def _per_layer_entries(d: dict[str, Any], depth: int) -> dict[str, list[Any]]:
     """Every field of ``d`` that says something per layer, as a list of length ``depth``."""
     out: dict[str, list[Any]] = {}
     for key, value in d.items():
+        if key in _LAYER_REFERENCE_LISTS:
+            continue  # not a setting: remapped with the layers kept (_shrink_layers)
         if key in _INDEX_LISTS and isinstance(value, list) and all(isinstance(v, int) for v in value):
             out[key] = [i in value for i in range(depth)]
         elif isinstance(value, list) and len(value) == depth and not key.endswith(("_id", "_ids")):
@@ -249,6 +254,10 @@ def _pick_layers(entries: dict[str, list[Any]], old: int, new: int) -> list[int]
 def _shrink_layers(d: dict[str, Any], old: int, new: int) -> None:
     entries = _per_layer_entries(d, old)
     keep = _pick_layers(entries, old, new)
+    for key in _LAYER_REFERENCE_LISTS & d.keys():
+        value = d[key]
+        if isinstance(value, list) and len(value) == old:  # a reference to a layer left out: the layer's own
+            d[key] = [keep.index(value[i]) if value[i] in keep else j for j, i in enumerate(keep)]
     for key in entries:
         value = d[key]
         if key in _INDEX_LISTS:
@@ -398,7 +407,8 @@ def _model_class(family: MoEFamily, spec: TinySpec):
         if isinstance(name, (list, tuple)):
             name = name[0]
         if name:
-            return getattr(module, name)
+            # a config-only family (transformers 5.25's sarvam_moe, param2moe) maps to another family's class
+            return getattr(module, name, None) or getattr(importlib.import_module("transformers"), name)
     raise LookupError(f"no model class for MoE family {family.model_type!r}: add a TinySpec.model_class")
 
 
