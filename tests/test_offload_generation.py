@@ -256,8 +256,10 @@ def test_cli_run_quantized_prints_no_warning_about_a_kernel_it_does_not_use(chec
 def test_bf16_checkpoint_computed_in_fp32_matches_transformers_upcast(tmp_path):
     path = _bf16_checkpoint("qwen3_moe", tmp_path / "bf16")
     ref = load_reference("qwen3_moe", path)  # transformers upcasts to fp32 at load
-    model = moe_patch.load_model(path, dtype=torch.float32, expert_cache=3 * expert_bytes("qwen3_moe"),
-                                 host_cache=8 * expert_bytes("qwen3_moe"))
+    # decoded device slots (the CPU kernels would read the bf16 bytes in place: tests/kernels)
+    model = moe_patch.load_model(path, dtype=torch.float32, options=moe_patch.offload.OffloadOptions(
+        expert_cache=3 * expert_bytes("qwen3_moe"), host_cache=8 * expert_bytes("qwen3_moe"),
+        device_format="dequantized"))
     handle = get_offload_handle(model)
     assert torch.equal(greedy(model, prompts(4), 32), greedy(ref, prompts(4), 32))
     engine = handle.engine

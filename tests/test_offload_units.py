@@ -270,7 +270,8 @@ def test_cpu_compute_dtype_weighs_gemv_speed_against_capacity():
 
 
 @pytest.mark.parametrize("fp32_faster", [True, False])
-def test_bf16_models_on_cpu_compute_experts_in_the_dtype_measured_faster(tmp_path, monkeypatch, fp32_faster):
+def test_bf16_models_on_cpu_compute_experts_in_the_dtype_measured_faster(tmp_path, monkeypatch, request,
+                                                                         fp32_faster):
     from offload_helpers import build, prompts
 
     import moe_patch
@@ -281,6 +282,11 @@ def test_bf16_models_on_cpu_compute_experts_in_the_dtype_measured_faster(tmp_pat
         return Bandwidths(dram=20e9, cpu_flops=1e11, cpu_gemv=1e9 if slow else 8e9)
 
     monkeypatch.setattr(plan, "calibrate", fake)
+    from moe_patch.kernels import KERNELS
+
+    monkeypatch.setenv("MOE_PATCH_KERNELS", "0")  # torch's GEMV rates decide (the CPU kernels: tests/kernels)
+    KERNELS.reset()
+    request.addfinalizer(KERNELS.reset)
     path = tmp_path / "bf16"
     build("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
     import transformers

@@ -51,6 +51,7 @@ from .policy import POLICIES
 from .prefetch import Prefetcher, expert_counts
 from .reader import Reader, make_pool
 from .slab import TensorSlab
+from .slot_kernels import SlotKernels
 from .sources import ExpertSource
 from .stats import LayerStats, OffloadStats
 
@@ -99,6 +100,8 @@ class OffloadEngine:
         self._active: dict[int, dict[int, int]] = {}  # expert lists: rows per expert of the running layer
         self._flops = {layer.index: expert_flops_per_row(layer.shapes) for layer in layers}
         self._banks: dict[tuple[int, int, int], object] = {}
+        # the CPU kernels over the slots (CPU-only runs)
+        self.kernels = SlotKernels(layers, self.device, source, encoded=plan.cache_format is not None)
         self.phase = "prefill"
         self.closed = False
         self.bypass_caches = False  # full-precision reads straight from the source (quantization error)
@@ -185,7 +188,10 @@ class OffloadEngine:
                                       weight_inputs)
         finally:
             self.loader.unpin(table, hit_slots)
-        if misses:
+        gk = self.kernels.get(spec, group) if misses and not (torch.is_grad_enabled() and x.requires_grad) else None
+        if gk is not None:
+            out = self._kernel_misses(gk, layer, misses, rows_of, x, top_k_index, top_k_weights, out, weight_inputs)
+        elif misses:
             keep = torch.zeros(E + 1, dtype=torch.bool)
             keep[misses] = True
             miss_index = torch.where(self.backend.routing_table(keep, top_k_index)[top_k_index.clamp(0, E)],
@@ -243,6 +249,10 @@ class OffloadEngine:
             for s in slots.tolist():
                 self.loader.wait(group, s)
         grad = torch.is_grad_enabled() and x.requires_grad
+        gk = None if grad else self.kernels.get(spec, group)
+        if gk is not None:  # the CPU kernels, straight from the slots (stored bytes or slab views)
+            gk.sync(slots.tolist())
+            return gk.run(x, (experts, slots), E, top_k_index, top_k_weights, weight_inputs=weight_inputs)
         if group.slab is None or grad:
             # one expert at a time; under autograd on owned copies (slots are recycled after this layer)
             by_expert = dict(zip(experts.tolist(), slots.tolist()))
@@ -274,6 +284,36 @@ class OffloadEngine:
             bank = self._banks[key] = spec.slot_bank({n: t[lo:hi] for n, t in group.slab.tensors.items()})
         return bank
 
+    def _kernel_misses(self, gk, layer: int, misses: list[int], rows_of: dict[int, int], x: torch.Tensor,
+                       top_k_index: torch.Tensor, top_k_weights: torch.Tensor, out: torch.Tensor,
+                       weight_inputs: bool) -> torch.Tensor:
+        """The misses through the CPU kernel: each brought into a slot (pinned), then one call that adds the
+        slotted ones into ``out``; an expert that got no slot (every slot pinned by this layer) in torch."""
+        E = self.layers[layer].num_experts
+        slotted: dict[int, int] = {}
+        leases: dict[int, Lease] = {}
+        try:
+            for e in misses:
+                lease = leases[e] = self.acquire((layer, e), rows_of[e], decoded=False)
+                if isinstance(lease, SlotLease) and lease.slot is not None:
+                    slotted[e] = lease.slot
+            if slotted:
+                gk.sync(list(slotted.values()))
+                out = gk.run(x, slotted, E, top_k_index, top_k_weights, out.contiguous(), weight_inputs=weight_inputs)
+            rest = [e for e in misses if e not in slotted]
+            if rest:
+                keep = torch.zeros(E + 1, dtype=torch.bool)
+                keep[rest] = True
+                index = torch.where(keep[top_k_index.clamp(0, E)], top_k_index, torch.full_like(top_k_index, E))
+                spec = self.layers[layer]
+                out = out + dispatch_combine(x, index, top_k_weights, E,
+                                             lambda e, rows: spec.compute_expert(e, rows, leases[e].weights),
+                                             weight_inputs=weight_inputs)
+        finally:
+            for lease in leases.values():
+                lease.release()
+        return out
+
     # -- per expert: misses, and experts kept as a list of modules -----------------------------------
     def _run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert that was not cached when its layer began (or an expert of a list)."""
@@ -291,9 +331,10 @@ class OffloadEngine:
         finally:
             lease.release()
 
-    def acquire(self, key: Key, rows: int) -> Lease:
+    def acquire(self, key: Key, rows: int, decoded: bool = True) -> Lease:
         """The decoded weights of ``key``: from its device slot (loaded now if needed), or computed on the
-        CPU from host RAM when the cost model says so."""
+        CPU from host RAM when the cost model says so. ``decoded=False``: a slot lease carries the slot only
+        (the CPU kernels read the entry as the slot holds it; nothing is decoded)."""
         st = self.stats.layers[key[0]]
         group = self.dev.group_of[key[0]]
         with self.lock:
@@ -304,7 +345,7 @@ class OffloadEngine:
                 st.hits[tier] += 1
                 self.stats.bytes_read[self.phase][tier] += (group.table.slot_bytes if tier == "device"
                                                             else self.source.nbytes(*key))
-                return self._slot_lease(group, slot)
+                return self._slot_lease(group, slot, decoded)
             fut = self.prefetcher.inflight.get(key)
             if fut is None and self._cpu_candidate(key, rows):
                 # Decided and pinned under one lock: the worker cannot evict it in between.
@@ -324,17 +365,18 @@ class OffloadEngine:
                     group.table.pin(torch.tensor([slot]))
                     tier = self.loader.arrived.pop(key, tier if tier != "device" else "device")
                     self._account(st, key, tier, t0, group)
-                    return self._slot_lease(group, slot)
+                    return self._slot_lease(group, slot, decoded)
         slot, host, tier, moved = self.loader.load(key, background=False)
         with self.lock:
             self._account(st, key, tier, t0, group, moved)
         if slot is not None:
-            return self._slot_lease(group, slot)
+            return self._slot_lease(group, slot, decoded)
         # every slot is pinned by this layer (a budget below its active experts): compute from the read
         return ReadLease(self.loader.from_read(host))
 
-    def _slot_lease(self, group: SlotGroup, slot: int) -> SlotLease:
-        return SlotLease(self.loader.weights(group, slot), partial(self.loader.unpin, group.table, torch.tensor([slot])))
+    def _slot_lease(self, group: SlotGroup, slot: int, decoded: bool = True) -> SlotLease:
+        return SlotLease(self.loader.weights(group, slot) if decoded else {},
+                         partial(self.loader.unpin, group.table, torch.tensor([slot])), slot=slot)
 
     def _unpin_host(self, key: Key) -> None:
         with self.lock:

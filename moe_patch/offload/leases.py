@@ -32,7 +32,10 @@ class Lease:
 
 @dataclass
 class SlotLease(Lease):
-    """An expert in a device slot."""
+    """An expert in a device slot (``weights`` empty when it was acquired for the CPU kernels, which read the
+    slot's entry itself)."""
+
+    slot: int | None = None
 
 
 @dataclass

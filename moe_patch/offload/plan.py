@@ -25,6 +25,7 @@ from .budget import check_budget
 from .costmodel import Bandwidths, calibrate, choose_compute_dtype, choose_device_format, measure_disk, time_stored_expert
 from .layers import OffloadLayer
 from .options import OffloadOptions
+from .slot_kernels import kernel_serves
 
 if TYPE_CHECKING:
     from .sources import ExpertSource
@@ -131,8 +132,8 @@ def make_plan(opts: OffloadOptions, layers: list[OffloadLayer], source: ExpertSo
         bandwidths = replace(bandwidths, disk=measure_disk(checkpoint_files))
     stored = source.stored
     device_format = _device_format(opts, source, layers, expert_cache, host_cache, device, bandwidths)
-    compute_dtype = _compute_dtype(opts, source, layers, expert_cache, host_cache, device, fmt,
-                                   bandwidths.disk if bandwidths is not None else 0.0)
+    compute_dtype = None if stored and device_format == "stored" else _compute_dtype(
+        opts, source, layers, expert_cache, host_cache, device, fmt, bandwidths.disk if bandwidths is not None else 0.0)
     host_bytes = max(host_expert_bytes(layer, source, fmt) for layer in layers)
     device_bytes = max(layer.expert_bytes for layer in layers) if device_format == "dequantized" and stored \
         else host_bytes
@@ -173,6 +174,11 @@ def _device_format(opts: OffloadOptions, source: ExpertSource, layers: list[Offl
         return "dequantized"  # nothing to decode: the stored bytes are the model's
     if opts.device_format != "auto":
         return opts.device_format
+    if device.type == "cpu" and kernel_serves(layers, {layer.index: source.example(layer.index) for layer in layers}):
+        # the CPU kernels compute from the stored bytes at least as fast as from decoded copies (they read
+        # fewer bytes, each once: moe_patch/kernels/README.md): the slots keep what the checkpoint stores
+        logger.info("device cache keeps experts stored (the CPU kernels read them)")
+        return "stored"
     n = sum(layer.num_experts for layer in layers)
     stored = max(source.nbytes(layer.index, 0) for layer in layers)
     decoded = max(layer.expert_bytes for layer in layers)
@@ -201,6 +207,9 @@ def _compute_dtype(opts: OffloadOptions, source: ExpertSource, layers: list[Offl
         return None
     if source.stored and opts.device_format == "stored":
         return None
+    if kernel_serves(layers, {layer.index: {n: torch.empty(shape, dtype=dtype, device="meta")
+                                            for n, shape in layer.shapes.items()} for layer in layers}):
+        return None  # the CPU kernels compute half-precision slots in place (bf16 dot products, fp32 sums)
     half_bw, fp32_bw = calibrate("cpu", dtype), calibrate("cpu", torch.float32)
     half_bytes = max(layer.expert_bytes for layer in layers)
     n = sum(layer.num_experts for layer in layers)

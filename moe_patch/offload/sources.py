@@ -36,6 +36,9 @@ class ExpertSource(Protocol):
     def nbytes(self, layer: int, expert: int) -> int:
         """Bytes :meth:`read_into` gives (stored bytes for stored experts)."""
 
+    def example(self, layer: int) -> dict[str, torch.Tensor | StoredTensor]:
+        """What :meth:`read_into` gives for an expert of ``layer``, as meta tensors (nothing is read)."""
+
     def slot_bytes(self, layer: int, expert: int = 0) -> int:
         """A pool slot that holds what :meth:`read_into` writes, with its alignment padding."""
 
@@ -74,6 +77,16 @@ class CheckpointSource:
             else:
                 out[name] = slot.tensor(r.shape, r.dtype) if slot is not None else torch.empty(r.shape, dtype=r.dtype)
                 self.cmap.reader.load_into(r, out[name])
+        return out
+
+    def example(self, layer: int) -> dict[str, torch.Tensor | StoredTensor]:
+        out: dict[str, torch.Tensor | StoredTensor] = {}
+        for name, r in self.cmap.experts[(layer, 0)].items():
+            if r.stored is not None:
+                out[name] = StoredTensor(r.stored, tuple(torch.empty(s.shape, dtype=s.entry.dtype, device="meta")
+                                                         for s in r.sources))
+            else:
+                out[name] = torch.empty(r.shape, dtype=r.dtype, device="meta")
         return out
 
     def read_to(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> None:
@@ -133,6 +146,10 @@ class MemorySource:
 
     def read_into(self, layer: int, expert: int, slot=None) -> dict[str, torch.Tensor]:
         return self.read(layer, expert)
+
+    def example(self, layer: int) -> dict[str, torch.Tensor]:
+        spec = self.layers[layer]
+        return {n: torch.empty(spec.shapes[n], dtype=spec.dtype, device="meta") for n in spec.param_names}
 
     def nbytes(self, layer: int, expert: int) -> int:
         return self.layers[layer].expert_bytes
