@@ -39,6 +39,17 @@ def _loop_wins(weight: torch.Tensor, x: torch.Tensor, rows_per_expert: float) ->
 
     return loop_wins(weight.dtype, rows_per_expert)
 
+def _kernel_wins(weight: torch.Tensor, x: torch.Tensor, rows_per_expert: float) -> bool:
+    """On a CPU, outside autograd and compilation, whether the CPU expert kernel (:mod:`moe_patch.kernels`)
+    beats transformers' grouped_mm at this many rows per expert (measured on the running machine)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return False
+    from .calibration import kernel_wins
+
+    return kernel_wins(weight.dtype, rows_per_expert)
+
+
 #: The name moe-patch registers in transformers' experts registry.
 IMPLEMENTATION_NAME = "moe_patch"
 
@@ -321,7 +332,15 @@ def moe_patch_experts_forward(
     # rows per active expert without a host sync: at most min(E, T * k) experts are active
     slots = top_k_index.numel()
     up = getattr(self, up_weight_name(self))
-    if upcast_wins(up, hidden_states, slots / max(1, min(up.shape[0], slots))):
+    rows = slots / max(1, min(up.shape[0], slots))
+    if _kernel_wins(up, hidden_states, rows):
+        from ..families.kernel import module_kernel  # local: the families build on dispatch, not the reverse
+
+        kernel = module_kernel(self)
+        if kernel is not None:
+            return kernel.forward(hidden_states.contiguous(), top_k_index.to(torch.int64).contiguous(),
+                                  top_k_weights.contiguous())
+    if upcast_wins(up, hidden_states, rows):
         return bank_dispatch(fused_bank(self), hidden_states, top_k_index, top_k_weights)
     stock = stock_experts_forward(self)
     if stock is not grouped_mm_experts_forward or _module_kernel_accepts(self):

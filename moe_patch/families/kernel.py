@@ -155,3 +155,35 @@ def meta_entry(entry: Entry) -> dict[str, Any]:
         return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
     return {n: meta(t) for n, t in entry.items()}
+
+
+#: the resident experts' kernel, kept on the module (records.CACHE_PREFIX: unpatch drops it)
+_KERNEL_ATTR = "_moe_patch_cache_expert_kernel"
+
+
+def module_kernel(experts: torch.nn.Module) -> ExpertKernel | None:
+    """The kernel over a resident decorated experts module's own parameters (views, no copy), kept on the module
+    for as long as its weights are the same tensors in the same place and dtype (rebuilt when they move); None
+    where the kernels cannot compute it (family maths, format, device, or kernels off)."""
+    from .fused import decorated_kernel_maths
+
+    maths = decorated_kernel_maths(experts)
+    names = [] if maths is None else [n for n in (maths.gate_up, maths.down, maths.gate_up_bias, maths.down_bias)
+                                      if n is not None]
+    params = {n: getattr(experts, n, None) for n in names}
+    if maths is None or any(not isinstance(p, torch.Tensor) or p.device.type != "cpu" for p in params.values()):
+        return None
+    key = tuple((p.data_ptr(), p.dtype, p.stride(), p.shape) for p in params.values())
+    cached = experts.__dict__.get(_KERNEL_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    stacked = {n: p.detach() for n, p in params.items()}
+    num = stacked[maths.gate_up].shape[0]
+    try:
+        kernel = ExpertKernel(maths, num, {n: t[0] for n, t in stacked.items()})
+        for e in range(num):
+            kernel.attach(e, {n: t[e] for n, t in stacked.items()})
+    except KernelUnavailableError:
+        kernel = None
+    experts.__dict__[_KERNEL_ATTR] = (key, kernel)
+    return kernel
