@@ -289,12 +289,22 @@ class OffloadEngine:
                        weight_inputs: bool) -> torch.Tensor:
         """The misses through the CPU kernel: each brought into a slot (pinned), then one call that adds the
         slotted ones into ``out``; an expert that got no slot (every slot pinned by this layer) in torch."""
-        E = self.layers[layer].num_experts
+        spec = self.layers[layer]
+        E = spec.num_experts
+        host_kernel = self.kernels.host(spec) if self.plan.computes_on_cpu() else None
         slotted: dict[int, int] = {}
         leases: dict[int, Lease] = {}
+
+        def one(e: int, rows: torch.Tensor) -> torch.Tensor:  # a miss without a slot: from the host tier or a read
+            lease = leases[e]
+            if lease.on_cpu and lease.stored is not None and host_kernel is not None:
+                return self.kernels.run_host(host_kernel, lease.stored, rows)
+            return spec.compute_expert(e, rows, lease.weights)
+
         try:
             for e in misses:
-                lease = leases[e] = self.acquire((layer, e), rows_of[e], decoded=False)
+                lease = leases[e] = self.acquire((layer, e), rows_of[e], decoded=False,
+                                                 host_raw=host_kernel is not None)
                 if isinstance(lease, SlotLease) and lease.slot is not None:
                     slotted[e] = lease.slot
             if slotted:
@@ -305,10 +315,7 @@ class OffloadEngine:
                 keep = torch.zeros(E + 1, dtype=torch.bool)
                 keep[rest] = True
                 index = torch.where(keep[top_k_index.clamp(0, E)], top_k_index, torch.full_like(top_k_index, E))
-                spec = self.layers[layer]
-                out = out + dispatch_combine(x, index, top_k_weights, E,
-                                             lambda e, rows: spec.compute_expert(e, rows, leases[e].weights),
-                                             weight_inputs=weight_inputs)
+                out = out + dispatch_combine(x, index, top_k_weights, E, one, weight_inputs=weight_inputs)
         finally:
             for lease in leases.values():
                 lease.release()
@@ -318,8 +325,13 @@ class OffloadEngine:
     def _run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert that was not cached when its layer began (or an expert of a list)."""
         spec = self.layers[layer]
-        lease = self.acquire((layer, expert), x.shape[0])
+        host_kernel = self.kernels.host(spec) if self.plan.computes_on_cpu() else None
+        lease = self.acquire((layer, expert), x.shape[0], host_raw=host_kernel is not None)
         try:
+            if lease.on_cpu and lease.stored is not None and host_kernel is not None:
+                # the CPU kernel reads the host entry's stored bytes (no decoded copy)
+                y = self.kernels.run_host(host_kernel, lease.stored, x.to("cpu"))
+                return y.to(x.device)
             weights = lease.weights
             if torch.is_grad_enabled() and x.requires_grad:
                 # Autograd keeps these for backward, but the slot is recycled after release: own copies keep
@@ -331,10 +343,11 @@ class OffloadEngine:
         finally:
             lease.release()
 
-    def acquire(self, key: Key, rows: int, decoded: bool = True) -> Lease:
+    def acquire(self, key: Key, rows: int, decoded: bool = True, host_raw: bool = False) -> Lease:
         """The decoded weights of ``key``: from its device slot (loaded now if needed), or computed on the
         CPU from host RAM when the cost model says so. ``decoded=False``: a slot lease carries the slot only
-        (the CPU kernels read the entry as the slot holds it; nothing is decoded)."""
+        (the CPU kernels read the entry as the slot holds it; nothing is decoded); ``host_raw``: a host lease
+        carries the host entry's tensors as stored, not decoded (the CPU kernels read them)."""
         st = self.stats.layers[key[0]]
         group = self.dev.group_of[key[0]]
         with self.lock:
@@ -355,7 +368,8 @@ class OffloadEngine:
                 st.cpu_computed += 1
                 self.stats.bytes_read[self.phase]["host"] += host.nbytes
                 self.stats.cpu_bytes[self.phase] += host.nbytes
-                return HostLease({n: materialize(t) for n, t in host.tensors.items()}, partial(self._unpin_host, key))
+                weights = {} if host_raw else {n: materialize(t) for n, t in host.tensors.items()}
+                return HostLease(weights, partial(self._unpin_host, key), stored=host.tensors)
         t0 = time.perf_counter()
         if fut is not None:
             tier = fut.result()  # re-raises a background read error

@@ -40,9 +40,11 @@ class SlotLease(Lease):
 
 @dataclass
 class HostLease(Lease):
-    """An expert the CPU computes from its host-tier entry."""
+    """An expert the CPU computes from its host-tier entry (``stored``: the entry's tensors as the host tier
+    keeps them; ``weights`` empty when the CPU kernels read those instead)."""
 
     on_cpu = True
+    stored: dict | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -78,16 +78,47 @@ class SlotKernels:
     """
 
     def __init__(self, layers: list[OffloadLayer], device: torch.device, source: Any, encoded: bool = False):
+        self.host_enabled = available() and not encoded  # host entries: stored bytes, or cache-encoded
         self.enabled = device.type == "cpu" and available()
         self.source = source
         self.encoded = encoded  # object slots hold cache-encoded experts (nf4/int8): no kernel reads those
         self._maths = {layer.index: layer.family.kernel_maths(layer.experts) for layer in layers} \
-            if self.enabled else {}
+            if self.enabled or self.host_enabled else {}
         self._kernels: dict[tuple[int, Any], GroupKernel | None] = {}
+        self._host: dict[int, ExpertKernel | None] = {}
 
     @property
     def calls(self) -> int:
         return sum(g.kernel.calls for g in self._kernels.values() if g is not None)
+
+    @property
+    def host_calls(self) -> int:
+        return sum(k.calls for k in self._host.values() if k is not None)
+
+    def host(self, layer: OffloadLayer) -> ExpertKernel | None:
+        """A one-entry kernel computing ``layer``'s host-tier entries on the CPU (a miss the cost model sends
+        to the CPU: the entry is attached for the call and detached after), or None (torch computes it)."""
+        if not self.host_enabled:
+            return None
+        if layer.index not in self._host:
+            try:
+                kernel = ExpertKernel(self._maths[layer.index], 1, self.source.example(layer.index),
+                                      gemm_min_rows=None)
+            except KernelUnavailableError as exc:
+                logger.info("offload: %s host-tier experts computed by torch: %s", layer.experts_path, exc)
+                kernel = None
+            self._host[layer.index] = kernel
+        return self._host[layer.index]
+
+    def run_host(self, kernel: ExpertKernel, entry: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        """One expert on rows ``x`` (CPU) from its host entry, unweighted (the caller combines)."""
+        kernel.attach(0, entry)
+        try:
+            rows = x.shape[0]
+            return kernel.forward(x.contiguous(), torch.zeros(rows, 1, dtype=torch.int64),
+                                  torch.ones(rows, 1, dtype=torch.float32))
+        finally:
+            kernel.detach(0)
 
     def get(self, layer: OffloadLayer, group: SlotGroup) -> GroupKernel | None:
         """The kernel computing ``layer``'s experts from ``group``'s slots, or None (torch computes them)."""

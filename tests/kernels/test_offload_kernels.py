@@ -122,3 +122,22 @@ def test_bf16_slots_are_computed_in_place_by_the_kernels_not_upcast(tmp_path, ke
         assert handle.engine.kernels.calls > 0
     finally:
         handle.detach(restore_weights=False)
+
+
+@pytest.mark.parametrize("name", ["gpt_oss-mxfp4", "qwen3_moe-int4", "qwen3_moe-fp8-block32"])
+def test_host_resident_misses_computed_on_the_cpu_read_the_stored_bytes(name, path, checkpoints, oracles):
+    """Decoded device slots with the stored copies in the host tier (what a GPU run has): misses the CPU
+    computes from host RAM go through the kernel, straight from the stored bytes."""
+    ckpt = checkpoints[name]
+    probe = moe_patch.load_model(ckpt, dtype=torch.float32)
+    decoded = max(layer.expert_bytes for layer in get_offload_handle(probe).engine.layers)
+    get_offload_handle(probe).detach(restore_weights=False)
+    model = moe_patch.load_model(ckpt, dtype=torch.float32, options=OffloadOptions(
+        expert_cache=4 * decoded, host_cache=None, cpu_compute="always", device_format="dequantized"))
+    handle = get_offload_handle(model)
+    try:
+        assert torch.equal(greedy(model, prompts(4), NEW), oracles[name][4])
+        assert sum(layer.cpu_computed for layer in handle.stats.layers) > 0
+        assert (handle.engine.kernels.host_calls > 0) == (path == "kernels")
+    finally:
+        handle.detach(restore_weights=False)
