@@ -4,10 +4,18 @@ and experts from disk under a memory cap) and, when given a build, llama.cpp on 
     python bench/decode.py --layers 4 --rounds 3                                   # transformers systems only
     python bench/decode.py --llama-cpp /path/to/llama.cpp --cap 2.77GiB --budget 1GiB   # + llama.cpp, capped runs
     python bench/decode.py --profile                          # where a decode step's milliseconds go, per part
+    python bench/decode.py --format mxfp4 --llama-cpp /path/to/llama.cpp   # gpt-oss-20b shapes, MXFP4 experts
+    python bench/decode.py --format fp8 --llama-cpp /path/to/llama.cpp     # Qwen3-30B-A3B-FP8 layout vs Q8_0
 
 The checkpoint is random bf16 weights with Qwen3-30B-A3B layer shapes (``moe_patch.testing.synthetic``), converted
 once to GGUF (bf16 and Q8_0) with llama.cpp's own ``convert_hf_to_gguf.py`` (its built-in ``llama-spm`` vocabulary
-stands in for the tokenizer a random model does not have) and ``llama-quantize`` when it is built.
+stands in for the tokenizer a random model does not have) and ``llama-quantize`` when it is built. ``--format
+mxfp4`` takes gpt-oss-20b's layer shapes (hidden 2880, 32 experts, top-4, expert width 2880, biases, clamped
+SwiGLU) with random MXFP4 blocks and scales (``moe_patch.testing.synthetic.build_quantized``); llama.cpp's
+converter writes its MXFP4 GGUF from that checkpoint directly (experts repacked bit for bit, the rest bf16).
+``--format fp8``: Qwen3-30B-A3B-FP8's layout (128x128 block scales), against llama.cpp's Q8_0 of the same FP8
+checkpoint (its converter dequantizes FP8). Stock transformers and ``patch_model`` load quantized checkpoints
+with ``dequantize=True`` (bf16 copies of every expert); the engine keeps them in their stored bytes.
 
 Every system sees the same tokens: llama-bench feeds ``rand() % n_vocab`` from glibc's generator seeded 1
 (a BOS first), so the Python systems are teacher-forced with exactly that sequence (:func:`glibc_rand`), one
@@ -64,12 +72,18 @@ def llama_bench_tokens(n: int, bos: int | None, vocab: int = VOCAB) -> list[int]
 
 
 # --------------------------------------------------------------------------- the Python systems
-def _load(system: str, path: Path, dtype: torch.dtype, budget: int | None):
-    import moe_patch
+def _load(system: str, path: Path, dtype: torch.dtype, budget: int | None, fmt: str = "bf16"):
     from transformers import AutoModelForCausalLM
 
+    import moe_patch
+
     if system in ("stock", "patched"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        kwargs = {}
+        if fmt != "bf16":  # stock transformers computes quantized experts from dequantized copies on a CPU
+            from transformers import FineGrainedFP8Config, Mxfp4Config
+
+            kwargs["quantization_config"] = (Mxfp4Config if fmt == "mxfp4" else FineGrainedFP8Config)(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
         if system == "patched":
             moe_patch.patch_model(model)
         return model
@@ -162,7 +176,7 @@ def worker(args) -> dict:
     if args.system == "engine-capped":
         drop_page_cache(path)
     t0 = time.perf_counter()
-    model = _load(args.system, path, dtype, args.budget_bytes)
+    model = _load(args.system, path, dtype, args.budget_bytes, args.format)
     load_s = time.perf_counter() - t0
     decode_tokens = llama_bench_tokens(args.tokens, args.bos)
     prefill_tokens = llama_bench_tokens(args.prompt, args.bos)
@@ -188,6 +202,8 @@ def worker(args) -> dict:
         out["stats"] = {k: st[k] for k in ("hit_rate", "decode_bytes_per_token", "fraction_of_bound",
                                             "decode_bound_s", "stored_format", "device_format")}
         out["stats_text"] = str(handle.stats)
+        kernels = getattr(handle.engine, "kernels", None)
+        out["kernel_calls"] = kernels.calls if kernels is not None else None
     return out
 
 
@@ -222,44 +238,50 @@ def llama_cpp_tools(root: Path) -> dict[str, Path]:
     return found
 
 
-def to_gguf(tools: dict[str, Path], checkpoint: Path, out: Path, quant: str) -> Path:
-    """bf16 GGUF from the checkpoint with llama.cpp's converter (the built-in llama-spm vocabulary as the
-    tokenizer), then Q8_0 with llama-quantize (or the converter's own q8_0 when it is not built)."""
-    target = out / f"model-{quant}.gguf"
+def _convert(tools: dict[str, Path], checkpoint: Path, out: Path, target: Path, outtype: str) -> Path:
+    """``checkpoint`` to ``target`` with llama.cpp's converter (the built-in llama-spm vocabulary as the
+    tokenizer a random model lacks); written under another name and renamed (a killed run leaves no GGUF)."""
     if target.exists():
         return target
     out.mkdir(parents=True, exist_ok=True)
-    bf16 = out / "model-bf16.gguf"
-    if not bf16.exists():
-        shim = out / "convert_random.py"
-        arch = json.loads((checkpoint / "config.json").read_text())["architectures"][0]
-        shim.write_text(
-            "import sys\n"
-            f"sys.path.insert(0, {str(tools['convert'].parent / 'gguf-py')!r})\n"
-            # the converter finds its built-in vocabularies under sys.path[0]/models
-            f"sys.path.insert(0, {str(tools['convert'].parent)!r})\n"
-            "import convert_hf_to_gguf as c\n"
-            "from conversion import get_model_class\n"
-            "# a random-weight model has no tokenizer: llama.cpp's built-in 32000-token SentencePiece vocabulary\n"
-            f"get_model_class({arch!r}).set_vocab = lambda self: self._set_vocab_builtin('llama-spm', 32000)\n"
-            "sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[1:]\n"
-            "c.main()\n"
-        )
-        partial = bf16.with_suffix(".partial")  # a killed conversion leaves no file that looks finished
-        subprocess.run([sys.executable, str(shim), str(checkpoint), "--outtype", "bf16", "--outfile", str(partial)],
-                       check=True, capture_output=True, text=True)
-        partial.rename(bf16)
-    if quant == "bf16":
-        return bf16
+    shim = out / "convert_random.py"
+    arch = json.loads((checkpoint / "config.json").read_text())["architectures"][0]
+    shim.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(tools['convert'].parent / 'gguf-py')!r})\n"
+        # the converter finds its built-in vocabularies under sys.path[0]/models
+        f"sys.path.insert(0, {str(tools['convert'].parent)!r})\n"
+        "import convert_hf_to_gguf as c\n"
+        "from conversion import get_model_class\n"
+        "# a random-weight model has no tokenizer: llama.cpp's built-in 32000-token SentencePiece vocabulary\n"
+        f"get_model_class({arch!r}).set_vocab = lambda self: self._set_vocab_builtin('llama-spm', 32000)\n"
+        "sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[1:]\n"
+        "c.main()\n"
+    )
     partial = target.with_suffix(".partial")
-    if "llama-quantize" in tools:
-        subprocess.run([str(tools["llama-quantize"]), str(bf16), str(partial), quant.upper()], check=True,
-                       capture_output=True, text=True)
-    else:  # the converter writes q8_0 itself
-        subprocess.run([sys.executable, str(out / "convert_random.py"), str(checkpoint), "--outtype", quant,
-                        "--outfile", str(partial)], check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, str(shim), str(checkpoint), "--outtype", outtype, "--outfile", str(partial)],
+                   check=True, capture_output=True, text=True)
     partial.rename(target)
     return target
+
+
+def to_gguf(tools: dict[str, Path], checkpoint: Path, out: Path, quant: str) -> Path:
+    """A GGUF of the checkpoint for llama.cpp system ``quant``: ``bf16``; ``q8_0`` (llama-quantize on the bf16
+    GGUF when it is built, else the converter's own q8_0; from an FP8 checkpoint the converter dequantizes);
+    ``mxfp4`` (from the MXFP4 checkpoint: experts repacked as they are stored, the other weights bf16)."""
+    target = out / f"model-{quant}.gguf"
+    if target.exists():
+        return target
+    if quant in ("bf16", "mxfp4"):
+        return _convert(tools, checkpoint, out, target, "bf16")
+    if "llama-quantize" in tools and not (checkpoint / "config.json").read_text().count("quantization_config"):
+        bf16 = to_gguf(tools, checkpoint, out, "bf16")
+        partial = target.with_suffix(".partial")
+        subprocess.run([str(tools["llama-quantize"]), str(bf16), str(partial), quant.upper()], check=True,
+                       capture_output=True, text=True)
+        partial.rename(target)
+        return target
+    return _convert(tools, checkpoint, out, target, quant)
 
 
 def gguf_bos(path: Path, tools: dict[str, Path]) -> int | None:
@@ -309,6 +331,7 @@ def _cgroup(name: str, limit: int | None) -> str | None:
 
 def run_python(system: str, args, checkpoint: Path, group: str | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--checkpoint", str(checkpoint), "--dtype", args.dtype,
+           "--format", args.format,
            "--tokens", str(args.tokens), "--prompt", str(args.prompt), "--threads", str(args.threads),
            "--budget", args.budget, "--bos", str(args.bos if args.bos is not None else -1)] + (
            ["--profile"] if args.profile else [])
@@ -351,6 +374,8 @@ def print_profiles(args, checkpoint: Path) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--format", default="bf16", choices=["bf16", "fp8", "mxfp4"],
+                   help="checkpoint format: bf16 and fp8 with Qwen3-30B-A3B shapes, mxfp4 with gpt-oss-20b's")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the Python systems")
     p.add_argument("--tokens", type=int, default=32, help="decode steps (llama-bench -n)")
     p.add_argument("--prompt", type=int, default=16, help="prefill length (llama-bench -p)")
@@ -378,9 +403,14 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args)))
         return 0
     from moe_patch.sizes import format_bytes
-    from moe_patch.testing.synthetic import build_checkpoint
+    from moe_patch.testing.synthetic import FORMAT_SHAPES, SHAPES, build_checkpoint, build_quantized
 
-    checkpoint = build_checkpoint(Path(args.workdir) / f"qwen3-30b-a3b-shaped-{args.layers}L", args.layers)
+    shape = FORMAT_SHAPES[args.format]
+    name = SHAPES[shape]["name"].lower()
+    checkpoint = build_checkpoint(Path(args.workdir) / f"{name}-shaped-{args.layers}L", args.layers, shape)
+    if args.format != "bf16":
+        checkpoint = build_quantized(checkpoint, Path(args.workdir) / f"{name}-shaped-{args.layers}L-{args.format}",
+                                     args.format)
     if args.profile:
         return print_profiles(args, checkpoint)
     cap = parse_size(args.cap) if args.cap else None
@@ -389,10 +419,11 @@ def main(argv=None) -> int:
     args.bos = None
     if args.llama_cpp:
         tools = llama_cpp_tools(Path(args.llama_cpp))
-        for quant in ("bf16", "q8_0"):
-            ggufs[quant] = to_gguf(tools, checkpoint, Path(args.workdir) / f"gguf-{args.layers}L", quant)
-        args.bos = gguf_bos(ggufs["bf16"], tools)
-        systems += ["llama.cpp-bf16", "llama.cpp-q8_0"] + (["llama.cpp-bf16-capped"] if cap else [])
+        quants = {"bf16": ("bf16", "q8_0"), "fp8": ("q8_0",), "mxfp4": ("mxfp4",)}[args.format]
+        for quant in quants:
+            ggufs[quant] = to_gguf(tools, checkpoint, Path(args.workdir) / f"gguf-{checkpoint.name}", quant)
+        args.bos = gguf_bos(ggufs[quants[0]], tools)
+        systems += [f"llama.cpp-{q}" for q in quants] + ([f"llama.cpp-{quants[0]}-capped"] if cap else [])
     load_before = os.getloadavg()
     results: dict[str, list[dict]] = {s: [] for s in systems}
     for r in range(args.rounds):
@@ -404,7 +435,7 @@ def main(argv=None) -> int:
                 results[system].append({"error": "memory cap needs a cgroup-v1 memory controller (root)"})
                 continue
             if system.startswith("llama.cpp"):
-                quant = "q8_0" if "q8_0" in system else "bf16"
+                quant = system.removeprefix("llama.cpp-").removesuffix("-capped")
                 if capped:
                     from moe_patch.testing.synthetic import drop_page_cache
 
@@ -426,7 +457,8 @@ def main(argv=None) -> int:
     print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, {platform.processor() or _cpu_name()}, "
           f"torch {torch.__version__}, {args.threads} threads; load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after")
-    print(f"model: Qwen3-30B-A3B layer shapes, {args.layers} layers, bf16 checkpoint, compute {args.dtype}; "
+    print(f"model: {SHAPES[shape]['name']} layer shapes, {args.layers} layers, {args.format} checkpoint, "
+          f"compute {args.dtype}; "
           f"{args.tokens} decode steps and a {args.prompt}-token prefill on llama-bench's token sequence; "
           f"medians of {args.rounds} interleaved rounds" + (f"; capped runs: RAM + page cache {args.cap}, "
                                                             f"expert_cache {args.budget}" if cap else ""))

@@ -76,6 +76,34 @@ def measure_gemm_min_rows(kind: str, compute: torch.dtype) -> float:
     return math.inf
 
 
+def measure_stream_rate(kind: str, compute: torch.dtype, total_bytes: int = 96 * 2**20) -> float:
+    """Stored bytes per second the kernel streams at one row from DRAM for experts stored as ``kind``
+    (``compute``: the activations' dtype): one call over enough experts of a mid-sized shape (hidden 2048,
+    intermediate 768) that they do not fit a cache, median of 3 after a warm-up."""
+    from .layer import MoEKernel
+    from .spec import ExpertFormat, ExpertWeights, MoELayerSpec
+
+    hidden, inter = 2048, 768
+    gen = torch.Generator().manual_seed(0)
+    fmt = {"fp8": ExpertFormat("fp8", block=(128, 128)), "mxfp4": ExpertFormat("mxfp4"),
+           "int4": ExpertFormat("int4", group_size=32, scale_dtype=torch.bfloat16),
+           "int8": ExpertFormat("int8", scale_dtype=torch.bfloat16)}.get(kind, ExpertFormat(kind))
+    one = _random_expert(fmt, hidden, inter, gen)
+    per_expert = sum(t.numel() * t.element_size() for t in one if t is not None)
+    experts = max(2, total_bytes // per_expert)
+    layer = MoEKernel(MoELayerSpec(experts, hidden, inter, fmt, fmt), gemm_min_rows=None)
+    keep = []
+    for e in range(experts):
+        w = one if e == 0 else _random_expert(fmt, hidden, inter, gen)
+        keep.append(w)
+        layer.set_expert(e, ExpertWeights(*w))
+    x = torch.randn(1, hidden, generator=gen).to(compute)
+    idx = torch.arange(experts, dtype=torch.int64).unsqueeze(0)
+    wts = torch.ones(1, experts)
+    out = torch.empty(1, hidden, dtype=compute)
+    return experts * per_expert / _median_seconds(functools.partial(layer.forward, x, idx, wts, out), repeats=3)
+
+
 def _random_expert(fmt, hidden: int, inter: int, gen: torch.Generator) -> tuple:
     """(gate_up, down, gate_up scale, down scale) of random stored bytes in ``fmt``."""
     def one(rows: int, cols: int):
@@ -109,8 +137,17 @@ class Crossovers:
 
     def get(self, kind: str, compute: torch.dtype) -> float:
         """Rows per expert from which the GEMM path wins for ``kind`` in ``compute`` on this machine."""
+        return self._answer(f"{kind}/{str(compute).removeprefix('torch.')}", measure_gemm_min_rows, kind, compute,
+                            "kernel/GEMM crossover %s = %s rows per expert (measured in %.1f s)")
+
+    def stream_rate(self, kind: str, compute: torch.dtype) -> float:
+        """Stored bytes/s the kernel streams from DRAM at one row for ``kind`` on this machine (the offload cost
+        model's CPU rate for experts the kernel computes)."""
+        return self._answer(f"rate/{kind}/{str(compute).removeprefix('torch.')}", measure_stream_rate, kind, compute,
+                            "kernel stream rate %s = %.3g bytes/s (measured in %.1f s)")
+
+    def _answer(self, question: str, measure, kind: str, compute: torch.dtype, message: str) -> float:
         key = f"{cpu_fingerprint()}-{torch.__version__}-t{torch.get_num_threads()}"
-        question = f"{kind}/{str(compute).removeprefix('torch.')}"
         known = self._values.get(key)
         if known is not None and question in known:
             return known[question]
@@ -118,9 +155,8 @@ class Crossovers:
             values = self._values.setdefault(key, self._read(key))
             if question not in values:
                 t0 = time.perf_counter()
-                values[question] = measure_gemm_min_rows(kind, compute)
-                logger.info("kernel/GEMM crossover %s = %s rows per expert (measured in %.1f s)", question,
-                            values[question], time.perf_counter() - t0)
+                values[question] = measure(kind, compute)
+                logger.info(message, question, values[question], time.perf_counter() - t0)
                 try:
                     cache_root().mkdir(parents=True, exist_ok=True)
                     write_bytes(self._file(key), json.dumps(values, indent=1).encode())

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -37,10 +37,11 @@ import torch
 from ..dispatch.core import dispatch_combine
 from ..errors import ExpertOutputError
 from ..formats import materialize
+from ..kernels.crossover import CROSSOVERS
 from ..validation import check_summary, routing_summary
 from .backends import make_backend
 from .cache import Key, TierCache
-from .costmodel import expert_flops_per_row, prefer_cpu
+from .costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
 from .device_tier import SlotGroup, build_device_tier
 from .layers import OffloadLayer
 from .leases import HostLease, Lease, ReadLease, SlotLease
@@ -102,6 +103,7 @@ class OffloadEngine:
         self._banks: dict[tuple[int, int, int], object] = {}
         # the CPU kernels over the slots (CPU-only runs)
         self.kernels = SlotKernels(layers, self.device, source, encoded=plan.cache_format is not None)
+        self._cpu_bw: dict[int, Bandwidths] = {}  # per layer: the CPU rate of its host-tier experts
         self.phase = "prefill"
         self.closed = False
         self.bypass_caches = False  # full-precision reads straight from the source (quantization error)
@@ -411,9 +413,25 @@ class OffloadEngine:
             return False
         if self.plan.cpu_compute == "always":
             return True
-        bw = self.plan.bandwidths
+        bw = self._cpu_bandwidths(key[0])
         host = self.host.get(key, touch=False)
         return bw is not None and prefer_cpu(rows, host.nbytes, self._flops[key[0]], bw)
+
+    def _cpu_bandwidths(self, layer: int) -> Bandwidths | None:
+        """The plan's bandwidths, with the CPU's streaming rate the kernel's measured one for this layer's stored
+        format where the CPU kernel computes its host-tier experts (torch's GEMV rate otherwise)."""
+        bw = self.plan.bandwidths
+        if bw is None:
+            return None
+        if layer not in self._cpu_bw:
+            kernel = self.kernels.host(self.layers[layer])
+            if kernel is None:
+                self._cpu_bw[layer] = bw
+            else:
+                compute = torch.bfloat16 if self.layers[layer].dtype == torch.bfloat16 else torch.float32
+                rate = CROSSOVERS.stream_rate(kernel.spec.gate_up.kind, compute)
+                self._cpu_bw[layer] = replace(bw, cpu_gemv=rate)
+        return self._cpu_bw[layer]
 
     # -- blocks that call their expert modules one by one ---------------------------------------------
     def begin_layer(self, layer: int, hidden: torch.Tensor) -> None:

@@ -141,3 +141,22 @@ def test_host_resident_misses_computed_on_the_cpu_read_the_stored_bytes(name, pa
         assert (handle.engine.kernels.host_calls > 0) == (path == "kernels")
     finally:
         handle.detach(restore_weights=False)
+
+
+def test_cost_model_reads_the_kernels_measured_rate_for_host_tier_experts(checkpoints, monkeypatch, kernel_status):
+    """Whether a miss is computed on the CPU (GPU runs) weighs the kernel's measured streaming rate for the
+    stored format, not torch's GEMV of decoded weights (the decision itself is taken on GPU runs only: not run here)."""
+    from moe_patch.kernels import crossover
+
+    asked = []
+    monkeypatch.setattr(crossover.CROSSOVERS, "stream_rate", lambda kind, compute: asked.append(kind) or 12.5e9)
+    model = moe_patch.load_model(checkpoints["gpt_oss-mxfp4"], dtype=torch.float32,
+                                 options=OffloadOptions(host_cache=None, cpu_compute="always"))
+    handle = get_offload_handle(model)
+    try:
+        engine = handle.engine
+        bw = engine._cpu_bandwidths(0)
+        assert bw.cpu_gemv == 12.5e9 and asked == ["mxfp4"]
+        assert bw.dram == engine.plan.bandwidths.dram  # the rest is the plan's
+    finally:
+        handle.detach(restore_weights=False)
