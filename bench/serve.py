@@ -37,7 +37,7 @@ import sys
 # bench/ holds scripts named like stdlib modules (inspect.py); never import them as modules
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))  # tokenizer_helpers
+sys.path.append(os.path.dirname(_HERE))  # the repository, after the installed packages: tests.helpers.tokenizer
 
 import argparse  # noqa: E402
 import http.client  # noqa: E402
@@ -68,8 +68,9 @@ def build_checkpoint(path: Path, args: argparse.Namespace) -> Path:
     """Random fp32 weights of a small Qwen3-MoE, saved with a tokenizer; written under a temporary name."""
     if (path / "config.json").exists():
         return path
-    from tokenizer_helpers import save_word_tokenizer
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from tests.helpers.tokenizer import save_word_tokenizer
 
     cfg = Qwen3MoeConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,

@@ -18,12 +18,6 @@ from moe_patch.cli import batch_jobs, main
 from moe_patch.cli.batch_jobs import BatchConfigError, load_plan, run_batch
 from moe_patch.errors import MoEPatchError
 
-try:
-    from .hub_server import api, ckpt, hub, hub_online, tiny_moe_dir  # noqa: F401  (pytest fixtures)
-except ImportError:  # tests/ is not a package
-    from hub_server import api, ckpt, hub, hub_online, tiny_moe_dir  # noqa: F401
-
-
 # huggingface_hub's LFS PUT passes a file object as `data=`; httpx2 deprecates that spelling. Not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 

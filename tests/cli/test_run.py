@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from offload_helpers import VOCAB, build, expert_bytes
-from terminal_helpers import Terminal
-from tokenizer_helpers import save_word_tokenizer
 
 from moe_patch.cli import main
+from tests.cli.terminal_helpers import Terminal
+from tests.helpers.offload import VOCAB, build, expert_bytes
+from tests.helpers.tokenizer import save_word_tokenizer
 
 MOE_PATCH = Path(sys.executable).with_name("moe-patch")  # the console script of this environment
 CONTEXT = 4096

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from moe_patch.dispatch.core import dispatch_combine, plan_dispatch
 from moe_patch.dispatch.experts import ExpertBank, bank_dispatch, bank_expert, bank_grouped
 from moe_patch.dispatch.reference import reference_dispatch
-
 from moe_patch.testing.compare import rel_diff
 
 H, I = 16, 8

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import TOKEN, api, ckpt, hub, hub_online, tiny_moe_dir  # noqa: F401  (pytest fixtures)
 
 import moe_patch
 from converters import VerificationError
@@ -45,6 +44,7 @@ from moe_patch.errors import (
     OutputError,
     RoutingError,
 )
+from tests.helpers.hub_server import TOKEN
 
 MOE_PATCH = Path(sys.executable).with_name("moe-patch")  # the console script of this environment
 INDEX = "model.safetensors.index.json"
@@ -54,13 +54,13 @@ UNITS = "KiB, MiB, GiB, TiB"  # every size error lists the accepted units
 # -- inputs ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory) -> Path:
-    from upcycle_helpers import make_dense
+    from tests.helpers.upcycle import make_dense
 
     return make_dense(tmp_path_factory.mktemp("dense") / "dense", "llama")
 
 
 @pytest.fixture
-def work(tmp_path, tiny_moe_dir, dense_dir) -> Path:  # noqa: F811 (fixture)
+def work(tmp_path, tiny_moe_dir, dense_dir) -> Path:
     """A fresh folder holding `moe` (a tiny Mixtral, 3 shards and an index) and `dense` (a tiny Llama)."""
     shutil.copytree(tiny_moe_dir, tmp_path / "moe")
     shutil.copytree(dense_dir, tmp_path / "dense")
@@ -179,7 +179,7 @@ def fill(key: str, value: float) -> Callable[[dict], None]:
 
 def with_tokenizer(work: Path) -> None:
     """The word-level tokenizer (with a chat template) of the serving tests, saved next to the tiny MoE."""
-    from tokenizer_helpers import save_word_tokenizer
+    from tests.helpers.tokenizer import save_word_tokenizer
 
     save_word_tokenizer(work / "moe", 128)
 
@@ -631,7 +631,7 @@ def test_offload_routing_error_names_the_layer_path(work):
 
 
 # -- 1. push leaves the user's folder as it was -----------------------------------------------------------------
-def test_a_failed_upload_leaves_no_generated_card_in_the_folder(hub, api, ckpt):  # noqa: F811 (fixtures)
+def test_a_failed_upload_leaves_no_generated_card_in_the_folder(hub, api, ckpt):
     from hub_scripts.errors import UploadInterruptedError
     from hub_scripts.push import push_folder
 
@@ -642,7 +642,7 @@ def test_a_failed_upload_leaves_no_generated_card_in_the_folder(hub, api, ckpt):
     assert snapshot(ckpt) == before  # no README.md left behind
 
 
-def test_a_failed_upload_puts_back_the_readme_it_replaced(hub, api, ckpt):  # noqa: F811 (fixtures)
+def test_a_failed_upload_puts_back_the_readme_it_replaced(hub, api, ckpt):
     from hub_scripts.errors import UploadInterruptedError
     from hub_scripts.push import push_folder
 
@@ -654,7 +654,7 @@ def test_a_failed_upload_puts_back_the_readme_it_replaced(hub, api, ckpt):  # no
     assert snapshot(ckpt) == before
 
 
-def test_a_valid_checkpoint_still_pushes_with_its_card(hub, api, ckpt):  # noqa: F811 (fixtures)
+def test_a_valid_checkpoint_still_pushes_with_its_card(hub, api, ckpt):
     from hub_scripts.push import push_folder
 
     push_folder(ckpt, "tester/fine", api=api)
@@ -761,7 +761,6 @@ def test_size_parser_reads_what_transformers_does_not(text, expected):
 def test_the_same_size_means_the_same_bytes_for_shards_and_budgets(dense_dir, text):
     """`--max-shard-size X` shards exactly as many bytes as `--expert-cache X` budgets (they were two parsers)."""
     from converters import UpcycleConfig, plan_upcycle
-
     from moe_patch.offload.budget import parse_bytes
 
     def shards(max_shard_size):
@@ -901,8 +900,8 @@ def served(tmp_path_factory):
     import socket
     import time
 
-    from offload_helpers import VOCAB, build
-    from tokenizer_helpers import save_word_tokenizer
+    from tests.helpers.offload import VOCAB, build
+    from tests.helpers.tokenizer import save_word_tokenizer
 
     model = build("mixtral")
     model.config.max_position_embeddings = SERVE_CONTEXT
@@ -1111,8 +1110,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def _quantized(tmp_path, name: str) -> Path:
-    """A tiny packed checkpoint of tests/format_helpers' case ``name`` (bf16 twin beside it)."""
-    from format_helpers import save_case
+    """A tiny packed checkpoint of tests/helpers/formats.py's case ``name`` (bf16 twin beside it)."""
+    from tests.helpers.formats import save_case
 
     return save_case(name, tmp_path)
 
@@ -1213,7 +1212,7 @@ def test_a_quantization_config_that_is_not_an_object_is_one_line(tmp_path, qc):
 def test_an_expert_whose_weights_hold_nan_is_named_with_its_layer(tmp_path):
     """bf16 experts carry no scales to check on read; the engine checks each layer's output (riding on the next
     layer's one host transfer) and names the expert that turned finite inputs into NaN."""
-    from offload_helpers import save_tiny
+    from tests.helpers.offload import save_tiny
 
     path = save_tiny("qwen3_moe", tmp_path / "nan")
     _edit_shards(path, lambda k, t: torch.full_like(t, float("nan")) if "layers.1.mlp.experts." in k

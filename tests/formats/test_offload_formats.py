@@ -2,7 +2,7 @@
 their stored bytes and generate exactly what stock transformers' dequantized load of the same folder does.
 
 Checkpoints are tiny random models packed by ``moe_patch.testing.quantized``; the oracle for each is
-described in ``format_helpers.py``.
+described in ``tests/helpers/formats.py``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import os
 
 import pytest
 import torch
-from format_helpers import CASES, load_oracle, save_case
-from offload_helpers import greedy, prompts
 from safetensors.torch import load_file, save_file
 
 import moe_patch
@@ -25,6 +23,8 @@ from moe_patch.formats.compressed import dequantize_int
 from moe_patch.formats.fp8 import dequantize_fp8
 from moe_patch.formats.mxfp4 import dequantize_mxfp4
 from moe_patch.testing.quantized import quantize_fp8_block, quantize_int_group, quantize_mxfp4
+from tests.helpers.formats import CASES, load_oracle, save_case
+from tests.helpers.offload import greedy, prompts
 
 NEW = 64
 QUANTIZED = [n for n, c in CASES.items() if c.pack is not None]
@@ -189,7 +189,7 @@ def test_fp8_decoder_matches_transformers(shape, block, fmt, dtype):
 def test_stock_fp8_loading_guesses_the_block_from_the_shapes():
     """Pins the transformers pitfall the ragged-case oracle works around: a 200-row weight with 128-row
     blocks has a 2-row scale grid, from which Fp8Dequantize infers 100-row blocks. If this starts to fail,
-    transformers was fixed and format_helpers can use its stock loader for every case."""
+    transformers was fixed and tests/helpers/formats.py can use its stock loader for every case."""
     q, s = quantize_fp8_block(torch.randn(200, 300), (128, 128))
     right = dequantize_fp8(q, s, (128, 128), torch.float32)
     assert not torch.allclose(FORMATS["fp8"].reference_loader(q, s, torch.float32), right)

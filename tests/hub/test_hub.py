@@ -1,6 +1,6 @@
 """Hub push and pull, driven through the real huggingface_hub client against a loopback Hub server.
 
-The server (tests/hub_server.py) implements the routes the 2.4.0 client calls. The `hub` fixture
+The server (tests/helpers/hub_server.py) implements the routes the 2.4.0 client calls. The `hub` fixture
 switches xet off on the client so large files take the LFS path (batch + PUT, counted by the
 server); the `xet_hub` tests switch it on (xorb + shard uploads, the production default).
 """
@@ -34,12 +34,7 @@ from hub_scripts.push import human_bytes, push_folder
 from moe_patch.cli import entry as moe_cli
 from moe_patch.cli import hub as hub_cli
 from moe_patch.errors import CheckpointError
-
-try:
-    from .hub_server import TOKEN, api, ckpt, hub, hub_online, tiny_moe_dir, xet_hub  # noqa: F401  (fixtures)
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from hub_server import TOKEN, api, ckpt, hub, hub_online, tiny_moe_dir, xet_hub  # noqa: F401
-
+from tests.helpers.hub_server import TOKEN
 
 # huggingface_hub's LFS PUT passes a file object as `data=`; httpx2 deprecates that spelling. Not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -540,7 +535,7 @@ def test_xet_upload_failure_is_one_clear_error_and_a_rerun_completes(xet_hub, ap
 # -- live (manual) -----------------------------------------------------------------------------------------------
 @pytest.mark.live
 def test_live_push_and_pull_against_the_real_hub(request, ckpt, tmp_path, monkeypatch):
-    """Manual: `HF_TOKEN=... pytest --live -m live tests/test_hub.py`. Creates, then deletes, a private repo."""
+    """Manual: `HF_TOKEN=... pytest --live -m live tests/hub/test_hub.py`. Creates, then deletes, a private repo."""
     import os
     import uuid
 

@@ -248,7 +248,7 @@ def test_stability_check_restores_each_module_mode():
 
 @pytest.mark.parametrize("family", ["mixtral", "module_list"])
 def test_offloaded_model_counts_equal_the_resident_model(family, tmp_path):
-    from offload_helpers import expert_bytes, load_reference, model_class, prompts, save_tiny
+    from tests.helpers.offload import expert_bytes, load_reference, model_class, prompts, save_tiny
 
     path = save_tiny(family, tmp_path / "ckpt")
     ids = {"input_ids": prompts(2, 10)}

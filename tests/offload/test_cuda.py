@@ -1,6 +1,6 @@
 """The CUDA paths, on a GPU: patched dispatch and offloaded generation against the Hugging Face forward.
 
-Skipped where no GPU is present (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
+Skipped where no GPU is present (CI has none); run on a GPU machine with ``pytest tests/offload/test_cuda.py``.
 References run on the same GPU in fp32 with TF32 off, so the comparison is of the algorithm, not of
 CPU vs GPU rounding.
 """
@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from offload_helpers import (
+from transformers import DynamicCache
+
+import moe_patch
+from moe_patch import patch_model, unpatch_model
+from moe_patch.offload import OffloadOptions, get_offload_handle
+from moe_patch.testing.compare import rel_diff
+from moe_patch.testing.legacy import legacy_moe_model
+from moe_patch.testing.tiny import main_output, tiny_model
+from tests.helpers.offload import (
     FAMILIES,
     expert_bytes,
     greedy,
@@ -19,14 +27,6 @@ from offload_helpers import (
     prompts,
     save_families,
 )
-from transformers import DynamicCache
-
-import moe_patch
-from moe_patch import patch_model, unpatch_model
-from moe_patch.offload import OffloadOptions, get_offload_handle
-from moe_patch.testing.compare import rel_diff
-from moe_patch.testing.legacy import legacy_moe_model
-from moe_patch.testing.tiny import main_output, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -148,8 +148,9 @@ def test_offloaded_generation_on_cuda_matches_the_resident_model(family, batch, 
 def test_odd_expert_widths_offloaded_on_cuda_fall_back_where_the_grouped_kernel_cannot_run(budget, tmp_path):
     """An expert width of 37 fp32 values breaks the grouped kernel's 16-byte strides: the engine's slot
     GEMM takes the checked path, as the resident patched model does, and generates the same tokens."""
-    from offload_helpers import config_for
     from transformers import AutoModelForCausalLM
+
+    from tests.helpers.offload import config_for
 
     cfg = config_for("qwen3_moe")
     cfg.moe_intermediate_size = 37
@@ -256,7 +257,7 @@ FORMAT_CASES = ["deepseek_v3-fp8", "qwen3_moe-fp8-ragged", "gpt_oss-mxfp4", "qwe
 
 @pytest.fixture(scope="module")
 def format_checkpoints(tmp_path_factory):
-    from format_helpers import save_case
+    from tests.helpers.formats import save_case
 
     root = tmp_path_factory.mktemp("cuda_formats")
     return {name: save_case(name, root) for name in FORMAT_CASES}
@@ -266,7 +267,7 @@ def format_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("name", FORMAT_CASES)
 def test_quantized_checkpoints_on_cuda_match_the_stock_dequantized_load(name, device_format, format_checkpoints):
     """Stored bytes cross PCIe and are decoded on the GPU (after the copy, or at each use)."""
-    from format_helpers import load_oracle
+    from tests.helpers.formats import load_oracle
 
     path = format_checkpoints[name]
     oracle = load_oracle(name, path).to(CUDA)

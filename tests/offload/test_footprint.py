@@ -126,9 +126,8 @@ def test_the_default_context_is_the_models_capped():
 def test_load_model_with_an_automatic_budget_generates_as_resident(tmp_path, caplog):
     import logging
 
-    from offload_helpers import build, load_reference
-
     import moe_patch
+    from tests.helpers.offload import build, load_reference
 
     path = tmp_path / "ckpt"
     build("qwen3_moe").save_pretrained(path)

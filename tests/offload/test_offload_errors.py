@@ -9,20 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import hub, hub_online  # noqa: F401  (pytest fixtures: loopback Hub)
-from offload_helpers import expert_bytes, greedy, load_reference, prompts, save_tiny
 from safetensors.torch import load_file, save_file
 
 import moe_patch
 from moe_patch.errors import BudgetError, CheckpointError, MoEConfigError
 from moe_patch.offload import get_offload_handle
+from tests.helpers.offload import expert_bytes, greedy, load_reference, prompts, save_tiny
 
 
 @pytest.fixture
 def sharded(tmp_path):
     """A Mixtral-tiny checkpoint split over several shards with an index."""
     path = tmp_path / "ckpt"
-    from offload_helpers import build
+    from tests.helpers.offload import build
 
     build("mixtral").save_pretrained(path, max_shard_size="40KB")
     assert (path / "model.safetensors.index.json").exists()
@@ -171,8 +170,8 @@ def test_disk_error_in_a_background_read_surfaces_in_the_forward(tmp_path, monke
         greedy(model, prompts(1), 32)
 
 
-def test_load_model_from_a_repo_id_downloads_safetensors_only(hub, tmp_path):  # noqa: F811 (fixture)
-    """Against the loopback Hub of tests/hub_server.py, driven by the real huggingface_hub client."""
+def test_load_model_from_a_repo_id_downloads_safetensors_only(hub, tmp_path):
+    """Against the loopback Hub of tests/helpers/hub_server.py, driven by the real huggingface_hub client."""
     from hub_scripts.push import push_folder
 
     path = save_tiny("mixtral", tmp_path / "m")
@@ -184,7 +183,7 @@ def test_load_model_from_a_repo_id_downloads_safetensors_only(hub, tmp_path):  #
     assert any(n.endswith(".safetensors") for n in downloaded) and "pytorch_model.bin" not in downloaded
 
 
-def test_hub_download_failure_becomes_checkpoint_error(hub):  # noqa: F811 (fixture)
+def test_hub_download_failure_becomes_checkpoint_error(hub):
     with pytest.raises(CheckpointError, match="tester/absent"):
         moe_patch.load_model("tester/absent")
 
@@ -275,9 +274,8 @@ def test_step3p7_experts_offload_exactly_where_decorated_and_are_refused_where_n
 
 
 def test_a_cuda_device_this_machine_lacks_is_refused_before_anything_changes(monkeypatch):
-    from offload_helpers import build
-
     from moe_patch.offload import OffloadOptions, attach_offload
+    from tests.helpers.offload import build
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

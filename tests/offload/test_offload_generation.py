@@ -12,7 +12,11 @@ import sys
 
 import pytest
 import torch
-from offload_helpers import (
+
+import moe_patch
+from moe_patch.errors import MoEPatchError
+from moe_patch.offload import get_offload_handle
+from tests.helpers.offload import (
     FAMILIES,
     expert_bytes,
     greedy,
@@ -21,10 +25,6 @@ from offload_helpers import (
     prompts,
     save_families,
 )
-
-import moe_patch
-from moe_patch.errors import MoEPatchError
-from moe_patch.offload import get_offload_handle
 
 NEW = 64
 
@@ -103,7 +103,7 @@ def test_on_cpu_the_host_budget_adds_ram_slots_and_each_expert_is_read_once(chec
 
 def _bf16_checkpoint(family: str, path):
     """A bf16 checkpoint computed in fp32: experts stay bf16 in the host tier and are cast where computed."""
-    from offload_helpers import build
+    from tests.helpers.offload import build
 
     build(family).to(torch.bfloat16).save_pretrained(path)
     return path
@@ -312,8 +312,9 @@ def test_prefetch_leaves_host_resident_misses_to_the_cpu_when_asked(tmp_path):
 def test_odd_expert_widths_offloaded_run_where_the_grouped_kernel_cannot(budget, tmp_path):
     """An expert width of 37 fp32 values breaks the grouped kernel's 16-byte strides: the engine's slot
     GEMM falls back to the loop, as the resident patched model does, and generates the same tokens."""
-    from offload_helpers import config_for
     from transformers import AutoModelForCausalLM
+
+    from tests.helpers.offload import config_for
 
     cfg = config_for("qwen3_moe")
     cfg.moe_intermediate_size = 37
@@ -335,11 +336,10 @@ def test_every_eviction_policy_drives_both_tiers_end_to_end(policy, tmp_path):
     """One policy for the whole run: the device slots and the host tier both evict with it, through
     ``load_model``. A bf16 checkpoint computed in fp32 keeps the host tier on a CPU (slots hold decoded
     fp32 copies of the stored bf16 bytes), so both tiers fill and evict here."""
-    from offload_helpers import build
-
     import transformers
 
     from moe_patch.offload import OffloadOptions
+    from tests.helpers.offload import build
 
     path = tmp_path / "bf16"
     build("qwen3_moe").to(torch.bfloat16).save_pretrained(path)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from offload_helpers import expert_bytes, load_reference, prompts, save_tiny
 from transformers import DynamicCache
 
 import moe_patch
 from moe_patch.offload import get_offload_handle
+from tests.helpers.offload import expert_bytes, load_reference, prompts, save_tiny
 
 STEPS = 2000
 

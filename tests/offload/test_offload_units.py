@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from moe_patch.errors import BudgetError
+from moe_patch.formats import FORMATS, materialize, nbytes_of, tensors_of
 from moe_patch.offload.budget import check_budget, format_bytes, parse_bytes
 from moe_patch.offload.cache import TierCache
 from moe_patch.offload.costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
-from moe_patch.formats import FORMATS, materialize, nbytes_of, tensors_of
 from moe_patch.offload.stats import LayerStats, OffloadStats, bandwidth_bound_s, coefficient_of_variation
 
 
@@ -191,9 +191,8 @@ class _HostReads(torch.overrides.TorchFunctionMode):
 
 
 def _conversions_per_decode_step(tmp_path, top_k: int) -> int:
-    from offload_helpers import expert_bytes, prompts, save_tiny
-
     import moe_patch
+    from tests.helpers.offload import expert_bytes, prompts, save_tiny
 
     path = save_tiny("qwen3_moe", tmp_path / f"q{top_k}")
     cfg = json.loads((path / "config.json").read_text())
@@ -271,10 +270,9 @@ def test_cpu_compute_dtype_weighs_gemv_speed_against_capacity():
 
 @pytest.mark.parametrize("fp32_faster", [True, False])
 def test_bf16_models_on_cpu_compute_experts_in_the_dtype_measured_faster(tmp_path, monkeypatch, fp32_faster):
-    from offload_helpers import build, prompts
-
     import moe_patch
     from moe_patch.offload import get_offload_handle, plan
+    from tests.helpers.offload import build, prompts
 
     def fake(device="cpu", dtype=torch.float32, size_mb=256):  # this CPU's GEMV rates, as calibrate measures them
         slow = dtype != torch.float32 if fp32_faster else dtype == torch.float32

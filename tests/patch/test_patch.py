@@ -16,7 +16,7 @@ from moe_patch.testing.legacy import legacy_moe_model
 from moe_patch.testing.tiny import main_output, tiny_model
 
 # The families the other issues lean on, plus each adapter kind (the full family sweep is
-# tests/test_families.py). "legacy-*" are ModuleList models defined in moe_patch.testing.legacy.
+# tests/families/test_families.py). "legacy-*" are ModuleList models defined in moe_patch.testing.legacy.
 CORE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4", "dbrx", "jetmoe",
         "legacy-mixtral", "legacy-deepseek"]
 

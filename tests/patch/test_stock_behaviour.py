@@ -8,17 +8,17 @@ import io
 
 import pytest
 import torch
-from patch_helpers import build, logits, undeclared_shared_storage
 
 from moe_patch import inspect_model, patch_model, unpatch_model
-from moe_patch.families.module_list import PACK_ATTR
 from moe_patch.dispatch import experts as experts_dispatch
 from moe_patch.dispatch.core import plan_dispatch
 from moe_patch.dispatch.experts import ExpertBank, bank_dispatch, bank_expert, glu
 from moe_patch.dispatch.reference import reference_dispatch
+from moe_patch.families.module_list import PACK_ATTR
 from moe_patch.patch import is_patched
 from moe_patch.testing.compare import rel_diff
 from moe_patch.testing.tiny import tiny_config
+from tests.patch.patch_helpers import build, logits, undeclared_shared_storage
 
 
 @pytest.fixture

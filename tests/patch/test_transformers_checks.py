@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import safetensors.torch
 import torch
-from patch_helpers import build, logits, undeclared_shared_storage
 
 from moe_patch import patch_model
 from moe_patch.testing.compare import rel_diff
 from moe_patch.testing.tiny import main_output
+from tests.patch.patch_helpers import build, logits, undeclared_shared_storage
 
 FAMILIES = ["mixtral", "gpt_oss", "dbrx", "jetmoe", "switch_transformers", "legacy-mixtral"]
 

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from offload_helpers import VOCAB, build, expert_bytes
-from tokenizer_helpers import save_word_tokenizer
 
 from moe_patch.cli import main
+from tests.helpers.offload import VOCAB, build, expert_bytes
+from tests.helpers.tokenizer import save_word_tokenizer
 
 openai = pytest.importorskip("openai")
 

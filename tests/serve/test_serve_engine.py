@@ -14,13 +14,13 @@ import time
 
 import pytest
 import torch
-from offload_helpers import FAMILIES, VOCAB, expert_bytes, load_reference, model_class, save_tiny
 
 from moe_patch.offload import OffloadOptions, get_offload_handle, load_model
 from moe_patch.serve import kv
 from moe_patch.serve.engine import Delta, Engine, Failed, Finished, Job, Overloaded
 from moe_patch.serve.prompt_cache import PromptCache, common_prefix
 from moe_patch.serve.sampler import effective_config, step_loop_refusal
+from tests.helpers.offload import FAMILIES, VOCAB, expert_bytes, load_reference, model_class, save_tiny
 
 
 class WordsTokenizer:

@@ -94,9 +94,10 @@ TEMPLATE = {"defaults": {"role": "assistant"}, "start_anchor": "<|assistant|>",
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from offload_helpers import VOCAB
-    from tokenizer_helpers import save_word_tokenizer
     from transformers import AutoTokenizer
+
+    from tests.helpers.offload import VOCAB
+    from tests.helpers.tokenizer import save_word_tokenizer
 
     tok = AutoTokenizer.from_pretrained(save_word_tokenizer(tmp_path_factory.mktemp("tok"), VOCAB))
     tok.response_template = TEMPLATE  # what a tokenizer_config.json's "response_template" gives

@@ -31,7 +31,7 @@ from moe_patch.training import (
     train_byte_bpe,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def blocks(n: int = 32, length: int = 16, vocab: int = 128) -> TokenBlocks:

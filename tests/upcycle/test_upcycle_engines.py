@@ -11,9 +11,9 @@ import json
 import logging
 
 import pytest
-from upcycle_helpers import make_dense
 
 from converters import REPORT_NAME, UpcycleConfig, plan_upcycle, upcycle
+from tests.helpers.upcycle import make_dense
 
 
 @pytest.fixture(scope="module")

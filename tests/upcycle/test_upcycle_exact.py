@@ -13,7 +13,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from upcycle_helpers import (
+
+from converters import REPORT_NAME, UpcycleConfig, compare_models, upcycle
+from tests.helpers.upcycle import (
     EXPECTED_TARGET,
     FAMILIES,
     FFN,
@@ -21,8 +23,6 @@ from upcycle_helpers import (
     load,
     make_dense,
 )
-
-from converters import REPORT_NAME, UpcycleConfig, compare_models, upcycle
 
 EXPERT_KEY = {
     "MixtralForCausalLM": "model.layers.{l}.block_sparse_moe.experts.{e}.{p}.weight",
@@ -126,7 +126,7 @@ def test_output_loads_without_remote_code_and_generates(dense_dirs, tmp_path):
 
 @pytest.mark.parametrize("family, max_window_layers", [("qwen2", 1), ("qwen3", 0)])
 def test_sliding_window_layers_carry_over_exactly(family, max_window_layers, tmp_path):
-    from upcycle_helpers import source_config
+    from tests.helpers.upcycle import source_config
 
     cfg = source_config(family, use_sliding_window=True, sliding_window=12, max_window_layers=max_window_layers)
     src = make_dense(tmp_path / "dense", family, config=cfg)
@@ -138,9 +138,8 @@ def test_sliding_window_layers_carry_over_exactly(family, max_window_layers, tmp
 
 
 def test_qwen3_with_mixed_attention_types_is_refused(tmp_path):
-    from upcycle_helpers import source_config
-
     from moe_patch.errors import MoEConfigError
+    from tests.helpers.upcycle import source_config
 
     cfg = source_config("qwen3", use_sliding_window=True, sliding_window=12, max_window_layers=1)
     src = make_dense(tmp_path / "dense", "qwen3", config=cfg)

@@ -11,7 +11,6 @@ import types
 import pytest
 import torch
 from safetensors import safe_open
-from upcycle_helpers import load, make_dense, snapshot, source_config
 
 import converters.pipeline as upcycle_module
 from converters import (
@@ -26,6 +25,7 @@ from converters.checkpoint import DenseCheckpoint
 from converters.writer import ShardWriter
 from moe_patch.cli import main
 from moe_patch.errors import CheckpointError, MoEConfigError
+from tests.helpers.upcycle import load, make_dense, snapshot, source_config
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_output_folder_is_readable_as_the_umask_allows(dense, tmp_path):
 
 
 def test_bf16_to_fp16_is_not_called_exact(tmp_path):
-    from upcycle_helpers import source_config
+    from tests.helpers.upcycle import source_config
 
     src = make_dense(tmp_path / "bf16", "llama", config=source_config("llama", torch_dtype="bfloat16"))
     plan = plan_upcycle(src, UpcycleConfig(num_experts=4, top_k=2, dtype="float16"))

@@ -8,15 +8,6 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from upcycle_helpers import (
-    FFN,
-    HIDDEN,
-    load,
-    make_dense,
-    make_lora,
-    perturbed_copy,
-    save_word_tokenizer,
-)
 
 from converters import REPORT_NAME, ExpertLayout, UpcycleConfig, compare_models, upcycle
 from converters.recipes import (
@@ -26,6 +17,15 @@ from converters.recipes import (
     spherical_kmeans,
 )
 from moe_patch.errors import CheckpointError, MoEConfigError
+from tests.helpers.upcycle import (
+    FFN,
+    HIDDEN,
+    load,
+    make_dense,
+    make_lora,
+    perturbed_copy,
+    save_word_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +261,7 @@ def test_lora_adapters_become_experts(src, tmp_path):
 
 
 def test_lora_adapter_for_another_base_is_refused(src, tmp_path):
-    from upcycle_helpers import source_config
+    from tests.helpers.upcycle import source_config
 
     cfg = source_config("llama")
     cfg.intermediate_size = 96  # same family, another base: its FFN is wider
