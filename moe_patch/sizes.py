@@ -8,7 +8,7 @@ transformers' own ``convert_file_size_to_int`` (``transformers.utils.hub``) is n
 accepts integers only (no ``1.5GiB``), has no ``TB``/``TiB`` and no bare byte counts as strings, reads a
 lowercase ``b`` as *bits* (``"5Gb"`` is 625 MB there, while every budget here is in bytes) and its
 error names no unit. For every string it accepts with an uppercase ``B`` this parser returns the same
-number (tests/test_bad_inputs.py checks it against transformers).
+number (tests/e2e/test_bad_inputs.py checks it against transformers).
 """
 
 from __future__ import annotations
