@@ -58,8 +58,15 @@ def tiny_moe_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     config = MixtralConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
     )
     model = AutoModelForCausalLM.from_config(config)
     path = tmp_path_factory.mktemp("ckpt") / "tiny-moe"

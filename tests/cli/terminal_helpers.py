@@ -25,9 +25,16 @@ class Terminal:
         attrs[3] &= ~(termios.ECHO | termios.ECHOCTL)
         termios.tcsetattr(child, termios.TCSANOW, attrs)
         fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a pty starts 0 columns wide
-        self.proc = subprocess.Popen(argv, stdin=child, stdout=subprocess.PIPE if stdout_pipe else child, stderr=child,
-                                     env=env, close_fds=True, start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=child,
+            stdout=subprocess.PIPE if stdout_pipe else child,
+            stderr=child,
+            env=env,
+            close_fds=True,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
         os.close(child)
         self.seen = ""  # what the terminal showed, escape sequences and carriage returns removed
 

@@ -60,8 +60,14 @@ def test_inspect_handles_a_full_size_deepseek_v3_config_without_weights(tmp_path
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 8}, "num_experts_per_tok = 8 exceeds"),
-        ({"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": "64 2"}, "must be an integer, got '64 2'"),
+        (
+            {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 8},
+            "num_experts_per_tok = 8 exceeds",
+        ),
+        (
+            {"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": "64 2"},
+            "must be an integer, got '64 2'",
+        ),
         ({"hidden_size": 8}, "no 'model_type' field"),
         ("{not json", "not valid JSON"),
     ],
@@ -79,8 +85,11 @@ def test_a_folder_without_config_is_reported(tmp_path, capsys):
 
 
 def test_remote_code_is_refused_unless_asked(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"model_type": "deepseek_v2_custom", "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "deepseek_v2_custom", "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config"}}
+        )
+    )
     assert main(["inspect", str(tmp_path)]) == 1
     assert "--trust-remote-code" in capsys.readouterr().err
 
@@ -109,8 +118,11 @@ def test_inspect_prints_a_memory_plan_for_budgets(tmp_path, capsys):
     # DeepSeek-V3 (one 512-wide latent and a 64-wide rotary key per token and layer, bf16), then its activations
     assert plan["context_tokens"] == 4096 and plan["kv_exact"]
     assert plan["kv_cache_bytes"] == 61 * 4096 * (512 + 64) * 2
-    assert plan["device_expert_bytes"] == int(80 * 2**30 * 0.9) - plan["non_expert_bytes"] - plan["kv_cache_bytes"] \
-        - plan["activation_bytes"] > 0
+    assert (
+        plan["device_expert_bytes"]
+        == int(80 * 2**30 * 0.9) - plan["non_expert_bytes"] - plan["kv_cache_bytes"] - plan["activation_bytes"]
+        > 0
+    )
     assert 0 < plan["hit_rate_low"] < plan["hit_rate_high"] < 1
 
 
@@ -144,8 +156,9 @@ COMMANDS = {"demo", "inspect", "run", "serve", "chat", "upcycle", "push", "pull"
 def _subcommands(parser) -> set[str]:
     import argparse
 
-    return {name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
-            for name in action.choices}
+    return {
+        name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices
+    }
 
 
 def test_every_command_module_of_the_layer_is_registered():
@@ -202,5 +215,7 @@ def test_a_command_whose_extra_is_missing_is_still_listed_and_says_what_to_insta
     assert "serve" in _subcommands(entry.build_parser())
     assert main(["serve", "some/model"]) == 1
     err = capsys.readouterr().err
-    assert err == "moe-patch serve: error: serving needs uvicorn, which is not installed: " \
-                  "pip install uvicorn (or, in moe-patch's repository, the serve extra: pip install '.[serve]')\n"
+    assert (
+        err == "moe-patch serve: error: serving needs uvicorn, which is not installed: "
+        "pip install uvicorn (or, in moe-patch's repository, the serve extra: pip install '.[serve]')\n"
+    )

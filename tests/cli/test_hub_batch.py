@@ -39,9 +39,15 @@ class FakeUpcycle:
         if self.fail_on and self.fail_on in str(output):
             raise MoEPatchError(f"cannot upcycle {source}: unsupported architecture")
         shutil.copytree(self.template, output)
-        (Path(output) / "upcycle_report.json").write_text(json.dumps({
-            "source": {"path": source, "model_type": "mistral"}, "recipe": recipe,
-            "command": ["moe-patch", "upcycle", source, str(output)]}))
+        (Path(output) / "upcycle_report.json").write_text(
+            json.dumps(
+                {
+                    "source": {"path": source, "model_type": "mistral"},
+                    "recipe": recipe,
+                    "command": ["moe-patch", "upcycle", source, str(output)],
+                }
+            )
+        )
 
 
 PLAN = """
@@ -95,7 +101,10 @@ def test_plan_merges_defaults_and_resolves_paths_next_to_the_yaml(tmp_path):
         ("jobs: [{source: a, output: b}, {source: c, output: b}]", r"jobs\[0\] and jobs\[1\] have the same name"),
         ("jobs: [{source: a, output: x/b}, {name: y, source: c, output: x/b}]", "same output"),
         ("jobs: [{source: a, output: b, recipe: [1]}]", "'recipe' must be a mapping"),
-        ("jobs: [{source: a, output: b, recipe: {num_expert: 4}}]", r"jobs\[0\]\.recipe: unknown option\(s\) \['num_expert'\]"),
+        (
+            "jobs: [{source: a, output: b, recipe: {num_expert: 4}}]",
+            r"jobs\[0\]\.recipe: unknown option\(s\) \['num_expert'\]",
+        ),
     ],
 )
 def test_bad_plans_are_rejected_with_file_job_and_field(tmp_path, text, message):
@@ -146,7 +155,9 @@ def test_skip_existing_reuses_finished_conversions(hub, api, tiny_moe_dir, tmp_p
 
 
 def test_a_source_that_is_neither_folder_nor_repo_is_a_clear_job_error(hub, api, tiny_moe_dir, tmp_path):
-    plan = write_yaml(tmp_path, "jobs:\n  - {source: ./no-such-dir, output: a}\n  - {source: test-org/missing, output: b}\n")
+    plan = write_yaml(
+        tmp_path, "jobs:\n  - {source: ./no-such-dir, output: a}\n  - {source: test-org/missing, output: b}\n"
+    )
     results = run_batch(load_plan(plan), upcycle=FakeUpcycle(tiny_moe_dir), api=api, keep_going=True)
     assert [r.status for r in results] == ["failed", "failed"]
     assert "neither an existing folder nor a Hub repo id" in results[0].error
@@ -178,19 +189,30 @@ def test_batch_with_the_real_converter_publishes_a_verified_card(hub, api, tmp_p
     from transformers import AutoModelForCausalLM, MistralConfig
 
     torch.manual_seed(0)
-    dense = AutoModelForCausalLM.from_config(MistralConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64))
+    dense = AutoModelForCausalLM.from_config(
+        MistralConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     dense.save_pretrained(tmp_path / "dense")
     (tmp_path / "dense" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny dense\n")
     push_folder(tmp_path / "dense", "test-org/tiny-dense", api=api)  # the source lives on the Hub
-    plan = write_yaml(tmp_path, """
+    plan = write_yaml(
+        tmp_path,
+        """
 jobs:
   - source: test-org/tiny-dense
     output: out/dense-4x
     repo_id: tester/dense-4x
     recipe: {num_experts: 4, top_k: 2, router_init: zero}
-""")
+""",
+    )
     results = run_batch(load_plan(plan), api=api)  # the converter is found in the converters package
 
     assert [r.status for r in results] == ["done"]
@@ -202,6 +224,8 @@ jobs:
     report = json.loads(remote["upcycle_report.json"])
     assert report["verification"]["passed"] is True
     assert f"| Max abs logit difference | {report['verification']['max_abs_logit_diff']} |" in card.text
-    assert f"moe-patch upcycle test-org/tiny-dense {tmp_path / 'out' / 'dense-4x'} --num-experts 4 --top-k 2" in card.text
+    assert (
+        f"moe-patch upcycle test-org/tiny-dense {tmp_path / 'out' / 'dense-4x'} --num-experts 4 --top-k 2" in card.text
+    )
     assert str(tmp_path) not in card.text.split("Reproduce with:")[0]  # no local path in the description
     assert f"({report['total_params']:,})" in card.text and f"({report['active_params']:,})" in card.text

@@ -51,7 +51,7 @@ class Reference:
         x = torch.tensor([ids])
         with torch.no_grad():
             out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False)
-        return out[0, len(ids):].tolist()
+        return out[0, len(ids) :].tolist()
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
@@ -107,8 +107,15 @@ def _no_nan(constant: str):
 
 def test_json_is_one_document_with_the_text_its_ids_and_finite_statistics(checkpoint, ref):
     """A one-token prompt: the prefill is still a prefill (its speed is a number, not NaN)."""
-    piped = run(checkpoint, "--prompt-ids", "20", "-n", "8", "--json",
-                shell_tail=f"{sys.executable} -c 'import json,sys; json.load(sys.stdin)'")
+    piped = run(
+        checkpoint,
+        "--prompt-ids",
+        "20",
+        "-n",
+        "8",
+        "--json",
+        shell_tail=f"{sys.executable} -c 'import json,sys; json.load(sys.stdin)'",
+    )
     assert piped.returncode == 0, piped.stderr
     proc = run(checkpoint, "--prompt-ids", "20", "-n", "8", "--json")
     document = json.loads(proc.stdout, parse_constant=_no_nan)
@@ -139,7 +146,7 @@ def test_tokens_appear_as_generated_and_ctrl_c_keeps_them(checkpoint, ref):
         match = term.expect(r"prompt: 3 tokens; generated: (\d+) tokens \(interrupted\)")
         generated = int(match.group(1))
         assert 3 <= generated < CONTEXT - 3
-        shown = term.seen[:term.seen.index("prompt: 3 tokens")].split("\n")
+        shown = term.seen[: term.seen.index("prompt: 3 tokens")].split("\n")
         text = next(line for line in shown if line.startswith(ref.text(expected)))
         assert text == ref.text(ref.greedy(ref.ids(PROMPT), generated))  # every generated token was kept
         assert f"interrupted after {generated} generated tokens; what was generated is kept" in term.seen
@@ -148,8 +155,11 @@ def test_tokens_appear_as_generated_and_ctrl_c_keeps_them(checkpoint, ref):
 
 
 def test_ctrl_c_under_json_gives_one_document_with_the_partial_text(checkpoint, ref):
-    term = Terminal([str(MOE_PATCH), "run", str(checkpoint), *flags(), "-p", PROMPT, "-n", str(CONTEXT - 3), "--json"],
-                    ENV, stdout_pipe=True)
+    term = Terminal(
+        [str(MOE_PATCH), "run", str(checkpoint), *flags(), "-p", PROMPT, "-n", str(CONTEXT - 3), "--json"],
+        ENV,
+        stdout_pipe=True,
+    )
     try:
         term.expect(r"generating:.*\b([1-9]\d*)/4093")  # the progress bar on the terminal: tokens are coming
         term.ctrl_c()
@@ -166,10 +176,18 @@ def test_ctrl_c_under_json_gives_one_document_with_the_partial_text(checkpoint, 
 def test_short_options_and_temp_are_the_long_ones(checkpoint, capsys):
     from moe_patch.cli.entry import build_parser
 
-    args = build_parser().parse_args(["run", str(checkpoint), "-p", "x", "-n", "7", "-c", "64", "-t", "2", "-s", "3",
-                                      "--temp", "0.5", "-q"])
-    assert (args.prompt, args.max_new_tokens, args.ctx_size, args.threads, args.seed, args.temperature, args.quiet) \
-        == ("x", 7, 64, 2, 3, 0.5, True)
+    args = build_parser().parse_args(
+        ["run", str(checkpoint), "-p", "x", "-n", "7", "-c", "64", "-t", "2", "-s", "3", "--temp", "0.5", "-q"]
+    )
+    assert (args.prompt, args.max_new_tokens, args.ctx_size, args.threads, args.seed, args.temperature, args.quiet) == (
+        "x",
+        7,
+        64,
+        2,
+        3,
+        0.5,
+        True,
+    )
     assert args.device == "auto" and args.expert_cache == "auto"  # the defaults for a model that should just fit
 
 
@@ -189,8 +207,22 @@ def test_the_context_bounds_the_prompt_and_the_new_tokens(checkpoint, capsys):
 
 
 def test_sampling_with_a_seed_is_reproducible(checkpoint, capsys):
-    argv = ["run", str(checkpoint), *flags(), "-p", PROMPT, "-n", "12", "--temp", "1.2", "--top-k", "40", "-s", "7",
-            "-q"]
+    argv = [
+        "run",
+        str(checkpoint),
+        *flags(),
+        "-p",
+        PROMPT,
+        "-n",
+        "12",
+        "--temp",
+        "1.2",
+        "--top-k",
+        "40",
+        "-s",
+        "7",
+        "-q",
+    ]
     texts = []
     for _ in range(2):
         assert main(argv) == 0
@@ -199,8 +231,13 @@ def test_sampling_with_a_seed_is_reproducible(checkpoint, capsys):
 
 
 def test_the_automatic_expert_cache_is_chosen_and_said(checkpoint, ref):
-    proc = subprocess.run([str(MOE_PATCH), "run", str(checkpoint), "--dtype", "float32", "-p", PROMPT, "-n", "4"],
-                          capture_output=True, text=True, timeout=300, env=ENV)
+    proc = subprocess.run(
+        [str(MOE_PATCH), "run", str(checkpoint), "--dtype", "float32", "-p", PROMPT, "-n", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "expert cache auto: " in proc.stderr and "free on cpu" in proc.stderr
     assert proc.stdout == ref.text(ref.greedy(ref.ids(PROMPT), 4)) + "\n"
@@ -220,8 +257,9 @@ def test_debug_is_accepted_after_the_command_too(tmp_path):
     for argv in (["--debug", "run", missing, "--prompt-ids", "1"], ["run", missing, "--prompt-ids", "1", "--debug"]):
         proc = subprocess.run([str(MOE_PATCH), *argv], capture_output=True, text=True, timeout=120, env=ENV)
         assert proc.returncode == 1 and "Traceback" in proc.stderr and "CheckpointError" in proc.stderr
-    proc = subprocess.run([str(MOE_PATCH), "run", missing, "--prompt-ids", "1"], capture_output=True, text=True,
-                          timeout=120, env=ENV)
+    proc = subprocess.run(
+        [str(MOE_PATCH), "run", missing, "--prompt-ids", "1"], capture_output=True, text=True, timeout=120, env=ENV
+    )
     assert proc.stderr.count("\n") == 1 and "no such folder" in proc.stderr
 
 
@@ -230,5 +268,6 @@ def test_version_names_moe_patch_transformers_and_torch():
 
     proc = subprocess.run([str(MOE_PATCH), "--version"], capture_output=True, text=True, timeout=60, env=ENV)
     assert proc.returncode == 0
-    assert proc.stdout.strip() == (f"moe-patch {version('moe-patch')} (transformers {version('transformers')}, "
-                                   f"torch {version('torch')})")
+    assert proc.stdout.strip() == (
+        f"moe-patch {version('moe-patch')} (transformers {version('transformers')}, torch {version('torch')})"
+    )

@@ -23,8 +23,15 @@ FAMILIES = discover_moe_families()
 
 # Config fields that give a block's number of routed experts and its top-k, in any family.
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts", "moe_k", "moe_top_k",
-                "moe_topk", "top_k")
+TOP_K_FIELDS = (
+    "num_experts_per_tok",
+    "num_experts_per_token",
+    "top_k_experts",
+    "moe_k",
+    "moe_top_k",
+    "moe_topk",
+    "top_k",
+)
 
 # fp32 exactness bound of the patched forward: max |patched - reference| / max |reference|.
 REL_TOL = 1e-5
@@ -83,8 +90,10 @@ def _covered() -> list[str]:
 
 
 def _family_params():
-    return [pytest.param(f, marks=pytest.mark.skip(reason=f"unsupported: {UNSUPPORTED[f]}"))
-            if f in UNSUPPORTED else f for f in FAMILIES]
+    return [
+        pytest.param(f, marks=pytest.mark.skip(reason=f"unsupported: {UNSUPPORTED[f]}")) if f in UNSUPPORTED else f
+        for f in FAMILIES
+    ]
 
 
 # ------------------------------------------------------------------------------------------ patch
@@ -116,12 +125,15 @@ def _snapshot(model) -> dict[str, tuple]:
     experts implementation each config selects."""
     state = {}
     for name, module in model.named_modules():
-        state[name] = (id(module), type(module), module.__dict__.get("forward"),
-                       frozenset(k for k in module.__dict__ if not k.startswith("_")))
+        state[name] = (
+            id(module),
+            type(module),
+            module.__dict__.get("forward"),
+            frozenset(k for k in module.__dict__ if not k.startswith("_")),
+        )
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "__dict__"):
-            state[name + "#experts_implementation"] = (
-                config.__dict__.get("_experts_implementation_internal"),)
+            state[name + "#experts_implementation"] = (config.__dict__.get("_experts_implementation_internal"),)
     return state
 
 

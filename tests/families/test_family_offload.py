@@ -24,7 +24,9 @@ EXAMPLES = {
 
 def _legacy():
     model = legacy_moe_model("mixtral")
-    return model, {"input_ids": torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))}
+    return model, {
+        "input_ids": torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)

@@ -146,7 +146,11 @@ def xorb_chunks(xorb: bytes) -> list[bytes]:
     chunks, i = [], 0
     while i + 8 <= len(xorb):
         version, comp_size, scheme, raw_size = (
-            xorb[i], int.from_bytes(xorb[i + 1 : i + 4], "little"), xorb[i + 4], int.from_bytes(xorb[i + 5 : i + 8], "little"))
+            xorb[i],
+            int.from_bytes(xorb[i + 1 : i + 4], "little"),
+            xorb[i + 4],
+            int.from_bytes(xorb[i + 5 : i + 8], "little"),
+        )
         if version != 0 or scheme > 2 or raw_size == 0:
             break  # not a chunk header: the xorb's trailing metadata
         data = xorb[i + 8 : i + 8 + comp_size]
@@ -191,7 +195,11 @@ def parse_shard_files(shard: bytes) -> list[ShardFile]:
         raise ValueError("unsupported shard header version")
     files, i = [], 48
     while True:
-        file_hash, flags, n = shard[i : i + 32], int.from_bytes(shard[i + 32 : i + 36], "little"), int.from_bytes(shard[i + 36 : i + 40], "little")
+        file_hash, flags, n = (
+            shard[i : i + 32],
+            int.from_bytes(shard[i + 32 : i + 36], "little"),
+            int.from_bytes(shard[i + 36 : i + 40], "little"),
+        )
         i += 48
         if file_hash == b"\xff" * 32:
             return files
@@ -259,8 +267,15 @@ class Reply(Exception):
 class HubServer:
     """The server and its state; use as a context manager or call start()/stop()."""
 
-    def __init__(self, root: str | Path | None = None, *, token: str = "hf_loopbackTESTtoken0123456789",
-                 user: str = "tester", orgs: tuple[str, ...] = ("test-org",), tree_page_size: int = 1000):
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        *,
+        token: str = "hf_loopbackTESTtoken0123456789",
+        user: str = "tester",
+        orgs: tuple[str, ...] = ("test-org",),
+        tree_page_size: int = 1000,
+    ):
         self._tmp = None if root else tempfile.TemporaryDirectory(prefix="hub-server-")
         self.root = Path(root or self._tmp.name)
         self.lfs_dir = self.root / "lfs"
@@ -386,8 +401,15 @@ def _make_handler(server: HubServer):
             length = int(self.headers.get("Content-Length") or 0)
             return self.rfile.read(length) if length else b""
 
-        def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
-                  content_type: str = "application/json", head_only: bool = False, length: int | None = None):
+        def _send(
+            self,
+            status: int,
+            body: bytes = b"",
+            headers: dict | None = None,
+            content_type: str = "application/json",
+            head_only: bool = False,
+            length: int | None = None,
+        ):
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -487,7 +509,9 @@ def _make_handler(server: HubServer):
                 if (repo_type, repo_id) in server.repos:
                     return self._json(409, {"error": "You already created this model repo", "url": url})
                 repo = Repo(repo_id, repo_type, private=visibility == "private")
-                first = server._new_commit(repo, None, "initial commit", {".gitattributes": Blob(len(GITATTRIBUTES), GITATTRIBUTES)})
+                first = server._new_commit(
+                    repo, None, "initial commit", {".gitattributes": Blob(len(GITATTRIBUTES), GITATTRIBUTES)}
+                )
                 repo.branches["main"] = first.oid
                 server.repos[(repo_type, repo_id)] = repo
             self._json(200, {"url": url, "name": repo_id, "id": first.oid})
@@ -509,7 +533,9 @@ def _make_handler(server: HubServer):
                         errors.append({"message": '"tags" must be a list of strings'})
                     rel = meta.get("base_model_relation")
                     if rel is not None and rel not in VALID_BASE_MODEL_RELATIONS:
-                        errors.append({"message": f'"base_model_relation" must be one of {sorted(VALID_BASE_MODEL_RELATIONS)}'})
+                        errors.append(
+                            {"message": f'"base_model_relation" must be one of {sorted(VALID_BASE_MODEL_RELATIONS)}'}
+                        )
                     if rel is not None and not meta.get("base_model"):
                         errors.append({"message": '"base_model_relation" needs "base_model"'})
             self._json(400 if errors else 200, {"errors": errors, "warnings": []})
@@ -518,8 +544,17 @@ def _make_handler(server: HubServer):
             repo = server.get_repo("model", repo_id, self.headers)
             sha = server._resolve(repo, rev)
             files = repo.commits[sha].files
-            self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
-                             "siblings": [{"rfilename": p} for p in sorted(files)], "tags": []})
+            self._json(
+                200,
+                {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": sha,
+                    "private": repo.private,
+                    "siblings": [{"rfilename": p} for p in sorted(files)],
+                    "tags": [],
+                },
+            )
 
         def tree(self, repo_id: str, rev: str, sub: str, query: dict):
             repo = server.get_repo("model", repo_id, self.headers)
@@ -530,27 +565,34 @@ def _make_handler(server: HubServer):
             for p in sorted(commit.files):
                 if not p.startswith(prefix):
                     continue
-                rest = p[len(prefix):]
+                rest = p[len(prefix) :]
                 parts = rest.split("/")
                 for i in range(1, len(parts)):  # folders on the way
                     d = prefix + "/".join(parts[:i])
                     if (recursive or i == 1) and d not in dirs:
                         dirs.add(d)
-                        entries.append({"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d})
+                        entries.append(
+                            {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+                        )
                 if len(parts) > 1 and not recursive:
                     continue
                 blob = commit.files[p]
                 entry = {"type": "file", "oid": blob.git_oid, "size": blob.size, "path": p}
                 if blob.is_lfs:
-                    entry["lfs"] = {"oid": blob.sha256, "size": blob.size, "pointerSize": len(lfs_pointer(blob.sha256, blob.size))}
+                    entry["lfs"] = {
+                        "oid": blob.sha256,
+                        "size": blob.size,
+                        "pointerSize": len(lfs_pointer(blob.sha256, blob.size)),
+                    }
                 entries.append(entry)
             if sub and not entries:
                 raise Reply(404, f"{sub} does not exist", "EntryNotFound")
             start = int(query.get("cursor", ["0"])[0])
-            page = entries[start:start + server.tree_page_size]
+            page = entries[start : start + server.tree_page_size]
             headers = {}
             if start + server.tree_page_size < len(entries):
-                nxt = f"{server.url}{urlsplit(self.path).path}?recursive={recursive}&expand=False&cursor={start + server.tree_page_size}"
+                cursor = start + server.tree_page_size
+                nxt = f"{server.url}{urlsplit(self.path).path}?recursive={recursive}&expand=False&cursor={cursor}"
                 headers["Link"] = f'<{nxt}>; rel="next"'
             self._json(200, page, headers)
 
@@ -561,8 +603,14 @@ def _make_handler(server: HubServer):
             for f in payload["files"]:
                 lfs = f["path"].endswith(LFS_SUFFIXES) or f["size"] >= LFS_MIN_SIZE
                 existing = files.get(f["path"])
-                out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                            "oid": existing.preupload_oid if existing else None})
+                out.append(
+                    {
+                        "path": f["path"],
+                        "uploadMode": "lfs" if lfs else "regular",
+                        "shouldIgnore": False,
+                        "oid": existing.preupload_oid if existing else None,
+                    }
+                )
             self._json(200, {"files": out})
 
         def lfs_batch(self, repo_id: str, payload: dict):
@@ -575,12 +623,22 @@ def _make_handler(server: HubServer):
                 if (server.lfs_dir / oid).is_file():
                     objects.append({"oid": oid, "size": size})  # already stored: no actions, client skips it
                 else:
-                    objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
-                        "upload": {"href": f"{server.url}/lfs-upload/{oid}", "expires_in": 900},
-                        "verify": {"href": f"{server.url}/{repo_id}.git/info/lfs/objects/verify"},
-                    }})
-            self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
-                       content_type="application/vnd.git-lfs+json")
+                    objects.append(
+                        {
+                            "oid": oid,
+                            "size": size,
+                            "authenticated": True,
+                            "actions": {
+                                "upload": {"href": f"{server.url}/lfs-upload/{oid}", "expires_in": 900},
+                                "verify": {"href": f"{server.url}/{repo_id}.git/info/lfs/objects/verify"},
+                            },
+                        }
+                    )
+            self._send(
+                200,
+                json.dumps({"transfer": "basic", "objects": objects}).encode(),
+                content_type="application/vnd.git-lfs+json",
+            )
 
         def lfs_put(self, oid: str, body: bytes):
             with server.lock:
@@ -638,8 +696,12 @@ def _make_handler(server: HubServer):
                     else:
                         raise Reply(400, f"unknown commit operation {key!r}")
                 commit = server._new_commit(repo, base, header["summary"], files)
-                reply = {"commitUrl": f"{server.url}/{repo_id}/commit/{commit.oid}", "commitOid": commit.oid,
-                         "success": True, "pullRequestUrl": None}
+                reply = {
+                    "commitUrl": f"{server.url}/{repo_id}/commit/{commit.oid}",
+                    "commitOid": commit.oid,
+                    "success": True,
+                    "pullRequestUrl": None,
+                }
                 if create_pr:
                     repo.pr_count += 1
                     repo.pr_titles[repo.pr_count] = header["summary"]
@@ -677,8 +739,11 @@ def _make_handler(server: HubServer):
                     server.truncate_downloads -= truncate
                 if truncate:  # a connection that drops mid-file
                     self.send_response(200)
-                    for k, v in {**headers, "Content-Type": "application/octet-stream",
-                                 "Content-Length": str(blob.size)}.items():
+                    for k, v in {
+                        **headers,
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(blob.size),
+                    }.items():
                         self.send_header(k, v)
                     self.end_headers()
                     self.wfile.write(data[: blob.size // 2])
@@ -691,10 +756,10 @@ def _make_handler(server: HubServer):
                 start = int(rng[1])
                 end = int(rng[2]) if rng[2] else blob.size - 1
                 headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
-                return self._send(206, data[start:end + 1], headers, content_type="application/octet-stream")
-            self._send(200, data, headers, content_type="application/octet-stream", head_only=head_only,
-                       length=blob.size)
-
+                return self._send(206, data[start : end + 1], headers, content_type="application/octet-stream")
+            self._send(
+                200, data, headers, content_type="application/octet-stream", head_only=head_only, length=blob.size
+            )
 
         def open_pull_request(self, repo_id: str, payload: dict):
             # What the xet uploader calls for create_pr: a PR (ref refs/pr/N at main's head), then commits to it.
@@ -711,19 +776,32 @@ def _make_handler(server: HubServer):
             repo = server.get_repo("model", repo_id, self.headers)
             if num not in repo.pr_titles:
                 raise Reply(404, "Discussion not found")
-            self._json(200, {
-                "num": num, "title": repo.pr_titles[num], "author": {"name": server.user},
-                "createdAt": "2026-01-01T00:00:00.000Z", "status": "draft", "isPullRequest": True,
-                "repo": {"name": repo_id, "type": "model"}, "events": [], "filesWithConflicts": [],
-                "changes": {"base": "refs/heads/main"}, "diff": "",
-            })
+            self._json(
+                200,
+                {
+                    "num": num,
+                    "title": repo.pr_titles[num],
+                    "author": {"name": server.user},
+                    "createdAt": "2026-01-01T00:00:00.000Z",
+                    "status": "draft",
+                    "isPullRequest": True,
+                    "repo": {"name": repo_id, "type": "model"},
+                    "events": [],
+                    "filesWithConflicts": [],
+                    "changes": {"base": "refs/heads/main"},
+                    "diff": "",
+                },
+            )
 
         # -- xet (CAS) ----------------------------------------------------------------------------------------
         def xet_token(self, repo_id: str, kind: str):
             server.get_repo("model", repo_id, self.headers, write=kind == "write")
             exp = int(time.time()) + 3600
-            headers = {"X-Xet-Cas-Url": server.url, "X-Xet-Access-Token": server.xet_token,
-                       "X-Xet-Token-Expiration": str(exp)}
+            headers = {
+                "X-Xet-Cas-Url": server.url,
+                "X-Xet-Access-Token": server.xet_token,
+                "X-Xet-Token-Expiration": str(exp),
+            }
             self._json(200, {"accessToken": server.xet_token, "exp": exp, "casUrl": server.url}, headers)
 
         def cas(self, method: str, path: str, body: bytes):
@@ -782,11 +860,20 @@ def _make_handler(server: HubServer):
                 name = next(n for n in xet_hash_names(raw) if n in server.xorbs)
                 xorb = server.xorbs[name]
                 offsets = xorb_chunk_offsets(xorb)
-                terms.append({"hash": name, "range": {"start": start, "end": end},
-                              "unpacked_length": len(b"".join(xorb_chunks(xorb)[start:end]))})
-                fetch_info.setdefault(name, []).append({
-                    "range": {"start": start, "end": end}, "url": f"{server.url}/xorb-data/{name}",
-                    "url_range": {"start": offsets[start], "end": offsets[end] - 1}})
+                terms.append(
+                    {
+                        "hash": name,
+                        "range": {"start": start, "end": end},
+                        "unpacked_length": len(b"".join(xorb_chunks(xorb)[start:end])),
+                    }
+                )
+                fetch_info.setdefault(name, []).append(
+                    {
+                        "range": {"start": start, "end": end},
+                        "url": f"{server.url}/xorb-data/{name}",
+                        "url_range": {"start": offsets[start], "end": offsets[end] - 1},
+                    }
+                )
             return {"offset_into_first_range": 0, "terms": terms, "fetch_info": fetch_info}
 
         def _xorb_range(self, raw_hash: bytes, start: int, end: int) -> bytes:

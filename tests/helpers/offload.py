@@ -13,8 +13,14 @@ VOCAB = 128
 
 
 def _common(**kw):
-    base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=4096, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     base.update(kw)
     return base
 
@@ -23,23 +29,67 @@ def config_for(family: str):
     """A tiny config of ``family`` (2 layers, hidden 32, 4-8 experts, top-2)."""
     C = transformers
     if family == "mixtral":
-        return C.MixtralConfig(**_common(intermediate_size=48, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
+        return C.MixtralConfig(
+            **_common(intermediate_size=48, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+        )
     if family == "qwen2_moe":
-        return C.Qwen2MoeConfig(**_common(intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32,
-                                          num_key_value_heads=2, num_experts=8, num_experts_per_tok=2))
+        return C.Qwen2MoeConfig(
+            **_common(
+                intermediate_size=64,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=32,
+                num_key_value_heads=2,
+                num_experts=8,
+                num_experts_per_tok=2,
+            )
+        )
     if family == "qwen3_moe":
-        return C.Qwen3MoeConfig(**_common(intermediate_size=64, moe_intermediate_size=16, num_key_value_heads=2, num_experts=8,
-                                          num_experts_per_tok=2, head_dim=8))
+        return C.Qwen3MoeConfig(
+            **_common(
+                intermediate_size=64,
+                moe_intermediate_size=16,
+                num_key_value_heads=2,
+                num_experts=8,
+                num_experts_per_tok=2,
+                head_dim=8,
+            )
+        )
     if family == "deepseek_v3":
-        return C.DeepseekV3Config(**_common(intermediate_size=64, moe_intermediate_size=16, first_k_dense_replace=0,
-                                            num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-                                            topk_group=1, n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16,
-                                            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5))
+        return C.DeepseekV3Config(
+            **_common(
+                intermediate_size=64,
+                moe_intermediate_size=16,
+                first_k_dense_replace=0,
+                num_key_value_heads=4,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                n_group=2,
+                topk_group=1,
+                n_shared_experts=1,
+                q_lora_rank=16,
+                kv_lora_rank=16,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=8,
+                routed_scaling_factor=2.5,
+            )
+        )
     if family == "gpt_oss":
-        return C.GptOssConfig(**_common(intermediate_size=16, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                                        head_dim=8, layer_types=["sliding_attention", "full_attention"], sliding_window=16))
+        return C.GptOssConfig(
+            **_common(
+                intermediate_size=16,
+                num_key_value_heads=2,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                head_dim=8,
+                layer_types=["sliding_attention", "full_attention"],
+                sliding_window=16,
+            )
+        )
     if family == "module_list":
-        return TinyListMoeConfig(**_common(intermediate_size=24, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2))
+        return TinyListMoeConfig(
+            **_common(intermediate_size=24, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2)
+        )
     raise KeyError(family)
 
 
@@ -135,8 +185,14 @@ def prompts(batch: int, length: int = 6, seed: int = 0) -> torch.Tensor:
 
 def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int = 64) -> torch.Tensor:
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
 
 def expert_bytes(family: str) -> int:

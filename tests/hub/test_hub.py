@@ -48,8 +48,11 @@ def closed_port_endpoint() -> str:
 
 
 def local_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
-            and ".cache" not in p.relative_to(folder).parts}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and ".cache" not in p.relative_to(folder).parts
+    }
 
 
 def run_cli(monkeypatch, argv: list[str]) -> int:
@@ -64,13 +67,27 @@ def write_report(folder: Path, source: Path) -> dict:
     report = {
         "source": {"path": str(source), "model_type": "mistral"},
         "target": {"model_type": "mixtral", "architecture": "MixtralForCausalLM"},
-        "recipe": {"num_experts": 4, "top_k": 2, "granularity": 2, "shared_experts": 0, "moe_layers": [0, 1],
-                   "router_init": "zero", "drop_ratio": 0.0, "noise": 0.0, "seed": 0, "exact": True},
+        "recipe": {
+            "num_experts": 4,
+            "top_k": 2,
+            "granularity": 2,
+            "shared_experts": 0,
+            "moe_layers": [0, 1],
+            "router_init": "zero",
+            "drop_ratio": 0.0,
+            "noise": 0.0,
+            "seed": 0,
+            "exact": True,
+        },
         "command": ["moe-patch", "upcycle", str(source), str(folder), "--experts", "4", "--top-k", "2"],
         "total_params": 63904,
         "active_params": 39328,
-        "verification": {"max_abs_logit_diff": 1.2e-06, "rel_diff": 3.4e-07, "greedy_token_agreement": 1.0,
-                         "greedy_tokens_compared": 32},
+        "verification": {
+            "max_abs_logit_diff": 1.2e-06,
+            "rel_diff": 3.4e-07,
+            "greedy_token_agreement": 1.0,
+            "greedy_tokens_compared": 32,
+        },
     }
     (folder / "upcycle_report.json").write_text(json.dumps(report))
     return report
@@ -121,7 +138,10 @@ def test_push_to_a_branch_leaves_main_untouched(hub, api, ckpt, tmp_path):
     # Pushing again to the (now existing) branch is fine.
     push_folder(ckpt, "tester/branchy", branch="upcycle-v2", commit_message="again", api=api)
     pulled = pull("tester/branchy", revision="upcycle-v2", local_dir=tmp_path / "pulled", api=api)
-    assert local_files(pulled) == {**local_files(ckpt), ".gitattributes": hub.files_at("tester/branchy")[".gitattributes"]}
+    assert local_files(pulled) == {
+        **local_files(ckpt),
+        ".gitattributes": hub.files_at("tester/branchy")[".gitattributes"],
+    }
 
 
 def test_create_pr_commits_to_a_pull_request_ref(hub, api, ckpt):
@@ -145,10 +165,12 @@ def test_repush_after_an_interrupted_upload_sends_only_the_missing_files(hub, ap
 
     push_folder(ckpt, "tester/resume", api=api)
 
-    resent = hub.lfs_puts[len(stored_first):]
+    resent = hub.lfs_puts[len(stored_first) :]
     all_shards = {p.read_bytes() for p in ckpt.glob("*.safetensors")}
     assert len(resent) == 1 and resent[0] not in stored_first
-    assert {hub.files_at("tester/resume")[p] for p in hub.files_at("tester/resume") if p.endswith(".safetensors")} == all_shards
+    assert {
+        hub.files_at("tester/resume")[p] for p in hub.files_at("tester/resume") if p.endswith(".safetensors")
+    } == all_shards
     commits = len(hub.repo("tester/resume").commits)
 
     # A third push with nothing changed uploads nothing and creates no commit.
@@ -259,8 +281,9 @@ def test_invalid_card_metadata_is_reported_before_any_upload(hub, api, ckpt):
 def test_card_of_a_dense_checkpoint_does_not_claim_experts(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                vocab_size=128).save_pretrained(tmp_path)
+    LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128
+    ).save_pretrained(tmp_path)
     card = build_model_card(tmp_path)
     assert "moe" not in card.data.tags and "Mixture-of-Experts" not in card.text
     assert "| Routed experts per MoE layer |" not in card.text
@@ -305,7 +328,10 @@ def test_pull_with_include_patterns_downloads_only_matching_files(hub, api, ckpt
     folder = pull("tester/partial", include=["*.json"], api=api)
 
     assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors.index.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+    ]
     assert hub.count("GET", r"/resolve/.*\.safetensors$") == 0
     with pytest.raises(HubError, match=r"No file of 'tester/partial' matches --include \*\.gguf.*config\.json"):
         pull("tester/partial", include="*.gguf", api=api)
@@ -318,7 +344,10 @@ def test_fetch_metadata_downloads_config_and_index_only(hub, api, ckpt, tmp_path
     folder = fetch_metadata("tester/meta", api=api)
 
     assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors.index.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+    ]
     assert json.loads((folder / "config.json").read_text())["num_local_experts"] == 4
     assert hub.count("GET", r"/resolve/") == 3
 
@@ -391,8 +420,11 @@ def test_a_checkpoint_pulled_once_loads_offline_from_the_cache(hub, api, ckpt, m
     online = resolve_checkpoint("tester/cached-run")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert resolve_checkpoint("tester/cached-run") == online
-    with pytest.raises(CheckpointError, match="tester/never-pulled: no folder of that name here, and as a Hub repo "
-                                              "id: .*HF_HUB_OFFLINE is set and no cached copy exists"):
+    with pytest.raises(
+        CheckpointError,
+        match="tester/never-pulled: no folder of that name here, and as a Hub repo "
+        "id: .*HF_HUB_OFFLINE is set and no cached copy exists",
+    ):
         resolve_checkpoint("tester/never-pulled")
 
 
@@ -439,12 +471,34 @@ def test_upcycle_push_to_hub_publishes_through_push_folder(hub, tmp_path, monkey
 
     from moe_patch.cli import upcycle as upcycle_cli
 
-    AutoModelForCausalLM.from_config(MistralConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "dense")
+    AutoModelForCausalLM.from_config(
+        MistralConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(tmp_path / "dense")
     monkeypatch.setattr(moe_cli, "_registrars", lambda: [upcycle_cli.register, hub_cli.register])
-    rc = moe_cli.main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "4",
-                       "--top-k", "2", "--router-init", "zero", "--push-to-hub", "tester/upcycled", "--private"])
+    rc = moe_cli.main(
+        [
+            "upcycle",
+            str(tmp_path / "dense"),
+            str(tmp_path / "moe"),
+            "--num-experts",
+            "4",
+            "--top-k",
+            "2",
+            "--router-init",
+            "zero",
+            "--push-to-hub",
+            "tester/upcycled",
+            "--private",
+        ]
+    )
 
     assert rc == 0 and hub.repo("tester/upcycled").private is True
     remote = hub.files_at("tester/upcycled")

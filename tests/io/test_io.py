@@ -20,8 +20,10 @@ def sharded(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"w1": torch.arange(12.0).reshape(3, 4), "w2": torch.ones(2)}, folder / "a.safetensors")
     save_file({"w3": torch.zeros(5, dtype=torch.bfloat16)}, folder / "b.safetensors")
-    index = {"metadata": {"total_size": 66}, "weight_map": {"w1": "a.safetensors", "w2": "a.safetensors",
-                                                            "w3": "b.safetensors"}}
+    index = {
+        "metadata": {"total_size": 66},
+        "weight_map": {"w1": "a.safetensors", "w2": "a.safetensors", "w3": "b.safetensors"},
+    }
     (folder / INDEX_NAME).write_text(json.dumps(index))
     return folder
 
@@ -38,8 +40,10 @@ def test_the_index_gives_each_tensor_its_shard_and_the_total_size(tmp_path):
     assert index.shards == ["a.safetensors", "b.safetensors"] and index.total_size == 66
     assert index.keys_by_shard() == {"a.safetensors": ["w1", "w2"], "b.safetensors": ["w3"]}
     headers = read_shards(index, complete=True)
-    assert {shard: sorted(h) for shard, h in headers.items()} == {"a.safetensors": ["w1", "w2"],
-                                                                  "b.safetensors": ["w3"]}
+    assert {shard: sorted(h) for shard, h in headers.items()} == {
+        "a.safetensors": ["w1", "w2"],
+        "b.safetensors": ["w3"],
+    }
 
 
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"weight_map": [1]}', '{"weight_map": {"w1": 3}}'])
@@ -55,14 +59,21 @@ def test_a_total_size_that_is_not_an_integer_is_unknown_not_an_error(tmp_path):
     assert read_index(folder / INDEX_NAME).total_size is None
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda f: (f / "b.safetensors").unlink(),
-     r"shard b\.safetensors listed in model\.safetensors\.index\.json is missing \(b\.safetensors holds 'w3' and 0 "
-     r"more tensors\)\. Fix it\."),
-    (lambda f: edit_index(f, lambda d: d["weight_map"].update(w9="a.safetensors")),
-     r"a\.safetensors: tensor 'w9' is listed in model\.safetensors\.index\.json but absent from the shard "
-     r"\(1 such tensors\)\. Fix it\."),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda f: (f / "b.safetensors").unlink(),
+            r"shard b\.safetensors listed in model\.safetensors\.index\.json is missing "
+            r"\(b\.safetensors holds 'w3' and 0 more tensors\)\. Fix it\.",
+        ),
+        (
+            lambda f: edit_index(f, lambda d: d["weight_map"].update(w9="a.safetensors")),
+            r"a\.safetensors: tensor 'w9' is listed in model\.safetensors\.index\.json but absent from the shard "
+            r"\(1 such tensors\)\. Fix it\.",
+        ),
+    ],
+)
 def test_the_index_and_its_shards_must_agree(tmp_path, change, message):
     folder = sharded(tmp_path)
     change(folder)
@@ -101,10 +112,18 @@ def test_every_reader_refuses_a_broken_index_with_the_same_message(tmp_path):
 
 # -- positional reads ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8, torch.bool])
-@pytest.mark.parametrize("rows, cols", [
-    (None, None), (slice(1, 4), None), (None, slice(2, 5)), (slice(3, 6), slice(0, 1)), (slice(4, 99), None),
-    (slice(5, 2), slice(1, 3)), (None, slice(6, 6)),
-])
+@pytest.mark.parametrize(
+    "rows, cols",
+    [
+        (None, None),
+        (slice(1, 4), None),
+        (None, slice(2, 5)),
+        (slice(3, 6), slice(0, 1)),
+        (slice(4, 99), None),
+        (slice(5, 2), slice(1, 3)),
+        (None, slice(6, 6)),
+    ],
+)
 def test_a_block_read_equals_safetensors_own_slice(tmp_path, dtype, rows, cols):
     tensor = (torch.arange(6 * 7 * 2) % 5).reshape(6, 7, 2).to(dtype)
     save_file({"x": tensor}, tmp_path / "model.safetensors")
@@ -122,7 +141,8 @@ def test_a_block_of_columns_reads_only_its_bytes(tmp_path, monkeypatch):
     ckpt = Checkpoint(tmp_path)
     read = []
     original = Checkpoint.read_bytes
-    monkeypatch.setattr(Checkpoint, "read_bytes", lambda self, e, s, t, out=None: read.append(t - s)
-                        or original(self, e, s, t, out))
+    monkeypatch.setattr(
+        Checkpoint, "read_bytes", lambda self, e, s, t, out=None: read.append(t - s) or original(self, e, s, t, out)
+    )
     assert ckpt.read_block(ckpt.entries["x"], cols=slice(10, 20)).shape == (8, 10)
     assert read == [10 * 4] * 8  # one read per row, of the 10 columns only

@@ -37,6 +37,7 @@ def forward(model, inputs):
 
 # -- the oracle: each router's output, read the way its family's block reads it --------------------
 
+
 def _expected_from_router(name: str, handle, out) -> dict:
     """Slots per expert (and, for capacity families, requested slots and dropped tokens) from one router
     output, computed directly and independently of moe_patch.monitoring."""
@@ -48,15 +49,21 @@ def _expected_from_router(name: str, handle, out) -> dict:
     if name == "switch_transformers":  # (capacity-masked one-hot [B, S, E], top-1 prob, logits)
         mask = out[0].reshape(-1, E)
         asked = F.one_hot(out[2].reshape(-1, E).argmax(-1), E).sum(0)
-        return {"assigned": mask.sum(0).tolist(), "requested": asked.tolist(),
-                "dropped_tokens": int((mask.sum(-1) == 0).sum())}
+        return {
+            "assigned": mask.sum(0).tolist(),
+            "requested": asked.tolist(),
+            "dropped_tokens": int((mask.sum(-1) == 0).sum()),
+        }
     if name == "nllb-moe":  # (top-1 mask, combine weights [T, E], logits): dispatched where the weight is > 0
         combine = out[1]
         asked = torch.zeros(E, dtype=torch.long)
         for i in out[2].topk(2, dim=-1).indices.flatten().tolist():
             asked[i] += 1
-        return {"assigned": (combine > 0).sum(0).tolist(), "requested": asked.tolist(),
-                "dropped_tokens": int(((combine > 0).sum(-1) == 0).sum())}
+        return {
+            "assigned": (combine > 0).sum(0).tolist(),
+            "requested": asked.tolist(),
+            "dropped_tokens": int(((combine > 0).sum(-1) == 0).sum()),
+        }
     if name == "legacy-mixtral":  # logits; the block: softmax -> top-k
         idx = torch.topk(F.softmax(out.float(), dim=-1), handle.info.top_k, dim=-1).indices
     elif name == "legacy-deepseek":  # (topk_idx, topk_weight, aux)
@@ -86,14 +93,29 @@ def direct_counts(name: str, model, inputs) -> list[dict]:
         total: dict = {}
         for o in outputs:
             for key, value in _expected_from_router(name, handle, o).items():
-                total[key] = [a + b for a, b in zip(total[key], value)] if isinstance(value, list) and key in total \
+                total[key] = (
+                    [a + b for a, b in zip(total[key], value)]
+                    if isinstance(value, list) and key in total
                     else (total.get(key, 0) + value if key in total else value)
+                )
         out.append(total)
     return out
 
 
-ALL_KINDS = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "longcat_flash", "dbrx", "llama4", "jetmoe",
-             "switch_transformers", "nllb-moe", "legacy-mixtral", "legacy-deepseek"]
+ALL_KINDS = [
+    "mixtral",
+    "qwen2_moe",
+    "deepseek_v3",
+    "gpt_oss",
+    "longcat_flash",
+    "dbrx",
+    "llama4",
+    "jetmoe",
+    "switch_transformers",
+    "nllb-moe",
+    "legacy-mixtral",
+    "legacy-deepseek",
+]
 
 
 @pytest.mark.parametrize("patched", [False, True], ids=["hf", "patched"])
@@ -207,6 +229,7 @@ def test_monitoring_adds_no_host_read_to_a_forward(name, host_reads):
 
 # -- stability -----------------------------------------------------------------------------------
 
+
 def test_stability_is_the_share_of_tokens_whose_top1_expert_moved():
     model, inputs = build("mixtral")
     handles = find_moe_blocks(model)
@@ -246,6 +269,7 @@ def test_stability_check_restores_each_module_mode():
 
 # -- models the monitor must work on ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", ["mixtral", "module_list"])
 def test_offloaded_model_counts_equal_the_resident_model(family, tmp_path):
     from tests.helpers.offload import expert_bytes, load_reference, model_class, prompts, save_tiny
@@ -256,8 +280,9 @@ def test_offloaded_model_counts_equal_the_resident_model(family, tmp_path):
     with moe_patch.monitor(resident) as mon:
         forward(resident, ids)
     expected = [lr.counts.assigned for lr in mon.report().layers]
-    offloaded = moe_patch.load_model(path, model_class=model_class(family), dtype=torch.float32,
-                                     expert_cache=expert_bytes(family))
+    offloaded = moe_patch.load_model(
+        path, model_class=model_class(family), dtype=torch.float32, expert_cache=expert_bytes(family)
+    )
     with moe_patch.monitor(offloaded) as mon:
         forward(offloaded, ids)
     assert [lr.counts.assigned for lr in mon.report().layers] == expected
@@ -325,6 +350,7 @@ def test_non_finite_router_logits_are_counted():
 
 # -- windows, output, bad input -------------------------------------------------------------------
 
+
 def test_snapshots_are_windows_and_the_report_is_their_sum():
     model, inputs = build("mixtral")
     with moe_patch.monitor(model) as mon:
@@ -371,8 +397,16 @@ def test_plot_without_matplotlib_names_the_install(tmp_path, monkeypatch):
 def test_a_model_without_moe_blocks_is_refused_in_one_line():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(NoMoEFoundError, match="no Mixture-of-Experts block") as err:
         moe_patch.monitor(dense)
     assert "\n" not in str(err.value)
@@ -387,6 +421,7 @@ def test_blocks_whose_routing_hooks_cannot_see_are_listed_not_guessed():
 
 
 # -- the maths --------------------------------------------------------------------------------------
+
 
 def test_balance_figures_of_hand_made_counts():
     balanced = LayerCounts("x", num_experts=4, top_k=1, tokens=8, assigned=[2, 2, 2, 2])

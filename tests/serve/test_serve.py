@@ -62,13 +62,15 @@ class Reference:
     tokenizer: object
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+        return list(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        )
 
     def greedy(self, ids: list[int], new_tokens: int) -> list[int]:
         x = torch.tensor([ids])
         with torch.no_grad():
             out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False)
-        return out[0, len(ids):].tolist()
+        return out[0, len(ids) :].tolist()
 
     def answer(self, messages: list[dict], new_tokens: int) -> tuple[str, int]:
         """(text, token count) of the greedy answer: the text names every token but a final <eos>."""
@@ -80,8 +82,10 @@ class Reference:
 def ref(checkpoint) -> Reference:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return Reference(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval(),
-                     AutoTokenizer.from_pretrained(checkpoint))
+    return Reference(
+        AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval(),
+        AutoTokenizer.from_pretrained(checkpoint),
+    )
 
 
 def offload_flags() -> list[str]:
@@ -130,9 +134,25 @@ def server(checkpoint, tmp_path_factory):
     port, log = free_port(), tmp_path_factory.mktemp("serve-log") / "server.log"
     env = {**os.environ, "MOE_PATCH_API_KEY": KEY, "OMP_NUM_THREADS": "1"}  # the key as users should pass it
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(MOE_PATCH), "serve", str(checkpoint), "--port", str(port),
-                                 "--served-model-name", NAME, "--alias", ALIAS, "--parallel", "4", *offload_flags()],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [
+                str(MOE_PATCH),
+                "serve",
+                str(checkpoint),
+                "--port",
+                str(port),
+                "--served-model-name",
+                NAME,
+                "--alias",
+                ALIAS,
+                "--parallel",
+                "4",
+                *offload_flags(),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -156,15 +176,17 @@ def server(checkpoint, tmp_path_factory):
 
 
 def ask(server: Server, messages=HELLO, max_tokens: int = 12, **kw):
-    return server.client().chat.completions.create(model=NAME, messages=messages, max_tokens=max_tokens,
-                                                   temperature=0, **kw)
+    return server.client().chat.completions.create(
+        model=NAME, messages=messages, max_tokens=max_tokens, temperature=0, **kw
+    )
 
 
 def streamed(server: Server, messages=HELLO, max_tokens: int = 12, **kw) -> tuple[str, object]:
     """(text joined from the deltas, final chunk)."""
     pieces, last = [], None
-    for chunk in server.client().chat.completions.create(model=NAME, messages=messages, max_tokens=max_tokens,
-                                                         temperature=0, stream=True, **kw):
+    for chunk in server.client().chat.completions.create(
+        model=NAME, messages=messages, max_tokens=max_tokens, temperature=0, stream=True, **kw
+    ):
         last = chunk
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
@@ -206,8 +228,10 @@ def test_streamed_chat_completion_gives_generates_tokens(server, ref):
 
 def test_stream_ends_with_done_line(server):
     request = urllib.request.Request(
-        f"{server.url}/v1/chat/completions", data=json.dumps({"messages": HELLO, "max_tokens": 3, "stream": True}).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        f"{server.url}/v1/chat/completions",
+        data=json.dumps({"messages": HELLO, "max_tokens": 3, "stream": True}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
     with urllib.request.urlopen(request, timeout=60) as r:
         events = [line for line in r.read().decode().splitlines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["usage"]["completion_tokens"] == 3
@@ -252,40 +276,98 @@ def test_stats_report_the_engines_figures_per_request_and_in_total(server):
 LONG = " ".join(["w8"] * (CONTEXT + 10))
 
 
-@pytest.mark.parametrize("body, key, status, code, param", [
-    pytest.param(b'{"messages": [', KEY, 400, None, None, id="malformed-json"),
-    pytest.param(b"[1, 2]", KEY, 400, None, None, id="body-not-an-object"),
-    pytest.param({"model": NAME}, KEY, 400, "missing_required_parameter", "messages", id="missing-messages"),
-    pytest.param({"messages": []}, KEY, 400, "invalid_value", "messages", id="no-messages"),
-    pytest.param({"messages": [{"role": "wizard", "content": "x"}]}, KEY, 400, "invalid_value", "messages.0.role",
-                 id="unknown-role"),
-    pytest.param({"messages": HELLO, "max_tokens": 0}, KEY, 400, "invalid_value", "max_tokens", id="zero-max-tokens"),
-    pytest.param({"messages": HELLO, "max_tokens": -3}, KEY, 400, "invalid_value", "max_tokens",
-                 id="negative-max-tokens"),
-    pytest.param({"messages": HELLO, "max_tokens": "12"}, KEY, 400, "invalid_value", "max_tokens",
-                 id="max-tokens-as-text"),
-    pytest.param({"messages": HELLO, "temperature": -1}, KEY, 400, "invalid_value", "temperature",
-                 id="negative-temperature"),
-    pytest.param({"messages": HELLO, "top_p": 0}, KEY, 400, "invalid_value", "top_p", id="zero-top-p"),
-    pytest.param({"messages": [{"role": "user", "content": LONG}]}, KEY, 400, "context_length_exceeded", None,
-                 id="prompt-longer-than-the-context"),
-    pytest.param({"messages": HELLO, "max_tokens": CONTEXT}, KEY, 400, "context_length_exceeded", None,
-                 id="prompt-plus-max-tokens-past-the-context"),
-    pytest.param({"messages": HELLO}, "sk-wrong", 401, "invalid_api_key", None, id="wrong-api-key"),
-    pytest.param({"messages": HELLO}, None, 401, "invalid_api_key", None, id="missing-api-key"),
-    pytest.param({"messages": HELLO, "n": 2}, KEY, 400, "unsupported_parameter", "n", id="unsupported-n"),
-    pytest.param({"messages": HELLO, "top_logprobs": 2}, KEY, 400, "invalid_value", "top_logprobs",
-                 id="top-logprobs-without-logprobs"),
-    pytest.param({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, KEY, 400, "invalid_value", "top_logprobs",
-                 id="too-many-top-logprobs"),
-    pytest.param({"messages": HELLO, "logit_bias": {"999999": 5}}, KEY, 400, "invalid_value", "logit_bias",
-                 id="logit-bias-outside-the-vocabulary"),
-    pytest.param({"messages": HELLO, "response_format": {"type": "json_object"}}, KEY, 400, "unsupported_parameter",
-                 "response_format", id="unsupported-json-mode"),
-    pytest.param({"messages": HELLO, "max_token": 5}, KEY, 400, "unknown_parameter", "max_token", id="misspelt-field"),
-    pytest.param({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-                 KEY, 400, "invalid_value", None, id="image-for-a-text-model"),
-])
+@pytest.mark.parametrize(
+    "body, key, status, code, param",
+    [
+        pytest.param(b'{"messages": [', KEY, 400, None, None, id="malformed-json"),
+        pytest.param(b"[1, 2]", KEY, 400, None, None, id="body-not-an-object"),
+        pytest.param({"model": NAME}, KEY, 400, "missing_required_parameter", "messages", id="missing-messages"),
+        pytest.param({"messages": []}, KEY, 400, "invalid_value", "messages", id="no-messages"),
+        pytest.param(
+            {"messages": [{"role": "wizard", "content": "x"}]},
+            KEY,
+            400,
+            "invalid_value",
+            "messages.0.role",
+            id="unknown-role",
+        ),
+        pytest.param(
+            {"messages": HELLO, "max_tokens": 0}, KEY, 400, "invalid_value", "max_tokens", id="zero-max-tokens"
+        ),
+        pytest.param(
+            {"messages": HELLO, "max_tokens": -3}, KEY, 400, "invalid_value", "max_tokens", id="negative-max-tokens"
+        ),
+        pytest.param(
+            {"messages": HELLO, "max_tokens": "12"}, KEY, 400, "invalid_value", "max_tokens", id="max-tokens-as-text"
+        ),
+        pytest.param(
+            {"messages": HELLO, "temperature": -1}, KEY, 400, "invalid_value", "temperature", id="negative-temperature"
+        ),
+        pytest.param({"messages": HELLO, "top_p": 0}, KEY, 400, "invalid_value", "top_p", id="zero-top-p"),
+        pytest.param(
+            {"messages": [{"role": "user", "content": LONG}]},
+            KEY,
+            400,
+            "context_length_exceeded",
+            None,
+            id="prompt-longer-than-the-context",
+        ),
+        pytest.param(
+            {"messages": HELLO, "max_tokens": CONTEXT},
+            KEY,
+            400,
+            "context_length_exceeded",
+            None,
+            id="prompt-plus-max-tokens-past-the-context",
+        ),
+        pytest.param({"messages": HELLO}, "sk-wrong", 401, "invalid_api_key", None, id="wrong-api-key"),
+        pytest.param({"messages": HELLO}, None, 401, "invalid_api_key", None, id="missing-api-key"),
+        pytest.param({"messages": HELLO, "n": 2}, KEY, 400, "unsupported_parameter", "n", id="unsupported-n"),
+        pytest.param(
+            {"messages": HELLO, "top_logprobs": 2},
+            KEY,
+            400,
+            "invalid_value",
+            "top_logprobs",
+            id="top-logprobs-without-logprobs",
+        ),
+        pytest.param(
+            {"messages": HELLO, "logprobs": True, "top_logprobs": 21},
+            KEY,
+            400,
+            "invalid_value",
+            "top_logprobs",
+            id="too-many-top-logprobs",
+        ),
+        pytest.param(
+            {"messages": HELLO, "logit_bias": {"999999": 5}},
+            KEY,
+            400,
+            "invalid_value",
+            "logit_bias",
+            id="logit-bias-outside-the-vocabulary",
+        ),
+        pytest.param(
+            {"messages": HELLO, "response_format": {"type": "json_object"}},
+            KEY,
+            400,
+            "unsupported_parameter",
+            "response_format",
+            id="unsupported-json-mode",
+        ),
+        pytest.param(
+            {"messages": HELLO, "max_token": 5}, KEY, 400, "unknown_parameter", "max_token", id="misspelt-field"
+        ),
+        pytest.param(
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            KEY,
+            400,
+            "invalid_value",
+            None,
+            id="image-for-a-text-model",
+        ),
+    ],
+)
 def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(server, ref, body, key, status, code, param):
     got, answer = call(f"{server.url}/v1/chat/completions", body, key=key)
     assert got == status, answer
@@ -324,12 +406,17 @@ def test_a_stop_string_is_left_out_and_the_answer_is_generates_text_cut_there(se
     full, count = ref.answer(HELLO, 24)
     words = full.split()
     assert len(words) >= 6, full
-    for stop in (f"{words[2]} {words[3]}",  # across two tokens
-                 f"{words[3][1:]} {words[4][:2]}",  # from inside one token into the next
-                 words[4]):  # one token
-        cut = full[:full.index(stop)]
-        for kw in ({"stop": stop}, {"stop": ["never-generated", stop, "w99999"]},
-                   {"extra_body": {"generation_config": json.dumps({"stop_strings": [stop]})}}):  # transformers' way
+    for stop in (
+        f"{words[2]} {words[3]}",  # across two tokens
+        f"{words[3][1:]} {words[4][:2]}",  # from inside one token into the next
+        words[4],
+    ):  # one token
+        cut = full[: full.index(stop)]
+        for kw in (
+            {"stop": stop},
+            {"stop": ["never-generated", stop, "w99999"]},
+            {"extra_body": {"generation_config": json.dumps({"stop_strings": [stop]})}},
+        ):  # transformers' way
             answer = ask(server, max_tokens=24, **kw)
             assert answer.choices[0].message.content == cut and answer.choices[0].finish_reason == "stop"
             text, last = streamed(server, max_tokens=24, **kw)
@@ -345,17 +432,19 @@ def test_a_stop_string_in_a_text_completion_is_left_out(server, ref):
     full = ref.tokenizer.decode(new, skip_special_tokens=True)
     stop = " ".join(full.split()[3:5])
     for stream in (False, True):
-        got = server.client().completions.create(model=NAME, prompt="w20 w21 w22", max_tokens=12, temperature=0,
-                                                 stop=[stop], stream=stream)
+        got = server.client().completions.create(
+            model=NAME, prompt="w20 w21 w22", max_tokens=12, temperature=0, stop=[stop], stream=stream
+        )
         text = "".join(c.choices[0].text for c in got) if stream else got.choices[0].text
-        assert text == full[:full.index(stop)]
+        assert text == full[: full.index(stop)]
 
 
 # -- concurrency: requests decoded together, each with the tokens it gets alone -------------------------------------
 @pytest.mark.parametrize("clients", [2, 4])
 def test_concurrent_clients_each_get_the_tokens_they_get_alone(server, ref, clients):
-    prompts = [[{"role": "user", "content": " ".join(f"w{30 + 7 * i + j}" for j in range(1 + 3 * i))}]
-               for i in range(clients)]  # prompts of different lengths: the batch is left-padded
+    prompts = [
+        [{"role": "user", "content": " ".join(f"w{30 + 7 * i + j}" for j in range(1 + 3 * i))}] for i in range(clients)
+    ]  # prompts of different lengths: the batch is left-padded
     lengths = [40 - 6 * i for i in range(clients)]  # answers of different lengths: requests leave the batch
     results: dict[int, tuple[str, str]] = {}
     start = threading.Barrier(clients)
@@ -382,8 +471,9 @@ def test_concurrent_clients_each_get_the_tokens_they_get_alone(server, ref, clie
 
 
 def test_a_disconnected_stream_stops_and_the_next_request_is_unaffected(server, ref):
-    stream = server.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=200, temperature=0,
-                                                     stream=True)
+    stream = server.client().chat.completions.create(
+        model=NAME, messages=HELLO, max_tokens=200, temperature=0, stream=True
+    )
     chunks = iter(stream)
     first = next(chunks)
     next(chunks), next(chunks)
@@ -396,8 +486,14 @@ def test_a_disconnected_stream_stops_and_the_next_request_is_unaffected(server, 
 
 def test_a_seed_gives_the_same_sample_even_while_another_request_runs(server, ref):
     def sample(seed: int | None, tokens: int = 12) -> str:
-        return server.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=tokens, temperature=1.0,
-                                                       top_p=0.95, seed=seed).choices[0].message.content
+        return (
+            server.client()
+            .chat.completions.create(
+                model=NAME, messages=HELLO, max_tokens=tokens, temperature=1.0, top_p=0.95, seed=seed
+            )
+            .choices[0]
+            .message.content
+        )
 
     alone = sample(1234)
     # temperature > 0 samples although the checkpoint's generation config says do_sample=False
@@ -447,16 +543,18 @@ def test_chat_logprobs_are_the_models_own(server, ref):
         assert [t.token for t in entry.top_logprobs][0] == entry.token and len(entry.top_logprobs) == 3
         assert entry.bytes == list(entry.token.encode())
     pieces = []
-    for chunk in server.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=6, temperature=0,
-                                                         stream=True, logprobs=True):
+    for chunk in server.client().chat.completions.create(
+        model=NAME, messages=HELLO, max_tokens=6, temperature=0, stream=True, logprobs=True
+    ):
         if chunk.choices and chunk.choices[0].logprobs:
             pieces += [c.token for c in chunk.choices[0].logprobs.content]
     assert pieces == [c.token for c in content]
 
 
 def test_text_completion_logprobs_have_the_legacy_shape(server, ref):
-    answer = server.client().completions.create(model=NAME, prompt="w20 w21 w22", max_tokens=5, temperature=0,
-                                                logprobs=2)
+    answer = server.client().completions.create(
+        model=NAME, prompt="w20 w21 w22", max_tokens=5, temperature=0, logprobs=2
+    )
     lp = answer.choices[0].logprobs
     assert "".join(lp.tokens[:1]) == answer.choices[0].text.split()[0]
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
@@ -471,8 +569,9 @@ def test_a_strict_server_refuses_other_model_names(checkpoint):
     from moe_patch.serve.loader import close_served, open_served
     from moe_patch.serve.names import ServedNames
 
-    served = open_served(checkpoint, names=ServedNames((NAME, ALIAS), strict=True), options=OffloadOptions(),
-                         dtype="float32")
+    served = open_served(
+        checkpoint, names=ServedNames((NAME, ALIAS), strict=True), options=OffloadOptions(), dtype="float32"
+    )
     try:
         client = TestClient(build_app(served))
         body = {"messages": HELLO, "max_tokens": 2}
@@ -519,9 +618,16 @@ class Terminal:
 
     def __init__(self, argv: list[str], env: dict[str, str]):
         self.fd, child = pty.openpty()
-        self.proc = subprocess.Popen(argv, stdin=child, stdout=child, stderr=child, env=env, close_fds=True,
-                                     start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=child,
+            stdout=child,
+            stderr=child,
+            env=env,
+            close_fds=True,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
         os.close(child)
         self.seen = ""
 
@@ -534,7 +640,7 @@ class Terminal:
                     self.seen += ANSI.sub("", os.read(self.fd, 65536).decode(errors="replace"))
                 except OSError:  # the program closed the terminal
                     assert re.search(pattern, self.seen), f"no {pattern!r} in:\n{self.seen}"
-        self.seen = self.seen[match.end():]
+        self.seen = self.seen[match.end() :]
         return match
 
     def type(self, line: str) -> None:
@@ -543,8 +649,20 @@ class Terminal:
 
 def test_chat_in_a_terminal_applies_the_template_streams_replies_and_prints_statistics(checkpoint, ref):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    term = Terminal([str(MOE_PATCH), "chat", str(checkpoint), "--temperature", "0", "--max-new-tokens", "10",
-                     "--verbose-prompt", *offload_flags()], env)
+    term = Terminal(
+        [
+            str(MOE_PATCH),
+            "chat",
+            str(checkpoint),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "10",
+            "--verbose-prompt",
+            *offload_flags(),
+        ],
+        env,
+    )
     try:
         term.expect(r"!help for commands.*\n> ")
         conversation: list[dict] = []
@@ -583,13 +701,32 @@ def test_chat_in_a_terminal_applies_the_template_streams_replies_and_prints_stat
 
 # -- moe-patch run: the chat template, sampling, decoded text ---------------------------------------------------------
 def test_run_chat_puts_the_prompt_in_the_template(checkpoint, ref, capsys):
-    assert main(["run", str(checkpoint), "--prompt", "w5 w6 w7", "--chat", "--max-new-tokens", "8", *offload_flags()]) == 0
+    assert (
+        main(["run", str(checkpoint), "--prompt", "w5 w6 w7", "--chat", "--max-new-tokens", "8", *offload_flags()]) == 0
+    )
     assert capsys.readouterr().out.splitlines()[0] == ref.answer(HELLO, 8)[0]
 
 
 def test_run_sampling_is_reproducible_with_a_seed(checkpoint, capsys):
-    argv = ["run", str(checkpoint), "--prompt", "w5 w6", "--max-new-tokens", "12", "--temperature", "1.2",
-            "--top-k", "40", "--top-p", "0.9", "--repetition-penalty", "1.1", "--seed", "7", *offload_flags()]
+    argv = [
+        "run",
+        str(checkpoint),
+        "--prompt",
+        "w5 w6",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "1.2",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.1",
+        "--seed",
+        "7",
+        *offload_flags(),
+    ]
     texts = []
     for _ in range(2):
         assert main(argv) == 0
@@ -603,14 +740,21 @@ def test_run_decodes_prompt_ids_when_the_checkpoint_has_a_tokenizer(checkpoint, 
     assert capsys.readouterr().out.splitlines()[0] == ref.tokenizer.decode(new, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("extra, code, message", [
-    (["--prompt", "w5", "--top-p", "0"], 2, "argument --top-p: expected a number in (0, 1], got 0"),
-    (["--prompt", "w5", "--temperature", "-0.5"], 2, "argument --temperature/--temp: expected a number >= 0, got -0.5"),
-    (["--prompt", "w5", "--top-k", "0"], 2, "argument --top-k: expected an integer >= 1, got 0"),
-    (["--prompt", "w5", "--seed", "x"], 2, "argument -s/--seed: expected an integer in [0, "),
-    (["--prompt-ids", "5,6", "--chat"], 1, "--chat puts the prompt text in the chat template"),
-    (["--prompt", "w5", "--max-new-tokens", str(CONTEXT)], 1, "--max-new-tokens: the prompt (1 tokens) plus"),
-])
+@pytest.mark.parametrize(
+    "extra, code, message",
+    [
+        (["--prompt", "w5", "--top-p", "0"], 2, "argument --top-p: expected a number in (0, 1], got 0"),
+        (
+            ["--prompt", "w5", "--temperature", "-0.5"],
+            2,
+            "argument --temperature/--temp: expected a number >= 0, got -0.5",
+        ),
+        (["--prompt", "w5", "--top-k", "0"], 2, "argument --top-k: expected an integer >= 1, got 0"),
+        (["--prompt", "w5", "--seed", "x"], 2, "argument -s/--seed: expected an integer in [0, "),
+        (["--prompt-ids", "5,6", "--chat"], 1, "--chat puts the prompt text in the chat template"),
+        (["--prompt", "w5", "--max-new-tokens", str(CONTEXT)], 1, "--max-new-tokens: the prompt (1 tokens) plus"),
+    ],
+)
 def test_run_refuses_bad_generation_arguments_in_one_line(checkpoint, capsys, extra, code, message):
     try:
         got = main(["run", str(checkpoint), *extra])

@@ -56,8 +56,11 @@ def checkpoints(tmp_path_factory):
 def start_engine(family: str, path, **kw) -> Engine:
     one = expert_bytes(family)
     options = OffloadOptions(expert_cache=2 * one, host_cache=3 * one)
-    engine = Engine(lambda: load_model(str(path), options=options, dtype=torch.float32,
-                                       model_class=model_class(family)), WordsTokenizer(), **kw)
+    engine = Engine(
+        lambda: load_model(str(path), options=options, dtype=torch.float32, model_class=model_class(family)),
+        WordsTokenizer(),
+        **kw,
+    )
     engine.start()
     return engine
 
@@ -99,15 +102,21 @@ def submit(engine: Engine, ids: list[int], config, **kw) -> Collect:
 def reference_tokens(ref, ids: list[int], new_tokens: int, **settings) -> list[int]:
     x = torch.tensor([ids])
     with torch.no_grad():
-        out = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=0, **settings)
-    return out[0, len(ids):].tolist()
+        out = ref.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **settings
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def random_requests(count: int, seed: int) -> list[tuple[list[int], int]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(3, VOCAB, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist(),
-             int(torch.randint(4, 48, (1,), generator=g))) for _ in range(count)]
+    return [
+        (
+            torch.randint(3, VOCAB, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist(),
+            int(torch.randint(4, 48, (1,), generator=g)),
+        )
+        for _ in range(count)
+    ]
 
 
 # -- batching is exact ------------------------------------------------------------------------------------------------
@@ -156,8 +165,9 @@ def test_sampling_with_a_seed_draws_what_generate_draws_after_set_seed_even_in_a
     set_seed(1234)
     x = torch.tensor([ids])
     with torch.no_grad():
-        expected = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, pad_token_id=0,
-                                eos_token_id=None, **settings)[0, 4:].tolist()
+        expected = ref.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=16, pad_token_id=0, eos_token_id=None, **settings
+        )[0, 4:].tolist()
     config = greedy_config(engine, 16, eos_token_id=None, **settings)
     alone = submit(engine, ids, config, seed=1234).wait().token_ids
     others = [submit(engine, [9, 10, 11], config) for _ in range(2)]  # unseeded neighbours in the batch
@@ -247,13 +257,27 @@ def test_the_engine_loads_and_runs_the_model_on_its_own_thread(checkpoints):
         stop_engine(engine)
 
 
-# -- the pieces ---------------------------------------------------------------------------------------------------------
+# -- the pieces ------------------------------------------------------------------------------------------------
 def test_step_loop_refusal_names_what_only_generate_does():
     from transformers import GenerationConfig
 
-    assert step_loop_refusal(GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05,
-                                              repetition_penalty=1.2, max_new_tokens=9, eos_token_id=[1, 2],
-                                              sequence_bias={(3,): -1.0}, num_beams=1)) is None
+    assert (
+        step_loop_refusal(
+            GenerationConfig(
+                do_sample=True,
+                temperature=0.7,
+                top_k=20,
+                top_p=0.9,
+                min_p=0.05,
+                repetition_penalty=1.2,
+                max_new_tokens=9,
+                eos_token_id=[1, 2],
+                sequence_bias={(3,): -1.0},
+                num_beams=1,
+            )
+        )
+        is None
+    )
     assert step_loop_refusal(GenerationConfig(num_beams=4)) == "num_beams"
     assert step_loop_refusal(GenerationConfig(no_repeat_ngram_size=3)) == "no_repeat_ngram_size"
     assert step_loop_refusal(GenerationConfig(suppress_tokens=[5])) == "suppress_tokens"
@@ -277,7 +301,9 @@ def test_batch_caches_join_and_leave_with_left_padding():
     batch, pads = kv.join(batch, pads, _kv(1, 5, 2.0))  # longer: the batch is padded
     batch, pads = kv.join(batch, pads, _kv(1, 2, 3.0))  # shorter: it is padded
     assert pads == [2, 0, 3] and batch[0][0].shape == (3, 2, 5, 3)
-    assert torch.equal(kv.attention_mask(pads, 6, "cpu")[:, :5], torch.tensor([[0, 0, 1, 1, 1], [1] * 5, [0, 0, 0, 1, 1]]))
+    assert torch.equal(
+        kv.attention_mask(pads, 6, "cpu")[:, :5], torch.tensor([[0, 0, 1, 1, 1], [1] * 5, [0, 0, 0, 1, 1]])
+    )
     assert torch.equal(kv.row(batch, pads, 2)[1][1], _kv(1, 2, 3.0)[1][1])  # a row comes out as it went in
     kept, kept_pads = kv.keep(batch, pads, [0, 2])  # the longest row leaves: two pad columns go with it
     assert kept_pads == [0, 1] and kept[0][0].shape == (2, 2, 3, 3)

@@ -30,17 +30,20 @@ def run(pieces: list[bytes], stops: list[str]) -> tuple[list[str], OutputText]:
     return sent, out
 
 
-@pytest.mark.parametrize("pieces, stops, text", [
-    # a stop string inside one token, across two tokens, across many, and starting mid-token
-    ([b"Hello", b" wor", b"ld", b"END", b"more"], ["END"], "Hello world"),
-    ([b"Hello", b" wo", b"rld"], ["o wo"], "Hell"),
-    ([b"a", b"b", b"c", b"d", b"e", b"f"], ["cde"], "ab"),
-    ([b"x</s", b"top> y"], ["</stop>"], "x"),
-    # the earliest of several stop strings wins, whatever their order
-    ([b"one two three"], ["three", "two"], "one "),
-    # a stop string that begins but never completes is released at the end
-    ([b"ab", b"c", b"</st", b"a"], ["</stop>"], "abc</sta"),
-])
+@pytest.mark.parametrize(
+    "pieces, stops, text",
+    [
+        # a stop string inside one token, across two tokens, across many, and starting mid-token
+        ([b"Hello", b" wor", b"ld", b"END", b"more"], ["END"], "Hello world"),
+        ([b"Hello", b" wo", b"rld"], ["o wo"], "Hell"),
+        ([b"a", b"b", b"c", b"d", b"e", b"f"], ["cde"], "ab"),
+        ([b"x</s", b"top> y"], ["</stop>"], "x"),
+        # the earliest of several stop strings wins, whatever their order
+        ([b"one two three"], ["three", "two"], "one "),
+        # a stop string that begins but never completes is released at the end
+        ([b"ab", b"c", b"</st", b"a"], ["</stop>"], "abc</sta"),
+    ],
+)
 def test_text_ends_before_the_first_stop_string(pieces, stops, text):
     sent, out = run(pieces, stops)
     assert out.final_text == text and "".join(sent) == text
@@ -85,11 +88,21 @@ def test_helpers():
 
 
 # -- a chat answer with the tokenizer's response template -------------------------------------------------------------
-TEMPLATE = {"defaults": {"role": "assistant"}, "start_anchor": "<|assistant|>",
-            "fields": {"reasoning_content": {"open": "<think>", "close": "</think>", "content": "text"},
-                       "tool_calls": {"open_pattern": r"\s*<tool_call>", "close": "</tool_call>", "repeats": True,
-                                      "content": "json", "transform": {"type": "function", "function": "{content}"}},
-                       "content": {"content": "text"}}}
+TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|assistant|>",
+    "fields": {
+        "reasoning_content": {"open": "<think>", "close": "</think>", "content": "text"},
+        "tool_calls": {
+            "open_pattern": r"\s*<tool_call>",
+            "close": "</tool_call>",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        },
+        "content": {"content": "text"},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +117,16 @@ def tokenizer(tmp_path_factory):
     return tok
 
 
-@pytest.mark.parametrize("text, message", [
-    ('Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
-     {"content": "Let me look.", "tool_calls": [("get_weather", {"city": "Paris"})]}),
-    ("<think>hmm</think>The answer is 4.", {"content": "The answer is 4.", "reasoning_content": "hmm"}),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+            {"content": "Let me look.", "tool_calls": [("get_weather", {"city": "Paris"})]},
+        ),
+        ("<think>hmm</think>The answer is 4.", {"content": "The answer is 4.", "reasoning_content": "hmm"}),
+    ],
+)
 def test_a_response_template_splits_content_reasoning_and_tool_calls(tokenizer, text, message):
     import json
 

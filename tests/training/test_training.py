@@ -39,9 +39,18 @@ def blocks(n: int = 32, length: int = 16, vocab: int = 128) -> TokenBlocks:
 
 
 def targs(tmp_path, **kw) -> TrainingArguments:
-    base = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=2,
-                report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-3,
-                dataloader_num_workers=0)
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        learning_rate=1e-3,
+        dataloader_num_workers=0,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -65,6 +74,7 @@ class Recorder(TrainerCallback):
 
 
 # -- RoutingCallback -------------------------------------------------------------------------------
+
 
 def test_routing_callback_logs_through_a_real_trainer(tmp_path):
     data = blocks()
@@ -115,8 +125,16 @@ def test_routing_callback_bad_input(tmp_path):
         RoutingCallback(trainer, every=0)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dense = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     trainer = Trainer(model=dense, args=targs(tmp_path, max_steps=1), train_dataset=blocks())
     trainer.add_callback(RoutingCallback(trainer))
     with pytest.raises(NoMoEFoundError, match="no Mixture-of-Experts block"):
@@ -125,10 +143,12 @@ def test_routing_callback_bad_input(tmp_path):
 
 # -- MoETrainer: learning rates by role, z-loss ------------------------------------------------------
 
+
 def test_router_and_expert_learning_rates_split_the_trainers_own_groups(tmp_path):
     model = mixtral()
-    trainer = MoETrainer(model=model, args=targs(tmp_path, weight_decay=0.1), train_dataset=blocks(),
-                         router_lr=1e-2, expert_lr=1e-4)
+    trainer = MoETrainer(
+        model=model, args=targs(tmp_path, weight_decay=0.1), train_dataset=blocks(), router_lr=1e-2, expert_lr=1e-4
+    )
     trainer.create_optimizer_and_scheduler(num_training_steps=4)
     roles = parameter_roles(model)
     groups = trainer.optimizer.param_groups
@@ -175,7 +195,8 @@ def test_router_z_loss_definition_and_bad_input(tmp_path):
     logits = torch.randn(5, 4)
     assert float(router_z_loss(logits)) == pytest.approx(float(torch.logsumexp(logits, -1).square().mean()))
     assert float(router_z_loss((logits, 2 * logits))) == pytest.approx(
-        float((router_z_loss(logits) + router_z_loss(2 * logits)) / 2))
+        float((router_z_loss(logits) + router_z_loss(2 * logits)) / 2)
+    )
     with pytest.raises(MoEConfigError, match="router_z_loss_coef"):
         MoETrainer(model=mixtral(), args=targs(tmp_path), train_dataset=blocks(), router_z_loss_coef=-1)
     model = mixtral()  # output_router_logits left off
@@ -207,13 +228,15 @@ def test_enable_router_aux_loss_warns_when_the_config_has_no_router_loss_fields(
 
 # -- LoRA on the experts ------------------------------------------------------------------------------
 
+
 def test_lora_on_fused_experts_is_exact_under_the_patch_and_trains_the_experts():
     from peft import get_peft_model
 
     model, inputs = tiny_model("mixtral")
     config = expert_lora_config(model, r=4, attention=True, init_lora_weights=False)
-    assert sorted(config.target_parameters) == [f"model.layers.{i}.mlp.experts.{n}" for i in (0, 1)
-                                                for n in ("down_proj", "gate_up_proj")]
+    assert sorted(config.target_parameters) == [
+        f"model.layers.{i}.mlp.experts.{n}" for i in (0, 1) for n in ("down_proj", "gate_up_proj")
+    ]
     assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= set(config.target_modules)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
@@ -241,6 +264,7 @@ def test_lora_targets_for_list_experts_and_refusals():
 
 # -- data ----------------------------------------------------------------------------------------
 
+
 def test_local_corpus_tokenizer_and_blocks():
     files = python_stdlib_files(limit=30)
     assert files == sorted(files) and all(f.suffix == ".py" for f in files)
@@ -258,6 +282,7 @@ def test_local_corpus_tokenizer_and_blocks():
 
 # -- the example, end to end ----------------------------------------------------------------------
 
+
 def _example():
     spec = importlib.util.spec_from_file_location("train_upcycled", ROOT / "examples" / "train_upcycled.py")
     module = importlib.util.module_from_spec(spec)
@@ -265,8 +290,24 @@ def _example():
     return module
 
 
-TINY_RUN = ["--steps", "4", "--batch", "2", "--block", "32", "--corpus-files", "12", "--vocab", "300",
-            "--hidden", "32", "--layers", "2", "--log-every", "2"]
+TINY_RUN = [
+    "--steps",
+    "4",
+    "--batch",
+    "2",
+    "--block",
+    "32",
+    "--corpus-files",
+    "12",
+    "--vocab",
+    "300",
+    "--hidden",
+    "32",
+    "--layers",
+    "2",
+    "--log-every",
+    "2",
+]
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -30,11 +30,14 @@ def warnings_of(src, **options) -> list[str]:
         plan.weights.close()
 
 
-@pytest.mark.parametrize("family, options", [
-    ("llama", dict(num_experts=8, top_k=4, granularity=4)),
-    ("qwen2", dict(num_experts=6, top_k=3, granularity=4, shared_experts=1)),
-    ("qwen3", dict(num_experts=4, top_k=2)),
-])
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("llama", dict(num_experts=8, top_k=4, granularity=4)),
+        ("qwen2", dict(num_experts=6, top_k=3, granularity=4, shared_experts=1)),
+        ("qwen3", dict(num_experts=4, top_k=2)),
+    ],
+)
 def test_layouts_every_engine_serves_get_no_warning(src, family, options):
     assert warnings_of(src[family], **options) == []
 
@@ -46,8 +49,14 @@ def test_a_zero_width_shared_expert_is_flagged_for_vllm(src):
 
 @pytest.mark.parametrize("family, layers", [("qwen2", "every-2"), ("qwen3", "0")])
 def test_interleaved_moe_layers_are_flagged_for_sglang(src, family, layers):
-    warnings = warnings_of(src[family], num_experts=4, top_k=2, granularity=2, shared_experts=1 if family == "qwen2"
-                           else 0, moe_layers=layers)
+    warnings = warnings_of(
+        src[family],
+        num_experts=4,
+        top_k=2,
+        granularity=2,
+        shared_experts=1 if family == "qwen2" else 0,
+        moe_layers=layers,
+    )
     assert len(warnings) == 1 and warnings[0].startswith("SGLang will not serve this output correctly")
     assert "--moe-layers all" in warnings[0]
 
