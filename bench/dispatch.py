@@ -15,8 +15,8 @@ shapes need 6-45 GB per block and minutes per bf16 prefill on this 2-core machin
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import platform
 import statistics
 import time
@@ -39,8 +39,11 @@ SHAPES = {
 }
 TOKENS = (1, 4, 32, 512)
 FULL_SIZE = {  # the real (hidden, intermediate), for a GPU
-    "Mixtral-8x7B": (4096, 14336), "Qwen3-30B-A3B": (2048, 768), "DeepSeek-V3": (7168, 2048),
-    "Llama-4-Scout (dense loop)": (5120, 8192), "ModuleList (4.x Mixtral)": (4096, 14336),
+    "Mixtral-8x7B": (4096, 14336),
+    "Qwen3-30B-A3B": (2048, 768),
+    "DeepSeek-V3": (7168, 2048),
+    "Llama-4-Scout (dense loop)": (5120, 8192),
+    "ModuleList (4.x Mixtral)": (4096, 14336),
 }
 
 
@@ -56,23 +59,28 @@ def _build_block(model_type, hidden, inter, experts, top_k, dtype, device):
     if model_type == "legacy":
         from moe_patch.testing.legacy import LegacyMoeConfig, MixtralStyleBlock
 
-        block = MixtralStyleBlock(LegacyMoeConfig(hidden_size=hidden, intermediate_size=inter,
-                                                  num_experts=experts, num_experts_per_tok=top_k))
+        block = MixtralStyleBlock(
+            LegacyMoeConfig(hidden_size=hidden, intermediate_size=inter, num_experts=experts, num_experts_per_tok=top_k)
+        )
         config = None
     elif model_type == "llama4":
         from transformers import Llama4TextConfig
         from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
-        config = Llama4TextConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts,
-                                  num_experts_per_tok=top_k)
+        config = Llama4TextConfig(
+            hidden_size=hidden, intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=top_k
+        )
         block = Llama4TextMoe(config)
     else:
         from moe_patch.testing.tiny import tiny_config
 
-        kw = {"mixtral": dict(intermediate_size=inter, num_local_experts=experts),
-              "qwen3_moe": dict(moe_intermediate_size=inter, num_experts=experts, norm_topk_prob=True),
-              "deepseek_v3": dict(moe_intermediate_size=inter, n_routed_experts=experts, n_group=8, topk_group=4,
-                                  n_shared_experts=1)}[model_type]
+        kw = {
+            "mixtral": dict(intermediate_size=inter, num_local_experts=experts),
+            "qwen3_moe": dict(moe_intermediate_size=inter, num_experts=experts, norm_topk_prob=True),
+            "deepseek_v3": dict(
+                moe_intermediate_size=inter, n_routed_experts=experts, n_group=8, topk_group=4, n_shared_experts=1
+            ),
+        }[model_type]
         config = tiny_config(model_type, hidden_size=hidden, num_experts_per_tok=top_k, **kw)
         from transformers import AutoModelForCausalLM
 
@@ -95,8 +103,9 @@ def _time(fn, x) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench_point(name: str, dtype: torch.dtype, tokens: int, rounds: int, device: str = "cpu",
-                full_size: bool = False) -> dict:
+def bench_point(
+    name: str, dtype: torch.dtype, tokens: int, rounds: int, device: str = "cpu", full_size: bool = False
+) -> dict:
     model_type, hidden, inter, experts, top_k = SHAPES[name]
     if full_size:
         hidden, inter = FULL_SIZE[name]
@@ -142,8 +151,14 @@ def bench_point(name: str, dtype: torch.dtype, tokens: int, rounds: int, device:
         med["moe_patch"] = med.pop("moe_patch-module")
     best_builtin = min(v for k, v in med.items() if not k.startswith("moe_patch") and v == v)  # v == v: not NaN
     stock = med.get("grouped_mm", med.get("reference"))  # what a stock model runs: the default, or its own forward
-    return {"shape": name, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens, "ms": med,
-            "speedup_vs_best_builtin": best_builtin / med["moe_patch"], "speedup_vs_stock": stock / med["moe_patch"]}
+    return {
+        "shape": name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "tokens": tokens,
+        "ms": med,
+        "speedup_vs_best_builtin": best_builtin / med["moe_patch"],
+        "speedup_vs_stock": stock / med["moe_patch"],
+    }
 
 
 def main() -> None:
@@ -158,15 +173,22 @@ def main() -> None:
     ap.add_argument("--full-size", action="store_true", help="real hidden/intermediate sizes (GPU memory needed)")
     args = ap.parse_args()
     shapes = args.shapes or (["Mixtral-8x7B", "ModuleList (4.x Mixtral)"] if args.quick else list(SHAPES))
-    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else (
-        [torch.float32] if args.quick else [torch.float32, torch.bfloat16])
+    dtypes = (
+        [getattr(torch, d) for d in args.dtypes]
+        if args.dtypes
+        else ([torch.float32] if args.quick else [torch.float32, torch.bfloat16])
+    )
     rows = []
     if args.device == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-              f"{'full' if args.full_size else 'scaled'} sizes")
+        print(
+            f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+            f"{'full' if args.full_size else 'scaled'} sizes"
+        )
     print(f"load average {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads")
-    print("| shape | dtype | tokens | eager / grouped_mm / batched_mm / reference ms | moe-patch ms | vs stock | "
-          "vs best built-in |")
+    print(
+        "| shape | dtype | tokens | eager / grouped_mm / batched_mm / reference ms | moe-patch ms | vs stock | "
+        "vs best built-in |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in shapes:
         for dtype in dtypes:
@@ -174,20 +196,31 @@ def main() -> None:
                 rounds = args.rounds if tokens < 512 else max(3, args.rounds // 2)
                 r = bench_point(name, dtype, tokens, 3 if args.quick else rounds, args.device, args.full_size)
                 rows.append(r)
-                base = " / ".join(f"{r['ms'][k]:.3f}" for k in ("eager", "grouped_mm", "batched_mm", "reference")
-                                  if k in r["ms"])
-                mp = f"{r['ms']['moe_patch']:.3f}" + (f" ({r['ms']['moe_patch-nocheck']:.3f} unchecked)"
-                                                      if "moe_patch-nocheck" in r["ms"] else "")
-                print(f"| {name} | {r['dtype']} | {tokens} | {base} | {mp} | {r['speedup_vs_stock']:.2f}x | "
-                      f"{r['speedup_vs_best_builtin']:.2f}x |", flush=True)
+                base = " / ".join(
+                    f"{r['ms'][k]:.3f}" for k in ("eager", "grouped_mm", "batched_mm", "reference") if k in r["ms"]
+                )
+                mp = f"{r['ms']['moe_patch']:.3f}" + (
+                    f" ({r['ms']['moe_patch-nocheck']:.3f} unchecked)" if "moe_patch-nocheck" in r["ms"] else ""
+                )
+                print(
+                    f"| {name} | {r['dtype']} | {tokens} | {base} | {mp} | {r['speedup_vs_stock']:.2f}x | "
+                    f"{r['speedup_vs_best_builtin']:.2f}x |",
+                    flush=True,
+                )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    }
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     worst = min(rows, key=lambda r: r["speedup_vs_stock"])
-    print(f"\nworst point: {worst['shape']} {worst['dtype']} {worst['tokens']} tokens: "
-          f"{worst['speedup_vs_stock']:.2f}x of stock (the default implementation); load average "
-          f"{os.getloadavg()[0]:.2f} at the end")
+    print(
+        f"\nworst point: {worst['shape']} {worst['dtype']} {worst['tokens']} tokens: "
+        f"{worst['speedup_vs_stock']:.2f}x of stock (the default implementation); load average "
+        f"{os.getloadavg()[0]:.2f} at the end"
+    )
 
 
 if __name__ == "__main__":

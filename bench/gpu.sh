@@ -24,7 +24,8 @@ EOF
 for step in $steps; do
   case $step in
     tests)
-      timeout "${TESTS_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -x --timeout 120 2>&1 \
+      timeout "${TESTS_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider tests/offload/test_cuda.py -x \
+        --timeout 120 2>&1 \
         | tee "$out/tests.txt" | tail -40 ;;
     offload)
       # shellcheck disable=SC2086

@@ -15,9 +15,11 @@ import time
 
 CONFIGS = {
     "DeepSeek-V3 (671B)": "from transformers import DeepseekV3Config as C; c = C()",
-    "Qwen3-235B-A22B": ("from transformers import Qwen3MoeConfig as C; c = C(hidden_size=4096, num_hidden_layers=94, "
-                        "num_attention_heads=64, num_key_value_heads=4, moe_intermediate_size=1536, num_experts=128, "
-                        "num_experts_per_tok=8, vocab_size=151936)"),
+    "Qwen3-235B-A22B": (
+        "from transformers import Qwen3MoeConfig as C; c = C(hidden_size=4096, num_hidden_layers=94, "
+        "num_attention_heads=64, num_key_value_heads=4, moe_intermediate_size=1536, num_experts=128, "
+        "num_experts_per_tok=8, vocab_size=151936)"
+    ),
     "Mixtral-8x7B": "from transformers import MixtralConfig as C; c = C()",
 }
 
@@ -31,11 +33,14 @@ def main() -> None:
             times, out = [], ""
             for _ in range(3):
                 t0 = time.perf_counter()
-                out = subprocess.run([sys.executable, "-m", "moe_patch.cli", "inspect", tmp], check=True,
-                                     capture_output=True, text=True).stdout
+                out = subprocess.run(
+                    [sys.executable, "-m", "moe_patch.cli", "inspect", tmp], check=True, capture_output=True, text=True
+                ).stdout
                 times.append(time.perf_counter() - t0)
-            total = next((line.split("params total ")[1].split(",")[0] for line in out.splitlines()
-                          if "params total" in line), "?")
+            total = next(
+                (line.split("params total ")[1].split(",")[0] for line in out.splitlines() if "params total" in line),
+                "?",
+            )
             print(f"| {name} | {statistics.median(times):.2f} | {total} |", flush=True)
 
 

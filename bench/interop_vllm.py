@@ -52,13 +52,21 @@ def run(spec: dict) -> dict:
             llm = None
             t1 = time.perf_counter()
             try:
-                llm = LLM(model=case["path"], dtype=dtype, max_model_len=spec["max_model_len"], enforce_eager=True,
-                          seed=0, max_num_seqs=len(case["prompts"]), distributed_executor_backend="uni")
+                llm = LLM(
+                    model=case["path"],
+                    dtype=dtype,
+                    max_model_len=spec["max_model_len"],
+                    enforce_eager=True,
+                    seed=0,
+                    max_num_seqs=len(case["prompts"]),
+                    distributed_executor_backend="uni",
+                )
                 entry["load_s"] = time.perf_counter() - t1
                 outs = llm.generate([{"prompt_token_ids": p} for p in case["prompts"]], params, use_tqdm=False)
                 entry["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
-                entry["logprobs"] = [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
-                                     for o in outs]
+                entry["logprobs"] = [
+                    [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs
+                ]
             except Exception as exc:  # recorded, and the next case runs: the report says which failed and why
                 entry["error"] = _one_line(exc)
                 entry["traceback_tail"] = traceback.format_exc().strip().splitlines()[-6:]

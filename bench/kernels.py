@@ -67,8 +67,10 @@ def _stored(kind: str, fmt: ExpertFormat, rows: int, cols: int, gen: torch.Gener
         s = torch.rand(-(-rows // 128), -(-cols // 128), generator=gen) * 1e-3 + 1e-4
         return {"w": b.view(torch.float8_e4m3fn), "s": s}
     if kind == "mxfp4":
-        return {"w": torch.randint(0, 256, (rows, cols // 32, 16), dtype=torch.uint8, generator=gen),
-                "s": torch.randint(118, 124, (rows, cols // 32), dtype=torch.uint8, generator=gen)}
+        return {
+            "w": torch.randint(0, 256, (rows, cols // 32, 16), dtype=torch.uint8, generator=gen),
+            "s": torch.randint(118, 124, (rows, cols // 32), dtype=torch.uint8, generator=gen),
+        }
     words = cols // 8 if kind == "int4" else cols // 4
     w = torch.randint(-(1 << 31), (1 << 31) - 1, (rows, words), dtype=torch.int32, generator=gen)
     groups = cols // fmt.group_size if fmt.group_size else 1
@@ -85,8 +87,9 @@ def _decode(kind: str, fmt: ExpertFormat, d: dict, rows: int, cols: int, out: to
     if kind == "mxfp4":
         return dequantize_mxfp4(d["w"], d["s"], torch.bfloat16, out=out)
     bits = 4 if kind == "int4" else 8
-    return dequantize_int(d["w"], d["s"], None, bits=bits, group_size=fmt.group_size, shape=(rows, cols),
-                          dtype=torch.bfloat16, out=out)
+    return dequantize_int(
+        d["w"], d["s"], None, bits=bits, group_size=fmt.group_size, shape=(rows, cols), dtype=torch.bfloat16, out=out
+    )
 
 
 class Layer:
@@ -102,10 +105,13 @@ class Layer:
         spec = MoELayerSpec(self.experts, self.hidden, self.inter, self.fmt, self.fmt)
         self.kernel = MoEKernel(spec)
         for e in range(self.experts):
-            self.kernel.set_expert(e, ExpertWeights(self.gu[e]["w"], self.dn[e]["w"], self.gu[e].get("s"),
-                                                    self.dn[e].get("s")))
-        self.scratch = (torch.empty(2 * self.inter, self.hidden, dtype=torch.bfloat16),
-                        torch.empty(self.hidden, self.inter, dtype=torch.bfloat16))
+            self.kernel.set_expert(
+                e, ExpertWeights(self.gu[e]["w"], self.dn[e]["w"], self.gu[e].get("s"), self.dn[e].get("s"))
+            )
+        self.scratch = (
+            torch.empty(2 * self.inter, self.hidden, dtype=torch.bfloat16),
+            torch.empty(self.hidden, self.inter, dtype=torch.bfloat16),
+        )
         self._next = 0
 
     @property
@@ -136,6 +142,7 @@ class Layer:
                     wd = _decode(self.kind, self.fmt, self.dn[e], self.hidden, self.inter, self.scratch[1])
                 gate, up = F.linear(x, wg).chunk(2, dim=-1)
                 out.add_(F.linear(F.silu(gate) * up, wd), alpha=1.0 / self.top_k)
+
         return run
 
 
@@ -171,8 +178,10 @@ def run(shapes: list[str], formats: list[str], rows: list[int], rounds: int, cal
         layers = {}
         for kind in formats:
             layers[kind] = Layer(shape, kind)
-            print(f"{shape} {kind}: layer {layers[kind].layer_bytes / 1e6:.0f} MB, "
-                  f"{layers[kind].kernel.variants[0]}", flush=True)
+            print(
+                f"{shape} {kind}: layer {layers[kind].layer_bytes / 1e6:.0f} MB, {layers[kind].kernel.variants[0]}",
+                flush=True,
+            )
         hidden = SHAPES[shape][0]
         samples = {(k, r, s): [] for k in formats for r in rows for s in ("kernel", "torch")}
         best = {(k, r): math.inf for k in formats for r in rows}
@@ -190,11 +199,14 @@ def run(shapes: list[str], formats: list[str], rows: list[int], rounds: int, cal
                     samples[(kind, r, "kernel")].append(statistics.median(times))
                     best[(kind, r)] = min(best[(kind, r)], *times)
                     if r <= 64 or rnd == 0:  # torch at large row counts is slow: once is enough for a ratio
-                        samples[(kind, r, "torch")].append(statistics.median(_call_times(
-                            lambda layer=layer, x=x, out=out: layer.torch_call(x, out), 3)))
+                        samples[(kind, r, "torch")].append(
+                            statistics.median(
+                                _call_times(lambda layer=layer, x=x, out=out: layer.torch_call(x, out), 3)
+                            )
+                        )
             print(f"  round {rnd + 1}/{rounds} done, load average {os.getloadavg()[0]:.2f}", flush=True)
-        bw = 2 ** 30 / statistics.median(dram) / 1e9
-        bw_best = 2 ** 30 / dram_best / 1e9
+        bw = 2**30 / statistics.median(dram) / 1e9
+        bw_best = 2**30 / dram_best / 1e9
         for kind in formats:
             per_call = layers[kind].expert_bytes * layers[kind].top_k
             entry = {"stored_bytes_per_call": per_call, "layer_bytes": layers[kind].layer_bytes, "rows": {}}
@@ -202,11 +214,13 @@ def run(shapes: list[str], formats: list[str], rows: list[int], rounds: int, cal
                 k_s = statistics.median(samples[(kind, r, "kernel")])
                 t_s = statistics.median(samples[(kind, r, "torch")])
                 entry["rows"][r] = {
-                    "kernel_ms": k_s * 1e3, "kernel_gbps": per_call / k_s / 1e9,
+                    "kernel_ms": k_s * 1e3,
+                    "kernel_gbps": per_call / k_s / 1e9,
                     "kernel_of_dram": per_call / k_s / 1e9 / bw,
                     "kernel_best_gbps": per_call / best[(kind, r)] / 1e9,
                     "kernel_best_of_dram_best": per_call / best[(kind, r)] / 1e9 / bw_best,
-                    "torch_ms": t_s * 1e3, "torch_gbps": per_call / t_s / 1e9,
+                    "torch_ms": t_s * 1e3,
+                    "torch_gbps": per_call / t_s / 1e9,
                     "torch_path": "bf16 F.linear" if kind == "bf16" else "torch decode to bf16 + F.linear",
                     "kernel_vs_torch": t_s / k_s,
                 }
@@ -223,18 +237,23 @@ def run(shapes: list[str], formats: list[str], rows: list[int], rounds: int, cal
 
 def _table(results: dict) -> None:
     for shape, per in results.items():
-        print(f"\n{shape}: DRAM read {per['dram_read_gbps']:.1f} GB/s (median), "
-              f"{per['dram_read_best_gbps']:.1f} (best)")
-        print(f"{'format':6} {'rows':>5} {'kernel GB/s':>12} {'of DRAM':>8} {'of 1-row':>9} {'torch GB/s':>11} "
-              f"{'kernel/torch':>13} {'best GB/s':>10} {'best/best':>10}")
+        print(
+            f"\n{shape}: DRAM read {per['dram_read_gbps']:.1f} GB/s (median), {per['dram_read_best_gbps']:.1f} (best)"
+        )
+        print(
+            f"{'format':6} {'rows':>5} {'kernel GB/s':>12} {'of DRAM':>8} {'of 1-row':>9} {'torch GB/s':>11} "
+            f"{'kernel/torch':>13} {'best GB/s':>10} {'best/best':>10}"
+        )
         for kind, entry in per.items():
             if not isinstance(entry, dict):
                 continue
             for r, e in entry["rows"].items():
-                print(f"{kind:6} {r:>5} {e['kernel_gbps']:>12.1f} {e['kernel_of_dram']:>8.2f} "
-                      f"{e.get('of_1_row_bytes_per_s', float('nan')):>9.2f} {e['torch_gbps']:>11.2f} "
-                      f"{e['kernel_vs_torch']:>12.1f}x {e['kernel_best_gbps']:>10.1f} "
-                      f"{e['kernel_best_of_dram_best']:>10.2f}")
+                print(
+                    f"{kind:6} {r:>5} {e['kernel_gbps']:>12.1f} {e['kernel_of_dram']:>8.2f} "
+                    f"{e.get('of_1_row_bytes_per_s', float('nan')):>9.2f} {e['torch_gbps']:>11.2f} "
+                    f"{e['kernel_vs_torch']:>12.1f}x {e['kernel_best_gbps']:>10.1f} "
+                    f"{e['kernel_best_of_dram_best']:>10.2f}"
+                )
 
 
 def main(argv=None) -> None:
@@ -258,17 +277,28 @@ def main(argv=None) -> None:
     if not status.available:
         raise SystemExit(f"kernels not available: {status.reason}")
     load_before = os.getloadavg()
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-          f"kernel variants {', '.join(status.variants)}, load average {load_before[0]:.2f}", flush=True)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+        f"kernel variants {', '.join(status.variants)}, load average {load_before[0]:.2f}",
+        flush=True,
+    )
     results = run(args.shape or list(SHAPES), formats, rows, args.rounds, args.calls)
     load_after = os.getloadavg()
     _table(results)
     print(f"\nload average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     if args.json:
-        meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                "variants": status.variants, "torch": torch.__version__,
-                "load_average_before": load_before, "load_average_after": load_after,
-                "rounds": args.rounds, "calls": args.calls, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        meta = {
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "variants": status.variants,
+            "torch": torch.__version__,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+            "rounds": args.rounds,
+            "calls": args.calls,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         print(f"wrote {args.json}")
 

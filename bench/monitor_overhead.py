@@ -37,8 +37,11 @@ from moe_patch.testing.tiny import tiny_config
 SHAPES = {
     # name: (model_type, hidden, config overrides) -- hidden scaled to 1024 as in bench/dispatch.py
     "Mixtral-like (8 experts, top-2)": ("mixtral", 1024, dict(intermediate_size=3584, num_local_experts=8)),
-    "Qwen3-MoE-like (128 experts, top-8)": ("qwen3_moe", 1024, dict(moe_intermediate_size=384, num_experts=128,
-                                                                    num_experts_per_tok=8, norm_topk_prob=True)),
+    "Qwen3-MoE-like (128 experts, top-8)": (
+        "qwen3_moe",
+        1024,
+        dict(moe_intermediate_size=384, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
+    ),
     "small Mixtral (hidden 256)": ("mixtral", 256, dict(intermediate_size=896, num_local_experts=8)),
 }
 QUICK = ("small Mixtral (hidden 256)",)
@@ -48,8 +51,16 @@ VARIANTS = ("off", "monitor", "monitor (counts only)")
 def build(model_type: str, hidden: int, overrides: dict):
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(model_type, hidden_size=hidden, num_attention_heads=hidden // 64, num_key_value_heads=4,
-                         head_dim=64, vocab_size=1024, max_position_embeddings=4096, **overrides)
+    config = tiny_config(
+        model_type,
+        hidden_size=hidden,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_size=1024,
+        max_position_embeddings=4096,
+        **overrides,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     moe_patch.patch_model(model)
@@ -86,9 +97,15 @@ def time_shape(name: str, tokens: int, rounds: int) -> dict:
             times[v].append(run(v))
     med = {v: statistics.median(ts) for v, ts in times.items()}
     best = {v: min(ts) for v, ts in times.items()}
-    return {"shape": name, "tokens": tokens, "rounds": rounds, "median_s": med, "min_s": best,
-            "overhead": {v: med[v] / med["off"] - 1 for v in VARIANTS if v != "off"},
-            "overhead_of_minimums": {v: best[v] / best["off"] - 1 for v in VARIANTS if v != "off"}}
+    return {
+        "shape": name,
+        "tokens": tokens,
+        "rounds": rounds,
+        "median_s": med,
+        "min_s": best,
+        "overhead": {v: med[v] / med["off"] - 1 for v in VARIANTS if v != "off"},
+        "overhead_of_minimums": {v: best[v] / best["off"] - 1 for v in VARIANTS if v != "off"},
+    }
 
 
 def main() -> None:
@@ -105,21 +122,31 @@ def main() -> None:
     shapes = args.shapes or (list(QUICK) if args.quick else list(SHAPES))
     rounds = 3 if args.quick else args.rounds
     results = [time_shape(s, args.tokens, rounds) for s in shapes]
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    print("| shape | tokens | forward ms (no monitor) | with monitor | overhead (medians / minimums) "
-          "| counts only | overhead (medians / minimums) |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        "| shape | tokens | forward ms (no monitor) | with monitor | overhead (medians / minimums) "
+        "| counts only | overhead (medians / minimums) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         m, o, ob = r["median_s"], r["overhead"], r["overhead_of_minimums"]
         full, counts = "monitor", "monitor (counts only)"
-        print(f"| {r['shape']} | {r['tokens']} | {1e3 * m['off']:.1f} | {1e3 * m[full]:.1f} | "
-              f"{100 * o[full]:+.2f}% / {100 * ob[full]:+.2f}% | {1e3 * m[counts]:.1f} | "
-              f"{100 * o[counts]:+.2f}% / {100 * ob[counts]:+.2f}% |")
+        print(
+            f"| {r['shape']} | {r['tokens']} | {1e3 * m['off']:.1f} | {1e3 * m[full]:.1f} | "
+            f"{100 * o[full]:+.2f}% / {100 * ob[full]:+.2f}% | {1e3 * m[counts]:.1f} | "
+            f"{100 * o[counts]:+.2f}% / {100 * ob[counts]:+.2f}% |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes(args.out, json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
-                                          "results": results}, indent=2).encode())
+        write_bytes(
+            args.out,
+            json.dumps(
+                {"threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}, indent=2
+            ).encode(),
+        )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from moe_patch.testing.synthetic import (  # noqa: E402
     peak_rss_bytes,
 )
 
+
 def _timed_generate(model, ids, new_tokens: int) -> tuple[list[int], float, list[float]]:
     """Greedy generation; returns tokens, prefill seconds and each decode step's seconds."""
     times: list[float] = []
@@ -69,12 +70,18 @@ def _timed_generate(model, ids, new_tokens: int) -> tuple[list[int], float, list
     h2 = model.register_forward_hook(post, with_kwargs=True)
     try:
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
     finally:
         h1.remove()
         h2.remove()
-    return out[0, ids.shape[1]:].tolist(), times[0], times[1:]
+    return out[0, ids.shape[1] :].tolist(), times[0], times[1:]
 
 
 def worker(args) -> dict:
@@ -91,12 +98,15 @@ def worker(args) -> dict:
     result: dict = {"system": args.worker}
     if args.worker in ("moe-patch", "moe-patch-bf16"):
         import moe_patch
-        from moe_patch.offload import get_offload_handle
+        from moe_patch.offload import OffloadOptions, get_offload_handle
 
-        from moe_patch.offload import OffloadOptions
-
-        options = OffloadOptions(device=args.device, expert_cache=budget, host_cache=host_cache,
-                                 prefetch=not args.no_prefetch, cpu_compute=args.cpu_compute)
+        options = OffloadOptions(
+            device=args.device,
+            expert_cache=budget,
+            host_cache=host_cache,
+            prefetch=not args.no_prefetch,
+            cpu_compute=args.cpu_compute,
+        )
         model = moe_patch.load_model(path, dtype=dtype, options=options)
         handle = get_offload_handle(model)
     elif args.worker == "resident":  # the floor: every expert in memory on the device (when it fits)
@@ -117,10 +127,15 @@ def worker(args) -> dict:
         folder = Path(args.workdir) / "accelerate_offload"
         shutil.rmtree(folder, ignore_errors=True)
         non_expert = args.non_expert_bytes
-        max_memory = ({0: non_expert + budget, "cpu": host_cache} if args.device == "cuda"
-                      else {"cpu": non_expert + budget})
+        max_memory = (
+            {0: non_expert + budget, "cpu": host_cache} if args.device == "cuda" else {"cpu": non_expert + budget}
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device_map="auto", max_memory=max_memory, offload_folder=str(folder),
+            path,
+            dtype=dtype,
+            device_map="auto",
+            max_memory=max_memory,
+            offload_folder=str(folder),
         )
         result["device_map_disk_modules"] = sum(1 for v in model.hf_device_map.values() if v == "disk")
         handle = None
@@ -144,9 +159,12 @@ def worker(args) -> dict:
         runs.append({"prefill_s": prefill, "decode_s": decode, "tokens": tokens})
     per_run_tps = [len(r["decode_s"]) / sum(r["decode_s"]) for r in runs]
     result.update(
-        decode_tok_s=statistics.median(per_run_tps), decode_tok_s_runs=per_run_tps,
-        prefill_s=statistics.median(r["prefill_s"] for r in runs), tokens=runs[-1]["tokens"],
-        peak_rss=peak_rss_bytes(), cgroup_peak=_cgroup_peak(),
+        decode_tok_s=statistics.median(per_run_tps),
+        decode_tok_s_runs=per_run_tps,
+        prefill_s=statistics.median(r["prefill_s"] for r in runs),
+        tokens=runs[-1]["tokens"],
+        peak_rss=peak_rss_bytes(),
+        cgroup_peak=_cgroup_peak(),
     )
     if handle is not None:
         st = handle.stats
@@ -188,12 +206,46 @@ def _make_cgroup(name: str, limit: int) -> str | None:
 
 def run_worker(system: str, args, non_expert: int) -> dict:
     checkpoint = args.bf16_checkpoint if system in ("moe-patch-bf16", "accelerate", "resident") else args.checkpoint
-    cmd = [sys.executable, __file__, "--dtype", args.dtype, "--device", args.device, "--host-cache", args.host_cache,
-           "--cpu-compute", args.cpu_compute, "--layers", str(args.layers), "--format", args.format,
-           "--shape", args.shape] + (["--profile"] if args.profile else []) + [
-           "--worker", system, "--checkpoint", str(checkpoint), "--budget", args.budget,
-           "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--prompt", str(args.prompt),
-           "--workdir", args.workdir, "--non-expert-bytes", str(non_expert)] + (["--no-prefetch"] if args.no_prefetch else [])
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--dtype",
+            args.dtype,
+            "--device",
+            args.device,
+            "--host-cache",
+            args.host_cache,
+            "--cpu-compute",
+            args.cpu_compute,
+            "--layers",
+            str(args.layers),
+            "--format",
+            args.format,
+            "--shape",
+            args.shape,
+        ]
+        + (["--profile"] if args.profile else [])
+        + [
+            "--worker",
+            system,
+            "--checkpoint",
+            str(checkpoint),
+            "--budget",
+            args.budget,
+            "--new-tokens",
+            str(args.new_tokens),
+            "--runs",
+            str(args.runs),
+            "--prompt",
+            str(args.prompt),
+            "--workdir",
+            args.workdir,
+            "--non-expert-bytes",
+            str(non_expert),
+        ]
+        + (["--no-prefetch"] if args.no_prefetch else [])
+    )
     env = dict(os.environ)
     # stock dequantized loading is the resident baseline: it needs RAM for every dequantized expert
     capped = args.cgroup_limit and system != "dequantize"
@@ -217,8 +269,10 @@ def run_worker(system: str, args, non_expert: int) -> dict:
 
 def _format_report(by: dict, budget: int, non_expert: int, ram_budget: int, format_bytes) -> None:
     """The quantized-format table: experts per budget, bytes per decode token by tier, RSS against the budgets."""
-    print("\n| system | expert bytes (held) | experts per budget | decode tok/s | decode bytes/token device / host / "
-          "disk | peak RSS - non-expert - budgets |")
+    print(
+        "\n| system | expert bytes (held) | experts per budget | decode tok/s | decode bytes/token device / host / "
+        "disk | peak RSS - non-expert - budgets |"
+    )
     print("|---|---|---|---|---|---|")
     for name in ("moe-patch", "moe-patch-bf16", "dequantize"):
         r = by.get(name)
@@ -233,41 +287,68 @@ def _format_report(by: dict, budget: int, non_expert: int, ram_budget: int, form
         per_tok = st["decode_bytes_per_token"] if st else {}
         tiers = " / ".join(format_bytes(per_tok[t]) for t in ("device", "host", "disk")) if per_tok else "-"
         over = format_bytes(r["peak_rss"] - non_expert - ram_budget) if st else "(all experts resident)"
-        print(f"| {name} | {format_bytes(held) if held else '-'} | {budget // held if held else '-'} | "
-              f"{r['decode_tok_s']:.3f} | {tiers} | {over} |")
+        print(
+            f"| {name} | {format_bytes(held) if held else '-'} | {budget // held if held else '-'} | "
+            f"{r['decode_tok_s']:.3f} | {tiers} | {over} |"
+        )
     q, b = by.get("moe-patch", {}).get("stats"), by.get("moe-patch-bf16", {}).get("stats")
     if q and b:
-        print(f"\nthe host tier holds {b['stored_expert_bytes'] / q['stored_expert_bytes']:.2f}x the experts of the bf16 "
-              f"checkpoint per byte (stored {format_bytes(q['stored_expert_bytes'])} vs {format_bytes(b['stored_expert_bytes'])} "
-              f"per expert); decode {by['moe-patch']['decode_tok_s'] / by['moe-patch-bf16']['decode_tok_s']:.2f}x the bf16 "
-              f"checkpoint's at the same budget; device cache keeps experts {q['device_format']}")
+        print(
+            f"\nthe host tier holds {b['stored_expert_bytes'] / q['stored_expert_bytes']:.2f}x the experts of the bf16 "
+            f"checkpoint per byte (stored {format_bytes(q['stored_expert_bytes'])} vs "
+            f"{format_bytes(b['stored_expert_bytes'])} "
+            f"per expert); decode {by['moe-patch']['decode_tok_s'] / by['moe-patch-bf16']['decode_tok_s']:.2f}x "
+            f"the bf16 "
+            f"checkpoint's at the same budget; device cache keeps experts {q['device_format']}"
+        )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--format", default="bf16", choices=list(FORMAT_SHAPES),
-                   help="checkpoint format: bf16, fp8 (Qwen3-30B-A3B-FP8 layout) or mxfp4 (gpt-oss-20b shapes); "
-                   "quantized formats also run moe-patch on the bf16 checkpoint of the same shapes and stock "
-                   "transformers' dequantize=True load")
+    p.add_argument(
+        "--format",
+        default="bf16",
+        choices=list(FORMAT_SHAPES),
+        help="checkpoint format: bf16, fp8 (Qwen3-30B-A3B-FP8 layout) or mxfp4 (gpt-oss-20b shapes); "
+        "quantized formats also run moe-patch on the bf16 checkpoint of the same shapes and stock "
+        "transformers' dequantize=True load",
+    )
     p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, help="compute dtype of both systems (default: float32 on CPU, where it is "
-                   "fastest; bfloat16 on CUDA)")
-    p.add_argument("--host-cache", default="0", help="host RAM tier of moe-patch (pinned on CUDA); on CUDA also "
-                   "accelerate's max_memory['cpu']")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype of both systems (default: float32 on CPU, where it is fastest; bfloat16 on CUDA)",
+    )
+    p.add_argument(
+        "--host-cache",
+        default="0",
+        help="host RAM tier of moe-patch (pinned on CUDA); on CUDA also accelerate's max_memory['cpu']",
+    )
     p.add_argument("--cpu-compute", default="auto", choices=["auto", "always", "never"])
-    p.add_argument("--cgroup-limit", default="auto", help="memory cap (RAM + page cache) for each system: 'auto' = "
-                   "non-expert + budget + one layer of experts + 1 GiB, 'none', or a size")
-    p.add_argument("--budget", default="1GiB", help="expert memory budget (moe-patch expert_cache; accelerate gets "
-                   "non-expert bytes + this as max_memory['cpu'])")
+    p.add_argument(
+        "--cgroup-limit",
+        default="auto",
+        help="memory cap (RAM + page cache) for each system: 'auto' = "
+        "non-expert + budget + one layer of experts + 1 GiB, 'none', or a size",
+    )
+    p.add_argument(
+        "--budget",
+        default="1GiB",
+        help="expert memory budget (moe-patch expert_cache; accelerate gets "
+        "non-expert bytes + this as max_memory['cpu'])",
+    )
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workdir", default="/tmp/moe_patch_bench")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--systems", default=None, help="default: moe-patch,accelerate (bf16); "
-                   "moe-patch,moe-patch-bf16,dequantize (quantized formats)")
+    p.add_argument(
+        "--systems",
+        default=None,
+        help="default: moe-patch,accelerate (bf16); moe-patch,moe-patch-bf16,dequantize (quantized formats)",
+    )
     p.add_argument("--bf16-checkpoint", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--profile", action="store_true", help="cProfile the last run of each system (to stderr)")
@@ -289,8 +370,9 @@ def main(argv=None) -> int:
     default_name = "qwen3-30b-a3b-shaped" if args.shape == "qwen3" else "gpt-oss-20b-shaped"
     t0 = time.perf_counter()
     if quantized:
-        args.bf16_checkpoint = build_checkpoint(Path(args.workdir) / f"{default_name}-{args.layers}L", args.layers,
-                                                args.shape)
+        args.bf16_checkpoint = build_checkpoint(
+            Path(args.workdir) / f"{default_name}-{args.layers}L", args.layers, args.shape
+        )
         args.checkpoint = args.checkpoint or str(Path(args.workdir) / f"{default_name}-{args.layers}L-{args.format}")
         path = build_quantized(args.bf16_checkpoint, Path(args.checkpoint), args.format)
     else:
@@ -315,37 +397,54 @@ def main(argv=None) -> int:
     non_expert = int(non_expert * scale)
     results = [run_worker(s, args, non_expert) for s in args.systems.split(",")]
     by = {r["system"]: r for r in results}
-    print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, torch {torch.__version__}")
-    print(f"model: {shp['name']} layer shapes, {args.layers} layers, checkpoint {args.format}, compute {args.dtype}; experts "
-          f"{format_bytes(expert_total * scale)} in {args.dtype} = {expert_total * scale / budget:.1f}x the "
-          f"{format_bytes(budget)} budget; non-expert {format_bytes(non_expert)}; memory cap (RAM + page cache) "
-          f"{format_bytes(args.cgroup_limit) if args.cgroup_limit else 'none'}")
+    print(
+        f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, torch {torch.__version__}"
+    )
+    print(
+        f"model: {shp['name']} layer shapes, {args.layers} layers, checkpoint {args.format}, compute {args.dtype}; "
+        f"experts "
+        f"{format_bytes(expert_total * scale)} in {args.dtype} = {expert_total * scale / budget:.1f}x the "
+        f"{format_bytes(budget)} budget; non-expert {format_bytes(non_expert)}; memory cap (RAM + page cache) "
+        f"{format_bytes(args.cgroup_limit) if args.cgroup_limit else 'none'}"
+    )
     gpu = next((r["gpu"] for r in results if "gpu" in r), None)
     if gpu:
         print(f"GPU: {gpu}; expert cache {format_bytes(budget)} of GPU memory, host cache {args.host_cache}")
     ram_budget = parse_bytes(args.host_cache) if args.device == "cuda" else budget
-    print(f"| system | decode tok/s (median) | runs | prefill s | peak RSS | RSS - non-expert - {'host cache' if gpu else 'budget'} "
-          "| cgroup peak | GPU peak |")
+    print(
+        f"| system | decode tok/s (median) | runs | prefill s | peak RSS | RSS - non-expert - "
+        f"{'host cache' if gpu else 'budget'} "
+        "| cgroup peak | GPU peak |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['system']} | error: {r['error']} | | | | | | |")
             continue
-        print(f"| {r['system']} | {r['decode_tok_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['decode_tok_s_runs'])} | "
-              f"{r['prefill_s']:.2f} | {format_bytes(r['peak_rss'])} | {format_bytes(r['peak_rss'] - non_expert - ram_budget)} | "
-              f"{format_bytes(r['cgroup_peak']) if r.get('cgroup_peak') else '-'} | "
-              f"{format_bytes(r['gpu_peak']) if r.get('gpu_peak') else '-'} |")
+        print(
+            f"| {r['system']} | {r['decode_tok_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['decode_tok_s_runs'])} | "
+            f"{r['prefill_s']:.2f} | {format_bytes(r['peak_rss'])} | "
+            f"{format_bytes(r['peak_rss'] - non_expert - ram_budget)} | "
+            f"{format_bytes(r['cgroup_peak']) if r.get('cgroup_peak') else '-'} | "
+            f"{format_bytes(r['gpu_peak']) if r.get('gpu_peak') else '-'} |"
+        )
     mp = by.get("moe-patch", {})
     if mp.get("design_bound_s"):
         step = 1 / mp["decode_tok_s"]
         bw = mp["bandwidths"]
-        print(f"\nDESIGN section 5 bound (1-h)B/(BW_pcie+BW_dram): h={mp['stats']['hit_rate']:.2f}, "
-              f"PCIe {bw['h2d'] / 1e9:.1f} GB/s, DRAM {bw['dram'] / 1e9:.1f} GB/s -> {1e3 * mp['design_bound_s']:.1f} ms; "
-              f"achieved {1e3 * step:.1f} ms/token = {mp['design_bound_s'] / step:.0%} of the bound")
+        print(
+            f"\nDESIGN section 5 bound (1-h)B/(BW_pcie+BW_dram): h={mp['stats']['hit_rate']:.2f}, "
+            f"PCIe {bw['h2d'] / 1e9:.1f} GB/s, DRAM {bw['dram'] / 1e9:.1f} GB/s -> "
+            f"{1e3 * mp['design_bound_s']:.1f} ms; "
+            f"achieved {1e3 * step:.1f} ms/token = {mp['design_bound_s'] / step:.0%} of the bound"
+        )
     if "moe-patch" in by and "accelerate" in by and "error" not in by["moe-patch"] and "error" not in by["accelerate"]:
-        print(f"\nspeed-up moe-patch / accelerate: {by['moe-patch']['decode_tok_s'] / by['accelerate']['decode_tok_s']:.1f}x; "
-              f"same tokens: {by['moe-patch']['tokens'] == by['accelerate']['tokens']}")
+        print(
+            f"\nspeed-up moe-patch / accelerate: "
+            f"{by['moe-patch']['decode_tok_s'] / by['accelerate']['decode_tok_s']:.1f}x; "
+            f"same tokens: {by['moe-patch']['tokens'] == by['accelerate']['tokens']}"
+        )
     if quantized:
         _format_report(by, budget, non_expert, ram_budget, format_bytes)
     if "moe-patch" in by and "stats_text" in by["moe-patch"]:

@@ -37,7 +37,7 @@ import sys
 # bench/ holds scripts named like stdlib modules (inspect.py); never import them as modules
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))  # tokenizer_helpers
+sys.path.append(os.path.dirname(_HERE))  # the repository, after the installed packages: tests.helpers.tokenizer
 
 import argparse  # noqa: E402
 import http.client  # noqa: E402
@@ -68,14 +68,26 @@ def build_checkpoint(path: Path, args: argparse.Namespace) -> Path:
     """Random fp32 weights of a small Qwen3-MoE, saved with a tokenizer; written under a temporary name."""
     if (path / "config.json").exists():
         return path
-    from tokenizer_helpers import save_word_tokenizer
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
+    from tests.helpers.tokenizer import save_word_tokenizer
+
     cfg = Qwen3MoeConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-        moe_intermediate_size=args.expert_width, num_hidden_layers=args.layers, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=args.hidden // 8, num_experts=args.experts, num_experts_per_tok=args.top_k,
-        max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=0,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        moe_intermediate_size=args.expert_width,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=args.hidden // 8,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -106,9 +118,25 @@ def start_server(path: Path, port: int, args: argparse.Namespace, log: Path) -> 
     exe = Path(sys.executable).with_name("moe-patch")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(exe), "serve", str(path), "--port", str(port), "--served-model-name", NAME,
-                                 "--prompt-cache", "0", "--parallel", str(max(args.clients)), *offload_flags(args)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [
+                str(exe),
+                "serve",
+                str(path),
+                "--port",
+                str(port),
+                "--served-model-name",
+                NAME,
+                "--prompt-cache",
+                "0",
+                "--parallel",
+                str(max(args.clients)),
+                *offload_flags(args),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -125,8 +153,9 @@ def start_server(path: Path, port: int, args: argparse.Namespace, log: Path) -> 
 
 
 def through_server(port: int, new_tokens: int, stream: bool, messages: list[dict] = MESSAGES) -> dict[str, float]:
-    body = json.dumps({"model": NAME, "messages": messages, "max_tokens": new_tokens, "temperature": 0,
-                       "stream": stream})
+    body = json.dumps(
+        {"model": NAME, "messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": stream}
+    )
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -149,8 +178,15 @@ def through_server(port: int, new_tokens: int, stream: bool, messages: list[dict
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
-    return {"tokens": tokens, "e2e_s": end - t0, "decode_s": end - first, "ttft_s": first - t0, "id": rid,
-            "t0": t0, "end": end}
+    return {
+        "tokens": tokens,
+        "e2e_s": end - t0,
+        "decode_s": end - first,
+        "ttft_s": first - t0,
+        "id": rid,
+        "t0": t0,
+        "end": end,
+    }
 
 
 def server_stats(port: int) -> dict:
@@ -214,8 +250,9 @@ def direct(model, ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
     timer = FirstToken()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                             streamer=timer)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, streamer=timer
+        )
     end = time.perf_counter()
     return {"tokens": out.shape[1] - ids.shape[1], "e2e_s": end - t0, "decode_s": end - timer.first}
 
@@ -255,8 +292,10 @@ def main() -> None:
     server = start_server(path, port, args, args.workdir / "server.log")
     summary: dict = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"{args.threads} threads",
-        "command": " ".join([sys.executable, *sys.argv]), "checkpoint": tag, "new_tokens": args.new_tokens,
+        f"{args.threads} threads",
+        "command": " ".join([sys.executable, *sys.argv]),
+        "checkpoint": tag,
+        "new_tokens": args.new_tokens,
         "rounds": args.rounds,
     }
     try:
@@ -279,14 +318,15 @@ def main() -> None:
 
 
 def overhead(args: argparse.Namespace, path: Path, port: int) -> dict:
-    import moe_patch
     from transformers import AutoTokenizer
 
-    model = moe_patch.load_model(path, expert_cache=args.expert_cache, host_cache=args.host_cache,
-                                 dtype=torch.float32)
+    import moe_patch
+
+    model = moe_patch.load_model(path, expert_cache=args.expert_cache, host_cache=args.host_cache, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = torch.tensor([tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,
-                                                      return_dict=True)["input_ids"]])
+    ids = torch.tensor(
+        [tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=True)["input_ids"]]
+    )
     run = {
         "direct": lambda: direct(model, ids, args.new_tokens),
         "stream": lambda: through_server(port, args.new_tokens, stream=True),
@@ -296,7 +336,7 @@ def overhead(args: argparse.Namespace, path: Path, port: int) -> dict:
         run[mode]()
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     for r in range(args.rounds):
-        order = MODES[r % 3:] + MODES[:r % 3]
+        order = MODES[r % 3 :] + MODES[: r % 3]
         for mode in order:
             res = run[mode]()
             assert res["tokens"] == args.new_tokens, (mode, res)
@@ -304,22 +344,34 @@ def overhead(args: argparse.Namespace, path: Path, port: int) -> dict:
                 res["engine_decode_tok_s"] = engine_decode_tok_s(port, res["id"])
             results[mode].append(res)
             decode = f"{(res['tokens'] - 1) / res['decode_s']:8.2f}" if "decode_s" in res else "       -"
-            print(f"round {r:2d} {mode:10s} e2e {res['tokens'] / res['e2e_s']:8.2f} tok/s  decode {decode} tok/s",
-                  flush=True)
-    del model
+            print(
+                f"round {r:2d} {mode:10s} e2e {res['tokens'] / res['e2e_s']:8.2f} tok/s  decode {decode} tok/s",
+                flush=True,
+            )
 
     def med(mode: str, key: str) -> float | None:
-        values = [((x["tokens"] - 1) / x["decode_s"]) if key == "decode" else x["tokens"] / x["e2e_s"]
-                  for x in results[mode] if key != "decode" or "decode_s" in x]
+        values = [
+            ((x["tokens"] - 1) / x["decode_s"]) if key == "decode" else x["tokens"] / x["e2e_s"]
+            for x in results[mode]
+            if key != "decode" or "decode_s" in x
+        ]
         return statistics.median(values) if values else None
 
     out = {
         "prompt_tokens": ids.shape[1],
-        "modes": {m: {"e2e_tok_s_median": med(m, "e2e"), "decode_tok_s_median": med(m, "decode"),
-                      "engine_decode_tok_s_median": statistics.median(
-                          [x["engine_decode_tok_s"] for x in results[m] if x.get("engine_decode_tok_s")] or [float("nan")])
-                      if m != "direct" else None,
-                      "runs": results[m]} for m in MODES},
+        "modes": {
+            m: {
+                "e2e_tok_s_median": med(m, "e2e"),
+                "decode_tok_s_median": med(m, "decode"),
+                "engine_decode_tok_s_median": statistics.median(
+                    [x["engine_decode_tok_s"] for x in results[m] if x.get("engine_decode_tok_s")] or [float("nan")]
+                )
+                if m != "direct"
+                else None,
+                "runs": results[m],
+            }
+            for m in MODES
+        },
     }
     d = out["modes"]
     out["overhead"] = {
@@ -332,16 +384,27 @@ def overhead(args: argparse.Namespace, path: Path, port: int) -> dict:
 
 def print_overhead(summary: dict) -> None:
     d = summary["modes"]
-    print("| mode | end-to-end tok/s (median) | decode tok/s (median) | server engine decode tok/s | overhead (e2e / decode) |")
+    print(
+        "| mode | end-to-end tok/s (median) | decode tok/s (median) | server engine decode tok/s | overhead (e2e / "
+        "decode) |"
+    )
     print("|---|---|---|---|---|")
     for m in MODES:
-        over = "-" if m == "direct" else (
-            f"{100 * summary['overhead']['stream_e2e']:.1f}% / {100 * summary['overhead']['stream_decode']:.1f}%"
-            if m == "stream" else f"{100 * summary['overhead']['non_stream_e2e']:.1f}% / -")
+        over = (
+            "-"
+            if m == "direct"
+            else (
+                f"{100 * summary['overhead']['stream_e2e']:.1f}% / {100 * summary['overhead']['stream_decode']:.1f}%"
+                if m == "stream"
+                else f"{100 * summary['overhead']['non_stream_e2e']:.1f}% / -"
+            )
+        )
         dec = d[m]["decode_tok_s_median"]
         eng = d[m]["engine_decode_tok_s_median"]
-        print(f"| {m} | {d[m]['e2e_tok_s_median']:.2f} | {'-' if dec is None else f'{dec:.2f}'} | "
-              f"{'-' if eng is None else f'{eng:.2f}'} | {over} |")
+        print(
+            f"| {m} | {d[m]['e2e_tok_s_median']:.2f} | {'-' if dec is None else f'{dec:.2f}'} | "
+            f"{'-' if eng is None else f'{eng:.2f}'} | {over} |"
+        )
 
 
 def concurrency(args: argparse.Namespace, port: int) -> dict:
@@ -349,14 +412,17 @@ def concurrency(args: argparse.Namespace, port: int) -> dict:
         concurrent_round(port, clients, args.new_tokens, round_index=1000 + clients)
     runs: dict[int, list[dict]] = {c: [] for c in args.clients}
     for r in range(args.rounds):
-        order = args.clients[r % len(args.clients):] + args.clients[:r % len(args.clients)]
+        order = args.clients[r % len(args.clients) :] + args.clients[: r % len(args.clients)]
         for clients in order:
             res = concurrent_round(port, clients, args.new_tokens, round_index=r)
             runs[clients].append(res)
-            print(f"round {r:2d} {clients} clients: engine decode {res['engine_decode_tok_s']:8.2f} tok/s, "
-                  f"aggregate e2e {res['aggregate_e2e_tok_s']:8.2f} tok/s, per client decode "
-                  f"{statistics.median(res['client_decode_tok_s']):7.2f} tok/s, ttft "
-                  f"{statistics.median(res['client_ttft_s']):6.2f} s, mean batch {res['mean_batch']:.2f}", flush=True)
+            print(
+                f"round {r:2d} {clients} clients: engine decode {res['engine_decode_tok_s']:8.2f} tok/s, "
+                f"aggregate e2e {res['aggregate_e2e_tok_s']:8.2f} tok/s, per client decode "
+                f"{statistics.median(res['client_decode_tok_s']):7.2f} tok/s, ttft "
+                f"{statistics.median(res['client_ttft_s']):6.2f} s, mean batch {res['mean_batch']:.2f}",
+                flush=True,
+            )
     out = {}
     for clients, rs in runs.items():
         out[clients] = {
@@ -370,25 +436,31 @@ def concurrency(args: argparse.Namespace, port: int) -> dict:
             "runs": rs,
         }
     base = out.get(1)
-    for clients, fig in out.items():
-        fig["engine_decode_vs_1_client"] = fig["engine_decode_tok_s_median"] / base["engine_decode_tok_s_median"] \
-            if base else None
-        fig["aggregate_e2e_vs_1_client"] = fig["aggregate_e2e_tok_s_median"] / base["aggregate_e2e_tok_s_median"] \
-            if base else None
+    for fig in out.values():
+        fig["engine_decode_vs_1_client"] = (
+            fig["engine_decode_tok_s_median"] / base["engine_decode_tok_s_median"] if base else None
+        )
+        fig["aggregate_e2e_vs_1_client"] = (
+            fig["aggregate_e2e_tok_s_median"] / base["aggregate_e2e_tok_s_median"] if base else None
+        )
     return out
 
 
 def print_concurrency(summary: dict) -> None:
-    print("| clients | engine decode tok/s (aggregate) | vs 1 client | end-to-end tok/s (aggregate) | vs 1 client | "
-          "per-client decode tok/s | time to first token (median / max) | mean batch | expert MiB read per token |")
+    print(
+        "| clients | engine decode tok/s (aggregate) | vs 1 client | end-to-end tok/s (aggregate) | vs 1 client | "
+        "per-client decode tok/s | time to first token (median / max) | mean batch | expert MiB read per token |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for clients, f in summary.items():
         ratio = f"{f['engine_decode_vs_1_client']:.2f}x" if f["engine_decode_vs_1_client"] else "-"
         e2e_ratio = f"{f['aggregate_e2e_vs_1_client']:.2f}x" if f["aggregate_e2e_vs_1_client"] else "-"
-        print(f"| {clients} | {f['engine_decode_tok_s_median']:.2f} | {ratio} | {f['aggregate_e2e_tok_s_median']:.2f} | "
-              f"{e2e_ratio} | {f['client_decode_tok_s_median']:.2f} | {f['client_ttft_s_median']:.2f} s / "
-              f"{f['client_ttft_s_max']:.2f} s | {f['mean_batch_median']:.2f} | "
-              f"{f['expert_bytes_per_decode_token_median'] / 2**20:.1f} |")
+        print(
+            f"| {clients} | {f['engine_decode_tok_s_median']:.2f} | {ratio} | {f['aggregate_e2e_tok_s_median']:.2f} | "
+            f"{e2e_ratio} | {f['client_decode_tok_s_median']:.2f} | {f['client_ttft_s_median']:.2f} s / "
+            f"{f['client_ttft_s_max']:.2f} s | {f['mean_batch_median']:.2f} | "
+            f"{f['expert_bytes_per_decode_token_median'] / 2**20:.1f} |"
+        )
 
 
 if __name__ == "__main__":

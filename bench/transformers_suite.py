@@ -88,14 +88,30 @@ def _outcomes(junit: Path) -> dict[str, str]:
     return out
 
 
-def run_family(checkout: Path, family: str, selection: str, patched: bool, workdir: Path,
-               timeout: float) -> tuple[dict[str, str], dict | None, str]:
+def run_family(
+    checkout: Path, family: str, selection: str, patched: bool, workdir: Path, timeout: float
+) -> tuple[dict[str, str], dict | None, str]:
     junit = workdir / f"{family}-{'patched' if patched else 'stock'}.xml"
     counts = workdir / f"{family}-counts.json"
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", str(_test_file(checkout, family)), "-q", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", "-o", "junit_family=xunit1"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(_test_file(checkout, family)),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        "-o",
+        "junit_family=xunit1",
+    ]
     if selection:
         cmd += ["-k", selection]
     if patched:
@@ -114,12 +130,19 @@ def compare(stock: dict[str, str], patched: dict[str, str]) -> dict:
     def tally(outcomes: dict[str, str]) -> dict[str, int]:
         return {k: sum(v == k for v in outcomes.values()) for k in ("passed", "failed", "skipped")}
 
-    regressions = sorted(t for t, o in stock.items() if o == "passed" and patched.get(t) != "passed"
-                         and patched.get(t) != "skipped")
+    regressions = sorted(
+        t for t, o in stock.items() if o == "passed" and patched.get(t) != "passed" and patched.get(t) != "skipped"
+    )
     newly_skipped = sorted(t for t, o in stock.items() if o == "passed" and patched.get(t) == "skipped")
     fixed = sorted(t for t, o in stock.items() if o == "failed" and patched.get(t) == "passed")
-    return {"tests": len(stock), "stock": tally(stock), "patched": tally(patched), "regressions": regressions,
-            "passed_stock_skipped_patched": newly_skipped, "failed_stock_passed_patched": fixed}
+    return {
+        "tests": len(stock),
+        "stock": tally(stock),
+        "patched": tally(patched),
+        "regressions": regressions,
+        "passed_stock_skipped_patched": newly_skipped,
+        "failed_stock_passed_patched": fixed,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,23 +159,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="transformers-suite-") as tmp:
         for family in families:
             stock, _, stock_tail = run_family(checkout, family, args.selection, False, Path(tmp), args.timeout)
-            patched, counts, patched_tail = run_family(checkout, family, args.selection, True, Path(tmp),
-                                                       args.timeout)
+            patched, counts, patched_tail = run_family(checkout, family, args.selection, True, Path(tmp), args.timeout)
             results[family] = {**compare(stock, patched), "models_built": counts}
             if not stock and not patched:
                 results[family]["note"] = f"no test ran: {stock_tail[-300:]}"
             r = results[family]
             tally_s, tally_p = r["stock"], r["patched"]
-            print(f"{family:24s} tests {r['tests']:4d}  stock {tally_s['passed']:4d} passed {tally_s['failed']:3d} "
-                  f"failed {tally_s['skipped']:4d} skipped | patched {tally_p['passed']:4d} passed "
-                  f"{tally_p['failed']:3d} failed {tally_p['skipped']:4d} skipped | regressions "
-                  f"{len(r['regressions'])}" + (f"  models patched {counts['patched']}/{counts['models']}"
-                                                if counts else ""), flush=True)
+            print(
+                f"{family:24s} tests {r['tests']:4d}  stock {tally_s['passed']:4d} passed {tally_s['failed']:3d} "
+                f"failed {tally_s['skipped']:4d} skipped | patched {tally_p['passed']:4d} passed "
+                f"{tally_p['failed']:3d} failed {tally_p['skipped']:4d} skipped | regressions "
+                f"{len(r['regressions'])}"
+                + (f"  models patched {counts['patched']}/{counts['models']}" if counts else ""),
+                flush=True,
+            )
             for test in r["regressions"]:
                 print(f"    regression: {test}", flush=True)
     total = {k: sum(len(r[k]) for r in results.values()) for k in ("regressions", "failed_stock_passed_patched")}
-    print(f"{len(families)} families: {total['regressions']} regressions, "
-          f"{total['failed_stock_passed_patched']} tests failing stock and passing patched")
+    print(
+        f"{len(families)} families: {total['regressions']} regressions, "
+        f"{total['failed_stock_passed_patched']} tests failing stock and passing patched"
+    )
     if args.out:
         args.out.write_text(json.dumps({"selection": args.selection, "families": results}, indent=2) + "\n")
     return 1 if total["regressions"] else 0

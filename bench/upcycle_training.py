@@ -63,10 +63,30 @@ from moe_patch.training import (
 logger = logging.getLogger("upcycle_training")
 
 # About 30 minutes on a quiet 2-core CPU (measured on a busy one: dense 404, upcycled 138 training tokens/s).
-FULL = dict(hidden=256, layers=4, vocab=4096, seq=256, batch=8, pretrain_steps=200, steps=150, eval_every=25,
-            eval_blocks=48, corpus_files=None)
-TINY = dict(hidden=32, layers=2, vocab=300, seq=32, batch=4, pretrain_steps=12, steps=12, eval_every=4,
-            eval_blocks=8, corpus_files=40)
+FULL = dict(
+    hidden=256,
+    layers=4,
+    vocab=4096,
+    seq=256,
+    batch=8,
+    pretrain_steps=200,
+    steps=150,
+    eval_every=25,
+    eval_blocks=48,
+    corpus_files=None,
+)
+TINY = dict(
+    hidden=32,
+    layers=2,
+    vocab=300,
+    seq=32,
+    batch=4,
+    pretrain_steps=12,
+    steps=12,
+    eval_every=4,
+    eval_blocks=8,
+    corpus_files=40,
+)
 
 
 @dataclass
@@ -109,8 +129,15 @@ class HeldOut(TrainerCallback):
         self._eval_s += time.perf_counter() - t
         seconds = time.perf_counter() - self._t0 - self._eval_s
         tokens = step * self.tokens_per_step
-        self.curve.points.append({"step": step, "tokens": tokens, "flops": tokens * self.curve.flops_per_token,
-                                  "seconds": seconds, "loss": loss})
+        self.curve.points.append(
+            {
+                "step": step,
+                "tokens": tokens,
+                "flops": tokens * self.curve.flops_per_token,
+                "seconds": seconds,
+                "loss": loss,
+            }
+        )
         logger.info("%s step %d: held-out loss %.4f", self.curve.name, step, loss)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -139,15 +166,28 @@ def train_flops_per_token(model, seq: int) -> tuple[float, int, int]:
 
 def training_args(out: Path, steps: int, args: argparse.Namespace, *, warmup: int) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=warmup, weight_decay=0.01, adam_beta2=0.95,
-        logging_steps=args.eval_every, save_strategy="no", report_to="none", seed=args.seed, data_seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=warmup,
+        weight_decay=0.01,
+        adam_beta2=0.95,
+        logging_steps=args.eval_every,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        data_seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
 
 
-def run(trainer_cls, model, name: str, data, held: TokenBlocks, out: Path, args, steps: int, extra=None,
-        **trainer_kwargs) -> tuple[Curve, object]:
+def run(
+    trainer_cls, model, name: str, data, held: TokenBlocks, out: Path, args, steps: int, extra=None, **trainer_kwargs
+) -> tuple[Curve, object]:
     """Train ``model`` for ``steps`` (warmup: 5% of them) with held-out loss recorded along the way."""
     flops, total, active = train_flops_per_token(model, args.seq)
     curve = Curve(name=name, flops_per_token=flops, total_params=total, active_params=active)
@@ -175,8 +215,9 @@ def plot(curves: list[Curve], routing_history: list, path: Path) -> None:
         ax.legend()
     steps = [r.step for r in routing_history]
     axes[2].plot(steps, [max(r.figure("load_cv")) for r in routing_history], label="load CV, worst layer")
-    axes[2].plot(steps, [sum(r.figure("entropy")) / len(r.layers) for r in routing_history],
-                 label="router entropy / log E, mean")
+    axes[2].plot(
+        steps, [sum(r.figure("entropy")) / len(r.layers) for r in routing_history], label="router entropy / log E, mean"
+    )
     axes[2].set_xlabel("step")
     axes[2].set_title("upcycled model's routing")
     axes[2].legend()
@@ -189,20 +230,27 @@ def plot(curves: list[Curve], routing_history: list, path: Path) -> None:
 
 
 def table(dense: Curve, moe: Curve, args) -> str:
-    rows = ["| model | params total / active | train FLOPs/token | tokens/s | held-out loss at start | "
-            f"after {args.steps} steps | at dense's extra FLOPs |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | params total / active | train FLOPs/token | tokens/s | held-out loss at start | "
+        f"after {args.steps} steps | at dense's extra FLOPs |",
+        "|---|---|---|---|---|---|---|",
+    ]
     budget = dense.points[-1]["flops"]
     for c in (dense, moe):
-        rows.append(f"| {c.name} | {c.total_params / 1e6:.2f}M / {c.active_params / 1e6:.2f}M | "
-                    f"{c.flops_per_token / 1e6:.1f}M | {c.tokens_per_s:.0f} | {c.points[0]['loss']:.4f} | "
-                    f"{c.points[-1]['loss']:.4f} | {c.loss_at('flops', budget):.4f} |")
+        rows.append(
+            f"| {c.name} | {c.total_params / 1e6:.2f}M / {c.active_params / 1e6:.2f}M | "
+            f"{c.flops_per_token / 1e6:.1f}M | {c.tokens_per_s:.0f} | {c.points[0]['loss']:.4f} | "
+            f"{c.points[-1]['loss']:.4f} | {c.loss_at('flops', budget):.4f} |"
+        )
     same_steps = moe.points[-1]["loss"] - dense.points[-1]["loss"]
     same_flops = moe.loss_at("flops", budget) - dense.points[-1]["loss"]
     same_time = moe.loss_at("seconds", dense.points[-1]["seconds"]) - dense.points[-1]["loss"]
     rows.append("")
-    rows.append(f"upcycled minus dense held-out loss: {same_steps:+.4f} after the same {args.steps} steps, "
-                f"{same_flops:+.4f} at the same extra training FLOPs ({budget:.3g}), "
-                f"{same_time:+.4f} at the same training time (negative: the upcycled model is better).")
+    rows.append(
+        f"upcycled minus dense held-out loss: {same_steps:+.4f} after the same {args.steps} steps, "
+        f"{same_flops:+.4f} at the same extra training FLOPs ({budget:.3g}), "
+        f"{same_time:+.4f} at the same training time (negative: the upcycled model is better)."
+    )
     return "\n".join(rows)
 
 
@@ -211,11 +259,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True, help="folder for results.json and upcycle_training.png")
     ap.add_argument("--tiny", action="store_true", help="smoke-run sizes (about a minute)")
     for key, value in FULL.items():
-        ap.add_argument("--" + key.replace("_", "-"), type=int, default=None, help=f"default {value} ({TINY[key]} with --tiny)")
+        ap.add_argument(
+            "--" + key.replace("_", "-"), type=int, default=None, help=f"default {value} ({TINY[key]} with --tiny)"
+        )
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--router-lr", type=float, default=None, help="upcycled model's router learning rate (default --lr)")
+    ap.add_argument(
+        "--router-lr", type=float, default=None, help="upcycled model's router learning rate (default --lr)"
+    )
     ap.add_argument("--aux-loss-coef", type=float, default=0.01)
     ap.add_argument("--drop-ratio", type=float, default=0.0, help="drop-upcycling instead of plain copies (e.g. 0.5)")
     ap.add_argument("--noise", type=float, default=0.0, help="relative noise on the expert copies")
@@ -247,16 +299,24 @@ def main(argv=None) -> dict:
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))
         need_pre, need = args.pretrain_steps * args.batch, args.steps * args.batch
         if need_pre + need > len(blocks):
-            raise SystemExit(f"the corpus has {len(blocks)} blocks of {args.seq} tokens; pretraining and training "
-                             f"need {need_pre + need}: lower the steps, batch or sequence length")
+            raise SystemExit(
+                f"the corpus has {len(blocks)} blocks of {args.seq} tokens; pretraining and training "
+                f"need {need_pre + need}: lower the steps, batch or sequence length"
+            )
         pre_data = TokenBlocks(blocks.blocks[order[:need_pre]])
-        next_data = TokenBlocks(blocks.blocks[order[need_pre:need_pre + need]])  # the same for (a) and (b)
-        logger.info("corpus: %d files, %d training blocks x %d tokens, %d held-out blocks", len(files),
-                    len(blocks), args.seq, len(held))
+        next_data = TokenBlocks(blocks.blocks[order[need_pre : need_pre + need]])  # the same for (a) and (b)
+        logger.info(
+            "corpus: %d files, %d training blocks x %d tokens, %d held-out blocks",
+            len(files),
+            len(blocks),
+            args.seq,
+            len(held),
+        )
 
         # 2. pretrain the dense model
-        dense = small_dense_llama(len(tokenizer), hidden=args.hidden, layers=args.layers,
-                                  eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+        dense = small_dense_llama(
+            len(tokenizer), hidden=args.hidden, layers=args.layers, eos_token_id=tokenizer.eos_token_id, seed=args.seed
+        )
         pre_curve, _ = run(Trainer, dense, "pretrain", pre_data, held, work / "pretrain", args, args.pretrain_steps)
         dense_dir = work / "dense"
         dense.save_pretrained(dense_dir)
@@ -270,25 +330,46 @@ def main(argv=None) -> dict:
 
         # 3b. upcycled, continued
         moe_dir = work / "moe"
-        up = upcycle(dense_dir, moe_dir, UpcycleConfig(num_experts=args.experts, top_k=args.top_k, seed=args.seed,
-                                                       drop_ratio=args.drop_ratio, noise=args.noise))
+        up = upcycle(
+            dense_dir,
+            moe_dir,
+            UpcycleConfig(
+                num_experts=args.experts, top_k=args.top_k, seed=args.seed, drop_ratio=args.drop_ratio, noise=args.noise
+            ),
+        )
         moe = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32)
         enable_router_aux_loss(moe, args.aux_loss_coef)
         moe_patch.patch_model(moe)
         routing: list[RoutingCallback] = []
 
         def callbacks(trainer):
-            routing.append(RoutingCallback(trainer, every=args.eval_every, stability_inputs={"input_ids": held.blocks[:4]}))
+            routing.append(
+                RoutingCallback(trainer, every=args.eval_every, stability_inputs={"input_ids": held.blocks[:4]})
+            )
             return routing
 
-        moe_curve, _ = run(MoETrainer, moe, f"upcycled {args.experts}x top-{args.top_k}", next_data, held, work / "b",
-                           args, args.steps, extra=callbacks, router_lr=args.router_lr)
+        moe_curve, _ = run(
+            MoETrainer,
+            moe,
+            f"upcycled {args.experts}x top-{args.top_k}",
+            next_data,
+            held,
+            work / "b",
+            args,
+            args.steps,
+            extra=callbacks,
+            router_lr=args.router_lr,
+        )
         cb = routing[0]
         plot([dense_curve, moe_curve], cb.history, args.out / "upcycle_training.png")
         results = {
             "command": " ".join(["python", "bench/upcycle_training.py"] + (argv if argv is not None else sys.argv[1:])),
-            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                        "torch": torch.__version__, "python": platform.python_version()},
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "upcycle": {"exact": up.recipe["exact"], "verification": up.verification},
             "curves": [asdict(c) | {"tokens_per_s": c.tokens_per_s} for c in (pre_curve, dense_curve, moe_curve)],
@@ -299,8 +380,10 @@ def main(argv=None) -> dict:
         print(table(dense_curve, moe_curve, args))
         print()
         print(cb.monitor.summary())
-        print(f"\nresults: {args.out / 'results.json'}, plot: {args.out / 'upcycle_training.png'} "
-              f"({results['wall_s'] / 60:.1f} min)")
+        print(
+            f"\nresults: {args.out / 'results.json'}, plot: {args.out / 'upcycle_training.png'} "
+            f"({results['wall_s'] / 60:.1f} min)"
+        )
         return results
     finally:
         if not args.keep:

@@ -89,8 +89,11 @@ class DenseCheckpoint:
         model = meta_model(config)  # built on the meta device: no memory, nothing read
         tied = set(getattr(model, "all_tied_weights_keys", None) or ())
         vocab = getattr(config.get_text_config(), "vocab_size", None)
-        heads = {f"{n}.weight" for n, m in model.named_modules()
-                 if m is not None and m in (model.get_input_embeddings(), model.get_output_embeddings())}
+        heads = {
+            f"{n}.weight"
+            for n, m in model.named_modules()
+            if m is not None and m in (model.get_input_embeddings(), model.get_output_embeddings())
+        }
         for key, expected in model.state_dict().items():
             info = self.tensors.get(key)
             if info is None and key in tied:
@@ -98,9 +101,11 @@ class DenseCheckpoint:
             if info is None:
                 why = "transformers would initialise it at random, so the upcycled model could not match the source"
                 if key in heads and not config.tie_word_embeddings:
-                    why = ("config.json has tie_word_embeddings=false, so the output head is a tensor of its own and "
-                           "transformers would initialise it at random; add it, or set tie_word_embeddings=true if "
-                           "the head is the input embedding")
+                    why = (
+                        "config.json has tie_word_embeddings=false, so the output head is a tensor of its own and "
+                        "transformers would initialise it at random; add it, or set tie_word_embeddings=true if "
+                        "the head is the input embedding"
+                    )
                 raise CheckpointError(f"{self.folder}: tensor {key!r} is missing from the checkpoint; {why}.")
             if info.shape != tuple(expected.shape):
                 if key in heads and info.shape[1:] == tuple(expected.shape[1:]) and vocab == expected.shape[0]:

@@ -140,12 +140,14 @@ def check_config(config: UpcycleConfig) -> None:
     for name in _INTEGER_FIELDS:
         value = getattr(config, name)
         if not (value is None and name in _OPTIONAL_FIELDS) and (
-                isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            isinstance(value, bool) or not isinstance(value, numbers.Integral)
+        ):
             raise bad(name, "an integer")
     for name in _NUMBER_FIELDS:
         value = getattr(config, name)
         if not (value is None and name in _OPTIONAL_FIELDS) and (
-                isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            isinstance(value, bool) or not isinstance(value, numbers.Real)
+        ):
             raise bad(name, "a number")
     for name in _TEXT_FIELDS:
         if not isinstance(getattr(config, name), str):
@@ -157,13 +159,18 @@ def check_config(config: UpcycleConfig) -> None:
         raise bad("dtype", f"one of auto, {', '.join(DTYPES)}")
     layers = config.moe_layers
     if not isinstance(layers, str) and not (
-            isinstance(layers, (list, tuple, range)) and layers
-            and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers)):
+        isinstance(layers, (list, tuple, range))
+        and layers
+        and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers)
+    ):
         raise bad("moe_layers", "layer indices (integers), 'all', 'every-N' or a comma-separated list of indices")
     for name in _PATH_LIST_FIELDS:
         value = getattr(config, name)
-        if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, (list, tuple)) or not all(
-                isinstance(p, (str, os.PathLike)) for p in value):
+        if (
+            isinstance(value, (str, bytes, os.PathLike))
+            or not isinstance(value, (list, tuple))
+            or not all(isinstance(p, (str, os.PathLike)) for p in value)
+        ):
             raise bad(name, "a list of model folders (one per expert copy)")
     if config.calibration is not None and not isinstance(config.calibration, (str, os.PathLike)):
         raise bad("calibration", "a file path")
@@ -472,8 +479,11 @@ def _inexact_reasons(
     src_dtype = base.floating_dtype
     # Lossless only to the same dtype or a wider one that holds every value: bf16 -> fp16 has the same
     # bits and a smaller eps but a narrower range (subnormals below 6e-5, overflow above 65504).
-    widening = out_dtype == src_dtype or out_dtype in (torch.float32, torch.float64) and (
-        torch.finfo(out_dtype).bits >= torch.finfo(src_dtype).bits)
+    widening = (
+        out_dtype == src_dtype
+        or out_dtype in (torch.float32, torch.float64)
+        and (torch.finfo(out_dtype).bits >= torch.finfo(src_dtype).bits)
+    )
     if out_dtype != src_dtype and not widening:
         reasons.append(f"weights rounded from {src_dtype} to {out_dtype}")
     elif torch.finfo(out_dtype).bits < 32 and not _is_power_of_two(layout.alpha):
@@ -648,8 +658,9 @@ def upcycle(src: str | Path, out: str | Path, config: UpcycleConfig | None = Non
     check_config(config)
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
-    _check_out_apart(out, [src, *config.experts_from, *config.lora_experts,
-                           *([config.calibration] if config.calibration else [])])
+    _check_out_apart(
+        out, [src, *config.experts_from, *config.lora_experts, *([config.calibration] if config.calibration else [])]
+    )
     if out.exists() and not config.overwrite:  # fail before any work (atomic_output_dir checks again)
         raise OutputError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it.")
     plan = plan_upcycle(src, config)
@@ -663,8 +674,12 @@ def upcycle(src: str | Path, out: str | Path, config: UpcycleConfig | None = Non
 
                 # no bar on a stderr that is not a terminal (None): a log would keep every redraw, and an error
                 # after the bar started would not be the one line the CLI promises
-                for t in tqdm(plan.tensors, desc="upcycle", unit="tensor",
-                              disable=None if logger.isEnabledFor(logging.INFO) else True):
+                for t in tqdm(
+                    plan.tensors,
+                    desc="upcycle",
+                    unit="tensor",
+                    disable=None if logger.isEnabledFor(logging.INFO) else True,
+                ):
                     writer.write(t.spec.name, t.make())
                 files = writer.close()
             except BaseException:
@@ -677,11 +692,16 @@ def upcycle(src: str | Path, out: str | Path, config: UpcycleConfig | None = Non
             if config.verify:
                 verification = verify_folders(src, tmp, seed=config.seed, tolerance=config.verify_tolerance)
                 if plan.exact and not verification.passed:
-                    measured = (f"max |dlogit| {verification.max_abs_logit_diff:.3g} (relative "
-                                f"{verification.rel_diff:.3g} > {config.verify_tolerance:g}), greedy agreement "
-                                f"{verification.greedy_token_agreement:.3f}")
-                    why = ("; ".join(verification.causes) if verification.causes
-                           else "no known cause: please report this with the source config.json")
+                    measured = (
+                        f"max |dlogit| {verification.max_abs_logit_diff:.3g} (relative "
+                        f"{verification.rel_diff:.3g} > {config.verify_tolerance:g}), greedy agreement "
+                        f"{verification.greedy_token_agreement:.3f}"
+                    )
+                    why = (
+                        "; ".join(verification.causes)
+                        if verification.causes
+                        else "no known cause: please report this with the source config.json"
+                    )
                     raise VerificationError(
                         f"the upcycled model differs from {src} ({measured}): {why}. Nothing was written."
                     )

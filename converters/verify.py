@@ -44,8 +44,9 @@ def _load(folder: Path, role: str) -> tuple[torch.nn.Module, list[str]]:
     """The model in ``folder`` in fp32, and what its loading says would make it differ (named for ``role``)."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False,
-                                                       output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, trust_remote_code=False, output_loading_info=True
+    )
     model.eval()
     causes = []
     if info.get("missing_keys"):
@@ -59,8 +60,10 @@ def _load(folder: Path, role: str) -> tuple[torch.nn.Module, list[str]]:
 
 def _logit_causes(ref: torch.Tensor, out: torch.Tensor) -> list[str]:
     if not bool(torch.isfinite(ref).all()):
-        return ["the dense model's own logits are not finite (its weights overflow fp32 on random tokens), so no "
-                "upcycled model can be compared with it"]
+        return [
+            "the dense model's own logits are not finite (its weights overflow fp32 on random tokens), so no "
+            "upcycled model can be compared with it"
+        ]
     if not bool(torch.isfinite(out).all()):
         return ["the upcycled model's logits are not finite where the dense model's are"]
     return []

@@ -149,4 +149,3 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._close_file()
-

@@ -33,14 +33,22 @@ def main() -> None:
     args = p.parse_args()
 
     model = moe_patch.load_model(
-        args.model, device=args.device, expert_cache=args.expert_cache, host_cache=args.host_cache,
-        quantize_experts=args.quantize, dtype="auto",
+        args.model,
+        device=args.device,
+        expert_cache=args.expert_cache,
+        host_cache=args.host_cache,
+        quantize_experts=args.quantize,
+        dtype="auto",
     )
     tokenizer = AutoTokenizer.from_pretrained(model.name_or_path or args.model)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                       streamer=TextStreamer(tokenizer, skip_prompt=True))
+        model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            streamer=TextStreamer(tokenizer, skip_prompt=True),
+        )
     handle = get_offload_handle(model)
     print(handle.stats)
     if args.quantize:

@@ -33,13 +33,37 @@ def demo_checkpoints(root: Path) -> list[Path]:
 
     torch.manual_seed(0)
     ds = transformers.DeepseekV3Config(
-        vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=2,
-        first_k_dense_replace=0, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-        q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
-        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+        first_k_dense_replace=0,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        q_lora_rank=64,
+        kv_lora_rank=64,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     oss = transformers.GptOssConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_local_experts=8,
-        num_experts_per_tok=2, head_dim=32, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        head_dim=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     out = []
     for name, cfg, pack in (("deepseek-v3-fp8", ds, pack_fp8), ("gpt-oss-mxfp4", oss, pack_mxfp4)):
         model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
@@ -49,9 +73,17 @@ def demo_checkpoints(root: Path) -> list[Path]:
 
 
 def run(path: str | Path, args: argparse.Namespace) -> None:
-    model = moe_patch.load_model(path, device=args.device, dtype="auto", options=OffloadOptions(
-        device=args.device, expert_cache=args.expert_cache, host_cache=args.host_cache,
-        device_format=args.device_format))
+    model = moe_patch.load_model(
+        path,
+        device=args.device,
+        dtype="auto",
+        options=OffloadOptions(
+            device=args.device,
+            expert_cache=args.expert_cache,
+            host_cache=args.host_cache,
+            device_format=args.device_format,
+        ),
+    )
     handle = get_offload_handle(model)
     try:
         from transformers import AutoTokenizer
@@ -61,9 +93,8 @@ def run(path: str | Path, args: argparse.Namespace) -> None:
     except (OSError, ValueError):  # the demo checkpoints have no tokenizer
         tokenizer, ids = None, torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        out = model.generate(ids.to(args.device), max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=0)
-    new = out[0, ids.shape[1]:]
+        out = model.generate(ids.to(args.device), max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=0)
+    new = out[0, ids.shape[1] :]
     print(tokenizer.decode(new) if tokenizer is not None else new.tolist())
     print(handle.stats)
     handle.detach(restore_weights=False)

@@ -66,7 +66,9 @@ logger = logging.getLogger("train_upcycled")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = ap.add_argument_group("input / output")
-    io.add_argument("--dense", type=Path, help="dense Llama/Mistral/Qwen2/Qwen3/OLMo2 folder (default: a small random Llama)")
+    io.add_argument(
+        "--dense", type=Path, help="dense Llama/Mistral/Qwen2/Qwen3/OLMo2 folder (default: a small random Llama)"
+    )
     io.add_argument("--data", type=Path, nargs="+", help="text files or folders (default: the Python standard library)")
     io.add_argument("--corpus-files", type=int, help="use only the first N corpus files")
     io.add_argument("--out", type=Path, help="output folder (default: a new temporary folder)")
@@ -101,8 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_dense(work: Path, files: list[Path], args: argparse.Namespace) -> Path:
     """A small random Llama with a byte-level BPE trained on the training files, saved as a checkpoint."""
     tokenizer = train_byte_bpe(files, vocab_size=args.vocab)
-    model = small_dense_llama(len(tokenizer), hidden=args.hidden, layers=args.layers,
-                              eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+    model = small_dense_llama(
+        len(tokenizer), hidden=args.hidden, layers=args.layers, eos_token_id=tokenizer.eos_token_id, seed=args.seed
+    )
     path = work / "dense"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -117,10 +120,20 @@ def main(argv: list[str] | None = None) -> dict:
     files = files[: args.corpus_files] if args.corpus_files else files
     train_files, held_files = split_held_out(files, share=0.1)
     targs = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="constant_with_warmup",
-        warmup_steps=min(20, args.steps // 10), weight_decay=0.0, logging_steps=args.log_every, save_strategy="no",
-        report_to=args.report_to, seed=args.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+        output_dir=str(out / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(20, args.steps // 10),
+        weight_decay=0.0,
+        logging_steps=args.log_every,
+        save_strategy="no",
+        report_to=args.report_to,
+        seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
         dataloader_num_workers=0,
         # fused experts get a gradient at every step, so DDP need not search for unused parameters (experts kept
         # as a ModuleList of MLPs would need True: an expert no token picked has none)
@@ -132,8 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
     with targs.main_process_first(desc="upcycle"):
         if targs.local_process_index == 0:
             dense = args.dense or make_dense(out, train_files, args)
-            upcycle(dense, moe_dir, UpcycleConfig(num_experts=args.experts, top_k=args.top_k, seed=args.seed,
-                                                  overwrite=True))
+            upcycle(
+                dense,
+                moe_dir,
+                UpcycleConfig(num_experts=args.experts, top_k=args.top_k, seed=args.seed, overwrite=True),
+            )
 
     # 2. load with plain transformers, router losses on, moe-patch dispatch
     tokenizer = AutoTokenizer.from_pretrained(moe_dir)
@@ -142,8 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, expert_lora_config(model, r=args.lora_rank, alpha=2 * args.lora_rank,
-                                                         attention=True))
+        model = get_peft_model(
+            model, expert_lora_config(model, r=args.lora_rank, alpha=2 * args.lora_rank, attention=True)
+        )
         model.print_trainable_parameters()
     moe_patch.patch_model(model)  # logs what it patched (INFO)
 
@@ -154,16 +171,29 @@ def main(argv: list[str] | None = None) -> dict:
     before = held_out_loss(model, held)
 
     # 4. train
-    trainer = MoETrainer(model=model, args=targs, train_dataset=train, router_lr=args.router_lr,
-                         expert_lr=args.expert_lr, router_z_loss_coef=args.z_loss if aux is not None else 0.0)
+    trainer = MoETrainer(
+        model=model,
+        args=targs,
+        train_dataset=train,
+        router_lr=args.router_lr,
+        expert_lr=args.expert_lr,
+        router_z_loss_coef=args.z_loss if aux is not None else 0.0,
+    )
     routing = RoutingCallback(trainer, every=args.log_every, stability_inputs={"input_ids": held.blocks[:4]})
     trainer.add_callback(routing)
     trainer.train()
     after = held_out_loss(model, held)
-    result = {"held_out_loss_before": before, "held_out_loss_after": after, "steps": args.steps,
-              "processes": targs.world_size, "global_batch": args.batch * args.grad_accum * targs.world_size,
-              "router_aux_loss_coef": aux, "lora": args.lora, "out": str(out),
-              "log_history": trainer.state.log_history}
+    result = {
+        "held_out_loss_before": before,
+        "held_out_loss_after": after,
+        "steps": args.steps,
+        "processes": targs.world_size,
+        "global_batch": args.batch * args.grad_accum * targs.world_size,
+        "router_aux_loss_coef": aux,
+        "lora": args.lora,
+        "out": str(out),
+        "log_history": trainer.state.log_history,
+    }
     if not trainer.is_world_process_zero():
         return result
 
@@ -179,13 +209,16 @@ def main(argv: list[str] | None = None) -> dict:
         logger.warning("%s", exc)
     print(routing.summary())
     write_bytes(out / "result.json", json.dumps(result, indent=2).encode())
-    print(f"held-out loss {before:.3f} -> {after:.3f} (ppl {math.exp(before):.1f} -> {math.exp(after):.1f}); "
-          f"results in {out}")
+    print(
+        f"held-out loss {before:.3f} -> {after:.3f} (ppl {math.exp(before):.1f} -> {math.exp(after):.1f}); "
+        f"results in {out}"
+    )
     return result
 
 
 if __name__ == "__main__":
     # one process reports progress; the others only warnings (every process trains)
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING, format="%(message)s"
+    )
     main()

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from hub_scripts.push import push_folder        # push_folder(folder, repo_id, private=..., branch=...) -> PushResult
+    from hub_scripts.push import push_folder        # (folder, repo_id, private=..., branch=...) -> PushResult
     from hub_scripts.pull import pull, fetch_metadata
     from hub_scripts.card import build_model_card   # -> huggingface_hub.ModelCard
     from hub_scripts.api import make_api            # one HfApi from HF_ENDPOINT and the usual token lookup

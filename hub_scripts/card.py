@@ -9,7 +9,6 @@ replaced unless asked; cards written here carry `GENERATED_MARKER` so a re-push 
 from __future__ import annotations
 
 import hashlib
-
 import json
 import logging
 import re
@@ -350,7 +349,9 @@ def build_model_card(
                         ("Passed", ver.get("passed")),
                         (
                             "Greedy token agreement",
-                            f"{agreement} over {ver.get('greedy_tokens_compared')} tokens" if agreement is not None else None,
+                            f"{agreement} over {ver.get('greedy_tokens_compared')} tokens"
+                            if agreement is not None
+                            else None,
                         ),
                     ]
                 ),

@@ -108,7 +108,9 @@ def hub_errors(repo_id: str, *, endpoint: str, action: str, revision: str | None
                 f"Permission denied to {action} '{repo_id}' on {endpoint}: your token lacks the rights for this"
                 f" namespace (use a write token of the owner or an organization member).{_server_message(exc)}"
             ) from exc
-        raise HubError(f"Could not {action} '{repo_id}'{rev}: HTTP {status} from {endpoint}.{_server_message(exc)}") from exc
+        raise HubError(
+            f"Could not {action} '{repo_id}'{rev}: HTTP {status} from {endpoint}.{_server_message(exc)}"
+        ) from exc
     except hf_errors.OfflineModeIsEnabled as exc:
         raise HubConnectionError(
             f"Could not {action} '{repo_id}': HF_HUB_OFFLINE is set, so no request may leave this machine."

@@ -58,8 +58,10 @@ def pull(
             if isinstance(exc, (MoEPatchError, ConnectionError, TimeoutError)) or exc.errno is None:
                 raise  # a HubError, or the network: hub_errors' business
             where = local_dir if local_dir is not None else (cache_dir or "the Hugging Face cache")
-            raise OutputError(f"{exc.filename or where}: cannot write the download ({exc.strerror}). "
-                              "Check the folder (--local-dir) and free space.") from exc
+            raise OutputError(
+                f"{exc.filename or where}: cannot write the download ({exc.strerror}). "
+                "Check the folder (--local-dir) and free space."
+            ) from exc
     return Path(path)
 
 

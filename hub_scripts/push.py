@@ -174,8 +174,16 @@ def push_folder(
     # push fails: the user's folder is left as it was.
     restore_card = _write_card(readme, card_text) if card_text is not None else None
     try:
-        info = _upload(api, folder, repo_id, result, private=private, branch=branch, create_pr=create_pr,
-                       commit_message=commit_message)
+        info = _upload(
+            api,
+            folder,
+            repo_id,
+            result,
+            private=private,
+            branch=branch,
+            create_pr=create_pr,
+            commit_message=commit_message,
+        )
     except BaseException:
         if restore_card is not None:
             restore_card()
@@ -186,8 +194,17 @@ def push_folder(
     return result
 
 
-def _upload(api: HfApi, folder: Path, repo_id: str, result: PushResult, *, private: bool, branch: str | None,
-            create_pr: bool, commit_message: str | None) -> CommitInfo:
+def _upload(
+    api: HfApi,
+    folder: Path,
+    repo_id: str,
+    result: PushResult,
+    *,
+    private: bool,
+    branch: str | None,
+    create_pr: bool,
+    commit_message: str | None,
+) -> CommitInfo:
     """Create the repo (and branch) and upload the folder; every failure is a one-line HubError."""
     files = result.files
     with hub_errors(repo_id, endpoint=api.endpoint, action="push to"):
@@ -201,7 +218,10 @@ def _upload(api: HfApi, folder: Path, repo_id: str, result: PushResult, *, priva
         if branch and branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         logger.info(
-            "Uploading %d files (%s) to %s%s", len(files), human_bytes(result.total_bytes), repo_id,
+            "Uploading %d files (%s) to %s%s",
+            len(files),
+            human_bytes(result.total_bytes),
+            repo_id,
             f"@{branch}" if branch else (" as a pull request" if create_pr else ""),
         )
         try:

@@ -96,9 +96,15 @@ def clean_leftovers(target: str | os.PathLike) -> list[Path]:
         pid = int(m["pid"]) if m["pid"] else None
         if pid is None or m["host"] != host or _alive(pid):
             owner = f"pid {pid} on {m['host']}" if pid is not None else "an older moe-patch"
-            logger.warning("%s (%s) is a temporary copy of %s written by %s; if no run is writing %s any more, "
-                           "delete it to free the space.", path, format_bytes(disk_usage(path)), target.name, owner,
-                           target)
+            logger.warning(
+                "%s (%s) is a temporary copy of %s written by %s; if no run is writing %s any more, "
+                "delete it to free the space.",
+                path,
+                format_bytes(disk_usage(path)),
+                target.name,
+                owner,
+                target,
+            )
             continue
         if m["kind"] == "old" and not target.exists() and (path / target.name).exists():
             os.replace(path / target.name, target)
@@ -143,8 +149,10 @@ def atomic_dir(out: str | os.PathLike, *, replace: bool = False, needed_bytes: i
     clean_leftovers(out)
     free = shutil.disk_usage(parent).free
     if needed_bytes and free < needed_bytes:
-        raise OutputError(f"{parent}: {format_bytes(free)} free, the output needs {format_bytes(needed_bytes)}; "
-                          "free some space or choose another output folder.")
+        raise OutputError(
+            f"{parent}: {format_bytes(free)} free, the output needs {format_bytes(needed_bytes)}; "
+            "free some space or choose another output folder."
+        )
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_prefix(out.name), dir=parent))
     except OSError as exc:
@@ -185,13 +193,13 @@ def make_parent(path: str | os.PathLike) -> None:
     folder = path.parent
     for above in (*reversed(folder.parents), folder):
         if above.exists() and not above.is_dir():
-            raise OutputError(f"{folder}: cannot create the folder ({above} is a file); nothing was written to "
-                              f"{path}.")
+            raise OutputError(f"{folder}: cannot create the folder ({above} is a file); nothing was written to {path}.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{folder}: cannot create the folder ({exc.strerror or exc}); nothing was written to "
-                          f"{path}.") from None
+        raise OutputError(
+            f"{folder}: cannot create the folder ({exc.strerror or exc}); nothing was written to {path}."
+        ) from None
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

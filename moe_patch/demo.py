@@ -3,6 +3,7 @@ generate, and check the patched model against the Hugging Face forward. No downl
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +17,43 @@ def demo_config(family: str = "qwen3_moe"):
     """A small random-weight config of a real MoE family (a few MB of weights)."""
     from transformers import DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
 
-    common = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=512,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     if family == "qwen3_moe":
-        return Qwen3MoeConfig(intermediate_size=512, moe_intermediate_size=128, num_experts=32,
-                              num_experts_per_tok=4, norm_topk_prob=True, head_dim=32, **common)
+        return Qwen3MoeConfig(
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            num_experts=32,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+            head_dim=32,
+            **common,
+        )
     if family == "mixtral":
         return MixtralConfig(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2, **common)
     if family == "deepseek_v3":
-        return DeepseekV3Config(intermediate_size=512, moe_intermediate_size=128, n_routed_experts=32,
-                                num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
-                                q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16,
-                                v_head_dim=32, **common)
+        return DeepseekV3Config(
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            n_routed_experts=32,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            q_lora_rank=64,
+            kv_lora_rank=64,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=16,
+            v_head_dim=32,
+            **common,
+        )
     from .errors import MoEConfigError
 
     raise MoEConfigError(f"unknown demo family {family!r}; choose one of {', '.join(DEMO_FAMILIES)}")
@@ -60,7 +86,7 @@ def build_demo_checkpoint(out: str | Path, family: str = "qwen3_moe", seed: int 
     # replace=True: an empty folder or a previous demo checkpoint (checked above)
     with atomic_dir(out, replace=True) as tmp:
         model.save_pretrained(tmp, max_shard_size="4MB")
-        (tmp / MARKER).write_text('{"family": "%s", "seed": %d}\n' % (family, seed))
+        (tmp / MARKER).write_text(json.dumps({"family": family, "seed": seed}) + "\n")
     return out
 
 

@@ -8,7 +8,7 @@ transformers' own ``convert_file_size_to_int`` (``transformers.utils.hub``) is n
 accepts integers only (no ``1.5GiB``), has no ``TB``/``TiB`` and no bare byte counts as strings, reads a
 lowercase ``b`` as *bits* (``"5Gb"`` is 625 MB there, while every budget here is in bytes) and its
 error names no unit. For every string it accepts with an uppercase ``B`` this parser returns the same
-number (tests/test_bad_inputs.py checks it against transformers).
+number (tests/e2e/test_bad_inputs.py checks it against transformers).
 """
 
 from __future__ import annotations
@@ -24,13 +24,20 @@ _BINARY = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SHORT = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 UNITS: dict[str, int] = {"": 1, "b": 1, **_DECIMAL, **_BINARY, **_SHORT}
 #: What every size error message says is accepted.
-ACCEPTED = ("a number of bytes, or a number with a unit: KB, MB, GB, TB (powers of 1000), "
-            "KiB, MiB, GiB, TiB or K, M, G, T (powers of 1024); e.g. 8GiB, 500MB, 1.5G")
+ACCEPTED = (
+    "a number of bytes, or a number with a unit: KB, MB, GB, TB (powers of 1000), "
+    "KiB, MiB, GiB, TiB or K, M, G, T (powers of 1024); e.g. 8GiB, 500MB, 1.5G"
+)
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 
 
-def parse_size(value: int | float | str, *, name: str = "size", minimum: int = 0,
-               error: type[InvalidArgumentError] = InvalidArgumentError) -> int:
+def parse_size(
+    value: int | float | str,
+    *,
+    name: str = "size",
+    minimum: int = 0,
+    error: type[InvalidArgumentError] = InvalidArgumentError,
+) -> int:
     """Bytes for ``value``: an int or float byte count, or a string such as ``"8GiB"`` or ``"500 MB"``.
 
     Units are case-insensitive. Raises ``error`` (an :class:`InvalidArgumentError` subclass) naming

@@ -43,7 +43,7 @@ def text_problem(text: str, *, from_bytes: bool = False) -> str | None:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                shown = " ".join(f"0x{b:02x}" for b in raw[exc.start:exc.end])
+                shown = " ".join(f"0x{b:02x}" for b in raw[exc.start : exc.end])
                 return f"not valid UTF-8 at byte {exc.start} ({shown}: {exc.reason})"
     return f"not valid text: a lone surrogate U+{ord(text[first]):04X} at character {first}"
 

@@ -15,13 +15,20 @@ NAME_ATTR = "_moe_patch_name"
 VALIDATE_ATTR = "_moe_patch_validate"
 
 
-def routing_summary(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor | None:
+def routing_summary(
+    module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor | None:
     """``[min id, max id, all weights finite]`` as a float64 tensor on the routing's device, not read back
     (a caller that makes a host transfer anyway appends it to that one); None when the check is off."""
     if not getattr(module, VALIDATE_ATTR, True) or torch.compiler.is_compiling() or top_k_index.numel() == 0:
         return None
-    return torch.stack([top_k_index.min().to(torch.float64), top_k_index.max().to(torch.float64),
-                        torch.isfinite(top_k_weights).all().to(torch.float64)])
+    return torch.stack(
+        [
+            top_k_index.min().to(torch.float64),
+            top_k_index.max().to(torch.float64),
+            torch.isfinite(top_k_weights).all().to(torch.float64),
+        ]
+    )
 
 
 def check_summary(module: torch.nn.Module, summary: list[float], num_experts: int | None = None) -> None:
@@ -43,8 +50,9 @@ def check_summary(module: torch.nn.Module, summary: list[float], num_experts: in
         )
 
 
-def check_routing(module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                  num_experts: int | None = None) -> None:
+def check_routing(
+    module: torch.nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int | None = None
+) -> None:
     """Raise :class:`RoutingError` on non-finite routing weights or expert indices outside ``[0, E)``.
 
     Costs one host sync per block; ``patch_model(model, validate=False)`` turns it off for speed.

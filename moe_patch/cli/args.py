@@ -53,7 +53,8 @@ def size(minimum: int = 0, *, auto: bool = False) -> Callable[[str], str]:
         number = text.strip()
         if number.replace(".", "", 1).isdigit() and float(number) != 0:
             raise argparse.ArgumentTypeError(
-                f"{text!r} has no unit; give a unit, e.g. {number}GiB or {number}MB ({number}B for bytes)")
+                f"{text!r} has no unit; give a unit, e.g. {number}GiB or {number}MB ({number}B for bytes)"
+            )
         try:
             parse_size(text, name="", minimum=minimum)  # argparse names the option
         except MoEPatchError as exc:

@@ -93,7 +93,9 @@ def load_plan(path: str | Path) -> list[BatchJob]:
         raise BatchConfigError(f"{path} must be a mapping with a non-empty 'jobs' list (see `moe-patch batch --help`).")
     unknown_top = set(data) - {"defaults", "jobs"}
     if unknown_top:
-        raise BatchConfigError(f"{path}: unknown top-level key(s) {sorted(unknown_top)}; expected 'defaults' and 'jobs'.")
+        raise BatchConfigError(
+            f"{path}: unknown top-level key(s) {sorted(unknown_top)}; expected 'defaults' and 'jobs'."
+        )
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise BatchConfigError(f"{path}: 'defaults' must be a mapping, got {type(defaults).__name__}.")

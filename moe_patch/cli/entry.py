@@ -23,8 +23,15 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     # the command modules themselves import only argparse wiring (the library is imported when a command runs).
     from . import batch, demo, hub, inspect, run, serve, upcycle
 
-    return [demo.register, inspect.register, run.register, serve.register, upcycle.register, hub.register,
-            batch.register]
+    return [
+        demo.register,
+        inspect.register,
+        run.register,
+        serve.register,
+        upcycle.register,
+        hub.register,
+        batch.register,
+    ]
 
 
 def version_text() -> str:
@@ -103,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, and how to get the details
         if args.debug:
             raise
-        print(f"{where}: internal error: {type(exc).__name__}: {_one_line(exc)} (re-run with --debug for the "
-              "traceback, and please report it)", file=sys.stderr)
+        print(
+            f"{where}: internal error: {type(exc).__name__}: {_one_line(exc)} (re-run with --debug for the "
+            "traceback, and please report it)",
+            file=sys.stderr,
+        )
         return 1

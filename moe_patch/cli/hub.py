@@ -24,8 +24,10 @@ def _quiet_http_logs(args: argparse.Namespace) -> None:
 def _print_push(result: PushResult) -> None:
     if result.dry_run:
         where = f"{result.repo_id}@{result.branch}" if result.branch else result.repo_id
-        print(f"Dry run: would push {len(result.files)} files ({format_bytes(result.total_bytes)}) to {where}"
-              f"{' (private)' if result.private else ''}:")
+        print(
+            f"Dry run: would push {len(result.files)} files ({format_bytes(result.total_bytes)}) to {where}"
+            f"{' (private)' if result.private else ''}:"
+        )
         for path, size in result.files:
             print(f"  {size:>12,d}  {path}")
         label = {"written": "generated", "regenerated": "regenerated", "kept": "your README.md, kept"}.get(
@@ -90,8 +92,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="list files, sizes and the model card; no network, no writes")
     p.add_argument("--overwrite-card", action="store_true", help="replace a README.md you wrote with a generated card")
     p.add_argument("--no-card", action="store_true", help="do not write a model card")
-    p.add_argument("--base-model", metavar="REPO_ID", help="card metadata: the source model on the Hub (when the"
-                   " checkpoint was converted from a local folder, moe-patch cannot know it)")
+    p.add_argument(
+        "--base-model",
+        metavar="REPO_ID",
+        help="card metadata: the source model on the Hub (when the"
+        " checkpoint was converted from a local folder, moe-patch cannot know it)",
+    )
     p.add_argument("--license", help="card metadata: license id, e.g. apache-2.0 (default: the source card's)")
     p.set_defaults(func=_push)
 

@@ -19,9 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
     p.add_argument("--gpu", type=size(), help="device budget for a memory plan, e.g. 24GiB")
     p.add_argument("--ram", type=size(), help="host RAM budget for a memory plan, e.g. 64GiB")
-    p.add_argument("-c", "--ctx-size", type=int_at_least(1), default=None,
-                   help="context the memory plan keeps KV cache and activations for (default: the model's, at most "
-                   "4096 tokens)")
+    p.add_argument(
+        "-c",
+        "--ctx-size",
+        type=int_at_least(1),
+        default=None,
+        help="context the memory plan keeps KV cache and activations for (default: the model's, at most 4096 tokens)",
+    )
     p.set_defaults(func=_inspect)
 
 
@@ -46,12 +50,17 @@ def _context_footprint(config, args: argparse.Namespace, dtype_bytes: float) -> 
 
     model = model_context(config)
     if args.ctx_size and model and args.ctx_size > model:
-        raise InvalidArgumentError(f"--ctx-size {args.ctx_size}: the model's context is {model} tokens; give at most "
-                                   f"{model}.")
+        raise InvalidArgumentError(
+            f"--ctx-size {args.ctx_size}: the model's context is {model} tokens; give at most {model}."
+        )
     tokens = args.ctx_size or default_context(config)
     elements, exact = kv_cache_elements(config, tokens, trust_remote_code=args.trust_remote_code)
-    return {"context_tokens": tokens, "kv_cache_bytes": int(elements * dtype_bytes), "kv_exact": exact,
-            "activation_bytes": activation_bytes(config, tokens, dtype_bytes)}
+    return {
+        "context_tokens": tokens,
+        "kv_cache_bytes": int(elements * dtype_bytes),
+        "kv_exact": exact,
+        "activation_bytes": activation_bytes(config, tokens, dtype_bytes),
+    }
 
 
 def _stored_format(folder: Path, report, summary) -> dict:
@@ -72,10 +81,14 @@ def _stored_format(folder: Path, report, summary) -> dict:
     per_param = spec.expert_bytes_per_param()
     per_expert = max(b.params_per_expert for b in report.blocks)
     dequantized = summary.bytes_per_param
-    return {"format": spec.describe(), "bytes_per_param": per_param,
-            "expert_bytes": int(per_expert * per_param), "dequantized_expert_bytes": per_expert * dequantized,
-            "total_bytes": int(report.routed_expert_params * per_param),
-            "dequantized_total_bytes": report.routed_expert_params * dequantized}
+    return {
+        "format": spec.describe(),
+        "bytes_per_param": per_param,
+        "expert_bytes": int(per_expert * per_param),
+        "dequantized_expert_bytes": per_expert * dequantized,
+        "total_bytes": int(report.routed_expert_params * per_param),
+        "dequantized_total_bytes": report.routed_expert_params * dequantized,
+    }
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -94,13 +107,22 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.gpu or args.ram:
         from ..offload import plan_memory
 
-        plan = plan_memory(report, gpu=args.gpu, ram=args.ram, bytes_per_param=summary.bytes_per_param,
-                           expert_bytes_per_param=stored.get("bytes_per_param"),
-                           **_context_footprint(config, args, summary.bytes_per_param))
+        plan = plan_memory(
+            report,
+            gpu=args.gpu,
+            ram=args.ram,
+            bytes_per_param=summary.bytes_per_param,
+            expert_bytes_per_param=stored.get("bytes_per_param"),
+            **_context_footprint(config, args, summary.bytes_per_param),
+        )
     if args.json:
         data = report.to_dict()
-        data["checkpoint"] = {"shards": len(summary.shards), "total_bytes": summary.total_bytes,
-                              "expert_storage": summary.expert_storage, "stored_format": stored}
+        data["checkpoint"] = {
+            "shards": len(summary.shards),
+            "total_bytes": summary.total_bytes,
+            "expert_storage": summary.expert_storage,
+            "stored_format": stored,
+        }
         if plan is not None:
             data["memory_plan"] = dataclasses.asdict(plan)
         print(json.dumps(data, indent=2))
@@ -111,9 +133,11 @@ def _inspect(args: argparse.Namespace) -> int:
     size = human_bytes(summary.total_bytes) if summary.total_bytes else "unknown size"
     print(f"  checkpoint: {len(summary.shards)} safetensors shards, {size}, experts stored as {summary.expert_storage}")
     if stored.get("format"):
-        print(f"  stored format: {stored['format']}; {human_bytes(stored['expert_bytes'])} per expert "
-              f"({human_bytes(stored['dequantized_expert_bytes'])} dequantized), {human_bytes(stored['total_bytes'])} "
-              f"of routed experts ({human_bytes(stored['dequantized_total_bytes'])} dequantized)")
+        print(
+            f"  stored format: {stored['format']}; {human_bytes(stored['expert_bytes'])} per expert "
+            f"({human_bytes(stored['dequantized_expert_bytes'])} dequantized), {human_bytes(stored['total_bytes'])} "
+            f"of routed experts ({human_bytes(stored['dequantized_total_bytes'])} dequantized)"
+        )
     elif stored.get("unsupported"):
         print(f"  stored format: {stored['unsupported']}")
     if plan is not None:

@@ -17,19 +17,36 @@ from .args import device, int_at_least, size
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     """PATH and how its experts are paged: the arguments of ``run``, ``serve`` and ``chat``."""
     p.add_argument("path", help="checkpoint directory or Hub repo id")
-    p.add_argument("--expert-cache", type=size(auto=True), default="auto",
-                   help="device-cache budget, e.g. 8GiB (default auto: the device's free memory less the non-expert "
-                   "weights, the KV cache and activations for the context, and 10%% headroom; printed when chosen)")
+    p.add_argument(
+        "--expert-cache",
+        type=size(auto=True),
+        default="auto",
+        help="device-cache budget, e.g. 8GiB (default auto: the device's free memory less the non-expert "
+        "weights, the KV cache and activations for the context, and 10%% headroom; printed when chosen)",
+    )
     p.add_argument("--host-cache", type=size(), default="0", help="host-RAM cache budget, e.g. 32GiB (default 0: off)")
-    p.add_argument("--device", type=device, default="auto",
-                   help="auto (default: cuda when torch sees a GPU, else cpu), cpu or cuda[:n]")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (default auto: the checkpoint's)")
+    p.add_argument(
+        "--device",
+        type=device,
+        default="auto",
+        help="auto (default: cuda when torch sees a GPU, else cpu), cpu or cuda[:n]",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (default auto: the checkpoint's)",
+    )
     p.add_argument("--quantize", choices=["nf4", "int8"], default=None, help="keep experts quantized in the caches")
     p.add_argument("--policy", choices=["lru", "lfu", "pinned-hot"], default="lru")
     p.add_argument("--no-prefetch", action="store_true", help="switch the next-layer prefetch off")
-    p.add_argument("-t", "--threads", type=int_at_least(1), default=None,
-                   help="CPU threads for computation (default: torch's, one per core)")
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=int_at_least(1),
+        default=None,
+        help="CPU threads for computation (default: torch's, one per core)",
+    )
 
 
 def resolve_device(text: str) -> str:
@@ -53,8 +70,12 @@ def offload_options(args: argparse.Namespace, context_tokens: int | None = None)
         torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
     return OffloadOptions(
-        device=args.device, expert_cache=args.expert_cache, host_cache=args.host_cache,
-        quantize_experts=args.quantize, prefetch=not args.no_prefetch, policy=args.policy,
+        device=args.device,
+        expert_cache=args.expert_cache,
+        host_cache=args.host_cache,
+        quantize_experts=args.quantize,
+        prefetch=not args.no_prefetch,
+        policy=args.policy,
         context_tokens=context_tokens,
     )
 

@@ -38,25 +38,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_offload_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-p", "--prompt", type=non_empty, help="prompt text (needs the checkpoint's tokenizer)")
-    src.add_argument("-f", "--file", type=prompt_file, metavar="FILE",
-                     help="read the prompt from FILE ('-': from standard input)")
-    src.add_argument("--prompt-ids", type=token_ids,
-                     help="comma-separated token ids, for checkpoints without a tokenizer")
-    p.add_argument("--chat", action="store_true",
-                   help="put the prompt in the tokenizer's chat template as a user message (an instruction-tuned model "
-                   "answers it) instead of continuing the text")
-    p.add_argument("-n", "--max-new-tokens", type=int_at_least(1), default=None,
-                   help=f"tokens to generate (default {DEFAULT_NEW_TOKENS}, cut to what the context leaves; a value "
-                   "that does not fit is refused)")
-    p.add_argument("-c", "--ctx-size", type=int_at_least(1), default=None,
-                   help="tokens of context this run may use, prompt plus generated (default: the model's context); "
-                   "--expert-cache auto leaves room for the KV cache of the tokens this run can reach")
+    src.add_argument(
+        "-f", "--file", type=prompt_file, metavar="FILE", help="read the prompt from FILE ('-': from standard input)"
+    )
+    src.add_argument(
+        "--prompt-ids", type=token_ids, help="comma-separated token ids, for checkpoints without a tokenizer"
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="put the prompt in the tokenizer's chat template as a user message (an instruction-tuned model "
+        "answers it) instead of continuing the text",
+    )
+    p.add_argument(
+        "-n",
+        "--max-new-tokens",
+        type=int_at_least(1),
+        default=None,
+        help=f"tokens to generate (default {DEFAULT_NEW_TOKENS}, cut to what the context leaves; a value "
+        "that does not fit is refused)",
+    )
+    p.add_argument(
+        "-c",
+        "--ctx-size",
+        type=int_at_least(1),
+        default=None,
+        help="tokens of context this run may use, prompt plus generated (default: the model's context); "
+        "--expert-cache auto leaves room for the KV cache of the tokens this run can reach",
+    )
     add_sampling_arguments(p, greedy_default=True)
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="print only the generated text: no progress, no statistics")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the generated text: no progress, no statistics"
+    )
     p.add_argument("--plot", metavar="PNG", type=plot_file, help="write a heatmap of expert utilisation per layer")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON document instead of the text: the text, its token ids, the statistics")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document instead of the text: the text, its token ids, the statistics",
+    )
     p.set_defaults(func=run)
 
 
@@ -81,8 +100,10 @@ def _prompt(args: argparse.Namespace, path: Path, context: int | None):
     size, limit = len(text.encode("utf-8", "surrogateescape")), byte_limit(context)
     if size > limit:  # not worth tokenizing: far more than the context holds
         holder = f"a context of {context} tokens" if context else "a prompt"
-        raise InvalidArgumentError(f"the prompt is {format_bytes(size)}; {holder} holds far less, so it was not "
-                                   f"tokenized (the limit is {format_bytes(limit)}).")
+        raise InvalidArgumentError(
+            f"the prompt is {format_bytes(size)}; {holder} holds far less, so it was not "
+            f"tokenized (the limit is {format_bytes(limit)})."
+        )
     tokenizer = load_tokenizer(path, instead="pass --prompt-ids instead")
     if args.chat:
         require_chat_template(tokenizer, args.path, "--chat")
@@ -121,8 +142,9 @@ def _context(config, args: argparse.Namespace) -> int | None:
 
     model = context_length(config)
     if args.ctx_size is not None and model is not None and args.ctx_size > model:
-        raise InvalidArgumentError(f"--ctx-size {args.ctx_size}: the model's context is {model} tokens; give at most "
-                                   f"{model}.")
+        raise InvalidArgumentError(
+            f"--ctx-size {args.ctx_size}: the model's context is {model} tokens; give at most {model}."
+        )
     return args.ctx_size or model
 
 
@@ -200,8 +222,9 @@ def run(args: argparse.Namespace) -> int:
         gen_config = generation_config(model, sampling, new_tokens, greedy_default=True)
         sampling.seeded()
         bar = _progress(new_tokens, args)
-        streamer = token_streamer(tokenizer, (lambda _: None) if args.json else _stdout_write,
-                                  bar.update if bar is not None else None)
+        streamer = token_streamer(
+            tokenizer, (lambda _: None) if args.json else _stdout_write, bar.update if bar is not None else None
+        )
         try:
             generated = generate_interruptibly(model, ids, gen_config, streamer)
         finally:
@@ -225,13 +248,22 @@ def _report(args, handle, generated, new_ids: list[int], prompt_tokens: int, wan
     error = None
     if args.quantize and not generated.interrupted:  # the logit error the quantized experts cause, on this sequence
         with torch.no_grad():
-            error = {"format": args.quantize, "tokens": generated.sequence.shape[1],
-                     **handle.quantization_error(generated.sequence)}
+            error = {
+                "format": args.quantize,
+                "tokens": generated.sequence.shape[1],
+                **handle.quantization_error(generated.sequence),
+            }
     plotted = stats.plot_utilisation(args.plot) if args.plot else None
     if args.json:
         text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else None
-        document = {"text": text, "token_ids": new_ids, "prompt_tokens": prompt_tokens,
-                    "generated_tokens": len(new_ids), "finish_reason": reason, "statistics": figures}
+        document = {
+            "text": text,
+            "token_ids": new_ids,
+            "prompt_tokens": prompt_tokens,
+            "generated_tokens": len(new_ids),
+            "finish_reason": reason,
+            "statistics": figures,
+        }
         if error is not None:
             document["quantization_error"] = error
         if plotted:
@@ -242,14 +274,19 @@ def _report(args, handle, generated, new_ids: list[int], prompt_tokens: int, wan
         print(f"prompt: {prompt_tokens} tokens; generated: {len(new_ids)} tokens ({reason})", file=err)
         print(shown, file=err)
         if error is not None:
-            print(f"{args.quantize} experts: logit error on the {error['tokens']} tokens above, against full-precision "
-                  f"experts read from the checkpoint: max |dlogit| {error['max_abs']:.3g} ({error['max_rel']:.2%} of "
-                  f"the largest logit), top-1 agreement {error['top1_agreement']:.1%}", file=err)
+            print(
+                f"{args.quantize} experts: logit error on the {error['tokens']} tokens above, against full-precision "
+                f"experts read from the checkpoint: max |dlogit| {error['max_abs']:.3g} ({error['max_rel']:.2%} of "
+                f"the largest logit), top-1 agreement {error['top1_agreement']:.1%}",
+                file=err,
+            )
         if plotted:
             print(f"utilisation plot: {plotted}", file=err)
     if generated.interrupted:
         if not args.quiet:
-            print(f"moe-patch run: interrupted after {len(new_ids)} generated tokens; what was generated is kept.",
-                  file=sys.stderr)
+            print(
+                f"moe-patch run: interrupted after {len(new_ids)} generated tokens; what was generated is kept.",
+                file=sys.stderr,
+            )
         return INTERRUPTED
     return 0

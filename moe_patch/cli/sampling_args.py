@@ -14,10 +14,17 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, greedy_default: bool
         "sampling",
         "default: greedy decoding" if greedy_default else "default: the checkpoint's generation_config.json",
     )
-    g.add_argument("--temperature", "--temp", type=limits.TEMPERATURE.argparse_type(),
-                   help="0 = greedy; > 0 samples at that temperature")
+    g.add_argument(
+        "--temperature",
+        "--temp",
+        type=limits.TEMPERATURE.argparse_type(),
+        help="0 = greedy; > 0 samples at that temperature",
+    )
     g.add_argument("--top-p", type=limits.TOP_P.argparse_type(), help="nucleus sampling: keep this probability mass")
     g.add_argument("--top-k", type=limits.TOP_K.argparse_type(), help="sample among the k most likely tokens")
-    g.add_argument("--repetition-penalty", type=limits.REPETITION_PENALTY.argparse_type(),
-                   help="> 1 discourages repeating tokens (also with greedy decoding)")
+    g.add_argument(
+        "--repetition-penalty",
+        type=limits.REPETITION_PENALTY.argparse_type(),
+        help="> 1 discourages repeating tokens (also with greedy decoding)",
+    )
     g.add_argument("-s", "--seed", type=limits.SEED.argparse_type(), help="seed for reproducible sampling")

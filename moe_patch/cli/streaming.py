@@ -27,6 +27,7 @@ def token_streamer(tokenizer: Any, write: Write, on_token: Callable[[], None] | 
     tick = on_token or (lambda: None)
 
     if tokenizer is None:
+
         class _IdStreamer(BaseStreamer):
             def __init__(self) -> None:
                 self.ids: list[int] = []
@@ -97,8 +98,12 @@ def generate_interruptibly(model: Any, input_ids: Any, generation_config: Any, s
         try:
             with torch.no_grad():
                 result["sequence"] = model.generate(
-                    input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config,
-                    streamer=streamer, stopping_criteria=[stop_on(stop)])
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    generation_config=generation_config,
+                    streamer=streamer,
+                    stopping_criteria=[stop_on(stop)],
+                )
         except BaseException as exc:  # re-raised on the calling thread
             failure.append(exc)
         finally:

@@ -98,8 +98,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--dtype", default="auto", metavar="DTYPE", help="auto|float32|bfloat16|float16 (default: the source's)"
     )
-    o.add_argument("--max-shard-size", type=size(minimum=1), default="5GB", metavar="SIZE",
-                   help="e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    o.add_argument(
+        "--max-shard-size",
+        type=size(minimum=1),
+        default="5GB",
+        metavar="SIZE",
+        help="e.g. 5GB, 500MB, 2GiB (default 5GB)",
+    )
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--dry-run", action="store_true", help="read configs and headers only; print the plan")
     o.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help="compare with the dense model")

@@ -15,7 +15,15 @@ from ..io import read_header, read_index
 
 #: Config fields that count routed experts / say how many a token picks, across transformers families.
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
-TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "moe_topk", "top_k_experts", "top_k", "moe_k", "num_selected_experts")
+TOP_K_FIELDS = (
+    "num_experts_per_tok",
+    "moe_top_k",
+    "moe_topk",
+    "top_k_experts",
+    "top_k",
+    "moe_k",
+    "num_selected_experts",
+)
 ZERO_EXPERT_FIELDS = ("zero_expert_num",)
 
 
@@ -73,8 +81,10 @@ def read_raw_config(folder: str | Path) -> dict:
         raise MoEConfigError(f"{cfg_path}: no 'model_type' field; is this a transformers checkpoint?")
     qc = raw.get("quantization_config")
     if qc is not None and not isinstance(qc, dict):
-        raise MoEConfigError(f"{cfg_path}: quantization_config must be a JSON object (quant_method and its fields), "
-                             f"got {type(qc).__name__} {json.dumps(qc)[:40]}")
+        raise MoEConfigError(
+            f"{cfg_path}: quantization_config must be a JSON object (quant_method and its fields), "
+            f"got {type(qc).__name__} {json.dumps(qc)[:40]}"
+        )
     validate_moe_config(raw)  # before transformers' own checks, whose errors do not name our fields
     return raw
 
@@ -113,8 +123,10 @@ def meta_model(config, *, trust_remote_code: bool = False) -> torch.nn.Module:
     # The classes the checkpoint names first (e.g. Qwen3OmniMoeForConditionalGeneration), then the autos.
     named = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
     builders = [lambda c, cls=cls: cls._from_config(c) for cls in named if cls is not None]
-    builders += [lambda c, auto=auto: auto.from_config(c, trust_remote_code=trust_remote_code)
-                 for auto in (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel, AutoBackbone)]
+    builders += [
+        lambda c, auto=auto: auto.from_config(c, trust_remote_code=trust_remote_code)
+        for auto in (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel, AutoBackbone)
+    ]
     builders += [lambda c, cls=cls: cls._from_config(c) for cls in _family_model_classes(config)]
     last: Exception | None = None
     for build in builders:
@@ -139,9 +151,14 @@ def _family_model_classes(config) -> list[type]:
         module = importlib.import_module(module_name)
     except ImportError:
         return []
-    classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, PreTrainedModel)
-               and "PreTrained" not in c.__name__
-               and getattr(c, "config_class", None) is type(config)]
+    classes = [
+        c
+        for c in vars(module).values()
+        if isinstance(c, type)
+        and issubclass(c, PreTrainedModel)
+        and "PreTrained" not in c.__name__
+        and getattr(c, "config_class", None) is type(config)
+    ]
     order = ("ForCausalLM", "ForConditionalGeneration", "Model")
     return sorted(classes, key=lambda c: next((i for i, sfx in enumerate(order) if c.__name__.endswith(sfx)), 9))
 

@@ -34,9 +34,17 @@ class ExpertLayout:
 
     def flags(self) -> str:
         out = [self.storage]
-        out += [name for name, on in (
-            ("gated", self.gated), ("transposed", self.transposed), ("interleaved", self.interleaved),
-            ("bias", self.bias), ("post-norm", self.post_norm)) if on]
+        out += [
+            name
+            for name, on in (
+                ("gated", self.gated),
+                ("transposed", self.transposed),
+                ("interleaved", self.interleaved),
+                ("bias", self.bias),
+                ("post-norm", self.post_norm),
+            )
+            if on
+        ]
         return ",".join(out)
 
 
@@ -49,7 +57,8 @@ class RoutingSpec:
             logits, then softmax over those), ``"sigmoid"`` (sigmoid scores), ``"sigmoid_topk"``
             (top-k logits, then sigmoid; Llama 4), ``"capacity"`` (top-1/2 with expert capacity;
             Switch, NLLB-MoE), ``"per_input"`` (the caller picks the expert, e.g. ViTPose+'s dataset
-            index), ``"product_key"`` (Doge's product-key retrieval), ``"other"`` when it could not be told from the module.
+            index), ``"product_key"`` (Doge's product-key retrieval), ``"other"`` when it could not be told
+            from the module.
         normalized: the chosen top-k weights are renormalised to sum to 1 (None: unknown).
         scaling_factor: weights are multiplied by this (DeepSeek's routed_scaling_factor).
         correction_bias: an ``e_score_correction_bias`` steers selection (DeepSeek-V3 style).

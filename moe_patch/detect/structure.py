@@ -45,8 +45,9 @@ def _candidate_weights(child: torch.nn.Module):
             yield w
 
 
-def find_router(block: torch.nn.Module, experts_name: str, num_experts: int, hidden: int,
-                extra: int = 0) -> tuple[str | None, torch.nn.Module | None]:
+def find_router(
+    block: torch.nn.Module, experts_name: str, num_experts: int, hidden: int, extra: int = 0
+) -> tuple[str | None, torch.nn.Module | None]:
     """The sibling of the experts whose 2-D weight maps hidden -> one logit per expert."""
     best: tuple[int, str, torch.nn.Module] | None = None
     for child_name, child in block.named_children():

@@ -22,8 +22,18 @@ def format_report(report: Any) -> str:
     header = ("block", "experts", "top-k", "hidden", "inter", "routing", "layout", "adapter")
     rows = [header]
     for b in report.blocks:
-        rows.append((b.experts_path, str(b.num_experts), str(b.top_k), str(b.hidden_size), str(b.intermediate_size),
-                     b.routing.describe(), b.layout.flags(), b.adapter))
+        rows.append(
+            (
+                b.experts_path,
+                str(b.num_experts),
+                str(b.top_k),
+                str(b.hidden_size),
+                str(b.intermediate_size),
+                b.routing.describe(),
+                b.layout.flags(),
+                b.adapter,
+            )
+        )
     # Many identical layers: show the first two and the last, say how many were folded.
     if len(rows) > 7:
         folded = len(rows) - 4

@@ -2,7 +2,7 @@
 
 Every other MoE family the installed transformers defines is discovered from its sources
 (:func:`moe_patch.testing.discover.discover_moe_families`) and must pass the patch test in
-``tests/test_families.py``; a new family that is neither supported nor listed here fails the suite.
+``tests/families/test_families.py``; a new family that is neither supported nor listed here fails the suite.
 
 A family belongs here only with a written reason that moe-patch cannot fix (it needs an external
 kernel, it cannot be built small on a CPU, ...), never to hide a failure that could be fixed.

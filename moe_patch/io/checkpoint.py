@@ -56,7 +56,8 @@ class Checkpoint:
     def __init__(self, directory: str | os.PathLike, entries: Mapping[str, TensorEntry] | None = None):
         self.directory = Path(directory)
         self.entries: dict[str, TensorEntry] = (
-            dict(entries) if entries is not None else checkpoint_entries(self.directory))
+            dict(entries) if entries is not None else checkpoint_entries(self.directory)
+        )
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -107,8 +108,9 @@ class Checkpoint:
             )
         return buf
 
-    def read(self, entry: TensorEntry, row: int | None = None, out: torch.Tensor | None = None,
-             split: int | None = None) -> torch.Tensor:
+    def read(
+        self, entry: TensorEntry, row: int | None = None, out: torch.Tensor | None = None, split: int | None = None
+    ) -> torch.Tensor:
         """The tensor ``entry`` (or its ``row`` along the first dimension, or chunk ``row`` of ``split``),
         in its stored dtype."""
         if row is None:

@@ -58,16 +58,19 @@ def read_index(path: str | os.PathLike) -> ShardIndex:
         raise CheckpointError(f"{path}: malformed safetensors index ({exc}).") from exc
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
-        raise CheckpointError(f"{path}: malformed safetensors index (expected an object whose 'weight_map' maps "
-                              "each tensor name to its shard file name).")
+        raise CheckpointError(
+            f"{path}: malformed safetensors index (expected an object whose 'weight_map' maps "
+            "each tensor name to its shard file name)."
+        )
     metadata = data.get("metadata")
     total = metadata.get("total_size") if isinstance(metadata, dict) else None
     total = total if isinstance(total, int) and not isinstance(total, bool) else None
     return ShardIndex(path, weight_map, total)
 
 
-def read_shards(index: ShardIndex, *, complete: bool = False,
-                advice: str = REDOWNLOAD) -> dict[str, dict[str, TensorEntry]]:
+def read_shards(
+    index: ShardIndex, *, complete: bool = False, advice: str = REDOWNLOAD
+) -> dict[str, dict[str, TensorEntry]]:
     """The header of every shard ``index`` names (shard file -> its tensors), once the index and the shards
     are checked to agree: every named shard exists and holds every tensor the index puts in it; with
     ``complete``, the index also lists every tensor of every shard (a file about to be published must load
@@ -89,11 +92,15 @@ def read_shards(index: ShardIndex, *, complete: bool = False,
         header = headers[shard] = read_header(path)
         absent = [key for key in keys if key not in header]
         if absent:
-            raise CheckpointError(f"{path}: tensor {absent[0]!r} is listed in {index.path.name} but absent from the "
-                                  f"shard ({len(absent)} such tensors). {advice}")
+            raise CheckpointError(
+                f"{path}: tensor {absent[0]!r} is listed in {index.path.name} but absent from the "
+                f"shard ({len(absent)} such tensors). {advice}"
+            )
         unlisted = sorted(set(header) - set(keys)) if complete else []
         if unlisted:
-            raise CheckpointError(f"{path}: tensor {unlisted[0]!r} is in the shard but {index.path.name} does not "
-                                  f"list it there ({len(unlisted)} such tensors): the index and the shards come from "
-                                  f"different saves. {advice}")
+            raise CheckpointError(
+                f"{path}: tensor {unlisted[0]!r} is in the shard but {index.path.name} does not "
+                f"list it there ({len(unlisted)} such tensors): the index and the shards come from "
+                f"different saves. {advice}"
+            )
     return headers

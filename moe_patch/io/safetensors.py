@@ -20,16 +20,29 @@ from ..errors import CheckpointError
 
 #: safetensors dtype codes -> torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 if hasattr(torch, "float8_e8m0fnu"):  # e8m0 scales (ue8m0 FP8, MX formats); torch >= 2.7
     DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 # the other element types safetensors writes, so a valid file is never refused (push validates with this reader)
-DTYPES.update({code: getattr(torch, name) for code, name in
-               (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"))
-               if hasattr(torch, name)})
+DTYPES.update(
+    {
+        code: getattr(torch, name)
+        for code, name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"))
+        if hasattr(torch, name)
+    }
+)
 _MAX_HEADER = 100 * 2**20  # safetensors refuses headers above 100 MB too
 
 
@@ -80,7 +93,9 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
                 raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header (truncated?).")
             (n,) = struct.unpack("<Q", raw)
             if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: header length {n} does not fit in a {size}-byte file (truncated or not safetensors).")
+                raise CheckpointError(
+                    f"{path}: header length {n} does not fit in a {size}-byte file (truncated or not safetensors)."
+                )
             header = json.loads(fh.read(n))
     except CheckpointError:
         raise
@@ -102,13 +117,19 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
         try:
             dtype = DTYPES.get(info.get("dtype"))
             if dtype is None:
-                raise CheckpointError(f"{path}: tensor {key!r} has dtype {info.get('dtype')!r}, which moe-patch cannot read.")
+                raise CheckpointError(
+                    f"{path}: tensor {key!r} has dtype {info.get('dtype')!r}, which moe-patch cannot read."
+                )
             shape = tuple(int(s) for s in info["shape"])
             begin, stop = (int(x) for x in info["data_offsets"])
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry {info!r}. The file is corrupt.") from exc
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has a malformed header entry {info!r}. The file is corrupt."
+            ) from exc
         if min(shape, default=0) < 0 or not 0 <= begin <= stop:
-            raise CheckpointError(f"{path}: tensor {key!r} has negative sizes or offsets in its header. The file is corrupt.")
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has negative sizes or offsets in its header. The file is corrupt."
+            )
         expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if stop - begin != expected:
             raise CheckpointError(
@@ -131,9 +152,17 @@ def _check_layout(path: str, entries, base: int, size: int) -> None:
     at = base
     for entry in sorted(entries, key=lambda e: (e.start, e.end)):
         if entry.start != at:
-            what = "overlaps the tensor before it" if entry.start < at else f"leaves {entry.start - at} bytes unused before it"
-            raise CheckpointError(f"{path}: tensor {entry.key!r} {what}, which safetensors refuses. The file is corrupt.")
+            what = (
+                "overlaps the tensor before it"
+                if entry.start < at
+                else f"leaves {entry.start - at} bytes unused before it"
+            )
+            raise CheckpointError(
+                f"{path}: tensor {entry.key!r} {what}, which safetensors refuses. The file is corrupt."
+            )
         at = entry.end
     if at != size:
-        raise CheckpointError(f"{path}: {size - at} bytes follow the last tensor, which safetensors refuses. "
-                              "The file is corrupt (or was appended to).")
+        raise CheckpointError(
+            f"{path}: {size - at} bytes follow the last tensor, which safetensors refuses. "
+            "The file is corrupt (or was appended to)."
+        )

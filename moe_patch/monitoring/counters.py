@@ -93,8 +93,12 @@ class LayerCounter:
         lse = torch.logsumexp(flat, dim=-1) if self.sigmoid else lse_scores  # z-loss: of the raw logits
         ok = torch.isfinite(entropy)  # a NaN or infinite logit anywhere in the row
         finite = ok.sum(dtype=torch.float32)
-        values = [torch.where(ok, entropy, 0.0).sum(), torch.where(ok, lse, 0.0).square().sum(), finite,
-                  flat.shape[0] - finite]  # in slot order ENTROPY, Z, LOGIT_TOKENS, NONFINITE_LOGITS
+        values = [
+            torch.where(ok, entropy, 0.0).sum(),
+            torch.where(ok, lse, 0.0).square().sum(),
+            finite,
+            flat.shape[0] - finite,
+        ]  # in slot order ENTROPY, Z, LOGIT_TOKENS, NONFINITE_LOGITS
         self.sums[_LOGITS].add_(torch.stack(values).to(self.sums.dtype))
         self._probs, self._probs_ok = p, ok
 
@@ -110,7 +114,7 @@ class LayerCounter:
             self.capacity = True
             self.requested.scatter_add_(0, bins, self._ones_like(bins.numel()))
             kept = routing.kept.reshape(-1, routing.kept.shape[-1])
-            self.assigned[1:kept.shape[-1] + 1].add_(kept.sum(dim=0))
+            self.assigned[1 : kept.shape[-1] + 1].add_(kept.sum(dim=0))
             dropped = (kept.sum(dim=-1) == 0).sum(dtype=torch.float32)
         elif routing.sizes is not None:  # already on the host (the router counted): stays there, no copy
             self.host_assigned = [a + b for a, b in zip(self.host_assigned, routing.sizes)]
@@ -149,18 +153,30 @@ class LayerCounter:
         w = self.width
         bins = requested if self.capacity else assigned
         return LayerCounts(
-            path=self.path, num_experts=self.num_experts, top_k=self.top_k, zero_experts=self.zero_experts,
-            tokens=self.tokens, assigned=[a + b for a, b in zip(assigned[1:w + 1], self.host_assigned)],
-            requested=requested[1:w + 1] if self.capacity else [], dropped_tokens=round(sums[DROPPED]),
-            weight_sum=sums[WEIGHT], logit_tokens=round(sums[LOGIT_TOKENS]), entropy_sum=sums[ENTROPY],
-            z_sum=sums[Z], prob_tokens=round(sums[PROB_TOKENS]), topk_prob_sum=sums[TOPK_PROB],
-            nonfinite=round(sums[NONFINITE_LOGITS] if sums[LOGIT_TOKENS] + sums[NONFINITE_LOGITS]
-                            else sums[NONFINITE_WEIGHTS]), invalid=bins[0] + bins[w + 1],
+            path=self.path,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            zero_experts=self.zero_experts,
+            tokens=self.tokens,
+            assigned=[a + b for a, b in zip(assigned[1 : w + 1], self.host_assigned)],
+            requested=requested[1 : w + 1] if self.capacity else [],
+            dropped_tokens=round(sums[DROPPED]),
+            weight_sum=sums[WEIGHT],
+            logit_tokens=round(sums[LOGIT_TOKENS]),
+            entropy_sum=sums[ENTROPY],
+            z_sum=sums[Z],
+            prob_tokens=round(sums[PROB_TOKENS]),
+            topk_prob_sum=sums[TOPK_PROB],
+            nonfinite=round(
+                sums[NONFINITE_LOGITS] if sums[LOGIT_TOKENS] + sums[NONFINITE_LOGITS] else sums[NONFINITE_WEIGHTS]
+            ),
+            invalid=bins[0] + bins[w + 1],
         )
 
     def empty_counts(self) -> LayerCounts:
-        return LayerCounts(path=self.path, num_experts=self.num_experts, top_k=self.top_k,
-                           zero_experts=self.zero_experts)
+        return LayerCounts(
+            path=self.path, num_experts=self.num_experts, top_k=self.top_k, zero_experts=self.zero_experts
+        )
 
 
 def read_counts(counters: list[LayerCounter]) -> list[LayerCounts]:

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from ..detect.spec import BlockHandle
-from ..detect.structure import model_root
 from ..detect.routing import infer_routing
-from ..detect.spec import RoutingSpec
+from ..detect.spec import BlockHandle, RoutingSpec
+from ..detect.structure import model_root
 from ..errors import MoEConfigError
 from . import readers
 from .blocks import resolve_block
@@ -90,6 +90,7 @@ class Taps:
 
 # --------------------------------------------------------------------------- planning
 
+
 def _routing_arg_names(experts: nn.Module) -> tuple[str, str] | None:
     """Names of the routing arguments when the experts are called as ``experts(hidden, index, weights)``."""
     try:
@@ -115,8 +116,9 @@ def _router_recorders(root: nn.Module) -> list[Any]:
     return found
 
 
-def _logits_source(block_path: str, block: nn.Module, experts: nn.Module, router: nn.Module | None,
-                   recorders: list[Any]) -> tuple[nn.Module | None, int | None]:
+def _logits_source(
+    block_path: str, block: nn.Module, experts: nn.Module, router: nn.Module | None, recorders: list[Any]
+) -> tuple[nn.Module | None, int | None]:
     inside_experts = {id(m) for m in experts.modules()}
     for rec in recorders:
         for rel, module in block.named_modules():
@@ -147,8 +149,9 @@ def plan_taps(model: nn.Module, handles: list[BlockHandle]) -> tuple[list[Tap], 
         if reader is None:
             names = _routing_arg_names(h.experts) if spec.kind not in ("per_input", "product_key") else None
             if names is None:
-                skipped[info.experts_path] = (f"its routing ({spec.kind}) is not passed to the experts, so "
-                                              "hooks cannot see it")
+                skipped[info.experts_path] = (
+                    f"its routing ({spec.kind}) is not passed to the experts, so hooks cannot see it"
+                )
                 continue
             reader = "experts_call"
         elif router is None:
@@ -158,14 +161,22 @@ def plan_taps(model: nn.Module, handles: list[BlockHandle]) -> tuple[list[Tap], 
         if reader != "experts_call" and logits_module is not router:
             logits_module, logits_index = router, None
         counter = LayerCounter(info.experts_path, info.num_experts, info.top_k, info.zero_experts, spec.kind)
-        taps.append(Tap(counter=counter, reader=reader,
-                        routing_module=h.experts if reader == "experts_call" else router,
-                        logits_module=logits_module, logits_index=logits_index, spec=spec,
-                        arg_names=names or ("top_k_index", "top_k_weights")))
+        taps.append(
+            Tap(
+                counter=counter,
+                reader=reader,
+                routing_module=h.experts if reader == "experts_call" else router,
+                logits_module=logits_module,
+                logits_index=logits_index,
+                spec=spec,
+                arg_names=names or ("top_k_index", "top_k_weights"),
+            )
+        )
     return taps, skipped
 
 
 # --------------------------------------------------------------------------- hooks
+
 
 def _guarded(tap: Tap, fn: Callable) -> Callable:
     """A hook must never break the model's forward: an unexpected router output disables its layer."""
@@ -243,8 +254,11 @@ def install(model: nn.Module, taps: list[Tap], skipped: dict[str, str], state: H
         if tap.reader == "experts_call":
             if tap.logits_module is not None:
                 out._handles.append(tap.logits_module.register_forward_hook(_guarded(tap, _logits_hook(tap, state))))
-            out._handles.append(tap.routing_module.register_forward_pre_hook(
-                _guarded(tap, _experts_pre_hook(tap, state)), with_kwargs=True))
+            out._handles.append(
+                tap.routing_module.register_forward_pre_hook(
+                    _guarded(tap, _experts_pre_hook(tap, state)), with_kwargs=True
+                )
+            )
         else:
             out._handles.append(tap.routing_module.register_forward_hook(_guarded(tap, _router_hook(tap, state))))
     return out

@@ -33,12 +33,14 @@ class RoutingMonitor:
         if not handles:
             raise NoMoEFoundError(
                 f"{type(root).__name__}: no Mixture-of-Experts block found, so there is no routing to monitor "
-                "(moe_patch.inspect_model(model) shows what detection sees)")
+                "(moe_patch.inspect_model(model) shows what detection sees)"
+            )
         taps, skipped = plan_taps(model, handles)
         if not taps:
             raise NoMoEFoundError(
                 f"{type(root).__name__}: none of its {len(handles)} MoE blocks shows its routing to hooks: "
-                f"{next(iter(skipped.values()))}")
+                f"{next(iter(skipped.values()))}"
+            )
         for path, why in skipped.items():
             logger.warning("routing monitor: not watching %s: %s", path, why)
         self.model = model
@@ -89,8 +91,9 @@ class RoutingMonitor:
 
     def _report(self, counts: list[LayerCounts], calls: int, step: int | None) -> RoutingReport:
         changed = read_changed(self._counters)
-        return RoutingReport(layers=[LayerRouting(c, ch) for c, ch in zip(counts, changed)], calls=calls,
-                             step=step, skipped=self.skipped)
+        return RoutingReport(
+            layers=[LayerRouting(c, ch) for c, ch in zip(counts, changed)], calls=calls, step=step, skipped=self.skipped
+        )
 
     def reset(self) -> None:
         """Zero every count, the history and the stability reference."""
@@ -132,7 +135,8 @@ class RoutingMonitor:
         if self._probe_inputs is not None and not _same_inputs(self._probe_inputs, tensors):
             raise MoEConfigError(
                 "check_stability: these inputs differ from the previous check's; stability compares routing "
-                "on the same inputs (reset() starts over with new ones)")
+                "on the same inputs (reset() starts over with new ones)"
+            )
         modes = {m: m.training for m in self.model.modules()}
         for c in self._counters:
             c.top1 = None
@@ -167,5 +171,4 @@ class RoutingMonitor:
 
 
 def _same_inputs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(
-        a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k].device)) for k in a)

@@ -29,8 +29,12 @@ def plot_routing(report: RoutingReport, history: list[RoutingReport], path: Path
     grid = relative_load(report)
     curve = len(history) >= 2
     width = len(grid[0]) if grid else 1
-    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(max(5.0, width / 6) + (6 if curve else 0),
-                                                             max(3.0, len(grid) / 4)), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        2 if curve else 1,
+        figsize=(max(5.0, width / 6) + (6 if curve else 0), max(3.0, len(grid) / 4)),
+        squeeze=False,
+    )
     ax = axes[0][0]
     im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0)
     ax.set_xlabel("expert")
@@ -46,8 +50,13 @@ def plot_routing(report: RoutingReport, history: list[RoutingReport], path: Path
         per_layer = list(zip(*[r.figure("load_cv") for r in history]))
         for values in per_layer:
             ax.plot(steps, values, color="0.7", linewidth=0.8)
-        ax.plot(steps, [max((v for v in r.figure("load_cv") if not math.isnan(v)), default=math.nan) for r in history],
-                color="C3", linewidth=1.6, label="worst layer")
+        ax.plot(
+            steps,
+            [max((v for v in r.figure("load_cv") if not math.isnan(v)), default=math.nan) for r in history],
+            color="C3",
+            linewidth=1.6,
+            label="worst layer",
+        )
         ax.set_xlabel("step")
         ax.set_ylabel("load CV (0 = balanced)")
         ax.set_title("load balance per window")

@@ -71,8 +71,7 @@ def pick_logits(output: Any, index: int | None, width: int) -> torch.Tensor | No
         items = output if isinstance(output, (tuple, list)) else [output]
         t = items[index] if -len(items) <= index < len(items) else None
         return t if isinstance(t, torch.Tensor) and t.is_floating_point() else None
-    return next((t for t in tensors_of(output) if t.is_floating_point() and t.dim() > 0 and t.shape[-1] == width),
-                None)
+    return next((t for t in tensors_of(output) if t.is_floating_point() and t.dim() > 0 and t.shape[-1] == width), None)
 
 
 def experts_call(args: tuple, kwargs: dict, names: tuple[str, str]) -> Routing | None:
@@ -133,8 +132,9 @@ def sorted_plan(output: Any, top_k: int) -> Routing | None:
     return Routing(index=index, weights=weights, sizes=[int(s) for s in sizes])
 
 
-def router_table(output: Any, spec: RoutingSpec, num_experts: int, top_k: int,
-                 logits: torch.Tensor | None) -> Routing | None:
+def router_table(
+    output: Any, spec: RoutingSpec, num_experts: int, top_k: int, logits: torch.Tensor | None
+) -> Routing | None:
     """ModuleList blocks: the router's own ``(top_k_index, top_k_weights)`` when it returns them, else
     the top-k of its logits under the block's detected routing kind."""
     items = [t for t in tensors_of(output) if t.dim() > 0]

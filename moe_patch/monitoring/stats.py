@@ -102,7 +102,7 @@ class LayerCounts:
     def zero_expert_share(self) -> float:
         """Share of slots that went to identity (zero computation) experts."""
         total = sum(self.assigned)
-        return sum(self.assigned[self.num_experts:]) / total if total and self.zero_experts else NAN
+        return sum(self.assigned[self.num_experts :]) / total if total and self.zero_experts else NAN
 
     # -- routing weights and router distribution -------------------------------------------------
     @property
@@ -221,8 +221,14 @@ class RoutingReport:
             "step": self.step,
             "tokens": self.tokens,
             "skipped": dict(self.skipped),
-            "layers": [{"counts": asdict(lr.counts), "top1_changed": lr.top1_changed,
-                        "figures": {k: _json_float(v) for k, v in lr.figures().items()}} for lr in self.layers],
+            "layers": [
+                {
+                    "counts": asdict(lr.counts),
+                    "top1_changed": lr.top1_changed,
+                    "figures": {k: _json_float(v) for k, v in lr.figures().items()},
+                }
+                for lr in self.layers
+            ],
         }
 
     def to_json(self, **kwargs: Any) -> str:

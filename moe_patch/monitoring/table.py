@@ -30,18 +30,25 @@ def _cell(key: str, value: float) -> str:
 
 def format_routing(report: Any) -> str:
     """The table of a :class:`~moe_patch.monitoring.stats.RoutingReport`."""
-    lines = [f"routing over {report.calls} forward calls, {report.tokens} tokens per layer"
-             + (f" (step {report.step})" if report.step is not None else "")]
+    lines = [
+        f"routing over {report.calls} forward calls, {report.tokens} tokens per layer"
+        + (f" (step {report.step})" if report.step is not None else "")
+    ]
     header = ("layer", "tokens") + tuple(title for _, _, title in FIGURES) + ("non-finite",)
     rows = [header]
     for lr in report.layers:
         figures = lr.figures()
-        rows.append((lr.counts.path, str(lr.counts.tokens)) + tuple(_cell(k, figures[k]) for k, _, _ in FIGURES)
-                    + (str(lr.counts.nonfinite + lr.counts.invalid),))
+        rows.append(
+            (lr.counts.path, str(lr.counts.tokens))
+            + tuple(_cell(k, figures[k]) for k, _, _ in FIGURES)
+            + (str(lr.counts.nonfinite + lr.counts.invalid),)
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    lines.append("  load CV: std/mean of tokens per expert (0 = balanced); entropy: over log(E); "
-                 "w-mass: summed top-k weights; p(top-k): router probability on the chosen experts")
+    lines.append(
+        "  load CV: std/mean of tokens per expert (0 = balanced); entropy: over log(E); "
+        "w-mass: summed top-k weights; p(top-k): router probability on the chosen experts"
+    )
     lines += [f"  not watched {path}: {why}" for path, why in report.skipped.items()]
     return "\n".join(lines)

@@ -22,7 +22,6 @@ from .handlers import Served, chat_completion, completion
 from .request_size import RequestSizeMiddleware
 from .responses import sse
 
-
 #: How long ``GET /stats`` waits for the engine's thread to read the offload engine's report.
 STATS_WAIT_S = 2.0
 
@@ -70,8 +69,10 @@ def build_app(served: Served, *, api_key: str | None = None, max_request_bytes: 
     def load_model(body: dict | None = Body(None)) -> StreamingResponse:  # noqa: B008
         # transformers chat reads loading progress as server-sent events until "ready": the model is loaded
         served.names.check((body or {}).get("model"))
-        return StreamingResponse(iter([sse({"status": "ready", "model": served.names.primary, "cached": True})]),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            iter([sse({"status": "ready", "model": served.names.primary, "cached": True})]),
+            media_type="text/event-stream",
+        )
 
     app.state.served = served
     install_error_handlers(app)

@@ -33,8 +33,9 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and not self._authorized(scope):
             from fastapi.responses import JSONResponse
 
-            body = error_body("missing or incorrect API key: send the header `Authorization: Bearer <key>`",
-                              code="invalid_api_key")
+            body = error_body(
+                "missing or incorrect API key: send the header `Authorization: Bearer <key>`", code="invalid_api_key"
+            )
             await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -35,8 +35,11 @@ HELP = """commands:
   !exit                 leave (Ctrl-D too); Ctrl-C stops a reply"""
 
 SETTABLE = {
-    "temperature": limits.TEMPERATURE, "top_p": limits.TOP_P, "top_k": limits.TOP_K,
-    "repetition_penalty": limits.REPETITION_PENALTY, "max_new_tokens": limits.MAX_NEW_TOKENS,
+    "temperature": limits.TEMPERATURE,
+    "top_p": limits.TOP_P,
+    "top_k": limits.TOP_K,
+    "repetition_penalty": limits.REPETITION_PENALTY,
+    "max_new_tokens": limits.MAX_NEW_TOKENS,
 }
 
 
@@ -85,8 +88,10 @@ class ChatSession:
                 self.say()
                 return
             except UnicodeDecodeError as exc:  # a stdin that decodes strictly: the line is lost, the session is not
-                self.say(f"your message is not valid UTF-8 at byte {exc.start} of what was read ({exc.reason}); "
-                         "nothing was sent")
+                self.say(
+                    f"your message is not valid UTF-8 at byte {exc.start} of what was read ({exc.reason}); "
+                    "nothing was sent"
+                )
                 continue
             if not line:
                 continue
@@ -109,8 +114,10 @@ class ChatSession:
         size, limit = len(line.encode("utf-8")), byte_limit(self.context)
         if size > limit:
             context = f"the model's context of {self.context} tokens" if self.context else "a prompt"
-            return (f"is {format_bytes(size)} ({size} bytes); {context} holds far less, so it was not tokenized "
-                    f"(the limit is {format_bytes(limit)})")
+            return (
+                f"is {format_bytes(size)} ({size} bytes); {context} holds far less, so it was not tokenized "
+                f"(the limit is {format_bytes(limit)})"
+            )
         return None
 
     # -- commands --------------------------------------------------------------------------------------------
@@ -162,9 +169,8 @@ class ChatSession:
     def reply(self, text: str) -> str | None:
         """Generate and stream the answer to ``text``; the turn joins the conversation unless it was stopped."""
         import torch
-        from transformers import TextIteratorStreamer
-
         from jinja2 import TemplateError
+        from transformers import TextIteratorStreamer
 
         messages = [*self.messages, {"role": "user", "content": text}]
         try:
@@ -186,9 +192,15 @@ class ChatSession:
         def generate() -> None:
             try:
                 with torch.no_grad():
-                    self.book.measure(ticket, self.model.generate, input_ids, attention_mask=torch.ones_like(input_ids),
-                                      generation_config=generation_config(self.model, self.sampling, new_tokens),
-                                      streamer=streamer, stopping_criteria=[_stop_when(stop)])
+                    self.book.measure(
+                        ticket,
+                        self.model.generate,
+                        input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        generation_config=generation_config(self.model, self.sampling, new_tokens),
+                        streamer=streamer,
+                        stopping_criteria=[_stop_when(stop)],
+                    )
             except BaseException as exc:  # shown on the main thread
                 failure.append(exc)
                 streamer.end()

@@ -131,8 +131,16 @@ def _send(job: Job, event: Any) -> None:
 class Engine:
     """Runs ``load()`` (which returns the model) and then every generation on one thread of its own."""
 
-    def __init__(self, load: Callable[[], Any], tokenizer: Any, *, max_batch: int = 4, max_queue: int = 64,
-                 prompt_cache_bytes: int = 0, book: ServerBook | None = None):
+    def __init__(
+        self,
+        load: Callable[[], Any],
+        tokenizer: Any,
+        *,
+        max_batch: int = 4,
+        max_queue: int = 64,
+        prompt_cache_bytes: int = 0,
+        book: ServerBook | None = None,
+    ):
         self._load, self.tokenizer = load, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prompt_cache = PromptCache(prompt_cache_bytes)
@@ -168,12 +176,17 @@ class Engine:
         job.solo = self.solo_reason(job.config)
         with self._cond:
             if self._closing:
-                raise Overloaded("the server is shutting down", status=503, code="server_shutting_down",
-                                 type="server_error")
+                raise Overloaded(
+                    "the server is shutting down", status=503, code="server_shutting_down", type="server_error"
+                )
             if len(self._jobs) >= self.max_queue:
-                raise Overloaded(f"the server is busy: {len(self._jobs)} requests are waiting (--max-queue); try again "
-                                 "in a moment", status=503, code="server_overloaded", type="server_error",
-                                 headers={"Retry-After": "1"})
+                raise Overloaded(
+                    f"the server is busy: {len(self._jobs)} requests are waiting (--max-queue); try again in a moment",
+                    status=503,
+                    code="server_overloaded",
+                    type="server_error",
+                    headers={"Retry-After": "1"},
+                )
             self._jobs.append(job)
             self._cond.notify()
 
@@ -200,11 +213,14 @@ class Engine:
         with self._cond:
             waiting = len(self._jobs)
         rows = list(self._rows)
-        return {"scheduling": f"up to {self.max_batch} requests decoded together in one batch"
-                              + (f"; every request alone through generate() ({self.batchable})" if self.batchable
-                                 else ""),
-                "max_batch": self.max_batch, "waiting": waiting, "running": [s.job.request_id for s in rows],
-                "prompt_cache": self.prompt_cache.to_dict()}
+        return {
+            "scheduling": f"up to {self.max_batch} requests decoded together in one batch"
+            + (f"; every request alone through generate() ({self.batchable})" if self.batchable else ""),
+            "max_batch": self.max_batch,
+            "waiting": waiting,
+            "running": [s.job.request_id for s in rows],
+            "prompt_cache": self.prompt_cache.to_dict(),
+        }
 
     def engine_report(self) -> dict[str, Any] | None:
         """The offload engine's own report since the server started (``OffloadStats.to_dict``). On the engine thread
@@ -284,8 +300,13 @@ class Engine:
                 _send(job, Failed(f"{type(exc).__name__}: {exc}"))
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, self._cache_kw: cache,
-                  "use_cache": True}
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            self._cache_kw: cache,
+            "use_cache": True,
+        }
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         return self.model(**kwargs).logits[:, -1, :]
@@ -303,9 +324,12 @@ class Engine:
         seq = _Sequence(job, self.tokenizer, chooser, cached)
         ids = job.prompt_ids
         cache = kv.new_cache(self.model.config, hit.kv if hit else None)
-        logits = self._forward(torch.tensor([ids[cached:]], device=self.device),
-                               torch.ones(1, len(ids), dtype=torch.long, device=self.device),
-                               torch.arange(cached, len(ids), device=self.device)[None], cache)
+        logits = self._forward(
+            torch.tensor([ids[cached:]], device=self.device),
+            torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+            torch.arange(cached, len(ids), device=self.device)[None],
+            cache,
+        )
         self._account([seq])
         if any(k.shape[2] != len(ids) for k, _ in kv.tensors(cache)):  # a layer the model did not fill as expected
             self.batchable = "its cache did not hold every prompt token in every layer"
@@ -339,9 +363,12 @@ class Engine:
                 return
         rows, pads = self._rows, self._pads
         length = kv.tensors(self._cache)[0][0].shape[2]
-        logits = self._forward(torch.tensor([[s.ids[-1]] for s in rows], device=self.device),
-                               kv.attention_mask(pads, length + 1, self.device),
-                               torch.tensor([[length - p] for p in pads], device=self.device), self._cache)
+        logits = self._forward(
+            torch.tensor([[s.ids[-1]] for s in rows], device=self.device),
+            kv.attention_mask(pads, length + 1, self.device),
+            torch.tensor([[length - p] for p in pads], device=self.device),
+            self._cache,
+        )
         self._account(rows)
         plain = [r for r, s in enumerate(rows) if s.chooser.plain_greedy]
         argmax = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
@@ -368,23 +395,39 @@ class Engine:
 
     def _finish(self, seq: _Sequence, row_kv: kv.KV | None) -> None:
         if row_kv is not None and self.prompt_cache.budget:
-            self.prompt_cache.store(seq.ids[:row_kv[0][0].shape[2]], row_kv)
+            self.prompt_cache.store(seq.ids[: row_kv[0][0].shape[2]], row_kv)
         release = seq.out.finish()
         if release.text or release.logprobs:
             _send(seq.job, Delta(release.text, release.logprobs))
         job = seq.job
-        _send(job, Finished(seq.reason or "length", seq.out.final_text, seq.ids[len(job.prompt_ids):],
-                            len(job.prompt_ids), seq.cached))
+        _send(
+            job,
+            Finished(
+                seq.reason or "length",
+                seq.out.final_text,
+                seq.ids[len(job.prompt_ids) :],
+                len(job.prompt_ids),
+                seq.cached,
+            ),
+        )
         now = time.monotonic()
-        self.book.finished(RequestRecord(
-            request_id=job.request_id, started_at=seq.started_at, finished_at=time.time(),
-            queued_s=seq.started - job.submitted, wall_s=now - seq.started,
-            time_to_first_token_s=None if seq.first_token_at is None else seq.first_token_at - job.submitted,
-            prompt_tokens=len(job.prompt_ids), cached_prompt_tokens=seq.cached, completion_tokens=seq.generated,
-            finish_reason=seq.reason or "length", path="generate" if job.solo else "batched",
-            mean_batch=seq.batch_sum / seq.passes if seq.passes else None,
-            offload={**seq.offload.figures(), "generations": 1},
-        ))
+        self.book.finished(
+            RequestRecord(
+                request_id=job.request_id,
+                started_at=seq.started_at,
+                finished_at=time.time(),
+                queued_s=seq.started - job.submitted,
+                wall_s=now - seq.started,
+                time_to_first_token_s=None if seq.first_token_at is None else seq.first_token_at - job.submitted,
+                prompt_tokens=len(job.prompt_ids),
+                cached_prompt_tokens=seq.cached,
+                completion_tokens=seq.generated,
+                finish_reason=seq.reason or "length",
+                path="generate" if job.solo else "batched",
+                mean_batch=seq.batch_sum / seq.passes if seq.passes else None,
+                offload={**seq.offload.figures(), "generations": 1},
+            )
+        )
         self._report_due = True
 
     def _solo(self, job: Job) -> None:
@@ -424,8 +467,13 @@ class Engine:
             set_seed(job.seed)
         ids = torch.tensor([job.prompt_ids], device=self.device)
         try:
-            self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=Tokens(),
-                                stopping_criteria=StoppingCriteriaList([Until()]))
+            self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=config,
+                streamer=Tokens(),
+                stopping_criteria=StoppingCriteriaList([Until()]),
+            )
         finally:
             self._rows = []
         self._account([seq])

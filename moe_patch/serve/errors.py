@@ -19,15 +19,24 @@ logger = logging.getLogger("moe_patch.serve")
 class RequestError(InvalidArgumentError):
     """A request the server refuses: HTTP ``status`` and OpenAI's ``param`` / ``code`` fields."""
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
         self.headers = headers
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 

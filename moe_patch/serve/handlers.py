@@ -86,8 +86,11 @@ def request_config(served: Served, body: dict[str, Any], prompt_tokens: int) -> 
         vocab = len(served.tokenizer)
         bad = [k for k in body["logit_bias"] if int(k) >= vocab]
         if bad:
-            raise RequestError(f"logit_bias: token {bad[0]} is not in the vocabulary of {vocab} tokens",
-                               param="logit_bias", code="invalid_value")
+            raise RequestError(
+                f"logit_bias: token {bad[0]} is not in the vocabulary of {vocab} tokens",
+                param="logit_bias",
+                code="invalid_value",
+            )
         config.sequence_bias = {(int(k),): float(v) for k, v in body["logit_bias"].items()}
     config = Sampling.from_mapping(body).apply(config)
     if config.max_new_tokens is None:  # a generation_config without a length
@@ -95,8 +98,9 @@ def request_config(served: Served, body: dict[str, Any], prompt_tokens: int) -> 
     config.stop_strings = list(stop_strings(body, config)) or None  # matched on the text by the engine
     config = effective_config(config, served.generation_config)
     try:
-        config.max_new_tokens = new_token_budget(prompt_tokens, served.context, config.max_new_tokens,
-                                                 _asks_for_length(body))
+        config.max_new_tokens = new_token_budget(
+            prompt_tokens, served.context, config.max_new_tokens, _asks_for_length(body)
+        )
     except ContextLengthError as exc:
         raise RequestError(str(exc), code="context_length_exceeded") from None
     return config
@@ -126,8 +130,9 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     try:
                         function["arguments"] = json.loads(function["arguments"])
                     except json.JSONDecodeError:
-                        raise RequestError("a tool call's arguments are not JSON", param="messages",
-                                           code="invalid_value") from None
+                        raise RequestError(
+                            "a tool call's arguments are not JSON", param="messages", code="invalid_value"
+                        ) from None
             m["tool_calls"], content = calls, None
         m["content"] = content or ""
         if "tool_call_id" in message:
@@ -138,12 +143,18 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def chat_prompt(served: Served, body: dict[str, Any]) -> list[int]:
     if not getattr(served.tokenizer, "chat_template", None):
-        raise RequestError("this model's tokenizer has no chat template; send the text to /v1/completions",
-                           param="messages")
+        raise RequestError(
+            "this model's tokenizer has no chat template; send the text to /v1/completions", param="messages"
+        )
     try:
         encoded = served.tokenizer.apply_chat_template(
-            chat_messages(body["messages"]), tools=body.get("tools"), add_generation_prompt=True, tokenize=True,
-            return_dict=True, **(body.get("chat_template_kwargs") or {}))
+            chat_messages(body["messages"]),
+            tools=body.get("tools"),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **(body.get("chat_template_kwargs") or {}),
+        )
     except (TemplateError, TypeError) as exc:
         raise RequestError(f"the chat template cannot render these messages: {exc}", param="messages") from None
     return list(encoded["input_ids"])
@@ -159,13 +170,24 @@ class _Run:
     def __init__(self, served: Served, body: dict[str, Any], prompt: list[int], request_id: str, logprobs: int | None):
         config = request_config(served, body, len(prompt))
         if logprobs is not None and (why := served.engine.solo_reason(config)):
-            raise RequestError(f"logprobs are not available for this request: it runs through transformers' "
-                               f"generate() because of {why}", param="logprobs", code="unsupported_parameter")
+            raise RequestError(
+                f"logprobs are not available for this request: it runs through transformers' "
+                f"generate() because of {why}",
+                param="logprobs",
+                code="unsupported_parameter",
+            )
         stops, config.stop_strings = config.stop_strings, None  # the engine matches them (output_text.py)
         stops = (stops,) if isinstance(stops, str) else tuple(stops or ())
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
-        self.job = Job(request_id, prompt, config, lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event),
-                       stops=stops, seed=body.get("seed"), top_logprobs=logprobs)
+        self.job = Job(
+            request_id,
+            prompt,
+            config,
+            lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event),
+            stops=stops,
+            seed=body.get("seed"),
+            top_logprobs=logprobs,
+        )
         served.engine.submit(self.job)
 
     async def events(self):
@@ -221,9 +243,17 @@ def parse_reply(served: Served, finished: Finished, prompt: list[int], tools: An
     for i, call in enumerate(parsed.get("tool_calls") or []):
         function = call.get("function", call)
         arguments = function.get("arguments")
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "index": i,
-                      "function": {"name": function.get("name"),
-                                   "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
+        calls.append(
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "index": i,
+                "function": {
+                    "name": function.get("name"),
+                    "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
+                },
+            }
+        )
     if calls:
         message["tool_calls"] = calls
     return message
@@ -268,8 +298,9 @@ async def chat_completion(served: Served, body: dict[str, Any], request: Request
                 if hold:
                     held.extend(event.logprobs)
                 elif event.text or event.logprobs:
-                    yield answer.chunk({"content": event.text},
-                                       shown.chat(event.logprobs) if logprobs is not None else None)
+                    yield answer.chunk(
+                        {"content": event.text}, shown.chat(event.logprobs) if logprobs is not None else None
+                    )
             elif isinstance(event, Finished):
                 message = {"content": ""}
                 if hold:
@@ -300,16 +331,20 @@ async def completion(served: Served, body: dict[str, Any], request: Request):
     if not body.get("stream"):
         deltas, finished = await run.result(request)
         entries = [e for d in deltas for e in d.logprobs]
-        return JSONResponse(answer.body(finished.text, finished.reason,
-                                        shown.legacy(entries) if logprobs is not None else None, used(finished)))
+        return JSONResponse(
+            answer.body(
+                finished.text, finished.reason, shown.legacy(entries) if logprobs is not None else None, used(finished)
+            )
+        )
 
     async def chunks():
         try:
             async for event in run.events():
                 if isinstance(event, Delta):
                     if event.text or event.logprobs:
-                        yield answer.chunk(event.text, None,
-                                           shown.legacy(event.logprobs) if logprobs is not None else None)
+                        yield answer.chunk(
+                            event.text, None, shown.legacy(event.logprobs) if logprobs is not None else None
+                        )
                 elif isinstance(event, Finished):
                     yield answer.chunk("", event.reason, usage=used(event))
                     yield DONE

@@ -59,8 +59,12 @@ def join(batch: KV, pads: list[int], row: KV) -> tuple[KV, list[int]]:
     width = max(length, row_length)
     out = []
     for (bk, bv), (rk, rv) in zip(batch, row):
-        out.append((torch.cat([pad_left(bk, width - length), pad_left(rk, width - row_length)]),
-                    torch.cat([pad_left(bv, width - length), pad_left(rv, width - row_length)])))
+        out.append(
+            (
+                torch.cat([pad_left(bk, width - length), pad_left(rk, width - row_length)]),
+                torch.cat([pad_left(bv, width - length), pad_left(rv, width - row_length)]),
+            )
+        )
     return out, [p + width - length for p in pads] + [width - row_length]
 
 
@@ -77,7 +81,7 @@ def keep(batch: KV, pads: list[int], rows: list[int]) -> tuple[KV, list[int]]:
 
 def row(batch: KV, pads: list[int], r: int) -> KV:
     """Row ``r``'s own keys and values, without its padding: a copy, so the batch's memory can go."""
-    return [(k[r:r + 1, :, pads[r]:].clone(), v[r:r + 1, :, pads[r]:].clone()) for k, v in batch]
+    return [(k[r : r + 1, :, pads[r] :].clone(), v[r : r + 1, :, pads[r] :].clone()) for k, v in batch]
 
 
 def prefix(kv: KV, length: int) -> KV:

@@ -16,14 +16,27 @@ from .names import ServedNames
 from .tokenizer import load_tokenizer
 
 
-def open_served(path: str | Path, *, names: ServedNames, options: Any, dtype: str = "auto", max_batch: int = 4,
-                max_queue: int = 64, prompt_cache_bytes: int = 0) -> Served:
+def open_served(
+    path: str | Path,
+    *,
+    names: ServedNames,
+    options: Any,
+    dtype: str = "auto",
+    max_batch: int = 4,
+    max_queue: int = 64,
+    prompt_cache_bytes: int = 0,
+) -> Served:
     """Load ``path`` (experts offloaded as ``options`` say) and start its engine."""
     from ..offload import load_model
 
     tokenizer = load_tokenizer(path, instead="moe-patch serve needs the checkpoint's tokenizer")
-    engine = Engine(lambda: load_model(str(path), options=options, dtype=dtype), tokenizer, max_batch=max_batch,
-                    max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes)
+    engine = Engine(
+        lambda: load_model(str(path), options=options, dtype=dtype),
+        tokenizer,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        prompt_cache_bytes=prompt_cache_bytes,
+    )
     model = engine.start()
     return Served(engine, tokenizer, names, context_length(model.config), model.generation_config)
 

@@ -36,8 +36,12 @@ class ServedNames:
         if requested is None or requested in self.names or not self.strict:
             return
         known = ", ".join(repr(n) for n in self.names)
-        raise RequestError(f"the model {requested!r} does not exist; this server serves {known}", status=404,
-                           param="model", code="model_not_found")
+        raise RequestError(
+            f"the model {requested!r} does not exist; this server serves {known}",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
 
     def find(self, requested: str) -> str | None:
         """The served name ``requested`` is (``GET /v1/models/{id}``), None if it is none of them."""

@@ -94,16 +94,16 @@ class OutputText:
 
     @property
     def final_text(self) -> str:
-        return self.text[:self.stop_at] if self.stop_at is not None else self.text
+        return self.text[: self.stop_at] if self.stop_at is not None else self.text
 
     def _release(self, end: int, final: bool = False) -> Release:
         end = max(end, self.sent)
-        piece = self.text[self.sent:end]
+        piece = self.text[self.sent : end]
         self.sent = end
         # a token's entry goes with the text that completes it; at the end, every token whose text begins before the
         # cut (the tokens after a stop string, and an end-of-sequence token, which adds no text, are left out)
         n = self._logprobs_sent
         while n < len(self._logprobs) and (self.ends[n - 1] if n else 0) < end and (final or self.ends[n] <= end):
             n += 1
-        entries, self._logprobs_sent = self._logprobs[self._logprobs_sent:n], n
+        entries, self._logprobs_sent = self._logprobs[self._logprobs_sent : n], n
         return Release(piece, entries)

@@ -20,9 +20,11 @@ def require_serving_dependencies() -> None:
     (looked up, not imported: a broken module of moe-patch must not read as a missing extra)."""
     missing = [module for module in SERVE_MODULES if importlib.util.find_spec(module) is None]
     if missing:
-        raise MoEPatchError(f"serving needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
-                            f"installed: pip install {' '.join(missing)} (or, in moe-patch's repository, the serve extra: "
-                            "pip install '.[serve]')")
+        raise MoEPatchError(
+            f"serving needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed: pip install {' '.join(missing)} (or, in moe-patch's repository, the serve extra: "
+            "pip install '.[serve]')"
+        )
 
 
 def api_key(given: str | None) -> str | None:

@@ -92,5 +92,9 @@ class PromptCache:
 
     def to_dict(self) -> dict[str, int]:
         with self._lock:
-            return {"entries": len(self._entries), "tokens": sum(len(e.ids) for e in self._entries.values()),
-                    "bytes": sum(e.nbytes for e in self._entries.values()), "budget_bytes": self.budget}
+            return {
+                "entries": len(self._entries),
+                "tokens": sum(len(e.ids) for e in self._entries.values()),
+                "bytes": sum(e.nbytes for e in self._entries.values()),
+                "budget_bytes": self.budget,
+            }

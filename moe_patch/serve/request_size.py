@@ -32,8 +32,10 @@ class RequestSizeMiddleware:
     def _message(self, size: int | None) -> str:
         held = f"the model's context of {self.context} tokens" if self.context else "a prompt"
         size_text = f"{format_bytes(size)} ({size} bytes)" if size is not None else f"over {format_bytes(self.limit)}"
-        return (f"the request body is {size_text}; this server reads at most {format_bytes(self.limit)} per request, "
-                f"far more than {held} can hold (start it with --max-request-bytes SIZE to change the limit)")
+        return (
+            f"the request body is {size_text}; this server reads at most {format_bytes(self.limit)} per request, "
+            f"far more than {held} can hold (start it with --max-request-bytes SIZE to change the limit)"
+        )
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -66,8 +68,9 @@ class RequestSizeMiddleware:
                 break
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
-    async def _refuse(self, scope: dict, receive: Any, send: Any, size: int | None, drained: int,
-                      more: bool = True) -> None:
+    async def _refuse(
+        self, scope: dict, receive: Any, send: Any, size: int | None, drained: int, more: bool = True
+    ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_SECONDS
         try:
@@ -81,8 +84,9 @@ class RequestSizeMiddleware:
             pass
         from fastapi.responses import JSONResponse
 
-        response = JSONResponse(error_body(self._message(size), code="request_too_large"), status_code=413,
-                                headers={"Connection": "close"})
+        response = JSONResponse(
+            error_body(self._message(size), code="request_too_large"), status_code=413, headers={"Connection": "close"}
+        )
         await response(scope, receive, send)
 
 

@@ -20,9 +20,12 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 class TokenText:
@@ -41,17 +44,23 @@ class TokenText:
 
     def chat(self, entries: list[tuple[int, TokenLogprob]]) -> dict[str, Any]:
         """Chat's ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
-        return {"content": [{**self.entry(lp.token_id, lp.logprob),
-                             "top_logprobs": [self.entry(t, v) for t, v in lp.top]} for _, lp in entries],
-                "refusal": None}
+        return {
+            "content": [
+                {**self.entry(lp.token_id, lp.logprob), "top_logprobs": [self.entry(t, v) for t, v in lp.top]}
+                for _, lp in entries
+            ],
+            "refusal": None,
+        }
 
     def legacy(self, entries: list[tuple[int, TokenLogprob]], offset: int = 0) -> dict[str, Any]:
         """The completions endpoint's ``logprobs`` object (``tokens``, ``token_logprobs``, ``top_logprobs``,
         ``text_offset``); ``offset``: where this piece's text begins in the answer."""
-        return {"tokens": [self.text(lp.token_id) for _, lp in entries],
-                "token_logprobs": [lp.logprob for _, lp in entries],
-                "top_logprobs": [{self.text(t): v for t, v in lp.top} for _, lp in entries],
-                "text_offset": [offset + start for start, _ in entries]}
+        return {
+            "tokens": [self.text(lp.token_id) for _, lp in entries],
+            "token_logprobs": [lp.logprob for _, lp in entries],
+            "top_logprobs": [{self.text(t): v for t, v in lp.top} for _, lp in entries],
+            "text_offset": [offset + start for start, _ in entries],
+        }
 
 
 class ChatAnswer:
@@ -61,23 +70,38 @@ class ChatAnswer:
         self.id, self.model, self.created = request_id, model, int(time.time())
 
     def _base(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "system_fingerprint": None}
 
-    def chunk(self, delta: dict[str, Any], logprobs: dict[str, Any] | None = None, finish_reason: str | None = None,
-              usage: dict[str, Any] | None = None) -> str:
-        body = {**self._base("chat.completion.chunk"),
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    def chunk(
+        self,
+        delta: dict[str, Any],
+        logprobs: dict[str, Any] | None = None,
+        finish_reason: str | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> str:
+        body = {
+            **self._base("chat.completion.chunk"),
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        }
         if usage is not None:
             body["usage"] = usage
         return sse(body)
 
-    def whole(self, message: dict[str, Any], finish_reason: str, usage: dict[str, Any],
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {**self._base("chat.completion"),
-                "choices": [{"index": 0, "message": {"role": "assistant", **message}, "logprobs": logprobs,
-                             "finish_reason": finish_reason}],
-                "usage": usage}
+    def whole(
+        self, message: dict[str, Any], finish_reason: str, usage: dict[str, Any], logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {
+            **self._base("chat.completion"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", **message},
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": usage,
+        }
 
 
 class CompletionAnswer:
@@ -86,11 +110,21 @@ class CompletionAnswer:
     def __init__(self, request_id: str, model: str):
         self.id, self.model, self.created = request_id, model, int(time.time())
 
-    def body(self, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None,
-             usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    def body(
+        self,
+        text: str,
+        finish_reason: str | None,
+        logprobs: dict[str, Any] | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body = {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        }
         if usage is not None:
             body["usage"] = usage
         return body

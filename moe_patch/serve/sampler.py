@@ -28,23 +28,68 @@ if TYPE_CHECKING:
 GENERATE_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
 
 # settings the step loop carries out
-IMPLEMENTED = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-               "sequence_bias", "eos_token_id", "stop_strings"}
+IMPLEMENTED = {
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "sequence_bias",
+    "eos_token_id",
+    "stop_strings",
+}
 # settings that cannot change the tokens of one greedy or sampled sequence
-NO_EFFECT = {"bos_token_id", "pad_token_id", "decoder_start_token_id", "use_cache", "output_attentions",
-             "output_hidden_states", "output_logits", "output_scores", "return_dict_in_generate", "transformers_version",
-             "_from_model_config", "max_length", "length_penalty", "early_stopping", "cache_implementation",
-             "cache_config", "compile_config", "disable_compile", "max_cache_len", "low_memory",
-             "continuous_batching_config", "renormalize_logits", "num_assistant_tokens",
-             "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
-             "target_lookbehind", "is_assistant"}
+NO_EFFECT = {
+    "bos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "output_logits",
+    "output_scores",
+    "return_dict_in_generate",
+    "transformers_version",
+    "_from_model_config",
+    "max_length",
+    "length_penalty",
+    "early_stopping",
+    "cache_implementation",
+    "cache_config",
+    "compile_config",
+    "disable_compile",
+    "max_cache_len",
+    "low_memory",
+    "continuous_batching_config",
+    "renormalize_logits",
+    "num_assistant_tokens",
+    "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold",
+    "assistant_lookbehind",
+    "target_lookbehind",
+    "is_assistant",
+}
 # settings that change the tokens unless they hold one of these values
-NEUTRAL = {"num_beams": (None, 1), "num_return_sequences": (None, 1), "num_beam_groups": (None, 1),
-           "min_length": (None, 0), "min_new_tokens": (None, 0), "no_repeat_ngram_size": (None, 0),
-           "encoder_no_repeat_ngram_size": (None, 0), "encoder_repetition_penalty": (None, 1.0),
-           "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
-           "guidance_scale": (None, 1.0), "remove_invalid_values": (None, False), "diversity_penalty": (None, 0.0),
-           "token_healing": (None, False), "use_mtp": (None, False)}
+NEUTRAL = {
+    "num_beams": (None, 1),
+    "num_return_sequences": (None, 1),
+    "num_beam_groups": (None, 1),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "guidance_scale": (None, 1.0),
+    "remove_invalid_values": (None, False),
+    "diversity_penalty": (None, 0.0),
+    "token_healing": (None, False),
+    "use_mtp": (None, False),
+}
 
 
 def effective_config(config: GenerationConfig, model_config: GenerationConfig) -> GenerationConfig:
@@ -92,8 +137,13 @@ class TokenLogprob:
 class TokenChooser:
     """Picks one request's next token from its row of logits (``config``: :func:`effective_config`'s)."""
 
-    def __init__(self, config: GenerationConfig, device: torch.device | str, seed: int | None = None,
-                 top_logprobs: int | None = None):
+    def __init__(
+        self,
+        config: GenerationConfig,
+        device: torch.device | str,
+        seed: int | None = None,
+        top_logprobs: int | None = None,
+    ):
         from transformers import (
             LogitsProcessorList,
             MinPLogitsWarper,
@@ -155,4 +205,3 @@ class TokenChooser:
             values, ids = torch.topk(logp, self.top_logprobs)
             top = tuple(zip(ids.tolist(), values.tolist()))
         return TokenLogprob(token, float(logp[token]), top)
-

@@ -30,16 +30,65 @@ MAX_COMPLETION_LOGPROBS = 5
 # The fields of OpenAI's requests (openai-python's CompletionCreateParams types when this was written), and
 # transformers' extensions that this server acts on too (`generation_config`, `chat_template_kwargs`).
 CHAT_FIELDS = {
-    "messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
-    "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation", "n", "parallel_tool_calls",
-    "prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
-    "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
-    "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
-    "web_search_options", "generation_config", "chat_template_kwargs",
+    "messages",
+    "model",
+    "audio",
+    "frequency_penalty",
+    "function_call",
+    "functions",
+    "logit_bias",
+    "logprobs",
+    "max_completion_tokens",
+    "max_tokens",
+    "metadata",
+    "modalities",
+    "moderation",
+    "n",
+    "parallel_tool_calls",
+    "prediction",
+    "presence_penalty",
+    "prompt_cache_key",
+    "prompt_cache_options",
+    "prompt_cache_retention",
+    "reasoning_effort",
+    "response_format",
+    "safety_identifier",
+    "seed",
+    "service_tier",
+    "stop",
+    "store",
+    "stream",
+    "stream_options",
+    "temperature",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "top_p",
+    "user",
+    "verbosity",
+    "web_search_options",
+    "generation_config",
+    "chat_template_kwargs",
 }
 COMPLETION_FIELDS = {
-    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
-    "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user",
+    "model",
+    "prompt",
+    "best_of",
+    "echo",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "max_tokens",
+    "n",
+    "presence_penalty",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "suffix",
+    "temperature",
+    "top_p",
+    "user",
     "generation_config",
 }
 
@@ -47,8 +96,17 @@ COMPLETION_FIELDS = {
 EXTENSIONS = {"top_k", "repetition_penalty"}
 
 # OpenAI fields with no effect on the tokens generated.
-BOOKKEEPING = {"user", "metadata", "store", "service_tier", "stream_options", "safety_identifier",
-               "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options"}
+BOOKKEEPING = {
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "stream_options",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+}
 
 # Unimplemented OpenAI fields, accepted only with the values that change nothing.
 NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
@@ -132,7 +190,7 @@ class ChatRequest(_Generation):
     def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
             if not key.isdigit():
-                raise ValueError(f"keys must be token ids such as \"50256\", got {key!r}")
+                raise ValueError(f'keys must be token ids such as "50256", got {key!r}')
         return value
 
 
@@ -149,14 +207,18 @@ def _check_text(value: Any, where: str) -> None:
     if isinstance(value, str):
         problem = text_problem(value)
         if problem:
-            raise RequestError(f"{where}: {problem}; send Unicode text (surrogates only in pairs)", param=where,
-                               code="invalid_value")
+            raise RequestError(
+                f"{where}: {problem}; send Unicode text (surrogates only in pairs)", param=where, code="invalid_value"
+            )
     elif isinstance(value, dict):
         for key, item in value.items():
             if isinstance(key, str) and text_problem(key):
                 name = where or "the request body"
-                raise RequestError(f"a key of {name} is {text_problem(key)}; send Unicode text", param=where or None,
-                                   code="invalid_value")
+                raise RequestError(
+                    f"a key of {name} is {text_problem(key)}; send Unicode text",
+                    param=where or None,
+                    code="invalid_value",
+                )
             _check_text(item, f"{where}.{key}" if where else key)
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -173,8 +235,7 @@ def check_request(body: dict[str, Any], schema: type[ChatRequest] | type[Complet
     acted_on = set(schema.model_fields)
     for name in sorted(set(body) - acted_on - BOOKKEEPING):
         if body[name] not in NO_OP_VALUES.get(name, (None,)):
-            raise RequestError(f"{name} is not supported by moe-patch serve", param=name,
-                               code="unsupported_parameter")
+            raise RequestError(f"{name} is not supported by moe-patch serve", param=name, code="unsupported_parameter")
     try:
         schema.model_validate(body)
     except ValidationError as exc:
@@ -182,7 +243,10 @@ def check_request(body: dict[str, Any], schema: type[ChatRequest] | type[Complet
         where = ".".join(str(p) for p in err["loc"])
         missing = err["type"] == "missing"
         message = f"missing required parameter: {where}" if missing else f"{where}: {err['msg']}"
-        raise RequestError(message, param=where, code="missing_required_parameter" if missing else "invalid_value") from None
+        raise RequestError(
+            message, param=where, code="missing_required_parameter" if missing else "invalid_value"
+        ) from None
     if body.get("top_logprobs") and not body.get("logprobs"):
-        raise RequestError("top_logprobs needs logprobs: true (as OpenAI's API)", param="top_logprobs",
-                           code="invalid_value")
+        raise RequestError(
+            "top_logprobs needs logprobs: true (as OpenAI's API)", param="top_logprobs", code="invalid_value"
+        )

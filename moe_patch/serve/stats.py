@@ -123,9 +123,11 @@ def summary(fig: dict[str, Any]) -> str:
         return f"{100 * x:.1f}%" if known(x) else "-"
 
     per_token = ", ".join(f"{t} {format_bytes(b)}" for t, b in fig["decode_bytes_per_token"].items() if known(b))
-    return (f"{fig['decode_tokens']} decode tokens at {rate(fig['decode_tokens_per_s'], 2)}, prefill "
-            f"{rate(fig['prefill_tokens_per_s'], 1)}; device-cache hit rate {pct(fig['hit_rate'])}; "
-            f"decode bytes/token {per_token or '-'}; {pct(fig['fraction_of_bound'])} of the bandwidth bound")
+    return (
+        f"{fig['decode_tokens']} decode tokens at {rate(fig['decode_tokens_per_s'], 2)}, prefill "
+        f"{rate(fig['prefill_tokens_per_s'], 1)}; device-cache hit rate {pct(fig['hit_rate'])}; "
+        f"decode bytes/token {per_token or '-'}; {pct(fig['fraction_of_bound'])} of the bandwidth bound"
+    )
 
 
 @dataclass
@@ -177,8 +179,15 @@ class StatsBook:
             return fn(*args, **kwargs)
         finally:
             stats = self._handle.stats
-            record = GenerationRecord(ticket.request_id, started_at, time.time(), started - ticket.submitted,
-                                      time.monotonic() - started, ticket.prompt_tokens, figures(stats))
+            record = GenerationRecord(
+                ticket.request_id,
+                started_at,
+                time.time(),
+                started - ticket.submitted,
+                time.monotonic() - started,
+                ticket.prompt_tokens,
+                figures(stats),
+            )
             with self._lock:
                 self._records.append(record)
                 self._totals.add(stats)
@@ -200,14 +209,16 @@ class StatsBook:
 
     def to_dict(self) -> dict[str, Any]:
         with self._lock:
-            return json_safe({
-                "scheduling": "one generation at a time on the offload engine, first come first served",
-                "waiting": self._waiting,
-                "running": self._running,
-                "cumulative": self._totals.figures(),
-                "requests": [asdict(r) for r in self._records],
-                "last_engine_report": self._last.to_dict() if self._last is not None else None,
-            })
+            return json_safe(
+                {
+                    "scheduling": "one generation at a time on the offload engine, first come first served",
+                    "waiting": self._waiting,
+                    "running": self._running,
+                    "cumulative": self._totals.figures(),
+                    "requests": [asdict(r) for r in self._records],
+                    "last_engine_report": self._last.to_dict() if self._last is not None else None,
+                }
+            )
 
 
 class EngineMeter:
@@ -236,7 +247,10 @@ class EngineMeter:
         for phase in PHASES:
             out.tokens[phase] = now.tokens[phase] - last.tokens[phase]
             out.seconds[phase] = now.seconds[phase] - last.seconds[phase]
-        for mine, new, old in ((out.decode_bytes, now.decode_bytes, last.decode_bytes), (out.hits, now.hits, last.hits)):
+        for mine, new, old in (
+            (out.decode_bytes, now.decode_bytes, last.decode_bytes),
+            (out.hits, now.hits, last.hits),
+        ):
             for key, n in new.items():
                 mine[key] = n - old.get(key, 0)
         out.stall_s = now.stall_s - last.stall_s
@@ -303,8 +317,10 @@ class ServerBook:
         with self._lock:
             counts = dict(self._counts)
             counts["cached_prompt_fraction"] = _ratio(counts["cached_prompt_tokens"], counts["prompt_tokens"])
-            return json_safe({
-                "cumulative": {**self._totals.figures(), **counts},
-                "requests": [asdict(r) for r in self._records],
-                "engine_report": self._engine_report,
-            })
+            return json_safe(
+                {
+                    "cumulative": {**self._totals.figures(), **counts},
+                    "requests": [asdict(r) for r in self._records],
+                    "engine_report": self._engine_report,
+                }
+            )

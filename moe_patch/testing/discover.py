@@ -37,8 +37,17 @@ _EXPERT_NAME = re.compile(r"experts", re.IGNORECASE)
 _SHARED = re.compile(r"shared", re.IGNORECASE)
 # Calls that build a module / parameter / tensor (the callee's last name).
 _BUILDERS = {
-    "Linear", "Parameter", "Embedding", "ModuleList", "ModuleDict", "empty", "zeros", "ones",
-    "randn", "rand", "Conv1d",
+    "Linear",
+    "Parameter",
+    "Embedding",
+    "ModuleList",
+    "ModuleDict",
+    "empty",
+    "zeros",
+    "ones",
+    "randn",
+    "rand",
+    "Conv1d",
 }
 
 
@@ -88,16 +97,23 @@ def _init_builds_experts(init: ast.FunctionDef) -> bool:
     for node in ast.walk(init):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
             for tgt in node.targets:
-                if (isinstance(tgt, ast.Attribute) and isinstance(tgt.value, ast.Name)
-                        and tgt.value.id == "self" and _EXPERT_NAME.search(tgt.attr)
-                        and not _SHARED.search(tgt.attr)
-                        and not tgt.attr.startswith(("num_", "n_"))
-                        and _callee(node.value) not in ("int", "getattr", "float", "bool", "max", "min")):
+                if (
+                    isinstance(tgt, ast.Attribute)
+                    and isinstance(tgt.value, ast.Name)
+                    and tgt.value.id == "self"
+                    and _EXPERT_NAME.search(tgt.attr)
+                    and not _SHARED.search(tgt.attr)
+                    and not tgt.attr.startswith(("num_", "n_"))
+                    and _callee(node.value) not in ("int", "getattr", "float", "bool", "max", "min")
+                ):
                     return True
         if isinstance(node, ast.Call) and _callee(node) in _BUILDERS:
             args = list(node.args) + [kw.value for kw in node.keywords]
-            if any(_EXPERT_NAME.search(n) and not _SHARED.search(n) and "per_tok" not in n
-                   for arg in args for n in _names_in(arg)):
+            if any(
+                _EXPERT_NAME.search(n) and not _SHARED.search(n) and "per_tok" not in n
+                for arg in args
+                for n in _names_in(arg)
+            ):
                 return True
     return False
 
@@ -125,7 +141,8 @@ def classify_source(source: str) -> tuple[bool, bool]:
 
 
 _CONFIG_EXPERTS_FIELD = re.compile(
-    r"^\s+(num_experts|num_local_experts|n_routed_experts|moe_num_experts)\s*[:=]", re.MULTILINE)
+    r"^\s+(num_experts|num_local_experts|n_routed_experts|moe_num_experts)\s*[:=]", re.MULTILINE
+)
 
 
 def _sources(module: str, prefix: str) -> list[Path]:
@@ -172,8 +189,9 @@ def _discover() -> tuple[MoEFamily, ...]:
             moe, dec = classify_source(path.read_text(encoding="utf-8"))
             is_moe, decorated = is_moe or moe, decorated or dec
         if not is_moe:
-            is_moe = any(config_declares_experts(p.read_text(encoding="utf-8"))
-                         for p in _sources(module, "configuration"))
+            is_moe = any(
+                config_declares_experts(p.read_text(encoding="utf-8")) for p in _sources(module, "configuration")
+            )
         if is_moe:
             root = _root_model_type(model_types, module)
             families.append(MoEFamily(root, module, decorated, tuple(model_types)))

@@ -24,9 +24,19 @@ from transformers.modeling_outputs import CausalLMOutput
 class LegacyMoeConfig(PretrainedConfig):
     model_type = "moe_patch_legacy"
 
-    def __init__(self, vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                 num_experts=8, num_experts_per_tok=2, block_style="mixtral", norm_topk_prob=True,
-                 shared_intermediate_size=48, **kwargs):
+    def __init__(
+        self,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        block_style="mixtral",
+        norm_topk_prob=True,
+        shared_intermediate_size=48,
+        **kwargs,
+    ):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -72,7 +82,8 @@ class MixtralStyleBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
-            [MixtralStyleExpert(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts)])
+            [MixtralStyleExpert(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts)]
+        )
 
     def forward(self, hidden_states):
         b, s, h = hidden_states.shape
@@ -116,7 +127,8 @@ class DeepseekStyleBlock(nn.Module):
     def __init__(self, config: LegacyMoeConfig):
         super().__init__()
         self.experts = nn.ModuleList(
-            [DeepseekStyleMLP(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts)])
+            [DeepseekStyleMLP(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts)]
+        )
         self.gate = DeepseekStyleGate(config)
         self.shared_experts = DeepseekStyleMLP(config.hidden_size, config.shared_intermediate_size)
 

@@ -13,7 +13,7 @@ For tests and benchmarks (nothing here runs in a user's model): a bf16/fp32 chec
   per-channel scales.
 
 The config gets the ``quantization_config`` the real releases carry. Tests check that the output
-round-trips through transformers' own dequantize functions (``tests/test_formats.py``).
+round-trips through transformers' own dequantize functions (``tests/formats/test_offload_formats.py``).
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -47,60 +48,141 @@ BATCH, SEQ = 2, 8
 # is a callable of the old value.
 _SIZES: dict[str, Any] = {
     # widths
-    "hidden_size": HIDDEN, "d_model": HIDDEN, "n_embd": HIDDEN, "embed_dim": HIDDEN,
-    "text_hidden_size": HIDDEN, "thinker_hidden_size": HIDDEN, "out_hidden_size": HIDDEN,
-    "projector_hidden_size": HIDDEN, "projection_hidden_dim": HIDDEN, "merged_hidden_size": HIDDEN,
-    "vision_output_dim": HIDDEN, "output_dim": HIDDEN, "projector_input_dim": HIDDEN,
-    "projector_output_dim": HIDDEN, "router_hidden_size": HIDDEN, "adapter_in_dim": HIDDEN,
-    "adapter_out_dim": HIDDEN, "adapter_input_size": HIDDEN,
-    "intermediate_size": HIDDEN, "d_ff": HIDDEN, "ffn_hidden_size": HIDDEN,
-    "dense_intermediate_size": HIDDEN, "intermediate_size_mlp": HIDDEN, "encoder_ffn_dim": HIDDEN,
-    "decoder_ffn_dim": HIDDEN, "mlp_dim": HIDDEN, "projection_intermediate_size": HIDDEN,
-    "moe_intermediate_size": 32, "expert_ffn_hidden_size": 32, "moe_hidden_size": 32,
-    "shared_expert_intermediate_size": 32, "shared_experts_intermediate_size": 32,
-    "moe_shared_expert_intermediate_size": 32, "shared_intermediate_size": 32, "share_expert_dim": 32,
+    "hidden_size": HIDDEN,
+    "d_model": HIDDEN,
+    "n_embd": HIDDEN,
+    "embed_dim": HIDDEN,
+    "text_hidden_size": HIDDEN,
+    "thinker_hidden_size": HIDDEN,
+    "out_hidden_size": HIDDEN,
+    "projector_hidden_size": HIDDEN,
+    "projection_hidden_dim": HIDDEN,
+    "merged_hidden_size": HIDDEN,
+    "vision_output_dim": HIDDEN,
+    "output_dim": HIDDEN,
+    "projector_input_dim": HIDDEN,
+    "projector_output_dim": HIDDEN,
+    "router_hidden_size": HIDDEN,
+    "adapter_in_dim": HIDDEN,
+    "adapter_out_dim": HIDDEN,
+    "adapter_input_size": HIDDEN,
+    "intermediate_size": HIDDEN,
+    "d_ff": HIDDEN,
+    "ffn_hidden_size": HIDDEN,
+    "dense_intermediate_size": HIDDEN,
+    "intermediate_size_mlp": HIDDEN,
+    "encoder_ffn_dim": HIDDEN,
+    "decoder_ffn_dim": HIDDEN,
+    "mlp_dim": HIDDEN,
+    "projection_intermediate_size": HIDDEN,
+    "moe_intermediate_size": 32,
+    "expert_ffn_hidden_size": 32,
+    "moe_hidden_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "shared_experts_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 32,
+    "shared_intermediate_size": 32,
+    "share_expert_dim": 32,
     "vocab_size": VOCAB,
     # depth
-    "num_hidden_layers": 2, "num_layers": 2, "n_layers": 2, "encoder_layers": 2, "decoder_layers": 2,
-    "num_decoder_layers": 2, "depth": 2,
+    "num_hidden_layers": 2,
+    "num_layers": 2,
+    "n_layers": 2,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "num_decoder_layers": 2,
+    "depth": 2,
     # attention
-    "num_attention_heads": 4, "n_heads": 4, "num_heads": 4, "encoder_attention_heads": 4,
-    "decoder_attention_heads": 4, "num_key_value_heads": 2, "kv_n_heads": 2, "head_dim": 16,
-    "d_kv": 16, "kv_channels": 16, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
-    "swa_head_dim": 16, "num_sliding_attention_heads": 4,
-    "kv_lora_rank": 32, "q_lora_rank": 32, "o_lora_rank": 32, "qk_rope_head_dim": 16,
-    "qk_nope_head_dim": 16, "v_head_dim": 16, "qk_head_dim": 32, "index_head_dim": 16, "index_n_heads": 2,
+    "num_attention_heads": 4,
+    "n_heads": 4,
+    "num_heads": 4,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "kv_n_heads": 2,
+    "head_dim": 16,
+    "d_kv": 16,
+    "kv_channels": 16,
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 16,
+    "num_sliding_attention_heads": 4,
+    "kv_lora_rank": 32,
+    "q_lora_rank": 32,
+    "o_lora_rank": 32,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "qk_head_dim": 32,
+    "index_head_dim": 16,
+    "index_n_heads": 2,
     "index_num_heads": 2,
-    "max_position_embeddings": 512, "max_seq_len": 512, "sliding_window": 64, "sliding_window_size": 64,
-    "attention_chunk_size": 64, "max_window_layers": 2,
+    "max_position_embeddings": 512,
+    "max_seq_len": 512,
+    "sliding_window": 64,
+    "sliding_window_size": 64,
+    "attention_chunk_size": 64,
+    "max_window_layers": 2,
     # linear attention / state space
-    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16, "linear_head_dim": 16, "linear_num_heads": 4,
-    "mamba_n_heads": 8, "mamba_num_heads": 8, "mamba_d_head": 16, "mamba_head_dim": 16,
-    "mamba_d_state": 16, "ssm_state_size": 16, "mamba_n_groups": 1, "n_groups": 1,
-    "mamba_chunk_size": 16, "chunk_size": 16, "mamba_dt_rank": 8,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_head_dim": 16,
+    "linear_num_heads": 4,
+    "mamba_n_heads": 8,
+    "mamba_num_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_head_dim": 16,
+    "mamba_d_state": 16,
+    "ssm_state_size": 16,
+    "mamba_n_groups": 1,
+    "n_groups": 1,
+    "mamba_chunk_size": 16,
+    "chunk_size": 16,
+    "mamba_dt_rank": 8,
     # experts: any real MoE count becomes EXPERTS, top-k becomes TOP_K (never raised)
     "num_experts": lambda v: EXPERTS if v and v > 1 else v,
     "num_local_experts": lambda v: EXPERTS if v and v > 1 else v,
     "n_routed_experts": lambda v: EXPERTS if v and v > 1 else v,
     "moe_num_experts": lambda v: EXPERTS if isinstance(v, int) and v > 1 else v,
-    "num_experts_per_tok": TOP_K, "num_experts_per_token": TOP_K, "moe_k": TOP_K, "moe_top_k": TOP_K,
-    "moe_topk": TOP_K, "top_k": TOP_K,
-    "n_shared_experts": 1, "num_shared_experts": 1, "moe_num_shared_experts": 1,
-    "n_group": lambda v: 2 if v and v > 1 else v, "num_expert_group": lambda v: 2 if v and v > 1 else v,
-    "topk_group": 1, "zero_expert_num": 4,
-    "first_k_dense_replace": 1, "num_dense_layers": 1, "decoder_sparse_step": 1,
-    "encoder_sparse_step": 1, "interleave_moe_layer_step": 1, "moe_layer_interval": 1,
+    "num_experts_per_tok": TOP_K,
+    "num_experts_per_token": TOP_K,
+    "moe_k": TOP_K,
+    "moe_top_k": TOP_K,
+    "moe_topk": TOP_K,
+    "top_k": TOP_K,
+    "n_shared_experts": 1,
+    "num_shared_experts": 1,
+    "moe_num_shared_experts": 1,
+    "n_group": lambda v: 2 if v and v > 1 else v,
+    "num_expert_group": lambda v: 2 if v and v > 1 else v,
+    "topk_group": 1,
+    "zero_expert_num": 4,
+    "first_k_dense_replace": 1,
+    "num_dense_layers": 1,
+    "decoder_sparse_step": 1,
+    "encoder_sparse_step": 1,
+    "interleave_moe_layer_step": 1,
+    "moe_layer_interval": 1,
     # vision / audio towers (text-only inputs are used, the towers only need to build cheaply)
-    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16,
+    "vocab_size_per_layer_input": VOCAB,
+    "hidden_size_per_layer_input": 16,
     "canvas_length": SEQ,
-    "image_size": 64, "num_mel_bins": 16, "n_mel_bins": 16, "num_position_embeddings": 64,
+    "image_size": 64,
+    "num_mel_bins": 16,
+    "n_mel_bins": 16,
+    "num_position_embeddings": 64,
 }
 
 # Fields some families leave None in their default config (a dense default): give them MoE values.
 _WHEN_NONE: dict[str, Any] = {
-    "num_experts": EXPERTS, "num_local_experts": EXPERTS, "n_routed_experts": EXPERTS,
-    "num_experts_per_tok": TOP_K, "top_k_experts": TOP_K, "moe_intermediate_size": 32,
+    "num_experts": EXPERTS,
+    "num_local_experts": EXPERTS,
+    "n_routed_experts": EXPERTS,
+    "num_experts_per_tok": TOP_K,
+    "top_k_experts": TOP_K,
+    "moe_intermediate_size": 32,
 }
 
 # (lead, follower): when equal in the default config, the follower stays equal to the lead.
@@ -114,8 +196,15 @@ _KEEP_EQUAL = (
 _TOKEN_ID = re.compile(r"(token_id|token_index|_id)$")
 _DEPTH_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "decoder_layers", "depth")
 # Lists of layer indices (filtered to the new depth) rather than per-layer lists.
-_INDEX_LISTS = {"mlp_only_layers", "moe_layers", "global_attn_indexes", "deepstack_visual_indexes",
-                "out_indices", "fullatt_block_indexes", "index_layers"}
+_INDEX_LISTS = {
+    "mlp_only_layers",
+    "moe_layers",
+    "global_attn_indexes",
+    "deepstack_visual_indexes",
+    "out_indices",
+    "fullatt_block_indexes",
+    "index_layers",
+}
 # per-layer lists whose values are layer indices (kolibri1_1: the layer whose K/V each layer reads)
 _LAYER_REFERENCE_LISTS = {"kv_source_layers"}
 
@@ -140,16 +229,25 @@ class TinySpec:
 
 def _vitpose_inputs(config, gen):
     size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
-    return {"pixel_values": torch.randn(BATCH, config.num_channels, *size, generator=gen),
-            "dataset_index": torch.arange(BATCH) % config.num_experts}
+    return {
+        "pixel_values": torch.randn(BATCH, config.num_channels, *size, generator=gen),
+        "dataset_index": torch.arange(BATCH) % config.num_experts,
+    }
 
 
 _FAMILY_OVERRIDES: dict[str, TinySpec] = {
     # Dataset-indexed experts (one per pose dataset), off (1 expert) by default.
-    "vitpose_backbone": TinySpec(config={"num_experts": 4, "image_size": [32, 32], "patch_size": [8, 8],
-                                         "part_features": 16,
-                                         "out_features": ["stage2"], "out_indices": [2]},
-                                 inputs=_vitpose_inputs),
+    "vitpose_backbone": TinySpec(
+        config={
+            "num_experts": 4,
+            "image_size": [32, 32],
+            "patch_size": [8, 8],
+            "part_features": 16,
+            "out_features": ["stage2"],
+            "out_indices": [2],
+        },
+        inputs=_vitpose_inputs,
+    ),
     # Defaults that do not build as they are (None where the model multiplies or indexes).
     "dots1": TinySpec(config={"n_shared_experts": 1}),
     # Product-key experts: num_experts must be a square (sqrt(num_experts) keys per side).
@@ -161,21 +259,29 @@ _FAMILY_OVERRIDES: dict[str, TinySpec] = {
     # Layer patterns left None / uniform by default, or derived from periods: one of each kind.
     "lfm2_moe": TinySpec(config={"layer_types": ["conv", "full_attention"], "num_dense_layers": 1}),
     "granitemoehybrid": TinySpec(config={"layer_types": ["linear_attention", "full_attention"]}),
-    "jamba": TinySpec(config={"expert_layer_period": 2, "expert_layer_offset": 1,
-                              "attn_layer_period": 2, "attn_layer_offset": 0}),
+    "jamba": TinySpec(
+        config={"expert_layer_period": 2, "expert_layer_offset": 1, "attn_layer_period": 2, "attn_layer_offset": 0}
+    ),
     "step3p7": TinySpec(config={"text_config": {"sliding_window": 64}}),
     # Its "indexed_attention" layers need the (default None) QSA indexer sizes.
-    "qwen4_exp": TinySpec(config={"text_config": {
-        "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
-        "indexer_compress_ratio": 4}}),
+    "qwen4_exp": TinySpec(
+        config={
+            "text_config": {
+                "indexer_n_heads": 2,
+                "indexer_kv_heads": 1,
+                "indexer_head_dim": 16,
+                "indexer_budget": 8,
+                "indexer_compress_ratio": 4,
+            }
+        }
+    ),
     # transformers 5.23's DbrxConfig() lacks attn_config.rope_theta that the model reads (real
     # checkpoints carry it), and clamps with clip_qkv unconditionally (DBRX ships 8.0).
     "dbrx": TinySpec(config={"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}}),
     # Sliding layers take head_dim = their per-layer qk_nope_head_dim + qk_rope_head_dim.
     "dots3_note": TinySpec(config={"text_config": {"head_dim": 32}}),
     # The thinker is the language model (the talker speaks); text-only input_ids go to it.
-    "qwen3_omni_moe": TinySpec(model_class="Qwen3OmniMoeThinkerForConditionalGeneration",
-                               submodel="thinker_config"),
+    "qwen3_omni_moe": TinySpec(model_class="Qwen3OmniMoeThinkerForConditionalGeneration", submodel="thinker_config"),
     # Vision patch planning needs n_layers >= its scale count, else it calls scipy.
     "inkling_mm_model": TinySpec(config={"vision_config": {"n_layers": 4, "patch_size": 4}}),
     # Per-layer KV-cache owners are layer indices: each kept layer owns its own.
@@ -267,8 +373,7 @@ def _shrink_layers(d: dict[str, Any], old: int, new: int) -> None:
         else:
             old_keys = _layer_keys(value, old)
             new_keys = _layer_keys(value, new)
-            d[key] = {new_keys[j]: _clamp_layer(value[old_keys[i]]) for j, i in enumerate(keep)
-                      if old_keys[i] in value}
+            d[key] = {new_keys[j]: _clamp_layer(value[old_keys[i]]) for j, i in enumerate(keep) if old_keys[i] in value}
 
 
 def _clamp_layer(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -316,7 +421,7 @@ def _shrink_dict(d: dict[str, Any], token_ids: dict[int, int]) -> dict[str, Any]
     if isinstance(d.get("rope_parameters"), dict) and isinstance(d.get("hidden_size"), int):
         heads = d.get("num_attention_heads") or 1
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        factor = (d["rope_parameters"].get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0)
+        factor = d["rope_parameters"].get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0
         d["rope_parameters"] = _rescale_rope(d["rope_parameters"], int(head_dim * factor) // 2)
     for key, value in list(d.items()):
         if _TOKEN_ID.search(key) and not isinstance(value, bool):
@@ -452,7 +557,7 @@ def _randomize(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        for _name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
             if p.dim() >= 2:
                 p.copy_(noise.to(p.dtype))
@@ -536,7 +641,7 @@ def main_output(outputs: Any) -> torch.Tensor:
         return torch.cat([f.flatten(1) for f in outputs.feature_maps], dim=1)
     if isinstance(outputs, torch.Tensor):
         return outputs
-    for value in (outputs.values() if hasattr(outputs, "values") else outputs):
+    for value in outputs.values() if hasattr(outputs, "values") else outputs:
         if isinstance(value, torch.Tensor):
             return value
     raise TypeError(f"no tensor in model outputs of type {type(outputs).__name__}")

@@ -46,11 +46,21 @@ class RoutingCallback(TrainerCallback):
     draws them. ``monitor`` (a :class:`~moe_patch.monitoring.RoutingMonitor`) holds this process's own counts.
     """
 
-    def __init__(self, trainer: Any, *, every: int | None = None, per_layer: bool = False,
-                 stability_inputs: dict[str, Any] | None = None, prefix: str = "routing/", router_stats: bool = True):
+    def __init__(
+        self,
+        trainer: Any,
+        *,
+        every: int | None = None,
+        per_layer: bool = False,
+        stability_inputs: dict[str, Any] | None = None,
+        prefix: str = "routing/",
+        router_stats: bool = True,
+    ):
         if not (callable(getattr(trainer, "log", None)) and hasattr(trainer, "model")):
-            raise MoEConfigError("RoutingCallback(trainer): pass the Trainer it logs through, e.g. "
-                                 "trainer.add_callback(RoutingCallback(trainer))")
+            raise MoEConfigError(
+                "RoutingCallback(trainer): pass the Trainer it logs through, e.g. "
+                "trainer.add_callback(RoutingCallback(trainer))"
+            )
         if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
             raise MoEConfigError(f"RoutingCallback(every={every!r}): give a number of steps >= 1, or None")
         self.trainer = trainer
@@ -66,7 +76,8 @@ class RoutingCallback(TrainerCallback):
             logger.warning(
                 "RoutingCallback: %s is not patched by moe-patch; its routing is logged all the same, but call "
                 "moe_patch.patch_model(model) before training for moe-patch's exact, faster dispatch",
-                type(model).__name__)
+                type(model).__name__,
+            )
         if self.monitor is not None:
             self.monitor.close()
         self.monitor = RoutingMonitor(model, when="train", router_stats=self.router_stats)
@@ -93,8 +104,9 @@ class RoutingCallback(TrainerCallback):
     def _log(self, step: int) -> None:
         if self.stability_inputs is not None:
             device = self.trainer.args.device
-            self.monitor.check_stability({k: v.to(device) if hasattr(v, "to") else v
-                                          for k, v in self.stability_inputs.items()})
+            self.monitor.check_stability(
+                {k: v.to(device) if hasattr(v, "to") else v for k, v in self.stability_inputs.items()}
+            )
         report = sum_over_processes(self.monitor.snapshot(step=step))  # every process calls this at each log
         self.history[-1] = report  # the monitor appended this process's window
         self.trainer.log(report.log_figures(self.prefix, per_layer=self.per_layer))
@@ -110,8 +122,9 @@ class RoutingCallback(TrainerCallback):
                 if lr.top1_changed is not None:
                     total.top1_changed = lr.top1_changed
         last = self.history[-1]
-        return RoutingReport(layers=layers, calls=sum(r.calls for r in self.history), step=last.step,
-                             skipped=last.skipped)
+        return RoutingReport(
+            layers=layers, calls=sum(r.calls for r in self.history), step=last.step, skipped=last.skipped
+        )
 
     def to_json(self, **kwargs) -> str:
         """:meth:`report` as JSON, with :attr:`history` under ``"history"``."""

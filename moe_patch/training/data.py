@@ -36,8 +36,9 @@ def python_stdlib_files(*, include_tests: bool = False, limit: int | None = None
     return files[:limit] if limit else files
 
 
-def text_files(paths: Iterable[str | Path], suffixes: Sequence[str] = (".txt", ".md", ".py", ".json", ".jsonl")
-               ) -> list[Path]:
+def text_files(
+    paths: Iterable[str | Path], suffixes: Sequence[str] = (".txt", ".md", ".py", ".json", ".jsonl")
+) -> list[Path]:
     """Files given directly, plus the files with one of ``suffixes`` under each folder given, sorted."""
     out: list[Path] = []
     for p in map(Path, paths):
@@ -72,8 +73,9 @@ def train_byte_bpe(files: Sequence[Path], vocab_size: int = 4096):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train([str(f) for f in files], vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
-              show_progress=False)
+    bpe.train(
+        [str(f) for f in files], vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, pad_token=EOS)
 
 
@@ -86,8 +88,9 @@ class TokenBlocks(torch.utils.data.Dataset):
         self.blocks = blocks
 
     @classmethod
-    def from_files(cls, files: Sequence[Path], tokenizer, block_size: int, *, max_tokens: int | None = None
-                   ) -> TokenBlocks:
+    def from_files(
+        cls, files: Sequence[Path], tokenizer, block_size: int, *, max_tokens: int | None = None
+    ) -> TokenBlocks:
         """Each file tokenised and followed by EOS, all concatenated (in order), cut into ``block_size``
         blocks; the tail shorter than a block is dropped. Stops reading after ``max_tokens``."""
         eos = tokenizer.eos_token_id

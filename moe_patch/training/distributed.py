@@ -78,7 +78,7 @@ def sum_over_processes(report: RoutingReport) -> RoutingReport:
     total = buffer.tolist()
     layers, offset = [], 0
     for layer, row in zip(report.layers, rows):
-        layers.append(LayerRouting(_unflatten(layer.counts, total[offset:offset + len(row)])))
+        layers.append(LayerRouting(_unflatten(layer.counts, total[offset : offset + len(row)])))
         offset += len(row)
     for layer in layers:
         share, measured = total[offset], total[offset + 1]

@@ -21,7 +21,7 @@ def held_out_loss(model: nn.Module, data: TokenBlocks, *, batch_size: int = 8) -
     total, count = 0.0, 0
     try:
         for start in range(0, len(data), batch_size):
-            ids = data.blocks[start:start + batch_size].to(device)
+            ids = data.blocks[start : start + batch_size].to(device)
             out = model(input_ids=ids, labels=ids, **kwargs)
             n = ids.numel() - ids.shape[0]  # predicted positions: every token but each block's first
             total += float(out.loss) * n

@@ -16,15 +16,16 @@ from typing import Any
 from torch import nn
 
 from ..detect.structure import model_root
-from ..families import find_moe_blocks
 from ..errors import MoEConfigError, NoMoEFoundError
+from ..families import find_moe_blocks
 
 #: Attention projection names across the families moe-patch upcycles and most others.
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def expert_lora_targets(model: nn.Module, *, attention: bool = False, shared_experts: bool = False
-                        ) -> tuple[list[str], list[str]]:
+def expert_lora_targets(
+    model: nn.Module, *, attention: bool = False, shared_experts: bool = False
+) -> tuple[list[str], list[str]]:
     """(target_modules, target_parameters) that put LoRA on every routed expert of ``model``, and on the
     attention projections / shared experts when asked.
 
@@ -43,7 +44,8 @@ def expert_lora_targets(model: nn.Module, *, attention: bool = False, shared_exp
         if targets is None:
             raise MoEConfigError(
                 f"{h.info.experts_path}: experts stored as {h.info.layout.flags()} cannot get per-expert LoRA from "
-                "peft; put LoRA on the attention and shared experts instead (attention=True, shared_experts=True)")
+                "peft; put LoRA on the attention and shared experts instead (attention=True, shared_experts=True)"
+            )
         modules += targets[0]
         parameters += targets[1]
         if shared_experts:
@@ -56,8 +58,15 @@ def expert_lora_targets(model: nn.Module, *, attention: bool = False, shared_exp
     return modules, parameters
 
 
-def expert_lora_config(model: nn.Module, *, r: int = 8, alpha: int = 16, attention: bool = False,
-                       shared_experts: bool = False, **lora_kwargs: Any):
+def expert_lora_config(
+    model: nn.Module,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    attention: bool = False,
+    shared_experts: bool = False,
+    **lora_kwargs: Any,
+):
     """A ``peft.LoraConfig`` for :func:`expert_lora_targets` (``get_peft_model(model, config)`` applies it).
 
     ``lora_kwargs`` go to ``LoraConfig``; ``lora_dropout`` must stay 0 when fused experts are targeted
@@ -67,7 +76,9 @@ def expert_lora_config(model: nn.Module, *, r: int = 8, alpha: int = 16, attenti
 
     modules, parameters = expert_lora_targets(model, attention=attention, shared_experts=shared_experts)
     if parameters and lora_kwargs.get("lora_dropout", 0.0):
-        raise MoEConfigError("lora_dropout must be 0 with LoRA on fused (3-D) experts: peft's ParamWrapper cannot "
-                             "apply dropout there")
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=modules or None,
-                      target_parameters=parameters or None, **lora_kwargs)
+        raise MoEConfigError(
+            "lora_dropout must be 0 with LoRA on fused (3-D) experts: peft's ParamWrapper cannot apply dropout there"
+        )
+    return LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=modules or None, target_parameters=parameters or None, **lora_kwargs
+    )

@@ -35,9 +35,14 @@ def router_z_loss(router_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch
     return torch.stack(per_layer).mean()
 
 
-def weigh_router_losses(loss: torch.Tensor, *, aux_term: torch.Tensor | None = None,
-                        z_term: torch.Tensor | None = None, loss_scale: float = 1.0,
-                        batch_weight: float = 1.0) -> torch.Tensor:
+def weigh_router_losses(
+    loss: torch.Tensor,
+    *,
+    aux_term: torch.Tensor | None = None,
+    z_term: torch.Tensor | None = None,
+    loss_scale: float = 1.0,
+    batch_weight: float = 1.0,
+) -> torch.Tensor:
     """Give the router losses the weight they have in one process over one batch.
 
     ``loss`` is a process's micro-batch loss as a data-parallel trainer builds it: the model's loss (cross-entropy
@@ -78,13 +83,18 @@ def enable_router_aux_loss(model: nn.Module, coef: float | None = None) -> float
         raise MoEConfigError(f"router_aux_loss_coef must be a number >= 0, got {coef!r}")
     root = model_root(model)
     configs = [c for c in _configs(root) if hasattr(c, "output_router_logits")]
-    holders = [m for m in root.modules() if hasattr(m, "router_aux_loss_coef") and not isinstance(
-        m.router_aux_loss_coef, nn.Module)]
+    holders = [
+        m
+        for m in root.modules()
+        if hasattr(m, "router_aux_loss_coef") and not isinstance(m.router_aux_loss_coef, nn.Module)
+    ]
     if not configs or not holders:
         logger.warning(
             "%s: its config has no output_router_logits / router_aux_loss_coef, so this model computes no router "
             "load-balancing loss; training continues without it (use a router z-loss, or a target such as "
-            "Mixtral, Qwen2-MoE, Qwen3-MoE or FlexOlmo, which have one)", type(root).__name__)
+            "Mixtral, Qwen2-MoE, Qwen3-MoE or FlexOlmo, which have one)",
+            type(root).__name__,
+        )
         return None
     for c in configs:
         c.output_router_logits = True

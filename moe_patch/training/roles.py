@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..detect.structure import model_root
-from ..families import find_moe_blocks
 from ..errors import MoEConfigError
+from ..families import find_moe_blocks
 from ..monitoring.blocks import resolve_block
 
 ROLES = ("other", "router", "experts")
@@ -36,8 +36,13 @@ def parameter_roles(model: nn.Module) -> dict[int, str]:
     return roles
 
 
-def split_by_role(groups: Iterable[dict[str, Any]], roles: dict[int, str], *, router_lr: float | None = None,
-                  expert_lr: float | None = None) -> list[dict[str, Any]]:
+def split_by_role(
+    groups: Iterable[dict[str, Any]],
+    roles: dict[int, str],
+    *,
+    router_lr: float | None = None,
+    expert_lr: float | None = None,
+) -> list[dict[str, Any]]:
     """Each optimizer group split into its ``other`` / ``router`` / ``experts`` parameters. ``other`` keeps
     the group's learning rate, routers and experts get ``router_lr`` / ``expert_lr`` (the group's when None);
     every other setting (weight decay, betas...) is kept and empty groups are dropped. ``other`` groups come
@@ -49,8 +54,11 @@ def split_by_role(groups: Iterable[dict[str, Any]], roles: dict[int, str], *, ro
     out: dict[str, list[dict[str, Any]]] = {r: [] for r in ROLES}
     for group in groups:
         params = list(group["params"])
-        rates = {"other": group["lr"], "router": group["lr"] if router_lr is None else router_lr,
-                 "experts": group["lr"] if expert_lr is None else expert_lr}
+        rates = {
+            "other": group["lr"],
+            "router": group["lr"] if router_lr is None else router_lr,
+            "experts": group["lr"] if expert_lr is None else expert_lr,
+        }
         for role in ROLES:
             mine = [p for p in params if roles.get(id(p), "other") == role]
             if mine:
@@ -58,20 +66,31 @@ def split_by_role(groups: Iterable[dict[str, Any]], roles: dict[int, str], *, ro
     return [g for role in ROLES for g in out[role]]
 
 
-def param_groups(model: nn.Module, lr: float, *, router_lr: float | None = None, expert_lr: float | None = None,
-                 weight_decay: float = 0.0) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    *,
+    router_lr: float | None = None,
+    expert_lr: float | None = None,
+    weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
     """Parameter groups of ``model``'s trainable parameters for any torch optimizer, e.g.
     ``torch.optim.AdamW(param_groups(model, 1e-4, router_lr=1e-3))``. (:class:`MoETrainer` splits the
     Trainer's own groups instead, keeping its weight-decay rule.)"""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise MoEConfigError(f"{type(model).__name__} has no trainable parameter")
-    return split_by_role([{"params": trainable, "lr": lr, "weight_decay": weight_decay}], parameter_roles(model),
-                         router_lr=router_lr, expert_lr=expert_lr)
+    return split_by_role(
+        [{"params": trainable, "lr": lr, "weight_decay": weight_decay}],
+        parameter_roles(model),
+        router_lr=router_lr,
+        expert_lr=expert_lr,
+    )
 
 
-def regroup_optimizer(optimizer: torch.optim.Optimizer, roles: dict[int, str], *, router_lr: float | None,
-                      expert_lr: float | None) -> None:
+def regroup_optimizer(
+    optimizer: torch.optim.Optimizer, roles: dict[int, str], *, router_lr: float | None, expert_lr: float | None
+) -> None:
     """Split an optimizer's groups by role in place, before its first step (no state to carry over) and
     before a scheduler records the groups' initial learning rates."""
     if optimizer.state:

@@ -39,15 +39,26 @@ class MoETrainer(Trainer):
     not a weight, and the same as with 2 accumulated micro-batches of 4.)
     """
 
-    def __init__(self, *args: Any, router_lr: float | None = None, expert_lr: float | None = None,
-                 router_z_loss_coef: float = 0.0, **kwargs: Any):
-        if not isinstance(router_z_loss_coef, (int, float)) or isinstance(router_z_loss_coef, bool) \
-                or router_z_loss_coef < 0:
+    def __init__(
+        self,
+        *args: Any,
+        router_lr: float | None = None,
+        expert_lr: float | None = None,
+        router_z_loss_coef: float = 0.0,
+        **kwargs: Any,
+    ):
+        if (
+            not isinstance(router_z_loss_coef, (int, float))
+            or isinstance(router_z_loss_coef, bool)
+            or router_z_loss_coef < 0
+        ):
             raise MoEConfigError(f"router_z_loss_coef must be a number >= 0, got {router_z_loss_coef!r}")
         given = kwargs.get("optimizers", (None, None))
         if (router_lr is not None or expert_lr is not None) and given and given[0] is not None:
-            raise MoEConfigError("router_lr / expert_lr split the Trainer's own optimizer; with optimizers=(...) "
-                                 "build its groups with moe_patch.training.param_groups(model, lr, router_lr=...)")
+            raise MoEConfigError(
+                "router_lr / expert_lr split the Trainer's own optimizer; with optimizers=(...) "
+                "build its groups with moe_patch.training.param_groups(model, lr, router_lr=...)"
+            )
         super().__init__(*args, **kwargs)
         self.router_lr, self.expert_lr = router_lr, expert_lr
         self.router_z_loss_coef = float(router_z_loss_coef)
@@ -56,14 +67,19 @@ class MoETrainer(Trainer):
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
         if fresh and (self.router_lr is not None or self.expert_lr is not None):
-            regroup_optimizer(optimizer, parameter_roles(self.model if model is None else model),
-                              router_lr=self.router_lr, expert_lr=self.expert_lr)
+            regroup_optimizer(
+                optimizer,
+                parameter_roles(self.model if model is None else model),
+                router_lr=self.router_lr,
+                expert_lr=self.expert_lr,
+            )
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         if not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         labels_reach_model = self.label_smoother is None and self.compute_loss_func is None and "labels" in inputs
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         # The model adds coef * aux to its loss, then the Trainer multiplies that loss by the number of processes
@@ -78,20 +94,26 @@ class MoETrainer(Trainer):
             if not logits:
                 raise MoEConfigError(
                     "router_z_loss_coef is set but the model returned no router_logits; switch them on with "
-                    "moe_patch.training.enable_router_aux_loss(model) (config.output_router_logits = True)")
+                    "moe_patch.training.enable_router_aux_loss(model) (config.output_router_logits = True)"
+                )
             z_term = self.router_z_loss_coef * router_z_loss(logits).to(loss.device)
         if aux_term is not None or z_term is not None:
-            loss = weigh_router_losses(loss, aux_term=aux_term, z_term=z_term,
-                                       loss_scale=self._trainer_loss_scale(num_items_in_batch),
-                                       batch_weight=1.0 / self._accumulation_divisor(num_items_in_batch))
+            loss = weigh_router_losses(
+                loss,
+                aux_term=aux_term,
+                z_term=z_term,
+                loss_scale=self._trainer_loss_scale(num_items_in_batch),
+                batch_weight=1.0 / self._accumulation_divisor(num_items_in_batch),
+            )
         return (loss, outputs) if return_outputs else loss
 
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
         # Trainer.training_step's own rule (transformers 5.23), so the router terms are scaled like the loss.
         if self.loss_is_scaled_for_ga is not None:
             return bool(self.loss_is_scaled_for_ga)
-        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                    or self.compute_loss_func is not None)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
 
     def _accumulation_divisor(self, num_items_in_batch) -> int:
         """What the router terms are divided by here: the accumulation steps, unless training_step divides
@@ -101,8 +123,11 @@ class MoETrainer(Trainer):
     def _trainer_loss_scale(self, num_items_in_batch) -> float:
         # Trainer.compute_loss's own rule (transformers 5.23): the model's loss, aux term included, is
         # multiplied by this when the loss is averaged over the tokens of every process.
-        if (self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func)
-                and num_items_in_batch is not None):
+        if (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
             scale = self.accelerator.num_processes // self.get_tp_size()
             return float(scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return 1.0

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kernels_expected
-from kernel_reference import make_experts
-from test_kernel_formats import build, routing
 
 from moe_patch.kernels import ExpertFormat, KernelUnavailableError, MoEKernel, MoELayerSpec
 from moe_patch.kernels import build as kbuild
 from moe_patch.kernels import layer as klayer
 from moe_patch.kernels import probe as kprobe
 from moe_patch.kernels.library import KernelRegistry
+from tests.kernels.conftest import kernels_expected
+from tests.kernels.kernel_reference import make_experts
+from tests.kernels.test_kernel_formats import build, routing
 
 
 def fresh(monkeypatch, tmp_path, **env) -> KernelRegistry:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_reference import decoded, expert_weights, make_experts, reference, rel_err
 
 from moe_patch.formats.mxfp4 import dequantize_mxfp4
 from moe_patch.kernels import ExpertFormat, MoEKernel, MoELayerSpec
+from tests.kernels.kernel_reference import decoded, expert_weights, make_experts, reference, rel_err
 
 pytestmark = pytest.mark.usefixtures("kernel_status")  # skipped where the kernels cannot run
 

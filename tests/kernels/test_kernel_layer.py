@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_reference import expert_weights, make_experts, reference, rel_err
-from test_kernel_formats import TOL, build, routing
 
 from moe_patch.errors import InvalidArgumentError
 from moe_patch.kernels import ExpertFormat, ExpertWeights, KernelUnavailableError, MoEKernel, MoELayerSpec, Workspace
+from tests.kernels.kernel_reference import expert_weights, make_experts, reference, rel_err
+from tests.kernels.test_kernel_formats import TOL, build, routing
 
 MX = ExpertFormat("mxfp4")
 MX_BIAS = ExpertFormat("mxfp4", bias=torch.bfloat16)

@@ -4,9 +4,6 @@ families and formats the kernels do not have say so (torch computes them)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,9 +12,7 @@ from moe_patch.dispatch.core import dispatch_combine
 from moe_patch.families.kernel import ExpertKernel, layer_spec, meta_entry
 from moe_patch.formats import materialize
 from moe_patch.offload import OffloadOptions, get_offload_handle
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from format_helpers import ALL_CASES, save_case  # noqa: E402
+from tests.helpers.formats import ALL_CASES, save_case
 
 #: what the kernels read of each tiny checkpoint: the format kind, or None (torch computes it, and why)
 EXPECTED = {

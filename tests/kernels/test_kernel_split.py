@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_reference import _act, decoded, make_projection, rel_err
-from test_kernel_formats import TOL, routing
 
 from moe_patch.errors import InvalidArgumentError
 from moe_patch.kernels import ExpertFormat, ExpertWeights, KernelUnavailableError, MoEKernel, MoELayerSpec
+from tests.kernels.kernel_reference import _act, decoded, make_projection, rel_err
+from tests.kernels.test_kernel_formats import TOL, routing
 
 pytestmark = pytest.mark.usefixtures("kernel_status")
 
@@ -41,8 +41,11 @@ def _halves_layer(name: str, gen, experts: int = 3):
     stored = [(_one(whole, inter, hidden, gen), _one(whole, inter, hidden, gen), _one(down, hidden, inter, gen))
               for _ in range(experts)]
     layer = MoEKernel(spec, gemm_min_rows=None)
+
+    def pair(a, b):
+        return None if a is None else (a, b)
+
     for e, (g, u, d) in enumerate(stored):
-        pair = (lambda a, b: None if a is None else (a, b))
         layer.set_expert(e, ExpertWeights((g.weight, u.weight), d.weight, pair(g.scale, u.scale), None,
                                           pair(g.zero_point, u.zero_point)))
     return spec, whole, stored, layer
@@ -99,4 +102,5 @@ def test_split_needs_pairs_halves_layout_and_a_whole_down(gen):
         MoEKernel(MoELayerSpec(2, 64, 24, ExpertFormat("bf16"), ExpertFormat("bf16", split=True)))
     with pytest.raises(InvalidArgumentError, match="pair of tensors for a projection stored as one"):
         MoEKernel(MoELayerSpec(2, 64, 24, ExpertFormat("bf16"), ExpertFormat("bf16"))).set_expert(
-            0, ExpertWeights((torch.zeros(24, 64, dtype=torch.bfloat16),) * 2, torch.zeros(64, 24, dtype=torch.bfloat16)))
+            0, ExpertWeights((torch.zeros(24, 64, dtype=torch.bfloat16),) * 2,
+                             torch.zeros(64, 24, dtype=torch.bfloat16)))

@@ -5,19 +5,14 @@ tokens. Cached experts are one kernel call per layer; misses a second call once 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import moe_patch
 from moe_patch.kernels import KERNELS
 from moe_patch.offload import OffloadOptions, get_offload_handle
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from format_helpers import load_oracle, save_case  # noqa: E402
-from offload_helpers import greedy, prompts  # noqa: E402
+from tests.helpers.formats import load_oracle, save_case
+from tests.helpers.offload import build, greedy, prompts
 
 NEW = 64
 #: checkpoints whose experts the kernels read: MXFP4 (gpt-oss: interleaved, biases, clamped SwiGLU), int4
@@ -107,7 +102,6 @@ def test_bf16_slots_are_computed_in_place_by_the_kernels_not_upcast(tmp_path, ke
     """A bf16 model on a CPU: the kernels compute the bf16 slots (bf16 dot products, fp32 sums), so the
     slots keep bf16 (no fp32 copies, whatever torch's GEMV rates are)."""
     import transformers
-    from offload_helpers import build
 
     path = tmp_path / "bf16"
     build("qwen3_moe").to(torch.bfloat16).save_pretrained(path)

@@ -5,18 +5,13 @@ within 1e-5 of the Hugging Face forward, bf16 within the bf16 tolerance, the sam
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from moe_patch import inspect_model, patch_model, unpatch_model
 from moe_patch.dispatch import calibration
 from moe_patch.testing.compare import rel_diff
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from patch_helpers import build, logits  # noqa: E402
+from tests.patch.patch_helpers import build, logits
 
 ATTR = "_moe_patch_cache_expert_kernel"
 #: decorated families with transformers' default gate (silu); gpt-oss's resident experts are held [in, out],

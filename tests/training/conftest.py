@@ -23,23 +23,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: Path, args: list[str], *, procs: int, launcher: str = "torchrun",
-           timeout: float = 180) -> subprocess.CompletedProcess:
+def launch(
+    script: Path, args: list[str], *, procs: int, launcher: str = "torchrun", timeout: float = 180
+) -> subprocess.CompletedProcess:
     """Run ``script`` in one process, or with ``procs`` processes on 127.0.0.1 (gloo over loopback) under torchrun
     or ``accelerate launch``; fail with the tail of its output when it exits non-zero."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     cmd = [sys.executable, str(script), *args]
     if procs > 1 and launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(procs),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            *args,
+        ]
     elif procs > 1:  # --multi_gpu: without it accelerate starts one process on a machine without GPUs
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), str(script), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(procs),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(free_port()),
+            str(script),
+            *args,
+        ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
-        pytest.fail(f"{' '.join(cmd[-len(args) - 1:])} exited {proc.returncode}:\n{tail}")
+        pytest.fail(f"{' '.join(cmd[-len(args) - 1 :])} exited {proc.returncode}:\n{tail}")
     return proc
 
 

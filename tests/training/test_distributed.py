@@ -48,8 +48,9 @@ def test_ddp_two_processes_train_like_one(twin):
     assert_same_curve(ddp, twin("accumulated", batch=4, accum=2)[0], SAME_SPLIT_TOL)
     assert ddp["router0"] == pytest.approx(twin("accumulated", batch=4, accum=2)[0]["router0"], abs=1e-5)
     # AdamW's first step moves every element with a gradient by its group's learning rate
-    assert ddp["first_step_max_update"] == pytest.approx({"other": LR, "router": ROUTER_LR, "experts": EXPERT_LR},
-                                                         rel=1e-3)
+    assert ddp["first_step_max_update"] == pytest.approx(
+        {"other": LR, "router": ROUTER_LR, "experts": EXPERT_LR}, rel=1e-3
+    )
 
 
 def test_routing_callback_counts_every_process_and_logs_its_figures_once(twin):
@@ -71,9 +72,13 @@ def test_fsdp_full_shard_trains_like_one_process_and_keeps_the_learning_rate_gro
     # groups built after fully_shard hold the sharded parameters, each role with its own rate
     assert fsdp["roles_after"] == fsdp["roles_before"]
     assert [(g["role"], g["lr"], g["dtensors"]) for g in fsdp["groups"]] == [
-        ("other", LR, True), ("router", ROUTER_LR, True), ("experts", EXPERT_LR, True)]
-    assert fsdp["first_step_max_update"] == pytest.approx({"other": LR, "router": ROUTER_LR, "experts": EXPERT_LR},
-                                                          rel=1e-3)
+        ("other", LR, True),
+        ("router", ROUTER_LR, True),
+        ("experts", EXPERT_LR, True),
+    ]
+    assert fsdp["first_step_max_update"] == pytest.approx(
+        {"other": LR, "router": ROUTER_LR, "experts": EXPERT_LR}, rel=1e-3
+    )
     assert [w["tokens"] for w in fsdp["windows"]] == [[128, 128]] * 4  # sum_over_processes outside a Trainer
 
 
@@ -90,8 +95,14 @@ def test_router_losses_are_per_batch_means_under_accumulation(tmp_path):
     model.train()
     enable_router_aux_loss(model, 0.1)
     data = TokenBlocks(torch.randint(3, 100, (8, 16), generator=torch.Generator().manual_seed(0)))
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                             report_to="none", use_cpu=True, save_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+    )
     trainer = MoETrainer(model=model, args=args, train_dataset=data, router_z_loss_coef=0.01)
     trainer.current_gradient_accumulation_steps = 2
     batch = {"input_ids": data.blocks[:4], "labels": data.blocks[:4]}
@@ -105,10 +116,31 @@ def test_router_losses_are_per_batch_means_under_accumulation(tmp_path):
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_train_upcycled_example_on_two_processes(tmp_path, launch_script, launcher):
-    launch_script(ROOT / "examples" / "train_upcycled.py",
-                  ["--steps", "4", "--batch", "2", "--block", "32", "--corpus-files", "12", "--vocab", "300",
-                   "--hidden", "32", "--layers", "2", "--log-every", "2", "--out", str(tmp_path)],
-                  procs=2, launcher=launcher)
+    launch_script(
+        ROOT / "examples" / "train_upcycled.py",
+        [
+            "--steps",
+            "4",
+            "--batch",
+            "2",
+            "--block",
+            "32",
+            "--corpus-files",
+            "12",
+            "--vocab",
+            "300",
+            "--hidden",
+            "32",
+            "--layers",
+            "2",
+            "--log-every",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        procs=2,
+        launcher=launcher,
+    )
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["processes"] == 2 and result["global_batch"] == 4
     routed = [h for h in result["log_history"] if "routing/load_cv_max" in h]

@@ -80,8 +80,9 @@ def router_weight(model) -> list[float]:
 
 
 def windows(history) -> list[dict]:
-    return [{"tokens": [lr.counts.tokens for lr in r.layers], "load": [lr.counts.load for lr in r.layers]}
-            for r in history]
+    return [
+        {"tokens": [lr.counts.tokens for lr in r.layers], "load": [lr.counts.load for lr in r.layers]} for r in history
+    ]
 
 
 def first_step_update(model, before: dict) -> dict[str, float]:
@@ -117,12 +118,31 @@ def run_trainer(args: argparse.Namespace) -> tuple[dict, dict]:
 
     model = load(args)
     targs = TrainingArguments(
-        output_dir=str(args.out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=args.accum, learning_rate=args.lr, lr_scheduler_type="constant",
-        weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        disable_tqdm=True, dataloader_num_workers=0, train_sampling_strategy="sequential", seed=0)
-    trainer = MoETrainer(model=model, args=targs, train_dataset=data(model.config.vocab_size, args),
-                         router_lr=args.router_lr, expert_lr=args.expert_lr, router_z_loss_coef=args.z)
+        output_dir=str(args.out / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.accum,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        seed=0,
+    )
+    trainer = MoETrainer(
+        model=model,
+        args=targs,
+        train_dataset=data(model.config.vocab_size, args),
+        router_lr=args.router_lr,
+        expert_lr=args.expert_lr,
+        router_z_loss_coef=args.z,
+    )
     routing, logged = RoutingCallback(trainer, every=1), Logged()
     trainer.add_callback(routing)
     trainer.add_callback(logged)
@@ -135,9 +155,15 @@ def run_trainer(args: argparse.Namespace) -> tuple[dict, dict]:
         "groups": [{"role": g["role"], "lr": g["lr"]} for g in trainer.optimizer.param_groups],
         "first_step_max_update": logged.deltas,
     }
-    rank = {"routing": [{k: v for k, v in h.items() if k.startswith("routing/")} for h in history
-                        if any(k.startswith("routing/") for k in h)],
-            "on_log_with_routing": logged.routing_logs, "world_process_zero": trainer.is_world_process_zero()}
+    rank = {
+        "routing": [
+            {k: v for k, v in h.items() if k.startswith("routing/")}
+            for h in history
+            if any(k.startswith("routing/") for k in h)
+        ],
+        "on_log_with_routing": logged.routing_logs,
+        "world_process_zero": trainer.is_world_process_zero(),
+    }
     return result, rank
 
 
@@ -155,8 +181,9 @@ def run_fsdp(args: argparse.Namespace) -> tuple[dict, dict]:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     # groups are built from the sharded parameters (DTensors): fully_shard replaced the Parameter objects
-    optimizer = torch.optim.AdamW(param_groups(model, args.lr, router_lr=args.router_lr, expert_lr=args.expert_lr),
-                                  lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.lr, router_lr=args.router_lr, expert_lr=args.expert_lr), lr=args.lr, weight_decay=0.0
+    )
     roles = parameter_roles(model)
     named = dict(model.named_parameters())
     blocks = data(model.config.vocab_size, args).blocks
@@ -165,13 +192,14 @@ def run_fsdp(args: argparse.Namespace) -> tuple[dict, dict]:
     for step in range(args.steps):
         before = {n: p.full_tensor().detach().clone() for n, p in named.items()} if step == 0 else None
         start = step * args.global_batch + rank * args.batch
-        ids = blocks[start:start + args.batch]
+        ids = blocks[start : start + args.batch]
         items = torch.tensor((ids[:, 1:] != -100).sum().item())
         dist.all_reduce(items)  # the Trainer's num_items_in_batch: predicted tokens of every process
         out = model(input_ids=ids, labels=ids, num_items_in_batch=items)
         aux_term = model.router_aux_loss_coef * out.aux_loss
-        loss = weigh_router_losses(out.loss * world, aux_term=aux_term,
-                                   z_term=args.z * router_z_loss(out.router_logits), loss_scale=world)
+        loss = weigh_router_losses(
+            out.loss * world, aux_term=aux_term, z_term=args.z * router_z_loss(out.router_logits), loss_scale=world
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -186,8 +214,15 @@ def run_fsdp(args: argparse.Namespace) -> tuple[dict, dict]:
         "losses": losses,
         "router0": router_weight(model),
         "windows": windows(history),
-        "groups": [{"role": g["role"], "lr": g["lr"], "params": len(g["params"]),
-                    "dtensors": all(hasattr(p, "full_tensor") for p in g["params"])} for g in optimizer.param_groups],
+        "groups": [
+            {
+                "role": g["role"],
+                "lr": g["lr"],
+                "params": len(g["params"]),
+                "dtensors": all(hasattr(p, "full_tensor") for p in g["params"]),
+            }
+            for g in optimizer.param_groups
+        ],
         "roles_before": roles_before,
         "roles_after": sorted(roles.values()),
         "first_step_max_update": deltas,

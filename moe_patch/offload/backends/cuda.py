@@ -25,7 +25,7 @@ from ...formats import StoredTensor, tensors_of
 from .cpu import CpuBackend
 
 
-class CudaBackend(CpuBackend):  # pragma: no cover - GPU only (tests/test_cuda.py)
+class CudaBackend(CpuBackend):  # pragma: no cover - GPU only (tests/offload/test_cuda.py)
     pins_host = True
     asynchronous = True
 
