@@ -40,6 +40,7 @@ class GroupKernel:
         self.kernel, self.group = kernel, group
         self.capacity = group.table.capacity
         self._held: list[weakref.ref | None] = [None] * self.capacity
+        self._remap: dict[int, torch.Tensor] = {}
         if group.slab is not None:
             for s in range(self.capacity):
                 kernel.attach(s, group.slab.view(s))
@@ -60,7 +61,10 @@ class GroupKernel:
             weight_inputs: bool = False) -> torch.Tensor:
         """The routed experts of ``x`` that sit in slots (``slot_of``: expert -> slot, or tensors of experts and
         their slots); every other routed expert is skipped. Adds into ``out`` when given."""
-        remap = torch.full((num_experts + 1,), self.capacity, dtype=torch.int64)  # not in a slot: skipped
+        remap = self._remap.get(num_experts)
+        if remap is None:  # reused per layer width: a decode step makes no allocation here
+            remap = self._remap[num_experts] = torch.empty(num_experts + 1, dtype=torch.int64)
+        remap.fill_(self.capacity)  # not in a slot: skipped
         if isinstance(slot_of, dict):
             remap[list(slot_of)] = torch.tensor(list(slot_of.values()), dtype=torch.int64)
         else:
