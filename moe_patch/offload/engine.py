@@ -139,7 +139,7 @@ class OffloadEngine:
                 e, rows, {n: t.to(rows.device) for n, t in self.source.read(layer, e).items()}),
                 weight_inputs=weight_inputs)
         counts = expert_counts(top_k_index, E).to(torch.float64)
-        prefetching = self.prefetcher.enabled_for(layer + 1)
+        prefetching = self.prefetcher.enabled_for(layer + 1) and not self._resident(layer + 1)
         predicted = self.prefetcher.predict_counts(layer + 1, x) if prefetching else None
         pending, self._pending = self._pending, None  # the previous layer's output check rides along
         parts = [counts] + ([predicted.to(torch.float64)] if predicted is not None else [])
@@ -205,6 +205,12 @@ class OffloadEngine:
         # checked at the next layer's host transfer (or when the forward ends): no sync of its own
         self._pending = _OutputCheck(layer, torch.isfinite(out).all(), x, top_k_index, top_k_weights, weight_inputs)
         return out
+
+    def _resident(self, layer: int) -> bool:
+        """Every expert of ``layer`` sits in a slot of its own (nothing to predict or read ahead): one small
+        tensor check instead of running the next router."""
+        table = self.dev.group_of[layer].table
+        return table.homes and bool((table.slot_of[layer] >= 0).all())
 
     def forget_checks(self) -> None:
         """A new forward begins: an output check left by one that raised belongs to it, not to this one."""
