@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -69,6 +70,23 @@ class _OutputCheck:
     weight_inputs: bool
 
 
+@dataclass
+class _CpuJob:
+    """Misses computed on a CPU thread while the device computes the layer's hits."""
+
+    future: Future
+    leases: dict[int, Lease]
+
+    def finish(self) -> None:
+        """Wait for the thread (it reads the pinned host entries), then release them."""
+        try:
+            self.future.result()
+        except Exception:  # noqa: BLE001 - already raised to the forward by dispatch, or about to be
+            pass
+        for lease in self.leases.values():
+            lease.release()
+
+
 class OffloadEngine:
     def __init__(self, layers: list[OffloadLayer], source: ExpertSource, options: OffloadOptions, plan: EnginePlan):
         self.layers, self.source, self.options, self.plan = layers, source, options, plan
@@ -104,6 +122,9 @@ class OffloadEngine:
         # the CPU kernels over the slots (CPU-only runs)
         self.kernels = SlotKernels(layers, self.device, source, encoded=plan.cache_format is not None)
         self._cpu_bw: dict[int, Bandwidths] = {}  # per layer: the CPU rate of its host-tier experts
+        #: misses the CPU computes from host RAM run on a CPU thread while the device computes the hits (GPU runs)
+        self.overlap_cpu = self.backend.asynchronous
+        self._cpu_pool: ThreadPoolExecutor | None = None
         self.phase = "prefill"
         self.closed = False
         self.bypass_caches = False  # full-precision reads straight from the source (quantization error)
@@ -185,26 +206,70 @@ class OffloadEngine:
                 self.prefetcher.submit((layer, e), cached=False)
             if predicted is not None:
                 self.prefetcher.prefetch(layer + 1, host[E:E + n_pred].to(torch.int64))
+        grad = torch.is_grad_enabled() and x.requires_grad
+        job = None
+        if self.overlap_cpu and not grad and len(early) < len(misses):
+            # misses the CPU computes from host RAM start on a CPU thread now, while the device computes the hits
+            job = self._launch_cpu(spec, [e for e in misses if e not in set(early)], rows_of, x, top_k_index,
+                                   top_k_weights, weight_inputs)
+            if job is not None:
+                misses = [e for e in misses if e not in job.leases]
         try:
-            out = self._compute_slots(spec, group, x, top_k_index, top_k_weights, hit_experts, hit_slots, span,
-                                      weight_inputs)
+            try:
+                out = self._compute_slots(spec, group, x, top_k_index, top_k_weights, hit_experts, hit_slots, span,
+                                          weight_inputs)
+            finally:
+                self.loader.unpin(table, hit_slots)
+            gk = self.kernels.get(spec, group) if misses and not grad else None
+            if gk is not None:
+                out = self._kernel_misses(gk, layer, misses, rows_of, x, top_k_index, top_k_weights, out,
+                                          weight_inputs)
+            elif misses:
+                keep = torch.zeros(E + 1, dtype=torch.bool)
+                keep[misses] = True
+                miss_index = torch.where(self.backend.routing_table(keep, top_k_index)[top_k_index.clamp(0, E)],
+                                         top_k_index, torch.full_like(top_k_index, E))
+                out = out + dispatch_combine(x, miss_index, top_k_weights, E, lambda e, rows: self._run(layer, e, rows),
+                                             weight_inputs=weight_inputs)
+            if job is not None:
+                out = out + job.future.result().to(device=out.device, dtype=out.dtype)
         finally:
-            self.loader.unpin(table, hit_slots)
-        gk = self.kernels.get(spec, group) if misses and not (torch.is_grad_enabled() and x.requires_grad) else None
-        if gk is not None:
-            out = self._kernel_misses(gk, layer, misses, rows_of, x, top_k_index, top_k_weights, out, weight_inputs)
-        elif misses:
-            keep = torch.zeros(E + 1, dtype=torch.bool)
-            keep[misses] = True
-            miss_index = torch.where(self.backend.routing_table(keep, top_k_index)[top_k_index.clamp(0, E)],
-                                     top_k_index, torch.full_like(top_k_index, E))
-            out = out + dispatch_combine(
-                x, miss_index, top_k_weights, E, lambda e, rows: self._run(layer, e, rows), weight_inputs=weight_inputs)
+            if job is not None:
+                job.finish()
         with self.lock:
             self.loader.protected = set()
         # checked at the next layer's host transfer (or when the forward ends): no sync of its own
         self._pending = _OutputCheck(layer, torch.isfinite(out).all(), x, top_k_index, top_k_weights, weight_inputs)
         return out
+
+    def _launch_cpu(self, spec: OffloadLayer, experts: list[int], rows_of: dict[int, int], x: torch.Tensor,
+                    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, weight_inputs: bool) -> _CpuJob | None:
+        """Start the host-resident misses ``experts`` on a CPU thread through the CPU kernel (their host entries
+        pinned here, released when the job is finished); None when no kernel computes this layer's entries."""
+        kernel = self.kernels.host(spec)
+        if kernel is None:
+            return None
+        leases: dict[int, Lease] = {}
+        for e in experts:
+            lease = self.acquire((spec.index, e), rows_of[e], host_raw=True)
+            if lease.on_cpu and lease.stored is not None:
+                leases[e] = lease
+            else:  # it found a slot meanwhile (a read that arrived): the device computes it with the misses
+                lease.release()
+        if not leases:
+            return None
+        E = spec.num_experts
+        idx = top_k_index.to("cpu")
+        keep = torch.zeros(E + 1, dtype=torch.bool)
+        keep[list(leases)] = True
+        index = torch.where(keep[idx.clamp(0, E)], idx, torch.full_like(idx, E))
+        xc, wc = x.to("cpu"), top_k_weights.to("cpu")
+        if self._cpu_pool is None:
+            self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moe-patch-cpu-experts")
+        future = self._cpu_pool.submit(dispatch_combine, xc, index, wc, E,
+                                       lambda e, rows: self.kernels.run_host(kernel, leases[e].stored, rows),
+                                       weight_inputs=weight_inputs)
+        return _CpuJob(future, leases)
 
     def _resident(self, layer: int) -> bool:
         """Every expert of ``layer`` sits in a slot of its own (nothing to predict or read ahead): one small
@@ -493,5 +558,7 @@ class OffloadEngine:
         if self.closed:
             return
         self.closed = True
+        if self._cpu_pool is not None:
+            self._cpu_pool.shutdown(wait=True)
         self.prefetcher.close()
         self.source.close()

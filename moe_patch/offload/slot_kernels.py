@@ -12,6 +12,7 @@ and the engine keeps its torch path; the reason is logged once per group.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from typing import Any
 
@@ -90,6 +91,7 @@ class SlotKernels:
             if self.enabled or self.host_enabled else {}
         self._kernels: dict[tuple[int, Any], GroupKernel | None] = {}
         self._host: dict[int, ExpertKernel | None] = {}
+        self._host_lock = threading.Lock()
 
     @property
     def calls(self) -> int:
@@ -116,6 +118,10 @@ class SlotKernels:
 
     def run_host(self, kernel: ExpertKernel, entry: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         """One expert on rows ``x`` (CPU) from its host entry, unweighted (the caller combines)."""
+        with self._host_lock:  # the one entry is shared by the forward's thread and the CPU-misses thread
+            return self._run_host(kernel, entry, x)
+
+    def _run_host(self, kernel: ExpertKernel, entry: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         kernel.attach(0, entry)
         try:
             rows = x.shape[0]

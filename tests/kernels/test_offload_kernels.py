@@ -154,3 +154,29 @@ def test_cost_model_reads_the_kernels_measured_rate_for_host_tier_experts(checkp
         assert bw.dram == engine.plan.bandwidths.dram  # the rest is the plan's
     finally:
         handle.detach(restore_weights=False)
+
+
+@pytest.mark.parametrize("name", ["gpt_oss-mxfp4", "qwen3_moe-int4"])
+def test_host_resident_misses_overlap_the_hits_on_a_cpu_thread(name, checkpoints, oracles, monkeypatch,
+                                                                  kernel_status):
+    """What a GPU run does (the overlap is on where the device is asynchronous), forced on a CPU run: misses
+    in host RAM start on a CPU thread through the kernel before the hits are computed, and are added after."""
+    ckpt = checkpoints[name]
+    probe = moe_patch.load_model(ckpt, dtype=torch.float32)
+    decoded = max(layer.expert_bytes for layer in get_offload_handle(probe).engine.layers)
+    get_offload_handle(probe).detach(restore_weights=False)
+    model = moe_patch.load_model(ckpt, dtype=torch.float32, options=OffloadOptions(
+        expert_cache=4 * decoded, host_cache=None, cpu_compute="always", device_format="dequantized"))
+    handle = get_offload_handle(model)
+    engine = handle.engine
+    assert not engine.overlap_cpu  # a CPU run: the CPU would only compete with itself
+    engine.overlap_cpu = True
+    jobs = []
+    original = engine._launch_cpu
+    monkeypatch.setattr(engine, "_launch_cpu", lambda *a, **k: (lambda j: jobs.append(j) or j)(original(*a, **k)))
+    try:
+        assert torch.equal(greedy(model, prompts(4), NEW), oracles[name][4])
+        assert any(j is not None for j in jobs) and engine.kernels.host_calls > 0
+        assert all(entry.pins == 0 for entry in engine.host._entries.values())  # every job released its entries
+    finally:
+        handle.detach(restore_weights=False)
