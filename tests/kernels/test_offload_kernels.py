@@ -118,16 +118,20 @@ def test_bf16_slots_are_computed_in_place_by_the_kernels_not_upcast(tmp_path, ke
         handle.detach(restore_weights=False)
 
 
+def _decoded_slots_with_host_copies(ckpt):
+    """Decoded device slots for 4 experts, the stored copies in the host tier, misses computed from there."""
+    probe = moe_patch.load_model(ckpt, dtype=torch.float32)
+    decoded = max(layer.expert_bytes for layer in get_offload_handle(probe).engine.layers)
+    get_offload_handle(probe).detach(restore_weights=False)
+    return moe_patch.load_model(ckpt, dtype=torch.float32, options=OffloadOptions(
+        expert_cache=4 * decoded, host_cache=None, cpu_compute="always", device_format="dequantized"))
+
+
 @pytest.mark.parametrize("name", ["gpt_oss-mxfp4", "qwen3_moe-int4", "qwen3_moe-fp8-block32"])
 def test_host_resident_misses_computed_on_the_cpu_read_the_stored_bytes(name, path, checkpoints, oracles):
     """Decoded device slots with the stored copies in the host tier (what a GPU run has): misses the CPU
     computes from host RAM go through the kernel, straight from the stored bytes."""
-    ckpt = checkpoints[name]
-    probe = moe_patch.load_model(ckpt, dtype=torch.float32)
-    decoded = max(layer.expert_bytes for layer in get_offload_handle(probe).engine.layers)
-    get_offload_handle(probe).detach(restore_weights=False)
-    model = moe_patch.load_model(ckpt, dtype=torch.float32, options=OffloadOptions(
-        expert_cache=4 * decoded, host_cache=None, cpu_compute="always", device_format="dequantized"))
+    model = _decoded_slots_with_host_copies(checkpoints[name])
     handle = get_offload_handle(model)
     try:
         assert torch.equal(greedy(model, prompts(4), NEW), oracles[name][4])
@@ -161,12 +165,7 @@ def test_host_resident_misses_overlap_the_hits_on_a_cpu_thread(name, checkpoints
                                                                   kernel_status):
     """What a GPU run does (the overlap is on where the device is asynchronous), forced on a CPU run: misses
     in host RAM start on a CPU thread through the kernel before the hits are computed, and are added after."""
-    ckpt = checkpoints[name]
-    probe = moe_patch.load_model(ckpt, dtype=torch.float32)
-    decoded = max(layer.expert_bytes for layer in get_offload_handle(probe).engine.layers)
-    get_offload_handle(probe).detach(restore_weights=False)
-    model = moe_patch.load_model(ckpt, dtype=torch.float32, options=OffloadOptions(
-        expert_cache=4 * decoded, host_cache=None, cpu_compute="always", device_format="dequantized"))
+    model = _decoded_slots_with_host_copies(checkpoints[name])
     handle = get_offload_handle(model)
     engine = handle.engine
     assert not engine.overlap_cpu  # a CPU run: the CPU would only compete with itself
