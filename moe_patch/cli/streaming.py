@@ -109,7 +109,8 @@ def generate_interruptibly(model: Any, input_ids: Any, generation_config: Any, s
         finally:
             done.set()
 
-    threading.Thread(target=work, name="moe-patch-generate", daemon=True).start()
+    worker = threading.Thread(target=work, name="moe-patch-generate", daemon=True)
+    worker.start()
     interrupted = False
     # An Event, not Thread.join: a join that Ctrl-C interrupts can leave the thread looking finished (CPython 3.11)
     try:
@@ -120,6 +121,9 @@ def generate_interruptibly(model: Any, input_ids: Any, generation_config: Any, s
         stop.set()
         while not done.wait(0.1):
             pass
+    # done is set: the thread is only unwinding now. Wait for it, or the interpreter may exit while it tears down
+    # its native thread state (an OpenMP team of the CPU kernels): "terminate called", exit 134, 1 run in 10
+    worker.join()
     if failure:
         raise failure[0]
     return Generated(result["sequence"], interrupted)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidArgumentError
 from ..formats import StoredTensor
 from ..formats.cast import CastFormat
 from ..kernels import ExpertFormat, ExpertWeights, KernelUnavailableError, MoEKernel, MoELayerSpec, available
@@ -183,7 +184,7 @@ def module_kernel(experts: torch.nn.Module) -> ExpertKernel | None:
         kernel = ExpertKernel(maths, num, {n: t[0] for n, t in stacked.items()})
         for e in range(num):
             kernel.attach(e, {n: t[e] for n, t in stacked.items()})
-    except KernelUnavailableError:
+    except (KernelUnavailableError, InvalidArgumentError):  # e.g. weights made non-contiguous: torch's path
         kernel = None
     experts.__dict__[_KERNEL_ATTR] = (key, kernel)
     return kernel

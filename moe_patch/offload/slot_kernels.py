@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidArgumentError
 from ..families.kernel import ExpertKernel, layer_spec
 from ..kernels import KernelUnavailableError, available
 from .device_tier import SlotGroup
@@ -146,7 +147,7 @@ class SlotKernels:
         example = group.slab.view(0) if group.slab is not None else self.source.example(layer.index)
         try:
             kernel = GroupKernel(ExpertKernel(maths, group.table.capacity, example), group)
-        except KernelUnavailableError as exc:
+        except (KernelUnavailableError, InvalidArgumentError) as exc:
             logger.info("offload: %s computed by torch, not the CPU kernels: %s", layer.experts_path, exc)
             kernel = None
         self._kernels[key] = kernel

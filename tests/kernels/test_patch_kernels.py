@@ -96,6 +96,16 @@ def test_the_kernel_is_rebuilt_when_the_weights_move(kernel_measured_faster):
     assert experts.__dict__[ATTR][1] is not first
 
 
+def test_weights_the_kernel_cannot_read_in_place_keep_torch(kernel_measured_faster):
+    model, inputs = build("qwen3_moe")
+    ref = logits(model, inputs)
+    patch_model(model)
+    for experts in _experts(model):  # same values, a layout with no contiguous rows
+        w = experts.gate_up_proj.detach()
+        experts.gate_up_proj = torch.nn.Parameter(w.transpose(1, 2).contiguous().transpose(1, 2))
+    assert rel_diff(logits(model, inputs), ref) < 1e-5 and _kernel_calls(model) == 0
+
+
 def test_kernels_off_gives_the_same_tokens(monkeypatch, kernel_measured_faster):
     from moe_patch.kernels import KERNELS
 

@@ -258,10 +258,13 @@ def test_float64_experts_run_where_the_grouped_kernel_cannot(name):
     assert rel_diff(logits(model, inputs), ref) < 1e-12
 
 
-def test_the_kernel_check_follows_the_weights_when_they_change_dtype():
+def test_the_kernel_check_follows_the_weights_when_they_change_dtype(monkeypatch):
     """The grouped-kernel precondition is checked once per layer and weights, not once per call: a model
     patched in fp32 and then cast to float64 (which the kernel refuses) falls back to the loop, and
     unpatching leaves no cache behind."""
+    from moe_patch.dispatch import calibration
+
+    monkeypatch.setattr(calibration, "kernel_wins", lambda dtype, rows: False)  # not the CPU kernels' path
     model, inputs = build("mixtral")
     model.set_experts_implementation("grouped_mm")
     patch_model(model)
