@@ -21,7 +21,7 @@ from dataclasses import fields as dataclass_fields
 
 import torch
 
-from ..dispatch.calibration import median_seconds
+from ..dispatch.calibration import best_seconds
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,9 @@ def prefer_cpu(rows: int, nbytes: int, flops_per_row: int, bw: Bandwidths) -> bo
     return cpu_time(rows, nbytes, flops_per_row, bw) < transfer_time(rows, nbytes, flops_per_row, bw)
 
 
-def _median_time(fn, repeats: int = 5) -> float:
-    return median_seconds(fn, repeats, warmup=False)  # callers warm up what needs it
+def _best_time(fn, repeats: int = 5) -> float:
+    # the shortest of a few: these figures are kept per machine, and a busy moment only ever adds time
+    return best_seconds(fn, repeats=repeats, warmup=False)[0]  # callers warm up what needs it
 
 
 def _device_key(device: str) -> str:
@@ -89,23 +90,47 @@ def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, size_mb: 
     return Bandwidths(**{f: measured[f] for f in fields})
 
 
+def gemv_rates(dtype: torch.dtype) -> tuple[float, float]:
+    """Bytes/s a one-row GEMV streams on this CPU in ``dtype`` and in float32, timed in alternation (the choice
+    between them reads their ratio, so both must see the same moments), measured once per machine."""
+    from ..dispatch.calibration import CALIBRATIONS
+
+    question = f"offload_gemv_vs_float32/cpu/{str(dtype).removeprefix('torch.')}"
+    measured = CALIBRATIONS.record(question, ["half", "fp32"], lambda: _measure_gemv_rates(dtype))
+    return measured["half"], measured["fp32"]
+
+
+def _measure_gemv_rates(dtype: torch.dtype) -> dict[str, float]:
+    def mats(dt: torch.dtype) -> list[torch.Tensor]:  # 64 MiB of 2048 x 2048 matrices: out of every cache
+        return [torch.randn(2048, 2048).to(dt) for _ in range(max(1, 64 * 2**20 // (2048 * 2048 * dt.itemsize)))]
+
+    half, fp32 = mats(dtype), mats(torch.float32)
+    row_half, row_fp32 = torch.randn(1, 2048).to(dtype), torch.randn(1, 2048)
+    t_half, t_fp32 = best_seconds(
+        lambda: [torch.nn.functional.linear(row_half, m) for m in half],
+        lambda: [torch.nn.functional.linear(row_fp32, m) for m in fp32],
+    )
+    return {"half": sum(m.numel() * m.element_size() for m in half) / t_half,
+            "fp32": sum(m.numel() * m.element_size() for m in fp32) / t_fp32}
+
+
 def measure_bandwidths(device: str = "cpu", dtype: torch.dtype = torch.float32, size_mb: int = 256) -> Bandwidths:
     """Measure what :func:`calibrate` keeps, now."""
     n = size_mb * 2**20 // 4
     src, dst = torch.empty(n), torch.empty(n)
     src.fill_(1.0)
     dst.fill_(0.0)  # first touch outside the timing
-    t = _median_time(lambda: dst.copy_(src), repeats=3)
+    t = _best_time(lambda: dst.copy_(src), repeats=3)
     dram = 2 * n * 4 / t  # a copy reads and writes
     dst = None  # free the 256 MiB before the GEMM timings
     # 64 rows: enough for the GEMM kernels, short where half precision is slow (0.2 s on a 2-core AVX2 VM)
     a, b = torch.randn(64, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
-    t = _median_time(lambda: a @ b, repeats=3)
+    t = _best_time(lambda: a @ b, repeats=3)
     cpu_flops = 2 * 64 * 1024 * 1024 / t
     # one row through weights that do not fit in cache, as a decode-time expert on the CPU
     mats = [torch.randn(2048, 2048).to(dtype) for _ in range(max(1, 64 * 2**20 // (2048 * 2048 * dtype.itemsize)))]
     row = torch.randn(1, 2048).to(dtype)
-    t = _median_time(lambda: [torch.nn.functional.linear(row, m) for m in mats], repeats=3)
+    t = _best_time(lambda: [torch.nn.functional.linear(row, m) for m in mats], repeats=3)
     cpu_gemv = sum(m.numel() * m.element_size() for m in mats) / t
     h2d = device_flops = roundtrip = device_mem = 0.0
     if device.startswith("cuda") and torch.cuda.is_available():  # pragma: no cover - needs a GPU
@@ -119,16 +144,16 @@ def measure_bandwidths(device: str = "cpu", dtype: torch.dtype = torch.float32, 
             gpu.copy_(pinned, non_blocking=True)
             torch.cuda.synchronize()
 
-        h2d = m * 4 / _median_time(copy)
+        h2d = m * 4 / _best_time(copy)
         ga, gb = a.to(device, torch.bfloat16), b.to(device, torch.bfloat16)
 
         def mm():
             ga @ gb
             torch.cuda.synchronize()
 
-        device_flops = 2 * 64 * 1024 * 1024 / _median_time(mm)
+        device_flops = 2 * 64 * 1024 * 1024 / _best_time(mm)
         grow = row.to(device)
-        roundtrip = _median_time(lambda: grow.to("cpu").to(device).sum().item())
+        roundtrip = _best_time(lambda: grow.to("cpu").to(device).sum().item())
         big = torch.empty(n, device=device)
         other = torch.empty_like(big)
 
@@ -136,7 +161,7 @@ def measure_bandwidths(device: str = "cpu", dtype: torch.dtype = torch.float32, 
             other.copy_(big)
             torch.cuda.synchronize()
 
-        device_mem = 2 * n * 4 / _median_time(d2d)
+        device_mem = 2 * n * 4 / _best_time(d2d)
     return Bandwidths(dram=dram, cpu_flops=cpu_flops, h2d=h2d, device_flops=device_flops, cpu_gemv=cpu_gemv,
                       roundtrip_s=roundtrip, device_mem=device_mem if device.startswith("cuda") else 0.0)
 
@@ -216,7 +241,7 @@ def time_stored_expert(source, layer: int, device: torch.device) -> tuple[float,
             torch.cuda.synchronize(device)
 
     decode()  # warm-up (lookup tables, allocator)
-    return read_s, _median_time(decode, repeats=3)
+    return read_s, _best_time(decode, repeats=3)
 
 
 def choose_compute_dtype(budget: int | None, n_experts: int, half_bytes: int, half_s: float, fp32_s: float,

@@ -22,7 +22,8 @@ import torch
 from ..errors import MoEConfigError
 from ..formats import Format, cache_format
 from .budget import check_budget
-from .costmodel import Bandwidths, calibrate, choose_compute_dtype, choose_device_format, measure_disk, time_stored_expert
+from .costmodel import (Bandwidths, calibrate, choose_compute_dtype, choose_device_format, gemv_rates, measure_disk,
+                        time_stored_expert)
 from .layers import OffloadLayer
 from .options import OffloadOptions
 from .slot_kernels import kernel_serves
@@ -210,11 +211,12 @@ def _compute_dtype(opts: OffloadOptions, source: ExpertSource, layers: list[Offl
     if kernel_serves(layers, {layer.index: {n: torch.empty(shape, dtype=dtype, device="meta")
                                             for n, shape in layer.shapes.items()} for layer in layers}):
         return None  # the CPU kernels compute half-precision slots in place (bf16 dot products, fp32 sums)
-    half_bw, fp32_bw = calibrate("cpu", dtype), calibrate("cpu", torch.float32)
+    half_rate, fp32_rate = gemv_rates(dtype)
+    fp32_bw = calibrate("cpu", torch.float32)
     half_bytes = max(layer.expert_bytes for layer in layers)
     n = sum(layer.num_experts for layer in layers)
-    half_s = half_bytes / (half_bw.cpu_gemv or half_bw.dram)
-    fp32_s = 2 * half_bytes / (fp32_bw.cpu_gemv or fp32_bw.dram)
+    half_s = half_bytes / half_rate
+    fp32_s = 2 * half_bytes / fp32_rate
     stored = max(host_expert_bytes(layer, source, None) for layer in layers)
     # a miss comes from the host tier (RAM) when there is one, else from the checkpoint's storage
     miss_s = stored / (disk_bw if not host_cache and disk_bw > 0 else fp32_bw.dram)

@@ -275,11 +275,14 @@ def test_bf16_models_on_cpu_compute_experts_in_the_dtype_measured_faster(tmp_pat
     from moe_patch.offload import get_offload_handle, plan
     from tests.helpers.offload import build, prompts
 
-    def fake(device="cpu", dtype=torch.float32, size_mb=256):  # this CPU's GEMV rates, as calibrate measures them
-        slow = dtype != torch.float32 if fp32_faster else dtype == torch.float32
-        return Bandwidths(dram=20e9, cpu_flops=1e11, cpu_gemv=1e9 if slow else 8e9)
+    def fake(device="cpu", dtype=torch.float32, size_mb=256):  # this CPU's bandwidths, as calibrate measures them
+        return Bandwidths(dram=20e9, cpu_flops=1e11, cpu_gemv=8e9)
+
+    def rates(dtype):  # one-row GEMV bytes/s in the model's dtype and in fp32, as gemv_rates measures them
+        return (1e9, 8e9) if fp32_faster else (8e9, 1e9)
 
     monkeypatch.setattr(plan, "calibrate", fake)
+    monkeypatch.setattr(plan, "gemv_rates", rates)
     from moe_patch.kernels import KERNELS
 
     monkeypatch.setenv("MOE_PATCH_KERNELS", "0")  # torch's GEMV rates decide (the CPU kernels: tests/kernels)
