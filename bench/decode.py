@@ -117,9 +117,15 @@ def profile_step(model, tokens: list[int]) -> dict[str, dict[str, float]]:
     blocks = find_moe_blocks(model)
     experts = {id(h.experts): h for h in blocks}
     routers = {id(h.router) for h in blocks}
-    parts: dict[str, list[torch.nn.Module]] = {"attention": [], "MoE block": [], "of which router": [],
-                                              "of which routed experts": [], "norms": [],
-                                              "embedding": [text.embed_tokens], "lm_head": [model.lm_head]}
+    parts: dict[str, list[torch.nn.Module]] = {
+        "attention": [],
+        "MoE block": [],
+        "of which router": [],
+        "of which routed experts": [],
+        "norms": [],
+        "embedding": [text.embed_tokens],
+        "lm_head": [model.lm_head],
+    }
     for layer in text.layers:
         parts["attention"].append(layer.self_attn)
         parts["norms"] += [layer.input_layernorm, layer.post_attention_layernorm]
@@ -134,9 +140,16 @@ def profile_step(model, tokens: list[int]) -> dict[str, dict[str, float]]:
     hooks, started = [], {}
     for kind, modules in parts.items():
         for m in modules:
-            hooks.append(m.register_forward_pre_hook(lambda mod, a, kind=kind: started.__setitem__(id(mod), time.perf_counter())))
-            hooks.append(m.register_forward_hook(
-                lambda mod, a, o, kind=kind: spent.__setitem__(kind, spent[kind] + time.perf_counter() - started[id(mod)])))
+            hooks.append(
+                m.register_forward_pre_hook(lambda mod, a, kind=kind: started.__setitem__(id(mod), time.perf_counter()))
+            )
+            hooks.append(
+                m.register_forward_hook(
+                    lambda mod, a, o, kind=kind: spent.__setitem__(
+                        kind, spent[kind] + time.perf_counter() - started[id(mod)]
+                    )
+                )
+            )
     try:
         total = sum(_decode_steps(model, tokens))
     finally:
@@ -149,8 +162,9 @@ def profile_step(model, tokens: list[int]) -> dict[str, dict[str, float]]:
         if kind in ("MoE block", "of which routed experts"):  # top-k experts per token (offloaded: no parameters)
             nbytes = sum(k * h.info.params_per_expert for h in blocks) * text.embed_tokens.weight.element_size()
             if kind == "MoE block":
-                nbytes += sum(p.numel() * p.element_size() for h in blocks if h.router is not None
-                              for p in h.router.parameters())
+                nbytes += sum(
+                    p.numel() * p.element_size() for h in blocks if h.router is not None for p in h.router.parameters()
+                )
         if kind == "embedding":
             nbytes = model.config.hidden_size * text.embed_tokens.weight.element_size()  # one row
         ms = 1000 * spent[kind] / len(tokens)
@@ -194,13 +208,27 @@ def worker(args) -> dict:
     steps = _decode_steps(model, decode_tokens)
     io1 = _proc_io()
     prefill = _prefill_s(model, prefill_tokens)
-    out = {"system": args.system, "load_s": load_s, "decode_tok_s": len(steps) / sum(steps),
-           "prefill_tok_s": len(prefill_tokens) / prefill, "peak_rss": _peak_rss(),
-           "disk_read_bytes_per_token": (io1 - io0) / len(steps) if io0 is not None else None}
+    out = {
+        "system": args.system,
+        "load_s": load_s,
+        "decode_tok_s": len(steps) / sum(steps),
+        "prefill_tok_s": len(prefill_tokens) / prefill,
+        "peak_rss": _peak_rss(),
+        "disk_read_bytes_per_token": (io1 - io0) / len(steps) if io0 is not None else None,
+    }
     if handle is not None:
         st = handle.stats.to_dict()
-        out["stats"] = {k: st[k] for k in ("hit_rate", "decode_bytes_per_token", "fraction_of_bound",
-                                            "decode_bound_s", "stored_format", "device_format")}
+        out["stats"] = {
+            k: st[k]
+            for k in (
+                "hit_rate",
+                "decode_bytes_per_token",
+                "fraction_of_bound",
+                "decode_bound_s",
+                "stored_format",
+                "device_format",
+            )
+        }
         out["stats_text"] = str(handle.stats)
         kernels = getattr(handle.engine, "kernels", None)
         out["kernel_calls"] = kernels.calls if kernels is not None else None
@@ -230,8 +258,9 @@ def llama_cpp_tools(root: Path) -> dict[str, Path]:
             if cand.is_file():
                 found[name] = cand
                 break
-    convert = next((p for p in (root / "convert_hf_to_gguf.py", root.parent / "convert_hf_to_gguf.py") if p.is_file()),
-                   None)
+    convert = next(
+        (p for p in (root / "convert_hf_to_gguf.py", root.parent / "convert_hf_to_gguf.py") if p.is_file()), None
+    )
     if "llama-bench" not in found or convert is None:
         raise SystemExit(f"{root}: no llama-bench binary or convert_hf_to_gguf.py found")
     found["convert"] = convert
@@ -259,8 +288,12 @@ def _convert(tools: dict[str, Path], checkpoint: Path, out: Path, target: Path, 
         "c.main()\n"
     )
     partial = target.with_suffix(".partial")
-    subprocess.run([sys.executable, str(shim), str(checkpoint), "--outtype", outtype, "--outfile", str(partial)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, str(shim), str(checkpoint), "--outtype", outtype, "--outfile", str(partial)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     partial.rename(target)
     return target
 
@@ -277,8 +310,12 @@ def to_gguf(tools: dict[str, Path], checkpoint: Path, out: Path, quant: str) -> 
     if "llama-quantize" in tools and not (checkpoint / "config.json").read_text().count("quantization_config"):
         bf16 = to_gguf(tools, checkpoint, out, "bf16")
         partial = target.with_suffix(".partial")
-        subprocess.run([str(tools["llama-quantize"]), str(bf16), str(partial), quant.upper()], check=True,
-                       capture_output=True, text=True)
+        subprocess.run(
+            [str(tools["llama-quantize"]), str(bf16), str(partial), quant.upper()],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         partial.rename(target)
         return target
     return _convert(tools, checkpoint, out, target, quant)
@@ -302,9 +339,23 @@ def run_llama_bench(tools: dict[str, Path], gguf: Path, args, group: str | None)
     """pp and tg in separate processes, so each starts llama-bench's rand() sequence afresh (the tokens the
     Python systems are fed)."""
     out = {}
-    for test, flag in (("prefill", ["-p", str(args.prompt), "-n", "0"]), ("decode", ["-p", "0", "-n", str(args.tokens)])):
-        cmd = [str(tools["llama-bench"]), "-m", str(gguf), "-t", str(args.threads), "-r", "1", "--no-warmup", "-o",
-               "json", *flag]
+    for test, flag in (
+        ("prefill", ["-p", str(args.prompt), "-n", "0"]),
+        ("decode", ["-p", "0", "-n", str(args.tokens)]),
+    ):
+        cmd = [
+            str(tools["llama-bench"]),
+            "-m",
+            str(gguf),
+            "-t",
+            str(args.threads),
+            "-r",
+            "1",
+            "--no-warmup",
+            "-o",
+            "json",
+            *flag,
+        ]
         if group:
             cmd = ["sh", "-c", f'echo $$ > {CGROUP_ROOT / group}/cgroup.procs && exec "$@"', "sh", *cmd]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -330,11 +381,28 @@ def _cgroup(name: str, limit: int | None) -> str | None:
 
 
 def run_python(system: str, args, checkpoint: Path, group: str | None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", system, "--checkpoint", str(checkpoint), "--dtype", args.dtype,
-           "--format", args.format,
-           "--tokens", str(args.tokens), "--prompt", str(args.prompt), "--threads", str(args.threads),
-           "--budget", args.budget, "--bos", str(args.bos if args.bos is not None else -1)] + (
-           ["--profile"] if args.profile else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        system,
+        "--checkpoint",
+        str(checkpoint),
+        "--dtype",
+        args.dtype,
+        "--format",
+        args.format,
+        "--tokens",
+        str(args.tokens),
+        "--prompt",
+        str(args.prompt),
+        "--threads",
+        str(args.threads),
+        "--budget",
+        args.budget,
+        "--bos",
+        str(args.bos if args.bos is not None else -1),
+    ] + (["--profile"] if args.profile else [])
     if group:
         cmd = ["sh", "-c", f'echo $$ > {CGROUP_ROOT / group}/cgroup.procs && exec "$@"', "sh", *cmd]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(_HERE).parent), os.environ.get("PYTHONPATH", "")]))
@@ -353,14 +421,19 @@ def print_profiles(args, checkpoint: Path) -> int:
             print(f"{system}: {res['error']}", file=sys.stderr)
             continue
         rows[system] = res["profile"]
-    print(f"\n{args.layers} layers, {args.dtype}, {args.tokens} decode steps after a warm-up, {args.threads} threads; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"\n{args.layers} layers, {args.dtype}, {args.tokens} decode steps after a warm-up, {args.threads} threads; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     print("| part | " + " | ".join(f"{s} ms/step (GB/s)" for s in rows) + " | weight MB read per step |")
     print("|---|" + "---|" * (len(rows) + 1))
     first = next(iter(rows.values()), {})
     for part in first:
-        cells = [f"{r[part]['ms']:.2f}" + (f" ({r[part]['gb_s']:.1f})" if r[part]["gb_s"] else "") for r in rows.values()]
+        cells = [
+            f"{r[part]['ms']:.2f}" + (f" ({r[part]['gb_s']:.1f})" if r[part]["gb_s"] else "") for r in rows.values()
+        ]
         print(f"| {part} | " + " | ".join(cells) + f" | {first[part]['mb']:.1f} |")
+
     def top(r):
         return [v for k, v in r.items() if not k.startswith("of which")]
 
@@ -374,15 +447,21 @@ def print_profiles(args, checkpoint: Path) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--format", default="bf16", choices=["bf16", "fp8", "mxfp4"],
-                   help="checkpoint format: bf16 and fp8 with Qwen3-30B-A3B shapes, mxfp4 with gpt-oss-20b's")
+    p.add_argument(
+        "--format",
+        default="bf16",
+        choices=["bf16", "fp8", "mxfp4"],
+        help="checkpoint format: bf16 and fp8 with Qwen3-30B-A3B shapes, mxfp4 with gpt-oss-20b's",
+    )
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the Python systems")
     p.add_argument("--tokens", type=int, default=32, help="decode steps (llama-bench -n)")
     p.add_argument("--prompt", type=int, default=16, help="prefill length (llama-bench -p)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget", default="1GiB", help="expert_cache of the capped engine run")
-    p.add_argument("--cap", default=None, help="RAM + page cache cap of the capped runs (e.g. 2.77GiB); none: skip them")
+    p.add_argument(
+        "--cap", default=None, help="RAM + page cache cap of the capped runs (e.g. 2.77GiB); none: skip them"
+    )
     p.add_argument("--llama-cpp", default=None, help="a llama.cpp source tree with llama-bench built")
     p.add_argument("--systems", default="stock,patched,engine-cached")
     p.add_argument("--workdir", default="/tmp/moe_patch_bench")
@@ -391,8 +470,11 @@ def main(argv=None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     p.add_argument("--bos", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--profile", action="store_true",
-                   help="instead of the comparison: where a decode step's milliseconds go, per part of each system")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the comparison: where a decode step's milliseconds go, per part of each system",
+    )
     args = p.parse_args(argv)
     from moe_patch.sizes import parse_size
 
@@ -409,8 +491,9 @@ def main(argv=None) -> int:
     name = SHAPES[shape]["name"].lower()
     checkpoint = build_checkpoint(Path(args.workdir) / f"{name}-shaped-{args.layers}L", args.layers, shape)
     if args.format != "bf16":
-        checkpoint = build_quantized(checkpoint, Path(args.workdir) / f"{name}-shaped-{args.layers}L-{args.format}",
-                                     args.format)
+        checkpoint = build_quantized(
+            checkpoint, Path(args.workdir) / f"{name}-shaped-{args.layers}L-{args.format}", args.format
+        )
     if args.profile:
         return print_profiles(args, checkpoint)
     cap = parse_size(args.cap) if args.cap else None
@@ -427,7 +510,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     results: dict[str, list[dict]] = {s: [] for s in systems}
     for r in range(args.rounds):
-        order = systems[r % len(systems):] + systems[: r % len(systems)]  # interleaved, rotated per round
+        order = systems[r % len(systems) :] + systems[: r % len(systems)]  # interleaved, rotated per round
         for system in order:
             capped = system.endswith("capped")
             group = _cgroup(f"moe_decode_{r}_{system}", cap) if capped else None
@@ -451,17 +534,23 @@ def main(argv=None) -> int:
                 except OSError:
                     pass
             results[system].append(res)
-            print(f"round {r} {system}: {json.dumps({k: v for k, v in res.items() if k != 'stats_text'})}",
-                  file=sys.stderr)
+            print(
+                f"round {r} {system}: {json.dumps({k: v for k, v in res.items() if k != 'stats_text'})}",
+                file=sys.stderr,
+            )
     load_after = os.getloadavg()
-    print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, {platform.processor() or _cpu_name()}, "
-          f"torch {torch.__version__}, {args.threads} threads; load average {load_before[0]:.2f} before, "
-          f"{load_after[0]:.2f} after")
-    print(f"model: {SHAPES[shape]['name']} layer shapes, {args.layers} layers, {args.format} checkpoint, "
-          f"compute {args.dtype}; "
-          f"{args.tokens} decode steps and a {args.prompt}-token prefill on llama-bench's token sequence; "
-          f"medians of {args.rounds} interleaved rounds" + (f"; capped runs: RAM + page cache {args.cap}, "
-                                                            f"expert_cache {args.budget}" if cap else ""))
+    print(
+        f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, {platform.processor() or _cpu_name()}, "
+        f"torch {torch.__version__}, {args.threads} threads; load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after"
+    )
+    print(
+        f"model: {SHAPES[shape]['name']} layer shapes, {args.layers} layers, {args.format} checkpoint, "
+        f"compute {args.dtype}; "
+        f"{args.tokens} decode steps and a {args.prompt}-token prefill on llama-bench's token sequence; "
+        f"medians of {args.rounds} interleaved rounds"
+        + (f"; capped runs: RAM + page cache {args.cap}, expert_cache {args.budget}" if cap else "")
+    )
     print("\n| system | decode tok/s | prefill tok/s | decode vs stock | disk read per token (kernel) | notes |")
     print("|---|---|---|---|---|---|")
     med = {}
@@ -475,23 +564,32 @@ def main(argv=None) -> int:
         note = ""
         if ok[-1].get("stats"):
             st = ok[-1]["stats"]
-            note = f"hit rate {st['hit_rate']:.0%}, {st['fraction_of_bound']:.0%} of its bound" \
-                if st["hit_rate"] == st["hit_rate"] and st["fraction_of_bound"] == st["fraction_of_bound"] else ""
+            note = (
+                f"hit rate {st['hit_rate']:.0%}, {st['fraction_of_bound']:.0%} of its bound"
+                if st["hit_rate"] == st["hit_rate"] and st["fraction_of_bound"] == st["fraction_of_bound"]
+                else ""
+            )
         if ok[-1].get("cgroup_peak"):
             note += f" cgroup peak {format_bytes(ok[-1]['cgroup_peak'])}"
         ratio = med[system]["decode_tok_s"] / med["stock"]["decode_tok_s"] if "stock" in med else float("nan")
-        print(f"| {system} | {med[system]['decode_tok_s']:.2f} | {med[system]['prefill_tok_s']:.1f} | {ratio:.2f}x | "
-              f"{format_bytes(statistics.median(io)) if io else '-'} | {note.strip()} |")
+        print(
+            f"| {system} | {med[system]['decode_tok_s']:.2f} | {med[system]['prefill_tok_s']:.1f} | {ratio:.2f}x | "
+            f"{format_bytes(statistics.median(io)) if io else '-'} | {note.strip()} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "medians": med,
-                                               "load": [load_before, load_after]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"results": results, "medians": med, "load": [load_before, load_after]}, indent=2)
+        )
     return 0
 
 
 def _cpu_name() -> str:
     try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
+        return next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         return "unknown CPU"
 

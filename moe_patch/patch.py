@@ -104,15 +104,18 @@ def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any =
     if state is not None:
         if is_patched(root):
             if (validate, offload) != (state.validate, state.offload):
-                logger.warning("%s is already patched with other options; unpatch_model() first to change them.",
-                               type(root).__name__)
+                logger.warning(
+                    "%s is already patched with other options; unpatch_model() first to change them.",
+                    type(root).__name__,
+                )
             return dataclasses.replace(state.report, already_patched=True)
         unpatch_model(root)  # every block was handed to another implementation: start over
     handles = find_moe_blocks(root)
     report = PatchReport(model_class=type(root).__name__)
     if not handles:
-        logger.warning("%s has no Mixture-of-Experts block moe-patch recognises; nothing was changed.",
-                       type(root).__name__)
+        logger.warning(
+            "%s has no Mixture-of-Experts block moe-patch recognises; nothing was changed.", type(root).__name__
+        )
         return report
     if offload is not None:
         from .offload import attach_offload

@@ -90,8 +90,13 @@ class Calibrations:
             answer = measure()
             values[question] = answer
             shown = f" = {answer}" if isinstance(answer, float) else ""  # a record: its figures are in the file
-            logger.info("calibrated %s%s in %.2f s (kept in %s)", question, shown, time.perf_counter() - t0,
-                        self._file(fingerprint))
+            logger.info(
+                "calibrated %s%s in %.2f s (kept in %s)",
+                question,
+                shown,
+                time.perf_counter() - t0,
+                self._file(fingerprint),
+            )
             self._store(fingerprint, values)
             return answer
 
@@ -126,18 +131,6 @@ class Calibrations:
 CALIBRATIONS = Calibrations()
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 3, *, warmup: bool = True) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls (after one untimed call: packing, allocator)."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def best_seconds(*fns: Callable[[], object], repeats: int = 5, warmup: bool = True) -> tuple[float, ...]:
     """The shortest wall time of each of ``fns`` over ``repeats`` rounds that call them in turn.
 
@@ -164,7 +157,7 @@ def _measure_upcast_min_rows(dtype: torch.dtype) -> float:
     w = torch.randn(out_features, in_features, generator=gen).to(dtype)
     for rows in (1, 4, 16, 64, 256):
         x = torch.randn(rows, in_features, generator=gen).to(dtype)
-        native, upcast = best_seconds(lambda: F.linear(x, w), lambda: F.linear(x.float(), w.float()))
+        native, upcast = best_seconds(lambda x=x: F.linear(x, w), lambda x=x: F.linear(x.float(), w.float()))
         if upcast < 0.9 * native:  # a clear win only: near parity, stay in the model's dtype
             return float(rows)
     return math.inf
@@ -175,8 +168,9 @@ def upcast_min_rows(dtype: torch.dtype) -> float:
     is faster than computing it in its own ``dtype`` on this CPU; ``inf`` where it never is."""
     if dtype not in (torch.bfloat16, torch.float16):
         return math.inf
-    return CALIBRATIONS.get(f"cpu_upcast_min_rows/{str(dtype).removeprefix('torch.')}",
-                            lambda: _measure_upcast_min_rows(dtype))
+    return CALIBRATIONS.get(
+        f"cpu_upcast_min_rows/{str(dtype).removeprefix('torch.')}", lambda: _measure_upcast_min_rows(dtype)
+    )
 
 
 #: rows per expert at which loop and grouped GEMM are timed against each other
@@ -202,8 +196,8 @@ def _measure_loop_wins(dtype: torch.dtype) -> float:
         except RuntimeError:  # no grouped kernel for this dtype here: the loop always
             return float(2 ** len(LOOP_BUCKETS) - 1)
         grouped, loop = best_seconds(
-            lambda: _grouped_mm(x, wt, offs),
-            lambda: [F.linear(x[e * rows:(e + 1) * rows], w[e]) for e in range(experts)],
+            lambda x=x, offs=offs: _grouped_mm(x, wt, offs),
+            lambda x=x, rows=rows: [F.linear(x[e * rows : (e + 1) * rows], w[e]) for e in range(experts)],
         )
         if loop < 0.95 * grouped:
             bits |= 1 << i
@@ -213,9 +207,12 @@ def _measure_loop_wins(dtype: torch.dtype) -> float:
 def loop_wins(dtype: torch.dtype, rows_per_expert: float) -> bool:
     """Whether, on this machine's CPU, a loop over the active experts beats one grouped GEMM at this many
     rows each (the nearest measured bucket)."""
-    bits = int(CALIBRATIONS.get(f"cpu_loop_wins/{str(dtype).removeprefix('torch.')}",
-                                lambda: _measure_loop_wins(dtype)))
-    nearest = min(range(len(LOOP_BUCKETS)), key=lambda i: abs(math.log2(LOOP_BUCKETS[i]) - math.log2(max(rows_per_expert, 1))))
+    bits = int(
+        CALIBRATIONS.get(f"cpu_loop_wins/{str(dtype).removeprefix('torch.')}", lambda: _measure_loop_wins(dtype))
+    )
+    nearest = min(
+        range(len(LOOP_BUCKETS)), key=lambda i: abs(math.log2(LOOP_BUCKETS[i]) - math.log2(max(rows_per_expert, 1)))
+    )
     return bool(bits >> nearest & 1)
 
 
@@ -244,8 +241,10 @@ def _measure_kernel_wins(dtype: torch.dtype) -> float:
         idx = torch.arange(experts).repeat_interleave(rows).unsqueeze(1)
         w = torch.ones(experts * rows, 1, dtype=dtype)
         with torch.no_grad():
-            grouped = median_seconds(functools.partial(grouped_mm_experts_forward, module, x, idx, w))
-            fused = median_seconds(functools.partial(kernel.forward, x, idx, w))
+            grouped, fused = best_seconds(
+                functools.partial(grouped_mm_experts_forward, module, x, idx, w),
+                functools.partial(kernel.forward, x, idx, w),
+            )
         if fused < 0.95 * grouped:
             bits |= 1 << i
     return float(bits)
@@ -256,8 +255,10 @@ def kernel_wins(dtype: torch.dtype, rows_per_expert: float) -> bool:
     per expert (the nearest measured bucket; measured once per machine, threads and torch)."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    bits = int(CALIBRATIONS.get(f"cpu_kernel_wins/{str(dtype).removeprefix('torch.')}",
-                                lambda: _measure_kernel_wins(dtype)))
-    nearest = min(range(len(LOOP_BUCKETS)),
-                  key=lambda i: abs(math.log2(LOOP_BUCKETS[i]) - math.log2(max(rows_per_expert, 1))))
+    bits = int(
+        CALIBRATIONS.get(f"cpu_kernel_wins/{str(dtype).removeprefix('torch.')}", lambda: _measure_kernel_wins(dtype))
+    )
+    nearest = min(
+        range(len(LOOP_BUCKETS)), key=lambda i: abs(math.log2(LOOP_BUCKETS[i]) - math.log2(max(rows_per_expert, 1)))
+    )
     return bool(bits >> nearest & 1)

@@ -200,8 +200,12 @@ def grouped_mm_supported(hidden_states: torch.Tensor, operands: list[torch.Tenso
 
 @functools.cache  # once per device and process: the dispatch asks on every call
 def _say_no_grouped_kernel(device: torch.device, capability: tuple[int, int]) -> None:
-    logger.warning("%s (compute capability %d.%d) has no grouped GEMM kernel (torch's needs SM80+, Ampere or newer): "
-                   "experts run in a loop, one GEMM per active expert", device, *capability)
+    logger.warning(
+        "%s (compute capability %d.%d) has no grouped GEMM kernel (torch's needs SM80+, Ampere or newer): "
+        "experts run in a loop, one GEMM per active expert",
+        device,
+        *capability,
+    )
 
 
 def combine_sorted(

@@ -29,6 +29,7 @@ from .core import (
     plan_dispatch,
 )
 
+
 def _loop_wins(weight: torch.Tensor, x: torch.Tensor, rows_per_expert: float) -> bool:
     """On a CPU, whether a loop over the active experts beats one grouped GEMM at this many rows each
     (measured on the running machine: on one 2-core AVX2 VM grouped_mm streamed a decode expert 3x faster
@@ -39,11 +40,15 @@ def _loop_wins(weight: torch.Tensor, x: torch.Tensor, rows_per_expert: float) ->
 
     return loop_wins(weight.dtype, rows_per_expert)
 
+
 def _kernel_wins(weight: torch.Tensor, x: torch.Tensor, rows_per_expert: float) -> bool:
     """On a CPU, outside autograd and compilation, whether the CPU expert kernel (:mod:`moe_patch.kernels`)
     beats transformers' grouped_mm at this many rows per expert (measured on the running machine)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if (
+        x.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
         return False
     from .calibration import kernel_wins
 
@@ -145,19 +150,30 @@ def bank_expert(bank: ExpertBank, e: int, x: torch.Tensor, compute_dtype: torch.
 def grouped_mlp(bank: ExpertBank, rows: torch.Tensor, offs: torch.Tensor, eid: torch.Tensor | None) -> torch.Tensor:
     """The experts' MLP over expert-sorted ``rows`` in grouped GEMMs (``offs``: cumulative rows per expert,
     ``eid``: each row's expert, for the biases)."""
-    h = grouped_linear(rows, bank.up, offs, transposed=bank.transposed,
-                       bias_rows=bank.up_bias[eid] if bank.up_bias is not None else None)
+    h = grouped_linear(
+        rows,
+        bank.up,
+        offs,
+        transposed=bank.transposed,
+        bias_rows=bank.up_bias[eid] if bank.up_bias is not None else None,
+    )
     if bank.gate is not None:
         h = bank.activate(grouped_linear(rows, bank.gate, offs, transposed=bank.transposed), h)
     else:
         h = bank.activate(h)
-    y = grouped_linear(h, bank.down, offs, transposed=bank._down_t,
-                       bias_rows=bank.down_bias[eid] if bank.down_bias is not None else None)
+    y = grouped_linear(
+        h,
+        bank.down,
+        offs,
+        transposed=bank._down_t,
+        bias_rows=bank.down_bias[eid] if bank.down_bias is not None else None,
+    )
     return bank.post(y) if bank.post is not None else y
 
 
-def bank_grouped(bank: ExpertBank, x: torch.Tensor, plan: DispatchPlan, top_k_weights: torch.Tensor,
-                 *, weight_inputs: bool = False) -> torch.Tensor:
+def bank_grouped(
+    bank: ExpertBank, x: torch.Tensor, plan: DispatchPlan, top_k_weights: torch.Tensor, *, weight_inputs: bool = False
+) -> torch.Tensor:
     """All experts of the bank in grouped GEMMs over expert-sorted rows; returns ``[T, H]``."""
     n = plan.offsets[-1]  # sentinel slots (dropped tokens) sort past the last expert
     offs = torch.cumsum(plan.counts, 0).to(torch.int32)
@@ -172,23 +188,44 @@ def bank_grouped(bank: ExpertBank, x: torch.Tensor, plan: DispatchPlan, top_k_we
     return combine_sorted(y, plan, weights, x.shape[0]).to(x.dtype)
 
 
-def bank_dispatch(bank: ExpertBank, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                  *, weight_inputs: bool = False, plan: DispatchPlan | None = None) -> torch.Tensor:
+def bank_dispatch(
+    bank: ExpertBank,
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    weight_inputs: bool = False,
+    plan: DispatchPlan | None = None,
+) -> torch.Tensor:
     """Route ``x [T, H]`` through the bank: grouped GEMMs when experts get many rows (prefill, inference),
     a loop over the active experts on weight views otherwise (decode, training: autograd-safe)."""
     plan = plan if plan is not None else plan_dispatch(top_k_index, bank.num_experts)
     rows_per_expert = plan.offsets[-1] / max(len(plan.active), 1)
     if upcast_wins(bank.up, x, rows_per_expert):
-        return dispatch_combine(x, top_k_index, top_k_weights, bank.num_experts,
-                                lambda e, rows: bank_expert(bank, e, rows, torch.float32),
-                                plan=plan, weight_inputs=weight_inputs)
+        return dispatch_combine(
+            x,
+            top_k_index,
+            top_k_weights,
+            bank.num_experts,
+            lambda e, rows: bank_expert(bank, e, rows, torch.float32),
+            plan=plan,
+            weight_inputs=weight_inputs,
+        )
     if grouped_mm_supported(x, bank.kernel_operands()) and not _loop_wins(bank.up, x, rows_per_expert):
         return bank_grouped(bank, x, plan, top_k_weights, weight_inputs=weight_inputs)
-    return dispatch_combine(x, top_k_index, top_k_weights, bank.num_experts,
-                            lambda e, rows: bank_expert(bank, e, rows), plan=plan, weight_inputs=weight_inputs)
+    return dispatch_combine(
+        x,
+        top_k_index,
+        top_k_weights,
+        bank.num_experts,
+        lambda e, rows: bank_expert(bank, e, rows),
+        plan=plan,
+        weight_inputs=weight_inputs,
+    )
 
 
 # --------------------------------------------------------------------------- transformers 5 fused modules
+
 
 def fused_bank(module: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> ExpertBank:
     """The bank of a transformers-5 fused experts module (flags from its decorator), over its own
@@ -234,8 +271,14 @@ def fused_expert_forward(module: torch.nn.Module, x: torch.Tensor, weights: dict
     return bank_expert(fused_bank(module, {n: t.unsqueeze(0) for n, t in weights.items()}), 0, x)
 
 
-def grouped_dispatch_on_device(bank: ExpertBank, x: torch.Tensor, top_k_index: torch.Tensor,
-                               top_k_weights: torch.Tensor, *, weight_inputs: bool = False) -> torch.Tensor:
+def grouped_dispatch_on_device(
+    bank: ExpertBank,
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    weight_inputs: bool = False,
+) -> torch.Tensor:
     """:func:`bank_grouped` without a host sync (offsets stay on the device; ``histc`` instead of
     ``bincount``), for a GPU whose CPU should keep queueing kernels. Ids ``>= bank.num_experts`` are
     dropped slots: their rows run through no group and are masked out of the combine."""
@@ -322,9 +365,9 @@ def moe_patch_experts_forward(
     GEMM) or where transformers' kernel cannot take the weights (odd widths, float64: ours loops).
     On CUDA and while compiling, transformers' grouped path is its sync-free one.
     """
-    from ..validation import check_routing  # local: validation imports nothing from dispatch
-
     from transformers.integrations.moe import grouped_mm_experts_forward
+
+    from ..validation import check_routing  # local: validation imports nothing from dispatch
 
     check_routing(self, top_k_index, top_k_weights)  # skipped while compiling
     if use_transformers_grouped(hidden_states) and _module_kernel_accepts(self):
@@ -338,8 +381,9 @@ def moe_patch_experts_forward(
 
         kernel = module_kernel(self)
         if kernel is not None:
-            return kernel.forward(hidden_states.contiguous(), top_k_index.to(torch.int64).contiguous(),
-                                  top_k_weights.contiguous())
+            return kernel.forward(
+                hidden_states.contiguous(), top_k_index.to(torch.int64).contiguous(), top_k_weights.contiguous()
+            )
     if upcast_wins(up, hidden_states, rows):
         return bank_dispatch(fused_bank(self), hidden_states, top_k_index, top_k_weights)
     stock = stock_experts_forward(self)

@@ -12,5 +12,16 @@ from .find import find_moe_blocks, inspect_model
 from .registry import FAMILIES
 from .unsupported import UNSUPPORTED, is_supported
 
-__all__ = ["FAMILIES", "UNSUPPORTED", "ExpertTensors", "Family", "PatchOptions", "ResidentRunner", "Runner",
-           "find_moe_blocks", "inspect_model", "is_supported", "run_experts"]
+__all__ = [
+    "FAMILIES",
+    "UNSUPPORTED",
+    "ExpertTensors",
+    "Family",
+    "PatchOptions",
+    "ResidentRunner",
+    "Runner",
+    "find_moe_blocks",
+    "inspect_model",
+    "is_supported",
+    "run_experts",
+]

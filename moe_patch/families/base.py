@@ -93,12 +93,25 @@ class KernelMaths:
 class Runner(Protocol):
     """Computes a block's routed experts: ``(experts, x [T, H], top_k_index, top_k_weights) -> [T, H]``."""
 
-    def __call__(self, experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
-                 top_k_weights: torch.Tensor, *, weight_inputs: bool = False) -> torch.Tensor: ...
+    def __call__(
+        self,
+        experts: torch.nn.Module,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        *,
+        weight_inputs: bool = False,
+    ) -> torch.Tensor: ...
 
 
-def run_experts(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                *, weight_inputs: bool = False) -> torch.Tensor:
+def run_experts(
+    experts: torch.nn.Module,
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    weight_inputs: bool = False,
+) -> torch.Tensor:
     """The routed experts of ``x`` through the runner installed on ``experts`` (resident or offloaded).
     ``weight_inputs``: scale each expert's input by its routing weight instead of its output (Llama 4)."""
     return experts.__dict__[RUNNER_ATTR](experts, x, top_k_index, top_k_weights, weight_inputs=weight_inputs)
@@ -120,8 +133,15 @@ class OffloadRunner(Protocol):
     """What the offload engine gives a family to install: the routed-experts runner of one layer, and the
     per-expert calls for blocks that loop over their experts themselves."""
 
-    def __call__(self, experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
-                 top_k_weights: torch.Tensor, *, weight_inputs: bool = False) -> torch.Tensor: ...
+    def __call__(
+        self,
+        experts: torch.nn.Module,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        *,
+        weight_inputs: bool = False,
+    ) -> torch.Tensor: ...
 
     def begin_layer(self, hidden: torch.Tensor) -> None: ...
 
@@ -230,8 +250,9 @@ class Family:
         (an activation or gate they do not have): then torch computes them, as before."""
         return None
 
-    def compute_expert(self, experts: torch.nn.Module, expert: int, x: torch.Tensor,
-                       weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    def compute_expert(
+        self, experts: torch.nn.Module, expert: int, x: torch.Tensor, weights: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """Expert ``expert`` on rows ``x`` from its fetched ``weights`` (decoded, on x's device)."""
         return bank_expert(self.slot_bank(experts, {n: t.unsqueeze(0) for n, t in weights.items()}), 0, x)
 
@@ -245,8 +266,10 @@ class Family:
     def install_resident(self, handle: BlockHandle, options: PatchOptions, runner: Runner) -> None:
         """The resident counterpart of :meth:`install_offload`, for families whose forward calls
         :func:`run_experts`: the same forward, the resident runner, and the routing check's options."""
-        set_attrs(handle.experts, **{RUNNER_ATTR: runner, NAME_ATTR: handle.info.experts_path,
-                                     VALIDATE_ATTR: options.validate})
+        set_attrs(
+            handle.experts,
+            **{RUNNER_ATTR: runner, NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate},
+        )
         self.bind_routed(handle)
 
     def bind_routed(self, handle: BlockHandle) -> None:

@@ -25,8 +25,14 @@ def _bank(experts: torch.nn.Module, weights: dict[str, torch.Tensor] | None = No
     if weights is None:  # the module's own [E * F, H] parameters viewed as [E, F, H]
         shape = (E, -1, mlp.w1.shape[-1])
         weights = {"mlp.w1": mlp.w1.view(shape), "mlp.v1": mlp.v1.view(shape), "mlp.w2": mlp.w2.view(shape)}
-    return ExpertBank(up=weights["mlp.v1"], gate=weights["mlp.w1"], down=weights["mlp.w2"],
-                      activate=lambda g, u: act(g) * u, transposed=False, down_transposed=True)
+    return ExpertBank(
+        up=weights["mlp.v1"],
+        gate=weights["mlp.w1"],
+        down=weights["mlp.w2"],
+        activate=lambda g, u: act(g) * u,
+        transposed=False,
+        down_transposed=True,
+    )
 
 
 def _dbrx_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -42,9 +48,12 @@ class DbrxFamily(Family):
 
     def match(self, block, name, experts) -> bool:
         mlp = getattr(experts, "mlp", None)
-        return (mlp is not None and all(getattr(getattr(mlp, n, None), "dim", lambda: 0)() == 2
-                                        for n in ("w1", "v1", "w2"))
-                and hasattr(experts, "num_experts") and mlp.w1.shape[0] % experts.num_experts == 0)
+        return (
+            mlp is not None
+            and all(getattr(getattr(mlp, n, None), "dim", lambda: 0)() == 2 for n in ("w1", "v1", "w2"))
+            and hasattr(experts, "num_experts")
+            and mlp.w1.shape[0] % experts.num_experts == 0
+        )
 
     def sizes(self, experts) -> tuple[int, int]:
         return int(experts.mlp.w1.shape[1]), int(experts.mlp.w1.shape[0] // experts.num_experts)
@@ -64,8 +73,9 @@ class DbrxFamily(Family):
     def expert_tensors(self, experts) -> ExpertTensors:
         n = int(experts.num_experts)
         full = {name: experts.get_parameter(name) for name in _NAMES}
-        return ExpertTensors(_NAMES, {name: (t.shape[0] // n, *t.shape[1:]) for name, t in full.items()},
-                             full["mlp.w2"].dtype, n)
+        return ExpertTensors(
+            _NAMES, {name: (t.shape[0] // n, *t.shape[1:]) for name, t in full.items()}, full["mlp.w2"].dtype, n
+        )
 
     def expert_slice(self, full: torch.Tensor, expert: int, num_experts: int) -> torch.Tensor:
         return full.view(num_experts, full.shape[0] // num_experts, *full.shape[1:])[expert]

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from ..detect.spec import BlockHandle
 
 
-
 def register_experts_implementation() -> None:
     """Add ``"moe_patch"`` to transformers' experts registry (idempotent; the registry is the
     explicit extension point transformers provides for third parties)."""
@@ -127,8 +126,11 @@ class ChoiceByName:
         model = self.model
         type(model).set_experts_implementation(model, experts_implementation)
         config = model.config
-        chosen = None if isinstance(experts_implementation, str) else {
-            id(config if key == "" else getattr(config, key, None)) for key in experts_implementation}
+        chosen = (
+            None
+            if isinstance(experts_implementation, str)
+            else {id(config if key == "" else getattr(config, key, None)) for key in experts_implementation}
+        )
         for module in model.modules():
             view = module.__dict__.get("config")
             if isinstance(view, ExpertsConfigView) and (chosen is None or id(view._moe_patch_config) in chosen):
@@ -145,7 +147,8 @@ def install_choice_by_name(root: torch.nn.Module) -> None:
 
     for model in root.modules():
         if isinstance(model, PreTrainedModel) and any(
-                isinstance(m.__dict__.get("config"), ExpertsConfigView) for m in model.modules()):
+            isinstance(m.__dict__.get("config"), ExpertsConfigView) for m in model.modules()
+        ):
             set_attrs(model, set_experts_implementation=ChoiceByName(model))
 
 
@@ -172,16 +175,25 @@ def _fused_sizes(experts: torch.nn.Module, transposed: bool) -> tuple[int, int]:
     return (down.shape[2], down.shape[1]) if transposed else (down.shape[1], down.shape[2])
 
 
-def _fused_layout(experts: torch.nn.Module, transposed: bool, gated: bool, bias: bool, post_norm: bool,
-                  interleaved: bool) -> ExpertLayout:
+def _fused_layout(
+    experts: torch.nn.Module, transposed: bool, gated: bool, bias: bool, post_norm: bool, interleaved: bool
+) -> ExpertLayout:
     first = "gate_up_proj" if gated else "up_proj"
     names = [first] + ([first + "_bias"] if bias else []) + ["down_proj"] + (["down_proj_bias"] if bias else [])
-    return ExpertLayout(storage="fused", gated=gated, transposed=transposed, interleaved=interleaved, bias=bias,
-                        post_norm=post_norm, param_names=tuple(names))
+    return ExpertLayout(
+        storage="fused",
+        gated=gated,
+        transposed=transposed,
+        interleaved=interleaved,
+        bias=bias,
+        post_norm=post_norm,
+        param_names=tuple(names),
+    )
 
 
-def _routed_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor) -> torch.Tensor:
+def _routed_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """The experts' call signature, computed by the installed runner (the offload engine)."""
     return run_experts(self, hidden_states, top_k_index, top_k_weights)
 
@@ -194,8 +206,14 @@ class ExpertsInterfaceFamily(Family):
         return is_decorated(experts)
 
     def layout(self, experts) -> ExpertLayout:
-        return _fused_layout(experts, bool(experts.is_transposed), bool(experts.has_gate), bool(experts.has_bias),
-                             bool(experts.has_post_expert_norm), not getattr(experts, "is_concatenated", True))
+        return _fused_layout(
+            experts,
+            bool(experts.is_transposed),
+            bool(experts.has_gate),
+            bool(experts.has_bias),
+            bool(experts.has_post_expert_norm),
+            not getattr(experts, "is_concatenated", True),
+        )
 
     def sizes(self, experts) -> tuple[int, int]:
         return _fused_sizes(experts, bool(experts.is_transposed))
@@ -211,8 +229,12 @@ class ExpertsInterfaceFamily(Family):
 
     def expert_tensors(self, experts) -> ExpertTensors:
         names = expert_weight_names(experts)
-        return ExpertTensors(names, {n: tuple(getattr(experts, n).shape[1:]) for n in names},
-                             experts.down_proj.dtype, int(experts.num_experts))
+        return ExpertTensors(
+            names,
+            {n: tuple(getattr(experts, n).shape[1:]) for n in names},
+            experts.down_proj.dtype,
+            int(experts.num_experts),
+        )
 
     def slot_bank(self, experts, weights) -> ExpertBank:
         return fused_bank(experts, weights)
@@ -246,8 +268,13 @@ def decorated_kernel_maths(experts: torch.nn.Module) -> KernelMaths | None:
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     if gate is GptOssExperts._apply_gate:
-        return KernelMaths(**names, activation="gpt_oss", glu_layout="interleaved", alpha=float(experts.alpha),
-                           limit=float(experts.limit))
+        return KernelMaths(
+            **names,
+            activation="gpt_oss",
+            glu_layout="interleaved",
+            alpha=float(experts.alpha),
+            limit=float(experts.limit),
+        )
     return None
 
 
@@ -286,14 +313,20 @@ class PlainFusedFamily(Family):
     """Fused [gate; up] experts with the transformers 5 call signature but no decorator."""
 
     name = "fused_plain"
-    offload_unsupported = ("undecorated fused experts (step3p7) carry no layout flags the offloaded forward could "
-                           "follow; they stay resident")
+    offload_unsupported = (
+        "undecorated fused experts (step3p7) carry no layout flags the offloaded forward could "
+        "follow; they stay resident"
+    )
 
     def match(self, block, name, experts) -> bool:
         gu, down = param_3d(experts, "gate_up_proj"), param_3d(experts, "down_proj")
         return (
-            gu is not None and down is not None and gu.shape[0] == down.shape[0] and not is_decorated(experts)
-            and _has_routed_signature(experts) and _plain_transposed(experts) is not None
+            gu is not None
+            and down is not None
+            and gu.shape[0] == down.shape[0]
+            and not is_decorated(experts)
+            and _has_routed_signature(experts)
+            and _plain_transposed(experts) is not None
         )
 
     def num_experts(self, experts) -> int:
@@ -330,8 +363,10 @@ def _zero_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 #: Why a block with zero-computation experts stays resident, whichever module handles them.
-ZERO_EXPERTS_RESIDENT = ("LongCat-Flash's zero-computation experts are routed beside the real ones; the offload "
-                         "engine pages real experts only, so these blocks stay resident")
+ZERO_EXPERTS_RESIDENT = (
+    "LongCat-Flash's zero-computation experts are routed beside the real ones; the offload "
+    "engine pages real experts only, so these blocks stay resident"
+)
 
 
 class ZeroExpertsFamily(Family):
@@ -340,8 +375,10 @@ class ZeroExpertsFamily(Family):
 
     def match(self, block, name, experts) -> bool:
         return (
-            hasattr(experts, "zero_expert_num") and hasattr(experts, "num_routed_experts")
-            and param_3d(experts, "down_proj") is not None and _has_routed_signature(experts)
+            hasattr(experts, "zero_expert_num")
+            and hasattr(experts, "num_routed_experts")
+            and param_3d(experts, "down_proj") is not None
+            and _has_routed_signature(experts)
         )
 
     def num_experts(self, experts) -> int:
@@ -354,7 +391,7 @@ class ZeroExpertsFamily(Family):
         return _fused_sizes(experts, False)
 
     def params_per_expert(self, experts) -> int:
-        return (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel())
+        return experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()
 
     def install(self, handle: BlockHandle, options: PatchOptions) -> None:
         experts = handle.experts

@@ -23,8 +23,9 @@ def _jetmoe_forward(self, layer_input: torch.Tensor) -> torch.Tensor:
     order, _, gates, expert_size, _ = self.router(x)  # called as a module: output recorders still see it
     k = self.router.top_k
     # Back from the router's sorted plan to the [T, k] routing table.
-    experts_sorted = torch.repeat_interleave(torch.arange(len(expert_size), device=x.device),
-                                             torch.as_tensor(expert_size, device=x.device))
+    experts_sorted = torch.repeat_interleave(
+        torch.arange(len(expert_size), device=x.device), torch.as_tensor(expert_size, device=x.device)
+    )
     top_k_index = torch.empty_like(order).scatter_(0, order, experts_sorted).view(-1, k)
     top_k_weights = torch.empty_like(gates).scatter_(0, order, gates).view(-1, k)
     check_routing(self, top_k_index, top_k_weights, len(expert_size))
@@ -38,17 +39,27 @@ class JetMoeFamily(Family):
 
     name = "parallel_experts"
     routing_reader = "sorted_plan"
-    offload_unsupported = ("JetMoE's experts are a pair of block-level parallel linears whose router returns its own "
-                           "sorted plan; they stay resident")
+    offload_unsupported = (
+        "JetMoE's experts are a pair of block-level parallel linears whose router returns its own "
+        "sorted plan; they stay resident"
+    )
 
     def match(self, block, name, experts) -> bool:
         out = getattr(block, "output_linear", None)
         w = getattr(experts, "weight", None)
         wo = getattr(out, "weight", None)
         # [E, 2I, H] in, [E, H, I] out: a GLU expert bank (JetMoE's attention experts, MoA, are not).
-        return (name == "input_linear" and isinstance(w, torch.Tensor) and w.dim() == 3
-                and isinstance(wo, torch.Tensor) and wo.dim() == 3 and w.shape[1] == 2 * wo.shape[2]
-                and hasattr(block, "router") and hasattr(block.router, "top_k") and hasattr(block, "bias"))
+        return (
+            name == "input_linear"
+            and isinstance(w, torch.Tensor)
+            and w.dim() == 3
+            and isinstance(wo, torch.Tensor)
+            and wo.dim() == 3
+            and w.shape[1] == 2 * wo.shape[2]
+            and hasattr(block, "router")
+            and hasattr(block.router, "top_k")
+            and hasattr(block, "bias")
+        )
 
     def sizes(self, experts) -> tuple[int, int]:
         return int(experts.weight.shape[2]), int(experts.weight.shape[1] // 2)

@@ -85,8 +85,17 @@ def layer_spec(maths: KernelMaths | None, num_experts: int, entry: Entry) -> MoE
     if two_i % 2:
         return f"{maths.gate_up} has an odd number of rows ({two_i})"
     try:
-        spec = MoELayerSpec(num_experts, int(hidden), two_i // 2, fg, fd, activation=maths.activation,
-                            glu_layout=maths.glu_layout, alpha=float(maths.alpha), limit=float(maths.limit))
+        spec = MoELayerSpec(
+            num_experts,
+            int(hidden),
+            two_i // 2,
+            fg,
+            fd,
+            activation=maths.activation,
+            glu_layout=maths.glu_layout,
+            alpha=float(maths.alpha),
+            limit=float(maths.limit),
+        )
     except ValueError as exc:  # InvalidArgumentError: a shape the spec refuses
         return str(exc)
     return spec.unsupported() or spec
@@ -115,8 +124,9 @@ class ExpertKernel:
     this layer; the caller keeps torch's path.
     """
 
-    def __init__(self, maths: KernelMaths | None, num_experts: int, example: Entry, *,
-                 gemm_min_rows: float | str | None = "auto"):
+    def __init__(
+        self, maths: KernelMaths | None, num_experts: int, example: Entry, *, gemm_min_rows: float | str | None = "auto"
+    ):
         if not available():
             from ..kernels import status
 
@@ -138,18 +148,27 @@ class ExpertKernel:
     def attached(self, index: int) -> bool:
         return self.kernel.has_expert(index)
 
-    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                out: torch.Tensor | None = None, *, accumulate: bool = False,
-                weight_inputs: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        out: torch.Tensor | None = None,
+        *,
+        accumulate: bool = False,
+        weight_inputs: bool = False,
+    ) -> torch.Tensor:
         """The routed experts of ``x [T, H]`` over the attached entries (ids of detached ones, or outside the
         range, are skipped): see :meth:`moe_patch.kernels.MoEKernel.forward`."""
         self.calls += 1
-        return self.kernel.forward(x, top_k_index, top_k_weights, out, accumulate=accumulate,
-                                   weight_inputs=weight_inputs)
+        return self.kernel.forward(
+            x, top_k_index, top_k_weights, out, accumulate=accumulate, weight_inputs=weight_inputs
+        )
 
 
 def meta_entry(entry: Entry) -> dict[str, Any]:
     """``entry`` with meta tensors of the same shapes and dtypes (to plan a kernel before any data exists)."""
+
     def meta(t):
         if isinstance(t, StoredTensor):
             return StoredTensor(t.layout, tuple(torch.empty(p.shape, dtype=p.dtype, device="meta") for p in t.tensors))
@@ -169,8 +188,11 @@ def module_kernel(experts: torch.nn.Module) -> ExpertKernel | None:
     from .fused import decorated_kernel_maths
 
     maths = decorated_kernel_maths(experts)
-    names = [] if maths is None else [n for n in (maths.gate_up, maths.down, maths.gate_up_bias, maths.down_bias)
-                                      if n is not None]
+    names = (
+        []
+        if maths is None
+        else [n for n in (maths.gate_up, maths.down, maths.gate_up_bias, maths.down_bias) if n is not None]
+    )
     params = {n: getattr(experts, n, None) for n in names}
     if maths is None or any(not isinstance(p, torch.Tensor) or p.device.type != "cpu" for p in params.values()):
         return None

@@ -51,9 +51,16 @@ class Llama4Family(Family):
     def match(self, block, name, experts) -> bool:
         gu, down = param_3d(experts, "gate_up_proj"), param_3d(experts, "down_proj")
         router = getattr(block, "router", None)
-        return (gu is not None and down is not None and not hasattr(experts, "has_gate")
-                and gu.shape[1] == down.shape[2] and gu.shape[2] == 2 * down.shape[1]
-                and router is not None and hasattr(router, "top_k") and hasattr(block, "shared_expert"))
+        return (
+            gu is not None
+            and down is not None
+            and not hasattr(experts, "has_gate")
+            and gu.shape[1] == down.shape[2]
+            and gu.shape[2] == 2 * down.shape[1]
+            and router is not None
+            and hasattr(router, "top_k")
+            and hasattr(block, "shared_expert")
+        )
 
     def num_experts(self, experts) -> int:
         return int(experts.gate_up_proj.shape[0])
@@ -62,8 +69,7 @@ class Llama4Family(Family):
         return int(experts.down_proj.shape[2]), int(experts.down_proj.shape[1])
 
     def layout(self, experts) -> ExpertLayout:
-        return ExpertLayout(storage="dense_bmm", gated=True, transposed=True,
-                            param_names=("gate_up_proj", "down_proj"))
+        return ExpertLayout(storage="dense_bmm", gated=True, transposed=True, param_names=("gate_up_proj", "down_proj"))
 
     def install(self, handle: BlockHandle, options: PatchOptions) -> None:
         self.install_resident(handle, options, ResidentRunner(_bank, self.num_experts(handle.experts)))
@@ -73,8 +79,12 @@ class Llama4Family(Family):
 
     def expert_tensors(self, experts) -> ExpertTensors:
         names = ("gate_up_proj", "down_proj")
-        return ExpertTensors(names, {n: tuple(getattr(experts, n).shape[1:]) for n in names},
-                             experts.down_proj.dtype, self.num_experts(experts))
+        return ExpertTensors(
+            names,
+            {n: tuple(getattr(experts, n).shape[1:]) for n in names},
+            experts.down_proj.dtype,
+            self.num_experts(experts),
+        )
 
     def slot_bank(self, experts, weights) -> ExpertBank:
         return _bank(experts, weights)

@@ -65,8 +65,7 @@ def _expert_keys(experts: torch.nn.Module) -> list[str]:
 
 
 def _linears(module: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in module.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
-            and m.weight.dim() == 2]
+    return [m for m in module.modules() if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
 
 
 def _is_mlp_list(experts: torch.nn.Module) -> bool:
@@ -142,7 +141,10 @@ class _Packed:
         if not all(_plain(m, self.roles) for m in items):
             return False
         tensors = _member_tensors(items, self.roles)
-        if len(tensors) != len(self.members) or (tensors[0].device, tensors[0].dtype) != (self.up.device, self.up.dtype):
+        if len(tensors) != len(self.members) or (tensors[0].device, tensors[0].dtype) != (
+            self.up.device,
+            self.up.dtype,
+        ):
             return False
         return all(t.data_ptr() == ptr for t, ptr in zip(tensors, self.members))
 
@@ -174,8 +176,11 @@ def _hooked(m: torch.nn.Module) -> bool:
 def _plain(expert: torch.nn.Module, roles: _Roles) -> bool:
     # `_modules` directly: this runs for every expert before each use of the pack.
     mods = [expert._modules.get(n) for n in roles.linears]
-    return (roles.act is not None and not _hooked(expert)
-            and all(type(m) is torch.nn.Linear and not _hooked(m) for m in mods))
+    return (
+        roles.act is not None
+        and not _hooked(expert)
+        and all(type(m) is torch.nn.Linear and not _hooked(m) for m in mods)
+    )
 
 
 def _member_tensors(items: list[torch.nn.Module], roles: _Roles) -> list[torch.Tensor]:
@@ -202,8 +207,9 @@ def repack(experts: torch.nn.Module) -> _Packed | None:
     ups = [getattr(m, roles.up) for m in items]
     downs = [getattr(m, roles.down) for m in items]
     w0 = ups[0].weight
-    if w0.device.type == "meta" or any(lin.weight.dtype != w0.dtype or lin.weight.device != w0.device
-                                       for lin in ups + downs + (first or [])):
+    if w0.device.type == "meta" or any(
+        lin.weight.dtype != w0.dtype or lin.weight.device != w0.device for lin in ups + downs + (first or [])
+    ):
         return None
     if any(t.is_shared() or (t.device.type == "cpu" and t.is_pinned()) for t in _member_tensors(items, roles)):
         return None  # moving memory shared with other processes, or pinned, would quietly undo that
@@ -242,8 +248,13 @@ def repack(experts: torch.nn.Module) -> _Packed | None:
 
 def _packed_bank(experts: torch.nn.Module, packed: _Packed) -> ExpertBank:
     act = getattr(_experts_list(experts)[0], packed.roles.act)
-    return ExpertBank(up=packed.up, down=packed.down, activate=glu(act) if packed.roles.gated else act,
-                      up_bias=packed.up_bias, down_bias=packed.down_bias)
+    return ExpertBank(
+        up=packed.up,
+        down=packed.down,
+        activate=glu(act) if packed.roles.gated else act,
+        up_bias=packed.up_bias,
+        down_bias=packed.down_bias,
+    )
 
 
 def _inference(experts: torch.nn.Module) -> bool:
@@ -254,8 +265,9 @@ def _inference(experts: torch.nn.Module) -> bool:
     return not (torch.is_grad_enabled() and any(p.requires_grad for p in experts.parameters()))
 
 
-def run_expert_list(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+def run_expert_list(
+    experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int
+) -> torch.Tensor:
     """Dispatch rows to a list of expert modules: through the repacked bank (grouped GEMMs, CPU
     upcasting, loop on weight views) for plain experts at inference, else a loop calling each active
     expert module (hooks, LoRA, dropout and autograd kept)."""
@@ -271,18 +283,26 @@ def run_expert_list(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torc
 
 # --------------------------------------------------------------------------- the generic block forward
 
+
 def _route(block: torch.nn.Module, router_out, num_experts: int, top_k: int):
     """(logits or None, top_k_index, top_k_weights) from whatever the router returned."""
     spec = block._moe_patch_routing
     tensors = list(router_out) if isinstance(router_out, (tuple, list)) else [router_out]
     tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.dim() > 0]  # drop scalar aux losses
-    idx = next((t for t in tensors if isinstance(t, torch.Tensor) and not t.is_floating_point()
-                and t.dim() == 2 and t.shape[-1] == top_k), None)
-    logits = next((t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()
-                   and t.shape[-1] == num_experts), None)
+    idx = next(
+        (
+            t
+            for t in tensors
+            if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2 and t.shape[-1] == top_k
+        ),
+        None,
+    )
+    logits = next(
+        (t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape[-1] == num_experts),
+        None,
+    )
     if idx is not None:
-        w = next(t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()
-                 and t.shape == idx.shape)
+        w = next(t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == idx.shape)
         return logits, idx, w
     logits2 = logits.reshape(-1, num_experts)
     if spec.kind == "sigmoid":
@@ -342,8 +362,12 @@ class ExpertListOffload(Family):
     def expert_tensors(self, experts) -> ExpertTensors:
         first = _experts_list(experts)[0]
         params = dict(first.named_parameters())
-        return ExpertTensors(tuple(params), {n: tuple(p.shape) for n, p in params.items()},
-                             next(iter(params.values())).dtype, len(_experts_list(experts)))
+        return ExpertTensors(
+            tuple(params),
+            {n: tuple(p.shape) for n, p in params.items()},
+            next(iter(params.values())).dtype,
+            len(_experts_list(experts)),
+        )
 
     def expert_param_path(self, experts, expert, name) -> str:
         return f"{_expert_keys(experts)[expert]}.{name}"
@@ -403,8 +427,12 @@ class ModuleListFamily(ExpertListOffload):
         roles = expert_roles(_experts_list(experts)[0])
         first = _experts_list(experts)[0]
         names = tuple(n for n, _ in first.named_parameters())
-        return ExpertLayout(storage="module_list", gated=bool(roles and roles.gated),
-                            bias=any(n.endswith("bias") for n in names), param_names=names)
+        return ExpertLayout(
+            storage="module_list",
+            gated=bool(roles and roles.gated),
+            bias=any(n.endswith("bias") for n in names),
+            param_names=names,
+        )
 
     def install(self, handle: BlockHandle, options: PatchOptions) -> str | None:
         block, experts, info = handle.block, handle.experts, handle.info
@@ -437,8 +465,10 @@ class ModuleListFamily(ExpertListOffload):
                 if out.shape != ref.shape or _rel(out, ref) > tol:
                     restore(block)
                     restore(experts)
-                    return (f"generic routed forward does not reproduce this block (routing "
-                            f"{info.routing.describe()}); left on its own forward")
+                    return (
+                        f"generic routed forward does not reproduce this block (routing "
+                        f"{info.routing.describe()}); left on its own forward"
+                    )
         return None
 
 
@@ -465,6 +495,7 @@ def _container_takes_routing(experts: torch.nn.Module) -> bool:
 
 # --------------------------------------------------------------------------- Switch / NLLB-MoE containers
 
+
 def _switch_experts_forward(self, hidden_states, selected_experts, routing_weights):
     """Switch Transformers: ``selected_experts`` is a capacity-masked one-hot ``[T, 1, E]``."""
     mask = selected_experts.reshape(hidden_states.shape[0], -1)
@@ -480,7 +511,9 @@ def _nllb_experts_forward(self, hidden_states, router_mask, router_probs):
     if self.training and self.moe_token_dropout > 0:
         # transformers drops tokens per (token, expert) slot while training: keep its own forward.
         return type(self).forward(self, hidden_states, router_mask, router_probs)
-    out = run_expert_list(self, hidden_states, router_mask, router_probs.to(hidden_states.dtype), len(_experts_list(self)))
+    out = run_expert_list(
+        self, hidden_states, router_mask, router_probs.to(hidden_states.dtype), len(_experts_list(self))
+    )
     return out * (1 - self.moe_token_dropout) if self.moe_token_dropout > 0 else out
 
 
@@ -511,7 +544,13 @@ class RoutedListFamily(ExpertListOffload):
             fwd = _switch_experts_forward
         else:
             return f"unknown routed expert-list call convention in {type(experts).__name__}.forward"
-        set_attrs(experts, **{NAME_ATTR: handle.info.experts_path, VALIDATE_ATTR: options.validate,
-                              PACK_ATTR: _PackSlot(repack(experts))})
+        set_attrs(
+            experts,
+            **{
+                NAME_ATTR: handle.info.experts_path,
+                VALIDATE_ATTR: options.validate,
+                PACK_ATTR: _PackSlot(repack(experts)),
+            },
+        )
         bind_forward(experts, fwd)
         return None

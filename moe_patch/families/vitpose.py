@@ -49,8 +49,9 @@ class PerImageExpertsFamily(ExpertListOffload):
         return int(experts[0].in_features), int(experts[0].out_features)
 
     def layout(self, experts) -> ExpertLayout:
-        return ExpertLayout(storage="module_list", gated=False, bias=experts[0].bias is not None,
-                            param_names=("weight", "bias"))
+        return ExpertLayout(
+            storage="module_list", gated=False, bias=experts[0].bias is not None, param_names=("weight", "bias")
+        )
 
     def install(self, handle: BlockHandle, options: PatchOptions) -> None:
         set_attrs(handle.experts, **{NAME_ATTR: handle.info.experts_path})

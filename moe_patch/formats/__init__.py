@@ -83,6 +83,22 @@ def cache_format(name: str | None) -> Format | None:
     return fmt
 
 
-__all__ = ["CACHE_FORMATS", "claimed_by", "FORMATS", "Format", "Piece", "QuantizationSpec", "StoredLayout", "StoredPart",
-           "StoredTensor", "SUPPORTED_METHODS", "WeightScheme", "cache_format", "format_of_op", "materialize",
-           "nbytes_of", "read_quantization_config", "tensors_of"]
+__all__ = [
+    "CACHE_FORMATS",
+    "claimed_by",
+    "FORMATS",
+    "Format",
+    "Piece",
+    "QuantizationSpec",
+    "StoredLayout",
+    "StoredPart",
+    "StoredTensor",
+    "SUPPORTED_METHODS",
+    "WeightScheme",
+    "cache_format",
+    "format_of_op",
+    "materialize",
+    "nbytes_of",
+    "read_quantization_config",
+    "tensors_of",
+]

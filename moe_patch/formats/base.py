@@ -123,16 +123,23 @@ class Format:
         checkpoint keeps norms and embeddings unquantized)."""
         return True
 
-    def pieces(self, scheme: WeightScheme, target: str, shape: tuple[int, ...],
-               parts: dict[str, StoredPart]) -> list[Piece]:
+    def pieces(
+        self, scheme: WeightScheme, target: str, shape: tuple[int, ...], parts: dict[str, StoredPart]
+    ) -> list[Piece]:
         """The pieces that build ``target`` (its slice for one expert, model shape ``shape``) from the
         stored tensors ``parts`` (keyed by transformers' source pattern), checked against each other:
         a missing companion or a wrong shape is a :class:`~moe_patch.errors.CheckpointError` naming the
         file and tensor."""
         raise NotImplementedError
 
-    def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
-               out: torch.Tensor) -> None:
+    def decode(
+        self,
+        piece: Piece,
+        tensors: tuple[torch.Tensor, ...],
+        scheme: WeightScheme,
+        dtype: torch.dtype,
+        out: torch.Tensor,
+    ) -> None:
         """Decode ``piece`` of ``tensors`` into ``out`` (``[piece.rows, piece.cols]``, on the tensors' device)."""
         raise NotImplementedError
 
@@ -143,8 +150,9 @@ class Format:
         return None
 
     # -- the CPU kernels (moe_patch.kernels) -------------------------------------------------------------
-    def kernel_format(self, piece: Piece, scheme: WeightScheme,
-                      tensors: tuple[torch.Tensor, ...]) -> ExpertFormat | None:
+    def kernel_format(
+        self, piece: Piece, scheme: WeightScheme, tensors: tuple[torch.Tensor, ...]
+    ) -> ExpertFormat | None:
         """How the CPU kernels read ``piece`` straight from its stored bytes (``tensors``: one expert's stored
         tensors, or meta tensors of the same shapes and dtypes), in the stored orientation ``[rows, cols]``;
         None when they cannot (the expert is then decoded and computed in torch)."""

@@ -77,13 +77,24 @@ class Nf4Format(_BnbFormat):
         data, state = _bnb().quantize_4bit(mat, quant_type="nf4", blocksize=NF4_BLOCKSIZE)
         return (data, state.absmax)
 
-    def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
-               out: torch.Tensor) -> None:
+    def decode(
+        self,
+        piece: Piece,
+        tensors: tuple[torch.Tensor, ...],
+        scheme: WeightScheme,
+        dtype: torch.dtype,
+        out: torch.Tensor,
+    ) -> None:
         bnbf = _bnb()
         data, absmax = tensors[piece.weight], tensors[piece.scale]
-        state = bnbf.QuantState(absmax=absmax, shape=torch.Size((piece.rows, piece.cols)),
-                                code=bnbf.get_4bit_type("nf4", device=data.device), blocksize=NF4_BLOCKSIZE,
-                                quant_type="nf4", dtype=out.dtype if out.dtype != torch.float64 else torch.float32)
+        state = bnbf.QuantState(
+            absmax=absmax,
+            shape=torch.Size((piece.rows, piece.cols)),
+            code=bnbf.get_4bit_type("nf4", device=data.device),
+            blocksize=NF4_BLOCKSIZE,
+            quant_type="nf4",
+            dtype=out.dtype if out.dtype != torch.float64 else torch.float32,
+        )
         out.copy_(bnbf.dequantize_4bit(data, state).reshape(out.shape))
 
     def describe(self, scheme: WeightScheme) -> str:
@@ -106,8 +117,14 @@ class Int8Format(_BnbFormat):
         data, scales, _ = _bnb().int8_vectorwise_quant(mat.to(torch.float16) if mat.dtype == torch.float64 else mat)
         return (data, scales)
 
-    def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
-               out: torch.Tensor) -> None:
+    def decode(
+        self,
+        piece: Piece,
+        tensors: tuple[torch.Tensor, ...],
+        scheme: WeightScheme,
+        dtype: torch.dtype,
+        out: torch.Tensor,
+    ) -> None:
         out.copy_(_bnb().int8_vectorwise_dequant(tensors[piece.weight], tensors[piece.scale]).reshape(out.shape))
 
     def describe(self, scheme: WeightScheme) -> str:

@@ -27,11 +27,13 @@ class CastFormat(Format):
         if any(not p.entry.dtype.is_floating_point or p.entry.dtype in _FP8_DTYPES for p in parts):
             return False
         shapes = [p.shape if p.shape else (1,) for p in parts]
-        return all(tuple(s[1:]) == tuple(shape[1:]) for s in shapes) and \
-            sum(s[0] for s in shapes) == (shape[0] if shape else 1)
+        return all(tuple(s[1:]) == tuple(shape[1:]) for s in shapes) and sum(s[0] for s in shapes) == (
+            shape[0] if shape else 1
+        )
 
-    def pieces(self, scheme: WeightScheme, target: str, shape: tuple[int, ...],
-               parts: dict[str, StoredPart]) -> list[Piece]:
+    def pieces(
+        self, scheme: WeightScheme, target: str, shape: tuple[int, ...], parts: dict[str, StoredPart]
+    ) -> list[Piece]:
         out = []
         for part in parts.values():
             s = part.shape if part.shape else (1,)
@@ -42,8 +44,14 @@ class CastFormat(Format):
         """The piece of one unquantized stored tensor of ``shape``."""
         return Piece(self, position, rows=shape[0], cols=shape[1] if len(shape) > 1 else 1)
 
-    def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
-               out: torch.Tensor) -> None:
+    def decode(
+        self,
+        piece: Piece,
+        tensors: tuple[torch.Tensor, ...],
+        scheme: WeightScheme,
+        dtype: torch.dtype,
+        out: torch.Tensor,
+    ) -> None:
         out.copy_(tensors[piece.weight].reshape(out.shape))
 
     def kernel_format(self, piece: Piece, scheme: WeightScheme, tensors: tuple[torch.Tensor, ...]):

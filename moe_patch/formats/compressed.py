@@ -35,9 +35,17 @@ def unpack_int(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return q[..., :cols] - (1 << (bits - 1))
 
 
-def dequantize_int(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, *, bits: int,
-                   group_size: int | None, shape: tuple[int, int], dtype: torch.dtype,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_int(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    *,
+    bits: int,
+    group_size: int | None,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """compressed-tensors ``pack-quantized`` weight ``[rows, cols]``: ``(q - zero_point) * scale`` computed
     in the scale's dtype (as compressed-tensors' ``_dequantize`` does), per group or per channel."""
     rows, cols = shape
@@ -64,10 +72,17 @@ class CompressedTensorsFormat(Format):
         if not isinstance(groups, dict) or not groups:
             raise MoEConfigError("quantization_config.config_groups is missing or empty (compressed-tensors needs it).")
         items = list(groups.items())
-        chosen = next((g for g in items if any(str(t).startswith("re:") and "experts" in str(t)
-                                                for t in (g[1] or {}).get("targets", []))), None)
-        chosen = chosen or next((g for g in items if any(not str(t).startswith("re:")
-                                                         for t in (g[1] or {}).get("targets", []))), items[0])
+        chosen = next(
+            (
+                g
+                for g in items
+                if any(str(t).startswith("re:") and "experts" in str(t) for t in (g[1] or {}).get("targets", []))
+            ),
+            None,
+        )
+        chosen = chosen or next(
+            (g for g in items if any(not str(t).startswith("re:") for t in (g[1] or {}).get("targets", []))), items[0]
+        )
         name, group = chosen
         weights = (group or {}).get("weights")
         where = f"config_groups.{name}.weights"
@@ -79,7 +94,8 @@ class CompressedTensorsFormat(Format):
         if kind == "int" and bits in (4, 8) and strategy in ("group", "channel"):
             if fmt not in ("pack-quantized", None):
                 raise MoEConfigError(
-                    f"quantization_config format {fmt!r} for int{bits} experts: only pack-quantized is supported.")
+                    f"quantization_config format {fmt!r} for int{bits} experts: only pack-quantized is supported."
+                )
             group_size = positive_int(weights.get("group_size"), f"{where}.group_size") if strategy == "group" else None
             return WeightScheme("int", bits=bits, group_size=group_size, symmetric=bool(weights.get("symmetric", True)))
         if kind == "float" and bits == 8 and strategy in ("channel", "tensor"):
@@ -87,7 +103,9 @@ class CompressedTensorsFormat(Format):
         if kind == "float" and bits == 8 and strategy == "block":
             block = weights.get("block_structure")
             if not isinstance(block, (list, tuple)) or len(block) != 2:
-                raise MoEConfigError(f"quantization_config.{where}.block_structure must be two integers, got {block!r}.")
+                raise MoEConfigError(
+                    f"quantization_config.{where}.block_structure must be two integers, got {block!r}."
+                )
             return WeightScheme("fp8", block=(positive_int(block[0], where), positive_int(block[1], where)))
         raise MoEConfigError(
             f"quantization_config.{where}: {kind} {bits}-bit with strategy {strategy!r} is not supported; supported: "
@@ -110,8 +128,9 @@ class CompressedTensorsFormat(Format):
     def claims(self, key: str, dtype: torch.dtype) -> bool:
         return key.endswith((".weight_packed", ".weight_zero_point", ".weight_global_scale", ".weight_shape"))
 
-    def pieces(self, scheme: WeightScheme, target: str, shape: tuple[int, ...],
-               parts: dict[str, StoredPart]) -> list[Piece]:
+    def pieces(
+        self, scheme: WeightScheme, target: str, shape: tuple[int, ...], parts: dict[str, StoredPart]
+    ) -> list[Piece]:
         bases = by_base(parts, self.suffixes)
         pieces = []
         for base, roles in bases.items():
@@ -124,18 +143,25 @@ class CompressedTensorsFormat(Format):
                 pieces.append(scaled_piece(FP8, CAST, scheme, roles, base, "weight_scale"))
         return pieces
 
-    def _int_piece(self, scheme: WeightScheme, shape: tuple[int, ...], roles: dict[str, StoredPart],
-                   base: str) -> Piece:
+    def _int_piece(
+        self, scheme: WeightScheme, shape: tuple[int, ...], roles: dict[str, StoredPart], base: str
+    ) -> Piece:
         packed = roles["weight_packed"]
         where = packed.entry
         if "weight_scale" not in roles:
             raise CheckpointError(f"{where.file}: packed tensor {where.key!r} has no {base}weight_scale tensor.")
         if not scheme.symmetric and "weight_zero_point" not in roles:
-            raise CheckpointError(f"{where.file}: asymmetric tensor {where.key!r} has no {base}weight_zero_point tensor.")
+            raise CheckpointError(
+                f"{where.file}: asymmetric tensor {where.key!r} has no {base}weight_zero_point tensor."
+            )
         rows = packed.shape[0]
         # the model says how many input columns there are (the packed width is rounded up to 32 bits)
         _, cols = shape if len(shape) == 2 else (rows, 0)
-        if where.dtype != torch.int32 or len(packed.shape) != 2 or packed.shape[1] != math.ceil(cols * scheme.bits / 32):
+        if (
+            where.dtype != torch.int32
+            or len(packed.shape) != 2
+            or packed.shape[1] != math.ceil(cols * scheme.bits / 32)
+        ):
             raise CheckpointError(
                 f"{where.file}: packed tensor {where.key!r} ({list(packed.shape)}, {where.dtype}) cannot hold "
                 f"{rows}x{cols} int{scheme.bits} values."
@@ -148,8 +174,9 @@ class CompressedTensorsFormat(Format):
                 f"needs [{rows}, {groups}] (group_size {scheme.group_size})."
             )
         zero = roles.get("weight_zero_point")
-        return Piece(self, packed.position, scale.position, zero.position if zero is not None else None,
-                     rows=rows, cols=cols)
+        return Piece(
+            self, packed.position, scale.position, zero.position if zero is not None else None, rows=rows, cols=cols
+        )
 
     def nonfinite(self, piece: Piece, tensors: tuple[torch.Tensor, ...]) -> int | None:
         return first_nonfinite(tensors, piece.scale)
@@ -158,21 +185,46 @@ class CompressedTensorsFormat(Format):
         """pack-quantized int4/int8 (groups or channel, zero points packed along rows) as the kernels read it.
         This format's FP8 pieces are :mod:`.fp8`'s (their ``Piece.format``), so they never come here."""
         scale = tensors[piece.scale]
-        return ExpertFormat(f"int{scheme.bits}", group_size=scheme.group_size, scale_dtype=scale.dtype,
-                            zero_point=piece.zero_point is not None)
+        return ExpertFormat(
+            f"int{scheme.bits}",
+            group_size=scheme.group_size,
+            scale_dtype=scale.dtype,
+            zero_point=piece.zero_point is not None,
+        )
 
     def kernel_tensors(self, piece: Piece, tensors: tuple[torch.Tensor, ...]):
         zp = tensors[piece.zero_point] if piece.zero_point is not None else None
         return tensors[piece.weight], tensors[piece.scale], zp
 
-    def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
-               out: torch.Tensor) -> None:
+    def decode(
+        self,
+        piece: Piece,
+        tensors: tuple[torch.Tensor, ...],
+        scheme: WeightScheme,
+        dtype: torch.dtype,
+        out: torch.Tensor,
+    ) -> None:
         zp = tensors[piece.zero_point] if piece.zero_point is not None else None
-        dequantize_int(tensors[piece.weight], tensors[piece.scale], zp, bits=scheme.bits, group_size=scheme.group_size,
-                       shape=(piece.rows, piece.cols), dtype=dtype, out=out)
+        dequantize_int(
+            tensors[piece.weight],
+            tensors[piece.scale],
+            zp,
+            bits=scheme.bits,
+            group_size=scheme.group_size,
+            shape=(piece.rows, piece.cols),
+            dtype=dtype,
+            out=out,
+        )
 
-    def reference(self, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                  shape: tuple[int, int], scheme: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+    def reference(
+        self,
+        packed: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None,
+        shape: tuple[int, int],
+        scheme: dict[str, Any],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
         """compressed-tensors' own ``PackedQuantizationCompressor.decompress`` on one weight."""
         from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
         from compressed_tensors.quantization import QuantizationScheme

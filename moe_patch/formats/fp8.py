@@ -57,8 +57,13 @@ def scale_values(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
-def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
-                   dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_fp8(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int] | None,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``weight [rows, cols]`` (float8_e4m3fn) times its scale, computed in float32 and rounded once to
     ``dtype``: one scale per ``block`` (ragged last blocks included), or a per-tensor / per-row scale."""
     rows, cols = weight.shape
@@ -76,7 +81,7 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
     s = s.repeat_interleave(b0, dim=0)[:rows]
     x[:, : full * b1].unflatten(-1, (full, b1)).mul_(s[:, :full, None])
     if rem:
-        x[:, full * b1:].mul_(s[:, full:])
+        x[:, full * b1 :].mul_(s[:, full:])
     return finish(x, dtype, out, from_scratch=True)
 
 
@@ -98,12 +103,15 @@ def check_fp8_scale(w: StoredPart, s: StoredPart, block: tuple[int, int] | None)
             f"{[rows, cols]} needs {want}. The checkpoint or its quantization_config.weight_block_size is wrong."
         )
     if not (s.entry.dtype.is_floating_point or s.entry.dtype == torch.uint8):
-        raise CheckpointError(f"{s.entry.file}: scale tensor {s.entry.key!r} has dtype {s.entry.dtype}; expected "
-                              "float32/bf16/fp16 or e8m0 exponent bytes.")
+        raise CheckpointError(
+            f"{s.entry.file}: scale tensor {s.entry.key!r} has dtype {s.entry.dtype}; expected "
+            "float32/bf16/fp16 or e8m0 exponent bytes."
+        )
 
 
-def scaled_piece(fp8: Format, cast: CastFormat, scheme: WeightScheme, roles: dict[str, StoredPart],
-                 base: str, scale_key: str) -> Piece:
+def scaled_piece(
+    fp8: Format, cast: CastFormat, scheme: WeightScheme, roles: dict[str, StoredPart], base: str, scale_key: str
+) -> Piece:
     """The piece of one FP8 weight (``roles["weight"]``) and its scale ``roles[scale_key]``; an unquantized
     weight without a scale is a cast piece."""
     where = next(iter(roles.values())).entry
@@ -114,7 +122,9 @@ def scaled_piece(fp8: Format, cast: CastFormat, scheme: WeightScheme, roles: dic
         raise CheckpointError(f"{w.entry.file}: tensor {w.entry.key!r} has shape {list(w.shape)}; expected 2-D.")
     if w.entry.dtype not in FP8_DTYPES:
         if scale_key in roles:
-            raise CheckpointError(f"{w.entry.file}: tensor {w.entry.key!r} is {w.entry.dtype} but has a scale; expected FP8.")
+            raise CheckpointError(
+                f"{w.entry.file}: tensor {w.entry.key!r} is {w.entry.dtype} but has a scale; expected FP8."
+            )
         return cast.piece(w.position, w.shape)
     if scale_key not in roles:
         raise CheckpointError(
@@ -174,10 +184,13 @@ class Fp8Format(Format):
     def stores_quantized(self, entries) -> bool:
         return any(e.dtype in FP8_DTYPES for e in entries)
 
-    def pieces(self, scheme: WeightScheme, target: str, shape: tuple[int, ...],
-               parts: dict[str, StoredPart]) -> list[Piece]:
-        return [scaled_piece(self, CAST, scheme, roles, base, "weight_scale_inv")
-                for base, roles in by_base(parts, self.suffixes).items()]
+    def pieces(
+        self, scheme: WeightScheme, target: str, shape: tuple[int, ...], parts: dict[str, StoredPart]
+    ) -> list[Piece]:
+        return [
+            scaled_piece(self, CAST, scheme, roles, base, "weight_scale_inv")
+            for base, roles in by_base(parts, self.suffixes).items()
+        ]
 
     def nonfinite(self, piece: Piece, tensors: tuple[torch.Tensor, ...]) -> int | None:
         return first_nonfinite(tensors, piece.scale)
@@ -188,13 +201,21 @@ class Fp8Format(Format):
     def kernel_tensors(self, piece: Piece, tensors: tuple[torch.Tensor, ...]):
         return tensors[piece.weight], tensors[piece.scale], None
 
-    def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
-               out: torch.Tensor) -> None:
+    def decode(
+        self,
+        piece: Piece,
+        tensors: tuple[torch.Tensor, ...],
+        scheme: WeightScheme,
+        dtype: torch.dtype,
+        out: torch.Tensor,
+    ) -> None:
         dequantize_fp8(tensors[piece.weight], tensors[piece.scale], scheme.block, dtype, out=out)
 
-    def reference(self, weight: torch.Tensor, scale: torch.Tensor, block: list[int] | None,
-                  dtype: torch.dtype) -> torch.Tensor:
-        """transformers' ragged-safe FP8 dequantization (``_dequantize_fp8_weight``) in float32, rounded to ``dtype``."""
+    def reference(
+        self, weight: torch.Tensor, scale: torch.Tensor, block: list[int] | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """transformers' ragged-safe FP8 dequantization (``_dequantize_fp8_weight``) in float32, rounded to
+        ``dtype``."""
         from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
         s = scale

@@ -30,8 +30,16 @@ def unpack_affine(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return codes.reshape(u8.shape[0], -1)[:, :cols]
 
 
-def dequantize_affine(packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, *, bits: int,
-                      group_size: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_affine(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[rows, groups * group_size]`` values ``code * scale + bias`` in float32, rounded to the scales' dtype."""
     rows, groups = scales.shape
     codes = unpack_affine(packed, bits, groups * group_size).to(torch.float32).view(rows, groups, group_size)
@@ -49,8 +57,9 @@ class MetalFormat(Format):
         bits = raw.get("bits", 4)
         if bits not in (2, 4, 8):
             raise MoEConfigError(f"quantization_config.bits must be 2, 4 or 8 for metal checkpoints, got {bits!r}.")
-        return WeightScheme("metal", bits=bits, group_size=positive_int(raw.get("group_size", 64), "group_size"),
-                            symmetric=False)
+        return WeightScheme(
+            "metal", bits=bits, group_size=positive_int(raw.get("group_size", 64), "group_size"), symmetric=False
+        )
 
     def bytes_per_param(self, scheme: WeightScheme) -> float:
         return scheme.bits / 8 + 4.0 / scheme.group_size  # a 16-bit scale and a 16-bit bias per group
@@ -61,8 +70,9 @@ class MetalFormat(Format):
     def claims(self, key: str, dtype: torch.dtype) -> bool:
         return key.endswith((".scales", ".qbiases")) or (dtype == torch.uint32 and key.endswith(".weight"))
 
-    def pieces(self, scheme: WeightScheme, target: str, shape: tuple[int, ...],
-               parts: dict[str, StoredPart]) -> list[Piece]:
+    def pieces(
+        self, scheme: WeightScheme, target: str, shape: tuple[int, ...], parts: dict[str, StoredPart]
+    ) -> list[Piece]:
         pieces = []
         for base, roles in by_base(parts, self.suffixes).items():
             w = roles.get("weight")
@@ -78,8 +88,13 @@ class MetalFormat(Format):
             rows, words = w.shape if len(w.shape) == 2 else (0, 0)
             cols = words * 32 // scheme.bits
             groups = cols // scheme.group_size
-            if w.entry.dtype not in _PACKED or len(w.shape) != 2 or cols % scheme.group_size \
-                    or tuple(s.shape) != (rows, groups) or tuple(b.shape) != (rows, groups):
+            if (
+                w.entry.dtype not in _PACKED
+                or len(w.shape) != 2
+                or cols % scheme.group_size
+                or tuple(s.shape) != (rows, groups)
+                or tuple(b.shape) != (rows, groups)
+            ):
                 raise CheckpointError(
                     f"{w.entry.file}: {w.entry.key!r} {list(w.shape)} {w.entry.dtype} with scales {list(s.shape)} and "
                     f"qbiases {list(b.shape)} is not {scheme.bits}-bit codes packed in uint32 with one scale and bias "
@@ -91,13 +106,27 @@ class MetalFormat(Format):
     def nonfinite(self, piece: Piece, tensors: tuple[torch.Tensor, ...]) -> int | None:
         return first_nonfinite(tensors, piece.scale, piece.zero_point)
 
-    def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
-               out: torch.Tensor) -> None:
-        dequantize_affine(tensors[piece.weight], tensors[piece.scale], tensors[piece.zero_point], bits=scheme.bits,
-                          group_size=scheme.group_size, dtype=dtype, out=out)
+    def decode(
+        self,
+        piece: Piece,
+        tensors: tuple[torch.Tensor, ...],
+        scheme: WeightScheme,
+        dtype: torch.dtype,
+        out: torch.Tensor,
+    ) -> None:
+        dequantize_affine(
+            tensors[piece.weight],
+            tensors[piece.scale],
+            tensors[piece.zero_point],
+            bits=scheme.bits,
+            group_size=scheme.group_size,
+            dtype=dtype,
+            out=out,
+        )
 
-    def reference(self, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, *, bits: int,
-                  group_size: int) -> torch.Tensor:
+    def reference(
+        self, packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, *, bits: int, group_size: int
+    ) -> torch.Tensor:
         """transformers' ``_affine_dequantize_tensor`` as its ``MetalDequantize`` op applies it."""
         from transformers.integrations.metal_quantization import _affine_dequantize_tensor
 

@@ -38,8 +38,9 @@ def _pair_words(dtype: torch.dtype, device: str) -> torch.Tensor:
     return _pair_table(dtype, device).contiguous().view(word).reshape(256)
 
 
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_mxfp4(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """MXFP4 ``blocks [rows, G, 16]`` (uint8, two e2m1 per byte) with e8m0 ``scales [rows, G]`` ->
     ``[rows, G * 32]`` in the stored orientation (transformers' ``convert_moe_packed_tensors`` returns
     its transpose). FP4 values times powers of two are exact in float32 and bfloat16, so those compute
@@ -88,8 +89,9 @@ class Mxfp4Format(Format):
     def claims(self, key: str, dtype: torch.dtype) -> bool:
         return dtype == torch.uint8 and key.endswith(("_blocks", "_scales"))
 
-    def pieces(self, scheme: WeightScheme, target: str, shape: tuple[int, ...],
-               parts: dict[str, StoredPart]) -> list[Piece]:
+    def pieces(
+        self, scheme: WeightScheme, target: str, shape: tuple[int, ...], parts: dict[str, StoredPart]
+    ) -> list[Piece]:
         blocks = next((p for pattern, p in parts.items() if pattern.endswith("_blocks")), None)
         scales = next((p for pattern, p in parts.items() if pattern.endswith("_scales")), None)
         if blocks is None or scales is None:
@@ -98,11 +100,17 @@ class Mxfp4Format(Format):
                 f"{where}: {target!r} needs both *_blocks and *_scales tensors (MXFP4); found {sorted(parts)}."
             )
         b, s = blocks, scales
-        if b.entry.dtype != torch.uint8 or s.entry.dtype != torch.uint8 or len(b.shape) != 3 or b.shape[-1] != 16 \
-                or tuple(s.shape) != tuple(b.shape[:-1]):
+        if (
+            b.entry.dtype != torch.uint8
+            or s.entry.dtype != torch.uint8
+            or len(b.shape) != 3
+            or b.shape[-1] != 16
+            or tuple(s.shape) != tuple(b.shape[:-1])
+        ):
             raise CheckpointError(
                 f"{b.entry.file}: MXFP4 tensors {b.entry.key!r} {list(b.shape)} {b.entry.dtype} / {s.entry.key!r} "
-                f"{list(s.shape)} {s.entry.dtype} do not form uint8 blocks [rows, groups, 16] with scales [rows, groups]."
+                f"{list(s.shape)} {s.entry.dtype} do not form uint8 blocks [rows, groups, 16] with scales "
+                "[rows, groups]."
             )
         return [Piece(self, b.position, s.position, rows=b.shape[0], cols=b.shape[1] * 32)]
 
@@ -115,8 +123,14 @@ class Mxfp4Format(Format):
     def kernel_tensors(self, piece: Piece, tensors: tuple[torch.Tensor, ...]):
         return tensors[piece.weight], tensors[piece.scale], None
 
-    def decode(self, piece: Piece, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, dtype: torch.dtype,
-               out: torch.Tensor) -> None:
+    def decode(
+        self,
+        piece: Piece,
+        tensors: tuple[torch.Tensor, ...],
+        scheme: WeightScheme,
+        dtype: torch.dtype,
+        out: torch.Tensor,
+    ) -> None:
         dequantize_mxfp4(tensors[piece.weight], tensors[piece.scale], dtype, out=out)
 
     def reference(self, blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -70,8 +70,9 @@ class StoredLayout:
             return parts[0]
         return tuple(None if a is None else (a, b) for a, b in zip(*parts))
 
-    def decode(self, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The model's tensor from the stored ``tensors``, computed on their device. ``out`` (shape
         :attr:`stored_shape`) receives the result; a transposed layout is returned as a view of it."""
         dtype = dtype or self.dtype
@@ -160,7 +161,9 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     return buf[:numel]
 
 
-def finish(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None, *, from_scratch: bool = False) -> torch.Tensor:
+def finish(
+    x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None, *, from_scratch: bool = False
+) -> torch.Tensor:
     """``x`` as the result: into ``out``, or a tensor of its own when ``x`` is a scratch buffer."""
     if out is not None:
         return out.copy_(x)

@@ -25,6 +25,15 @@ from .library import KERNELS, KernelStatus, available, status
 from .spec import ExpertFormat, ExpertWeights, MoELayerSpec
 
 __all__ = [
-    "KERNELS", "WORKSPACES", "ExpertFormat", "ExpertWeights", "KernelStatus", "KernelUnavailableError", "MoEKernel",
-    "MoELayerSpec", "Workspace", "available", "status",
+    "KERNELS",
+    "WORKSPACES",
+    "ExpertFormat",
+    "ExpertWeights",
+    "KernelStatus",
+    "KernelUnavailableError",
+    "MoEKernel",
+    "MoELayerSpec",
+    "Workspace",
+    "available",
+    "status",
 ]

@@ -104,8 +104,18 @@ def library_key(compiler: Compiler, variants: tuple[str, ...] = tuple(VARIANTS))
     for name in SOURCES:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
-    h.update(repr((compiler.path, compiler.version, COMMON_FLAGS, {v: VARIANTS[v] for v in variants},
-                   torch.__version__, platform.machine())).encode())
+    h.update(
+        repr(
+            (
+                compiler.path,
+                compiler.version,
+                COMMON_FLAGS,
+                {v: VARIANTS[v] for v in variants},
+                torch.__version__,
+                platform.machine(),
+            )
+        ).encode()
+    )
     return h.hexdigest()[:20]
 
 
@@ -118,8 +128,23 @@ def _compile(compiler: Compiler, out_dir: Path, variants: tuple[str, ...]) -> Pa
     jobs = [_run([compiler.path, *COMMON_FLAGS, "-c", str(CSRC / "mp_tables.c"), "-o", "mp_tables.o"], out_dir)]
     for name in variants:
         dot, flags = VARIANTS[name]
-        jobs.append(_run([compiler.path, *COMMON_FLAGS, *flags, f"-DMP_DOT={dot}", f"-DMP_VARIANT={name}",
-                          f"-I{CSRC}", "-c", str(CSRC / "mp_kernels.c"), "-o", f"mp_{name}.o"], out_dir))
+        jobs.append(
+            _run(
+                [
+                    compiler.path,
+                    *COMMON_FLAGS,
+                    *flags,
+                    f"-DMP_DOT={dot}",
+                    f"-DMP_VARIANT={name}",
+                    f"-I{CSRC}",
+                    "-c",
+                    str(CSRC / "mp_kernels.c"),
+                    "-o",
+                    f"mp_{name}.o",
+                ],
+                out_dir,
+            )
+        )
     failed = []
     for job in jobs:
         output, _ = job.communicate()
@@ -149,8 +174,13 @@ def build_library() -> tuple[Path, tuple[str, ...]]:
     lib = target / LIBRARY_NAME
     if lib.exists():
         return lib, variants
-    logger.info("building the CPU expert kernels (%s) with %s (%s) into %s", ", ".join(variants), compiler.path,
-                compiler.version, target)
+    logger.info(
+        "building the CPU expert kernels (%s) with %s (%s) into %s",
+        ", ".join(variants),
+        compiler.path,
+        compiler.version,
+        target,
+    )
     try:
         # built beside the target and renamed into place; a concurrent build of the same key replaces it whole
         with atomic_dir(target, replace=True) as tmp:

@@ -51,9 +51,12 @@ def measure_gemm_min_rows(kind: str, compute: torch.dtype) -> float:
 
     hidden, inter = 2048, 768
     gen = torch.Generator().manual_seed(0)
-    fmt = {"fp8": ExpertFormat("fp8", block=(128, 128)), "mxfp4": ExpertFormat("mxfp4"),
-           "int4": ExpertFormat("int4", group_size=32, scale_dtype=torch.bfloat16),
-           "int8": ExpertFormat("int8", scale_dtype=torch.bfloat16)}.get(kind, ExpertFormat(kind))
+    fmt = {
+        "fp8": ExpertFormat("fp8", block=(128, 128)),
+        "mxfp4": ExpertFormat("mxfp4"),
+        "int4": ExpertFormat("int4", group_size=32, scale_dtype=torch.bfloat16),
+        "int8": ExpertFormat("int8", scale_dtype=torch.bfloat16),
+    }.get(kind, ExpertFormat(kind))
     layer = MoEKernel(MoELayerSpec(1, hidden, inter, fmt, fmt), gemm_min_rows=None)  # the kernel alone
     layer.set_expert(0, ExpertWeights(*_random_expert(fmt, hidden, inter, gen)))
     wg = torch.empty(2 * inter, hidden, dtype=compute)
@@ -85,9 +88,12 @@ def measure_stream_rate(kind: str, compute: torch.dtype, total_bytes: int = 96 *
 
     hidden, inter = 2048, 768
     gen = torch.Generator().manual_seed(0)
-    fmt = {"fp8": ExpertFormat("fp8", block=(128, 128)), "mxfp4": ExpertFormat("mxfp4"),
-           "int4": ExpertFormat("int4", group_size=32, scale_dtype=torch.bfloat16),
-           "int8": ExpertFormat("int8", scale_dtype=torch.bfloat16)}.get(kind, ExpertFormat(kind))
+    fmt = {
+        "fp8": ExpertFormat("fp8", block=(128, 128)),
+        "mxfp4": ExpertFormat("mxfp4"),
+        "int4": ExpertFormat("int4", group_size=32, scale_dtype=torch.bfloat16),
+        "int8": ExpertFormat("int8", scale_dtype=torch.bfloat16),
+    }.get(kind, ExpertFormat(kind))
     one = _random_expert(fmt, hidden, inter, gen)
     per_expert = sum(t.numel() * t.element_size() for t in one if t is not None)
     experts = max(2, total_bytes // per_expert)
@@ -106,6 +112,7 @@ def measure_stream_rate(kind: str, compute: torch.dtype, total_bytes: int = 96 *
 
 def _random_expert(fmt, hidden: int, inter: int, gen: torch.Generator) -> tuple:
     """(gate_up, down, gate_up scale, down scale) of random stored bytes in ``fmt``."""
+
     def one(rows: int, cols: int):
         if fmt.kind in ("bf16", "fp16", "fp32"):
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[fmt.kind]
@@ -114,12 +121,16 @@ def _random_expert(fmt, hidden: int, inter: int, gen: torch.Generator) -> tuple:
             b = torch.randint(0, 126, (rows, cols), dtype=torch.uint8, generator=gen)
             return b.view(torch.float8_e4m3fn), torch.rand(-(-rows // 128), -(-cols // 128), generator=gen) * 1e-3
         if fmt.kind == "mxfp4":
-            return (torch.randint(0, 256, (rows, cols // 32, 16), dtype=torch.uint8, generator=gen),
-                    torch.randint(118, 124, (rows, cols // 32), dtype=torch.uint8, generator=gen))
+            return (
+                torch.randint(0, 256, (rows, cols // 32, 16), dtype=torch.uint8, generator=gen),
+                torch.randint(118, 124, (rows, cols // 32), dtype=torch.uint8, generator=gen),
+            )
         words = cols // 8 if fmt.kind == "int4" else cols // 4
         groups = cols // fmt.group_size if fmt.group_size else 1
-        return (torch.randint(-(1 << 31), (1 << 31) - 1, (rows, words), dtype=torch.int32, generator=gen),
-                (torch.rand(rows, groups, generator=gen) * 1e-2).to(torch.bfloat16))
+        return (
+            torch.randint(-(1 << 31), (1 << 31) - 1, (rows, words), dtype=torch.int32, generator=gen),
+            (torch.rand(rows, groups, generator=gen) * 1e-2).to(torch.bfloat16),
+        )
 
     (gw, gs), (dw, ds) = one(2 * inter, hidden), one(hidden, inter)
     return gw, dw, gs, ds
@@ -137,14 +148,24 @@ class Crossovers:
 
     def get(self, kind: str, compute: torch.dtype) -> float:
         """Rows per expert from which the GEMM path wins for ``kind`` in ``compute`` on this machine."""
-        return self._answer(f"{kind}/{str(compute).removeprefix('torch.')}", measure_gemm_min_rows, kind, compute,
-                            "kernel/GEMM crossover %s = %s rows per expert (measured in %.1f s)")
+        return self._answer(
+            f"{kind}/{str(compute).removeprefix('torch.')}",
+            measure_gemm_min_rows,
+            kind,
+            compute,
+            "kernel/GEMM crossover %s = %s rows per expert (measured in %.1f s)",
+        )
 
     def stream_rate(self, kind: str, compute: torch.dtype) -> float:
         """Stored bytes/s the kernel streams from DRAM at one row for ``kind`` on this machine (the offload cost
         model's CPU rate for experts the kernel computes)."""
-        return self._answer(f"rate/{kind}/{str(compute).removeprefix('torch.')}", measure_stream_rate, kind, compute,
-                            "kernel stream rate %s = %.3g bytes/s (measured in %.1f s)")
+        return self._answer(
+            f"rate/{kind}/{str(compute).removeprefix('torch.')}",
+            measure_stream_rate,
+            kind,
+            compute,
+            "kernel stream rate %s = %.3g bytes/s (measured in %.1f s)",
+        )
 
     def _answer(self, question: str, measure, kind: str, compute: torch.dtype, message: str) -> float:
         key = f"{cpu_fingerprint()}-{torch.__version__}-t{torch.get_num_threads()}"

@@ -104,9 +104,11 @@ WORKSPACES = _ThreadWorkspaces()
 def _check_2d(t: torch.Tensor, name: str, dtypes, rows: int | None, cols: int | None) -> None:
     """A 2-D CPU tensor of ``dtypes``, ``[rows, cols]`` (None: any), rows contiguous (the per-call check: cheap)."""
     if not isinstance(t, torch.Tensor) or not t.is_cpu or t.dim() != 2 or t.dtype not in dtypes:
-        raise InvalidArgumentError(f"{name} must be a 2-D CPU tensor of {' or '.join(map(str, dtypes))}, got "
-                                   f"{getattr(t, 'shape', None)} {getattr(t, 'dtype', type(t).__name__)}"
-                                   f" on {getattr(t, 'device', '?')}.")
+        raise InvalidArgumentError(
+            f"{name} must be a 2-D CPU tensor of {' or '.join(map(str, dtypes))}, got "
+            f"{getattr(t, 'shape', None)} {getattr(t, 'dtype', type(t).__name__)}"
+            f" on {getattr(t, 'device', '?')}."
+        )
     r, c = t.shape
     if (rows is not None and r != rows) or (cols is not None and c != cols):
         raise InvalidArgumentError(f"{name} has shape {tuple(t.shape)}, expected ({rows}, {cols}).")
@@ -134,12 +136,21 @@ class MoEKernel:
             (:mod:`.crossover`); ``None``: never.
     """
 
-    def __init__(self, spec: MoELayerSpec, *, compute: str = "auto", isa: str | None = None,
-                 gemm_min_rows: float | str | None = "auto"):
+    def __init__(
+        self,
+        spec: MoELayerSpec,
+        *,
+        compute: str = "auto",
+        isa: str | None = None,
+        gemm_min_rows: float | str | None = "auto",
+    ):
         if compute not in COMPUTE:
             raise InvalidArgumentError(f"compute must be one of {', '.join(COMPUTE)}, got {compute!r}.")
-        if gemm_min_rows != "auto" and gemm_min_rows is not None and not (
-                isinstance(gemm_min_rows, (int, float)) and gemm_min_rows >= 1):
+        if (
+            gemm_min_rows != "auto"
+            and gemm_min_rows is not None
+            and not (isinstance(gemm_min_rows, (int, float)) and gemm_min_rows >= 1)
+        ):
             raise InvalidArgumentError(f"gemm_min_rows must be 'auto', None or a number >= 1, got {gemm_min_rows!r}.")
         self.gemm_min_rows = gemm_min_rows
         status = KERNELS.status()
@@ -153,9 +164,10 @@ class MoEKernel:
         allowed = list(status.variants)
         if isa is not None:
             if isa not in allowed:
-                raise KernelUnavailableError(f"instruction-set variant {isa!r} does not run here "
-                                             f"(usable: {', '.join(allowed)})")
-            allowed = allowed[allowed.index(isa):]
+                raise KernelUnavailableError(
+                    f"instruction-set variant {isa!r} does not run here (usable: {', '.join(allowed)})"
+                )
+            allowed = allowed[allowed.index(isa) :]
         self._bf16 = KERNELS.variant(allowed[0])
         fp32 = [v for v in allowed if not KERNELS.variant(v).bf16_dot]
         self._fp32 = KERNELS.variant(fp32[0]) if fp32 else None
@@ -192,11 +204,24 @@ class MoEKernel:
             self._keep[expert], self._biases[expert] = None, (None, None)
             return
         s = self.spec
-        gu, up, keep_gu = projection_pointers(s.gate_up, *s.gate_up_shape, f"expert {expert} gate_up",
-                                              weights.gate_up, weights.gate_up_scale, weights.gate_up_zero_point,
-                                              weights.gate_up_bias)
-        dn, _, keep_dn = projection_pointers(s.down, *s.down_shape, f"expert {expert} down", weights.down,
-                                             weights.down_scale, weights.down_zero_point, weights.down_bias)
+        gu, up, keep_gu = projection_pointers(
+            s.gate_up,
+            *s.gate_up_shape,
+            f"expert {expert} gate_up",
+            weights.gate_up,
+            weights.gate_up_scale,
+            weights.gate_up_zero_point,
+            weights.gate_up_bias,
+        )
+        dn, _, keep_dn = projection_pointers(
+            s.down,
+            *s.down_shape,
+            f"expert {expert} down",
+            weights.down,
+            weights.down_scale,
+            weights.down_zero_point,
+            weights.down_bias,
+        )
         self._keep[expert] = keep_gu + keep_dn
         self._biases[expert] = (weights.gate_up_bias, weights.down_bias)
         self._table[expert] = torch.tensor(gu + dn + up, dtype=torch.int64)
@@ -214,34 +239,59 @@ class MoEKernel:
         return self._fp32, False
 
     def _routing(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None, tokens: int) -> int:
-        if not isinstance(top_k_index, torch.Tensor) or top_k_index.dtype != torch.int64 or not top_k_index.is_cpu \
-                or top_k_index.dim() != 2 or top_k_index.shape[0] != tokens or not top_k_index.is_contiguous():
-            raise InvalidArgumentError(f"top_k_index must be a contiguous int64 CPU tensor [{tokens}, k], got "
-                                       f"{getattr(top_k_index, 'shape', None)} {getattr(top_k_index, 'dtype', None)}.")
+        if (
+            not isinstance(top_k_index, torch.Tensor)
+            or top_k_index.dtype != torch.int64
+            or not top_k_index.is_cpu
+            or top_k_index.dim() != 2
+            or top_k_index.shape[0] != tokens
+            or not top_k_index.is_contiguous()
+        ):
+            raise InvalidArgumentError(
+                f"top_k_index must be a contiguous int64 CPU tensor [{tokens}, k], got "
+                f"{getattr(top_k_index, 'shape', None)} {getattr(top_k_index, 'dtype', None)}."
+            )
         k = top_k_index.shape[1]
         if k < 1:
             raise InvalidArgumentError("top_k_index has no columns.")
         if top_k_weights is not None and (
-                not isinstance(top_k_weights, torch.Tensor) or top_k_weights.dtype not in FLOAT_DTYPES
-                or not top_k_weights.is_cpu or top_k_weights.shape != top_k_index.shape
-                or not top_k_weights.is_contiguous()):
-            raise InvalidArgumentError(f"top_k_weights must be a contiguous float CPU tensor [{tokens}, {k}], got "
-                                       f"{getattr(top_k_weights, 'shape', None)} "
-                                       f"{getattr(top_k_weights, 'dtype', None)}.")
+            not isinstance(top_k_weights, torch.Tensor)
+            or top_k_weights.dtype not in FLOAT_DTYPES
+            or not top_k_weights.is_cpu
+            or top_k_weights.shape != top_k_index.shape
+            or not top_k_weights.is_contiguous()
+        ):
+            raise InvalidArgumentError(
+                f"top_k_weights must be a contiguous float CPU tensor [{tokens}, {k}], got "
+                f"{getattr(top_k_weights, 'shape', None)} "
+                f"{getattr(top_k_weights, 'dtype', None)}."
+            )
         return k
 
-    def _run(self, mode: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None,
-             out: torch.Tensor, tokens: int, k: int, accumulate: bool, weight_inputs: bool,
-             workspace: Workspace | None, layer_ref=None) -> None:
+    def _run(
+        self,
+        mode: int,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor | None,
+        out: torch.Tensor,
+        tokens: int,
+        k: int,
+        accumulate: bool,
+        weight_inputs: bool,
+        workspace: Workspace | None,
+        layer_ref=None,
+    ) -> None:
         layer_ref = layer_ref or self._layer_ref
         if tokens > MAX_TOKENS:
             for t0 in range(0, tokens, MAX_TOKENS):
                 t1 = min(tokens, t0 + MAX_TOKENS)
-                xs = x[t0 * k: t1 * k] if mode == MODE_DOWN else x[t0:t1]
-                os_ = out[t0 * k: t1 * k] if mode == MODE_GATE_UP else out[t0:t1]
+                xs = x[t0 * k : t1 * k] if mode == MODE_DOWN else x[t0:t1]
+                os_ = out[t0 * k : t1 * k] if mode == MODE_GATE_UP else out[t0:t1]
                 wts = top_k_weights[t0:t1] if top_k_weights is not None else None
-                self._run(mode, xs, top_k_index[t0:t1], wts, os_, t1 - t0, k, accumulate, weight_inputs, workspace,
-                          layer_ref)
+                self._run(
+                    mode, xs, top_k_index[t0:t1], wts, os_, t1 - t0, k, accumulate, weight_inputs, workspace, layer_ref
+                )
             return
         variant, bf16 = self._variant(x.dtype)
         threads = torch.get_num_threads()
@@ -266,9 +316,17 @@ class MoEKernel:
             raise RuntimeError(f"internal error: kernel {variant.name} returned {rc} ({ERRORS.get(rc, '?')})")
         self.last_variant = variant.name
 
-    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                out: torch.Tensor | None = None, *, accumulate: bool = False, weight_inputs: bool = False,
-                workspace: Workspace | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        out: torch.Tensor | None = None,
+        *,
+        accumulate: bool = False,
+        weight_inputs: bool = False,
+        workspace: Workspace | None = None,
+    ) -> torch.Tensor:
         """``out[t] (+)= sum_j w[t, j] * down(act(gate_up(x[t])))`` over the routed, attached experts.
 
         Args:
@@ -293,16 +351,26 @@ class MoEKernel:
         # an expert has at most one row per token: below the smallest bucket no call asks the crossover
         big = self._gemm_experts(x.dtype, top_k_index) if tokens >= ROW_BUCKETS[0] else []
         if not big:
-            self._run(MODE_FUSED, x, top_k_index, top_k_weights, out, tokens, k, accumulate, weight_inputs,
-                      workspace)
+            self._run(MODE_FUSED, x, top_k_index, top_k_weights, out, tokens, k, accumulate, weight_inputs, workspace)
             return out
         # experts with many rows: dense decode + torch GEMM; the rest through the kernel (a table without them)
         table = self._table.clone()
         table[big] = 0
         layer = MpLayer.from_buffer_copy(self._layer)
         layer.table = table.data_ptr()
-        self._run(MODE_FUSED, x, top_k_index, top_k_weights, out, tokens, k, accumulate, weight_inputs,
-                  workspace, ctypes.byref(layer))
+        self._run(
+            MODE_FUSED,
+            x,
+            top_k_index,
+            top_k_weights,
+            out,
+            tokens,
+            k,
+            accumulate,
+            weight_inputs,
+            workspace,
+            ctypes.byref(layer),
+        )
         out.add_(self._gemm_part(big, x, top_k_index, top_k_weights, weight_inputs))
         return out
 
@@ -312,16 +380,25 @@ class MoEKernel:
             return []
         _, bf16 = self._variant(dtype)
         compute = torch.bfloat16 if bf16 else torch.float32
-        threshold = (CROSSOVERS.get(self.spec.gate_up.kind, compute) if self.gemm_min_rows == "auto"
-                     else float(self.gemm_min_rows))
+        threshold = (
+            CROSSOVERS.get(self.spec.gate_up.kind, compute)
+            if self.gemm_min_rows == "auto"
+            else float(self.gemm_min_rows)
+        )
         if math.isinf(threshold) or top_k_index.numel() < threshold:
             return []
         flat = top_k_index.reshape(-1)
         counts = torch.bincount(flat[(flat >= 0) & (flat < self.spec.num_experts)], minlength=self.spec.num_experts)
         return [e for e in (counts >= threshold).nonzero().flatten().tolist() if self._keep[e] is not None]
 
-    def _gemm_part(self, experts: list[int], x: torch.Tensor, top_k_index: torch.Tensor,
-                   top_k_weights: torch.Tensor, weight_inputs: bool) -> torch.Tensor:
+    def _gemm_part(
+        self,
+        experts: list[int],
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        weight_inputs: bool,
+    ) -> torch.Tensor:
         """fp32 [T, hidden]: ``experts`` decoded to the compute dtype (the torch decoders' values) and computed
         with torch's GEMM, activation in fp32 as in the kernel."""
         _, bf16 = self._variant(x.dtype)
@@ -344,9 +421,16 @@ class MoEKernel:
             acc.index_add_(0, tok, y if weight_inputs else y * w[:, None])
         return acc
 
-    def gate_up(self, x: torch.Tensor, top_k_index: torch.Tensor, out: torch.Tensor | None = None, *,
-                top_k_weights: torch.Tensor | None = None, weight_inputs: bool = False,
-                workspace: Workspace | None = None) -> torch.Tensor:
+    def gate_up(
+        self,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        out: torch.Tensor | None = None,
+        *,
+        top_k_weights: torch.Tensor | None = None,
+        weight_inputs: bool = False,
+        workspace: Workspace | None = None,
+    ) -> torch.Tensor:
         """The gate_up projection (bias included, no activation) of every routed slot: fp32 ``[T * k, 2I]``,
         row ``t * k + j`` for slot ``(t, j)``, columns in stored row order (interleaved for gpt-oss). Rows of
         skipped slots are left as they were (zeros in a new tensor)."""
@@ -363,9 +447,17 @@ class MoEKernel:
             self._run(MODE_GATE_UP, x, top_k_index, top_k_weights, out, tokens, k, False, weight_inputs, workspace)
         return out
 
-    def down(self, a: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-             out: torch.Tensor, *, accumulate: bool = False, weight_inputs: bool = False,
-             workspace: Workspace | None = None) -> torch.Tensor:
+    def down(
+        self,
+        a: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        accumulate: bool = False,
+        weight_inputs: bool = False,
+        workspace: Workspace | None = None,
+    ) -> torch.Tensor:
         """``out[t] (+)= sum_j w[t, j] * down(a[t * k + j])`` (weights not applied with ``weight_inputs``): the
         second half after an activation computed elsewhere. ``a``'s dtype sets the compute precision."""
         s = self.spec
@@ -379,8 +471,13 @@ class MoEKernel:
             self._run(MODE_DOWN, a, top_k_index, top_k_weights, out, tokens, k, accumulate, weight_inputs, workspace)
         return out
 
-    def decode(self, expert: int, projection: str = "gate_up", dtype: torch.dtype = torch.bfloat16,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        expert: int,
+        projection: str = "gate_up",
+        dtype: torch.dtype = torch.bfloat16,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Expert ``expert``'s ``gate_up`` or ``down`` weight as a dense ``[rows, cols]`` tensor of ``dtype``
         (bfloat16 or float32): the values the kernels compute with, equal to the torch decoders' in ``dtype``."""
         if projection not in ("gate_up", "down"):
@@ -395,8 +492,15 @@ class MoEKernel:
         if out.dtype != dtype or tuple(out.shape) != (rows, cols) or not out.is_contiguous():
             raise InvalidArgumentError(f"out must be a contiguous {dtype} tensor of shape ({rows}, {cols}).")
         variant, bf16 = self._variant(dtype)
-        rc = variant.decode(self._layer_ref, int(projection == "down"), expert, out.data_ptr(),
-                            DT_BF16 if dtype == torch.bfloat16 else DT_F32, int(bf16), torch.get_num_threads())
+        rc = variant.decode(
+            self._layer_ref,
+            int(projection == "down"),
+            expert,
+            out.data_ptr(),
+            DT_BF16 if dtype == torch.bfloat16 else DT_F32,
+            int(bf16),
+            torch.get_num_threads(),
+        )
         if rc:
             raise RuntimeError(f"internal error: kernel decode returned {rc} ({ERRORS.get(rc, '?')})")
         return out

@@ -43,21 +43,53 @@ ERRORS = {-1: "workspace too small", -2: "invalid argument"}
 
 
 class MpProj(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int32) for n in ("fmt", "rows", "cols", "sdtype", "b0", "b1_shift", "scols", "bits",
-                                               "has_zp", "bias_dtype", "split", "pad_")] + [("wrow_bytes", ctypes.c_int64)]
+    _fields_ = [
+        (n, ctypes.c_int32)
+        for n in (
+            "fmt",
+            "rows",
+            "cols",
+            "sdtype",
+            "b0",
+            "b1_shift",
+            "scols",
+            "bits",
+            "has_zp",
+            "bias_dtype",
+            "split",
+            "pad_",
+        )
+    ] + [("wrow_bytes", ctypes.c_int64)]
 
 
 class MpLayer(ctypes.Structure):
-    _fields_ = [("gu", MpProj), ("dn", MpProj)] + [(n, ctypes.c_int32) for n in (
-        "num_experts", "hidden", "inter", "glu", "act", "pad_")] + [
-        ("alpha", ctypes.c_float), ("limit", ctypes.c_float), ("table", ctypes.c_void_p)]
+    _fields_ = (
+        [("gu", MpProj), ("dn", MpProj)]
+        + [(n, ctypes.c_int32) for n in ("num_experts", "hidden", "inter", "glu", "act", "pad_")]
+        + [("alpha", ctypes.c_float), ("limit", ctypes.c_float), ("table", ctypes.c_void_p)]
+    )
 
 
 class MpCall(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_void_p) for n in ("x", "idx", "wts", "out", "ws")] + [
-        (n, ctypes.c_int64) for n in ("x_stride", "out_stride", "ws_bytes")] + [
-        (n, ctypes.c_int32) for n in ("x_dtype", "w_dtype", "out_dtype", "T", "k", "mode", "accumulate",
-                                      "weight_inputs", "nthreads", "round_bf16")]
+    _fields_ = (
+        [(n, ctypes.c_void_p) for n in ("x", "idx", "wts", "out", "ws")]
+        + [(n, ctypes.c_int64) for n in ("x_stride", "out_stride", "ws_bytes")]
+        + [
+            (n, ctypes.c_int32)
+            for n in (
+                "x_dtype",
+                "w_dtype",
+                "out_dtype",
+                "T",
+                "k",
+                "mode",
+                "accumulate",
+                "weight_inputs",
+                "nthreads",
+                "round_bf16",
+            )
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -89,8 +121,10 @@ def _bind(lib: ctypes.CDLL, name: str) -> Variant:
     ws = getattr(lib, f"mp_workspace_{name}")
     ws.argtypes, ws.restype = [ctypes.c_void_p] + [ctypes.c_int] * 5, ctypes.c_int64
     dec = getattr(lib, f"mp_decode_{name}")
-    dec.argtypes, dec.restype = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                 ctypes.c_int, ctypes.c_int], ctypes.c_int
+    dec.argtypes, dec.restype = (
+        [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int],
+        ctypes.c_int,
+    )
     return Variant(name, VARIANTS[name][0] == 1, run, ws, dec)
 
 
@@ -135,8 +169,11 @@ class KernelRegistry:
             return self._unavailable(str(exc))
         except OSError as exc:
             return self._unavailable(f"cannot load {path}: {exc}")
-        if lib.mp_abi_version() != ABI_VERSION or lib.mp_sizeof_layer() != ctypes.sizeof(MpLayer) \
-                or lib.mp_sizeof_call() != ctypes.sizeof(MpCall):
+        if (
+            lib.mp_abi_version() != ABI_VERSION
+            or lib.mp_sizeof_layer() != ctypes.sizeof(MpLayer)
+            or lib.mp_sizeof_call() != ctypes.sizeof(MpCall)
+        ):
             return self._unavailable(f"{path} does not match this moe_patch version (ABI); delete it to rebuild")
         results = probe(path, list(built))
         passed = [v for v in built if results.get(v) == "ok"]
@@ -144,12 +181,17 @@ class KernelRegistry:
             order = list(VARIANTS)
             if results.get(cap) != "ok":
                 why = results.get(cap) or "its instruction sets are not listed by this CPU"
-                return self._unavailable(f"MOE_PATCH_KERNELS_ISA={cap}: that variant does not run here ({why})",
-                                         results, path)
+                return self._unavailable(
+                    f"MOE_PATCH_KERNELS_ISA={cap}: that variant does not run here ({why})", results, path
+                )
             passed = [v for v in passed if order.index(v) >= order.index(cap)]
         if not passed:
-            return self._unavailable("no instruction-set variant runs on this CPU (AVX2+FMA+F16C at least): "
-                                     + ", ".join(f"{v} {r}" for v, r in results.items()), results, path)
+            return self._unavailable(
+                "no instruction-set variant runs on this CPU (AVX2+FMA+F16C at least): "
+                + ", ".join(f"{v} {r}" for v, r in results.items()),
+                results,
+                path,
+            )
         self._variants = {v: _bind(lib, v) for v in passed}
         logger.info("CPU expert kernels: %s (%s)", ", ".join(passed), path)
         return KernelStatus(True, "", tuple(passed), results, str(path))

@@ -53,8 +53,15 @@ def _outcome(returncode: int) -> str:
 def run_probes(library: Path, variants: list[str]) -> dict[str, str]:
     """Variant -> ``"ok"`` or why not, each from a child process running its self-test."""
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    procs = {v: subprocess.Popen([sys.executable, "-c", _CHILD, str(library), v], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for v in variants}
+    procs = {
+        v: subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(library), v],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for v in variants
+    }
     results = {}
     for v, proc in procs.items():
         try:

@@ -39,8 +39,15 @@ SCALE_DTYPES = {torch.float32: DT_F32, torch.bfloat16: DT_BF16, torch.float16: D
 if hasattr(torch, "float8_e8m0fnu"):
     SCALE_DTYPES[torch.float8_e8m0fnu] = DT_E8M0
 FLOAT_DTYPES = {torch.float32: DT_F32, torch.bfloat16: DT_BF16, torch.float16: DT_F16}
-WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                 "fp8": torch.float8_e4m3fn, "mxfp4": torch.uint8, "int4": torch.int32, "int8": torch.int32}
+WEIGHT_DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp8": torch.float8_e4m3fn,
+    "mxfp4": torch.uint8,
+    "int4": torch.int32,
+    "int8": torch.int32,
+}
 
 
 @dataclass(frozen=True)
@@ -230,11 +237,13 @@ class MoELayerSpec:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidArgumentError(f"MoELayerSpec.{name} must be a positive integer, got {value!r}.")
         if self.activation not in ACTIVATIONS:
-            raise InvalidArgumentError(f"MoELayerSpec.activation {self.activation!r} is not one of "
-                                       f"{', '.join(ACTIVATIONS)}.")
+            raise InvalidArgumentError(
+                f"MoELayerSpec.activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}."
+            )
         if self.glu_layout not in GLU_LAYOUTS:
-            raise InvalidArgumentError(f"MoELayerSpec.glu_layout {self.glu_layout!r} is not one of "
-                                       f"{', '.join(GLU_LAYOUTS)}.")
+            raise InvalidArgumentError(
+                f"MoELayerSpec.glu_layout {self.glu_layout!r} is not one of {', '.join(GLU_LAYOUTS)}."
+            )
 
     @property
     def gate_up_shape(self) -> tuple[int, int]:
@@ -289,17 +298,21 @@ def _check_tensor(t: torch.Tensor | None, where: str, dtypes, shapes) -> torch.T
 
 def _halves(t, where: str) -> tuple:
     if not isinstance(t, (tuple, list)) or len(t) != 2:
-        raise InvalidArgumentError(f"{where}: the projection is stored in two halves (ExpertFormat.split); give a "
-                                   f"(first, second) pair, got {type(t).__name__}.")
+        raise InvalidArgumentError(
+            f"{where}: the projection is stored in two halves (ExpertFormat.split); give a "
+            f"(first, second) pair, got {type(t).__name__}."
+        )
     return tuple(t)
 
 
-def _part_pointers(fmt: ExpertFormat, rows: int, cols: int, where: str, weight, scale, zero_point,
-                   keep: list[torch.Tensor]) -> list[int]:
+def _part_pointers(
+    fmt: ExpertFormat, rows: int, cols: int, where: str, weight, scale, zero_point, keep: list[torch.Tensor]
+) -> list[int]:
     """The three addresses (weight, scale, zero point) of one stored part after checking its tensors."""
     if isinstance(weight, (tuple, list)):
-        raise InvalidArgumentError(f"{where}: a pair of tensors for a projection stored as one (ExpertFormat.split "
-                                   "is False).")
+        raise InvalidArgumentError(
+            f"{where}: a pair of tensors for a projection stored as one (ExpertFormat.split is False)."
+        )
     keep.append(_check_tensor(weight, f"{where} weight", (WEIGHT_DTYPES[fmt.kind],), {fmt.weight_shape(rows, cols)}))
     ptrs = [weight.data_ptr(), 0, 0]
     sdt = fmt.effective_scale_dtype()
@@ -310,16 +323,18 @@ def _part_pointers(fmt: ExpertFormat, rows: int, cols: int, where: str, weight, 
     elif scale is not None:
         raise InvalidArgumentError(f"{where}: a {fmt.kind} weight has no scale, got one.")
     if fmt.zero_point and fmt.kind in ("int4", "int8"):
-        keep.append(_check_tensor(zero_point, f"{where} zero point", (torch.int32,),
-                                  {fmt.zero_point_shape(rows, cols)}))
+        keep.append(
+            _check_tensor(zero_point, f"{where} zero point", (torch.int32,), {fmt.zero_point_shape(rows, cols)})
+        )
         ptrs[2] = zero_point.data_ptr()
     elif zero_point is not None:
         raise InvalidArgumentError(f"{where}: the format has no zero points, got one.")
     return ptrs
 
 
-def projection_pointers(fmt: ExpertFormat, rows: int, cols: int, where: str, weight, scale, zero_point,
-                        bias: torch.Tensor | None) -> tuple[list[int], list[int], list[torch.Tensor]]:
+def projection_pointers(
+    fmt: ExpertFormat, rows: int, cols: int, where: str, weight, scale, zero_point, bias: torch.Tensor | None
+) -> tuple[list[int], list[int], list[torch.Tensor]]:
     """The four addresses (weight, scale, zero point, bias) of one projection after checking every tensor
     against ``fmt``, the three of its second half (zeros unless ``fmt.split``), and the tensors to keep
     alive while they are used."""

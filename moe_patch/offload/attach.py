@@ -18,9 +18,9 @@ from torch import nn
 
 from ..detect.config import read_raw_config
 from ..errors import MoEConfigError
-from ..io import Checkpoint
 from ..families.records import changed_modules, restore
 from ..formats import read_quantization_config
+from ..io import Checkpoint
 from .auto_budget import auto_expert_cache
 from .engine import OffloadEngine
 from .keymap import CheckpointMap
@@ -83,8 +83,14 @@ class OffloadHandle:
             return
         try:
             # Read every expert back first: an I/O error then leaves the model offloaded and working.
-            restored = {layer.index: {n: v.to(_placeholder_device(layer)) for n, v in self._weights_of(layer).items()}
-                        for layer in self.layers} if restore_weights else {}
+            restored = (
+                {
+                    layer.index: {n: v.to(_placeholder_device(layer)) for n, v in self._weights_of(layer).items()}
+                    for layer in self.layers
+                }
+                if restore_weights
+                else {}
+            )
             for h in self._hooks:
                 h.remove()
             self._hooks.clear()
@@ -195,8 +201,9 @@ def attach_offload(
     files = sorted({e.file for e in checkpoint_map.checkpoint.entries.values()}) if checkpoint_map else None
     quantization = checkpoint_map.quantization.method if checkpoint_map and checkpoint_map.quantization else None
     if opts.auto_expert_cache:  # a byte budget from free memory, before anything is allocated
-        chosen = auto_expert_cache(model, layers, device, host_cache=opts.host_cache_bytes,
-                                   context_tokens=opts.context_tokens)
+        chosen = auto_expert_cache(
+            model, layers, device, host_cache=opts.host_cache_bytes, context_tokens=opts.context_tokens
+        )
         opts = replace(opts, expert_cache=chosen.expert_cache)
     plan = make_plan(opts, layers, source, files, quantization)
 

@@ -65,10 +65,13 @@ class AutoBudget:
 
     def __str__(self) -> str:
         kv = "KV cache" if self.kv_measured else "KV cache (estimated)"
-        terms = [f"{format_bytes(self.free)} free on {self.device}", f"{HEADROOM:.0%} headroom",
-                 f"non-expert weights {format_bytes(self.non_expert)}",
-                 f"{kv} for {self.context_tokens} tokens {format_bytes(self.kv_cache)}",
-                 f"activations {format_bytes(self.activations)}"]
+        terms = [
+            f"{format_bytes(self.free)} free on {self.device}",
+            f"{HEADROOM:.0%} headroom",
+            f"non-expert weights {format_bytes(self.non_expert)}",
+            f"{kv} for {self.context_tokens} tokens {format_bytes(self.kv_cache)}",
+            f"activations {format_bytes(self.activations)}",
+        ]
         if self.host_cache:
             terms.append(f"host cache {format_bytes(self.host_cache)}")
         capped = " (every routed expert fits)" if self.left >= self.all_experts else ""
@@ -108,9 +111,16 @@ def _bytes_to_bring(model: nn.Module, layers: list[OffloadLayer], device: torch.
     return total
 
 
-def auto_expert_cache(model: nn.Module, layers: list[OffloadLayer], device: torch.device, *,
-                      host_cache: int | None, context_tokens: int | None, compute_dtype: torch.dtype | None = None,
-                      free: int | None = None) -> AutoBudget:
+def auto_expert_cache(
+    model: nn.Module,
+    layers: list[OffloadLayer],
+    device: torch.device,
+    *,
+    host_cache: int | None,
+    context_tokens: int | None,
+    compute_dtype: torch.dtype | None = None,
+    free: int | None = None,
+) -> AutoBudget:
     """The terms of the rule for ``model`` on ``device`` (``free``: measured now unless given). Raises
     :class:`BudgetError` when they leave less than one expert."""
     config = model.config
@@ -121,20 +131,29 @@ def auto_expert_cache(model: nn.Module, layers: list[OffloadLayer], device: torc
     # a CPU may keep half-precision experts in fp32 slots (plan.py): the cap allows for it
     widen = 2 if on_cpu and dtype.itemsize == 2 else 1
     budget = AutoBudget(
-        device=str(device), free=free_memory(device) if free is None else free,
-        non_expert=_bytes_to_bring(model, layers, device), kv_cache=elements * dtype.itemsize,
+        device=str(device),
+        free=free_memory(device) if free is None else free,
+        non_expert=_bytes_to_bring(model, layers, device),
+        kv_cache=elements * dtype.itemsize,
         activations=activation_bytes(config, tokens, dtype.itemsize),
-        host_cache=(host_cache or 0) if on_cpu else 0, context_tokens=tokens,
-        all_experts=widen * sum(layer.num_experts * layer.expert_bytes for layer in layers), kv_measured=measured,
+        host_cache=(host_cache or 0) if on_cpu else 0,
+        context_tokens=tokens,
+        all_experts=widen * sum(layer.num_experts * layer.expert_bytes for layer in layers),
+        kv_measured=measured,
     )
     one = max(layer.expert_bytes for layer in layers)
     if budget.expert_cache < one:
-        def message(context: str, quantize: str, option: str) -> str:
-            return (f"{option} auto: nothing is left for the experts on {device} ({budget}), and one expert takes "
-                    f"{format_bytes(one)}. Free memory on {device}, shorten the context ({context}), quantize the "
-                    f"experts ({quantize}) or give {option} a size.")
 
-        raise BudgetError(message("context_tokens", "quantize_experts='nf4'", "expert_cache"),
-                          cli_message=message("--ctx-size", "--quantize nf4", "--expert-cache"))
+        def message(context: str, quantize: str, option: str) -> str:
+            return (
+                f"{option} auto: nothing is left for the experts on {device} ({budget}), and one expert takes "
+                f"{format_bytes(one)}. Free memory on {device}, shorten the context ({context}), quantize the "
+                f"experts ({quantize}) or give {option} a size."
+            )
+
+        raise BudgetError(
+            message("context_tokens", "quantize_experts='nf4'", "expert_cache"),
+            cli_message=message("--ctx-size", "--quantize nf4", "--expert-cache"),
+        )
     logger.info("%s", budget)
     return budget

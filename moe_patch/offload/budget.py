@@ -33,11 +33,15 @@ def check_budget(budget: int | None, expert_bytes: int, *, name: str, allow_zero
     if budget is None or (allow_zero and budget == 0):
         return
     if budget < expert_bytes:
-        def message(option: str, quantize: str) -> str:
-            return (f"{option}={format_bytes(budget)} ({budget} bytes) is smaller than one expert: the minimum is "
-                    f"{format_bytes(expert_bytes)} ({expert_bytes} bytes)"
-                    + (" (or 0 to switch this tier off)" if allow_zero else "")
-                    + f". Raise the budget, or quantize the experts ({quantize}) to shrink them.")
 
-        raise BudgetError(message(name, "quantize_experts='nf4'"),
-                          cli_message=message(FLAGS.get(name, name), "--quantize nf4"))
+        def message(option: str, quantize: str) -> str:
+            return (
+                f"{option}={format_bytes(budget)} ({budget} bytes) is smaller than one expert: the minimum is "
+                f"{format_bytes(expert_bytes)} ({expert_bytes} bytes)"
+                + (" (or 0 to switch this tier off)" if allow_zero else "")
+                + f". Raise the budget, or quantize the experts ({quantize}) to shrink them."
+            )
+
+        raise BudgetError(
+            message(name, "quantize_experts='nf4'"), cli_message=message(FLAGS.get(name, name), "--quantize nf4")
+        )

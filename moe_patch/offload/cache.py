@@ -30,8 +30,9 @@ class CacheEntry:
 class TierCache:
     """One tier of the expert hierarchy, with a hard byte budget (``None``: unlimited)."""
 
-    def __init__(self, budget: int | None, policy: EvictionPolicy | str = "lru", hot: Iterable[Key] = (),
-                 name: str = "cache"):
+    def __init__(
+        self, budget: int | None, policy: EvictionPolicy | str = "lru", hot: Iterable[Key] = (), name: str = "cache"
+    ):
         self.name = name
         self.budget = budget
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
@@ -94,9 +95,12 @@ class TierCache:
             return None
         if self.policy.recency_only:
             return candidates[0]  # recency order: the oldest unpinned entry
-        score = self.policy.score(torch.tensor([self._entries[k].last_used for k in candidates]),
-                                  torch.tensor([self._uses.get(k, 0) for k in candidates]),
-                                  torch.tensor([k in self.hot for k in candidates]), self._clock)
+        score = self.policy.score(
+            torch.tensor([self._entries[k].last_used for k in candidates]),
+            torch.tensor([self._uses.get(k, 0) for k in candidates]),
+            torch.tensor([k in self.hot for k in candidates]),
+            self._clock,
+        )
         return candidates[int(torch.argmin(score))]  # the first minimum: the least recent among equals
 
     def put(self, key: Key, value: Any, nbytes: int) -> tuple[bool, list[tuple[Key, Any]]]:

@@ -110,8 +110,10 @@ def _measure_gemv_rates(dtype: torch.dtype) -> dict[str, float]:
         lambda: [torch.nn.functional.linear(row_half, m) for m in half],
         lambda: [torch.nn.functional.linear(row_fp32, m) for m in fp32],
     )
-    return {"half": sum(m.numel() * m.element_size() for m in half) / t_half,
-            "fp32": sum(m.numel() * m.element_size() for m in fp32) / t_fp32}
+    return {
+        "half": sum(m.numel() * m.element_size() for m in half) / t_half,
+        "fp32": sum(m.numel() * m.element_size() for m in fp32) / t_fp32,
+    }
 
 
 def measure_bandwidths(device: str = "cpu", dtype: torch.dtype = torch.float32, size_mb: int = 256) -> Bandwidths:
@@ -162,8 +164,15 @@ def measure_bandwidths(device: str = "cpu", dtype: torch.dtype = torch.float32, 
             torch.cuda.synchronize()
 
         device_mem = 2 * n * 4 / _best_time(d2d)
-    return Bandwidths(dram=dram, cpu_flops=cpu_flops, h2d=h2d, device_flops=device_flops, cpu_gemv=cpu_gemv,
-                      roundtrip_s=roundtrip, device_mem=device_mem if device.startswith("cuda") else 0.0)
+    return Bandwidths(
+        dram=dram,
+        cpu_flops=cpu_flops,
+        h2d=h2d,
+        device_flops=device_flops,
+        cpu_gemv=cpu_gemv,
+        roundtrip_s=roundtrip,
+        device_mem=device_mem if device.startswith("cuda") else 0.0,
+    )
 
 
 def measure_disk(files: list[str], limit: int = 64 * 2**20) -> float:
@@ -195,8 +204,9 @@ def measure_disk(files: list[str], limit: int = 64 * 2**20) -> float:
     return done / elapsed if elapsed > 0 else 0.0
 
 
-def expected_use_s(budget: int | None, n_experts: int, entry_bytes: int, decode_s: float, miss_s: float,
-                   decode_on_hit: bool) -> float:
+def expected_use_s(
+    budget: int | None, n_experts: int, entry_bytes: int, decode_s: float, miss_s: float, decode_on_hit: bool
+) -> float:
     """Expected seconds per expert use for a device cache of ``budget`` bytes whose entries take
     ``entry_bytes``: a miss brings the stored expert in (``miss_s``), and it is decoded on every use
     (``decode_on_hit``, stored entries) or once per miss (decoded entries). The hit rate is taken as the
@@ -208,8 +218,9 @@ def expected_use_s(budget: int | None, n_experts: int, entry_bytes: int, decode_
     return (1.0 - hit) * (miss_s + decode_s)
 
 
-def choose_device_format(budget: int | None, n_experts: int, stored_bytes: int, decoded_bytes: int,
-                         decode_s: float, miss_s: float) -> str:
+def choose_device_format(
+    budget: int | None, n_experts: int, stored_bytes: int, decoded_bytes: int, decode_s: float, miss_s: float
+) -> str:
     """``"stored"`` or ``"dequantized"``: how the device cache keeps experts of a quantized checkpoint.
 
     Stored entries fit ``decoded_bytes / stored_bytes`` times more experts but pay a decode on every use;
@@ -244,8 +255,9 @@ def time_stored_expert(source, layer: int, device: torch.device) -> tuple[float,
     return read_s, _best_time(decode, repeats=3)
 
 
-def choose_compute_dtype(budget: int | None, n_experts: int, half_bytes: int, half_s: float, fp32_s: float,
-                         miss_s: float) -> str:
+def choose_compute_dtype(
+    budget: int | None, n_experts: int, half_bytes: int, half_s: float, fp32_s: float, miss_s: float
+) -> str:
     """``"half"`` or ``"fp32"``: the dtype a CPU keeps half-precision experts in its slots to compute them.
 
     fp32 slots hold half as many experts (a miss costs ``miss_s`` more often) but compute each use in

@@ -90,9 +90,16 @@ class DeviceTier:
         return sum(g.table.capacity for g in self.groups)
 
 
-def build_device_tier(layers: list[OffloadLayer], entry_bytes: dict[int, int], budget: int | None,
-                      policy: EvictionPolicy, hot: tuple[Key, ...], slab_dtype: torch.dtype | None,
-                      compute_ready: bool, device: torch.device) -> DeviceTier:
+def build_device_tier(
+    layers: list[OffloadLayer],
+    entry_bytes: dict[int, int],
+    budget: int | None,
+    policy: EvictionPolicy,
+    hot: tuple[Key, ...],
+    slab_dtype: torch.dtype | None,
+    compute_ready: bool,
+    device: torch.device,
+) -> DeviceTier:
     """Slot groups for ``layers`` (``entry_bytes``: one entry's bytes per layer index; ``slab_dtype``: the
     dtype compute-ready slots keep experts in, None for the model's). On CUDA the slabs take their budget at
     attach, so an expert cache that does not fit next to the model is a :class:`BudgetError` now."""
@@ -107,8 +114,15 @@ def build_device_tier(layers: list[OffloadLayer], entry_bytes: dict[int, int], b
         n_experts = len(members) * members[0].num_experts
         share = None if budget is None else int(budget * totals[sig] / sum(totals.values()))
         capacity = n_experts if share is None else max(1, min(n_experts, share // slot_bytes))
-        table = SlotTable([m.index for m in members], members[0].num_experts, capacity, slot_bytes,
-                          policy=policy, hot=hot, budget=share)
+        table = SlotTable(
+            [m.index for m in members],
+            members[0].num_experts,
+            capacity,
+            slot_bytes,
+            policy=policy,
+            hot=hot,
+            budget=share,
+        )
         slab = _allocate_slab(members[0], capacity, slab_dtype or members[0].dtype, device) if compute_ready else None
         group = SlotGroup([m.index for m in members], table, slab, [None] * capacity)
         groups.append(group)

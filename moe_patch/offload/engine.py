@@ -104,17 +104,38 @@ class OffloadEngine:
             compute_dtype=str(plan.slot_dtype).removeprefix("torch.") if converts else None,
         )
         policy = POLICIES[options.policy]
-        self.dev = build_device_tier(layers, {layer.index: self._entry_bytes(layer) for layer in layers},
-                                     plan.device_budget, policy, options.hot_experts, plan.slot_dtype,
-                                     plan.compute_ready, self.device)
+        self.dev = build_device_tier(
+            layers,
+            {layer.index: self._entry_bytes(layer) for layer in layers},
+            plan.device_budget,
+            policy,
+            options.hot_experts,
+            plan.slot_dtype,
+            plan.compute_ready,
+            self.device,
+        )
         self.host = TierCache(plan.host_budget, policy, options.hot_experts, name="host_cache")
         held = self.dev.budget if plan.merged else self.host.budget
-        self.pool = make_pool(source, layers, held, plan.merged and plan.compute_ready, plan.cache_format,
-                              plan.io_threads, self.backend.pins_host)
+        self.pool = make_pool(
+            source,
+            layers,
+            held,
+            plan.merged and plan.compute_ready,
+            plan.cache_format,
+            plan.io_threads,
+            self.backend.pins_host,
+        )
         self.reader = Reader(source, self.pool, self.stats, self.lock, plan.cache_format, self.backend)
         self.loader = TierLoader(self.dev, self.host, self.reader, source, self.backend, plan, self.lock)
-        self.prefetcher = Prefetcher(layers, self.dev, self.stats, self.lock, self.loader.background_load,
-                                     plan.io_threads, options.max_prefetch_per_layer)
+        self.prefetcher = Prefetcher(
+            layers,
+            self.dev,
+            self.stats,
+            self.lock,
+            self.loader.background_load,
+            plan.io_threads,
+            options.max_prefetch_per_layer,
+        )
         self._pending: _OutputCheck | None = None  # the last layer's output, checked at the next transfer
         self._active: dict[int, dict[int, int]] = {}  # expert lists: rows per expert of the running layer
         self._flops = {layer.index: expert_flops_per_row(layer.shapes) for layer in layers}
@@ -147,8 +168,16 @@ class OffloadEngine:
         return self.source.nbytes(layer.index, 0)
 
     # -- the forward's side: a whole layer -------------------------------------------------------
-    def dispatch(self, layer: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 *, weight_inputs: bool = False, checked_by: torch.nn.Module | None = None) -> torch.Tensor:
+    def dispatch(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        *,
+        weight_inputs: bool = False,
+        checked_by: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
         """The routed experts of ``layer`` on ``x [T, H]``: every cached expert in one grouped GEMM over
         slot indices, then the misses. One host transfer per layer, which also carries the routing check
         of ``checked_by`` (the experts module: bad routing raises :class:`RoutingError` naming it)."""
@@ -156,9 +185,16 @@ class OffloadEngine:
         E = spec.num_experts
         summary = routing_summary(checked_by, top_k_index, top_k_weights) if checked_by is not None else None
         if self.bypass_caches:
-            return dispatch_combine(x, top_k_index, top_k_weights, E, lambda e, rows: spec.compute_expert(
-                e, rows, {n: t.to(rows.device) for n, t in self.source.read(layer, e).items()}),
-                weight_inputs=weight_inputs)
+            return dispatch_combine(
+                x,
+                top_k_index,
+                top_k_weights,
+                E,
+                lambda e, rows: spec.compute_expert(
+                    e, rows, {n: t.to(rows.device) for n, t in self.source.read(layer, e).items()}
+                ),
+                weight_inputs=weight_inputs,
+            )
         counts = expert_counts(top_k_index, E).to(torch.float64)
         prefetching = self.prefetcher.enabled_for(layer + 1) and not self._resident(layer + 1)
         predicted = self.prefetcher.predict_counts(layer + 1, x) if prefetching else None
@@ -168,7 +204,7 @@ class OffloadEngine:
         parts += [summary] if summary is not None else []
         host = torch.cat(parts).cpu()  # the layer's one host transfer
         n_pred = predicted.numel() if predicted is not None else 0
-        checks = host[E + n_pred:].tolist() if pending is not None or summary is not None else []  # one read
+        checks = host[E + n_pred :].tolist() if pending is not None or summary is not None else []  # one read
         if pending is not None and not checks[0]:
             self._name_nonfinite(pending)
         if summary is not None:
@@ -205,32 +241,42 @@ class OffloadEngine:
             for e in early[: max(0, table.capacity - n_hits)]:
                 self.prefetcher.submit((layer, e), cached=False)
             if predicted is not None:
-                self.prefetcher.prefetch(layer + 1, host[E:E + n_pred].to(torch.int64))
+                self.prefetcher.prefetch(layer + 1, host[E : E + n_pred].to(torch.int64))
         grad = torch.is_grad_enabled() and x.requires_grad
         job = None
         if self.overlap_cpu and not grad and len(early) < len(misses):
             # misses the CPU computes from host RAM start on a CPU thread now, while the device computes the hits
-            job = self._launch_cpu(spec, [e for e in misses if e not in set(early)], rows_of, x, top_k_index,
-                                   top_k_weights, weight_inputs)
+            job = self._launch_cpu(
+                spec, [e for e in misses if e not in set(early)], rows_of, x, top_k_index, top_k_weights, weight_inputs
+            )
             if job is not None:
                 misses = [e for e in misses if e not in job.leases]
         try:
             try:
-                out = self._compute_slots(spec, group, x, top_k_index, top_k_weights, hit_experts, hit_slots, span,
-                                          weight_inputs)
+                out = self._compute_slots(
+                    spec, group, x, top_k_index, top_k_weights, hit_experts, hit_slots, span, weight_inputs
+                )
             finally:
                 self.loader.unpin(table, hit_slots)
             gk = self.kernels.get(spec, group) if misses and not grad else None
             if gk is not None:
-                out = self._kernel_misses(gk, layer, misses, rows_of, x, top_k_index, top_k_weights, out,
-                                          weight_inputs)
+                out = self._kernel_misses(gk, layer, misses, rows_of, x, top_k_index, top_k_weights, out, weight_inputs)
             elif misses:
                 keep = torch.zeros(E + 1, dtype=torch.bool)
                 keep[misses] = True
-                miss_index = torch.where(self.backend.routing_table(keep, top_k_index)[top_k_index.clamp(0, E)],
-                                         top_k_index, torch.full_like(top_k_index, E))
-                out = out + dispatch_combine(x, miss_index, top_k_weights, E, lambda e, rows: self._run(layer, e, rows),
-                                             weight_inputs=weight_inputs)
+                miss_index = torch.where(
+                    self.backend.routing_table(keep, top_k_index)[top_k_index.clamp(0, E)],
+                    top_k_index,
+                    torch.full_like(top_k_index, E),
+                )
+                out = out + dispatch_combine(
+                    x,
+                    miss_index,
+                    top_k_weights,
+                    E,
+                    lambda e, rows: self._run(layer, e, rows),
+                    weight_inputs=weight_inputs,
+                )
             if job is not None:
                 out = out + job.future.result().to(device=out.device, dtype=out.dtype)
         finally:
@@ -242,8 +288,16 @@ class OffloadEngine:
         self._pending = _OutputCheck(layer, torch.isfinite(out).all(), x, top_k_index, top_k_weights, weight_inputs)
         return out
 
-    def _launch_cpu(self, spec: OffloadLayer, experts: list[int], rows_of: dict[int, int], x: torch.Tensor,
-                    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, weight_inputs: bool) -> _CpuJob | None:
+    def _launch_cpu(
+        self,
+        spec: OffloadLayer,
+        experts: list[int],
+        rows_of: dict[int, int],
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        weight_inputs: bool,
+    ) -> _CpuJob | None:
         """Start the host-resident misses ``experts`` on a CPU thread through the CPU kernel (their host entries
         pinned here, released when the job is finished); None when no kernel computes this layer's entries."""
         kernel = self.kernels.host(spec)
@@ -266,9 +320,15 @@ class OffloadEngine:
         xc, wc = x.to("cpu"), top_k_weights.to("cpu")
         if self._cpu_pool is None:
             self._cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moe-patch-cpu-experts")
-        future = self._cpu_pool.submit(dispatch_combine, xc, index, wc, E,
-                                       lambda e, rows: self.kernels.run_host(kernel, leases[e].stored, rows),
-                                       weight_inputs=weight_inputs)
+        future = self._cpu_pool.submit(
+            dispatch_combine,
+            xc,
+            index,
+            wc,
+            E,
+            lambda e, rows: self.kernels.run_host(kernel, leases[e].stored, rows),
+            weight_inputs=weight_inputs,
+        )
         return _CpuJob(future, leases)
 
     def _resident(self, layer: int) -> bool:
@@ -293,8 +353,10 @@ class OffloadEngine:
         spec, E = self.layers[check.layer], self.layers[check.layer].num_experts
         where = spec.experts_path
         if not bool(torch.isfinite(check.x).all()):
-            raise ExpertOutputError(f"{where}: its input holds NaN or inf (from the layers before it: attention or "
-                                    f"an earlier MoE layer overflowed {check.x.dtype}); no expert is at fault here.")
+            raise ExpertOutputError(
+                f"{where}: its input holds NaN or inf (from the layers before it: attention or "
+                f"an earlier MoE layer overflowed {check.x.dtype}); no expert is at fault here."
+            )
         for e in sorted(set(check.top_k_index.reshape(-1).tolist()) & set(range(E))):
             rows = (check.top_k_index == e).any(-1).nonzero().flatten()
             lease = self.acquire((check.layer, e), len(rows))
@@ -307,12 +369,23 @@ class OffloadEngine:
                     f"{where}: expert {e} turns finite inputs into NaN or inf: its weights in the checkpoint hold "
                     f"non-finite values, or overflow {y.dtype} (load in bfloat16 or float32)."
                 )
-        raise ExpertOutputError(f"{where}: the weighted sum of its experts' outputs overflows {check.x.dtype} "
-                                "(every expert's own output is finite); load in bfloat16 or float32.")
+        raise ExpertOutputError(
+            f"{where}: the weighted sum of its experts' outputs overflows {check.x.dtype} "
+            "(every expert's own output is finite); load in bfloat16 or float32."
+        )
 
-    def _compute_slots(self, spec: OffloadLayer, group: SlotGroup, x: torch.Tensor, top_k_index: torch.Tensor,
-                       top_k_weights: torch.Tensor, experts: torch.Tensor, slots: torch.Tensor,
-                       span: tuple[int, int], weight_inputs: bool) -> torch.Tensor:
+    def _compute_slots(
+        self,
+        spec: OffloadLayer,
+        group: SlotGroup,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        experts: torch.Tensor,
+        slots: torch.Tensor,
+        span: tuple[int, int],
+        weight_inputs: bool,
+    ) -> torch.Tensor:
         """The cached experts of a layer: one grouped GEMM over slot indices (compute-ready slabs), or each
         entry decoded and computed (stored / cache-encoded object slots)."""
         E = spec.num_experts
@@ -357,9 +430,18 @@ class OffloadEngine:
             bank = self._banks[key] = spec.slot_bank({n: t[lo:hi] for n, t in group.slab.tensors.items()})
         return bank
 
-    def _kernel_misses(self, gk, layer: int, misses: list[int], rows_of: dict[int, int], x: torch.Tensor,
-                       top_k_index: torch.Tensor, top_k_weights: torch.Tensor, out: torch.Tensor,
-                       weight_inputs: bool) -> torch.Tensor:
+    def _kernel_misses(
+        self,
+        gk,
+        layer: int,
+        misses: list[int],
+        rows_of: dict[int, int],
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        out: torch.Tensor,
+        weight_inputs: bool,
+    ) -> torch.Tensor:
         """The misses through the CPU kernel: each brought into a slot (pinned), then one call that adds the
         slotted ones into ``out``; an expert that got no slot (every slot pinned by this layer) in torch."""
         spec = self.layers[layer]
@@ -376,8 +458,9 @@ class OffloadEngine:
 
         try:
             for e in misses:
-                lease = leases[e] = self.acquire((layer, e), rows_of[e], decoded=False,
-                                                 host_raw=host_kernel is not None)
+                lease = leases[e] = self.acquire(
+                    (layer, e), rows_of[e], decoded=False, host_raw=host_kernel is not None
+                )
                 if isinstance(lease, SlotLease) and lease.slot is not None:
                     slotted[e] = lease.slot
             if slotted:
@@ -429,8 +512,9 @@ class OffloadEngine:
                 group.table.pin(torch.tensor([slot]))
                 tier = self.loader.arrived.pop(key, "device")
                 st.hits[tier] += 1
-                self.stats.bytes_read[self.phase][tier] += (group.table.slot_bytes if tier == "device"
-                                                            else self.source.nbytes(*key))
+                self.stats.bytes_read[self.phase][tier] += (
+                    group.table.slot_bytes if tier == "device" else self.source.nbytes(*key)
+                )
                 return self._slot_lease(group, slot, decoded)
             fut = self.prefetcher.inflight.get(key)
             if fut is None and self._cpu_candidate(key, rows):
@@ -462,19 +546,24 @@ class OffloadEngine:
         return ReadLease(self.loader.from_read(host))
 
     def _slot_lease(self, group: SlotGroup, slot: int, decoded: bool = True) -> SlotLease:
-        return SlotLease(self.loader.weights(group, slot) if decoded else {},
-                         partial(self.loader.unpin, group.table, torch.tensor([slot])), slot=slot)
+        return SlotLease(
+            self.loader.weights(group, slot) if decoded else {},
+            partial(self.loader.unpin, group.table, torch.tensor([slot])),
+            slot=slot,
+        )
 
     def _unpin_host(self, key: Key) -> None:
         with self.lock:
             self.host.unpin(key)
 
-    def _account(self, st: LayerStats, key: Key, tier: str, t0: float, group: SlotGroup,
-                 moved: int | None = None) -> None:
+    def _account(
+        self, st: LayerStats, key: Key, tier: str, t0: float, group: SlotGroup, moved: int | None = None
+    ) -> None:
         self.stats.stall_s += time.perf_counter() - t0
         st.hits[tier] += 1
-        nbytes = group.table.slot_bytes if tier == "device" else (
-            moved if moved is not None else self.source.nbytes(*key))
+        nbytes = (
+            group.table.slot_bytes if tier == "device" else (moved if moved is not None else self.source.nbytes(*key))
+        )
         self.stats.bytes_read[self.phase][tier] += nbytes
 
     def _cpu_candidate(self, key: Key, rows: int) -> bool:
@@ -524,7 +613,9 @@ class OffloadEngine:
         """Expert ``expert`` of ``layer`` on rows ``x`` (its block calls each expert module)."""
         spec = self.layers[layer]
         if self.bypass_caches:
-            return spec.compute_expert(expert, x, {n: t.to(x.device) for n, t in self.source.read(layer, expert).items()})
+            return spec.compute_expert(
+                expert, x, {n: t.to(x.device) for n, t in self.source.read(layer, expert).items()}
+            )
         used = self._active.setdefault(layer, {})
         used[expert] = used.get(expert, 0) + x.shape[0]
         key = (layer, expert)

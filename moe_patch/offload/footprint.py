@@ -120,8 +120,12 @@ def kv_cache_elements(config: Any, tokens: int, *, trust_remote_code: bool = Fal
     try:
         return measured_kv_elements(config, tokens, trust_remote_code=trust_remote_code), True
     except Exception as exc:  # noqa: BLE001 - any failure of a model on meta: the estimate is the answer
-        logger.debug("KV cache of %s not measured on meta (%s: %s); estimated from the config",
-                     getattr(config, "model_type", "?"), type(exc).__name__, exc)
+        logger.debug(
+            "KV cache of %s not measured on meta (%s: %s); estimated from the config",
+            getattr(config, "model_type", "?"),
+            type(exc).__name__,
+            exc,
+        )
         return kv_elements_estimate(config, tokens), False
 
 

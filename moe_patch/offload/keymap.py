@@ -76,8 +76,13 @@ class CheckpointMap:
     ``quantization``: the checkpoint's :class:`QuantizationSpec` (``None`` for bf16/fp16/fp32).
     """
 
-    def __init__(self, checkpoint: Checkpoint, model: torch.nn.Module, layers: list[OffloadLayer],
-                 quantization: QuantizationSpec | None = None):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        model: torch.nn.Module,
+        layers: list[OffloadLayer],
+        quantization: QuantizationSpec | None = None,
+    ):
         self.checkpoint = checkpoint
         self.quantization = quantization
         self.reader = RecipeReader(checkpoint)  # the recipes' reads
@@ -117,15 +122,14 @@ class CheckpointMap:
                         target = f"{layer.experts_path}.{layer.expert_param_path(e, name)}"
                         expert_targets.add(target)
                         self.experts[(layer.index, e)][name] = self._whole_recipe(
-                            target, per_expert_shape=layer.shapes[name])
+                            target, per_expert_shape=layer.shapes[name]
+                        )
                 else:
                     target = f"{layer.experts_path}.{name}"
                     expert_targets.add(target)
                     for e, recipe in enumerate(self._fused_recipes(layer, name, target)):
                         self.experts[(layer.index, e)][name] = recipe
-        self.dense: dict[str, TensorRecipe] = {
-            t: self._whole_recipe(t) for t in groups if t not in expert_targets
-        }
+        self.dense: dict[str, TensorRecipe] = {t: self._whole_recipe(t) for t in groups if t not in expert_targets}
         self.missing = sorted(k for k in meta if k not in groups and k not in expert_targets)
         if self.unexpected:
             logger.debug("checkpoint tensors not used by the model: %s", self.unexpected[:10])
@@ -170,8 +174,12 @@ class CheckpointMap:
             if bad:
                 raise MoEConfigError(f"{target}: conversion {type(bad[0]).__name__} cannot be applied per expert.")
         sources = tuple((p, tuple(Source(self.checkpoint.entries[k]) for k in keys)) for p, keys in parts.items())
-        if kind is not None and kind.decodes_dense and per_expert_shape is None and not kind.stores_quantized(
-                [s.entry for _, group in sources for s in group]):
+        if (
+            kind is not None
+            and kind.decodes_dense
+            and per_expert_shape is None
+            and not kind.stores_quantized([s.entry for _, group in sources for s in group])
+        ):
             conv = None  # an unquantized tensor of an FP8 checkpoint (norm, embedding): used as stored
         recipe = TensorRecipe(target, sources, conv, shape, dtype)
         # every quantized routed expert, and dense tensors of the formats transformers decodes wrongly (FP8's
@@ -192,8 +200,10 @@ class CheckpointMap:
         if not CAST.applies(list(parts.values()), recipe.shape, recipe.dtype):
             return None
         ops = list(recipe.converter.operations) if recipe.converter is not None else []
-        if any(not isinstance(op, (MergeModulelist, Concatenate)) or (isinstance(op, Concatenate) and op.dim != 1)
-               for op in ops):
+        if any(
+            not isinstance(op, (MergeModulelist, Concatenate)) or (isinstance(op, Concatenate) and op.dim != 1)
+            for op in ops
+        ):
             return None
         pieces = tuple(CAST.pieces(None, recipe.target, recipe.shape, parts))
         return StoredLayout(pieces, CAST.scheme, recipe.shape, recipe.dtype)
@@ -214,10 +224,12 @@ class CheckpointMap:
         kind = self._dequant(conv)
         if conv is not None:
             for op in conv.operations[1:] if kind else conv.operations:
-                if not isinstance(op, _PER_EXPERT_OPS) or (not isinstance(op, MergeModulelist) and getattr(op, "dim", 1) == 0):
+                if not isinstance(op, _PER_EXPERT_OPS) or (
+                    not isinstance(op, MergeModulelist) and getattr(op, "dim", 1) == 0
+                ):
                     raise MoEConfigError(
-                        f"{target}: transformers converts it with {type(op).__name__}, which moe-patch cannot apply one "
-                        "expert at a time. Load this model without offloading."
+                        f"{target}: transformers converts it with {type(op).__name__}, which moe-patch cannot "
+                        "apply one expert at a time. Load this model without offloading."
                     )
         patterns = list(conv.source_patterns) if conv is not None else list(parts)
         if kind is not None:  # companions a checkpoint need not have (activation scales, zero points...)
@@ -294,7 +306,9 @@ class CheckpointMap:
         q = self.quantization
         assert q is not None
         if any(len(group) != 1 for _, group in recipe.parts):
-            raise MoEConfigError(f"{recipe.target}: expected one stored tensor per part, got {[len(g) for _, g in recipe.parts]}.")
+            raise MoEConfigError(
+                f"{recipe.target}: expected one stored tensor per part, got {[len(g) for _, g in recipe.parts]}."
+            )
         ops = list(recipe.converter.operations[1:]) if recipe.converter is not None else []
         concat = [op for op in ops if isinstance(op, Concatenate)]
         other = [op for op in ops if not isinstance(op, (MergeModulelist, Concatenate))]
@@ -318,7 +332,7 @@ class CheckpointMap:
     # -- checks ------------------------------------------------------------------------------
     def validate(self) -> None:
         """Shapes and dtypes of every recipe against the model, on meta tensors (no data read)."""
-        for key, recipes in self.experts.items():
+        for recipes in self.experts.values():
             for recipe in recipes.values():
                 self._check(recipe, per_expert=True)
         for recipe in self.dense.values():

@@ -128,9 +128,9 @@ def find_offload_layers(model: nn.Module, handles: list[Any] | None = None) -> l
         raise NoMoEFoundError(
             f"{type(model).__name__}: found no Mixture-of-Experts block whose experts moe-patch can offload "
             "(transformers-5 experts with the experts decorator, Llama 4, DBRX, or a ModuleList of expert MLPs)"
-            + (f"; not offloadable: {', '.join(skipped[:3])}" if skipped else "") + "."
+            + (f"; not offloadable: {', '.join(skipped[:3])}" if skipped else "")
+            + "."
         )
     if skipped:
         logger.warning("offload: %d MoE blocks stay resident: %s", len(skipped), ", ".join(skipped[:3]))
-    return [OffloadLayer(index=i, handle=h, tensors=h.family.expert_tensors(h.experts))
-            for i, h in enumerate(kept)]
+    return [OffloadLayer(index=i, handle=h, tensors=h.family.expert_tensors(h.experts)) for i, h in enumerate(kept)]

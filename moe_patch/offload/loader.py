@@ -23,8 +23,16 @@ from .sources import ExpertSource
 
 
 class TierLoader:
-    def __init__(self, dev: DeviceTier, host: TierCache, reader: Reader, source: ExpertSource,
-                 backend: DeviceBackend, plan: EnginePlan, lock: threading.RLock):
+    def __init__(
+        self,
+        dev: DeviceTier,
+        host: TierCache,
+        reader: Reader,
+        source: ExpertSource,
+        backend: DeviceBackend,
+        plan: EnginePlan,
+        lock: threading.RLock,
+    ):
         self.dev, self.host, self.reader, self.source = dev, host, reader, source
         self.backend, self.plan, self.lock = backend, plan, lock
         self.protected: set[Key] = set()  # the current layer's experts: background inserts never evict them

@@ -42,8 +42,10 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
         return p
     if p.exists():
         if p.suffix.lower() == ".gguf":
-            raise CheckpointError(f"{text}: a GGUF file (llama.cpp's format), not a checkpoint folder; moe-patch runs "
-                                  "Hugging Face checkpoints: give the folder with config.json and *.safetensors.")
+            raise CheckpointError(
+                f"{text}: a GGUF file (llama.cpp's format), not a checkpoint folder; moe-patch runs "
+                "Hugging Face checkpoints: give the folder with config.json and *.safetensors."
+            )
         raise CheckpointError(f"{text}: a file, not a checkpoint directory (expected config.json and .safetensors).")
     if text.startswith((".", "/", "~")) or text.count("/") != 1 or "\\" in text:
         raise CheckpointError(f"{text}: no such folder (a checkpoint folder holds config.json and *.safetensors).")
@@ -70,15 +72,18 @@ def check_checkpoint_folder(folder: Path) -> None:
         if pickles:
             raise CheckpointError(
                 f"{folder}: its weights are PyTorch pickle files ({pickles[0]}), which moe-patch does not read "
-                "(loading a pickle can run code); save the model as safetensors (save_pretrained does by default).")
+                "(loading a pickle can run code); save the model as safetensors (save_pretrained does by default)."
+            )
         raise CheckpointError(f"{folder}: config.json but no *.safetensors weights; the checkpoint is incomplete.")
     ggufs = sorted(f.name for f in folder.glob("*.gguf"))
     if ggufs:
         raise CheckpointError(
             f"{folder}: holds GGUF files ({ggufs[0]}: llama.cpp's format) and no config.json; moe-patch runs Hugging "
-            "Face checkpoints: give the folder of the original model (config.json and *.safetensors).")
-    raise CheckpointError(f"{folder}/config.json: not found; a checkpoint folder needs its config.json "
-                          "(and *.safetensors weights).")
+            "Face checkpoints: give the folder of the original model (config.json and *.safetensors)."
+        )
+    raise CheckpointError(
+        f"{folder}/config.json: not found; a checkpoint folder needs its config.json (and *.safetensors weights)."
+    )
 
 
 def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype:
@@ -87,7 +92,8 @@ def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype:
     resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise InvalidArgumentError(
-            f"dtype={dtype!r}: expected a floating torch dtype (float32, bfloat16, float16) or 'auto'.")
+            f"dtype={dtype!r}: expected a floating torch dtype (float32, bfloat16, float16) or 'auto'."
+        )
     dtype = resolved
     return dtype
 
@@ -97,7 +103,9 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
     mod = model.get_submodule(mod_path) if mod_path else model
     if name in mod._parameters:
         old = mod._parameters[name]
-        param = nn.Parameter(value, requires_grad=bool(old is not None and old.requires_grad and value.is_floating_point()))
+        param = nn.Parameter(
+            value, requires_grad=bool(old is not None and old.requires_grad and value.is_floating_point())
+        )
         param._is_hf_initialized = True
         mod._parameters[name] = param
     else:
@@ -184,8 +192,11 @@ def load_model(
             "The checkpoint is incomplete or does not match config.json."
         )
     opts = options or OffloadOptions(
-        device=device, expert_cache=expert_cache, host_cache=host_cache,
-        quantize_experts=quantize_experts, prefetch=prefetch,
+        device=device,
+        expert_cache=expert_cache,
+        host_cache=host_cache,
+        quantize_experts=quantize_experts,
+        prefetch=prefetch,
     )
     opts.device = device if options is None else opts.device
     handle: OffloadHandle = attach_offload(model, layers, opts, checkpoint_map=cmap, move_model=False)
@@ -217,4 +228,3 @@ def load_model(
         model.to(opts.device)
         handle.options.device = opts.device
     return model
-

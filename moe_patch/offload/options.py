@@ -74,11 +74,12 @@ class OffloadOptions:
         cache_format(self.quantize_experts)  # a known name, its library installed
         self.expert_cache_bytes, self.host_cache_bytes  # noqa: B018 - the budgets parse
         if self.max_prefetch_per_layer is not None and (
-                not isinstance(self.max_prefetch_per_layer, int) or self.max_prefetch_per_layer < 0):
+            not isinstance(self.max_prefetch_per_layer, int) or self.max_prefetch_per_layer < 0
+        ):
             raise MoEConfigError(f"max_prefetch_per_layer={self.max_prefetch_per_layer!r}: expected an integer >= 0.")
         if self.context_tokens is not None and (
-                not isinstance(self.context_tokens, int) or isinstance(self.context_tokens, bool)
-                or self.context_tokens < 1):
+            not isinstance(self.context_tokens, int) or isinstance(self.context_tokens, bool) or self.context_tokens < 1
+        ):
             raise MoEConfigError(f"context_tokens={self.context_tokens!r}: expected an integer >= 1 or None.")
         self.hot_experts = tuple(tuple(k) for k in self.hot_experts)
 
@@ -93,8 +94,9 @@ class OffloadOptions:
             raise MoEConfigError(f"device={self.device!r} but CUDA is not available here; use device='cpu'.")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             n = torch.cuda.device_count()  # pragma: no cover - needs a GPU
-            raise MoEConfigError(f"device={self.device!r} but this machine has {n} CUDA device{'s' * (n != 1)} "
-                                 f"(cuda:0 to cuda:{n - 1}).")
+            raise MoEConfigError(
+                f"device={self.device!r} but this machine has {n} CUDA device{'s' * (n != 1)} (cuda:0 to cuda:{n - 1})."
+            )
         if device.type not in ("cpu", "cuda"):
             raise MoEConfigError(f"device={self.device!r}: offloading supports 'cpu' and 'cuda'.")
         return device

@@ -22,8 +22,15 @@ import torch
 from ..errors import MoEConfigError
 from ..formats import Format, cache_format
 from .budget import check_budget
-from .costmodel import (Bandwidths, calibrate, choose_compute_dtype, choose_device_format, gemv_rates, measure_disk,
-                        time_stored_expert)
+from .costmodel import (
+    Bandwidths,
+    calibrate,
+    choose_compute_dtype,
+    choose_device_format,
+    gemv_rates,
+    measure_disk,
+    time_stored_expert,
+)
 from .layers import OffloadLayer
 from .options import OffloadOptions
 from .slot_kernels import kernel_serves
@@ -110,8 +117,13 @@ class EnginePlan:
         return self.cpu_compute != "never" if self.on_cuda else self.cpu_compute == "always"
 
 
-def make_plan(opts: OffloadOptions, layers: list[OffloadLayer], source: ExpertSource,
-              checkpoint_files: list[str] | None = None, quantization: str | None = None) -> EnginePlan:
+def make_plan(
+    opts: OffloadOptions,
+    layers: list[OffloadLayer],
+    source: ExpertSource,
+    checkpoint_files: list[str] | None = None,
+    quantization: str | None = None,
+) -> EnginePlan:
     """The engine's plan for these layers (``quantization``: the checkpoint's own method, if any).
 
     Raises :class:`MoEConfigError` / :class:`~moe_patch.errors.BudgetError` for choices that cannot work.
@@ -133,25 +145,48 @@ def make_plan(opts: OffloadOptions, layers: list[OffloadLayer], source: ExpertSo
         bandwidths = replace(bandwidths, disk=measure_disk(checkpoint_files))
     stored = source.stored
     device_format = _device_format(opts, source, layers, expert_cache, host_cache, device, bandwidths)
-    compute_dtype = None if stored and device_format == "stored" else _compute_dtype(
-        opts, source, layers, expert_cache, host_cache, device, fmt, bandwidths.disk if bandwidths is not None else 0.0)
+    compute_dtype = (
+        None
+        if stored and device_format == "stored"
+        else _compute_dtype(
+            opts,
+            source,
+            layers,
+            expert_cache,
+            host_cache,
+            device,
+            fmt,
+            bandwidths.disk if bandwidths is not None else 0.0,
+        )
+    )
     host_bytes = max(host_expert_bytes(layer, source, fmt) for layer in layers)
-    device_bytes = max(layer.expert_bytes for layer in layers) if device_format == "dequantized" and stored \
-        else host_bytes
+    device_bytes = (
+        max(layer.expert_bytes for layer in layers) if device_format == "dequantized" and stored else host_bytes
+    )
     if compute_dtype is not None:
         device_bytes = max(layer.expert_bytes for layer in layers) * 4 // layers[0].dtype.itemsize
     check_budget(expert_cache, device_bytes, name="expert_cache", allow_zero=False)
     check_budget(host_cache, host_bytes, name="host_cache", allow_zero=True)
-    return EnginePlan(device=device, expert_cache=expert_cache, host_cache=host_cache, cache_format=fmt,
-                      stored=stored, device_format=device_format if stored else "dequantized",
-                      compute_dtype=compute_dtype, cpu_compute=opts.cpu_compute, bandwidths=bandwidths,
-                      io_threads=default_io_threads() if opts.prefetch else 0)
+    return EnginePlan(
+        device=device,
+        expert_cache=expert_cache,
+        host_cache=host_cache,
+        cache_format=fmt,
+        stored=stored,
+        device_format=device_format if stored else "dequantized",
+        compute_dtype=compute_dtype,
+        cpu_compute=opts.cpu_compute,
+        bandwidths=bandwidths,
+        io_threads=default_io_threads() if opts.prefetch else 0,
+    )
 
 
 def encoded_nbytes(layer: OffloadLayer, fmt: Format) -> int:
     """Bytes one expert of ``layer`` takes once the caches encode it in ``fmt`` (vectors stay as they are)."""
-    return sum(fmt.encoded_nbytes(s, layer.dtype) if len(s) == 2 else layer.dtype.itemsize * _numel(s)
-               for s in layer.shapes.values())
+    return sum(
+        fmt.encoded_nbytes(s, layer.dtype) if len(s) == 2 else layer.dtype.itemsize * _numel(s)
+        for s in layer.shapes.values()
+    )
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -168,8 +203,15 @@ def host_expert_bytes(layer: OffloadLayer, source: ExpertSource, fmt: Format | N
     return source.nbytes(layer.index, 0)
 
 
-def _device_format(opts: OffloadOptions, source: ExpertSource, layers: list[OffloadLayer], expert_cache: int | None,
-                   host_cache: int | None, device: torch.device, bandwidths: Bandwidths | None) -> str:
+def _device_format(
+    opts: OffloadOptions,
+    source: ExpertSource,
+    layers: list[OffloadLayer],
+    expert_cache: int | None,
+    host_cache: int | None,
+    device: torch.device,
+    bandwidths: Bandwidths | None,
+) -> str:
     """How the device cache keeps experts of a quantized checkpoint (the cost model's choice for "auto")."""
     if not source.stored:
         return "dequantized"  # nothing to decode: the stored bytes are the model's
@@ -193,14 +235,22 @@ def _device_format(opts: OffloadOptions, source: ExpertSource, layers: list[Offl
     else:
         miss_s = read_s
     choice = choose_device_format(expert_cache, n, stored, decoded, decode_s, miss_s)
-    logger.info("device cache keeps experts %s (decode %.2f ms, miss %.2f ms per expert)", choice, 1e3 * decode_s,
-                1e3 * miss_s)
+    logger.info(
+        "device cache keeps experts %s (decode %.2f ms, miss %.2f ms per expert)", choice, 1e3 * decode_s, 1e3 * miss_s
+    )
     return choice
 
 
-def _compute_dtype(opts: OffloadOptions, source: ExpertSource, layers: list[OffloadLayer], expert_cache: int | None,
-                   host_cache: int | None, device: torch.device, fmt: Format | None,
-                   disk_bw: float) -> torch.dtype | None:
+def _compute_dtype(
+    opts: OffloadOptions,
+    source: ExpertSource,
+    layers: list[OffloadLayer],
+    expert_cache: int | None,
+    host_cache: int | None,
+    device: torch.device,
+    fmt: Format | None,
+    disk_bw: float,
+) -> torch.dtype | None:
     """On a CPU, the dtype the slots keep half-precision experts in (None: the model's): fp32 where this
     machine's fp32 GEMV beats its bf16/fp16 one by more than the capacity it costs (measured)."""
     dtype = layers[0].dtype
@@ -208,8 +258,13 @@ def _compute_dtype(opts: OffloadOptions, source: ExpertSource, layers: list[Offl
         return None
     if source.stored and opts.device_format == "stored":
         return None
-    if kernel_serves(layers, {layer.index: {n: torch.empty(shape, dtype=dtype, device="meta")
-                                            for n, shape in layer.shapes.items()} for layer in layers}):
+    if kernel_serves(
+        layers,
+        {
+            layer.index: {n: torch.empty(shape, dtype=dtype, device="meta") for n, shape in layer.shapes.items()}
+            for layer in layers
+        },
+    ):
         return None  # the CPU kernels compute half-precision slots in place (bf16 dot products, fp32 sums)
     half_rate, fp32_rate = gemv_rates(dtype)
     fp32_bw = calibrate("cpu", torch.float32)
@@ -221,6 +276,11 @@ def _compute_dtype(opts: OffloadOptions, source: ExpertSource, layers: list[Offl
     # a miss comes from the host tier (RAM) when there is one, else from the checkpoint's storage
     miss_s = stored / (disk_bw if not host_cache and disk_bw > 0 else fp32_bw.dram)
     choice = choose_compute_dtype(expert_cache, n, half_bytes, half_s, fp32_s, miss_s)
-    logger.info("CPU experts computed in %s (GEMV per expert: %.2f ms %s, %.2f ms float32)",
-                "float32" if choice == "fp32" else dtype, 1e3 * half_s, dtype, 1e3 * fp32_s)
+    logger.info(
+        "CPU experts computed in %s (GEMV per expert: %.2f ms %s, %.2f ms float32)",
+        "float32" if choice == "fp32" else dtype,
+        1e3 * half_s,
+        dtype,
+        1e3 * fp32_s,
+    )
     return torch.float32 if choice == "fp32" else None

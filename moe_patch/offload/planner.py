@@ -56,14 +56,18 @@ class MemoryPlan:
 
     def _context_line(self) -> str:
         kv = "" if self.kv_exact else " (estimated from config.json)"
-        return (f"KV cache for {self.context_tokens} tokens {human_bytes(self.kv_cache_bytes)}{kv}, activations "
-                f"{human_bytes(self.activation_bytes)}")
+        return (
+            f"KV cache for {self.context_tokens} tokens {human_bytes(self.kv_cache_bytes)}{kv}, activations "
+            f"{human_bytes(self.activation_bytes)}"
+        )
 
     def __str__(self) -> str:
         if not self.fits:
-            return (f"  memory plan: the non-expert weights ({human_bytes(self.non_expert_bytes)}), "
-                    f"{self._context_line()} do not fit the device budget {human_bytes(self.device_budget or 0)} "
-                    f"with {HEADROOM:.0%} kept free")
+            return (
+                f"  memory plan: the non-expert weights ({human_bytes(self.non_expert_bytes)}), "
+                f"{self._context_line()} do not fit the device budget {human_bytes(self.device_budget or 0)} "
+                f"with {HEADROOM:.0%} kept free"
+            )
         lines = [
             "  memory plan "
             f"(device {human_bytes(self.device_budget) if self.device_budget is not None else 'unlimited'}, "
@@ -94,9 +98,18 @@ def _zipf_mass(cached: int, total: int) -> float:
     return sum(1.0 / r for r in range(1, min(cached, total) + 1)) / harmonic
 
 
-def plan_memory(report: MoEReport, *, gpu: int | str | None = None, ram: int | str | None = None,
-                bytes_per_param: int = 2, expert_bytes_per_param: float | None = None, context_tokens: int = 0,
-                kv_cache_bytes: int = 0, activation_bytes: int = 0, kv_exact: bool = True) -> MemoryPlan:
+def plan_memory(
+    report: MoEReport,
+    *,
+    gpu: int | str | None = None,
+    ram: int | str | None = None,
+    bytes_per_param: int = 2,
+    expert_bytes_per_param: float | None = None,
+    context_tokens: int = 0,
+    kv_cache_bytes: int = 0,
+    activation_bytes: int = 0,
+    kv_exact: bool = True,
+) -> MemoryPlan:
     """Place the routed experts of ``report`` under a device budget ``gpu`` and a host budget ``ram``
     (bytes or strings such as ``"24GiB"``; None = unlimited). Every layer gets the same share.
 
@@ -123,9 +136,20 @@ def plan_memory(report: MoEReport, *, gpu: int | str | None = None, ram: int | s
     low = sum(c / n for c, n in per_layer) / len(per_layer)
     high = sum(_zipf_mass(c, n) for c, n in per_layer) / len(per_layer)
     return MemoryPlan(
-        bytes_per_param=per_param, device_budget=device, host_budget=host, non_expert_bytes=non_expert,
-        expert_bytes=experts, device_expert_bytes=on_device, host_expert_bytes=on_host,
-        disk_expert_bytes=experts - on_device - on_host, routed_bytes_per_token=per_token,
-        hit_rate_low=low, hit_rate_high=max(low, high), fits=fits, context_tokens=context_tokens,
-        kv_cache_bytes=kv_cache_bytes, activation_bytes=activation_bytes, kv_exact=kv_exact,
+        bytes_per_param=per_param,
+        device_budget=device,
+        host_budget=host,
+        non_expert_bytes=non_expert,
+        expert_bytes=experts,
+        device_expert_bytes=on_device,
+        host_expert_bytes=on_host,
+        disk_expert_bytes=experts - on_device - on_host,
+        routed_bytes_per_token=per_token,
+        hit_rate_low=low,
+        hit_rate_high=max(low, high),
+        fits=fits,
+        context_tokens=context_tokens,
+        kv_cache_bytes=kv_cache_bytes,
+        activation_bytes=activation_bytes,
+        kv_exact=kv_exact,
     )

@@ -23,8 +23,16 @@ class Prefetcher:
     """The background reads of an engine (``load``: brings one key into the device tier in the background,
     returning the tier it came from). Methods marked so are called with the engine's ``lock`` held."""
 
-    def __init__(self, layers: list[OffloadLayer], dev: DeviceTier, stats: OffloadStats, lock: threading.RLock,
-                 load: Callable[[Key], str], io_threads: int, max_per_layer: int | None):
+    def __init__(
+        self,
+        layers: list[OffloadLayer],
+        dev: DeviceTier,
+        stats: OffloadStats,
+        lock: threading.RLock,
+        load: Callable[[Key], str],
+        io_threads: int,
+        max_per_layer: int | None,
+    ):
         self.layers, self.dev, self.stats, self.lock, self.load = layers, dev, stats, lock, load
         self.max_per_layer = max_per_layer
         self.inflight: dict[Key, Future] = {}

@@ -19,8 +19,15 @@ from .sources import ExpertSource
 from .stats import OffloadStats
 
 
-def make_pool(source: ExpertSource, layers: list[OffloadLayer], held: int | None, reads_into_slab: bool,
-              cache_format: Format | None, io_threads: int, pin: bool) -> SlotPool | None:
+def make_pool(
+    source: ExpertSource,
+    layers: list[OffloadLayer],
+    held: int | None,
+    reads_into_slab: bool,
+    cache_format: Format | None,
+    io_threads: int,
+    pin: bool,
+) -> SlotPool | None:
     """Host slots for reads that do not go straight into a device slot, when the budgets are finite (``held``:
     the bytes the host tier, or the object slots of a merged CPU tier, may keep). None when reads need no
     pool: cache-encoded experts (their encoding allocates), a source that hands out memory it already
@@ -33,8 +40,15 @@ def make_pool(source: ExpertSource, layers: list[OffloadLayer], held: int | None
 
 
 class Reader:
-    def __init__(self, source: ExpertSource, pool: SlotPool | None, stats: OffloadStats, lock: threading.RLock,
-                 cache_format: Format | None, backend: DeviceBackend):
+    def __init__(
+        self,
+        source: ExpertSource,
+        pool: SlotPool | None,
+        stats: OffloadStats,
+        lock: threading.RLock,
+        cache_format: Format | None,
+        backend: DeviceBackend,
+    ):
         self.source, self.pool, self.stats, self.lock = source, pool, stats, lock
         self.cache_format, self.backend = cache_format, backend
         self._reading, self._busy_since = 0, 0.0  # reads in flight, start of the current busy period
@@ -81,4 +95,3 @@ class Reader:
         while slot is None and self.backend.reap(wait_oldest=True):  # pragma: no cover - GPU only
             slot = self.pool.take()
         return slot
-

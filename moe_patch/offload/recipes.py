@@ -123,8 +123,13 @@ def apply_recipe(recipe: TensorRecipe, tensors: list[list[torch.Tensor]], *, per
     out = input_dict
     for op in recipe.operations:
         out = op.convert(
-            out, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
-            full_layer_name=recipe.target, model=_ShapeShim(shim_shape, recipe.dtype), config=None, missing_keys=None,
+            out,
+            source_patterns=conv.source_patterns,
+            target_patterns=conv.target_patterns,
+            full_layer_name=recipe.target,
+            model=_ShapeShim(shim_shape, recipe.dtype),
+            config=None,
+            missing_keys=None,
         )
     if len(out) != 1:
         wanted = recipe.target.rpartition(".")[2]
@@ -148,7 +153,9 @@ class RecipeReader:
         for i, s in enumerate(recipe.sources):
             start, end = s.range
             buf = views[i] if views is not None else None
-            raw = self.checkpoint.read_bytes(s.entry, start, end, out=buf.view(-1).view(torch.uint8) if buf is not None else None)
+            raw = self.checkpoint.read_bytes(
+                s.entry, start, end, out=buf.view(-1).view(torch.uint8) if buf is not None else None
+            )
             out.append(buf if buf is not None else raw.view(s.entry.dtype).reshape(s.shape))
         return out
 
@@ -175,9 +182,13 @@ class RecipeReader:
         ``copy_`` casts into ``out``); other conversions run transformers' ops and copy the result.
         """
         conv = recipe.converter
-        simple = recipe.stored is None and (conv is None or all(
-            isinstance(op, MergeModulelist) or (isinstance(op, Concatenate) and op.dim == 1) for op in conv.operations
-        ))
+        simple = recipe.stored is None and (
+            conv is None
+            or all(
+                isinstance(op, MergeModulelist) or (isinstance(op, Concatenate) and op.dim == 1)
+                for op in conv.operations
+            )
+        )
         dtypes = {e.dtype for e in recipe.entries}
         if not simple or len(dtypes) != 1:
             out.copy_(self.load(recipe, per_expert=True))

@@ -21,11 +21,19 @@ class LayerRunner:
     engine: OffloadEngine
     layer: int
 
-    def __call__(self, experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
-                 top_k_weights: torch.Tensor, *, weight_inputs: bool = False) -> torch.Tensor:
+    def __call__(
+        self,
+        experts: torch.nn.Module,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        *,
+        weight_inputs: bool = False,
+    ) -> torch.Tensor:
         # the routing check of ``experts`` rides on the layer's one host transfer
-        return self.engine.dispatch(self.layer, x, top_k_index, top_k_weights, weight_inputs=weight_inputs,
-                                    checked_by=experts)
+        return self.engine.dispatch(
+            self.layer, x, top_k_index, top_k_weights, weight_inputs=weight_inputs, checked_by=experts
+        )
 
     def begin_layer(self, hidden: torch.Tensor) -> None:
         self.engine.begin_layer(self.layer, hidden)

@@ -31,9 +31,18 @@ Key = tuple[int, int]
 class SlotTable:
     """Slot bookkeeping for one expert layout: ``capacity`` slots of ``slot_bytes`` each."""
 
-    def __init__(self, layers: list[int], num_experts: int, capacity: int, slot_bytes: int, *,
-                 policy: EvictionPolicy | str = "lru", hot: Iterable[Key] = (), budget: int | None = None,
-                 name: str = "expert_cache"):
+    def __init__(
+        self,
+        layers: list[int],
+        num_experts: int,
+        capacity: int,
+        slot_bytes: int,
+        *,
+        policy: EvictionPolicy | str = "lru",
+        hot: Iterable[Key] = (),
+        budget: int | None = None,
+        name: str = "expert_cache",
+    ):
         self.name = name
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
         self.layers = list(layers)
@@ -119,8 +128,12 @@ class SlotTable:
         if candidates.numel() == 0:
             return None
         owners = self.owner[candidates]
-        score = self.policy.score(self.last_used[candidates], self.freq[owners[:, 0], owners[:, 1]],
-                                  self.hot[owners[:, 0], owners[:, 1]], self.clock)
+        score = self.policy.score(
+            self.last_used[candidates],
+            self.freq[owners[:, 0], owners[:, 1]],
+            self.hot[owners[:, 0], owners[:, 1]],
+            self.clock,
+        )
         return int(candidates[torch.argmin(score)])
 
     def assign(self, slot: int, key: Key) -> Key | None:

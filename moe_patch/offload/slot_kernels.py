@@ -31,8 +31,12 @@ def kernel_serves(layers: list[OffloadLayer], example: dict[int, dict[str, Any]]
     """Whether the kernels compute every layer from entries like ``example[layer.index]`` (meta tensors)."""
     if not available():
         return False
-    return all(not isinstance(layer_spec(layer.family.kernel_maths(layer.experts), layer.num_experts,
-                                         example[layer.index]), str) for layer in layers)
+    return all(
+        not isinstance(
+            layer_spec(layer.family.kernel_maths(layer.experts), layer.num_experts, example[layer.index]), str
+        )
+        for layer in layers
+    )
 
 
 class GroupKernel:
@@ -58,9 +62,17 @@ class GroupKernel:
                 self.kernel.attach(s, obj.tensors)
                 self._held[s] = weakref.ref(obj)
 
-    def run(self, x: torch.Tensor, slot_of: dict[int, int] | tuple[torch.Tensor, torch.Tensor], num_experts: int,
-            top_k_index: torch.Tensor, top_k_weights: torch.Tensor, out: torch.Tensor | None = None, *,
-            weight_inputs: bool = False) -> torch.Tensor:
+    def run(
+        self,
+        x: torch.Tensor,
+        slot_of: dict[int, int] | tuple[torch.Tensor, torch.Tensor],
+        num_experts: int,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        out: torch.Tensor | None = None,
+        *,
+        weight_inputs: bool = False,
+    ) -> torch.Tensor:
         """The routed experts of ``x`` that sit in slots (``slot_of``: expert -> slot, or tensors of experts and
         their slots); every other routed expert is skipped. Adds into ``out`` when given."""
         remap = self._remap.get(num_experts)
@@ -72,8 +84,14 @@ class GroupKernel:
         else:
             remap[slot_of[0]] = slot_of[1]
         index = remap[top_k_index.clamp(0, num_experts)]
-        return self.kernel.forward(x.contiguous(), index, top_k_weights.contiguous(), out,
-                                   accumulate=out is not None, weight_inputs=weight_inputs)
+        return self.kernel.forward(
+            x.contiguous(),
+            index,
+            top_k_weights.contiguous(),
+            out,
+            accumulate=out is not None,
+            weight_inputs=weight_inputs,
+        )
 
 
 class SlotKernels:
@@ -88,8 +106,11 @@ class SlotKernels:
         self.enabled = device.type == "cpu" and available()
         self.source = source
         self.encoded = encoded  # object slots hold cache-encoded experts (nf4/int8): no kernel reads those
-        self._maths = {layer.index: layer.family.kernel_maths(layer.experts) for layer in layers} \
-            if self.enabled or self.host_enabled else {}
+        self._maths = (
+            {layer.index: layer.family.kernel_maths(layer.experts) for layer in layers}
+            if self.enabled or self.host_enabled
+            else {}
+        )
         self._kernels: dict[tuple[int, Any], GroupKernel | None] = {}
         self._host: dict[int, ExpertKernel | None] = {}
         self._host_lock = threading.Lock()
@@ -109,8 +130,7 @@ class SlotKernels:
             return None
         if layer.index not in self._host:
             try:
-                kernel = ExpertKernel(self._maths[layer.index], 1, self.source.example(layer.index),
-                                      gemm_min_rows=None)
+                kernel = ExpertKernel(self._maths[layer.index], 1, self.source.example(layer.index), gemm_min_rows=None)
             except KernelUnavailableError as exc:
                 logger.info("offload: %s host-tier experts computed by torch: %s", layer.experts_path, exc)
                 kernel = None
@@ -126,8 +146,9 @@ class SlotKernels:
         kernel.attach(0, entry)
         try:
             rows = x.shape[0]
-            return kernel.forward(x.contiguous(), torch.zeros(rows, 1, dtype=torch.int64),
-                                  torch.ones(rows, 1, dtype=torch.float32))
+            return kernel.forward(
+                x.contiguous(), torch.zeros(rows, 1, dtype=torch.int64), torch.ones(rows, 1, dtype=torch.float32)
+            )
         finally:
             kernel.detach(0)
 
@@ -140,8 +161,9 @@ class SlotKernels:
         if key in self._kernels:
             return self._kernels[key]
         if group.slab is None and self.encoded:
-            logger.info("offload: %s computed by torch: the CPU kernels do not read cache-encoded experts",
-                        layer.experts_path)
+            logger.info(
+                "offload: %s computed by torch: the CPU kernels do not read cache-encoded experts", layer.experts_path
+            )
             self._kernels[key] = None
             return None
         example = group.slab.view(0) if group.slab is not None else self.source.example(layer.index)

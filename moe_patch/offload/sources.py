@@ -65,7 +65,9 @@ class CheckpointSource:
         return self.cmap.stored_experts
 
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        return {name: self.cmap.reader.load(r, per_expert=True) for name, r in self.cmap.experts[(layer, expert)].items()}
+        return {
+            name: self.cmap.reader.load(r, per_expert=True) for name, r in self.cmap.experts[(layer, expert)].items()
+        }
 
     def read_into(self, layer: int, expert: int, slot=None) -> dict[str, torch.Tensor | StoredTensor]:
         """One expert as the caches hold it: stored bytes for quantized experts, the model dtype otherwise;
@@ -83,8 +85,9 @@ class CheckpointSource:
         out: dict[str, torch.Tensor | StoredTensor] = {}
         for name, r in self.cmap.experts[(layer, 0)].items():
             if r.stored is not None:
-                out[name] = StoredTensor(r.stored, tuple(torch.empty(s.shape, dtype=s.entry.dtype, device="meta")
-                                                         for s in r.sources))
+                out[name] = StoredTensor(
+                    r.stored, tuple(torch.empty(s.shape, dtype=s.entry.dtype, device="meta") for s in r.sources)
+                )
             else:
                 out[name] = torch.empty(r.shape, dtype=r.dtype, device="meta")
         return out
@@ -100,8 +103,9 @@ class CheckpointSource:
 
     def nbytes(self, layer: int, expert: int) -> int:
         """Bytes :meth:`read_into` fills (stored bytes for quantized experts)."""
-        return sum(r.nbytes if r.stored is not None else r.model_nbytes
-                   for r in self.cmap.experts[(layer, expert)].values())
+        return sum(
+            r.nbytes if r.stored is not None else r.model_nbytes for r in self.cmap.experts[(layer, expert)].values()
+        )
 
     def slot_bytes(self, layer: int, expert: int = 0) -> int:
         """Slot size that holds what :meth:`read_into` writes, with its alignment padding."""

@@ -183,12 +183,18 @@ class OffloadStats:
         disk_bw = bw.disk or self.disk_bandwidth
         stream = max(bw.dram, bw.cpu_gemv)  # no kernel streams weights faster than memory does
         if self.device == "cpu":
-            load = {"memory": (self.non_expert_bytes + b["device"] + b["host"] + b["disk"], stream),
-                    "disk": (b["disk"], disk_bw)}
+            load = {
+                "memory": (self.non_expert_bytes + b["device"] + b["host"] + b["disk"], stream),
+                "disk": (b["disk"], disk_bw),
+            }
         else:
             copied = b["host"] + b["disk"] - cpu
-            load = {"memory": (self.non_expert_bytes + b["device"] + copied, bw.device_mem),
-                    "pcie": (copied, bw.h2d), "cpu": (cpu, stream), "disk": (b["disk"], disk_bw)}
+            load = {
+                "memory": (self.non_expert_bytes + b["device"] + copied, bw.device_mem),
+                "pcie": (copied, bw.h2d),
+                "cpu": (cpu, stream),
+                "disk": (b["disk"], disk_bw),
+            }
         return {r: nbytes / rate for r, (nbytes, rate) in load.items() if nbytes > 0 and rate > 0}
 
     def decode_bound_s(self) -> float:
@@ -245,8 +251,15 @@ class OffloadStats:
             "bandwidths": self.bandwidths.as_dict() if self.bandwidths else None,
             "disk_bandwidth": self.disk_bandwidth,
             "layers": [
-                {"hit_rate": s.hit_rate, "hits": dict(s.hits), "cpu_computed": s.cpu_computed, "load_cv": s.load_cv,
-                 "precision": s.precision, "recall": s.recall, "slots": list(s.slots)}
+                {
+                    "hit_rate": s.hit_rate,
+                    "hits": dict(s.hits),
+                    "cpu_computed": s.cpu_computed,
+                    "load_cv": s.load_cv,
+                    "precision": s.precision,
+                    "recall": s.recall,
+                    "slots": list(s.slots),
+                }
                 for s in self.layers
             ],
         }
@@ -265,6 +278,7 @@ class OffloadStats:
                 f"  experts stored as {self.stored_format}: {format_bytes(self.stored_expert_bytes)} each "
                 f"({format_bytes(self.expert_bytes)} decoded); device cache keeps them {self.device_format}"
             )
+
         def rate(phase: str, digits: int) -> str:
             value = self.tokens_per_s(phase)
             return "- tok/s" if math.isnan(value) else f"{value:.{digits}f} tok/s"
@@ -275,12 +289,14 @@ class OffloadStats:
             f"  device-cache hit rate {pct(self.hit_rate)}; stall {self.stall_s:.3f} s; "
             f"prefetch precision {pct(self.prefetch_precision)}, recall {pct(self.prefetch_recall)} "
             f"({self.prefetch_issued} issued, {self.prefetch_dropped} cancelled before reading)",
-            "  decode bytes/token: " + ", ".join(f"{t} {format_bytes(b)}" for t, b in self.bytes_per_token().items()
-                                                  if not math.isnan(b)),
+            "  decode bytes/token: "
+            + ", ".join(f"{t} {format_bytes(b)}" for t, b in self.bytes_per_token().items() if not math.isnan(b)),
         ]
         kernel = self.kernel_read_bytes()
-        lines.append(f"  disk reads: {format_bytes(self.disk_bytes_total)} requested"
-                     + (f", {format_bytes(kernel)} counted by the kernel for the process" if kernel is not None else ""))
+        lines.append(
+            f"  disk reads: {format_bytes(self.disk_bytes_total)} requested"
+            + (f", {format_bytes(kernel)} counted by the kernel for the process" if kernel is not None else "")
+        )
         bound = self.decode_bound_s()
         if not math.isnan(bound):
             parts = ", ".join(f"{r} {1e3 * t:.1f} ms" for r, t in self.decode_bound_by_resource().items())

@@ -31,13 +31,20 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 #: e2m1 magnitudes by code 0..7 (codes 8..15 are their negatives), as in transformers' FP4_VALUES
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 #: tensors no release quantizes: embeddings, the LM head and routers (their precision decides routing)
-NOT_QUANTIZED = ("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight", "block_sparse_moe.gate.weight",
-                 "router.weight", "shared_expert_gate.weight")
+NOT_QUANTIZED = (
+    "embed_tokens.weight",
+    "lm_head.weight",
+    "mlp.gate.weight",
+    "block_sparse_moe.gate.weight",
+    "router.weight",
+    "shared_expert_gate.weight",
+)
 
 
 # --------------------------------------------------------------------------- pure quantizers
-def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int] | None, scale_fmt: str = "float"
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_block(
+    w: torch.Tensor, block: tuple[int, int] | None, scale_fmt: str = "float"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``w [out, in]`` -> (float8_e4m3fn weight, scale) with ``w ~= q * scale`` per block.
 
     ``block=None`` gives one scale per output channel (``[out, 1]``); ``(out, in)`` one per tensor.
@@ -82,8 +89,7 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks.contiguous(), (exp.squeeze(-1) + 127).to(torch.uint8)
 
 
-def quantize_int_group(w: torch.Tensor, bits: int = 4, group_size: int = 32
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int_group(w: torch.Tensor, bits: int = 4, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric integer quantization per group of ``group_size`` inputs: (int8 codes, scales in w's dtype)."""
     out, n_in = w.shape
     g = w.float().reshape(out, n_in // group_size, group_size)
@@ -114,14 +120,15 @@ def _rewrite(src: Path, dst: Path, transform: Transform, quantization_config: di
     for n, shard in enumerate(shards):
         out = transform(load_file(shard))
         keys = sorted(out)
-        parts = [keys[: len(keys) // 2], keys[len(keys) // 2:]] if len(shards) == 1 else [keys]
+        parts = [keys[: len(keys) // 2], keys[len(keys) // 2 :]] if len(shards) == 1 else [keys]
         for k, part in enumerate(parts):
             name = f"model-{n + k + 1:05d}-of-{max(len(shards), len(parts)):05d}.safetensors"
             save_file({key: out[key].contiguous() for key in part}, dst / name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(part, name))
         total += sum(t.numel() * t.element_size() for t in out.values())
     (dst / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     return dst
 
 
@@ -132,6 +139,7 @@ def _quantizable(key: str, t: torch.Tensor, skip: tuple[str, ...]) -> bool:
 def _per_weight(skip: tuple[str, ...], quantize: Callable[[str, torch.Tensor], dict[str, torch.Tensor]]) -> Transform:
     """A shard transform that replaces every quantizable weight by what ``quantize(key, weight)`` returns (the
     weight's stored tensors by name) and keeps every other tensor."""
+
     def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for key, t in tensors.items():
@@ -141,20 +149,31 @@ def _per_weight(skip: tuple[str, ...], quantize: Callable[[str, torch.Tensor], d
     return transform
 
 
-def pack_fp8(src: str | Path, dst: str | Path, *, block_size: tuple[int, int] | None = (128, 128),
-             scale_fmt: str = "float", per_tensor: bool = False,
-             skip: tuple[str, ...] = NOT_QUANTIZED) -> Path:
+def pack_fp8(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    block_size: tuple[int, int] | None = (128, 128),
+    scale_fmt: str = "float",
+    per_tensor: bool = False,
+    skip: tuple[str, ...] = NOT_QUANTIZED,
+) -> Path:
     """Rewrite a saved checkpoint as fine-grained FP8 (``quant_method: fp8``).
 
     Every 2-D linear weight except ``skip`` becomes float8_e4m3fn plus ``weight_scale_inv``: per
     ``block_size`` block, per output channel (``block_size=None``), or per tensor (``per_tensor``).
     """
+
     def quantize(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
         q, scale = quantize_fp8_block(t, tuple(t.shape) if per_tensor else block_size, scale_fmt)
         return {key: q, key[: -len("weight")] + "weight_scale_inv": scale.reshape(()) if per_tensor else scale}
 
-    qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-          "weight_block_size": list(block_size) if block_size is not None and not per_tensor else None}
+    qc = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": list(block_size) if block_size is not None and not per_tensor else None,
+    }
     if scale_fmt != "float":
         qc["scale_fmt"] = scale_fmt
     return _rewrite(Path(src), Path(dst), _per_weight(skip, quantize), qc)
@@ -162,6 +181,7 @@ def pack_fp8(src: str | Path, dst: str | Path, *, block_size: tuple[int, int] | 
 
 def pack_mxfp4(src: str | Path, dst: str | Path) -> Path:
     """Rewrite a saved gpt-oss checkpoint with MXFP4 experts, as the gpt-oss releases store them."""
+
     def transform(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for key, t in tensors.items():
@@ -173,13 +193,27 @@ def pack_mxfp4(src: str | Path, dst: str | Path) -> Path:
                 out[key] = t
         return out
 
-    qc = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    qc = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     return _rewrite(Path(src), Path(dst), transform, qc)
 
 
-def pack_compressed_tensors(src: str | Path, dst: str | Path, *, scheme: str = "int4", group_size: int = 32,
-                            skip: tuple[str, ...] = NOT_QUANTIZED, experts_only: bool = False) -> Path:
+def pack_compressed_tensors(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    scheme: str = "int4",
+    group_size: int = 32,
+    skip: tuple[str, ...] = NOT_QUANTIZED,
+    experts_only: bool = False,
+) -> Path:
     """Rewrite a saved checkpoint in compressed-tensors format.
 
     ``scheme="int4"``: ``pack-quantized`` symmetric int4 per ``group_size`` inputs (the Kimi-K2-Thinking
@@ -206,24 +240,50 @@ def pack_compressed_tensors(src: str | Path, dst: str | Path, *, scheme: str = "
         return out
 
     if scheme == "int4":
-        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size,
-                   "dynamic": False, "observer": "minmax"}
+        weights = {
+            "num_bits": 4,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "group",
+            "group_size": group_size,
+            "dynamic": False,
+            "observer": "minmax",
+        }
         fmt = "pack-quantized"
     else:
-        weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "dynamic": False,
-                   "observer": "minmax"}
+        weights = {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "strategy": "channel",
+            "dynamic": False,
+            "observer": "minmax",
+        }
         fmt = "float-quantized"
     targets = ["re:.*experts.*"] if experts_only else ["Linear"]
     ignore = ["lm_head"] + [f"re:.*{s.removesuffix('.weight')}$" for s in skip if s != "lm_head.weight"]
-    qc = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-          "config_groups": {"group_0": {"targets": targets, "weights": weights, "input_activations": None,
-                                        "output_activations": None, "format": fmt}},
-          "ignore": ignore, "kv_cache_scheme": None}
+    qc = {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": targets,
+                "weights": weights,
+                "input_activations": None,
+                "output_activations": None,
+                "format": fmt,
+            }
+        },
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+    }
     return _rewrite(Path(src), Path(dst), transform, qc)
 
 
-def pack_metal(src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int = 32,
-               skip: tuple[str, ...] = NOT_QUANTIZED) -> Path:
+def pack_metal(
+    src: str | Path, dst: str | Path, *, bits: int = 4, group_size: int = 32, skip: tuple[str, ...] = NOT_QUANTIZED
+) -> Path:
     """Rewrite a saved checkpoint in transformers' Metal (MLX affine) format: every 2-D linear weight except
     ``skip`` becomes ``bits``-bit codes packed in uint32 with a ``scales`` and ``qbiases`` per ``group_size``
     inputs, quantized by transformers' own ``_affine_quantize_tensor``."""

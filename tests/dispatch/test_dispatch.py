@@ -11,7 +11,7 @@ from moe_patch.dispatch.experts import ExpertBank, bank_dispatch, bank_expert, b
 from moe_patch.dispatch.reference import reference_dispatch
 from moe_patch.testing.compare import rel_diff
 
-H, I = 16, 8
+H, I = 16, 8  # noqa: E741 - hidden and intermediate sizes, as the papers name them
 
 
 def _bank(E: int, *, transposed=False, bias=False, split_gate=False) -> ExpertBank:
@@ -30,9 +30,15 @@ def _bank(E: int, *, transposed=False, bias=False, split_gate=False) -> ExpertBa
         a, b = h.chunk(2, dim=-1)
         return F.silu(a) * b
 
-    return ExpertBank(up=up, down=down, gate=gate, activate=activate, transposed=transposed,
-                      up_bias=torch.randn(E, up_rows, generator=g) if bias else None,
-                      down_bias=torch.randn(E, H, generator=g) if bias else None)
+    return ExpertBank(
+        up=up,
+        down=down,
+        gate=gate,
+        activate=activate,
+        transposed=transposed,
+        up_bias=torch.randn(E, up_rows, generator=g) if bias else None,
+        down_bias=torch.randn(E, H, generator=g) if bias else None,
+    )
 
 
 def _routing(T: int, E: int, k: int, *, all_to: int | None = None):
@@ -42,7 +48,11 @@ def _routing(T: int, E: int, k: int, *, all_to: int | None = None):
         if k > 1:
             idx[:, 1:] = (all_to + torch.arange(1, k)) % E
     else:
-        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.long)
+        idx = (
+            torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+            if T
+            else torch.empty(0, k, dtype=torch.long)
+        )
     w = torch.rand(T, k, generator=g)
     return idx, w
 
@@ -81,7 +91,9 @@ def test_input_weighting_applies_the_routing_weight_before_the_expert():
     ref = reference_dispatch(x, idx, w, 6, lambda e, r: bank_expert(bank, e, r), weight_inputs=True)
     plan = plan_dispatch(idx, 6)
     assert rel_diff(bank_grouped(bank, x, plan, w, weight_inputs=True), ref) < 1e-5
-    assert rel_diff(dispatch_combine(x, idx, w, 6, lambda e, r: bank_expert(bank, e, r), weight_inputs=True), ref) < 1e-5
+    assert (
+        rel_diff(dispatch_combine(x, idx, w, 6, lambda e, r: bank_expert(bank, e, r), weight_inputs=True), ref) < 1e-5
+    )
     # ... and that is a different function from weighting the output
     out_weighted = reference_dispatch(x, idx, w, 6, lambda e, r: bank_expert(bank, e, r))
     assert rel_diff(out_weighted, ref) > 1e-3

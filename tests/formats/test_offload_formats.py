@@ -16,12 +16,12 @@ from safetensors.torch import load_file, save_file
 
 import moe_patch
 from moe_patch.errors import CheckpointError, MoEConfigError
-from moe_patch.offload import get_offload_handle
-from moe_patch.offload.costmodel import choose_device_format
 from moe_patch.formats import FORMATS, StoredTensor, read_quantization_config
 from moe_patch.formats.compressed import dequantize_int
 from moe_patch.formats.fp8 import dequantize_fp8
 from moe_patch.formats.mxfp4 import dequantize_mxfp4
+from moe_patch.offload import get_offload_handle
+from moe_patch.offload.costmodel import choose_device_format
 from moe_patch.testing.quantized import quantize_fp8_block, quantize_int_group, quantize_mxfp4
 from tests.helpers.formats import CASES, load_oracle, save_case
 from tests.helpers.offload import greedy, prompts
@@ -51,8 +51,10 @@ def _sizes(path) -> tuple[int, int]:
     model = moe_patch.load_model(path, dtype=torch.float32)
     handle = get_offload_handle(model)
     engine = handle.engine
-    sizes = (max(engine.source.nbytes(layer.index, 0) for layer in engine.layers),
-             max(layer.expert_bytes for layer in engine.layers))
+    sizes = (
+        max(engine.source.nbytes(layer.index, 0) for layer in engine.layers),
+        max(layer.expert_bytes for layer in engine.layers),
+    )
     handle.detach(restore_weights=False)
     return sizes
 
@@ -91,16 +93,25 @@ def test_generation_matches_stock_dequantized_load(name, batch, budget, checkpoi
 def test_cpu_compute_of_host_resident_misses_and_both_device_formats(name, device_format, checkpoints, oracles):
     path = checkpoints[name]
     stored, decoded = _sizes(path)
-    model = moe_patch.load_model(path, dtype=torch.float32, options=moe_patch.offload.OffloadOptions(
-        expert_cache=4 * (stored if device_format == "stored" else decoded), host_cache=None, cpu_compute="always",
-        device_format=device_format))
+    model = moe_patch.load_model(
+        path,
+        dtype=torch.float32,
+        options=moe_patch.offload.OffloadOptions(
+            expert_cache=4 * (stored if device_format == "stored" else decoded),
+            host_cache=None,
+            cpu_compute="always",
+            device_format=device_format,
+        ),
+    )
     handle = get_offload_handle(model)
     try:
         assert torch.equal(greedy(model, prompts(4), NEW), oracles[name][4])
         stats = handle.stats
         assert stats.device_format == device_format
-        assert stats.stored_format.split(":")[0] == read_quantization_config(
-            json.loads((path / "config.json").read_text())["quantization_config"]).method
+        assert (
+            stats.stored_format.split(":")[0]
+            == read_quantization_config(json.loads((path / "config.json").read_text())["quantization_config"]).method
+        )
         cpu = sum(layer.cpu_computed for layer in stats.layers)
         if device_format == "dequantized":  # decoded slots, stored host copies: misses in RAM computed there
             assert not handle.engine.merged and cpu > 0
@@ -113,8 +124,13 @@ def test_cpu_compute_of_host_resident_misses_and_both_device_formats(name, devic
 def test_caches_hold_the_stored_bytes(checkpoints):
     """Host entries (and stored device entries) take the checkpoint's stored bytes, not the decoded size."""
     path = checkpoints["deepseek_v3-fp8"]
-    model = moe_patch.load_model(path, dtype=torch.bfloat16, expert_cache=None, host_cache=None,
-                                 options=moe_patch.offload.OffloadOptions(host_cache=None, device_format="stored"))
+    model = moe_patch.load_model(
+        path,
+        dtype=torch.bfloat16,
+        expert_cache=None,
+        host_cache=None,
+        options=moe_patch.offload.OffloadOptions(host_cache=None, device_format="stored"),
+    )
     handle = get_offload_handle(model)
     try:
         greedy(model, prompts(2), 8)
@@ -122,13 +138,14 @@ def test_caches_hold_the_stored_bytes(checkpoints):
         stored = engine.source.nbytes(0, 0)
         decoded = engine.layers[0].expert_bytes  # bf16
         # FP8 is half of bf16, plus one float32 scale per 8x8 block
-        assert stored == decoded // 2 + 4 * sum(
-            (s[0] // 8) * (s[1] // 8) for s in engine.layers[0].shapes.values())
+        assert stored == decoded // 2 + 4 * sum((s[0] // 8) * (s[1] // 8) for s in engine.layers[0].shapes.values())
         assert len(engine.dev) > 0 and all(engine.dev.nbytes(k) == stored for k in engine.dev.keys())
         assert engine.dev.used == stored * len(engine.dev)
         group = engine.dev.groups[0]
         entry = next(o for o in group.objects if o is not None)
-        assert entry.nbytes == stored and all(isinstance(t, StoredTensor) or t.dim() == 1 for t in entry.tensors.values())
+        assert entry.nbytes == stored and all(
+            isinstance(t, StoredTensor) or t.dim() == 1 for t in entry.tensors.values()
+        )
         assert handle.stats.stored_expert_bytes == stored < decoded
     finally:
         handle.detach(restore_weights=False)
@@ -173,10 +190,16 @@ def test_llama4_offload_computes_only_the_routed_experts(checkpoints, oracles):
 
 # --------------------------------------------------------------------------- decoders, bit for bit
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,block,fmt", [
-    ((256, 384), (128, 128), "float"), ((200, 300), (128, 128), "float"), ((24, 40), (16, 16), "float"),
-    ((64, 96), (32, 32), "ue8m0"), ((48, 64), None, "float"),
-])
+@pytest.mark.parametrize(
+    "shape,block,fmt",
+    [
+        ((256, 384), (128, 128), "float"),
+        ((200, 300), (128, 128), "float"),
+        ((24, 40), (16, 16), "float"),
+        ((64, 96), (32, 32), "ue8m0"),
+        ((48, 64), None, "float"),
+    ],
+)
 def test_fp8_decoder_matches_transformers(shape, block, fmt, dtype):
     q, s = quantize_fp8_block(torch.randn(shape), block, fmt)
     ours = dequantize_fp8(q, s, block, dtype)
@@ -226,8 +249,9 @@ def test_asymmetric_int4_with_packed_zero_points_matches_compressed_tensors():
     scheme = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}
     packed, packed_zp = pack_to_int32(q, 4), pack_to_int32(zp, 4, packed_dim=0)
     ours = dequantize_int(packed, scale, packed_zp, bits=4, group_size=32, shape=(32, 64), dtype=torch.float32)
-    assert torch.equal(ours, FORMATS["compressed-tensors"].reference(packed, scale, packed_zp, (32, 64), scheme,
-                                                                torch.float32))
+    assert torch.equal(
+        ours, FORMATS["compressed-tensors"].reference(packed, scale, packed_zp, (32, 64), scheme, torch.float32)
+    )
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
@@ -305,27 +329,50 @@ def _bad_scale_shape(t):
 
 
 BAD = {
-    "missing scale tensor": ("deepseek_v3-fp8", lambda p: _edit_tensors(p, _drop_one_scale), CheckpointError,
-                             "experts.3.gate_proj.weight_scale_inv' is absent"),
-    "scale shape does not match its weight": ("deepseek_v3-fp8", lambda p: _edit_tensors(p, _bad_scale_shape),
-                                              CheckpointError, "experts.2.down_proj.weight_scale_inv.*shape \\[1, 1\\]"),
+    "missing scale tensor": (
+        "deepseek_v3-fp8",
+        lambda p: _edit_tensors(p, _drop_one_scale),
+        CheckpointError,
+        "experts.3.gate_proj.weight_scale_inv' is absent",
+    ),
+    "scale shape does not match its weight": (
+        "deepseek_v3-fp8",
+        lambda p: _edit_tensors(p, _bad_scale_shape),
+        CheckpointError,
+        "experts.2.down_proj.weight_scale_inv.*shape \\[1, 1\\]",
+    ),
     "weight_block_size inconsistent with the scales": (
-        "deepseek_v3-fp8", lambda p: _edit_config(p, lambda q: q.update(weight_block_size=[16, 16])),
-        CheckpointError, "weight_block_size"),
-    "weight_block_size malformed": ("deepseek_v3-fp8",
-                                    lambda p: _edit_config(p, lambda q: q.update(weight_block_size="128")),
-                                    MoEConfigError, "quantization_config.weight_block_size"),
-    "compressed-tensors without config_groups": ("qwen3_moe-int4",
-                                                 lambda p: _edit_config(p, lambda q: q.pop("config_groups")),
-                                                 MoEConfigError, "quantization_config.config_groups"),
+        "deepseek_v3-fp8",
+        lambda p: _edit_config(p, lambda q: q.update(weight_block_size=[16, 16])),
+        CheckpointError,
+        "weight_block_size",
+    ),
+    "weight_block_size malformed": (
+        "deepseek_v3-fp8",
+        lambda p: _edit_config(p, lambda q: q.update(weight_block_size="128")),
+        MoEConfigError,
+        "quantization_config.weight_block_size",
+    ),
+    "compressed-tensors without config_groups": (
+        "qwen3_moe-int4",
+        lambda p: _edit_config(p, lambda q: q.pop("config_groups")),
+        MoEConfigError,
+        "quantization_config.config_groups",
+    ),
     "unsupported compressed scheme": (
         "qwen3_moe-int4",
         lambda p: _edit_config(p, lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=3)),
-        MoEConfigError, "int 3-bit"),
-    "MXFP4 scales missing": ("gpt_oss-mxfp4",
-                             lambda p: _edit_tensors(p, lambda t: bool([t.pop(k) for k in list(t)
-                                                                        if k.endswith("layers.1.mlp.experts.down_proj_scales")])),
-                             CheckpointError, "down_proj"),
+        MoEConfigError,
+        "int 3-bit",
+    ),
+    "MXFP4 scales missing": (
+        "gpt_oss-mxfp4",
+        lambda p: _edit_tensors(
+            p, lambda t: bool([t.pop(k) for k in list(t) if k.endswith("layers.1.mlp.experts.down_proj_scales")])
+        ),
+        CheckpointError,
+        "down_proj",
+    ),
 }
 
 
@@ -369,11 +416,23 @@ def test_inspect_plans_with_stored_bytes_gpt_oss_120b_fits_64gib_of_ram(tmp_path
     """gpt-oss-120b's MXFP4 experts (61 GB stored, 229 GB as bf16) plan into 24 GiB GPU + 64 GiB RAM."""
     from moe_patch.cli import main
 
-    cfg = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
-           "intermediate_size": 2880, "num_hidden_layers": 36, "num_local_experts": 128, "num_experts_per_tok": 4,
-           "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 201088,
-           "sliding_window": 128, "torch_dtype": "bfloat16", "layer_types": ["sliding_attention", "full_attention"] * 18,
-           "quantization_config": {"quant_method": "mxfp4"}}
+    cfg = {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_hidden_layers": 36,
+        "num_local_experts": 128,
+        "num_experts_per_tok": 4,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 201088,
+        "sliding_window": 128,
+        "torch_dtype": "bfloat16",
+        "layer_types": ["sliding_attention", "full_attention"] * 18,
+        "quantization_config": {"quant_method": "mxfp4"},
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert main(["inspect", str(tmp_path), "--gpu", "24GiB", "--ram", "64GiB", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -11,9 +11,10 @@ transformers' ragged-safe ``_dequantize_fp8_weight`` and loaded as a plain fp32 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
@@ -43,57 +44,140 @@ CASES: dict[str, FormatCase] = {
     # dimension a multiple of the block, where stock transformers' own dequantize is right)
     "deepseek_v3-fp8": FormatCase(
         "deepseek_v3",
-        dict(direct=True, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, first_k_dense_replace=0,
-             n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
-             q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-             num_attention_heads=4, num_key_value_heads=4),
-        lambda s, d: pack_fp8(s, d, block_size=(8, 8)), "fp8"),
+        dict(
+            direct=True,
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            first_k_dense_replace=0,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        ),
+        lambda s, d: pack_fp8(s, d, block_size=(8, 8)),
+        "fp8",
+    ),
     # Qwen3-30B-A3B-FP8 layout with an expert width (24) that is not a multiple of the 16-block
     "qwen3_moe-fp8-ragged": FormatCase(
         "qwen3_moe",
-        dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
-             head_dim=8, num_attention_heads=4, num_key_value_heads=2),
-        lambda s, d: pack_fp8(s, d, block_size=(16, 16)), "ragged_fp8"),
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        lambda s, d: pack_fp8(s, d, block_size=(16, 16)),
+        "ragged_fp8",
+    ),
     # MiniMax-M2: Mixtral-style block_sparse_moe.experts.E.w1/w2/w3 keys, ue8m0 scales as exponent bytes
     "minimax_m2-fp8-ue8m0": FormatCase(
         "minimax_m2",
-        dict(hidden_size=32, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
-             num_attention_heads=4, num_key_value_heads=2),
-        lambda s, d: pack_fp8(s, d, block_size=(16, 16), scale_fmt="ue8m0"), "fp8"),
+        dict(
+            hidden_size=32,
+            intermediate_size=32,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        lambda s, d: pack_fp8(s, d, block_size=(16, 16), scale_fmt="ue8m0"),
+        "fp8",
+    ),
     # gpt-oss: fused MXFP4 blocks/scales on disk, bf16 biases, interleaved gate/up
     "gpt_oss-mxfp4": FormatCase(
         "gpt_oss",
-        dict(hidden_size=64, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
-             num_attention_heads=4, num_key_value_heads=2, layer_types=["sliding_attention", "full_attention"],
-             sliding_window=16),
-        pack_mxfp4, "mxfp4"),
+        dict(
+            hidden_size=64,
+            intermediate_size=64,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+        ),
+        pack_mxfp4,
+        "mxfp4",
+    ),
     # Kimi-K2-Thinking-style compressed-tensors pack-quantized int4, group 32
     "qwen3_moe-int4": FormatCase(
         "qwen3_moe",
-        dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-             head_dim=16, num_attention_heads=4, num_key_value_heads=2),
-        lambda s, d: pack_compressed_tensors(s, d, scheme="int4", group_size=32), "compressed"),
+        dict(
+            hidden_size=64,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        lambda s, d: pack_compressed_tensors(s, d, scheme="int4", group_size=32),
+        "compressed",
+    ),
     # GLM-4.7-FP8-style compressed-tensors float-quantized FP8 (per channel) on the experts only
     "mixtral-ct-fp8": FormatCase(
         "mixtral",
-        dict(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
-             num_attention_heads=4, num_key_value_heads=2),
-        lambda s, d: pack_compressed_tensors(s, d, scheme="fp8", experts_only=True), "compressed"),
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        lambda s, d: pack_compressed_tensors(s, d, scheme="fp8", experts_only=True),
+        "compressed",
+    ),
     # transformers' Metal (MLX affine) uint4 with a scale and a bias per 32 inputs, on every linear
     "qwen3_moe-metal": FormatCase(
         "qwen3_moe",
-        dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-             head_dim=16, num_attention_heads=4, num_key_value_heads=2),
-        lambda s, d: pack_metal(s, d, bits=4, group_size=32), "metal"),
+        dict(
+            hidden_size=64,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        lambda s, d: pack_metal(s, d, bits=4, group_size=32),
+        "metal",
+    ),
     # Llama 4: experts fused in the checkpoint ([E, H, 2I] / [E, I, H]), bf16
     "llama4-fused": FormatCase(
         "llama4_text",
-        dict(hidden_size=32, intermediate_size=32, intermediate_size_mlp=64, num_local_experts=8,
-             num_experts_per_tok=1, head_dim=8, num_attention_heads=4, num_key_value_heads=2),
-        None, "plain"),
+        dict(
+            hidden_size=32,
+            intermediate_size=32,
+            intermediate_size_mlp=64,
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            head_dim=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        None,
+        "plain",
+    ),
     # DBRX: experts stacked along the rows of 2-D w1/v1/w2 [E * F, H]
-    "dbrx-flat": FormatCase(
-        "dbrx", dict(d_model=32), None, "plain"),
+    "dbrx-flat": FormatCase("dbrx", dict(d_model=32), None, "plain"),
 }
 
 
@@ -102,9 +186,19 @@ CASES: dict[str, FormatCase] = {
 KERNEL_CASES: dict[str, FormatCase] = {
     "qwen3_moe-fp8-block32": FormatCase(
         "qwen3_moe",
-        dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
-             head_dim=16, num_attention_heads=4, num_key_value_heads=2),
-        lambda s, d: pack_fp8(s, d, block_size=(32, 32)), "ragged_fp8"),
+        dict(
+            hidden_size=64,
+            intermediate_size=64,
+            moe_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        lambda s, d: pack_fp8(s, d, block_size=(32, 32)),
+        "ragged_fp8",
+    ),
 }
 ALL_CASES = {**CASES, **KERNEL_CASES}
 

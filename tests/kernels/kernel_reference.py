@@ -40,8 +40,15 @@ class Stored:
     bias: torch.Tensor | None = None
 
 
-def make_projection(fmt: ExpertFormat, rows: int, cols: int, gen: torch.Generator, *, codes: str = "random",
-                    scale_range: tuple[float, float] | None = None) -> Stored:
+def make_projection(
+    fmt: ExpertFormat,
+    rows: int,
+    cols: int,
+    gen: torch.Generator,
+    *,
+    codes: str = "random",
+    scale_range: tuple[float, float] | None = None,
+) -> Stored:
     """Random stored tensors of ``fmt``. ``codes="all"`` cycles through every code of the format;
     ``scale_range`` draws scales log-uniformly from it (exponent bytes for e8m0)."""
     w = torch.randn(rows, cols, generator=gen) * 0.5
@@ -78,8 +85,11 @@ def make_projection(fmt: ExpertFormat, rows: int, cols: int, gen: torch.Generato
         scale = _log_uniform(scale.shape, scale_range, gen).to(scale.dtype)
     zp = None
     if fmt.zero_point:
-        zp = pack_int(torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (rows, scale.shape[1]), generator=gen),
-                      bits, packed_dim=0)
+        zp = pack_int(
+            torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (rows, scale.shape[1]), generator=gen),
+            bits,
+            packed_dim=0,
+        )
     return Stored(pack_int(q, bits), scale.contiguous(), zp, bias)
 
 
@@ -96,8 +106,13 @@ def expert_weights(gu: Stored, dn: Stored) -> ExpertWeights:
 
 
 def make_experts(spec: MoELayerSpec, gen: torch.Generator, **kw) -> list[tuple[Stored, Stored]]:
-    return [(make_projection(spec.gate_up, *spec.gate_up_shape, gen, **kw),
-             make_projection(spec.down, *spec.down_shape, gen, **kw)) for _ in range(spec.num_experts)]
+    return [
+        (
+            make_projection(spec.gate_up, *spec.gate_up_shape, gen, **kw),
+            make_projection(spec.down, *spec.down_shape, gen, **kw),
+        )
+        for _ in range(spec.num_experts)
+    ]
 
 
 # --------------------------------------------------------------------------- decoding
@@ -136,8 +151,9 @@ def decoded(fmt: ExpertFormat, st: Stored, rows: int, cols: int, compute: torch.
     bits = 4 if fmt.kind == "int4" else 8
     group = fmt.group_size if fmt.group_size and fmt.group_size < cols else None
     if not exact:
-        return dequantize_int(st.weight, st.scale, st.zero_point, bits=bits, group_size=group, shape=(rows, cols),
-                              dtype=compute).double()
+        return dequantize_int(
+            st.weight, st.scale, st.zero_point, bits=bits, group_size=group, shape=(rows, cols), dtype=compute
+        ).double()
     q = unpack_int(st.weight, bits, cols).double()
     return q * _expand(st.scale.double().reshape(rows, -1), (1, group or cols), rows, cols)
 
@@ -155,9 +171,18 @@ def _act(spec: MoELayerSpec, h: torch.Tensor) -> torch.Tensor:
     return ACT2FN["gelu_pytorch_tanh" if spec.activation == "gelu_tanh" else "silu"](g) * u
 
 
-def reference(spec: MoELayerSpec, experts: list, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor,
-              compute: torch.dtype, *, weight_inputs: bool = False, stage: str = "forward",
-              a: torch.Tensor | None = None) -> torch.Tensor:
+def reference(
+    spec: MoELayerSpec,
+    experts: list,
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    wts: torch.Tensor,
+    compute: torch.dtype,
+    *,
+    weight_inputs: bool = False,
+    stage: str = "forward",
+    a: torch.Tensor | None = None,
+) -> torch.Tensor:
     """float64 result of the layer for ``experts`` (None entries: detached, skipped) and ids outside [0, E)
     skipped. ``stage``: ``forward``, ``gate_up`` ([T*k, 2I] projections) or ``down`` (from ``a``)."""
     rnd = (lambda t: t.to(compute).double()) if compute == torch.bfloat16 else (lambda t: t.float().double())
@@ -173,8 +198,10 @@ def reference(spec: MoELayerSpec, experts: list, x: torch.Tensor, idx: torch.Ten
             continue
         gu, dn = experts[e]
         if e not in weights:
-            weights[e] = (decoded(spec.gate_up, gu, *spec.gate_up_shape, compute),
-                          decoded(spec.down, dn, *spec.down_shape, compute))
+            weights[e] = (
+                decoded(spec.gate_up, gu, *spec.gate_up_shape, compute),
+                decoded(spec.down, dn, *spec.down_shape, compute),
+            )
         wg, wd = weights[e]
         t = slots // k
         w = wts.reshape(-1)[slots].float().double()

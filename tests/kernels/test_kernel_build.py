@@ -66,8 +66,7 @@ def test_probe_results_are_kept_per_cpu(kernel_status, monkeypatch):
 
 
 def test_no_compiler_is_one_line_and_a_clean_refusal(monkeypatch, tmp_path, caplog):
-    reg = fresh(monkeypatch, tmp_path, CC="/nonexistent/bin/cc", MOE_PATCH_KERNELS=None,
-                MOE_PATCH_CACHE=str(tmp_path))
+    reg = fresh(monkeypatch, tmp_path, CC="/nonexistent/bin/cc", MOE_PATCH_KERNELS=None, MOE_PATCH_CACHE=str(tmp_path))
     with caplog.at_level(logging.INFO, logger="moe_patch.kernels"):
         st = reg.status()
         reg.status()  # asked again: no second line
@@ -85,8 +84,10 @@ def test_turned_off_by_the_environment(monkeypatch, tmp_path):
     monkeypatch.setattr(klayer, "KERNELS", reg)
     with pytest.raises(KernelUnavailableError, match="turned off"):
         MoEKernel(MoELayerSpec(2, 64, 32, ExpertFormat("bf16"), ExpertFormat("bf16")))
-    for name, value, words in (("MOE_PATCH_KERNELS", "maybe", "not one of 0, 1"),
-                               ("MOE_PATCH_KERNELS_ISA", "sse4", "not one of avx512bf16")):
+    for name, value, words in (
+        ("MOE_PATCH_KERNELS", "maybe", "not one of 0, 1"),
+        ("MOE_PATCH_KERNELS_ISA", "sse4", "not one of avx512bf16"),
+    ):
         reg = fresh(monkeypatch, tmp_path, **{"MOE_PATCH_KERNELS": "1", "MOE_PATCH_KERNELS_ISA": None, name: value})
         assert not reg.status().available and words in reg.status().reason
 
@@ -106,8 +107,13 @@ def test_a_build_failure_is_one_line(monkeypatch, tmp_path, caplog):
     shutil.copytree(kbuild.CSRC, broken)
     (broken / "mp_kernels.c").write_text("this is not C\n")
     monkeypatch.setattr(kbuild, "CSRC", broken)
-    reg = fresh(monkeypatch, tmp_path, MOE_PATCH_KERNEL_CACHE=str(tmp_path / "cache"), MOE_PATCH_KERNELS=None,
-                MOE_PATCH_KERNELS_ISA=None)
+    reg = fresh(
+        monkeypatch,
+        tmp_path,
+        MOE_PATCH_KERNEL_CACHE=str(tmp_path / "cache"),
+        MOE_PATCH_KERNELS=None,
+        MOE_PATCH_KERNELS_ISA=None,
+    )
     with caplog.at_level(logging.WARNING, logger="moe_patch.kernels"):
         st = reg.status()
     assert not st.available and "failed to build" in st.reason and "\n" not in st.reason

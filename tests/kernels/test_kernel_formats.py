@@ -84,8 +84,9 @@ def test_each_format_matches_the_decoders_on_every_variant(name, compute, varian
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16, 64, 512])
-@pytest.mark.parametrize("name", ["bf16", "fp8_block128", "mxfp4", "int4_g32_bf16", "int8_channel_bf16",
-                                  "int4_g32_zero_points"])
+@pytest.mark.parametrize(
+    "name", ["bf16", "fp8_block128", "mxfp4", "int4_g32_bf16", "int8_channel_bf16", "int4_g32_zero_points"]
+)
 def test_one_to_512_rows_per_expert(name, rows, gen):
     """Every register tile (1..8 rows) and the buffered path above them give the layer's result."""
     fmt, hidden, inter = FORMATS[name]
@@ -99,8 +100,19 @@ def test_one_to_512_rows_per_expert(name, rows, gen):
 
 
 @pytest.mark.parametrize("compute", COMPUTE, ids=str)
-@pytest.mark.parametrize("name", ["fp8_block128", "fp8_block32_ue8m0", "mxfp4", "int4_g32_bf16", "int4_channel_f16",
-                                  "int8_channel_bf16", "int4_g32_zero_points", "int8_g32_zero_points"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fp8_block128",
+        "fp8_block32_ue8m0",
+        "mxfp4",
+        "int4_g32_bf16",
+        "int4_channel_f16",
+        "int8_channel_bf16",
+        "int4_g32_zero_points",
+        "int8_g32_zero_points",
+    ],
+)
 def test_every_code(name, compute, gen):
     """Each FP8 byte (subnormals and the NaN codes the decoders read as 480), FP4 code and integer code."""
     fmt, hidden, inter = FORMATS[name]
@@ -111,12 +123,23 @@ def test_every_code(name, compute, gen):
 
 
 @pytest.mark.parametrize("compute", COMPUTE, ids=str)
-@pytest.mark.parametrize("name", ["fp8_block128", "fp8_channel_bf16_scale", "fp8_block32_ue8m0", "fp8_tensor",
-                                  "mxfp4", "int4_g32_bf16", "int8_channel_bf16", "int4_g32_zero_points"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fp8_block128",
+        "fp8_channel_bf16_scale",
+        "fp8_block32_ue8m0",
+        "fp8_tensor",
+        "mxfp4",
+        "int4_g32_bf16",
+        "int8_channel_bf16",
+        "int4_g32_zero_points",
+    ],
+)
 def test_extreme_scales(name, compute, gen):
     """Scales spread over 48 binades within one matrix (2**-24 .. 2**24: the layer squares them through
     gate * up and stays finite in fp32); the e8m0 extremes 2**-127 .. 2**128 are the decode test's."""
-    bounds = (2.0 ** -24, 2.0 ** 24)
+    bounds = (2.0**-24, 2.0**24)
     fmt, hidden, inter = FORMATS[name]
     spec = MoELayerSpec(2, hidden, inter, fmt, fmt)
     experts = make_experts(spec, gen, scale_range=bounds)
@@ -158,8 +181,12 @@ def test_every_fp8_ue8m0_scale_byte_decodes_like_the_decoder(gen):
     q = torch.randint(0, 256, (256, 64), dtype=torch.uint8, generator=gen).view(torch.float8_e4m3fn)
     scales = torch.stack([torch.arange(256, dtype=torch.uint8), torch.arange(255, -1, -1).to(torch.uint8)], 1)
     layer = MoEKernel(spec)
-    layer.set_expert(0, ExpertWeights(q, torch.zeros(64, 128).to(torch.float8_e4m3fn), scales,
-                                      torch.full((64, 4), 127, dtype=torch.uint8)))
+    layer.set_expert(
+        0,
+        ExpertWeights(
+            q, torch.zeros(64, 128).to(torch.float8_e4m3fn), scales, torch.full((64, 4), 127, dtype=torch.uint8)
+        ),
+    )
     for dtype in (torch.float32, torch.bfloat16):
         ours, want = layer.decode(0, "gate_up", dtype), dequantize_fp8(q, scales, (1, 32), dtype)
         assert torch.equal(ours.isnan(), want.isnan())

@@ -52,12 +52,22 @@ def test_weight_inputs_scales_the_expert_input(compute, kernel_status, gen):
     assert rel_err(out, reference(spec, experts, x, idx, wts.to(compute), compute, weight_inputs=True)) <= TOL[compute]
 
 
-@pytest.mark.parametrize("activation,layout", [("gpt_oss", "interleaved"), ("silu", "interleaved"),
-                                               ("gelu_tanh", "halves"), ("gpt_oss", "halves")])
+@pytest.mark.parametrize(
+    "activation,layout",
+    [("gpt_oss", "interleaved"), ("silu", "interleaved"), ("gelu_tanh", "halves"), ("gpt_oss", "halves")],
+)
 def test_activations_layouts_and_biases(activation, layout, kernel_status, gen):
-    spec = MoELayerSpec(4, 64, 96, ExpertFormat("mxfp4", bias=torch.bfloat16),
-                        ExpertFormat("mxfp4", bias=torch.float32), activation=activation, glu_layout=layout,
-                        alpha=1.702, limit=7.0)
+    spec = MoELayerSpec(
+        4,
+        64,
+        96,
+        ExpertFormat("mxfp4", bias=torch.bfloat16),
+        ExpertFormat("mxfp4", bias=torch.float32),
+        activation=activation,
+        glu_layout=layout,
+        alpha=1.702,
+        limit=7.0,
+    )
     experts = make_experts(spec, gen)
     layer = build(spec, experts)
     idx, wts = routing(9, 2, 4, gen)
@@ -91,8 +101,9 @@ def test_the_two_halves_with_an_activation_in_torch(compute, kernel_status, gen)
 
 
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("fmt", [ExpertFormat("mxfp4", bias=torch.bfloat16), ExpertFormat("fp8", block=(32, 32))],
-                         ids=["mxfp4", "fp8"])
+@pytest.mark.parametrize(
+    "fmt", [ExpertFormat("mxfp4", bias=torch.bfloat16), ExpertFormat("fp8", block=(32, 32))], ids=["mxfp4", "fp8"]
+)
 def test_experts_with_many_rows_go_through_torch_gemm(fmt, compute, kernel_status, gen):
     """At or above gemm_min_rows an expert is decoded densely (the decoders' values) and computed by torch's
     GEMM, the others by the kernel; the sum is the layer's. torch's bf16 GEMM rounds both projections to bf16
@@ -157,7 +168,7 @@ def test_accumulate_dtypes_and_strides(layer_case, gen):
     out = layer.forward(x, idx, wts.to(torch.bfloat16), base.clone(), accumulate=True)
     assert rel_err(out - base, ref) <= 1e-3  # the difference of two fp32 values near each other
     out16 = layer.forward(x, idx, wts.to(torch.bfloat16))
-    assert out16.dtype == torch.bfloat16 and rel_err(out16, ref) <= 2 ** -8
+    assert out16.dtype == torch.bfloat16 and rel_err(out16, ref) <= 2**-8
     x16 = x.to(torch.float16)
     out = layer.forward(x16, idx, wts.half(), torch.zeros(6, 64))
     assert rel_err(out, reference(spec, experts, x16.float(), idx, wts.half(), torch.float32)) <= TOL[torch.float32]
@@ -253,11 +264,14 @@ def test_expert_tensors_are_checked_where_they_enter(kernel_status, gen):
     assert layer.has_expert(1)
 
 
-@pytest.mark.parametrize("fmt,why", [
-    (ExpertFormat("bf16", transposed=True), "transposed"),
-    (ExpertFormat("fp8", block=(128, 48)), "power-of-two"),
-    (ExpertFormat("int4", group_size=48), "power-of-two"),
-])
+@pytest.mark.parametrize(
+    "fmt,why",
+    [
+        (ExpertFormat("bf16", transposed=True), "transposed"),
+        (ExpertFormat("fp8", block=(128, 48)), "power-of-two"),
+        (ExpertFormat("int4", group_size=48), "power-of-two"),
+    ],
+)
 def test_layouts_the_kernels_do_not_cover_are_refused(fmt, why, kernel_status):
     """Refused at construction with the reason, so the caller keeps its torch path."""
     with pytest.raises(KernelUnavailableError, match=why):

@@ -17,8 +17,12 @@ from tests.helpers.formats import ALL_CASES, save_case
 #: what the kernels read of each tiny checkpoint: the format kind, or None (torch computes it, and why)
 EXPECTED = {
     # the tiny FP8 checkpoints' blocks (8 or 16 columns) are below the kernels' 32: torch decodes them
-    "deepseek_v3-fp8": None, "qwen3_moe-fp8-ragged": None, "minimax_m2-fp8-ue8m0": None,
-    "gpt_oss-mxfp4": "mxfp4", "qwen3_moe-int4": "int4", "mixtral-ct-fp8": "fp8",
+    "deepseek_v3-fp8": None,
+    "qwen3_moe-fp8-ragged": None,
+    "minimax_m2-fp8-ue8m0": None,
+    "gpt_oss-mxfp4": "mxfp4",
+    "qwen3_moe-int4": "int4",
+    "mixtral-ct-fp8": "fp8",
     "qwen3_moe-metal": None,  # MLX affine: no kernel entry
     "llama4-fused": None,  # bf16 experts held [in, out]: the kernels read [out, in] bytes only
     "dbrx-flat": None,  # split w1/v1/w2: the family keeps torch
@@ -40,8 +44,11 @@ def _entries(handle, layer):
 
 @pytest.mark.parametrize("name", list(ALL_CASES))
 def test_stored_experts_through_the_kernel_match_torch_on_the_decoded_weights(name, checkpoints, kernel_status):
-    model = moe_patch.load_model(checkpoints[name], dtype=torch.float32, options=OffloadOptions(
-        expert_cache=None, device_format="stored", prefetch=False))
+    model = moe_patch.load_model(
+        checkpoints[name],
+        dtype=torch.float32,
+        options=OffloadOptions(expert_cache=None, device_format="stored", prefetch=False),
+    )
     handle = get_offload_handle(model)
     try:
         layer = handle.engine.layers[0]
@@ -66,8 +73,13 @@ def test_stored_experts_through_the_kernel_match_torch_on_the_decoded_weights(na
         idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
         w = torch.rand(T, k, generator=gen)
         got = kernel.forward(x, idx, w)
-        want = dispatch_combine(x, idx, w, E, lambda e, rows: layer.compute_expert(
-            e, rows, {n: materialize(t) for n, t in entries[e].items()}))
+        want = dispatch_combine(
+            x,
+            idx,
+            w,
+            E,
+            lambda e, rows: layer.compute_expert(e, rows, {n: materialize(t) for n, t in entries[e].items()}),
+        )
         assert kernel.calls == 1 and kernel.kernel.last_variant is not None
         # fp32 activations: the fp32 kernels within 1e-5 of torch on the same decoded weights
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
@@ -75,9 +87,14 @@ def test_stored_experts_through_the_kernel_match_torch_on_the_decoded_weights(na
         assert not kernel.attached(0)
         alone = torch.zeros(T, H)
         kernel.forward(x, idx, w, alone)
-        keep = (idx != 0)
-        want0 = dispatch_combine(x, torch.where(keep, idx, torch.full_like(idx, E)), w, E, lambda e, rows:
-                                 layer.compute_expert(e, rows, {n: materialize(t) for n, t in entries[e].items()}))
+        keep = idx != 0
+        want0 = dispatch_combine(
+            x,
+            torch.where(keep, idx, torch.full_like(idx, E)),
+            w,
+            E,
+            lambda e, rows: layer.compute_expert(e, rows, {n: materialize(t) for n, t in entries[e].items()}),
+        )
         assert ((alone - want0).abs().max() / want0.abs().max()).item() < 1e-5
     finally:
         handle.detach(restore_weights=False)

@@ -22,8 +22,11 @@ SPLIT = {
     "fp8_block128_ue8m0": (ExpertFormat("fp8", block=(128, 128), scale_dtype=torch.uint8, split=True), 256, 72),
     "fp8_channel": (ExpertFormat("fp8", scale_dtype=torch.bfloat16, split=True), 64, 20),
     "fp8_tensor": (ExpertFormat("fp8", per_tensor=True, split=True), 64, 20),
-    "int4_g32_zero_points": (ExpertFormat("int4", group_size=32, scale_dtype=torch.bfloat16, zero_point=True,
-                                          split=True), 64, 12),
+    "int4_g32_zero_points": (
+        ExpertFormat("int4", group_size=32, scale_dtype=torch.bfloat16, zero_point=True, split=True),
+        64,
+        12,
+    ),
     "int4_g32": (ExpertFormat("int4", group_size=32, scale_dtype=torch.bfloat16, split=True), 96, 40),
     "bf16": (ExpertFormat("bf16", split=True), 48, 20),
 }
@@ -38,16 +41,22 @@ def _halves_layer(name: str, gen, experts: int = 3):
     whole = ExpertFormat(fmt.kind, fmt.block, fmt.per_tensor, fmt.group_size, fmt.scale_dtype, fmt.zero_point)
     down = ExpertFormat("bf16")
     spec = MoELayerSpec(experts, hidden, inter, fmt, down)
-    stored = [(_one(whole, inter, hidden, gen), _one(whole, inter, hidden, gen), _one(down, hidden, inter, gen))
-              for _ in range(experts)]
+    stored = [
+        (_one(whole, inter, hidden, gen), _one(whole, inter, hidden, gen), _one(down, hidden, inter, gen))
+        for _ in range(experts)
+    ]
     layer = MoEKernel(spec, gemm_min_rows=None)
 
     def pair(a, b):
         return None if a is None else (a, b)
 
     for e, (g, u, d) in enumerate(stored):
-        layer.set_expert(e, ExpertWeights((g.weight, u.weight), d.weight, pair(g.scale, u.scale), None,
-                                          pair(g.zero_point, u.zero_point)))
+        layer.set_expert(
+            e,
+            ExpertWeights(
+                (g.weight, u.weight), d.weight, pair(g.scale, u.scale), None, pair(g.zero_point, u.zero_point)
+            ),
+        )
     return spec, whole, stored, layer
 
 
@@ -59,8 +68,12 @@ def _reference(spec, whole, stored, x, idx, wts, compute):
         slots = (idx.reshape(-1) == e).nonzero().flatten()
         if not slots.numel():
             continue
-        wg = torch.cat([decoded(whole, g, spec.intermediate, spec.hidden, compute),
-                        decoded(whole, u, spec.intermediate, spec.hidden, compute)])
+        wg = torch.cat(
+            [
+                decoded(whole, g, spec.intermediate, spec.hidden, compute),
+                decoded(whole, u, spec.intermediate, spec.hidden, compute),
+            ]
+        )
         wd = decoded(spec.down, d, spec.hidden, spec.intermediate, compute)
         t = slots // k
         y = rnd(_act(spec, rnd(x[t]) @ wg.T)) @ wd.T
@@ -83,8 +96,12 @@ def test_gate_and_up_stored_apart_read_through_two_pointers(name, compute, token
 def test_decode_of_a_split_projection_is_both_halves_decoded(name, gen):
     spec, whole, stored, layer = _halves_layer(name, gen)
     g, u, _ = stored[1]
-    want = torch.cat([decoded(whole, g, spec.intermediate, spec.hidden, torch.float32),
-                      decoded(whole, u, spec.intermediate, spec.hidden, torch.float32)]).float()
+    want = torch.cat(
+        [
+            decoded(whole, g, spec.intermediate, spec.hidden, torch.float32),
+            decoded(whole, u, spec.intermediate, spec.hidden, torch.float32),
+        ]
+    ).float()
     assert torch.equal(layer.decode(1, "gate_up", torch.float32), want)
 
 
@@ -102,5 +119,6 @@ def test_split_needs_pairs_halves_layout_and_a_whole_down(gen):
         MoEKernel(MoELayerSpec(2, 64, 24, ExpertFormat("bf16"), ExpertFormat("bf16", split=True)))
     with pytest.raises(InvalidArgumentError, match="pair of tensors for a projection stored as one"):
         MoEKernel(MoELayerSpec(2, 64, 24, ExpertFormat("bf16"), ExpertFormat("bf16"))).set_expert(
-            0, ExpertWeights((torch.zeros(24, 64, dtype=torch.bfloat16),) * 2,
-                             torch.zeros(64, 24, dtype=torch.bfloat16)))
+            0,
+            ExpertWeights((torch.zeros(24, 64, dtype=torch.bfloat16),) * 2, torch.zeros(64, 24, dtype=torch.bfloat16)),
+        )

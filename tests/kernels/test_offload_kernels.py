@@ -19,8 +19,14 @@ NEW = 64
 #: groups and FP8 per channel (compressed-tensors), FP8 32-blocks with gate/up stored apart, and a bf16
 #: checkpoint loaded in fp32 (the kernels read the bf16 bytes); deepseek's 8-column FP8 blocks are refused in
 #: their stored form, so the slots keep them decoded (fp32), which the kernels read
-CASES = ["gpt_oss-mxfp4", "qwen3_moe-int4", "mixtral-ct-fp8", "qwen3_moe-fp8-block32", "qwen3_moe-fp8-block32-bf16",
-         "deepseek_v3-fp8"]
+CASES = [
+    "gpt_oss-mxfp4",
+    "qwen3_moe-int4",
+    "mixtral-ct-fp8",
+    "qwen3_moe-fp8-block32",
+    "qwen3_moe-fp8-block32-bf16",
+    "deepseek_v3-fp8",
+]
 DECODED = {"deepseek_v3-fp8", "qwen3_moe-fp8-block32-bf16"}  # slots hold the model dtype
 
 
@@ -37,8 +43,9 @@ def oracles(checkpoints):
     torch.set_num_threads(1)
     out = {}
     for name, path in checkpoints.items():
-        model = load_oracle(name.removesuffix("-bf16"), path) if not name.endswith("-bf16") else \
-            moe_patch_free_load(path)
+        model = (
+            load_oracle(name.removesuffix("-bf16"), path) if not name.endswith("-bf16") else moe_patch_free_load(path)
+        )
         out[name] = {"logits": model(prompts(4)).logits, **{b: greedy(model, prompts(b), NEW) for b in (1, 4)}}
     return out
 
@@ -67,8 +74,9 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("batch, budget", [(1, "everything"), (4, "everything"), (4, "three_experts")])
 @pytest.mark.parametrize("name", CASES)
-def test_engine_through_the_kernels_generates_the_stock_dequantized_tokens(name, batch, budget, path, checkpoints,
-                                                                           oracles, monkeypatch):
+def test_engine_through_the_kernels_generates_the_stock_dequantized_tokens(
+    name, batch, budget, path, checkpoints, oracles, monkeypatch
+):
     ckpt = checkpoints[name]
     limit = None
     if budget == "three_experts":
@@ -123,8 +131,13 @@ def _decoded_slots_with_host_copies(ckpt):
     probe = moe_patch.load_model(ckpt, dtype=torch.float32)
     decoded = max(layer.expert_bytes for layer in get_offload_handle(probe).engine.layers)
     get_offload_handle(probe).detach(restore_weights=False)
-    return moe_patch.load_model(ckpt, dtype=torch.float32, options=OffloadOptions(
-        expert_cache=4 * decoded, host_cache=None, cpu_compute="always", device_format="dequantized"))
+    return moe_patch.load_model(
+        ckpt,
+        dtype=torch.float32,
+        options=OffloadOptions(
+            expert_cache=4 * decoded, host_cache=None, cpu_compute="always", device_format="dequantized"
+        ),
+    )
 
 
 @pytest.mark.parametrize("name", ["gpt_oss-mxfp4", "qwen3_moe-int4", "qwen3_moe-fp8-block32"])
@@ -148,8 +161,9 @@ def test_cost_model_reads_the_kernels_measured_rate_for_host_tier_experts(checkp
 
     asked = []
     monkeypatch.setattr(crossover.CROSSOVERS, "stream_rate", lambda kind, compute: asked.append(kind) or 12.5e9)
-    model = moe_patch.load_model(checkpoints["gpt_oss-mxfp4"], dtype=torch.float32,
-                                 options=OffloadOptions(host_cache=None, cpu_compute="always"))
+    model = moe_patch.load_model(
+        checkpoints["gpt_oss-mxfp4"], dtype=torch.float32, options=OffloadOptions(host_cache=None, cpu_compute="always")
+    )
     handle = get_offload_handle(model)
     try:
         engine = handle.engine
@@ -161,8 +175,7 @@ def test_cost_model_reads_the_kernels_measured_rate_for_host_tier_experts(checkp
 
 
 @pytest.mark.parametrize("name", ["gpt_oss-mxfp4", "qwen3_moe-int4"])
-def test_host_resident_misses_overlap_the_hits_on_a_cpu_thread(name, checkpoints, oracles, monkeypatch,
-                                                                  kernel_status):
+def test_host_resident_misses_overlap_the_hits_on_a_cpu_thread(name, checkpoints, oracles, monkeypatch, kernel_status):
     """What a GPU run does (the overlap is on where the device is asynchronous), forced on a CPU run: misses
     in host RAM start on a CPU thread through the kernel before the hits are computed, and are added after."""
     model = _decoded_slots_with_host_copies(checkpoints[name])

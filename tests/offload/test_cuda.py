@@ -43,8 +43,17 @@ def _no_tf32():
 
 
 # -- patched dispatch ----------------------------------------------------------------------------
-PATCH_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4", "dbrx", "jetmoe",
-                  "legacy-mixtral"]
+PATCH_FAMILIES = [
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v3",
+    "gpt_oss",
+    "llama4",
+    "dbrx",
+    "jetmoe",
+    "legacy-mixtral",
+]
 
 
 def _build(name: str, dtype: torch.dtype):
@@ -156,11 +165,16 @@ def test_odd_expert_widths_offloaded_on_cuda_fall_back_where_the_grouped_kernel_
     cfg.moe_intermediate_size = 37
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "odd")
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "odd", dtype=torch.float32, experts_implementation="eager").to(CUDA).eval()
+    ref = (
+        AutoModelForCausalLM.from_pretrained(tmp_path / "odd", dtype=torch.float32, experts_implementation="eager")
+        .to(CUDA)
+        .eval()
+    )
     expected = greedy(ref, prompts(2).to(CUDA), NEW)
     one = 3 * 37 * cfg.hidden_size * 4
-    model = moe_patch.load_model(tmp_path / "odd", device=CUDA, dtype=torch.float32,
-                                 expert_cache=2 * one if budget == "two_experts" else None)
+    model = moe_patch.load_model(
+        tmp_path / "odd", device=CUDA, dtype=torch.float32, expert_cache=2 * one if budget == "two_experts" else None
+    )
     try:
         assert torch.equal(greedy(model, prompts(2).to(CUDA), NEW), expected)
     finally:
@@ -186,8 +200,11 @@ def test_device_memory_holds_non_expert_weights_plus_the_budget(checkpoints):
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_cpu_compute_of_host_resident_misses_on_cuda_gives_the_same_tokens(family, checkpoints, references):
     one = expert_bytes(family)
-    model = _load(family, checkpoints, options=OffloadOptions(device=CUDA, expert_cache=one, host_cache=None,
-                                                              cpu_compute="always"))
+    model = _load(
+        family,
+        checkpoints,
+        options=OffloadOptions(device=CUDA, expert_cache=one, host_cache=None, cpu_compute="always"),
+    )
     handle = get_offload_handle(model)
     out = greedy(model, prompts(1).to(CUDA), NEW)
     assert torch.equal(out, references[family][1])
@@ -251,8 +268,14 @@ def test_calibration_measures_the_gpu_link():
 
 
 # -- quantized and fused-on-disk checkpoints ---------------------------------------------------------
-FORMAT_CASES = ["deepseek_v3-fp8", "qwen3_moe-fp8-ragged", "gpt_oss-mxfp4", "qwen3_moe-int4", "llama4-fused",
-                "dbrx-flat"]
+FORMAT_CASES = [
+    "deepseek_v3-fp8",
+    "qwen3_moe-fp8-ragged",
+    "gpt_oss-mxfp4",
+    "qwen3_moe-int4",
+    "llama4-fused",
+    "dbrx-flat",
+]
 
 
 @pytest.fixture(scope="module")
@@ -272,8 +295,12 @@ def test_quantized_checkpoints_on_cuda_match_the_stock_dequantized_load(name, de
     path = format_checkpoints[name]
     oracle = load_oracle(name, path).to(CUDA)
     want = greedy(oracle, prompts(4).to(CUDA), NEW)
-    model = moe_patch.load_model(path, device=CUDA, dtype=torch.float32, options=OffloadOptions(
-        device=CUDA, expert_cache="64KiB", host_cache=None, device_format=device_format))
+    model = moe_patch.load_model(
+        path,
+        device=CUDA,
+        dtype=torch.float32,
+        options=OffloadOptions(device=CUDA, expert_cache="64KiB", host_cache=None, device_format=device_format),
+    )
     handle = get_offload_handle(model)
     try:
         assert torch.equal(greedy(model, prompts(4).to(CUDA), NEW), want)

@@ -84,8 +84,9 @@ def test_the_automatic_budget_is_free_memory_less_every_term():
     model, _ = tiny_model("qwen3_moe")
     free = 900_000  # leaves room for some of the 16 experts (24 KiB each), not all
     on_meta = model.to("meta")  # nothing loaded yet, as in load_model: every non-expert weight is still to come
-    chosen = auto_expert_cache(on_meta, offload_layers(on_meta), torch.device("cpu"), host_cache=None,
-                               context_tokens=64, free=free)
+    chosen = auto_expert_cache(
+        on_meta, offload_layers(on_meta), torch.device("cpu"), host_cache=None, context_tokens=64, free=free
+    )
     non_expert = sum(t.numel() * t.element_size() for n, t in on_meta.named_parameters() if ".experts." not in n)
     non_expert += sum(t.numel() * t.element_size() for t in on_meta.buffers())
     assert chosen.non_expert == non_expert
@@ -108,8 +109,9 @@ def test_weights_already_on_the_device_are_not_counted_twice_and_the_cap_is_ever
 def test_a_machine_without_room_for_one_expert_is_told_what_to_do_in_its_own_words():
     model, _ = tiny_model("qwen3_moe")
     with pytest.raises(BudgetError) as caught:
-        auto_expert_cache(model, offload_layers(model), torch.device("cpu"), host_cache=2**20, context_tokens=16,
-                          free=2**20)
+        auto_expert_cache(
+            model, offload_layers(model), torch.device("cpu"), host_cache=2**20, context_tokens=16, free=2**20
+        )
     assert "expert_cache auto: nothing is left" in str(caught.value) and "quantize_experts='nf4'" in str(caught.value)
     assert "--ctx-size" in caught.value.cli_message and "--quantize nf4" in caught.value.cli_message
     assert "host cache 1.00 MiB" in str(caught.value)  # on a CPU both tiers are the same RAM

@@ -61,11 +61,14 @@ def _raw_safetensors(path: Path, entries: dict, data: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("offsets, data, message", [
-    ({"a": [0, 8], "b": [4, 12]}, bytes(12), "overlaps"),
-    ({"a": [0, 8], "b": [12, 20]}, bytes(20), "4 bytes unused"),
-    ({"a": [0, 8], "b": [8, 16]}, bytes(20), "4 bytes follow the last tensor"),
-])
+@pytest.mark.parametrize(
+    "offsets, data, message",
+    [
+        ({"a": [0, 8], "b": [4, 12]}, bytes(12), "overlaps"),
+        ({"a": [0, 8], "b": [12, 20]}, bytes(20), "4 bytes unused"),
+        ({"a": [0, 8], "b": [8, 16]}, bytes(20), "4 bytes follow the last tensor"),
+    ],
+)
 def test_files_safetensors_refuses_are_refused_by_the_reader(tmp_path, offsets, data, message):
     """Every file the one checkpoint reader (offload, push, converters) accepts, safetensors loads."""
     from safetensors import SafetensorError
@@ -196,8 +199,11 @@ def test_unsupported_quantization_methods_are_refused_before_reading(tmp_path, m
     (path / "config.json").write_text(json.dumps(cfg))
     for shard in path.glob("*.safetensors"):
         shard.write_bytes(b"")  # nothing may be read: an empty shard would fail if it were
-    with pytest.raises(MoEConfigError, match=f"quant_method {repr(method) if method else '.missing.'} is not "
-                                             "supported.*fp8, mxfp4, compressed-tensors"):
+    with pytest.raises(
+        MoEConfigError,
+        match=f"quant_method {repr(method) if method else '.missing.'} is not "
+        "supported.*fp8, mxfp4, compressed-tensors",
+    ):
         moe_patch.load_model(path)
 
 

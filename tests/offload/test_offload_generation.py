@@ -54,8 +54,9 @@ def _budget(fam: str, which: str) -> int | None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_resident_model(family, batch, budget, checkpoints, references):
     limit = _budget(family, budget)
-    model = moe_patch.load_model(checkpoints[family], model_class=model_class(family), dtype=torch.float32,
-                                 expert_cache=limit)
+    model = moe_patch.load_model(
+        checkpoints[family], model_class=model_class(family), dtype=torch.float32, expert_cache=limit
+    )
     handle = get_offload_handle(model)
     try:
         out = greedy(model, prompts(batch), NEW)
@@ -111,8 +112,9 @@ def _bf16_checkpoint(family: str, path):
 
 @pytest.mark.parametrize("policy", ["lfu", "pinned-hot"])
 def test_other_policies_give_the_same_tokens(policy, checkpoints, references):
-    opts = moe_patch.offload.OffloadOptions(expert_cache=3 * expert_bytes("qwen3_moe"), policy=policy,
-                                            hot_experts=((0, 0), (1, 1)))
+    opts = moe_patch.offload.OffloadOptions(
+        expert_cache=3 * expert_bytes("qwen3_moe"), policy=policy, hot_experts=((0, 0), (1, 1))
+    )
     model = moe_patch.load_model(checkpoints["qwen3_moe"], dtype=torch.float32, options=opts)
     assert torch.equal(greedy(model, prompts(4), NEW), references["qwen3_moe"][4])
     assert get_offload_handle(model).engine.dev.peak <= 3 * expert_bytes("qwen3_moe")
@@ -124,8 +126,9 @@ def test_cpu_compute_of_host_resident_misses_is_exact(tmp_path):
     path = _bf16_checkpoint("deepseek_v3", tmp_path / "ds")
     ref = greedy(load_reference("deepseek_v3", path), prompts(4), NEW)
     one = expert_bytes("deepseek_v3")
-    opts = moe_patch.offload.OffloadOptions(expert_cache=one, host_cache=16 * one, cpu_compute="always",
-                                            device_format="dequantized")
+    opts = moe_patch.offload.OffloadOptions(
+        expert_cache=one, host_cache=16 * one, cpu_compute="always", device_format="dequantized"
+    )
     model = moe_patch.load_model(path, dtype=torch.float32, options=opts)
     handle = get_offload_handle(model)
     assert torch.equal(greedy(model, prompts(4), NEW), ref)
@@ -133,8 +136,9 @@ def test_cpu_compute_of_host_resident_misses_is_exact(tmp_path):
 
 
 def test_prefetch_off_gives_same_tokens_and_issues_nothing(checkpoints, references):
-    model = moe_patch.load_model(checkpoints["gpt_oss"], dtype=torch.float32, prefetch=False,
-                                 expert_cache=2 * expert_bytes("gpt_oss"))
+    model = moe_patch.load_model(
+        checkpoints["gpt_oss"], dtype=torch.float32, prefetch=False, expert_cache=2 * expert_bytes("gpt_oss")
+    )
     assert torch.equal(greedy(model, prompts(1), NEW), references["gpt_oss"][1])
     st = get_offload_handle(model).stats
     assert st.prefetch_issued == 0 and st.layers[1].predicted == 0
@@ -165,7 +169,9 @@ def test_patch_an_already_loaded_model_and_detach_restores_it(checkpoints, refer
 
 def test_peft_wrapped_offloaded_model_generates(checkpoints, references):
     peft = pytest.importorskip("peft")
-    model = moe_patch.load_model(checkpoints["qwen3_moe"], dtype=torch.float32, expert_cache=2 * expert_bytes("qwen3_moe"))
+    model = moe_patch.load_model(
+        checkpoints["qwen3_moe"], dtype=torch.float32, expert_cache=2 * expert_bytes("qwen3_moe")
+    )
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     # LoRA's B starts at zero, so the adapter leaves the function unchanged
     assert torch.equal(greedy(wrapped, prompts(1), NEW), references["qwen3_moe"][1])
@@ -175,8 +181,9 @@ def test_peft_wrapped_offloaded_model_generates(checkpoints, references):
 def test_quantized_cache_reports_logit_error_against_full_precision(kind, checkpoints):
     one = expert_bytes("mixtral")
     # half an fp32 expert: too small unquantized, enough for nf4/int8 experts
-    model = moe_patch.load_model(checkpoints["mixtral"], dtype=torch.float32, expert_cache=one // 2,
-                                 quantize_experts=kind)
+    model = moe_patch.load_model(
+        checkpoints["mixtral"], dtype=torch.float32, expert_cache=one // 2, quantize_experts=kind
+    )
     handle = get_offload_handle(model)
     err = handle.quantization_error(prompts(2, length=12))
     assert 0 < err["max_rel"] < (0.05 if kind == "int8" else 0.3)
@@ -187,7 +194,9 @@ def test_quantized_cache_reports_logit_error_against_full_precision(kind, checkp
 
 
 def test_statistics_report_and_plot(checkpoints, tmp_path):
-    model = moe_patch.load_model(checkpoints["qwen2_moe"], dtype=torch.float32, expert_cache=4 * expert_bytes("qwen2_moe"))
+    model = moe_patch.load_model(
+        checkpoints["qwen2_moe"], dtype=torch.float32, expert_cache=4 * expert_bytes("qwen2_moe")
+    )
     greedy(model, prompts(1), 16)
     st = get_offload_handle(model).stats
     text = str(st)
@@ -212,8 +221,20 @@ def test_statistics_report_and_plot(checkpoints, tmp_path):
 def test_cli_run_prints_statistics(checkpoints, capsys):
     from moe_patch.cli import main
 
-    code = main(["run", str(checkpoints["mixtral"]), "--prompt-ids", "5,6,7", "--max-new-tokens", "4",
-                 "--expert-cache", f"{expert_bytes('mixtral')}B", "--dtype", "float32"])
+    code = main(
+        [
+            "run",
+            str(checkpoints["mixtral"]),
+            "--prompt-ids",
+            "5,6,7",
+            "--max-new-tokens",
+            "4",
+            "--expert-cache",
+            f"{expert_bytes('mixtral')}B",
+            "--dtype",
+            "float32",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert "hit rate" in captured.err and "decode" in captured.err  # the statistics: stderr, not with the text
@@ -228,8 +249,20 @@ def test_cli_run_with_quantized_experts_reports_the_logit_error(kind, checkpoint
 
     from moe_patch.cli import main
 
-    argv = ["run", str(checkpoints["mixtral"]), "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--dtype", "float32",
-            "--expert-cache", f"{expert_bytes('mixtral')}B", "--quantize", kind]
+    argv = [
+        "run",
+        str(checkpoints["mixtral"]),
+        "--prompt-ids",
+        "5,6,7",
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "float32",
+        "--expert-cache",
+        f"{expert_bytes('mixtral')}B",
+        "--quantize",
+        kind,
+    ]
     assert main(argv) == 0
     line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith(f"{kind} experts: logit error"))
     assert "of the largest logit" in line and "top-1 agreement" in line
@@ -246,9 +279,23 @@ def test_cli_run_quantized_prints_no_warning_about_a_kernel_it_does_not_use(chec
     import sys
     from pathlib import Path
 
-    proc = subprocess.run([str(Path(sys.executable).with_name("moe-patch")), "run", str(checkpoints["mixtral"]),
-                           "--prompt-ids", "5,6", "--max-new-tokens", "2", "--quantize", "nf4"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("moe-patch")),
+            "run",
+            str(checkpoints["mixtral"]),
+            "--prompt-ids",
+            "5,6",
+            "--max-new-tokens",
+            "2",
+            "--quantize",
+            "nf4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "gemm_4bit_forward" not in proc.stderr and "nf4 experts: logit error" in proc.stderr
 
@@ -257,16 +304,23 @@ def test_bf16_checkpoint_computed_in_fp32_matches_transformers_upcast(tmp_path):
     path = _bf16_checkpoint("qwen3_moe", tmp_path / "bf16")
     ref = load_reference("qwen3_moe", path)  # transformers upcasts to fp32 at load
     # decoded device slots (the CPU kernels would read the bf16 bytes in place: tests/kernels)
-    model = moe_patch.load_model(path, dtype=torch.float32, options=moe_patch.offload.OffloadOptions(
-        expert_cache=3 * expert_bytes("qwen3_moe"), host_cache=8 * expert_bytes("qwen3_moe"),
-        device_format="dequantized"))
+    model = moe_patch.load_model(
+        path,
+        dtype=torch.float32,
+        options=moe_patch.offload.OffloadOptions(
+            expert_cache=3 * expert_bytes("qwen3_moe"),
+            host_cache=8 * expert_bytes("qwen3_moe"),
+            device_format="dequantized",
+        ),
+    )
     handle = get_offload_handle(model)
     assert torch.equal(greedy(model, prompts(4), 32), greedy(ref, prompts(4), 32))
     engine = handle.engine
     # the host tier holds the experts as stored (bf16, half the fp32 bytes), not fp32 copies
     assert engine.stored and handle.stats.stored_expert_bytes * 2 == handle.stats.expert_bytes
-    assert len(engine.host) and all(engine.host._entries[k].nbytes == handle.stats.stored_expert_bytes
-                                    for k in engine.host.keys())
+    assert len(engine.host) and all(
+        engine.host._entries[k].nbytes == handle.stats.stored_expert_bytes for k in engine.host.keys()
+    )
     assert handle.stats.stored_format.startswith("bfloat16")
 
 
@@ -286,8 +340,11 @@ def test_inclusive_tiers_keep_compact_host_copies_and_stay_exact(tmp_path):
     path = _bf16_checkpoint("mixtral", tmp_path / "m")
     ref = greedy(load_reference("mixtral", path), prompts(4), NEW)
     one = expert_bytes("mixtral")  # fp32
-    model = moe_patch.load_model(path, dtype=torch.float32, options=moe_patch.offload.OffloadOptions(
-        expert_cache=2 * one, host_cache=2 * one, device_format="dequantized"))
+    model = moe_patch.load_model(
+        path,
+        dtype=torch.float32,
+        options=moe_patch.offload.OffloadOptions(expert_cache=2 * one, host_cache=2 * one, device_format="dequantized"),
+    )
     engine = get_offload_handle(model).engine
     assert torch.equal(greedy(model, prompts(4), NEW), ref)
     assert not engine.merged and engine.host.peak <= 2 * one and engine.dev.peak <= 2 * one
@@ -302,8 +359,13 @@ def test_prefetch_leaves_host_resident_misses_to_the_cpu_when_asked(tmp_path):
     path = _bf16_checkpoint("qwen3_moe", tmp_path / "q")
     one = expert_bytes("qwen3_moe")
     ref = greedy(load_reference("qwen3_moe", path), prompts(1), 32)
-    model = moe_patch.load_model(path, dtype=torch.float32, options=OffloadOptions(
-        expert_cache=4 * one, host_cache=16 * one, cpu_compute="always", prefetch=True, device_format="dequantized"))
+    model = moe_patch.load_model(
+        path,
+        dtype=torch.float32,
+        options=OffloadOptions(
+            expert_cache=4 * one, host_cache=16 * one, cpu_compute="always", prefetch=True, device_format="dequantized"
+        ),
+    )
     assert torch.equal(greedy(model, prompts(1), 32), ref)
     handle = get_offload_handle(model)
     assert sum(layer.cpu_computed for layer in handle.stats.layers) > 0
@@ -322,11 +384,14 @@ def test_odd_expert_widths_offloaded_run_where_the_grouped_kernel_cannot(budget,
     cfg.moe_intermediate_size = 37
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "odd")
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "odd", dtype=torch.float32, experts_implementation="eager").eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "odd", dtype=torch.float32, experts_implementation="eager"
+    ).eval()
     expected = greedy(ref, prompts(2), 16)
     one = 3 * 37 * cfg.hidden_size * 4
-    model = moe_patch.load_model(tmp_path / "odd", dtype=torch.float32,
-                                 expert_cache=2 * one if budget == "two_experts" else None)
+    model = moe_patch.load_model(
+        tmp_path / "odd", dtype=torch.float32, expert_cache=2 * one if budget == "two_experts" else None
+    )
     try:
         assert torch.equal(greedy(model, prompts(2), 16), expected)
     finally:
@@ -347,8 +412,14 @@ def test_every_eviction_policy_drives_both_tiers_end_to_end(policy, tmp_path):
     build("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
     resident = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     one = expert_bytes("qwen3_moe")  # fp32 bytes of one expert
-    options = OffloadOptions(expert_cache=2 * one, host_cache=one, policy=policy, hot_experts=((0, 1), (1, 2)),
-                             calibrate=False, device_format="dequantized")
+    options = OffloadOptions(
+        expert_cache=2 * one,
+        host_cache=one,
+        policy=policy,
+        hot_experts=((0, 1), (1, 2)),
+        calibrate=False,
+        device_format="dequantized",
+    )
     model = moe_patch.load_model(path, dtype=torch.float32, options=options)
     engine = get_offload_handle(model).engine
     assert not engine.merged  # the host tier keeps the stored bf16 copy of what the slots hold decoded

@@ -122,8 +122,9 @@ def test_cost_model_without_gpu_never_prefers_a_transfer():
 def test_statistics_derive_rates_cv_and_bound():
     assert coefficient_of_variation([1, 1, 1, 1]) == 0
     assert math.isclose(coefficient_of_variation([0, 2]), 1.0)
-    layer = LayerStats(num_experts=2, hits={"device": 3, "host": 0, "disk": 1}, predicted=4, predicted_used=3,
-                       used_when_predicted=6)
+    layer = LayerStats(
+        num_experts=2, hits={"device": 3, "host": 0, "disk": 1}, predicted=4, predicted_used=3, used_when_predicted=6
+    )
     assert layer.hit_rate == 0.75 and layer.precision == 0.75 and layer.recall == 0.5
     assert bandwidth_bound_s({"disk": 2e9, "dram": 1e9}, {"disk": 2e9, "dram": 20e9}) == 1.0
     st = OffloadStats(layers=[layer], bandwidths=Bandwidths(dram=10.0, cpu_flops=1.0))
@@ -269,8 +270,7 @@ def test_cpu_compute_dtype_weighs_gemv_speed_against_capacity():
 
 
 @pytest.mark.parametrize("fp32_faster", [True, False])
-def test_bf16_models_on_cpu_compute_experts_in_the_dtype_measured_faster(tmp_path, monkeypatch, request,
-                                                                         fp32_faster):
+def test_bf16_models_on_cpu_compute_experts_in_the_dtype_measured_faster(tmp_path, monkeypatch, request, fp32_faster):
     import moe_patch
     from moe_patch.offload import get_offload_handle, plan
     from tests.helpers.offload import build, prompts

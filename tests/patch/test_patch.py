@@ -17,8 +17,18 @@ from moe_patch.testing.tiny import main_output, tiny_model
 
 # The families the other issues lean on, plus each adapter kind (the full family sweep is
 # tests/families/test_families.py). "legacy-*" are ModuleList models defined in moe_patch.testing.legacy.
-CORE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4", "dbrx", "jetmoe",
-        "legacy-mixtral", "legacy-deepseek"]
+CORE = [
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v3",
+    "gpt_oss",
+    "llama4",
+    "dbrx",
+    "jetmoe",
+    "legacy-mixtral",
+    "legacy-deepseek",
+]
 
 
 def build(name: str, dtype=torch.float32, seed: int = 0):
@@ -132,9 +142,14 @@ def test_decorated_experts_take_ours_only_where_it_is_measured_faster(monkeypatc
     ours_calls, stock_calls = [], []
     real_ours, real_stock = experts_mod.bank_dispatch, hf_moe.grouped_mm_experts_forward
     monkeypatch.setattr(experts_mod, "bank_dispatch", lambda *a, **k: ours_calls.append(1) or real_ours(*a, **k))
-    monkeypatch.setitem(hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "grouped_mm",
-                        lambda *a, **k: stock_calls.append(1) or real_stock(*a, **k))
-    monkeypatch.setattr(hf_moe, "grouped_mm_experts_forward", hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping["grouped_mm"])
+    monkeypatch.setitem(
+        hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping,
+        "grouped_mm",
+        lambda *a, **k: stock_calls.append(1) or real_stock(*a, **k),
+    )
+    monkeypatch.setattr(
+        hf_moe, "grouped_mm_experts_forward", hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping["grouped_mm"]
+    )
     model, inputs = build("mixtral", torch.bfloat16)
     patch_model(model)
     logits(model, inputs)
@@ -251,6 +266,7 @@ def test_compiled_patched_forward_matches_eager():
 
 # --------------------------------------------------------------------------- reports
 
+
 def test_report_counts_total_and_active_parameters():
     model, _ = build("mixtral")
     report = inspect_model(model)
@@ -270,7 +286,9 @@ def test_inspect_reads_routing_and_layout_flags():
     blocks = {n: inspect_model(build(n)[0]).blocks[0] for n in ("deepseek_v3", "gpt_oss", "qwen3_moe", "llama4")}
     ds = blocks["deepseek_v3"].routing
     assert ds.kind == "sigmoid" and ds.correction_bias and ds.groups and ds.scaling_factor != 1.0
-    assert blocks["gpt_oss"].layout.transposed and blocks["gpt_oss"].layout.interleaved and blocks["gpt_oss"].layout.bias
+    assert (
+        blocks["gpt_oss"].layout.transposed and blocks["gpt_oss"].layout.interleaved and blocks["gpt_oss"].layout.bias
+    )
     assert blocks["gpt_oss"].routing.kind == "topk_softmax"
     assert blocks["qwen3_moe"].routing.kind == "softmax_topk"
     assert blocks["llama4"].adapter == "llama4_dense" and blocks["llama4"].routing.kind == "sigmoid_topk"
@@ -288,6 +306,7 @@ def test_inspect_works_on_the_meta_device():
 
 
 # --------------------------------------------------------------------------- bad input
+
 
 def test_lists_of_mlps_that_are_not_experts_are_not_detected():
     """Residual MLP layers next to a 2-way classifier head look like 2 experts and a router."""
@@ -315,8 +334,16 @@ def test_lists_of_mlps_that_are_not_experts_are_not_detected():
 def test_a_model_without_moe_is_left_unchanged():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     before = {n: p.clone() for n, p in model.state_dict().items()}
     report = patch_model(model)
     assert not report.patched and "no Mixture-of-Experts block" in str(report)

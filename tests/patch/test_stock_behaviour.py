@@ -32,12 +32,14 @@ def dispatch_calls(monkeypatch):
     calls = []
     fused.register_experts_implementation()
     real = ALL_EXPERTS_FUNCTIONS["moe_patch"]
-    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "moe_patch",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setitem(
+        ALL_EXPERTS_FUNCTIONS._global_mapping, "moe_patch", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     for mod in (fused, module_list, base, jetmoe):  # base: the resident runner of Llama 4 and DBRX
         real_dispatch = mod.bank_dispatch
-        monkeypatch.setattr(mod, "bank_dispatch",
-                            lambda *a, _real=real_dispatch, **k: calls.append(1) or _real(*a, **k))
+        monkeypatch.setattr(
+            mod, "bank_dispatch", lambda *a, _real=real_dispatch, **k: calls.append(1) or _real(*a, **k)
+        )
     return calls
 
 
@@ -70,8 +72,11 @@ def kernel_calls(monkeypatch):
     calls: list[str] = []
     for name in ("grouped_mm", "batched_mm"):
         real = ALL_EXPERTS_FUNCTIONS[name]
-        monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, name,
-                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        monkeypatch.setitem(
+            ALL_EXPERTS_FUNCTIONS._global_mapping,
+            name,
+            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k),
+        )
     return calls
 
 
@@ -357,11 +362,20 @@ def test_experts_in_shared_memory_stay_shared():
 
 # ------------------------------------------------------------------ 4. attributes transformers reads
 
-ADAPTER_FAMILIES = ["mixtral", "longcat_flash", "step3p7", "llama4", "dbrx", "jetmoe", "switch_transformers",
-                    "nllb-moe", "vitpose_backbone", "legacy-mixtral"]
+ADAPTER_FAMILIES = [
+    "mixtral",
+    "longcat_flash",
+    "step3p7",
+    "llama4",
+    "dbrx",
+    "jetmoe",
+    "switch_transformers",
+    "nllb-moe",
+    "vitpose_backbone",
+    "legacy-mixtral",
+]
 # transformers recognises @use_experts_implementation experts by these (expert parallelism, exporters).
-DECORATED_MARKS = ("has_gate", "is_transposed", "has_bias", "has_post_expert_norm", "is_concatenated",
-                   "_apply_gate")
+DECORATED_MARKS = ("has_gate", "is_transposed", "has_bias", "has_post_expert_norm", "is_concatenated", "_apply_gate")
 
 
 #: Instance attributes patching may set: an instance forward (how undecorated layouts are patched) and, on models
@@ -371,8 +385,11 @@ INSTANCE_OVERRIDES = ("forward", "set_experts_implementation")
 
 def _public_attributes(model) -> dict[str, frozenset[str]]:
     """Each module's public instance attributes and decorated-experts marks; :data:`INSTANCE_OVERRIDES` aside."""
-    return {n: frozenset(k for k in m.__dict__ if not k.startswith("_") and k not in INSTANCE_OVERRIDES) | frozenset(
-        k for k in DECORATED_MARKS if hasattr(m, k)) for n, m in model.named_modules()}
+    return {
+        n: frozenset(k for k in m.__dict__ if not k.startswith("_") and k not in INSTANCE_OVERRIDES)
+        | frozenset(k for k in DECORATED_MARKS if hasattr(m, k))
+        for n, m in model.named_modules()
+    }
 
 
 @pytest.mark.parametrize("name", ADAPTER_FAMILIES)

@@ -37,8 +37,9 @@ def _generate(model, inputs, **kwargs):
     if model.config.is_encoder_decoder:
         kwargs["decoder_start_token_id"] = 0
     with torch.no_grad():
-        return model.generate(input_ids=inputs["input_ids"][:1], max_new_tokens=6, min_new_tokens=6, pad_token_id=0,
-                              **kwargs)
+        return model.generate(
+            input_ids=inputs["input_ids"][:1], max_new_tokens=6, min_new_tokens=6, pad_token_id=0, **kwargs
+        )
 
 
 GENERATION_MODES = {
@@ -52,8 +53,9 @@ GENERATION_MODES = {
 @pytest.mark.parametrize("name", FAMILIES)
 def test_generation_matches_stock(name, mode):
     stock, patched, inputs = twins(name)
-    assert torch.equal(_generate(patched, inputs, **GENERATION_MODES[mode]),
-                       _generate(stock, inputs, **GENERATION_MODES[mode]))
+    assert torch.equal(
+        _generate(patched, inputs, **GENERATION_MODES[mode]), _generate(stock, inputs, **GENERATION_MODES[mode])
+    )
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -50,6 +50,12 @@ class DeviceBackend(Protocol):
     def routing_table(self, table: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """A small host-made lookup table where the routing lives."""
 
-    def compute(self, bank: ExpertBank, x: torch.Tensor, slot_index: torch.Tensor, top_k_weights: torch.Tensor,
-                weight_inputs: bool) -> torch.Tensor:
+    def compute(
+        self,
+        bank: ExpertBank,
+        x: torch.Tensor,
+        slot_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        weight_inputs: bool,
+    ) -> torch.Tensor:
         """A layer's cached experts in the bank over their slot range."""

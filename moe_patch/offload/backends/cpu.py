@@ -65,7 +65,13 @@ class CpuBackend:
         """A small host-made lookup table where the routing lives."""
         return table
 
-    def compute(self, bank: ExpertBank, x: torch.Tensor, slot_index: torch.Tensor, top_k_weights: torch.Tensor,
-                weight_inputs: bool) -> torch.Tensor:
+    def compute(
+        self,
+        bank: ExpertBank,
+        x: torch.Tensor,
+        slot_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        weight_inputs: bool,
+    ) -> torch.Tensor:
         """A layer's cached experts in the bank over their slot range (the path that checks and falls back)."""
         return bank_dispatch(bank, x, slot_index, top_k_weights, weight_inputs=weight_inputs)
