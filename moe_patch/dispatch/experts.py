@@ -41,20 +41,6 @@ def _loop_wins(weight: torch.Tensor, x: torch.Tensor, rows_per_expert: float) ->
     return loop_wins(weight.dtype, rows_per_expert)
 
 
-def _kernel_wins(weight: torch.Tensor, x: torch.Tensor, rows_per_expert: float) -> bool:
-    """On a CPU, outside autograd and compilation, whether the CPU expert kernel (:mod:`moe_patch.kernels`)
-    beats transformers' grouped_mm at this many rows per expert (measured on the running machine)."""
-    if (
-        x.device.type != "cpu"
-        or torch.compiler.is_compiling()
-        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    ):
-        return False
-    from .calibration import kernel_wins
-
-    return kernel_wins(weight.dtype, rows_per_expert)
-
-
 #: The name moe-patch registers in transformers' experts registry.
 IMPLEMENTATION_NAME = "moe_patch"
 
@@ -349,44 +335,3 @@ def stock_experts_forward(module: torch.nn.Module) -> Callable[..., torch.Tensor
         replaced = "grouped_mm"
     eager = getattr(type(module).forward, "__wrapped__", None)  # the class's own (undecorated) forward
     return ALL_EXPERTS_FUNCTIONS.get_interface(replaced, eager)
-
-
-def moe_patch_experts_forward(
-    self: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-) -> torch.Tensor:
-    """The ``moe_patch`` experts implementation, registered in transformers' experts registry.
-
-    Never slower than stock: it checks the routing, then runs the implementation the model had before
-    patching (transformers' grouped GEMMs by default), except where moe-patch is measured faster on this
-    machine (half-precision experts with enough rows each, on a CPU where fp32 beats its half-precision
-    GEMM) or where transformers' kernel cannot take the weights (odd widths, float64: ours loops).
-    On CUDA and while compiling, transformers' grouped path is its sync-free one.
-    """
-    from transformers.integrations.moe import grouped_mm_experts_forward
-
-    from ..validation import check_routing  # local: validation imports nothing from dispatch
-
-    check_routing(self, top_k_index, top_k_weights)  # skipped while compiling
-    if use_transformers_grouped(hidden_states) and _module_kernel_accepts(self):
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    # rows per active expert without a host sync: at most min(E, T * k) experts are active
-    slots = top_k_index.numel()
-    up = getattr(self, up_weight_name(self))
-    rows = slots / max(1, min(up.shape[0], slots))
-    if _kernel_wins(up, hidden_states, rows):
-        from ..families.kernel import module_kernel  # local: the families build on dispatch, not the reverse
-
-        kernel = module_kernel(self)
-        if kernel is not None:
-            return kernel.forward(
-                hidden_states.contiguous(), top_k_index.to(torch.int64).contiguous(), top_k_weights.contiguous()
-            )
-    if upcast_wins(up, hidden_states, rows):
-        return bank_dispatch(fused_bank(self), hidden_states, top_k_index, top_k_weights)
-    stock = stock_experts_forward(self)
-    if stock is not grouped_mm_experts_forward or _module_kernel_accepts(self):
-        return stock(self, hidden_states, top_k_index, top_k_weights)
-    return bank_dispatch(fused_bank(self), hidden_states, top_k_index, top_k_weights)

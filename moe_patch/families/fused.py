@@ -32,7 +32,6 @@ from ..dispatch.experts import (
     fused_bank,
     fused_expert_forward,
     glu,
-    moe_patch_experts_forward,
 )
 from ..validation import NAME_ATTR, VALIDATE_ATTR, check_routing
 from .base import ExpertTensors, Family, KernelMaths, PatchOptions, param_3d, run_experts
@@ -46,6 +45,8 @@ def register_experts_implementation() -> None:
     """Add ``"moe_patch"`` to transformers' experts registry (idempotent; the registry is the
     explicit extension point transformers provides for third parties)."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from .implementation import moe_patch_experts_forward  # local: it imports this module's neighbours
 
     if IMPLEMENTATION_NAME not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION_NAME, moe_patch_experts_forward)

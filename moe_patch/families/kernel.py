@@ -11,12 +11,15 @@ views, never copies. Whoever builds one keeps torch's path for anything it refus
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from ..dispatch.calibration import CALIBRATIONS, LOOP_BUCKETS, best_seconds
 from ..errors import InvalidArgumentError
 from ..formats import StoredTensor
 from ..formats.cast import CastFormat
@@ -210,3 +213,49 @@ def module_kernel(experts: torch.nn.Module) -> ExpertKernel | None:
         kernel = None
     experts.__dict__[_KERNEL_ATTR] = (key, kernel)
     return kernel
+
+
+def _measure_kernel_wins(dtype: torch.dtype) -> float:
+    """For each row count of :data:`LOOP_BUCKETS`, whether the CPU expert kernel (:mod:`moe_patch.kernels`)
+    beats transformers' grouped_mm experts forward on the same resident experts (a bit per bucket); 0 where the
+    kernels do not run."""
+    from transformers import Qwen3MoeConfig
+    from transformers.integrations.moe import grouped_mm_experts_forward
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    experts = 4  # small enough to time in about a second per dtype on 2 cores
+    cfg = Qwen3MoeConfig(hidden_size=1024, moe_intermediate_size=512, num_experts=experts, num_experts_per_tok=1)
+    gen = torch.Generator().manual_seed(0)
+    module = Qwen3MoeExperts(cfg).to(dtype).requires_grad_(False)
+    for p in module.parameters():
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    kernel = module_kernel(module)
+    if kernel is None:
+        return 0.0
+    bits = 0
+    for i, rows in enumerate(LOOP_BUCKETS):
+        x = torch.randn(experts * rows, 1024, generator=gen).to(dtype)
+        idx = torch.arange(experts).repeat_interleave(rows).unsqueeze(1)
+        w = torch.ones(experts * rows, 1, dtype=dtype)
+        with torch.no_grad():
+            grouped, fused = best_seconds(
+                functools.partial(grouped_mm_experts_forward, module, x, idx, w),
+                functools.partial(kernel.forward, x, idx, w),
+            )
+        if fused < 0.95 * grouped:
+            bits |= 1 << i
+    return float(bits)
+
+
+def kernel_wins(dtype: torch.dtype, rows_per_expert: float) -> bool:
+    """Whether, on this machine's CPU, the CPU expert kernel beats transformers' grouped_mm at this many rows
+    per expert (the nearest measured bucket; measured once per machine, threads and torch)."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    bits = int(
+        CALIBRATIONS.get(f"cpu_kernel_wins/{str(dtype).removeprefix('torch.')}", lambda: _measure_kernel_wins(dtype))
+    )
+    nearest = min(
+        range(len(LOOP_BUCKETS)), key=lambda i: abs(math.log2(LOOP_BUCKETS[i]) - math.log2(max(rows_per_expert, 1)))
+    )
+    return bool(bits >> nearest & 1)

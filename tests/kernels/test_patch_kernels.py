@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_patch import inspect_model, patch_model, unpatch_model
-from moe_patch.dispatch import calibration
+from moe_patch.families import kernel as family_kernel
 from moe_patch.testing.compare import rel_diff
 from tests.patch.patch_helpers import build, logits
 
@@ -30,7 +30,7 @@ def _greedy(model, ids, n=32):
 
 @pytest.fixture
 def kernel_measured_faster(monkeypatch, kernel_status):
-    monkeypatch.setattr(calibration, "kernel_wins", lambda dtype, rows: True)
+    monkeypatch.setattr(family_kernel, "kernel_wins", lambda dtype, rows: True)
 
 
 def _kernel_calls(model) -> int:
@@ -75,9 +75,9 @@ def test_not_measured_faster_or_under_autograd_keeps_torch(monkeypatch, kernel_s
     model, inputs = build("qwen3_moe")
     ref = logits(model, inputs)
     patch_model(model)
-    monkeypatch.setattr(calibration, "kernel_wins", lambda dtype, rows: False)
+    monkeypatch.setattr(family_kernel, "kernel_wins", lambda dtype, rows: False)
     assert rel_diff(logits(model, inputs), ref) < 1e-5 and _kernel_calls(model) == 0
-    monkeypatch.setattr(calibration, "kernel_wins", lambda dtype, rows: True)
+    monkeypatch.setattr(family_kernel, "kernel_wins", lambda dtype, rows: True)
     out = model(**inputs).logits  # grad enabled, parameters require grad: autograd needs torch's path
     out.sum().backward()
     assert _kernel_calls(model) == 0

@@ -136,9 +136,10 @@ def test_decorated_experts_take_ours_only_where_it_is_measured_faster(monkeypatc
 
     from moe_patch.dispatch import calibration
     from moe_patch.dispatch import experts as experts_mod
+    from moe_patch.families import kernel as family_kernel
 
     monkeypatch.setattr(calibration, "upcast_min_rows", lambda dtype: crossover)
-    monkeypatch.setattr(calibration, "kernel_wins", lambda dtype, rows: False)  # the CPU kernels: test_patch_kernels
+    monkeypatch.setattr(family_kernel, "kernel_wins", lambda dtype, rows: False)  # the CPU kernels: test_patch_kernels
     ours_calls, stock_calls = [], []
     real_ours, real_stock = experts_mod.bank_dispatch, hf_moe.grouped_mm_experts_forward
     monkeypatch.setattr(experts_mod, "bank_dispatch", lambda *a, **k: ours_calls.append(1) or real_ours(*a, **k))

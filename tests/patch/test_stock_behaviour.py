@@ -267,9 +267,9 @@ def test_the_kernel_check_follows_the_weights_when_they_change_dtype(monkeypatch
     """The grouped-kernel precondition is checked once per layer and weights, not once per call: a model
     patched in fp32 and then cast to float64 (which the kernel refuses) falls back to the loop, and
     unpatching leaves no cache behind."""
-    from moe_patch.dispatch import calibration
+    from moe_patch.families import kernel as family_kernel
 
-    monkeypatch.setattr(calibration, "kernel_wins", lambda dtype, rows: False)  # not the CPU kernels' path
+    monkeypatch.setattr(family_kernel, "kernel_wins", lambda dtype, rows: False)  # not the CPU kernels' path
     model, inputs = build("mixtral")
     model.set_experts_implementation("grouped_mm")
     patch_model(model)
