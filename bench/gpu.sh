@@ -3,14 +3,14 @@
 # Logs go to $OUT (the device tool's folder) or bench/results. Each step has its own time limit so
 # one slow step cannot starve the others; a failing step does not stop the rest.
 #
-#   bash bench/gpu.sh [tests] [offload] [formats] [dispatch]     # default: all four (about 10 minutes)
+#   bash bench/gpu.sh [tests] [offload] [formats] [cpumiss] [dispatch]   # default: all five (about 13 minutes)
 #   OFFLOAD_ARGS="--layers 24 --budget 8GiB --host-cache 24GiB" bash bench/gpu.sh offload
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-steps=${*:-tests offload formats dispatch}
+steps=${*:-tests offload formats cpumiss dispatch}
 python3 - <<'EOF' 2>&1 | tee "$out/env.txt"
 import torch, transformers, platform
 print("torch", torch.__version__, "transformers", transformers.__version__, "python", platform.python_version())
@@ -40,6 +40,16 @@ for step in $steps; do
         timeout "${FORMATS_TIMEOUT:-100}" python3 bench/offload.py --device cuda --format $fmt --workdir /tmp/moe_bench \
           --cgroup-limit none --json "$out/offload_$fmt.json" ${FORMATS_ARGS:---layers 4 --budget 1GiB --host-cache 4GiB \
           --new-tokens 16 --runs 2} 2>&1 | tee "$out/offload_$fmt.txt" | tail -25
+      done ;;
+    cpumiss)
+      # MXFP4 with the host tier's misses computed on the CPU (through the CPU kernels, overlapping the GPU's hits)
+      # and without: tok/s, experts the CPU computed per token, PCIe bytes per token (issue 22)
+      for mode in always never; do
+        # shellcheck disable=SC2086
+        timeout "${CPUMISS_TIMEOUT:-100}" python3 bench/offload.py --device cuda --format mxfp4 --cpu-compute $mode \
+          --workdir /tmp/moe_bench --cgroup-limit none --json "$out/offload_mxfp4_cpu_$mode.json" \
+          ${FORMATS_ARGS:---layers 4 --budget 1GiB --host-cache 4GiB --new-tokens 16 --runs 2} 2>&1 \
+          | tee "$out/offload_mxfp4_cpu_$mode.txt" | tail -25
       done ;;
     dispatch)
       # shellcheck disable=SC2086
