@@ -8,12 +8,21 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import termios
 import time
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
+
+def in_terminal_session() -> None:
+    """``preexec_fn`` of a program run on a pty: the pty becomes its controlling terminal, and Ctrl-C its SIGINT with
+    the default action (a job a non-interactive shell starts in the background inherits SIGINT ignored, which a
+    program a user runs in the foreground of a terminal never has)."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Terminal:
@@ -33,7 +42,7 @@ class Terminal:
             env=env,
             close_fds=True,
             start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            preexec_fn=in_terminal_session,
         )
         os.close(child)
         self.seen = ""  # what the terminal showed, escape sequences and carriage returns removed

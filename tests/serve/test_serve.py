@@ -10,7 +10,6 @@ at a time, including answers the server decoded in one batch with other clients'
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pty
@@ -20,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import termios
 import threading
 import time
 import urllib.error
@@ -32,6 +30,7 @@ import pytest
 import torch
 
 from moe_patch.cli import main
+from tests.cli.terminal_helpers import in_terminal_session
 from tests.helpers.offload import VOCAB, build, expert_bytes
 from tests.helpers.tokenizer import save_word_tokenizer
 
@@ -626,7 +625,7 @@ class Terminal:
             env=env,
             close_fds=True,
             start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            preexec_fn=in_terminal_session,
         )
         os.close(child)
         self.seen = ""
