@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.training.test_training import TINY_RUN  # the example's smallest run, as the one-process test runs it
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Loss difference allowed against one batch of 8. The load-balancing loss is a statistic of the batch it is
@@ -118,26 +120,7 @@ def test_router_losses_are_per_batch_means_under_accumulation(tmp_path):
 def test_train_upcycled_example_on_two_processes(tmp_path, launch_script, launcher):
     launch_script(
         ROOT / "examples" / "train_upcycled.py",
-        [
-            "--steps",
-            "4",
-            "--batch",
-            "2",
-            "--block",
-            "32",
-            "--corpus-files",
-            "12",
-            "--vocab",
-            "300",
-            "--hidden",
-            "32",
-            "--layers",
-            "2",
-            "--log-every",
-            "2",
-            "--out",
-            str(tmp_path),
-        ],
+        [*TINY_RUN, "--out", str(tmp_path)],
         procs=2,
         launcher=launcher,
     )
