@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .dense_linears import install_dense_linears, is_dense_linear
 from .detect.structure import model_root
 from .families import PatchOptions, find_moe_blocks
 from .families.fused import dispatches, install_choice_by_name
@@ -31,6 +32,8 @@ class PatchReport:
         adapters: adapter name -> number of blocks it drives.
         already_patched: the model was patched before this call (nothing changed).
         offload: the offload handle when ``offload=`` was given (statistics live there).
+        dense_linears: dense ``nn.Linear`` modules (attention, lm_head...) whose few-row calls go through the CPU
+            kernels' GEMV, measured faster than torch's on this machine (:mod:`moe_patch.dense_linears`).
     """
 
     model_class: str
@@ -39,6 +42,7 @@ class PatchReport:
     adapters: dict[str, int] = field(default_factory=dict)
     already_patched: bool = False
     offload: Any = None
+    dense_linears: int = 0
 
     def __str__(self) -> str:
         if not self.patched and not self.skipped:
@@ -46,6 +50,8 @@ class PatchReport:
         head = "already patched; nothing changed" if self.already_patched else "patched"
         kinds = ", ".join(f"{n} x{c}" for n, c in sorted(self.adapters.items()))
         lines = [f"{self.model_class}: {head}: {len(self.patched)} MoE blocks" + (f" ({kinds})" if kinds else "")]
+        if self.dense_linears:
+            lines.append(f"  {self.dense_linears} dense linears decode through the CPU kernel GEMV")
         lines += [f"  left unpatched {p}: {why}" for p, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -75,7 +81,7 @@ def is_patched(model: torch.nn.Module) -> bool:
         return False
     if state.report.offload is not None:
         return bool(getattr(state.report.offload, "attached", True))
-    return any(dispatches(m) for m in changed_modules(root))
+    return any(dispatches(m) for m in changed_modules(root) if not is_dense_linear(m))
 
 
 def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any = None) -> PatchReport:
@@ -133,6 +139,8 @@ def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any =
                 else:
                     report.patched.append(h.info.experts_path)
             install_choice_by_name(root)
+            experts = {id(m) for h in handles for m in h.experts.modules()}
+            report.dense_linears = install_dense_linears(root, exclude=experts)
         except BaseException:
             for module in list(changed_modules(root)):
                 restore(module)

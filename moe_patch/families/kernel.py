@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
-from ..dispatch.calibration import CALIBRATIONS, LOOP_BUCKETS, best_seconds
+from ..dispatch.calibration import CALIBRATIONS, LOOP_BUCKETS
 from ..errors import InvalidArgumentError
 from ..formats import StoredTensor
 from ..formats.cast import CastFormat
 from ..kernels import ExpertFormat, ExpertWeights, KernelUnavailableError, MoEKernel, MoELayerSpec, available
+from ..timing import best_seconds
 from .base import KernelMaths
+from .records import derived
 
 #: an expert's tensors as a caller holds them: plain tensors, or stored bytes (quantized checkpoints)
 Entry = Mapping[str, Any]
@@ -200,19 +202,19 @@ def module_kernel(experts: torch.nn.Module) -> ExpertKernel | None:
     if maths is None or any(not isinstance(p, torch.Tensor) or p.device.type != "cpu" for p in params.values()):
         return None
     key = tuple((p.data_ptr(), p.dtype, p.stride(), p.shape) for p in params.values())
-    cached = experts.__dict__.get(_KERNEL_ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    stacked = {n: p.detach() for n, p in params.items()}
-    num = stacked[maths.gate_up].shape[0]
-    try:
-        kernel = ExpertKernel(maths, num, {n: t[0] for n, t in stacked.items()})
-        for e in range(num):
-            kernel.attach(e, {n: t[e] for n, t in stacked.items()})
-    except (KernelUnavailableError, InvalidArgumentError):  # e.g. weights made non-contiguous: torch's path
-        kernel = None
-    experts.__dict__[_KERNEL_ATTR] = (key, kernel)
-    return kernel
+
+    def build() -> ExpertKernel | None:
+        stacked = {n: p.detach() for n, p in params.items()}
+        num = stacked[maths.gate_up].shape[0]
+        try:
+            kernel = ExpertKernel(maths, num, {n: t[0] for n, t in stacked.items()})
+            for e in range(num):
+                kernel.attach(e, {n: t[e] for n, t in stacked.items()})
+        except (KernelUnavailableError, InvalidArgumentError):  # e.g. weights made non-contiguous: torch's path
+            return None
+        return kernel
+
+    return derived(experts, _KERNEL_ATTR, key, build)
 
 
 def _measure_kernel_wins(dtype: torch.dtype) -> float:

@@ -62,6 +62,30 @@ def restore(module: torch.nn.Module) -> bool:
     return True
 
 
+class DerivedCache:
+    """A value derived from a module's weights (a native kernel over them), kept on the module under a
+    :data:`CACHE_PREFIX` name with the key it was derived for. A copy or pickle of the module carries an empty one:
+    the copy derives its own from its own weights on first use (the original's points into the original's
+    weights, and ctypes pointers do not pickle)."""
+
+    def __init__(self, key: object = None, value: object = None) -> None:
+        self.key, self.value = key, value
+
+    def __reduce__(self):
+        return (DerivedCache, ())
+
+
+def derived(module: torch.nn.Module, name: str, key: object, build: Callable[[], object]) -> object:
+    """The value kept on ``module`` as ``name`` (a :data:`CACHE_PREFIX` name) while ``key`` holds, else ``build()``
+    kept for ``key``."""
+    cache = module.__dict__.get(name)
+    if isinstance(cache, DerivedCache) and cache.key is not None and cache.key == key:
+        return cache.value
+    value = build()
+    module.__dict__[name] = DerivedCache(key, value)
+    return value
+
+
 def changed_modules(root: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The modules under ``root`` that carry a moe-patch record."""
     return (m for m in root.modules() if SAVED_ATTR in m.__dict__)

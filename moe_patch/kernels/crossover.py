@@ -1,4 +1,6 @@
-"""Rows per expert from which decoding an expert densely and running torch's GEMM beats the fused kernel.
+"""What the kernels beat on this machine: rows per expert from which decoding an expert densely and running torch's
+GEMM beats the fused kernel, the kernel's streaming rate per format, and up to how many rows its GEMV beats
+torch's ``F.linear`` on a dense weight.
 
 The kernel decodes each weight once per call and multiplies it with every row routed to its expert from
 registers (up to 8 rows) or from a per-thread L1/L2 buffer (more), with the CPU's bf16 dot product. At
@@ -14,15 +16,14 @@ import functools
 import json
 import logging
 import math
-import statistics
 import threading
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..atomic import write_bytes
+from ..timing import best_seconds
 from .build import cache_root
 from .probe import cpu_fingerprint
 
@@ -30,16 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: rows per expert at which the two are timed against each other
 ROW_BUCKETS = (16, 64, 256)
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+#: rows at which the kernels' GEMV and ``F.linear`` are timed against each other
+LINEAR_ROWS = (1, 2, 4, 8, 16)
 
 
 def measure_gemm_min_rows(kind: str, compute: torch.dtype) -> float:
@@ -73,8 +66,8 @@ def measure_gemm_min_rows(kind: str, compute: torch.dtype) -> float:
         idx = torch.zeros(rows, 1, dtype=torch.int64)
         wts = torch.ones(rows, 1)
         out = torch.empty(rows, hidden, dtype=compute)
-        fused = _median_seconds(functools.partial(layer.forward, x, idx, wts, out))
-        if _median_seconds(functools.partial(gemm, x)) < 0.9 * fused:
+        fused, dense = best_seconds(functools.partial(layer.forward, x, idx, wts, out), functools.partial(gemm, x))
+        if dense < 0.9 * fused:
             return float(rows)
     return math.inf
 
@@ -107,7 +100,31 @@ def measure_stream_rate(kind: str, compute: torch.dtype, total_bytes: int = 96 *
     idx = torch.arange(experts, dtype=torch.int64).unsqueeze(0)
     wts = torch.ones(1, experts)
     out = torch.empty(1, hidden, dtype=compute)
-    return experts * per_expert / _median_seconds(functools.partial(layer.forward, x, idx, wts, out), repeats=3)
+    return experts * per_expert / best_seconds(functools.partial(layer.forward, x, idx, wts, out), repeats=3)[0]
+
+
+def measure_linear_max_rows(dtype: torch.dtype) -> float:
+    """The largest of :data:`LINEAR_ROWS` up to which (at every count) the kernels' GEMV is clearly (5%) faster than
+    ``F.linear`` on dense ``dtype`` weights that stream from DRAM (a decode step's attention and lm_head: 64 MiB of
+    2048 x 2048 bf16 matrices, called in turn); 0 where it never is."""
+    from .linear import LinearKernel
+
+    gen = torch.Generator().manual_seed(0)
+    side = 2048
+    count = max(2, (64 * 2**20) // (side * side * torch.empty(0, dtype=dtype).element_size()))
+    weights = [(torch.randn(side, side, generator=gen) * 0.02).to(dtype) for _ in range(count)]
+    kernels = [LinearKernel(w) for w in weights]
+    best = 0.0
+    for rows in LINEAR_ROWS:
+        x = torch.randn(rows, side, generator=gen).to(dtype)
+        with torch.no_grad():
+            gemv, torch_s = best_seconds(
+                lambda x=x: [k(x) for k in kernels], lambda x=x: [F.linear(x, w) for w in weights]
+            )
+        if gemv >= 0.95 * torch_s:
+            break
+        best = float(rows)
+    return best
 
 
 def _random_expert(fmt, hidden: int, inter: int, gen: torch.Generator) -> tuple:
@@ -165,6 +182,16 @@ class Crossovers:
             kind,
             compute,
             "kernel stream rate %s = %.3g bytes/s (measured in %.1f s)",
+        )
+
+    def linear_rows(self, dtype: torch.dtype) -> float:
+        """Rows up to which the kernels' GEMV beats ``F.linear`` on dense ``dtype`` weights here (0: never)."""
+        return self._answer(
+            f"linear/{str(dtype).removeprefix('torch.')}",
+            lambda kind, compute: measure_linear_max_rows(compute),
+            "dense",
+            dtype,
+            "kernel GEMV vs F.linear %s: the kernel up to %s rows (measured in %.1f s)",
         )
 
     def _answer(self, question: str, measure, kind: str, compute: torch.dtype, message: str) -> float:

@@ -101,6 +101,46 @@ class _ThreadWorkspaces(threading.local):
 WORKSPACES = _ThreadWorkspaces()
 
 
+def invoke(
+    variant: Variant,
+    bf16: bool,
+    layer_ref,
+    sizes: dict[tuple, int],
+    mode: int,
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor | None,
+    out: torch.Tensor,
+    tokens: int,
+    k: int,
+    accumulate: bool,
+    weight_inputs: bool,
+    workspace: Workspace | None,
+) -> None:
+    """One native call over ``tokens`` tokens (at most :data:`MAX_TOKENS`): the workspace sized from ``sizes``
+    (bytes per call shape, filled here; the layout depends on nothing else), the call's fields set, errors raised."""
+    threads = torch.get_num_threads()
+    ws = workspace or WORKSPACES.get()
+    key = (variant.name, tokens, k, mode, weight_inputs, threads)
+    need = sizes.get(key)
+    if need is None:
+        need = sizes[key] = variant.workspace(layer_ref, tokens, k, mode, int(weight_inputs), threads)
+        if len(sizes) > 256:  # many distinct prefill lengths: forget, do not grow
+            sizes.clear()
+    ptr, size = ws.ensure(need)
+    c = ws.call
+    c.x, c.idx, c.out, c.ws = x.data_ptr(), top_k_index.data_ptr(), out.data_ptr(), ptr
+    c.wts = top_k_weights.data_ptr() if top_k_weights is not None else None
+    c.x_stride, c.out_stride, c.ws_bytes = x.stride(0), out.stride(0), size
+    c.x_dtype, c.out_dtype = FLOAT_DTYPES[x.dtype], FLOAT_DTYPES[out.dtype]
+    c.w_dtype = FLOAT_DTYPES[top_k_weights.dtype] if top_k_weights is not None else DT_F32
+    c.T, c.k, c.mode, c.accumulate, c.weight_inputs = tokens, k, mode, int(accumulate), int(weight_inputs)
+    c.nthreads, c.round_bf16 = threads, int(bf16)
+    rc = variant.run(layer_ref, ws.call_ref)
+    if rc:
+        raise RuntimeError(f"internal error: kernel {variant.name} returned {rc} ({ERRORS.get(rc, '?')})")
+
+
 def _check_2d(t: torch.Tensor, name: str, dtypes, rows: int | None, cols: int | None) -> None:
     """A 2-D CPU tensor of ``dtypes``, ``[rows, cols]`` (None: any), rows contiguous (the per-call check: cheap)."""
     if not isinstance(t, torch.Tensor) or not t.is_cpu or t.dim() != 2 or t.dtype not in dtypes:
@@ -294,26 +334,22 @@ class MoEKernel:
                 )
             return
         variant, bf16 = self._variant(x.dtype)
-        threads = torch.get_num_threads()
-        ws = workspace or WORKSPACES.get()
-        key = (variant.name, tokens, k, mode, weight_inputs, threads)
-        need = self._ws_bytes.get(key)
-        if need is None:
-            need = self._ws_bytes[key] = variant.workspace(layer_ref, tokens, k, mode, int(weight_inputs), threads)
-            if len(self._ws_bytes) > 256:  # many distinct prefill lengths: forget, do not grow
-                self._ws_bytes.clear()
-        ptr, size = ws.ensure(need)
-        c = ws.call
-        c.x, c.idx, c.out, c.ws = x.data_ptr(), top_k_index.data_ptr(), out.data_ptr(), ptr
-        c.wts = top_k_weights.data_ptr() if top_k_weights is not None else None
-        c.x_stride, c.out_stride, c.ws_bytes = x.stride(0), out.stride(0), size
-        c.x_dtype, c.out_dtype = FLOAT_DTYPES[x.dtype], FLOAT_DTYPES[out.dtype]
-        c.w_dtype = FLOAT_DTYPES[top_k_weights.dtype] if top_k_weights is not None else DT_F32
-        c.T, c.k, c.mode, c.accumulate, c.weight_inputs = tokens, k, mode, int(accumulate), int(weight_inputs)
-        c.nthreads, c.round_bf16 = threads, int(bf16)
-        rc = variant.run(layer_ref, ws.call_ref)
-        if rc:
-            raise RuntimeError(f"internal error: kernel {variant.name} returned {rc} ({ERRORS.get(rc, '?')})")
+        invoke(
+            variant,
+            bf16,
+            layer_ref,
+            self._ws_bytes,
+            mode,
+            x,
+            top_k_index,
+            top_k_weights,
+            out,
+            tokens,
+            k,
+            accumulate,
+            weight_inputs,
+            workspace,
+        )
         self.last_variant = variant.name
 
     def forward(

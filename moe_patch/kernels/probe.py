@@ -9,6 +9,7 @@ kept next to the library, per CPU fingerprint, so later processes do not probe a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,9 +27,10 @@ logger = logging.getLogger(__name__)
 _CHILD = "import ctypes, sys; sys.exit(getattr(ctypes.CDLL(sys.argv[1]), 'mp_selftest_' + sys.argv[2])())"
 
 
+@functools.cache
 def cpu_fingerprint() -> str:
     """Identity of this CPU for the probe cache (model, flags, microcode): a different or upgraded CPU
-    is probed again. Never used to decide what runs."""
+    is probed again. Never used to decide what runs. Read once per process (per-call questions key on it)."""
     text = platform.machine()
     try:
         info = Path("/proc/cpuinfo").read_text()

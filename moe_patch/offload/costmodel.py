@@ -21,7 +21,7 @@ from dataclasses import fields as dataclass_fields
 
 import torch
 
-from ..dispatch.calibration import best_seconds
+from ..timing import best_seconds
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,7 @@ def test_a_kept_calibration_is_not_decided_by_a_busy_moment():
     stall during one contender's round does not make it lose."""
     import time
 
-    from moe_patch.dispatch.calibration import best_seconds
+    from moe_patch.timing import best_seconds
 
     calls = {"n": 0}
 

@@ -151,10 +151,13 @@ def test_measuring_the_crossover_runs_the_kernel_alone(kernel_status, monkeypatc
             raise AssertionError("the measurement asked for the crossover")
 
     monkeypatch.setattr(klayer, "CROSSOVERS", NoCrossover())
-    timings = iter([1.0, 0.5])  # kernel, then GEMM: the GEMM wins at the first bucket
-    monkeypatch.setattr(crossover, "_median_seconds", lambda fn, repeats=5: (fn(), next(timings))[1])
+
+    def timed(*seconds):  # best_seconds that runs each contender once and reports ``seconds``
+        return lambda *fns, **kw: tuple((fn(), s)[1] for fn, s in zip(fns, seconds, strict=True))
+
+    monkeypatch.setattr(crossover, "best_seconds", timed(1.0, 0.5))  # kernel, GEMM: the GEMM wins at once
     assert crossover.measure_gemm_min_rows("mxfp4", torch.bfloat16) == crossover.ROW_BUCKETS[0]
-    monkeypatch.setattr(crossover, "_median_seconds", lambda fn, repeats=5: (fn(), 1.0)[1])
+    monkeypatch.setattr(crossover, "best_seconds", timed(1.0, 1.0))
     assert crossover.measure_gemm_min_rows("bf16", torch.float32) == float("inf")
 
 

@@ -35,7 +35,7 @@ def kernel_measured_faster(monkeypatch, kernel_status):
 
 def _kernel_calls(model) -> int:
     cached = [m.__dict__.get(ATTR) for m in _experts(model)]
-    return sum(c[1].calls for c in cached if c is not None and c[1] is not None)
+    return sum(c.value.calls for c in cached if c is not None and c.value is not None)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -89,11 +89,34 @@ def test_the_kernel_is_rebuilt_when_the_weights_move(kernel_measured_faster):
     patch_model(model)
     logits(model, inputs)
     experts = _experts(model)[0]
-    first = experts.__dict__[ATTR][1]
+    first = experts.__dict__[ATTR].value
     with torch.no_grad():
         experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj * 2)
     logits(model, inputs)
-    assert experts.__dict__[ATTR][1] is not first
+    assert experts.__dict__[ATTR].value is not first
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_after_a_forward_builds_its_own_kernel(how, kernel_measured_faster):
+    """The kernel kept on a module points into that module's weights (ctypes pointers, which do not pickle): a
+    copy of a patched model that has run carries an empty cache and derives its own kernel from its own weights."""
+    import copy
+    import io
+
+    model, inputs = build("qwen3_moe", dtype=torch.bfloat16)
+    patch_model(model)
+    ref = logits(model, inputs)
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    assert torch.equal(logits(twin, inputs), ref)
+    assert _kernel_calls(twin) > 0
+    mine, theirs = _experts(model)[0].__dict__[ATTR].value, _experts(twin)[0].__dict__[ATTR].value
+    assert mine is not theirs
 
 
 def test_weights_the_kernel_cannot_read_in_place_keep_torch(kernel_measured_faster):

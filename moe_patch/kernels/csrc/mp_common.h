@@ -49,7 +49,7 @@ typedef struct {
     const void *x;        /* FUSED/GATE_UP: x [T, hidden]; DOWN: activations [T*k, inter] */
     const int64_t *idx;   /* [T, k] expert ids; outside [0, E) or a null weight: slot skipped */
     const void *wts;      /* [T, k] routing weights (may be null in GATE_UP mode without weight_inputs) */
-    void *out;            /* FUSED/DOWN: [T, hidden]; GATE_UP: fp32 [T*k, 2*inter] */
+    void *out;            /* FUSED/DOWN: [T, hidden]; GATE_UP: [T*k, gate_up rows] (out_dtype, bias added) */
     void *ws;             /* workspace, mp_workspace_* bytes */
     int64_t x_stride, out_stride, ws_bytes; /* strides in elements */
     int32_t x_dtype, w_dtype, out_dtype;

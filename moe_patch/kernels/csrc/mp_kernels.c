@@ -1077,7 +1077,8 @@ static void unit_gate_up_fused(const mp_layer *L, const mp_call *C, const ws_t *
     }
 }
 
-/* one unit of the gate_up-only call: stored rows n0 .. n0+nn of expert e into h [slot, row] (fp32, bias added) */
+/* one unit of the gate_up-only call: stored rows n0 .. n0+nn of expert e into out [slot, row], bias added, in the
+ * call's output dtype (fp32 for MoEKernel.gate_up; a dense linear's dtype for LinearKernel: one rounding) */
 static void unit_gate_up_only(const mp_layer *L, const mp_call *C, const ws_t *w, rows_fn fn, int e, int n0,
                               uint8_t *tws) {
     const mp_proj *P = &L->gu;
@@ -1098,9 +1099,10 @@ static void unit_gate_up_only(const mp_layer *L, const mp_call *C, const ws_t *w
         }
         fn(P, ep, rows, nn, R, xr, res, sc.buf, w->Kpx, sc.bsc, C->round_bf16);
         for (int r = 0; r < R; r++) {
-            float *dst = (float *)C->out + (int64_t)w->list[c0 + r] * C->out_stride + n0;
+            const int64_t o = (int64_t)w->list[c0 + r] * C->out_stride + n0;
             for (int i = 0; i < nn; i++)
-                dst[i] = res[r * nn + i] + (bias ? ld_elem(bias, n0 + i, P->bias_dtype) : 0.0f);
+                st_elem(C->out, o + i, C->out_dtype,
+                        res[r * nn + i] + (bias ? ld_elem(bias, n0 + i, P->bias_dtype) : 0.0f));
         }
     }
 }

@@ -1,0 +1,125 @@
+"""A decode step's dense linears (attention projections, lm_head, routers, shared experts) computed by the CPU
+kernels' GEMV (:class:`moe_patch.kernels.linear.LinearKernel`) at the row counts where this machine measured it
+faster than torch's ``F.linear`` (:meth:`~moe_patch.kernels.crossover.Crossovers.linear_rows`).
+
+In a decode step of a CPU-resident MoE model the dense weights are about half the bytes read (gpt-oss-20b's
+attention and lm_head against its four routed experts), and torch's bf16 GEMV reads them at about half the
+machine's bandwidth. :func:`install_dense_linears` gives each plain ``nn.Linear`` on the CPU a forward that takes
+the kernel for few rows and ``F.linear`` otherwise, and under autograd, autocast and ``torch.compile`` (the kernel
+has no backward and is opaque to dynamo). The change is recorded on the module (:mod:`.families.records`), so
+``unpatch_model`` and an offload handle's ``detach`` restore it; the module, its parameters and ``state_dict``
+are untouched. Numbers: fp32 sums in another order (within 1e-6 relative); bf16 rounds once, as torch does.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .families.records import CACHE_PREFIX, derived, set_attrs
+
+logger = logging.getLogger(__name__)
+
+#: recorded on each module given the kernel forward (restore removes it)
+MARK_ATTR = "_moe_patch_dense_linear"
+_KERNEL_ATTR = CACHE_PREFIX + "linear_kernel"
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: smaller weights stay with torch: below this the call's fixed cost, not the bytes, sets the time (a router)
+MIN_WEIGHT_BYTES = 1 << 20
+
+
+def is_dense_linear(module: nn.Module) -> bool:
+    """Whether :func:`install_dense_linears` gave ``module`` its kernel forward (and it is still there)."""
+    return bool(module.__dict__.get(MARK_ATTR))
+
+
+def _max_rows(dtype: torch.dtype) -> float:
+    from .kernels.crossover import CROSSOVERS
+
+    return CROSSOVERS.linear_rows(dtype)
+
+
+def _kernel(module: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The kernel over the module's own weight (referenced), kept while the weight and bias stay where they are."""
+    from .kernels import KernelUnavailableError
+    from .kernels.linear import LinearKernel
+
+    key = (weight.data_ptr(), weight.dtype, weight.shape, weight.stride(), None if bias is None else bias.data_ptr())
+
+    def build():
+        try:
+            return LinearKernel(weight.detach(), None if bias is None else bias.detach())
+        except KernelUnavailableError as exc:  # e.g. a weight made non-contiguous: torch's path from now on
+            logger.debug("dense linear left to torch: %s", exc)
+            return None
+
+    return derived(module, _KERNEL_ATTR, key, build)
+
+
+def kernel_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` through the kernel GEMV where it is measured faster."""
+    weight, bias = self.weight, self.bias
+    grads = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if (
+        grads
+        or torch.compiler.is_compiling()
+        or x.dtype != weight.dtype
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or torch.is_autocast_enabled("cpu")
+        or not 0 < x.numel() // max(x.shape[-1], 1) <= _max_rows(weight.dtype)
+    ):
+        return F.linear(x, weight, bias)
+    kernel = _kernel(self, weight, bias)
+    if kernel is None:
+        return F.linear(x, weight, bias)
+    return kernel(x if x.stride(-1) == 1 else x.contiguous())
+
+
+class KernelLinearForward:
+    """One module's forward, :func:`kernel_linear_forward`. An object with ``__reduce__`` (a bound method would not
+    pickle: the module has no attribute of its name), so a deepcopy or a pickled copy of the model gets one bound
+    to its own copy of the module; it holds the module weakly (no reference cycle keeping the weights alive)."""
+
+    def __init__(self, module: nn.Linear):
+        self._module = weakref.ref(module)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return kernel_linear_forward(self._module(), x)
+
+    def __reduce__(self):
+        return (KernelLinearForward, (self._module(),))
+
+
+def install_dense_linears(root: nn.Module, exclude: set[int] | None = None, *, meta: bool = False) -> int:
+    """Give every plain ``nn.Linear`` under ``root`` whose weight is on the CPU in bf16, fp16 or fp32 the kernel
+    forward, where the kernels run here and beat ``F.linear`` at one row for that dtype, if it holds at least
+    :data:`MIN_WEIGHT_BYTES`. Modules in ``exclude``
+    (ids) and modules whose forward someone already replaced (accelerate hooks) are left alone. ``meta``: weights
+    still on the meta device count as CPU ones (a model built empty, loaded onto the CPU next). Returns how many
+    modules were changed."""
+    from .kernels import available
+
+    if not available():
+        return 0
+    changed = 0
+    for module in root.modules():
+        if type(module) is not nn.Linear or id(module) in (exclude or ()) or "forward" in module.__dict__:
+            continue
+        w = module.weight
+        where = ("cpu", "meta") if meta else ("cpu",)
+        if not isinstance(w, torch.Tensor) or w.device.type not in where or w.dtype not in _DTYPES or w.dim() != 2:
+            continue
+        if w.numel() * w.element_size() < MIN_WEIGHT_BYTES:
+            continue
+        if _max_rows(w.dtype) < 1:  # measured: torch's GEMV is as fast here
+            continue
+        set_attrs(module, forward=KernelLinearForward(module), **{MARK_ATTR: True})
+        changed += 1
+    return changed

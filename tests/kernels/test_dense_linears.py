@@ -1,0 +1,261 @@
+"""A decode step's dense linears through the kernels' GEMV: :class:`LinearKernel` against a float64 matmul, and
+``patch_model`` / the CPU offload engine giving each plain CPU ``nn.Linear`` a forward that takes the kernel at the
+row counts measured faster here and torch's ``F.linear`` otherwise (autograd, autocast, compile, more rows). The
+module, its parameters and state_dict are untouched; unpatch and detach restore the forward; copies derive their own
+kernel; fp32 generates the stock tokens."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe_patch
+from moe_patch import dense_linears, patch_model, unpatch_model
+from moe_patch.errors import InvalidArgumentError
+from moe_patch.kernels import KERNELS, KernelUnavailableError
+from moe_patch.kernels import crossover as kcrossover
+from moe_patch.kernels.crossover import CROSSOVERS, LINEAR_ROWS
+from moe_patch.kernels.linear import LinearKernel
+from moe_patch.offload import get_offload_handle
+from moe_patch.patch import is_patched
+from moe_patch.testing.compare import rel_diff
+from tests.helpers.offload import build as build_offload
+from tests.helpers.offload import greedy, prompts
+from tests.patch.patch_helpers import build, logits
+
+#: output bound against float64 (relative to the largest output): one bf16 / fp16 rounding, or fp32 sums
+BOUND = {torch.bfloat16: 2**-8, torch.float16: 2**-10, torch.float32: 1e-6}
+
+
+def _reference(x, w, b):
+    y = x.double() @ w.double().T
+    return y + b.double() if b is not None else y
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("out_f, in_f", [(1, 1), (3, 7), (100, 33), (257, 2880), (64, 4097)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 9])
+def test_the_gemv_matches_a_float64_matmul(dtype, out_f, in_f, rows, kernel_status):
+    gen = torch.Generator().manual_seed(out_f * 7 + in_f + rows)
+    w = (torch.randn(out_f, in_f, generator=gen) * 0.05).to(dtype)
+    b = torch.randn(out_f, generator=gen).to(dtype)
+    x = torch.randn(rows, in_f, generator=gen).to(dtype)
+    for bias in (b, None):
+        got = LinearKernel(w, bias)(x)
+        want = _reference(x, w, bias)
+        assert got.dtype == dtype and got.shape == (rows, out_f)
+        assert rel_diff(got.double(), want) <= BOUND[dtype]
+
+
+def test_leading_dimensions_strided_rows_and_empty_inputs(kernel_status):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 40, generator=gen).to(torch.bfloat16)
+    kernel = LinearKernel(w)
+    x = torch.randn(2, 3, 40, generator=gen).to(torch.bfloat16)
+    assert kernel(x).shape == (2, 3, 48)
+    assert rel_diff(kernel(x).double(), _reference(x.reshape(6, 40), w, None).reshape(2, 3, 48)) <= 2**-8
+    wide = torch.randn(4, 100, generator=gen).to(torch.bfloat16)
+    assert torch.equal(kernel(wide[:, 10:50]), kernel(wide[:, 10:50].contiguous()))  # rows apart in memory
+    assert kernel(x[:0]).shape == (0, 3, 48)
+    assert kernel.last_variant in kernel_status.variants
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [
+        torch.zeros(8, 8, dtype=torch.float64),
+        torch.zeros(8, 8, dtype=torch.int32),
+        torch.zeros(2, 8, 8),
+        torch.zeros(16, 8).t(),  # transposed: no contiguous rows
+        torch.zeros(0, 8),
+    ],
+    ids=["float64", "int32", "3-D", "transposed", "empty"],
+)
+def test_weights_the_gemv_cannot_read_are_refused(weight, kernel_status):
+    with pytest.raises(KernelUnavailableError):
+        LinearKernel(weight)
+
+
+def test_a_mismatched_input_is_one_clear_error(kernel_status):
+    kernel = LinearKernel(torch.zeros(8, 16))
+    with pytest.raises(InvalidArgumentError, match="x has shape"):
+        kernel(torch.zeros(2, 15))
+
+
+def test_the_measurement_answers_the_largest_row_count_won_at_every_count(monkeypatch, kernel_status):
+    answers = iter([(0.5, 1.0), (0.5, 1.0), (0.99, 1.0), (0.1, 1.0)])  # wins at 1 and 2, not at 4: stops there
+    monkeypatch.setattr(kcrossover, "best_seconds", lambda *fns, **kw: [fn() for fn in fns] and next(answers))
+    assert kcrossover.measure_linear_max_rows(torch.bfloat16) == LINEAR_ROWS[1]
+    monkeypatch.setattr(kcrossover, "best_seconds", lambda *fns, **kw: (1.0, 1.0))
+    assert kcrossover.measure_linear_max_rows(torch.float32) == 0.0
+
+
+# ------------------------------------------------------------------ installed on a model
+
+
+@pytest.fixture
+def gemv_measured_faster(monkeypatch, kernel_status):
+    """Every linear counts (tiny models' are far below the size floor) and the GEMV wins up to 4 rows."""
+    monkeypatch.setattr(dense_linears, "MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(CROSSOVERS, "linear_rows", lambda dtype: 4.0)
+
+
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    calls = []
+    original = LinearKernel.__call__
+    monkeypatch.setattr(LinearKernel, "__call__", lambda self, x, **kw: calls.append(x.shape) or original(self, x))
+    return calls
+
+
+def _decode_inputs(model, rows=1):
+    return {"input_ids": torch.randint(3, model.config.vocab_size, (rows, 1), generator=torch.Generator())}
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_fp32_decode_through_the_gemv_generates_the_stock_tokens(name, gemv_measured_faster, gemv_calls):
+    model, inputs = build(name)
+    ids = inputs["input_ids"][:1, :4]
+    want = logits(model, {"input_ids": ids[:, :1]})
+    with torch.no_grad():
+        stock = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    report = patch_model(model)
+    assert report.dense_linears > 0 and "dense linears decode through the CPU kernel GEMV" in str(report)
+    assert rel_diff(logits(model, {"input_ids": ids[:, :1]}), want) < 1e-5
+    gemv_calls.clear()
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, stock)
+    assert gemv_calls and all(s[:-1].numel() <= 4 for s in gemv_calls)  # decode steps; the 4-token prefill too
+    assert is_patched(model)
+
+
+def test_bf16_is_within_one_rounding_of_stock(gemv_measured_faster, gemv_calls):
+    model, inputs = build("qwen3_moe", dtype=torch.bfloat16)
+    step = _decode_inputs(model)
+    want = logits(model, step)
+    patch_model(model)
+    assert rel_diff(logits(model, step), want) < 2e-2 and gemv_calls
+
+
+def test_more_rows_than_measured_faster_autograd_and_autocast_take_torch(gemv_measured_faster, gemv_calls):
+    model, inputs = build("qwen3_moe")
+    want = logits(model, inputs)  # 12 tokens per row: above the 4 rows the GEMV is measured faster at
+    patch_model(model)
+    assert rel_diff(logits(model, inputs), want) < 1e-5 and not gemv_calls
+    step = _decode_inputs(model)
+    model(**step).logits.sum().backward()  # grad enabled, parameters require grad
+    assert not gemv_calls and model.lm_head.weight.grad is not None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**step)
+    assert not gemv_calls
+
+
+def test_compiled_graphs_take_torch_and_match(gemv_measured_faster, gemv_calls):
+    model, _ = build("qwen3_moe")
+    step = _decode_inputs(model)
+    want = logits(model, step)
+    patch_model(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=False)
+    gemv_calls.clear()
+    with torch.no_grad():
+        got = compiled(**step).logits
+    assert rel_diff(got, want) < 1e-5 and not gemv_calls
+
+
+def test_unpatch_restores_the_stock_forward_and_state_dict_is_untouched(gemv_measured_faster, gemv_calls):
+    model, _ = build("qwen3_moe")
+    keys = list(model.state_dict())
+    step = _decode_inputs(model)
+    want = logits(model, step)
+    patch_model(model)
+    logits(model, step)
+    assert list(model.state_dict()) == keys
+    changed = [m for m in model.modules() if dense_linears.is_dense_linear(m)]
+    assert changed and model.lm_head in changed
+    assert unpatch_model(model)
+    assert not any(dense_linears.is_dense_linear(m) or "forward" in m.__dict__ for m in changed)
+    assert not any(k.startswith("_moe_patch") for m in changed for k in m.__dict__)
+    gemv_calls.clear()
+    assert torch.equal(logits(model, step), want) and not gemv_calls
+
+
+def test_is_patched_follows_the_experts_not_the_dense_linears(gemv_measured_faster):
+    model, _ = build("qwen3_moe")
+    patch_model(model)
+    model.set_experts_implementation("eager")  # every block handed to transformers' own forward
+    assert not is_patched(model)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_after_a_forward_derives_its_own_gemv(how, gemv_measured_faster, gemv_calls):
+    import io
+
+    model, _ = build("qwen3_moe")
+    step = _decode_inputs(model)
+    patch_model(model)
+    want = logits(model, step)
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    gemv_calls.clear()
+    assert torch.equal(logits(twin, step), want) and gemv_calls
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(2)  # the copy's own weights, not the original's
+    assert not torch.equal(logits(twin, step), want)
+    assert torch.equal(logits(model, step), want)
+
+
+def test_weights_that_move_rebuild_and_small_weights_stay_with_torch(monkeypatch, kernel_status, gemv_calls):
+    monkeypatch.setattr(CROSSOVERS, "linear_rows", lambda dtype: 4.0)
+    model, _ = build("qwen3_moe")
+    patch_model(model)
+    assert not any(dense_linears.is_dense_linear(m) for m in model.modules())  # all below the 1 MiB floor
+    unpatch_model(model)
+    monkeypatch.setattr(dense_linears, "MIN_WEIGHT_BYTES", 0)
+    patch_model(model)
+    step = _decode_inputs(model)
+    logits(model, step)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 2)
+    with torch.no_grad():
+        want = F.linear(model.model(**step).last_hidden_state, model.lm_head.weight)
+    assert rel_diff(logits(model, step), want) < 1e-5
+
+
+def test_measured_slower_or_kernels_off_changes_nothing(monkeypatch, kernel_status):
+    monkeypatch.setattr(dense_linears, "MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(CROSSOVERS, "linear_rows", lambda dtype: 0.0)
+    model, _ = build("qwen3_moe")
+    assert patch_model(model).dense_linears == 0
+    unpatch_model(model)
+    monkeypatch.setattr(CROSSOVERS, "linear_rows", lambda dtype: 4.0)
+    monkeypatch.setenv("MOE_PATCH_KERNELS", "0")
+    KERNELS.reset()
+    try:
+        assert patch_model(model).dense_linears == 0
+    finally:
+        monkeypatch.undo()
+        KERNELS.reset()
+
+
+def test_the_cpu_engine_decodes_its_dense_linears_through_the_gemv(tmp_path, gemv_measured_faster, gemv_calls):
+    import transformers
+
+    path = tmp_path / "qwen3"
+    build_offload("qwen3_moe").save_pretrained(path)
+    resident = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    stock = greedy(resident, prompts(1), 24)
+    assert not gemv_calls
+    model = moe_patch.load_model(path, dtype=torch.float32)
+    assert dense_linears.is_dense_linear(model.lm_head)
+    gemv_calls.clear()
+    assert torch.equal(greedy(model, prompts(1), 24), stock) and gemv_calls
+    get_offload_handle(model).detach()
+    assert not any(dense_linears.is_dense_linear(m) for m in model.modules())
