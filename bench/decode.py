@@ -453,6 +453,12 @@ def main(argv=None) -> int:
         choices=["bf16", "fp8", "mxfp4"],
         help="checkpoint format: bf16 and fp8 with Qwen3-30B-A3B shapes, mxfp4 with gpt-oss-20b's",
     )
+    p.add_argument(
+        "--shape",
+        default=None,
+        help="layer shapes (moe_patch.testing.synthetic.SHAPES; default: the format's, e.g. qwen3 for bf16); "
+        "qwen3-small (hidden 512, 32 experts, top-4) weighs the per-layer fixed costs",
+    )
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the Python systems")
     p.add_argument("--tokens", type=int, default=32, help="decode steps (llama-bench -n)")
     p.add_argument("--prompt", type=int, default=16, help="prefill length (llama-bench -p)")
@@ -487,7 +493,9 @@ def main(argv=None) -> int:
     from moe_patch.sizes import format_bytes
     from moe_patch.testing.synthetic import FORMAT_SHAPES, SHAPES, build_checkpoint, build_quantized
 
-    shape = FORMAT_SHAPES[args.format]
+    shape = args.shape or FORMAT_SHAPES[args.format]
+    if shape not in SHAPES:
+        p.error(f"--shape: one of {', '.join(SHAPES)}")
     name = SHAPES[shape]["name"].lower()
     checkpoint = build_checkpoint(Path(args.workdir) / f"{name}-shaped-{args.layers}L", args.layers, shape)
     if args.format != "bf16":

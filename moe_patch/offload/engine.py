@@ -39,7 +39,7 @@ from ..dispatch.core import dispatch_combine
 from ..errors import ExpertOutputError
 from ..formats import materialize
 from ..kernels.crossover import CROSSOVERS
-from ..validation import check_summary, routing_summary
+from ..validation import check_routing, check_summary, routing_summary
 from .backends import make_backend
 from .cache import Key, TierCache
 from .costmodel import Bandwidths, expert_flops_per_row, prefer_cpu
@@ -53,7 +53,7 @@ from .policy import POLICIES
 from .prefetch import Prefetcher, expert_counts
 from .reader import Reader, make_pool
 from .slab import TensorSlab
-from .slot_kernels import SlotKernels
+from .slot_kernels import GroupKernel, SlotKernels
 from .sources import ExpertSource
 from .stats import LayerStats, OffloadStats
 
@@ -149,6 +149,8 @@ class OffloadEngine:
         self.phase = "prefill"
         self.closed = False
         self.bypass_caches = False  # full-precision reads straight from the source (quantization error)
+        self._homes: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (its table's version, _home_map)
+        self._missed: dict[int, bool] = {}  # layer -> whether its last call had an expert not in a slot
 
     # -- what the plan decided, as the statistics and tests read it -------------------------------------
     @property
@@ -183,6 +185,14 @@ class OffloadEngine:
         of ``checked_by`` (the experts module: bad routing raises :class:`RoutingError` naming it)."""
         spec = self.layers[layer]
         E = spec.num_experts
+        grad = torch.is_grad_enabled() and x.requires_grad
+        home = None if grad or self.bypass_caches else self._home_map(layer)
+        if home is not None and not self._predicts(layer + 1):
+            gk = self.kernels.get(spec, self.dev.group_of[layer])
+            index = home[top_k_index.clamp(0, E)]
+            if gk is not None and bool((index >= 0).all()):  # every routed expert is in its slot already
+                routing = (x, top_k_index, top_k_weights)
+                return self._dispatch_home(spec, gk, home, index, *routing, checked_by, weight_inputs)
         summary = routing_summary(checked_by, top_k_index, top_k_weights) if checked_by is not None else None
         if self.bypass_caches:
             return dispatch_combine(
@@ -196,7 +206,7 @@ class OffloadEngine:
                 weight_inputs=weight_inputs,
             )
         counts = expert_counts(top_k_index, E).to(torch.float64)
-        prefetching = self.prefetcher.enabled_for(layer + 1) and not self._resident(layer + 1)
+        prefetching = self._predicts(layer + 1) and not self._resident(layer + 1)
         predicted = self.prefetcher.predict_counts(layer + 1, x) if prefetching else None
         pending, self._pending = self._pending, None  # the previous layer's output check rides along
         parts = [counts] + ([predicted.to(torch.float64)] if predicted is not None else [])
@@ -223,6 +233,7 @@ class OffloadEngine:
             # the one conversion to Python of this layer's bookkeeping (CPU tensors: no device sync)
             routed, cached, rows, slot_of = torch.stack([active, hit.to(torch.int64), counts_h[active], slots]).tolist()
             misses = [e for e, c in zip(routed, cached) if not c]
+            self._missed[layer] = bool(misses)
             held = [s for s, c in zip(slot_of, cached) if c]
             span = (min(held), max(held) + 1) if held else (0, 0)
             self.loader.protected = {(layer, e) for e in routed}
@@ -242,7 +253,6 @@ class OffloadEngine:
                 self.prefetcher.submit((layer, e), cached=False)
             if predicted is not None:
                 self.prefetcher.prefetch(layer + 1, host[E : E + n_pred].to(torch.int64))
-        grad = torch.is_grad_enabled() and x.requires_grad
         job = None
         if self.overlap_cpu and not grad and len(early) < len(misses):
             # misses the CPU computes from host RAM start on a CPU thread now, while the device computes the hits
@@ -286,6 +296,64 @@ class OffloadEngine:
             self.loader.protected = set()
         # checked at the next layer's host transfer (or when the forward ends): no sync of its own
         self._pending = _OutputCheck(layer, torch.isfinite(out).all(), x, top_k_index, top_k_weights, weight_inputs)
+        return out
+
+    def _predicts(self, layer: int) -> bool:
+        """Whether the layer before ``layer`` should run ``layer``'s router to read its experts ahead: always for a
+        table that evicts, and for one where every expert has a slot of its own (nothing is evicted) only while
+        ``layer`` still misses (its last call loaded an expert)."""
+        if not self.prefetcher.enabled_for(layer):
+            return False
+        return self._home_map(layer) is None or self._missed.get(layer, True)
+
+    def _home_map(self, layer: int) -> torch.Tensor | None:
+        """``[E + 1]`` expert -> slot (-1: not loaded yet) of a layer whose every expert has a slot of its own
+        (:attr:`SlotTable.homes`: nothing is ever evicted), the last entry, for ids outside ``[0, E)``, past every
+        slot (skipped); kept while no slot of its table changes hands. None for a table that evicts."""
+        table = self.dev.group_of[layer].table
+        if not table.homes:
+            return None
+        cached = self._homes.get(layer)
+        if cached is not None and cached[0] == table.version:
+            return cached[1]
+        home = torch.cat([table.slot_of[layer], torch.tensor([table.capacity])])
+        self._homes[layer] = (table.version, home)
+        return home
+
+    def _dispatch_home(
+        self,
+        spec: OffloadLayer,
+        gk: GroupKernel,
+        home: torch.Tensor,
+        index: torch.Tensor,
+        x: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        checked_by: torch.nn.Module | None,
+        weight_inputs: bool,
+    ) -> torch.Tensor:
+        """A call whose routed experts all sit in slots of their own, on the CPU kernels (``index``: the routing
+        mapped to slots): nothing to look up, pin, read, predict or evict, so only the checks, the statistics and one
+        kernel call over the slots (a model that fits its budget decodes at ``patch_model``'s speed, not at the
+        bookkeeping's). CPU tensors: the checks read values directly, as ``patch_model``'s do."""
+        E, table = spec.num_experts, self.dev.group_of[spec.index].table
+        pending, self._pending = self._pending, None
+        if pending is not None and not bool(pending.finite):
+            self._name_nonfinite(pending)
+        if checked_by is not None:
+            check_routing(checked_by, top_k_index, top_k_weights, E)
+        counts = torch.bincount(top_k_index.reshape(-1).clamp(0, E), minlength=E + 1)[:E]
+        active = counts.nonzero().flatten()
+        self._missed[spec.index] = False
+        with self.lock:
+            self.stats.layers[spec.index].add_slots(counts)
+            self.stats.layers[spec.index].hits["device"] += active.numel()
+            self.stats.bytes_read[self.phase]["device"] += active.numel() * table.slot_bytes
+            self.prefetcher.evaluate(spec.index, set(active.tolist()))
+        gk.sync(home[active].tolist())
+        out = gk.kernel.forward(x.contiguous(), index, top_k_weights.contiguous(), weight_inputs=weight_inputs)
+        finite = torch.isfinite(out).all()
+        self._pending = _OutputCheck(spec.index, finite, x, top_k_index, top_k_weights, weight_inputs)
         return out
 
     def _launch_cpu(

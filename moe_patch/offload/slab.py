@@ -62,6 +62,7 @@ class SlotTable:
         self.clock = 0
         self.evictions = 0
         self.peak_slots = 0
+        self.version = 0  # bumped whenever a slot changes hands (maps derived from slot_of check it)
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -140,6 +141,7 @@ class SlotTable:
         """Put ``key`` in ``slot``; returns the key it evicted (None if the slot was free)."""
         old = self.owner[slot].tolist()
         evicted = None
+        self.version += 1
         if old[0] >= 0:
             self.slot_of[old[0], old[1]] = -1
             self.evictions += 1
@@ -157,6 +159,7 @@ class SlotTable:
         old = self.owner[slot].tolist()
         if old[0] < 0:
             return None
+        self.version += 1
         self.slot_of[old[0], old[1]] = -1
         self.owner[slot] = -1
         self.evictions += 1

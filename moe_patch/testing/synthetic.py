@@ -18,6 +18,10 @@ import torch
 SHAPES = {
     "qwen3": dict(name="Qwen3-30B-A3B", hidden=2048, inter=768, experts=128, top_k=8),
     "gpt-oss": dict(name="gpt-oss-20b", hidden=2880, inter=2880, experts=32, top_k=4),
+    # a small model, where a step's fixed per-layer costs weigh most (the engine's bookkeeping against patch_model)
+    "qwen3-small": dict(
+        name="Qwen3-MoE-small", hidden=512, inter=256, experts=32, top_k=4, heads=8, kv_heads=2, head_dim=64
+    ),
 }
 #: checkpoint format -> the shapes its benchmark uses (the FP8 releases are Qwen3's, MXFP4 gpt-oss's)
 FORMAT_SHAPES = {"bf16": "qwen3", "fp8": "qwen3", "mxfp4": "gpt-oss"}
@@ -52,12 +56,12 @@ def config(layers: int, shape: str = "qwen3"):
     return Qwen3MoeConfig(
         vocab_size=32000,
         hidden_size=s["hidden"],
-        intermediate_size=6144,
+        intermediate_size=3 * s["hidden"],
         moe_intermediate_size=s["inter"],
         num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
+        num_attention_heads=s.get("heads", 32),
+        num_key_value_heads=s.get("kv_heads", 4),
+        head_dim=s.get("head_dim", 128),
         num_experts=s["experts"],
         num_experts_per_tok=s["top_k"],
         norm_topk_prob=True,
