@@ -497,15 +497,21 @@ def main(argv=None) -> int:
     if shape not in SHAPES:
         p.error(f"--shape: one of {', '.join(SHAPES)}")
     name = SHAPES[shape]["name"].lower()
-    checkpoint = build_checkpoint(Path(args.workdir) / f"{name}-shaped-{args.layers}L", args.layers, shape)
-    if args.format != "bf16":
+    if shape == "gpt-oss-120b":  # no bf16 twin: MXFP4 written directly (the twin alone would exceed most disks)
+        if args.format != "mxfp4":
+            p.error("--shape gpt-oss-120b is written as MXFP4 only (--format mxfp4)")
+        where = Path(args.workdir) / f"{name}-shaped-{args.layers}L-mxfp4"
+        checkpoint = build_checkpoint(where, args.layers, shape, experts="mxfp4")
+    else:
+        checkpoint = build_checkpoint(Path(args.workdir) / f"{name}-shaped-{args.layers}L", args.layers, shape)
+    if args.format != "bf16" and shape != "gpt-oss-120b":
         checkpoint = build_quantized(
             checkpoint, Path(args.workdir) / f"{name}-shaped-{args.layers}L-{args.format}", args.format
         )
     if args.profile:
         return print_profiles(args, checkpoint)
     cap = parse_size(args.cap) if args.cap else None
-    systems = args.systems.split(",") + (["engine-capped"] if cap else [])
+    systems = [s for s in args.systems.split(",") if s] + (["engine-capped"] if cap else [])
     tools, ggufs = None, {}
     args.bos = None
     if args.llama_cpp:

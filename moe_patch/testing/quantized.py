@@ -179,6 +179,19 @@ def pack_fp8(
     return _rewrite(Path(src), Path(dst), _per_weight(skip, quantize), qc)
 
 
+def mxfp4_config() -> dict:
+    """The quantization_config of the gpt-oss releases."""
+    return {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+
+
 def pack_mxfp4(src: str | Path, dst: str | Path) -> Path:
     """Rewrite a saved gpt-oss checkpoint with MXFP4 experts, as the gpt-oss releases store them."""
 
@@ -193,16 +206,7 @@ def pack_mxfp4(src: str | Path, dst: str | Path) -> Path:
                 out[key] = t
         return out
 
-    qc = {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": [
-            "model.layers.*.self_attn",
-            "model.layers.*.mlp.router",
-            "model.embed_tokens",
-            "lm_head",
-        ],
-    }
-    return _rewrite(Path(src), Path(dst), transform, qc)
+    return _rewrite(Path(src), Path(dst), transform, mxfp4_config())
 
 
 def pack_compressed_tensors(

@@ -18,6 +18,8 @@ import torch
 SHAPES = {
     "qwen3": dict(name="Qwen3-30B-A3B", hidden=2048, inter=768, experts=128, top_k=8),
     "gpt-oss": dict(name="gpt-oss-20b", hidden=2880, inter=2880, experts=32, top_k=4),
+    # the full-size disk-bound run: written as MXFP4 directly (a bf16 twin would be 4x the disk), real vocabulary
+    "gpt-oss-120b": dict(name="gpt-oss-120b", hidden=2880, inter=2880, experts=128, top_k=4, vocab=201088),
     # a small model, where a step's fixed per-layer costs weigh most (the engine's bookkeeping against patch_model)
     "qwen3-small": dict(
         name="Qwen3-MoE-small", hidden=512, inter=256, experts=32, top_k=4, heads=8, kv_heads=2, head_dim=64
@@ -31,11 +33,11 @@ def config(layers: int, shape: str = "qwen3"):
     from transformers import GptOssConfig, Qwen3MoeConfig
 
     s = SHAPES[shape]
-    if shape == "gpt-oss":
+    if shape.startswith("gpt-oss"):
         # gpt-oss-20b's layers; vocabulary 32000 instead of 201088 (its embeddings would be 2.3 GB of the
         # non-expert weights here, which only dilutes what this benchmark measures)
         return GptOssConfig(
-            vocab_size=32000,
+            vocab_size=s.get("vocab", 32000),
             hidden_size=s["hidden"],
             intermediate_size=s["inter"],
             num_hidden_layers=layers,
@@ -88,9 +90,11 @@ def _atomic_folder(path: Path, fill) -> Path:
     return path
 
 
-def build_checkpoint(path: Path, layers: int, shape: str = "qwen3") -> Path:
+def build_checkpoint(path: Path, layers: int, shape: str = "qwen3", experts: str = "bf16") -> Path:
     """Random bf16 weights saved like the real checkpoint (Qwen3: per-expert keys; gpt-oss: fused
-    experts), one safetensors shard per layer, written atomically."""
+    experts), one safetensors shard per layer, written atomically. ``experts="mxfp4"`` (gpt-oss shapes) writes
+    the experts as the gpt-oss releases store them, random blocks and scales drawn directly (no bf16 values:
+    gpt-oss-120b has 117 B of them)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -104,7 +108,7 @@ def build_checkpoint(path: Path, layers: int, shape: str = "qwen3") -> Path:
         def rand(shape_, std=0.02):
             return (torch.randn(shape_, generator=gen, device=where) * std).to(torch.bfloat16).cpu()
 
-        per_expert = shape == "qwen3"  # gpt-oss checkpoints store the experts fused, as the model holds them
+        per_expert = not shape.startswith("gpt-oss")  # gpt-oss checkpoints store the experts fused
         params = meta.state_dict()
         weight_map: dict[str, str] = {}
         owners = sorted({int(n.split(".")[2]) if n.startswith("model.layers.") else -1 for n in params})
@@ -123,6 +127,11 @@ def build_checkpoint(path: Path, layers: int, shape: str = "qwen3") -> Path:
                     prefix = name[: -len("down_proj")]
                     for e in range(p.shape[0]):
                         shard[f"{prefix}{e}.down_proj.weight"] = rand(tuple(p.shape[1:]))
+                elif experts == "mxfp4" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                    n_exp, d_in, d_out = p.shape  # the model holds [E, in, out]; stored [E, out, in/32, 16]
+                    shard[name + "_blocks"] = torch.randint(0, 256, (n_exp, d_out, d_in // 32, 16), dtype=torch.uint8)
+                    # exponents around 2**-6: values of the size a trained expert's weights have
+                    shard[name + "_scales"] = torch.randint(118, 124, (n_exp, d_out, d_in // 32), dtype=torch.uint8)
                 elif name.endswith("norm.weight"):
                     shard[name] = torch.ones(p.shape, dtype=torch.bfloat16)
                 elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):
@@ -135,6 +144,10 @@ def build_checkpoint(path: Path, layers: int, shape: str = "qwen3") -> Path:
             del shard
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
         cfg.architectures = [type(meta).__name__]  # what converters (llama.cpp's) dispatch on
+        if experts == "mxfp4":
+            from moe_patch.testing.quantized import mxfp4_config
+
+            cfg.quantization_config = mxfp4_config()
         cfg.save_pretrained(tmp)
 
     return _atomic_folder(path, fill)
