@@ -42,9 +42,11 @@ logger = logging.getLogger(__name__)
 
 
 def default_io_threads() -> int:
-    """Reader threads: they only wait on the disk (stored bytes go straight into their slots), but on a
-    2-core machine a second one steals compute from the forward; one per two cores, at most two."""
-    return max(1, min(2, (os.cpu_count() or 2) // 2))
+    """Reader threads: they wait on the disk (stored bytes go straight into their slots, nothing is decoded
+    there), and one synchronous reader leaves an SSD's queue mostly empty. Two at least, one per two cores beyond,
+    at most four: a gpt-oss-120b-shaped MXFP4 run from disk on the 2-core VM decoded at 0.45 tok/s with one reader
+    and 0.61-0.65 with 2, 4 or 8 (docs/benchmarks.md, 2026-12-07 evening)."""
+    return max(2, min(4, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(frozen=True)
