@@ -139,7 +139,7 @@ def patch_model(model: torch.nn.Module, *, validate: bool = True, offload: Any =
                 else:
                     report.patched.append(h.info.experts_path)
             install_choice_by_name(root)
-            experts = {id(m) for h in handles for m in h.experts.modules()}
+            experts = {id(m) for h in handles if isinstance(h.experts, torch.nn.Module) for m in h.experts.modules()}
             report.dense_linears = install_dense_linears(root, exclude=experts)
         except BaseException:
             for module in list(changed_modules(root)):

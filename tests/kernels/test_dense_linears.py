@@ -6,8 +6,6 @@ kernel; fp32 generates the stock tokens."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +22,7 @@ from moe_patch.patch import is_patched
 from moe_patch.testing.compare import rel_diff
 from tests.helpers.offload import build as build_offload
 from tests.helpers.offload import greedy, prompts
-from tests.patch.patch_helpers import build, logits
+from tests.patch.patch_helpers import build, copied, logits
 
 #: output bound against float64 (relative to the largest output): one bf16 / fp16 rounding, or fp32 sums
 BOUND = {torch.bfloat16: 2**-8, torch.float16: 2**-10, torch.float32: 1e-6}
@@ -192,19 +190,11 @@ def test_is_patched_follows_the_experts_not_the_dense_linears(gemv_measured_fast
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copy_after_a_forward_derives_its_own_gemv(how, gemv_measured_faster, gemv_calls):
-    import io
-
     model, _ = build("qwen3_moe")
     step = _decode_inputs(model)
     patch_model(model)
     want = logits(model, step)
-    if how == "deepcopy":
-        twin = copy.deepcopy(model)
-    else:
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        buffer.seek(0)
-        twin = torch.load(buffer, weights_only=False)
+    twin = copied(model, how)
     gemv_calls.clear()
     assert torch.equal(logits(twin, step), want) and gemv_calls
     with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 from moe_patch import inspect_model, patch_model, unpatch_model
 from moe_patch.families import kernel as family_kernel
 from moe_patch.testing.compare import rel_diff
-from tests.patch.patch_helpers import build, logits
+from tests.patch.patch_helpers import build, copied, logits
 
 ATTR = "_moe_patch_cache_expert_kernel"
 #: decorated families with transformers' default gate (silu); gpt-oss's resident experts are held [in, out],
@@ -100,19 +100,10 @@ def test_the_kernel_is_rebuilt_when_the_weights_move(kernel_measured_faster):
 def test_a_copy_after_a_forward_builds_its_own_kernel(how, kernel_measured_faster):
     """The kernel kept on a module points into that module's weights (ctypes pointers, which do not pickle): a
     copy of a patched model that has run carries an empty cache and derives its own kernel from its own weights."""
-    import copy
-    import io
-
     model, inputs = build("qwen3_moe", dtype=torch.bfloat16)
     patch_model(model)
     ref = logits(model, inputs)
-    if how == "deepcopy":
-        twin = copy.deepcopy(model)
-    else:
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        buffer.seek(0)
-        twin = torch.load(buffer, weights_only=False)
+    twin = copied(model, how)
     assert torch.equal(logits(twin, inputs), ref)
     assert _kernel_calls(twin) > 0
     mine, theirs = _experts(model)[0].__dict__[ATTR].value, _experts(twin)[0].__dict__[ATTR].value

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import copy
+import io
 
 import torch
 
@@ -18,6 +20,17 @@ def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overri
         ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
         return model, {"input_ids": ids}
     return tiny_model(name, dtype=dtype, seed=seed, **overrides)
+
+
+def copied(model: torch.nn.Module, how: str) -> torch.nn.Module:
+    """A copy of ``model`` made the way users make one: ``"deepcopy"``, or ``"pickle"`` (``torch.save`` of the
+    whole module and ``torch.load`` back)."""
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 def logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
