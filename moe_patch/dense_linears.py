@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 MARK_ATTR = "_moe_patch_dense_linear"
 _KERNEL_ATTR = CACHE_PREFIX + "linear_kernel"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FAILED: set[torch.dtype] = set()  # dtypes whose measurement failed (logged once)
 #: smaller weights stay with torch: below this the call's fixed cost, not the bytes, sets the time (a router)
 MIN_WEIGHT_BYTES = 1 << 20
 
@@ -38,9 +39,17 @@ def is_dense_linear(module: nn.Module) -> bool:
 
 
 def _max_rows(dtype: torch.dtype) -> float:
+    """Rows up to which the GEMV beats ``F.linear`` for ``dtype`` here; 0 where it cannot be measured (the
+    speed-up is optional: a failed measurement leaves torch's path, with one log line)."""
     from .kernels.crossover import CROSSOVERS
 
-    return CROSSOVERS.linear_rows(dtype)
+    try:
+        return CROSSOVERS.linear_rows(dtype)
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional speed-up keeps torch's path
+        if dtype not in _FAILED:
+            _FAILED.add(dtype)
+            logger.warning("dense linears stay with torch for %s: measuring the kernel GEMV failed: %s", dtype, exc)
+        return 0.0
 
 
 def _kernel(module: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -60,26 +69,40 @@ def _kernel(module: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None):
     return derived(module, _KERNEL_ATTR, key, build)
 
 
-def kernel_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` through the kernel GEMV where it is measured faster."""
+def _plain(t: torch.Tensor) -> bool:
+    """A dense CPU tensor with storage the kernels can read (not a subclass, a functorch wrapper or a dual)."""
+    return type(t) in (torch.Tensor, nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def kernel_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name
+    """``nn.Linear.forward`` through the kernel GEMV where it is measured faster: plain CPU tensors of one dtype
+    the kernels read, no autograd, autocast, tracing, compiling or functorch transform, few rows."""
     weight, bias = self.weight, self.bias
+    if weight.device.type != "cpu":  # the model moved: do not keep its old CPU weight alive through the kernel
+        self.__dict__.pop(_KERNEL_ATTR, None)
+        return F.linear(input, weight, bias)
     grads = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     if (
         grads
+        or input.dtype != weight.dtype
+        or weight.dtype not in _DTYPES
+        or (bias is not None and bias.dtype != weight.dtype)
+        or input.device.type != "cpu"
         or torch.compiler.is_compiling()
-        or x.dtype != weight.dtype
-        or x.device.type != "cpu"
-        or weight.device.type != "cpu"
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
         or torch.is_autocast_enabled("cpu")
-        or not 0 < x.numel() // max(x.shape[-1], 1) <= _max_rows(weight.dtype)
+        or torch._C._are_functorch_transforms_active()
+        or not (_plain(input) and _plain(weight) and (bias is None or _plain(bias)))
+        or not 0 < input.numel() // max(input.shape[-1], 1) <= _max_rows(weight.dtype)
     ):
-        return F.linear(x, weight, bias)
+        return F.linear(input, weight, bias)
     kernel = _kernel(self, weight, bias)
     if kernel is None:
-        return F.linear(x, weight, bias)
-    return kernel(x if x.stride(-1) == 1 else x.contiguous())
+        return F.linear(input, weight, bias)
+    return kernel(input if input.stride(-1) == 1 else input.contiguous())
 
 
 class KernelLinearForward:
@@ -90,8 +113,8 @@ class KernelLinearForward:
     def __init__(self, module: nn.Linear):
         self._module = weakref.ref(module)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return kernel_linear_forward(self._module(), x)
+    def __call__(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear.forward's argument name
+        return kernel_linear_forward(self._module(), input)
 
     def __reduce__(self):
         return (KernelLinearForward, (self._module(),))

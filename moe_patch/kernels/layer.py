@@ -76,7 +76,7 @@ class Workspace:
         """Address and size of at least ``nbytes`` bytes."""
         if self._buf is None or self._buf.numel() < nbytes:
             self._buf = None  # free the old one first
-            self._buf = torch.empty(nbytes + nbytes // 4, dtype=torch.uint8)
+            self._buf = torch.empty(nbytes + nbytes // 4, dtype=torch.uint8, device="cpu")
         return self._buf.data_ptr(), self._buf.numel()
 
     @property
@@ -211,7 +211,7 @@ class MoEKernel:
         self._bf16 = KERNELS.variant(allowed[0])
         fp32 = [v for v in allowed if not KERNELS.variant(v).bf16_dot]
         self._fp32 = KERNELS.variant(fp32[0]) if fp32 else None
-        self._table = torch.zeros(spec.num_experts, PTRS, dtype=torch.int64)
+        self._table = torch.zeros(spec.num_experts, PTRS, dtype=torch.int64, device="cpu")
         # what the table points into, held here (a caller re-assigning its ExpertWeights cannot free it)
         self._keep: list[list[torch.Tensor] | None] = [None] * spec.num_experts
         self._biases: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * spec.num_experts
@@ -264,7 +264,7 @@ class MoEKernel:
         )
         self._keep[expert] = keep_gu + keep_dn
         self._biases[expert] = (weights.gate_up_bias, weights.down_bias)
-        self._table[expert] = torch.tensor(gu + dn + up, dtype=torch.int64)
+        self._table[expert] = torch.tensor(gu + dn + up, dtype=torch.int64, device="cpu")
 
     def has_expert(self, expert: int) -> bool:
         return self._keep[expert] is not None
@@ -380,7 +380,7 @@ class MoEKernel:
         if top_k_weights is None:
             raise InvalidArgumentError("forward needs top_k_weights.")
         if out is None:
-            out, accumulate = torch.empty(tokens, s.hidden, dtype=x.dtype), False
+            out, accumulate = torch.empty(tokens, s.hidden, dtype=x.dtype, device="cpu"), False
         _check_2d(out, "out", FLOAT_DTYPES, tokens, s.hidden)
         if not tokens:
             return out
@@ -440,7 +440,7 @@ class MoEKernel:
         _, bf16 = self._variant(x.dtype)
         compute = torch.bfloat16 if bf16 else torch.float32
         s, k = self.spec, top_k_index.shape[1]
-        acc = torch.zeros(x.shape[0], s.hidden, dtype=torch.float32)
+        acc = torch.zeros(x.shape[0], s.hidden, dtype=torch.float32, device="cpu")
         flat = top_k_index.reshape(-1)
         for e in experts:
             slots = (flat == e).nonzero().flatten()
@@ -477,7 +477,7 @@ class MoEKernel:
         if weight_inputs and top_k_weights is None:
             raise InvalidArgumentError("weight_inputs needs top_k_weights.")
         if out is None:
-            out = torch.zeros(tokens * k, 2 * s.intermediate, dtype=torch.float32)
+            out = torch.zeros(tokens * k, 2 * s.intermediate, dtype=torch.float32, device="cpu")
         _check_2d(out, "out", (torch.float32,), tokens * k, 2 * s.intermediate)
         if tokens:
             self._run(MODE_GATE_UP, x, top_k_index, top_k_weights, out, tokens, k, False, weight_inputs, workspace)
@@ -524,7 +524,7 @@ class MoEKernel:
             raise InvalidArgumentError(f"expert {expert} is not attached.")
         rows, cols = self.spec.gate_up_shape if projection == "gate_up" else self.spec.down_shape
         if out is None:
-            out = torch.empty(rows, cols, dtype=dtype)
+            out = torch.empty(rows, cols, dtype=dtype, device="cpu")
         if out.dtype != dtype or tuple(out.shape) != (rows, cols) or not out.is_contiguous():
             raise InvalidArgumentError(f"out must be a contiguous {dtype} tensor of shape ({rows}, {cols}).")
         variant, bf16 = self._variant(dtype)

@@ -21,7 +21,7 @@ from .library import ACTIVATIONS, GLU_LAYOUTS, KERNELS, MODE_GATE_UP, PTRS, MpLa
 from .spec import FLOAT_DTYPES, ExpertFormat
 
 # the one expert every row is routed to (read-only; a slice of it is each call's routing)
-_ZERO_IDX = torch.zeros(MAX_TOKENS, 1, dtype=torch.int64)
+_ZERO_IDX = torch.zeros(MAX_TOKENS, 1, dtype=torch.int64, device="cpu")
 _GU_W, _GU_B = 0, 3  # pointer-table columns (mp_common.h: MP_GU_W, MP_GU_B)
 
 
@@ -59,7 +59,7 @@ class LinearKernel:
         self._fp32 = KERNELS.variant(fp32[0]) if fp32 else None
         self.weight, self.bias = weight, bias  # held: the table points into them
         self.out_features, self.in_features = rows, cols
-        self._table = torch.zeros(1, PTRS, dtype=torch.int64)
+        self._table = torch.zeros(1, PTRS, dtype=torch.int64, device="cpu")  # a default device must not move it
         self._table[0, _GU_W] = weight.data_ptr()
         if bias is not None:
             self._table[0, _GU_B] = bias.data_ptr()
@@ -83,7 +83,7 @@ class LinearKernel:
         variant = self._bf16 if bf16 else self._fp32
         if variant is None:
             raise InvalidArgumentError(f"no fp32 variant runs here for {x.dtype} inputs")
-        out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
+        out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device="cpu")
         for t0 in range(0, x2.shape[0], MAX_TOKENS):
             t1 = min(x2.shape[0], t0 + MAX_TOKENS)
             invoke(

@@ -186,11 +186,13 @@ class OffloadEngine:
         spec = self.layers[layer]
         E = spec.num_experts
         grad = torch.is_grad_enabled() and x.requires_grad
-        home = None if grad or self.bypass_caches else self._home_map(layer)
+        # the short path is the CPU kernels' (slots on the CPU): nothing of it runs, or syncs, on a GPU
+        short = not (grad or self.bypass_caches) and self.kernels.enabled
+        gk = self.kernels.get(spec, self.dev.group_of[layer]) if short else None
+        home = self._home_map(layer) if gk is not None else None
         if home is not None and not self._predicts(layer + 1):
-            gk = self.kernels.get(spec, self.dev.group_of[layer])
             index = home[top_k_index.clamp(0, E)]
-            if gk is not None and bool((index >= 0).all()):  # every routed expert is in its slot already
+            if bool((index >= 0).all()):  # every routed expert is in its slot already
                 routing = (x, top_k_index, top_k_weights)
                 return self._dispatch_home(spec, gk, home, index, *routing, checked_by, weight_inputs)
         summary = routing_summary(checked_by, top_k_index, top_k_weights) if checked_by is not None else None
@@ -316,8 +318,10 @@ class OffloadEngine:
         cached = self._homes.get(layer)
         if cached is not None and cached[0] == table.version:
             return cached[1]
-        home = torch.cat([table.slot_of[layer], torch.tensor([table.capacity])])
-        self._homes[layer] = (table.version, home)
+        with self.lock:  # loads assign slots under the lock: the map and its version agree
+            version = table.version
+            home = torch.cat([table.slot_of[layer], torch.tensor([table.capacity])])
+        self._homes[layer] = (version, home)
         return home
 
     def _dispatch_home(
@@ -342,7 +346,8 @@ class OffloadEngine:
             self._name_nonfinite(pending)
         if checked_by is not None:
             check_routing(checked_by, top_k_index, top_k_weights, E)
-        counts = torch.bincount(top_k_index.reshape(-1).clamp(0, E), minlength=E + 1)[:E]
+        # ids outside [0, E) (dropped slots; any id with the routing check off) are not counted, as histc does
+        counts = torch.bincount(top_k_index.reshape(-1).clamp(-1, E) + 1, minlength=E + 2)[1 : E + 1]
         active = counts.nonzero().flatten()
         self._missed[spec.index] = False
         with self.lock:

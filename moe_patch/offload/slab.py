@@ -141,13 +141,13 @@ class SlotTable:
         """Put ``key`` in ``slot``; returns the key it evicted (None if the slot was free)."""
         old = self.owner[slot].tolist()
         evicted = None
-        self.version += 1
         if old[0] >= 0:
             self.slot_of[old[0], old[1]] = -1
             self.evictions += 1
             evicted = (old[0], old[1])
         self.owner[slot, 0], self.owner[slot, 1] = key
         self.slot_of[key[0], key[1]] = slot
+        self.version += 1  # after the change: a map read in between is rebuilt at the next look
         self.clock += 1
         self.last_used[slot] = self.clock
         self.freq[key[0], key[1]] += 1
@@ -159,10 +159,10 @@ class SlotTable:
         old = self.owner[slot].tolist()
         if old[0] < 0:
             return None
-        self.version += 1
         self.slot_of[old[0], old[1]] = -1
         self.owner[slot] = -1
         self.evictions += 1
+        self.version += 1
         return (old[0], old[1])
 
 

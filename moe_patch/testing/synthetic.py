@@ -98,6 +98,9 @@ def build_checkpoint(path: Path, layers: int, shape: str = "qwen3", experts: str
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    if experts not in ("bf16", "mxfp4") or (experts == "mxfp4" and not shape.startswith("gpt-oss")):
+        raise ValueError(f"experts={experts!r} for {shape} shapes: MXFP4 experts are written for gpt-oss shapes only")
+
     def fill(tmp: Path) -> None:
         cfg = config(layers, shape)
         with torch.device("meta"):
@@ -129,9 +132,10 @@ def build_checkpoint(path: Path, layers: int, shape: str = "qwen3", experts: str
                         shard[f"{prefix}{e}.down_proj.weight"] = rand(tuple(p.shape[1:]))
                 elif experts == "mxfp4" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
                     n_exp, d_in, d_out = p.shape  # the model holds [E, in, out]; stored [E, out, in/32, 16]
-                    shard[name + "_blocks"] = torch.randint(0, 256, (n_exp, d_out, d_in // 32, 16), dtype=torch.uint8)
+                    u8 = dict(generator=gen, device=where, dtype=torch.uint8)
+                    shard[name + "_blocks"] = torch.randint(0, 256, (n_exp, d_out, d_in // 32, 16), **u8).cpu()
                     # exponents around 2**-6: values of the size a trained expert's weights have
-                    shard[name + "_scales"] = torch.randint(118, 124, (n_exp, d_out, d_in // 32), dtype=torch.uint8)
+                    shard[name + "_scales"] = torch.randint(118, 124, (n_exp, d_out, d_in // 32), **u8).cpu()
                 elif name.endswith("norm.weight"):
                     shard[name] = torch.ones(p.shape, dtype=torch.bfloat16)
                 elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):

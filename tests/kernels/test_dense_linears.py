@@ -249,3 +249,66 @@ def test_the_cpu_engine_decodes_its_dense_linears_through_the_gemv(tmp_path, gem
     assert torch.equal(greedy(model, prompts(1), 24), stock) and gemv_calls
     get_offload_handle(model).detach()
     assert not any(dense_linears.is_dense_linear(m) for m in model.modules())
+
+
+# ------------------------------------------------------------------ what stock nn.Linear does, the patched one does
+
+
+def test_what_the_gemv_cannot_take_goes_to_torch_as_stock_would(gemv_measured_faster, gemv_calls):
+    """Another dtype after patching, a bias of another dtype (torch's error), keyword calls, tracing and functorch
+    transforms (the kernel writes through raw pointers: a trace would record an empty tensor, vmap has no storage)."""
+    model, _ = build("qwen3_moe")
+    patch_model(model)
+    head = model.lm_head
+    x = torch.randn(1, head.in_features)
+    with torch.no_grad():
+        assert torch.equal(head(input=x), head(x)) and gemv_calls  # nn.Linear's own argument name
+        traced = torch.jit.trace(head, x)  # its check_trace reruns the module eagerly: the kernel may run there
+        gemv_calls.clear()
+        other = torch.randn(1, head.in_features)
+        assert rel_diff(traced(other), F.linear(other, head.weight)) < 1e-6  # the graph recorded F.linear
+        assert rel_diff(torch.func.vmap(head)(x.unsqueeze(0))[0], F.linear(x, head.weight)) < 1e-6
+        assert not gemv_calls
+        model.double()  # a dtype the kernels do not read: torch's path, no measurement, no error
+        assert rel_diff(head(x.double()), F.linear(x.double(), head.weight)) < 1e-12 and not gemv_calls
+    model.float()
+    linear = next(m for m in model.modules() if dense_linears.is_dense_linear(m) and m.bias is None)
+    linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=torch.float64), requires_grad=False)
+    with torch.no_grad(), pytest.raises(RuntimeError):  # as F.linear refuses mixed dtypes
+        linear(torch.randn(1, linear.in_features))
+
+
+def test_a_module_that_leaves_the_cpu_drops_its_kernel(gemv_measured_faster, gemv_calls):
+    model, _ = build("qwen3_moe")
+    patch_model(model)
+    head = model.lm_head
+    with torch.no_grad():
+        head(torch.randn(1, head.in_features))
+        assert dense_linears._KERNEL_ATTR in head.__dict__
+        head.to("meta")  # any device other than the CPU: the kernel would keep the old CPU weight alive
+        assert head(torch.randn(1, head.in_features, device="meta")).is_meta
+    assert dense_linears._KERNEL_ATTR not in head.__dict__
+
+
+def test_a_failed_measurement_leaves_torch_and_patches_the_rest(monkeypatch, kernel_status, caplog):
+    def broken(dtype):
+        raise RuntimeError("no memory for the measurement")
+
+    monkeypatch.setattr(dense_linears, "MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(CROSSOVERS, "linear_rows", broken)
+    monkeypatch.setattr(dense_linears, "_FAILED", set())
+    model, inputs = build("qwen3_moe")
+    want = logits(model, inputs)
+    report = patch_model(model)
+    assert report.dense_linears == 0 and report.patched
+    assert "measuring the kernel GEMV failed" in caplog.text
+    assert rel_diff(logits(model, inputs), want) < 1e-5
+
+
+def test_the_gemv_under_a_default_device_still_computes_on_the_cpu(kernel_status):
+    w = torch.randn(16, 32)
+    kernel = LinearKernel(w)
+    x = torch.randn(2, 32)
+    with torch.device("meta"):
+        got = kernel(x)
+    assert got.device.type == "cpu" and rel_diff(got.double(), _reference(x, w, None)) <= 1e-6
