@@ -141,7 +141,7 @@ def invoke(
         raise RuntimeError(f"internal error: kernel {variant.name} returned {rc} ({ERRORS.get(rc, '?')})")
 
 
-def _check_2d(t: torch.Tensor, name: str, dtypes, rows: int | None, cols: int | None) -> None:
+def check_2d(t: torch.Tensor, name: str, dtypes, rows: int | None, cols: int | None) -> None:
     """A 2-D CPU tensor of ``dtypes``, ``[rows, cols]`` (None: any), rows contiguous (the per-call check: cheap)."""
     if not isinstance(t, torch.Tensor) or not t.is_cpu or t.dim() != 2 or t.dtype not in dtypes:
         raise InvalidArgumentError(
@@ -374,14 +374,14 @@ class MoEKernel:
             weight_inputs: scale each expert's input by its routing weight instead of its output (Llama 4).
         """
         s = self.spec
-        _check_2d(x, "x", FLOAT_DTYPES, None, s.hidden)
+        check_2d(x, "x", FLOAT_DTYPES, None, s.hidden)
         tokens = x.shape[0]
         k = self._routing(top_k_index, top_k_weights, tokens)
         if top_k_weights is None:
             raise InvalidArgumentError("forward needs top_k_weights.")
         if out is None:
             out, accumulate = torch.empty(tokens, s.hidden, dtype=x.dtype, device="cpu"), False
-        _check_2d(out, "out", FLOAT_DTYPES, tokens, s.hidden)
+        check_2d(out, "out", FLOAT_DTYPES, tokens, s.hidden)
         if not tokens:
             return out
         # an expert has at most one row per token: below the smallest bucket no call asks the crossover
@@ -471,14 +471,14 @@ class MoEKernel:
         row ``t * k + j`` for slot ``(t, j)``, columns in stored row order (interleaved for gpt-oss). Rows of
         skipped slots are left as they were (zeros in a new tensor)."""
         s = self.spec
-        _check_2d(x, "x", FLOAT_DTYPES, None, s.hidden)
+        check_2d(x, "x", FLOAT_DTYPES, None, s.hidden)
         tokens = x.shape[0]
         k = self._routing(top_k_index, top_k_weights, tokens)
         if weight_inputs and top_k_weights is None:
             raise InvalidArgumentError("weight_inputs needs top_k_weights.")
         if out is None:
             out = torch.zeros(tokens * k, 2 * s.intermediate, dtype=torch.float32, device="cpu")
-        _check_2d(out, "out", (torch.float32,), tokens * k, 2 * s.intermediate)
+        check_2d(out, "out", (torch.float32,), tokens * k, 2 * s.intermediate)
         if tokens:
             self._run(MODE_GATE_UP, x, top_k_index, top_k_weights, out, tokens, k, False, weight_inputs, workspace)
         return out
@@ -497,12 +497,12 @@ class MoEKernel:
         """``out[t] (+)= sum_j w[t, j] * down(a[t * k + j])`` (weights not applied with ``weight_inputs``): the
         second half after an activation computed elsewhere. ``a``'s dtype sets the compute precision."""
         s = self.spec
-        _check_2d(out, "out", FLOAT_DTYPES, None, s.hidden)
+        check_2d(out, "out", FLOAT_DTYPES, None, s.hidden)
         tokens = out.shape[0]
         k = self._routing(top_k_index, top_k_weights, tokens)
         if top_k_weights is None and not weight_inputs:
             raise InvalidArgumentError("down needs top_k_weights (or weight_inputs=True).")
-        _check_2d(a, "a", FLOAT_DTYPES, tokens * k, s.intermediate)
+        check_2d(a, "a", FLOAT_DTYPES, tokens * k, s.intermediate)
         if tokens:
             self._run(MODE_DOWN, a, top_k_index, top_k_weights, out, tokens, k, accumulate, weight_inputs, workspace)
         return out

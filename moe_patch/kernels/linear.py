@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .errors import KernelUnavailableError
-from .layer import MAX_TOKENS, Workspace, _check_2d, invoke
+from .layer import MAX_TOKENS, Workspace, check_2d, invoke
 from .library import ACTIVATIONS, GLU_LAYOUTS, KERNELS, MODE_GATE_UP, PTRS, MpLayer
 from .spec import FLOAT_DTYPES, ExpertFormat
 
@@ -78,7 +78,7 @@ class LinearKernel:
         """``x [..., in]`` (float32, bfloat16 or float16) -> ``[..., out]`` in ``x``'s dtype."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-        _check_2d(x2, "x", FLOAT_DTYPES, None, self.in_features)
+        check_2d(x2, "x", FLOAT_DTYPES, None, self.in_features)
         bf16 = x.dtype == torch.bfloat16
         variant = self._bf16 if bf16 else self._fp32
         if variant is None:
