@@ -110,14 +110,23 @@ class KernelLinearForward:
     pickle: the module has no attribute of its name), so a deepcopy or a pickled copy of the model gets one bound
     to its own copy of the module; it holds the module weakly (no reference cycle keeping the weights alive)."""
 
-    def __init__(self, module: nn.Linear):
+    def __init__(self, module: nn.Linear, active: bool = True):
         self._module = weakref.ref(module)
+        self.active = active
 
     def __call__(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear.forward's argument name
-        return kernel_linear_forward(self._module(), input)
+        module = self._module()
+        if not self.active:
+            return nn.Linear.forward(module, input)
+        return kernel_linear_forward(module, input)
+
+    def stand_down(self) -> None:
+        """Compute ``nn.Linear``'s own forward from now on (unpatched while another library's wrapper holds this)."""
+        self.active = False
+        self._module().__dict__.pop(_KERNEL_ATTR, None)
 
     def __reduce__(self):
-        return (KernelLinearForward, (self._module(),))
+        return (KernelLinearForward, (self._module(), self.active))
 
 
 def install_dense_linears(root: nn.Module, exclude: set[int] | None = None, *, meta: bool = False) -> int:

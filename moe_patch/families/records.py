@@ -7,17 +7,22 @@ parameters for placeholders and adds model hooks, in ``moe_patch/offload/attach.
 from __future__ import annotations
 
 import enum
+import logging
 import types
 from collections.abc import Callable, Iterator
 
 import torch
 
-#: The one attribute moe-patch adds to each module it changes: what every attribute it set held before.
+logger = logging.getLogger(__name__)
+
+#: The attribute moe-patch adds to each module it changes: what every attribute it set held before.
 #: The record lives on the module itself, so unpatching restores exactly and a ``copy.deepcopy`` of the
 #: model carries records about its own modules (a list of undo closures would point at the original's).
 SAVED_ATTR = "_moe_patch_saved"
 #: Prefix of what the dispatch caches on a patched module (derived from its weights; dropped on unpatch).
 CACHE_PREFIX = "_moe_patch_cache_"
+#: the forward moe-patch installed last (restore puts the old one back only while it is still this one)
+FORWARD_ATTR = "_moe_patch_forward"
 
 
 class _Absent(enum.Enum):
@@ -38,6 +43,8 @@ def set_attrs(module: torch.nn.Module, **attrs) -> None:
     for k, v in attrs.items():
         saved.setdefault(k, module.__dict__.get(k, ABSENT))
         object.__setattr__(module, k, v)
+    if "forward" in attrs:
+        object.__setattr__(module, FORWARD_ATTR, attrs["forward"])
 
 
 def bind_forward(module: torch.nn.Module, fn: Callable) -> None:
@@ -52,8 +59,25 @@ def restore(module: torch.nn.Module) -> bool:
     for key in [k for k in module.__dict__ if k.startswith(CACHE_PREFIX)]:
         del module.__dict__[key]
     saved = module.__dict__.pop(SAVED_ATTR, None)
+    installed = module.__dict__.pop(FORWARD_ATTR, None)
     if saved is None:
         return False
+    if "forward" in saved and installed is not None and module.__dict__.get("forward") is not installed:
+        # another library wrapped the forward after moe-patch (accelerate's hooks keep ours inside theirs):
+        # putting the old one back would strip their wrapper, so theirs stays; ours, inside it, stands down to
+        # the forward it replaced where it can (``stand_down``), else keeps working there
+        stands_down = callable(getattr(installed, "stand_down", None))
+        if stands_down:
+            installed.stand_down()
+        logger.warning(
+            "%s: its forward was wrapped after moe-patch changed it; the wrapper is kept%s.",
+            type(module).__name__,
+            " and computes the original forward inside it"
+            if stands_down
+            else " with moe-patch's forward inside it (remove the wrapper first, e.g. accelerate's "
+            "remove_hook_from_module, then unpatch, to restore the original)",
+        )
+        saved = {k: v for k, v in saved.items() if k != "forward"}
     for k, v in saved.items():
         if v is ABSENT:
             module.__dict__.pop(k, None)

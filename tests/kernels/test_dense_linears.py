@@ -312,3 +312,31 @@ def test_the_gemv_under_a_default_device_still_computes_on_the_cpu(kernel_status
     with torch.device("meta"):
         got = kernel(x)
     assert got.device.type == "cpu" and rel_diff(got.double(), _reference(x, w, None)) <= 1e-6
+
+
+def test_unpatch_keeps_a_wrapper_another_library_put_around_the_forward(gemv_measured_faster, gemv_calls, caplog):
+    """accelerate's hooks wrap a module's forward and keep the one they found inside: putting the pre-patch forward
+    back would strip their wrapper (and its device placement). The wrapper stays, ours inside it computes
+    nn.Linear's own forward from then on, and a warning says so."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    model, _ = build("qwen3_moe")
+    step = _decode_inputs(model)
+    want = logits(model, step)
+    patch_model(model)
+    seen = []
+
+    class Count(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            seen.append(1)
+            return args, kwargs
+
+    add_hook_to_module(model.lm_head, Count())
+    assert unpatch_model(model)
+    assert "forward was wrapped after moe-patch" in caplog.text
+    gemv_calls.clear()
+    assert torch.equal(logits(model, step), want) and seen  # their hook still runs, the numbers are stock
+    assert not gemv_calls
+    assert not dense_linears.is_dense_linear(model.lm_head)
+    remove_hook_from_module(model.lm_head)
+    assert torch.equal(logits(model, step), want)
