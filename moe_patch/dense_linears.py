@@ -130,9 +130,9 @@ class KernelLinearForward:
 
 
 def install_dense_linears(root: nn.Module, exclude: set[int] | None = None, *, meta: bool = False) -> int:
-    """Give every plain ``nn.Linear`` under ``root`` whose weight is on the CPU in bf16, fp16 or fp32 the kernel
-    forward, where the kernels run here and beat ``F.linear`` at one row for that dtype, if it holds at least
-    :data:`MIN_WEIGHT_BYTES`. Modules in ``exclude``
+    """Give every plain ``nn.Linear`` under ``root`` whose weight is on the CPU in bf16, fp16 or fp32, of at least
+    :data:`MIN_WEIGHT_BYTES`, the kernel forward (where the kernels run here; whether they beat ``F.linear`` for
+    that dtype, and up to how many rows, is measured at the first call they could take). Modules in ``exclude``
     (ids) and modules whose forward someone already replaced (accelerate hooks) are left alone. ``meta``: weights
     still on the meta device count as CPU ones (a model built empty, loaded onto the CPU next). Returns how many
     modules were changed."""
@@ -150,8 +150,8 @@ def install_dense_linears(root: nn.Module, exclude: set[int] | None = None, *, m
             continue
         if w.numel() * w.element_size() < MIN_WEIGHT_BYTES:
             continue
-        if _max_rows(w.dtype) < 1:  # measured: torch's GEMV is as fast here
-            continue
+        # no measurement here: it runs at the first call the kernel could take (a model patched for training,
+        # whose calls all need autograd, never measures nor runs a kernel)
         set_attrs(module, forward=KernelLinearForward(module), **{MARK_ATTR: True})
         changed += 1
     return changed

@@ -32,8 +32,9 @@ class PatchReport:
         adapters: adapter name -> number of blocks it drives.
         already_patched: the model was patched before this call (nothing changed).
         offload: the offload handle when ``offload=`` was given (statistics live there).
-        dense_linears: dense ``nn.Linear`` modules (attention, lm_head...) whose few-row calls go through the CPU
-            kernels' GEMV, measured faster than torch's on this machine (:mod:`moe_patch.dense_linears`).
+        dense_linears: dense ``nn.Linear`` modules (attention, lm_head...) whose few-row inference calls go through
+            the CPU kernels' GEMV where it is measured faster than torch's on this machine
+            (:mod:`moe_patch.dense_linears`).
     """
 
     model_class: str
@@ -51,7 +52,9 @@ class PatchReport:
         kinds = ", ".join(f"{n} x{c}" for n, c in sorted(self.adapters.items()))
         lines = [f"{self.model_class}: {head}: {len(self.patched)} MoE blocks" + (f" ({kinds})" if kinds else "")]
         if self.dense_linears:
-            lines.append(f"  {self.dense_linears} dense linears decode through the CPU kernel GEMV")
+            lines.append(
+                f"  {self.dense_linears} dense linears decode through the CPU kernel GEMV where measured faster"
+            )
         lines += [f"  left unpatched {p}: {why}" for p, why in self.skipped.items()]
         return "\n".join(lines)
 
