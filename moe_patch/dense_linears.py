@@ -140,12 +140,11 @@ def install_dense_linears(root: nn.Module, exclude: set[int] | None = None, *, m
 
     if not available():
         return 0
-    changed = 0
+    changed, where = 0, ("cpu", "meta") if meta else ("cpu",)
     for module in root.modules():
         if type(module) is not nn.Linear or id(module) in (exclude or ()) or "forward" in module.__dict__:
             continue
         w = module.weight
-        where = ("cpu", "meta") if meta else ("cpu",)
         if not isinstance(w, torch.Tensor) or w.device.type not in where or w.dtype not in _DTYPES or w.dim() != 2:
             continue
         if w.numel() * w.element_size() < MIN_WEIGHT_BYTES:

@@ -101,6 +101,20 @@ class _ThreadWorkspaces(threading.local):
 WORKSPACES = _ThreadWorkspaces()
 
 
+def pick_variants(usable: tuple[str, ...], isa: str | None) -> tuple[Variant, Variant | None]:
+    """(the variant for bf16-compute calls, the one for fp32-compute calls or None): the best of ``usable`` (the
+    probe's, best first) no better than ``isa``, and the best of those without a bf16 dot product."""
+    allowed = list(usable)
+    if isa is not None:
+        if isa not in allowed:
+            raise KernelUnavailableError(
+                f"instruction-set variant {isa!r} does not run here (usable: {', '.join(allowed)})"
+            )
+        allowed = allowed[allowed.index(isa) :]
+    fp32 = [v for v in allowed if not KERNELS.variant(v).bf16_dot]
+    return KERNELS.variant(allowed[0]), KERNELS.variant(fp32[0]) if fp32 else None
+
+
 def invoke(
     variant: Variant,
     bf16: bool,
@@ -201,16 +215,7 @@ class MoEKernel:
             raise KernelUnavailableError(reason)
         self.spec = spec
         self.compute = compute
-        allowed = list(status.variants)
-        if isa is not None:
-            if isa not in allowed:
-                raise KernelUnavailableError(
-                    f"instruction-set variant {isa!r} does not run here (usable: {', '.join(allowed)})"
-                )
-            allowed = allowed[allowed.index(isa) :]
-        self._bf16 = KERNELS.variant(allowed[0])
-        fp32 = [v for v in allowed if not KERNELS.variant(v).bf16_dot]
-        self._fp32 = KERNELS.variant(fp32[0]) if fp32 else None
+        self._bf16, self._fp32 = pick_variants(status.variants, isa)
         self._table = torch.zeros(spec.num_experts, PTRS, dtype=torch.int64, device="cpu")
         # what the table points into, held here (a caller re-assigning its ExpertWeights cannot free it)
         self._keep: list[list[torch.Tensor] | None] = [None] * spec.num_experts

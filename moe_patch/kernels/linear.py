@@ -4,8 +4,9 @@ At one to a few rows a linear layer only streams its weight, and torch's CPU ``F
 about half of what the kernels' row loop reaches on the same machine (``./dev bench kernels``). A dense weight is
 an expert of one: :class:`LinearKernel` runs the kernels' gate_up pass (bias added, one rounding into the output
 dtype) over a one-expert table whose only entry is the module's own weight, referenced, not copied. Whether it
-beats torch on this machine, and up to how many rows, is measured once (:func:`linear_max_rows`); callers fall
-back to ``F.linear`` above that, for gradients, autocast and compiled graphs (``moe_patch/dense_linears.py``).
+beats torch on this machine, and up to how many rows, is measured once per machine
+(:meth:`~.crossover.Crossovers.linear_rows`); callers fall back to ``F.linear`` above that, and for gradients,
+autocast and compiled graphs (``moe_patch/dense_linears.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .errors import KernelUnavailableError
-from .layer import MAX_TOKENS, Workspace, check_2d, invoke
+from .layer import MAX_TOKENS, Workspace, check_2d, invoke, pick_variants
 from .library import ACTIVATIONS, GLU_LAYOUTS, KERNELS, MODE_GATE_UP, PTRS, MpLayer
 from .spec import FLOAT_DTYPES, ExpertFormat
 
@@ -49,14 +50,7 @@ class LinearKernel:
                 raise KernelUnavailableError(f"bias of shape {tuple(bias.shape)} {bias.dtype} for {rows} outputs")
             bias = bias.contiguous()
             fmt = ExpertFormat(fmt.kind, bias=bias.dtype)
-        allowed = list(status.variants)
-        if isa is not None:
-            if isa not in allowed:
-                raise KernelUnavailableError(f"instruction-set variant {isa!r} does not run here")
-            allowed = allowed[allowed.index(isa) :]
-        self._bf16 = KERNELS.variant(allowed[0])
-        fp32 = [v for v in allowed if not KERNELS.variant(v).bf16_dot]
-        self._fp32 = KERNELS.variant(fp32[0]) if fp32 else None
+        self._bf16, self._fp32 = pick_variants(status.variants, isa)
         self.weight, self.bias = weight, bias  # held: the table points into them
         self.out_features, self.in_features = rows, cols
         self._table = torch.zeros(1, PTRS, dtype=torch.int64, device="cpu")  # a default device must not move it
