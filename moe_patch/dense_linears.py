@@ -29,8 +29,9 @@ MARK_ATTR = "_moe_patch_dense_linear"
 _KERNEL_ATTR = CACHE_PREFIX + "linear_kernel"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FAILED: set[torch.dtype] = set()  # dtypes whose measurement failed (logged once)
-#: smaller weights stay with torch: below this the call's fixed cost, not the bytes, sets the time (a router)
-MIN_WEIGHT_BYTES = 1 << 20
+#: smaller weights never get the kernel forward: at 64 KiB a call's fixed cost, not the bytes, sets the time on any
+#: machine; between this and the sizes measured faster (``Crossovers.linear_min_bytes``) calls stay with torch
+MIN_WEIGHT_BYTES = 64 << 10
 
 
 def is_dense_linear(module: nn.Module) -> bool:
@@ -38,13 +39,13 @@ def is_dense_linear(module: nn.Module) -> bool:
     return bool(module.__dict__.get(MARK_ATTR))
 
 
-def _max_rows(dtype: torch.dtype) -> float:
-    """Rows up to which the GEMV beats ``F.linear`` for ``dtype`` here; 0 where it cannot be measured (the
-    speed-up is optional: a failed measurement leaves torch's path, with one log line)."""
+def _max_rows(dtype: torch.dtype, nbytes: int) -> float:
+    """Rows up to which the GEMV beats ``F.linear`` here for a ``dtype`` weight of ``nbytes``; 0 where it does not
+    or cannot be measured (the speed-up is optional: a failed measurement leaves torch's path, with one log line)."""
     from .kernels.crossover import CROSSOVERS
 
     try:
-        return CROSSOVERS.linear_rows(dtype)
+        return CROSSOVERS.linear_rows(dtype) if nbytes >= CROSSOVERS.linear_min_bytes(dtype) else 0.0
     except Exception as exc:  # noqa: BLE001 - any failure of an optional speed-up keeps torch's path
         if dtype not in _FAILED:
             _FAILED.add(dtype)
@@ -74,33 +75,69 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def kernel_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name
-    """``nn.Linear.forward`` through the kernel GEMV where it is measured faster: plain CPU tensors of one dtype
-    the kernels read, no autograd, autocast, tracing, compiling or functorch transform, few rows."""
-    weight, bias = self.weight, self.bias
-    if weight.device.type != "cpu":  # the model moved: do not keep its old CPU weight alive through the kernel
-        self.__dict__.pop(_KERNEL_ATTR, None)
-        return F.linear(input, weight, bias)
-    grads = torch.is_grad_enabled() and (
-        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    if (
-        grads
-        or input.dtype != weight.dtype
-        or weight.dtype not in _DTYPES
-        or (bias is not None and bias.dtype != weight.dtype)
-        or input.device.type != "cpu"
-        or torch.compiler.is_compiling()
+def _torch_only() -> bool:
+    """A mode in which a call must go through torch's ops: autograd recording is checked per tensor; these are the
+    global ones (compiling, tracing, scripting, autocast, functorch transforms)."""
+    return (
+        torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or torch.jit.is_scripting()
         or torch.is_autocast_enabled("cpu")
         or torch._C._are_functorch_transforms_active()
-        or not (_plain(input) and _plain(weight) and (bias is None or _plain(bias)))
-        or not 0 < input.numel() // max(input.shape[-1], 1) <= _max_rows(weight.dtype)
+    )
+
+
+def kernel_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name
+    """``nn.Linear.forward`` through the kernel GEMV where it is measured faster: plain CPU tensors of one dtype
+    the kernels read, no autograd, autocast, tracing, compiling or functorch transform, few rows."""
+    return _forward(self, input, None)
+
+
+def _forward(self: nn.Linear, input: torch.Tensor, state: KernelLinearForward | None) -> torch.Tensor:  # noqa: A002
+    """:func:`kernel_linear_forward`; ``state`` (the module's forward object) keeps what the last kernel call found
+    (the kernel, its weight and bias, the rows it takes) so a decode step checks identities, not the whole list."""
+    weight, bias = self.weight, self.bias
+    if not weight.is_cpu:  # the model moved: do not keep its old CPU weight alive through the kernel
+        self.__dict__.pop(_KERNEL_ATTR, None)
+        if state is not None:
+            state.ready = None
+        return F.linear(input, weight, bias)
+    if _torch_only() or (
+        torch.is_grad_enabled()
+        and (input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     ):
         return F.linear(input, weight, bias)
-    kernel = _kernel(self, weight, bias)
-    if kernel is None:
+    rows = input.numel() // input.shape[-1] if input.dim() and input.shape[-1] else 0
+    ready = state.ready if state is not None else None
+    if (
+        ready is not None
+        and ready[0] is weight
+        and ready[1] is bias
+        and ready[2] == (weight.data_ptr(), None if bias is None else bias.data_ptr())
+        and ready[3] is input.dtype
+        and ready[4] == torch.get_num_threads()
+        and input.is_cpu
+        and _plain(input)
+    ):
+        if 0 < rows <= ready[5]:
+            return ready[6](input if input.stride(-1) == 1 else input.contiguous())
+        return F.linear(input, weight, bias)
+    if (
+        input.dtype != weight.dtype
+        or weight.dtype not in _DTYPES
+        or (bias is not None and bias.dtype != weight.dtype)
+        or not input.is_cpu
+        or not (_plain(input) and _plain(weight) and (bias is None or _plain(bias)))
+        or rows == 0
+    ):
+        return F.linear(input, weight, bias)
+    max_rows = _max_rows(weight.dtype, weight.numel() * weight.element_size())
+    kernel = _kernel(self, weight, bias) if max_rows > 0 else None
+    if state is not None:  # the weight and bias by identity and address: a swapped tensor or .data decides again
+        where = (weight.data_ptr(), None if bias is None else bias.data_ptr())
+        takes = max_rows if kernel is not None else 0.0  # 0: this weight stays with torch (small, or slower here)
+        state.ready = (weight, bias, where, weight.dtype, torch.get_num_threads(), takes, kernel)
+    if kernel is None or rows > max_rows:
         return F.linear(input, weight, bias)
     return kernel(input if input.stride(-1) == 1 else input.contiguous())
 
@@ -113,16 +150,19 @@ class KernelLinearForward:
     def __init__(self, module: nn.Linear, active: bool = True):
         self._module = weakref.ref(module)
         self.active = active
+        #: what the last call decided (weight, bias, their addresses, dtype, threads, rows the kernel takes, kernel)
+        self.ready: tuple | None = None
 
     def __call__(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear.forward's argument name
         module = self._module()
         if not self.active:
             return nn.Linear.forward(module, input)
-        return kernel_linear_forward(module, input)
+        return _forward(module, input, self)
 
     def stand_down(self) -> None:
         """Compute ``nn.Linear``'s own forward from now on (unpatched while another library's wrapper holds this)."""
         self.active = False
+        self.ready = None
         self._module().__dict__.pop(_KERNEL_ATTR, None)
 
     def __reduce__(self):

@@ -1,6 +1,6 @@
 """What the kernels beat on this machine: rows per expert from which decoding an expert densely and running torch's
-GEMM beats the fused kernel, the kernel's streaming rate per format, and up to how many rows its GEMV beats
-torch's ``F.linear`` on a dense weight.
+GEMM beats the fused kernel, the kernel's streaming rate per format, and up to how many rows, and from what
+weight size, its GEMV beats torch's ``F.linear`` on a dense weight.
 
 The kernel decodes each weight once per call and multiplies it with every row routed to its expert from
 registers (up to 8 rows) or from a per-thread L1/L2 buffer (more), with the CPU's bf16 dot product. At
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 ROW_BUCKETS = (16, 64, 256)
 #: rows at which the kernels' GEMV and ``F.linear`` are timed against each other
 LINEAR_ROWS = (1, 2, 4, 8, 16)
+#: weight sizes (bytes) at which the two are timed at one row: below some size a call's fixed costs, not the
+#: weight's bytes, set the time, and which side's are lower depends on the machine and torch's build
+LINEAR_BYTES = (64 << 10, 256 << 10, 1 << 20)
 
 
 def measure_gemm_min_rows(kind: str, compute: torch.dtype) -> float:
@@ -127,6 +130,28 @@ def measure_linear_max_rows(dtype: torch.dtype) -> float:
     return best
 
 
+def measure_linear_min_bytes(dtype: torch.dtype) -> float:
+    """The smallest of :data:`LINEAR_BYTES` from which (at that size and every larger one) the kernels' GEMV is
+    clearly (5%) faster than ``F.linear`` at one row, on 64 MiB of weights of that size called in turn (a decode
+    step's small projections: attention of a narrow model, shared experts); ``inf`` where it is at none."""
+    from .linear import LinearKernel
+
+    gen = torch.Generator().manual_seed(1)
+    cols, size = 1024, torch.empty(0, dtype=dtype).element_size()
+    x = torch.randn(1, cols, generator=gen).to(dtype)
+    answer = math.inf
+    for nbytes in sorted(LINEAR_BYTES, reverse=True):
+        rows = max(1, nbytes // (cols * size))
+        weights = [(torch.randn(rows, cols, generator=gen) * 0.02).to(dtype) for _ in range((64 << 20) // nbytes)]
+        kernels = [LinearKernel(w) for w in weights]
+        with torch.no_grad():
+            gemv, torch_s = best_seconds(lambda: [k(x) for k in kernels], lambda: [F.linear(x, w) for w in weights])
+        if gemv >= 0.95 * torch_s:
+            break
+        answer = float(nbytes)
+    return answer
+
+
 def _random_expert(fmt, hidden: int, inter: int, gen: torch.Generator) -> tuple:
     """(gate_up, down, gate_up scale, down scale) of random stored bytes in ``fmt``."""
 
@@ -159,6 +184,7 @@ class Crossovers:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: dict[str, dict[str, float]] = {}
+        self._keys: dict[int, str] = {}  # thread count -> file key
 
     def _file(self, key: str):
         return cache_root() / f"crossover-{key}.json"
@@ -194,8 +220,21 @@ class Crossovers:
             "kernel GEMV vs F.linear %s: the kernel up to %s rows (measured in %.1f s)",
         )
 
+    def linear_min_bytes(self, dtype: torch.dtype) -> float:
+        """Bytes of the smallest dense ``dtype`` weight whose one-row call the kernels' GEMV wins here (inf: none)."""
+        return self._answer(
+            f"linear-bytes/{str(dtype).removeprefix('torch.')}",
+            lambda kind, compute: measure_linear_min_bytes(compute),
+            "dense",
+            dtype,
+            "kernel GEMV vs F.linear %s: the kernel from %s bytes (measured in %.1f s)",
+        )
+
     def _answer(self, question: str, measure, kind: str, compute: torch.dtype, message: str) -> float:
-        key = f"{cpu_fingerprint()}-{torch.__version__}-t{torch.get_num_threads()}"
+        threads = torch.get_num_threads()
+        key = self._keys.get(threads)
+        if key is None:  # per-call questions (a dense linear's) skip rebuilding it
+            key = self._keys[threads] = f"{cpu_fingerprint()}-{torch.__version__}-t{threads}"
         known = self._values.get(key)
         if known is not None and question in known:
             return known[question]

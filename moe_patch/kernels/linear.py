@@ -70,31 +70,18 @@ class LinearKernel:
 
     def __call__(self, x: torch.Tensor, *, workspace: Workspace | None = None) -> torch.Tensor:
         """``x [..., in]`` (float32, bfloat16 or float16) -> ``[..., out]`` in ``x``'s dtype."""
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         check_2d(x2, "x", FLOAT_DTYPES, None, self.in_features)
         bf16 = x.dtype == torch.bfloat16
         variant = self._bf16 if bf16 else self._fp32
         if variant is None:
             raise InvalidArgumentError(f"no fp32 variant runs here for {x.dtype} inputs")
-        out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device="cpu")
-        for t0 in range(0, x2.shape[0], MAX_TOKENS):
-            t1 = min(x2.shape[0], t0 + MAX_TOKENS)
-            invoke(
-                variant,
-                bf16,
-                self._layer_ref,
-                self._ws_bytes,
-                MODE_GATE_UP,
-                x2[t0:t1],
-                _ZERO_IDX[: t1 - t0],
-                None,
-                out[t0:t1],
-                t1 - t0,
-                1,
-                False,
-                False,
-                workspace,
-            )
+        rows = x2.shape[0]
+        out = torch.empty(rows, self.out_features, dtype=x.dtype, device="cpu")
+        for t0 in range(0, rows, MAX_TOKENS):  # one call for a decode step: no slices made
+            n = min(rows - t0, MAX_TOKENS)
+            xs, os_ = (x2, out) if n == rows else (x2[t0 : t0 + n], out[t0 : t0 + n])
+            args = (MODE_GATE_UP, xs, _ZERO_IDX, None, os_, n, 1, False, False, workspace)
+            invoke(variant, bf16, self._layer_ref, self._ws_bytes, *args)
         self.last_variant = variant.name
-        return out.reshape(*lead, self.out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)

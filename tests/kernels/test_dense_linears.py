@@ -94,11 +94,17 @@ def test_the_measurement_answers_the_largest_row_count_won_at_every_count(monkey
 # ------------------------------------------------------------------ installed on a model
 
 
+def _measured(monkeypatch, rows, min_bytes=0.0):
+    """The GEMV measured faster up to ``rows`` rows on weights of at least ``min_bytes`` (no real measurement)."""
+    monkeypatch.setattr(CROSSOVERS, "linear_rows", rows if callable(rows) else lambda dtype: rows)
+    monkeypatch.setattr(CROSSOVERS, "linear_min_bytes", lambda dtype: min_bytes)
+
+
 @pytest.fixture
 def gemv_measured_faster(monkeypatch, kernel_status):
     """Every linear counts (tiny models' are far below the size floor) and the GEMV wins up to 4 rows."""
     monkeypatch.setattr(dense_linears, "MIN_WEIGHT_BYTES", 0)
-    monkeypatch.setattr(CROSSOVERS, "linear_rows", lambda dtype: 4.0)
+    _measured(monkeypatch, 4.0)
 
 
 @pytest.fixture
@@ -204,10 +210,10 @@ def test_a_copy_after_a_forward_derives_its_own_gemv(how, gemv_measured_faster, 
 
 
 def test_weights_that_move_rebuild_and_small_weights_stay_with_torch(monkeypatch, kernel_status, gemv_calls):
-    monkeypatch.setattr(CROSSOVERS, "linear_rows", lambda dtype: 4.0)
+    _measured(monkeypatch, 4.0)
     model, _ = build("qwen3_moe")
     patch_model(model)
-    assert not any(dense_linears.is_dense_linear(m) for m in model.modules())  # all below the 1 MiB floor
+    assert not any(dense_linears.is_dense_linear(m) for m in model.modules())  # all below the 64 KiB floor
     unpatch_model(model)
     monkeypatch.setattr(dense_linears, "MIN_WEIGHT_BYTES", 0)
     patch_model(model)
@@ -221,14 +227,14 @@ def test_weights_that_move_rebuild_and_small_weights_stay_with_torch(monkeypatch
 
 def test_measured_slower_or_kernels_off_changes_nothing(monkeypatch, kernel_status, gemv_calls):
     monkeypatch.setattr(dense_linears, "MIN_WEIGHT_BYTES", 0)
-    monkeypatch.setattr(CROSSOVERS, "linear_rows", lambda dtype: 0.0)
+    _measured(monkeypatch, 0.0)
     model, _ = build("qwen3_moe")
     step = _decode_inputs(model)
     want = logits(model, step)
     patch_model(model)
     assert rel_diff(logits(model, step), want) < 1e-5 and not gemv_calls  # measured slower: F.linear
     unpatch_model(model)
-    monkeypatch.setattr(CROSSOVERS, "linear_rows", lambda dtype: 4.0)
+    _measured(monkeypatch, 4.0)
     monkeypatch.setenv("MOE_PATCH_KERNELS", "0")
     KERNELS.reset()
     try:
@@ -296,7 +302,7 @@ def test_a_module_that_leaves_the_cpu_drops_its_kernel(gemv_measured_faster, gem
 def test_training_never_measures_nor_runs_the_gemv(monkeypatch, kernel_status, gemv_calls):
     asked = []
     monkeypatch.setattr(dense_linears, "MIN_WEIGHT_BYTES", 0)
-    monkeypatch.setattr(CROSSOVERS, "linear_rows", lambda dtype: asked.append(dtype) or 4.0)
+    _measured(monkeypatch, lambda dtype: asked.append(dtype) or 4.0)
     model, _ = build("qwen3_moe")
     assert patch_model(model).dense_linears > 0 and not asked  # installing measures nothing
     model.train()
@@ -310,6 +316,7 @@ def test_a_failed_measurement_leaves_torch_and_patches_the_rest(monkeypatch, ker
 
     monkeypatch.setattr(dense_linears, "MIN_WEIGHT_BYTES", 0)
     monkeypatch.setattr(CROSSOVERS, "linear_rows", broken)
+    monkeypatch.setattr(CROSSOVERS, "linear_min_bytes", broken)
     monkeypatch.setattr(dense_linears, "_FAILED", set())
     model, inputs = build("qwen3_moe")
     step = _decode_inputs(model)
