@@ -1,6 +1,7 @@
 """A decode step's dense linears (attention projections, lm_head, routers, shared experts) computed by the CPU
-kernels' GEMV (:class:`moe_patch.kernels.linear.LinearKernel`) at the row counts where this machine measured it
-faster than torch's ``F.linear`` (:meth:`~moe_patch.kernels.crossover.Crossovers.linear_rows`).
+kernels' GEMV (:class:`moe_patch.kernels.linear.LinearKernel`) at the row counts and weight sizes where this machine
+measured it faster than torch's ``F.linear`` (:meth:`~moe_patch.kernels.crossover.Crossovers.linear_rows`,
+:meth:`~moe_patch.kernels.crossover.Crossovers.linear_min_bytes`).
 
 In a decode step of a CPU-resident MoE model the dense weights are about half the bytes read (gpt-oss-20b's
 attention and lm_head against its four routed experts), and torch's bf16 GEMV reads them at about half the

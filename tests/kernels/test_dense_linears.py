@@ -15,7 +15,7 @@ from moe_patch import dense_linears, patch_model, unpatch_model
 from moe_patch.errors import InvalidArgumentError
 from moe_patch.kernels import KERNELS, KernelUnavailableError
 from moe_patch.kernels import crossover as kcrossover
-from moe_patch.kernels.crossover import CROSSOVERS, LINEAR_ROWS
+from moe_patch.kernels.crossover import CROSSOVERS, LINEAR_BYTES, LINEAR_ROWS
 from moe_patch.kernels.linear import LinearKernel
 from moe_patch.offload import get_offload_handle
 from moe_patch.patch import is_patched
@@ -89,6 +89,52 @@ def test_the_measurement_answers_the_largest_row_count_won_at_every_count(monkey
     assert kcrossover.measure_linear_max_rows(torch.bfloat16) == LINEAR_ROWS[1]
     monkeypatch.setattr(kcrossover, "best_seconds", lambda *fns, **kw: (1.0, 1.0))
     assert kcrossover.measure_linear_max_rows(torch.float32) == 0.0
+
+
+def test_the_size_floor_is_the_smallest_size_won_there_and_at_every_larger_one(monkeypatch, kernel_status):
+    sizes = sorted(LINEAR_BYTES, reverse=True)  # timed largest first: 1 MiB and 256 KiB won, 64 KiB lost
+    answers = iter([(0.5, 1.0), (0.5, 1.0), (1.2, 1.0)])
+    monkeypatch.setattr(kcrossover, "best_seconds", lambda *fns, **kw: [fn() for fn in fns] and next(answers))
+    assert kcrossover.measure_linear_min_bytes(torch.bfloat16) == sizes[1]
+    monkeypatch.setattr(kcrossover, "best_seconds", lambda *fns, **kw: (1.0, 1.0))  # never clearly faster
+    assert kcrossover.measure_linear_min_bytes(torch.float32) == float("inf")
+
+
+def test_a_kept_decision_follows_swapped_data_and_thread_counts(gemv_measured_faster, gemv_calls):
+    model, _ = build("qwen3_moe")
+    patch_model(model)
+    head = model.lm_head
+    x = torch.randn(1, head.in_features)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        head(x)
+        head.weight.data = head.weight.data * 2  # same Parameter, new storage: the kernel must not read the old one
+        assert rel_diff(head(x), F.linear(x, head.weight)) < 1e-6
+        head.bias = torch.nn.Parameter(torch.ones(head.out_features))
+        assert rel_diff(head(x), F.linear(x, head.weight, head.bias)) < 1e-6
+        torch.set_num_threads(1)
+        try:
+            gemv_calls.clear()
+            assert rel_diff(head(x), F.linear(x, head.weight, head.bias)) < 1e-6 and gemv_calls
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_a_weight_below_the_measured_floor_stays_with_torch(monkeypatch, kernel_status, gemv_calls):
+    monkeypatch.setattr(dense_linears, "MIN_WEIGHT_BYTES", 0)
+    model, _ = build("qwen3_moe")
+    head = model.lm_head
+    nbytes = head.weight.numel() * head.weight.element_size()
+    _measured(monkeypatch, 4.0, min_bytes=nbytes + 1)
+    patch_model(model)
+    x = torch.randn(1, head.in_features)
+    with torch.no_grad():
+        assert torch.equal(head(x), F.linear(x, head.weight)) and not gemv_calls
+    unpatch_model(model)
+    _measured(monkeypatch, 4.0, min_bytes=nbytes)
+    patch_model(model)
+    with torch.no_grad():
+        assert rel_diff(head(x), F.linear(x, head.weight)) < 1e-6 and gemv_calls
 
 
 # ------------------------------------------------------------------ installed on a model
