@@ -3,6 +3,7 @@
     safetensors.py  one file's header, checked against the file (DTYPES, TensorEntry, read_header)
     index.py        model.safetensors.index.json and its agreement with the shards (read_index, read_shards)
     checkpoint.py   a checkpoint folder opened for positional reads of whole tensors, rows or blocks
+    direct.py       reads past the page cache (O_DIRECT) and the rule for when a run uses them
 
 It imports nothing of moe-patch but :mod:`moe_patch.errors`: offload, detect, converters and hub_scripts
 all stand on it. Only safetensors is read, never pickle.

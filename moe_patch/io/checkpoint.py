@@ -12,6 +12,7 @@ Tensors are read with ``os.preadv`` at the offsets the safetensors header gives,
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -20,8 +21,11 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .direct import MIN_DIRECT_BYTES, DirectIOUnsupported, DirectReader, open_direct
 from .index import INDEX_NAME, read_index, read_shards
 from .safetensors import TensorEntry, read_header
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_entries(directory: Path) -> dict[str, TensorEntry]:
@@ -51,6 +55,9 @@ class Checkpoint:
     truncated shard or a tensor absent from its shard is reported before anything runs; a caller
     that has read and checked the headers its own way passes ``entries`` instead.
     File descriptors stay open for the life of the object (``close()`` releases them).
+
+    ``direct``: ranges of at least 1 MiB are read past the page cache (``O_DIRECT``, :mod:`.direct`); where the
+    file system refuses it, reads fall back to the page cache with one log line.
     """
 
     def __init__(self, directory: str | os.PathLike, entries: Mapping[str, TensorEntry] | None = None):
@@ -59,7 +66,10 @@ class Checkpoint:
             dict(entries) if entries is not None else checkpoint_entries(self.directory)
         )
         self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.direct = False
+        self._direct_reader = DirectReader()
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -82,15 +92,29 @@ class Checkpoint:
                 self._fds[file] = fd
             return fd
 
+    def _direct_fd(self, file: str) -> int:
+        with self._lock:
+            fd = self._direct_fds.get(file)
+            if fd is None:
+                fd = self._direct_fds[file] = open_direct(file)
+            return fd
+
     def read_bytes(self, entry: TensorEntry, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read ``[start, end)`` of ``entry``'s file into a uint8 tensor (``out`` if given, e.g. pinned)."""
         n = end - start
         buf = out if out is not None else torch.empty(n, dtype=torch.uint8)
         if buf.numel() != n or buf.dtype != torch.uint8:
             raise ValueError(f"read buffer must be {n} uint8 elements")
-        view = memoryview(buf.numpy()) if n else memoryview(b"")
         done = 0
         try:
+            if self.direct and n >= MIN_DIRECT_BYTES and buf.is_contiguous():
+                try:
+                    done = self._direct_reader.read(self._direct_fd(entry.file), start, buf)
+                except DirectIOUnsupported as exc:
+                    if self.direct:
+                        logger.info("%s: reading through the page cache (%s)", self.directory, exc.strerror)
+                    self.direct = False
+            view = memoryview(buf.numpy()) if n else memoryview(b"")
             while done < n:  # preadv may return short counts for large reads
                 got = os.preadv(self._fd(entry.file), [view[done:]], start + done)
                 if got == 0:
@@ -146,9 +170,10 @@ class Checkpoint:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._direct_fds.values()]:
                 os.close(fd)
             self._fds.clear()
+            self._direct_fds.clear()
 
     def __del__(self):  # pragma: no cover - best effort
         try:

@@ -145,7 +145,9 @@ def measure_linear_min_bytes(dtype: torch.dtype) -> float:
         weights = [(torch.randn(rows, cols, generator=gen) * 0.02).to(dtype) for _ in range((64 << 20) // nbytes)]
         kernels = [LinearKernel(w) for w in weights]
         with torch.no_grad():
-            gemv, torch_s = best_seconds(lambda: [k(x) for k in kernels], lambda: [F.linear(x, w) for w in weights])
+            gemv, torch_s = best_seconds(
+                lambda ks=kernels: [k(x) for k in ks], lambda ws=weights: [F.linear(x, w) for w in ws]
+            )
         if gemv >= 0.95 * torch_s:
             break
         answer = float(nbytes)

@@ -22,6 +22,7 @@ from ..errors import MoEConfigError
 from ..families.records import changed_modules, restore
 from ..formats import read_quantization_config
 from ..io import Checkpoint
+from ..io.direct import page_cache_room, use_direct_reads
 from .auto_budget import auto_expert_cache
 from .engine import OffloadEngine
 from .keymap import CheckpointMap
@@ -207,6 +208,12 @@ def attach_offload(
         )
         opts = replace(opts, expert_cache=chosen.expert_cache)
     plan = make_plan(opts, layers, source, files, quantization)
+    if checkpoint_map is not None:  # past the page cache when it could not keep the experts anyway
+        expert_bytes = sum(source.nbytes(layer.index, 0) * layer.num_experts for layer in layers)
+        direct = use_direct_reads(opts.direct_io, expert_bytes, page_cache_room())
+        checkpoint_map.checkpoint.direct = direct
+        if direct:
+            logger.info("offload: experts are read past the page cache (O_DIRECT, direct_io=%s)", opts.direct_io)
 
     # the engine (and its pinned host pool) first: if that fails, the model is still untouched
     engine = OffloadEngine(layers, source, opts, plan)

@@ -15,6 +15,7 @@ from .policy import POLICIES
 Policy = Literal["lru", "lfu", "pinned-hot"]
 CpuCompute = Literal["auto", "always", "never"]
 DeviceFormat = Literal["auto", "stored", "dequantized"]
+DirectIO = Literal["auto", "always", "never"]
 DEVICE_FORMATS: tuple[str, ...] = get_args(DeviceFormat)
 
 
@@ -47,6 +48,10 @@ class OffloadOptions:
             keeps experts ``"stored"`` (decoded each time they run: more experts per byte) or
             ``"dequantized"`` (decoded once when cached); ``"auto"`` lets the cost model choose. The host
             tier and disk reads always hold the stored bytes.
+        direct_io: read experts from the checkpoint past the page cache (``O_DIRECT``): ``"always"``,
+            ``"never"``, or ``"auto"``: when the checkpoint's experts are larger than the memory the page cache
+            could still take (RAM, or the cgroup limit), so cached pages would only be evicted again
+            (:mod:`moe_patch.io.direct`). File systems without ``O_DIRECT`` read through the page cache.
     """
 
     device: str = "cpu"
@@ -62,6 +67,7 @@ class OffloadOptions:
     max_prefetch_per_layer: int | None = None
     device_format: DeviceFormat = "auto"
     context_tokens: int | None = None
+    direct_io: DirectIO = "auto"
 
     def __post_init__(self) -> None:
         self.torch_device  # noqa: B018 - parsed and checked here
@@ -69,6 +75,8 @@ class OffloadOptions:
             raise MoEConfigError(f"policy={self.policy!r}: choose one of {', '.join(POLICIES)}.")
         if self.cpu_compute not in get_args(CpuCompute):
             raise MoEConfigError(f"cpu_compute={self.cpu_compute!r}: choose 'auto', 'always' or 'never'.")
+        if self.direct_io not in get_args(DirectIO):
+            raise MoEConfigError(f"direct_io={self.direct_io!r}: choose 'auto', 'always' or 'never'.")
         if self.device_format not in DEVICE_FORMATS:
             raise MoEConfigError(f"device_format={self.device_format!r}: choose one of {', '.join(DEVICE_FORMATS)}.")
         cache_format(self.quantize_experts)  # a known name, its library installed
