@@ -72,7 +72,7 @@ def llama_bench_tokens(n: int, bos: int | None, vocab: int = VOCAB) -> list[int]
 
 
 # --------------------------------------------------------------------------- the Python systems
-def _load(system: str, path: Path, dtype: torch.dtype, budget: int | None, fmt: str = "bf16"):
+def _load(system: str, path: Path, dtype: torch.dtype, budget: int | None, fmt: str = "bf16", direct_io: str = "auto"):
     from transformers import AutoModelForCausalLM
 
     import moe_patch
@@ -89,7 +89,9 @@ def _load(system: str, path: Path, dtype: torch.dtype, budget: int | None, fmt: 
         return model
     from moe_patch.offload import OffloadOptions
 
-    options = OffloadOptions(expert_cache=budget if system == "engine-capped" else None, host_cache=0)
+    options = OffloadOptions(
+        expert_cache=budget if system == "engine-capped" else None, host_cache=0, direct_io=direct_io
+    )
     return moe_patch.load_model(path, dtype=dtype, options=options)
 
 
@@ -190,7 +192,7 @@ def worker(args) -> dict:
     if args.system == "engine-capped":
         drop_page_cache(path)
     t0 = time.perf_counter()
-    model = _load(args.system, path, dtype, args.budget_bytes, args.format)
+    model = _load(args.system, path, dtype, args.budget_bytes, args.format, args.direct_io)
     load_s = time.perf_counter() - t0
     decode_tokens = llama_bench_tokens(args.tokens, args.bos)
     prefill_tokens = llama_bench_tokens(args.prompt, args.bos)
@@ -232,6 +234,8 @@ def worker(args) -> dict:
         out["stats_text"] = str(handle.stats)
         kernels = getattr(handle.engine, "kernels", None)
         out["kernel_calls"] = kernels.calls if kernels is not None else None
+        cmap = getattr(handle.engine.source, "cmap", None)
+        out["direct_reads"] = bool(cmap is not None and cmap.checkpoint.direct)  # past the page cache
     return out
 
 
@@ -400,6 +404,8 @@ def run_python(system: str, args, checkpoint: Path, group: str | None) -> dict:
         str(args.threads),
         "--budget",
         args.budget,
+        "--direct-io",
+        args.direct_io,
         "--bos",
         str(args.bos if args.bos is not None else -1),
     ] + (["--profile"] if args.profile else [])
@@ -465,6 +471,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget", default="1GiB", help="expert_cache of the capped engine run")
+    p.add_argument(
+        "--direct-io",
+        default="auto",
+        choices=("auto", "always", "never"),
+        help="OffloadOptions.direct_io of the engine runs (reads past the page cache)",
+    )
     p.add_argument(
         "--cap", default=None, help="RAM + page cache cap of the capped runs (e.g. 2.77GiB); none: skip them"
     )
