@@ -102,18 +102,22 @@ class Checkpoint:
     def read_bytes(self, entry: TensorEntry, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read ``[start, end)`` of ``entry``'s file into a uint8 tensor (``out`` if given, e.g. pinned)."""
         n = end - start
-        buf = out if out is not None else torch.empty(n, dtype=torch.uint8)
-        if buf.numel() != n or buf.dtype != torch.uint8:
+        if out is not None and (out.numel() != n or out.dtype != torch.uint8):
             raise ValueError(f"read buffer must be {n} uint8 elements")
-        done = 0
+        buf, done = out, 0
         try:
-            if self.direct and n >= MIN_DIRECT_BYTES and buf.is_contiguous():
+            if self.direct and n >= MIN_DIRECT_BYTES and (out is None or out.is_contiguous()):
                 try:
-                    done = self._direct_reader.read(self._direct_fd(entry.file), start, buf)
+                    buf, done = self._direct_reader.read(self._direct_fd(entry.file), start, n, out)
                 except DirectIOUnsupported as exc:
-                    if self.direct:
-                        logger.info("%s: reading through the page cache (%s)", self.directory, exc.strerror)
+                    logger.info("%s: reading through the page cache (%s)", self.directory, exc.strerror)
                     self.direct = False
+                if done == n:
+                    return buf
+                if out is None and buf is not None:  # cut short: the rest through the page cache, which reports it
+                    buf = torch.empty(n, dtype=torch.uint8).copy_(buf)
+            if buf is None:
+                buf = torch.empty(n, dtype=torch.uint8)
             view = memoryview(buf.numpy()) if n else memoryview(b"")
             while done < n:  # preadv may return short counts for large reads
                 got = os.preadv(self._fd(entry.file), [view[done:]], start + done)

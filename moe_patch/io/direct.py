@@ -32,28 +32,40 @@ class DirectIOUnsupported(OSError):
     """The file system refuses ``O_DIRECT`` (tmpfs, some network file systems): read through the page cache."""
 
 
+#: per-thread aligned buffers are kept up to this size (an expert's tensors); larger reads use a temporary one
+KEEP_BYTES = 64 << 20
+
+
 class DirectReader:
-    """Positional ``O_DIRECT`` reads of byte ranges into caller buffers, through one aligned buffer per thread."""
+    """Positional ``O_DIRECT`` reads of byte ranges: into a new tensor (a view of an aligned allocation, no copy)
+    or into a caller's buffer (through an aligned buffer per thread, one copy)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def _bounce(self, nbytes: int) -> tuple[torch.Tensor, int]:
-        """This thread's buffer of at least ``nbytes`` aligned bytes, and the offset where the alignment starts."""
+    def _aligned(self, nbytes: int) -> tuple[torch.Tensor, int]:
+        """An aligned buffer of at least ``nbytes`` bytes (this thread's, when small enough to keep) and the offset
+        where the alignment starts."""
+        if nbytes > KEEP_BYTES:  # e.g. an embedding at load: never kept for the life of the thread
+            buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+            return buf, (-buf.data_ptr()) % ALIGN
         buf = getattr(self._local, "buf", None)
         if buf is None or buf.numel() < nbytes + ALIGN:
             self._local.buf = None  # free the old one first
-            buf = self._local.buf = torch.empty(nbytes + nbytes // 4 + ALIGN, dtype=torch.uint8)
+            buf = self._local.buf = torch.empty(min(KEEP_BYTES, nbytes + nbytes // 4) + ALIGN, dtype=torch.uint8)
         return buf, (-buf.data_ptr()) % ALIGN
 
-    def read(self, fd: int, start: int, out: torch.Tensor) -> int:
-        """Read ``out.numel()`` bytes at ``start`` of ``fd`` (opened with ``O_DIRECT``) into ``out``; the number of
-        bytes read (short at the end of the file). Raises :class:`DirectIOUnsupported` where the file system
-        refuses aligned direct reads."""
-        n = out.numel()
+    def read(self, fd: int, start: int, n: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """``n`` bytes at ``start`` of ``fd`` (opened with ``O_DIRECT``): (the tensor holding them, ``out`` or a new
+        one, and how many were read: fewer at the end of the file). Raises :class:`DirectIOUnsupported` where the
+        file system refuses aligned direct reads."""
         a0 = start - start % ALIGN
         a1 = -(-(start + n) // ALIGN) * ALIGN
-        buf, pad = self._bounce(a1 - a0)
+        if out is None:
+            buf = torch.empty(a1 - a0 + ALIGN, dtype=torch.uint8)
+            pad = (-buf.data_ptr()) % ALIGN
+        else:
+            buf, pad = self._aligned(a1 - a0)
         view = memoryview(buf.numpy())[pad : pad + a1 - a0]
         done = 0
         try:
@@ -67,8 +79,11 @@ class DirectReader:
                 raise DirectIOUnsupported(exc.errno, "direct reads refused") from exc
             raise
         have = max(0, min(n, done - (start - a0)))
-        out[:have].copy_(buf[pad + start - a0 : pad + start - a0 + have])
-        return have
+        data = buf[pad + start - a0 : pad + start - a0 + n]
+        if out is None:  # a view: the allocation is only the alignment larger than the range
+            return (data if (start - a0) % 16 == 0 else data.clone()), have  # dtype views need aligned offsets
+        out[:have].copy_(data[:have])
+        return out, have
 
 
 def open_direct(path: str | os.PathLike) -> int:

@@ -120,3 +120,19 @@ def _direct_works_for(checkpoint: Checkpoint) -> bool:
     except direct.DirectIOUnsupported:
         return False
     return True
+
+
+def test_reads_into_a_buffer_keep_at_most_one_bounded_aligned_buffer_per_thread(big_file, monkeypatch):
+    folder, data = big_file
+    if not _direct_works(folder):
+        pytest.skip("this file system refuses O_DIRECT")
+    monkeypatch.setattr(direct, "KEEP_BYTES", 1 << 20)
+    reader, fd = direct.DirectReader(), direct.open_direct(folder / "m.safetensors")
+    entry = Checkpoint(folder).entries["odd_name_to_shift_the_header"]
+    out = torch.empty(3 * 2**20, dtype=torch.uint8)
+    got, n = reader.read(fd, entry.start, out.numel(), out)
+    assert got is out and n == out.numel() and torch.equal(out, data[: out.numel()])
+    assert getattr(reader._local, "buf", None) is None  # larger than KEEP_BYTES: a temporary buffer
+    small = torch.empty(2**19, dtype=torch.uint8)
+    reader.read(fd, entry.start + 5, small.numel(), small)
+    assert reader._local.buf.numel() <= (1 << 20) + direct.ALIGN and torch.equal(small, data[5 : 5 + 2**19])
