@@ -41,6 +41,13 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=["lru", "lfu", "pinned-hot"], default="lru")
     p.add_argument("--no-prefetch", action="store_true", help="switch the next-layer prefetch off")
     p.add_argument(
+        "--direct-io",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="read experts past the page cache (O_DIRECT); auto (default): when the checkpoint's experts are "
+        "larger than the memory the page cache could still take",
+    )
+    p.add_argument(
         "-t",
         "--threads",
         type=int_at_least(1),
@@ -77,6 +84,7 @@ def offload_options(args: argparse.Namespace, context_tokens: int | None = None)
         prefetch=not args.no_prefetch,
         policy=args.policy,
         context_tokens=context_tokens,
+        direct_io=getattr(args, "direct_io", "auto"),
     )
 
 

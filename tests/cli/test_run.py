@@ -191,6 +191,18 @@ def test_short_options_and_temp_are_the_long_ones(checkpoint, capsys):
     assert args.device == "auto" and args.expert_cache == "auto"  # the defaults for a model that should just fit
 
 
+def test_direct_io_reaches_the_offload_options(checkpoint):
+    from moe_patch.cli.entry import build_parser
+    from moe_patch.cli.offload_args import offload_options
+
+    parse = build_parser().parse_args
+    assert offload_options(parse(["run", str(checkpoint), "-p", "x", "--device", "cpu"])).direct_io == "auto"
+    args = parse(["run", str(checkpoint), "-p", "x", "--device", "cpu", "--direct-io", "never"])
+    assert offload_options(args).direct_io == "never"
+    with pytest.raises(SystemExit):
+        parse(["run", str(checkpoint), "-p", "x", "--direct-io", "sometimes"])
+
+
 def test_threads_are_honoured(checkpoint, capsys):
     assert main(["run", str(checkpoint), *flags(), "--prompt-ids", "5", "-n", "2", "-q", "-t", "2"]) == 0
     assert torch.get_num_threads() == 2  # the fixture puts the test's own count back
