@@ -1,16 +1,18 @@
 """Reads that bypass the page cache (``O_DIRECT``), and the rule that decides when a run uses them.
 
-A buffered read copies each byte twice through the CPU (disk -> page cache -> the caller's buffer) and leaves the
-page cache to be reclaimed when memory is short: on a 2-core machine decoding an MXFP4 model from disk under a
-1.75 GiB RAM + page-cache cap, the reader threads' kernel time slowed the kernels beside them (decode 6.8-7.1 tok/s
-buffered, 8.0-9.0 direct; docs/benchmarks.md). When the experts that miss the caches cannot stay in the page cache
-anyway (the checkpoint's experts are larger than the memory left for it), a direct read is the cheaper one. When
-they can, the page cache is a free second host tier, so buffered reads stay the default there.
+A buffered read copies each byte through the page cache into the caller's buffer and leaves the page cache to be
+reclaimed when memory is short: on a 2-core machine decoding an MXFP4 model from disk under a 1.75 GiB RAM +
+page-cache cap, the reader threads' kernel time slowed the kernels beside them (decode 6.6-7.3 tok/s buffered,
+8.9-9.3 direct; a gpt-oss-120b-shaped checkpoint under 20 GiB: 0.40 against 0.61; docs/benchmarks.md). When the
+experts that miss the caches cannot stay in the page cache anyway (the checkpoint's experts are larger than the
+memory left for it), a direct read is the cheaper one. When they can, the page cache is a free second host tier,
+so buffered reads stay the default there.
 
 ``O_DIRECT`` needs the file offset, the length and the buffer address aligned to the device's block size; tensors
-in a safetensors file start anywhere, so the aligned span around the range is read into a per-thread buffer and the
-range copied out (one copy, in user space). No library does this for positional reads into caller buffers (numpy,
-safetensors and huggingface_hub all read through the page cache), hence this module.
+in a safetensors file start anywhere, so the aligned span around the range is read: into a new aligned allocation
+whose view is the result (no copy), or, for a caller's buffer, into a per-thread aligned buffer and copied out. No
+library does this for positional reads (numpy, safetensors and huggingface_hub all read through the page cache),
+hence this module.
 """
 
 from __future__ import annotations
