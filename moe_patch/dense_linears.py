@@ -76,6 +76,17 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
+def _where(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """Where a kernel's weight and bias are and what they hold: ``.data`` given a new tensor (even at the same
+    address, another shape or dtype) changes it."""
+    return (
+        weight.data_ptr(),
+        weight.shape,
+        weight.dtype,
+        None if bias is None else (bias.data_ptr(), bias.shape, bias.dtype),
+    )
+
+
 def _torch_only() -> bool:
     """A mode in which a call must go through torch's ops: autograd recording is checked per tensor; these are the
     global ones (compiling, tracing, scripting, autocast, functorch transforms)."""
@@ -114,7 +125,7 @@ def _forward(self: nn.Linear, input: torch.Tensor, state: KernelLinearForward | 
         ready is not None
         and ready[0] is weight
         and ready[1] is bias
-        and ready[2] == (weight.data_ptr(), None if bias is None else bias.data_ptr())
+        and ready[2] == _where(weight, bias)
         and ready[3] is input.dtype
         and ready[4] == torch.get_num_threads()
         and input.is_cpu
@@ -135,7 +146,7 @@ def _forward(self: nn.Linear, input: torch.Tensor, state: KernelLinearForward | 
     max_rows = _max_rows(weight.dtype, weight.numel() * weight.element_size())
     kernel = _kernel(self, weight, bias) if max_rows > 0 else None
     if state is not None:  # the weight and bias by identity and address: a swapped tensor or .data decides again
-        where = (weight.data_ptr(), None if bias is None else bias.data_ptr())
+        where = _where(weight, bias)
         takes = max_rows if kernel is not None else 0.0  # 0: this weight stays with torch (small, or slower here)
         state.ready = (weight, bias, where, weight.dtype, torch.get_num_threads(), takes, kernel)
     if kernel is None or rows > max_rows:
@@ -151,7 +162,7 @@ class KernelLinearForward:
     def __init__(self, module: nn.Linear, active: bool = True):
         self._module = weakref.ref(module)
         self.active = active
-        #: what the last call decided (weight, bias, their addresses, dtype, threads, rows the kernel takes, kernel)
+        #: what the last call decided: weight, bias, :func:`_where`, dtype, threads, rows the kernel takes, kernel
         self.ready: tuple | None = None
 
     def __call__(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear.forward's argument name

@@ -99,8 +99,11 @@ class Checkpoint:
                 fd = self._direct_fds[file] = open_direct(file)
             return fd
 
-    def read_bytes(self, entry: TensorEntry, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read ``[start, end)`` of ``entry``'s file into a uint8 tensor (``out`` if given, e.g. pinned)."""
+    def read_bytes(
+        self, entry: TensorEntry, start: int, end: int, out: torch.Tensor | None = None, align: int = 1
+    ) -> torch.Tensor:
+        """Read ``[start, end)`` of ``entry``'s file into a uint8 tensor (``out`` if given, e.g. pinned); a new one
+        starts at an address divisible by ``align`` (the element size the caller will view it as)."""
         n = end - start
         if out is not None and (out.numel() != n or out.dtype != torch.uint8):
             raise ValueError(f"read buffer must be {n} uint8 elements")
@@ -112,8 +115,8 @@ class Checkpoint:
                 except DirectIOUnsupported as exc:
                     logger.info("%s: reading through the page cache (%s)", self.directory, exc.strerror)
                     self.direct = False
-                if done == n:
-                    return buf
+                if done == n:  # a direct read without a buffer is a view at the file offset's alignment
+                    return buf if out is not None or buf.data_ptr() % align == 0 else buf.clone()
                 if out is None and buf is not None:  # cut short: the rest through the page cache, which reports it
                     buf = torch.empty(n, dtype=torch.uint8).copy_(buf)
             if buf is None:
@@ -145,7 +148,7 @@ class Checkpoint:
             start, end, shape = entry.start, entry.end, entry.shape
         else:
             (start, end), shape = entry.row_range(row, split), entry.row_shape(split)
-        raw = self.read_bytes(entry, start, end, out)
+        raw = self.read_bytes(entry, start, end, out, align=entry.dtype.itemsize)
         return raw.view(entry.dtype).reshape(shape)
 
     def read_block(self, entry: TensorEntry, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
@@ -159,7 +162,9 @@ class Checkpoint:
         r0, r1 = _span(rows, entry.shape[0])
         row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
         if cols is None:
-            raw = self.read_bytes(entry, entry.start + r0 * row_bytes, entry.start + r1 * row_bytes)
+            raw = self.read_bytes(
+                entry, entry.start + r0 * row_bytes, entry.start + r1 * row_bytes, align=entry.dtype.itemsize
+            )
             return raw.view(entry.dtype).reshape(r1 - r0, *entry.shape[1:])
         if len(entry.shape) < 2:
             raise ValueError(f"tensor {entry.key!r} of shape {list(entry.shape)} has no columns to slice")

@@ -40,22 +40,36 @@ KEEP_BYTES = 64 << 20
 
 class DirectReader:
     """Positional ``O_DIRECT`` reads of byte ranges: into a new tensor (a view of an aligned allocation, no copy)
-    or into a caller's buffer (through an aligned buffer per thread, one copy)."""
+    or into a caller's buffer (through an aligned buffer per thread, at most :data:`KEEP_BYTES`, one copy)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def _aligned(self, nbytes: int) -> tuple[torch.Tensor, int]:
-        """An aligned buffer of at least ``nbytes`` bytes (this thread's, when small enough to keep) and the offset
-        where the alignment starts."""
-        if nbytes > KEEP_BYTES:  # e.g. an embedding at load: never kept for the life of the thread
-            buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-            return buf, (-buf.data_ptr()) % ALIGN
+    def _kept(self, nbytes: int) -> tuple[torch.Tensor, int]:
+        """This thread's aligned buffer of at least ``nbytes`` (<= :data:`KEEP_BYTES`) and where its alignment
+        starts."""
         buf = getattr(self._local, "buf", None)
         if buf is None or buf.numel() < nbytes + ALIGN:
-            self._local.buf = None  # free the old one first
+            buf = self._local.buf = None  # free the old one first
             buf = self._local.buf = torch.empty(min(KEEP_BYTES, nbytes + nbytes // 4) + ALIGN, dtype=torch.uint8)
         return buf, (-buf.data_ptr()) % ALIGN
+
+    @staticmethod
+    def _fill(fd: int, view: memoryview, offset: int, need: int) -> int:
+        """Read the aligned span at ``offset`` into ``view`` until ``need`` bytes are in (or the file ends: a short
+        read is not retried at an unaligned offset, which some file systems refuse); bytes read."""
+        done = 0
+        try:
+            while done < need:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                done += got
+                if got == 0 or got % ALIGN:
+                    break
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise DirectIOUnsupported(exc.errno, "direct reads refused") from exc
+            raise
+        return done
 
     def read(self, fd: int, start: int, n: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """``n`` bytes at ``start`` of ``fd`` (opened with ``O_DIRECT``): (the tensor holding them, ``out`` or a new
@@ -63,28 +77,22 @@ class DirectReader:
         file system refuses aligned direct reads."""
         a0 = start - start % ALIGN
         a1 = -(-(start + n) // ALIGN) * ALIGN
-        if out is None:
+        if out is None:  # a view of an allocation only the alignment larger than the range
             buf = torch.empty(a1 - a0 + ALIGN, dtype=torch.uint8)
             pad = (-buf.data_ptr()) % ALIGN
-        else:
-            buf, pad = self._aligned(a1 - a0)
-        view = memoryview(buf.numpy())[pad : pad + a1 - a0]
-        done = 0
-        try:
-            while done < a1 - a0:
-                got = os.preadv(fd, [view[done:]], a0 + done)
-                if got == 0:
-                    break
-                done += got
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:
-                raise DirectIOUnsupported(exc.errno, "direct reads refused") from exc
-            raise
-        have = max(0, min(n, done - (start - a0)))
-        data = buf[pad + start - a0 : pad + start - a0 + n]
-        if out is None:  # a view: the allocation is only the alignment larger than the range
-            return (data if (start - a0) % 16 == 0 else data.clone()), have  # dtype views need aligned offsets
-        out[:have].copy_(data[:have])
+            done = self._fill(fd, memoryview(buf.numpy())[pad : pad + a1 - a0], a0, start - a0 + n)
+            return buf[pad + start - a0 : pad + start - a0 + n], max(0, min(n, done - (start - a0)))
+        have = 0  # into out, through the kept buffer, one segment of at most KEEP_BYTES at a time
+        for s0 in range(a0, a1, KEEP_BYTES):
+            s1 = min(a1, s0 + KEEP_BYTES)
+            buf, pad = self._kept(s1 - s0)
+            lo, hi = max(start, s0), min(start + n, s1)  # the part of the range in this segment
+            done = self._fill(fd, memoryview(buf.numpy())[pad : pad + s1 - s0], s0, hi - s0)
+            got = max(0, min(hi, s0 + done) - lo)
+            out[lo - start : lo - start + got].copy_(buf[pad + lo - s0 : pad + lo - s0 + got])
+            have += got
+            if got < hi - lo:
+                break
         return out, have
 
 
@@ -104,8 +112,8 @@ def open_direct(path: str | os.PathLike) -> int:
 
 def page_cache_room() -> int | None:
     """Bytes this process could still fill with page cache: the machine's available memory, or less under a
-    cgroup memory limit (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``, less what the group uses); None where
-    it cannot be read."""
+    cgroup memory limit (v2 ``memory.max`` or v1's hierarchical limit, of this group and its ancestors, less what
+    they use beyond reclaimable file cache); None where it cannot be read."""
     room = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -119,36 +127,65 @@ def page_cache_room() -> int | None:
     return room
 
 
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (v2): no limit
+
+
+def _stat(path: Path, key: str) -> int:
+    """One field of a cgroup's ``memory.stat`` (0 when absent)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _group_dir(root: Path, rel: str) -> Path | None:
+    """This process's cgroup folder: ``root/rel``, or ``root`` itself inside a container whose cgroup namespace
+    mounts its own group there."""
+    for d in (root / rel, root):
+        if d.is_dir():
+            return d
+    return None
+
+
 def _cgroup_room() -> int | None:
-    """The memory limit of this process's cgroup less its usage (None: no limit or none readable)."""
+    """The smallest (limit - usage not reclaimable) over this process's memory cgroup and its ancestors (None: no
+    limit, or none readable)."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
+    rooms = []
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
-        controllers, rel = parts[1], parts[2].lstrip("/")
-        if controllers == "":  # v2 unified hierarchy
-            base = Path("/sys/fs/cgroup") / rel
-            files = ("memory.max", "memory.current")
-        elif "memory" in controllers.split(","):
-            base = Path("/sys/fs/cgroup/memory") / rel
-            files = ("memory.limit_in_bytes", "memory.usage_in_bytes")
-        else:
-            continue
-        try:
-            limit_text = (base / files[0]).read_text().strip()
-            if limit_text == "max":
+        controllers, rel = parts[1], parts[2].strip().lstrip("/")
+        if controllers == "":  # v2 unified hierarchy: walk up to the mount root
+            root = Path("/sys/fs/cgroup")
+            d = _group_dir(root, rel)
+            while d is not None:
+                limit, used = _read_int(d / "memory.max"), _read_int(d / "memory.current")
+                if limit is not None and used is not None:
+                    rooms.append(max(0, limit - max(0, used - _stat(d / "memory.stat", "inactive_file"))))
+                d = d.parent if d != root and root in d.parents else None
+        elif "memory" in controllers.split(","):  # v1: the hierarchical limit covers the ancestors
+            d = _group_dir(Path("/sys/fs/cgroup/memory"), rel)
+            if d is None:
                 continue
-            limit, used = int(limit_text), int((base / files[1]).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit >= 1 << 60:  # v1's "no limit"
-            continue
-        return max(0, limit - used)
-    return None
+            limit = _stat(d / "memory.stat", "hierarchical_memory_limit") or _read_int(d / "memory.limit_in_bytes")
+            used = _read_int(d / "memory.usage_in_bytes")
+            if limit and used is not None and limit < 1 << 60:  # v1 writes its "no limit" as a huge number
+                rooms.append(max(0, limit - max(0, used - _stat(d / "memory.stat", "total_inactive_file"))))
+    return min(rooms) if rooms else None
 
 
 def use_direct_reads(mode: str, expert_bytes: int, room: int | None) -> bool:

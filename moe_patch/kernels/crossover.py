@@ -36,6 +36,8 @@ LINEAR_ROWS = (1, 2, 4, 8, 16)
 #: weight sizes (bytes) at which the two are timed at one row: below some size a call's fixed costs, not the
 #: weight's bytes, set the time, and which side's are lower depends on the machine and torch's build
 LINEAR_BYTES = (64 << 10, 256 << 10, 1 << 20)
+#: side of the square weights the row counts are timed on (a decode step's attention projections)
+LINEAR_SIDE = 2048
 
 
 def measure_gemm_min_rows(kind: str, compute: torch.dtype) -> float:
@@ -113,7 +115,7 @@ def measure_linear_max_rows(dtype: torch.dtype) -> float:
     from .linear import LinearKernel
 
     gen = torch.Generator().manual_seed(0)
-    side = 2048
+    side = LINEAR_SIDE
     count = max(2, (64 * 2**20) // (side * side * torch.empty(0, dtype=dtype).element_size()))
     weights = [(torch.randn(side, side, generator=gen) * 0.02).to(dtype) for _ in range(count)]
     kernels = [LinearKernel(w) for w in weights]
@@ -133,13 +135,14 @@ def measure_linear_max_rows(dtype: torch.dtype) -> float:
 def measure_linear_min_bytes(dtype: torch.dtype) -> float:
     """The smallest of :data:`LINEAR_BYTES` from which (at that size and every larger one) the kernels' GEMV is
     clearly (5%) faster than ``F.linear`` at one row, on 64 MiB of weights of that size called in turn (a decode
-    step's small projections: attention of a narrow model, shared experts); ``inf`` where it is at none."""
+    step's small projections: attention of a narrow model, shared experts). Where it is at none, the size the row
+    counts are measured on (:data:`LINEAR_SIDE` squared): larger weights are left to that measurement."""
     from .linear import LinearKernel
 
     gen = torch.Generator().manual_seed(1)
     cols, size = 1024, torch.empty(0, dtype=dtype).element_size()
     x = torch.randn(1, cols, generator=gen).to(dtype)
-    answer = math.inf
+    answer = float(LINEAR_SIDE * LINEAR_SIDE * size)
     for nbytes in sorted(LINEAR_BYTES, reverse=True):
         rows = max(1, nbytes // (cols * size))
         weights = [(torch.randn(rows, cols, generator=gen) * 0.02).to(dtype) for _ in range((64 << 20) // nbytes)]
@@ -223,7 +226,8 @@ class Crossovers:
         )
 
     def linear_min_bytes(self, dtype: torch.dtype) -> float:
-        """Bytes of the smallest dense ``dtype`` weight whose one-row call the kernels' GEMV wins here (inf: none)."""
+        """Bytes of the smallest dense ``dtype`` weight whose one-row call the kernels' GEMV wins here (from
+        :func:`measure_linear_min_bytes`)."""
         return self._answer(
             f"linear-bytes/{str(dtype).removeprefix('torch.')}",
             lambda kind, compute: measure_linear_min_bytes(compute),

@@ -159,6 +159,25 @@ def _has_cached_tokens(kwargs: dict) -> bool:
     return False
 
 
+def _memory_to_come(
+    model: nn.Module, layers: list[OffloadLayer], opts: OffloadOptions, device: torch.device, expert_bytes: int
+) -> int:
+    """Host memory this run will take beyond what it holds now: the host cache, the expert slots on a CPU (all of
+    the experts without a budget) and the non-expert weights not loaded yet (still on the meta device)."""
+    slots = 0
+    if device.type == "cpu":
+        slots = expert_bytes if opts.expert_cache_bytes is None else min(expert_bytes, opts.expert_cache_bytes)
+    experts = {id(m) for layer in layers for m in layer.experts.modules()}
+    pending = sum(
+        p.numel() * p.element_size()
+        for m in model.modules()
+        if id(m) not in experts
+        for p in m.parameters(recurse=False)
+        if p.is_meta
+    )
+    return (opts.host_cache_bytes or 0) + slots + pending
+
+
 def attach_offload(
     model: nn.Module,
     handles: list[Any] | None = None,
@@ -210,7 +229,10 @@ def attach_offload(
     plan = make_plan(opts, layers, source, files, quantization)
     if checkpoint_map is not None:  # past the page cache when it could not keep the experts anyway
         expert_bytes = sum(source.nbytes(layer.index, 0) * layer.num_experts for layer in layers)
-        direct = use_direct_reads(opts.direct_io, expert_bytes, page_cache_room())
+        room = page_cache_room()
+        if room is not None:  # less what this run takes from the same memory once its caches fill
+            room = max(0, room - _memory_to_come(model, layers, opts, device, expert_bytes))
+        direct = use_direct_reads(opts.direct_io, expert_bytes, room)
         checkpoint_map.checkpoint.direct = direct
         if direct:
             logger.info("offload: experts are read past the page cache (O_DIRECT, direct_io=%s)", opts.direct_io)

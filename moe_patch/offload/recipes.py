@@ -154,7 +154,11 @@ class RecipeReader:
             start, end = s.range
             buf = views[i] if views is not None else None
             raw = self.checkpoint.read_bytes(
-                s.entry, start, end, out=buf.view(-1).view(torch.uint8) if buf is not None else None
+                s.entry,
+                start,
+                end,
+                out=buf.view(-1).view(torch.uint8) if buf is not None else None,
+                align=s.entry.dtype.itemsize,
             )
             out.append(buf if buf is not None else raw.view(s.entry.dtype).reshape(s.shape))
         return out

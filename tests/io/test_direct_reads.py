@@ -4,7 +4,10 @@ file system without O_DIRECT falls back to the page cache, and the rule that tur
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
+import struct
 
 import pytest
 import torch
@@ -29,7 +32,7 @@ def big_file(tmp_path):
 
 def _direct_works(folder) -> bool:
     try:
-        direct.open_direct(folder / "m.safetensors")
+        os.close(direct.open_direct(folder / "m.safetensors"))
     except direct.DirectIOUnsupported:
         return False
     return True
@@ -116,23 +119,46 @@ def test_an_offload_run_reading_past_the_page_cache_generates_the_same_tokens(tm
 
 def _direct_works_for(checkpoint: Checkpoint) -> bool:
     try:
-        direct.open_direct(next(iter(checkpoint.entries.values())).file)
+        os.close(direct.open_direct(next(iter(checkpoint.entries.values())).file))
     except direct.DirectIOUnsupported:
         return False
     return True
 
 
-def test_reads_into_a_buffer_keep_at_most_one_bounded_aligned_buffer_per_thread(big_file, monkeypatch):
+def test_reads_into_a_buffer_go_through_one_bounded_aligned_buffer_per_thread(big_file, monkeypatch):
     folder, data = big_file
     if not _direct_works(folder):
         pytest.skip("this file system refuses O_DIRECT")
-    monkeypatch.setattr(direct, "KEEP_BYTES", 1 << 20)
+    monkeypatch.setattr(direct, "KEEP_BYTES", 1 << 20)  # a 3 MiB read goes through it in segments
     reader, fd = direct.DirectReader(), direct.open_direct(folder / "m.safetensors")
-    entry = Checkpoint(folder).entries["odd_name_to_shift_the_header"]
-    out = torch.empty(3 * 2**20, dtype=torch.uint8)
-    got, n = reader.read(fd, entry.start, out.numel(), out)
-    assert got is out and n == out.numel() and torch.equal(out, data[: out.numel()])
-    assert getattr(reader._local, "buf", None) is None  # larger than KEEP_BYTES: a temporary buffer
-    small = torch.empty(2**19, dtype=torch.uint8)
-    reader.read(fd, entry.start + 5, small.numel(), small)
-    assert reader._local.buf.numel() <= (1 << 20) + direct.ALIGN and torch.equal(small, data[5 : 5 + 2**19])
+    try:
+        entry = Checkpoint(folder).entries["odd_name_to_shift_the_header"]
+        for start, n in ((0, 3 * 2**20), (5, 2**19), (3, 3 * 2**20 + 2)):
+            out = torch.empty(n, dtype=torch.uint8)
+            got, have = reader.read(fd, entry.start + start, n, out)
+            assert got is out and have == n and torch.equal(out, data[start : start + n])
+            assert reader._local.buf.numel() <= (1 << 20) + direct.ALIGN
+        out = torch.empty(2**20, dtype=torch.uint8)  # past the end of the file: what is there, and how much
+        got, have = reader.read(fd, entry.end - 100, 2**20, out)
+        assert have == 100 + 7 and torch.equal(out[:100], data[-100:])  # the 7-byte tensor follows
+    finally:
+        os.close(fd)
+
+
+def test_a_tensor_read_without_a_buffer_can_be_viewed_in_its_dtype_at_any_offset(tmp_path):
+    b = torch.randn(2**18, generator=torch.Generator().manual_seed(1)).double()
+    header = {  # written by hand: safetensors' own writer puts 8-byte tensors first, aligned
+        "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "b": {"dtype": "F64", "shape": [b.numel()], "data_offsets": [3, 3 + 8 * b.numel()]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    raw = struct.pack("<Q", len(text)) + text + bytes([0, 1, 2]) + b.numpy().tobytes()
+    (tmp_path / "m.safetensors").write_bytes(raw)  # b starts 3 bytes after a: not 8-aligned in the file
+    tensors = {"b": b}
+    if not _direct_works(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    ckpt = Checkpoint(tmp_path)
+    ckpt.direct = True
+    assert ckpt.entries["b"].start % 8 != 0
+    assert torch.equal(ckpt.read(ckpt.entries["b"]), tensors["b"])

@@ -97,7 +97,8 @@ def test_the_size_floor_is_the_smallest_size_won_there_and_at_every_larger_one(m
     monkeypatch.setattr(kcrossover, "best_seconds", lambda *fns, **kw: [fn() for fn in fns] and next(answers))
     assert kcrossover.measure_linear_min_bytes(torch.bfloat16) == sizes[1]
     monkeypatch.setattr(kcrossover, "best_seconds", lambda *fns, **kw: (1.0, 1.0))  # never clearly faster
-    assert kcrossover.measure_linear_min_bytes(torch.float32) == float("inf")
+    side = kcrossover.LINEAR_SIDE  # then larger weights are left to the row-count measurement, made at that size
+    assert kcrossover.measure_linear_min_bytes(torch.float32) == float(side * side * 4)
 
 
 def test_a_kept_decision_follows_swapped_data_and_thread_counts(gemv_measured_faster, gemv_calls):
@@ -118,6 +119,18 @@ def test_a_kept_decision_follows_swapped_data_and_thread_counts(gemv_measured_fa
             assert rel_diff(head(x), F.linear(x, head.weight, head.bias)) < 1e-6 and gemv_calls
         finally:
             torch.set_num_threads(threads)
+
+
+def test_a_kept_decision_follows_a_weight_cut_at_the_same_address(gemv_measured_faster, gemv_calls):
+    model, _ = build("qwen3_moe")
+    patch_model(model)
+    linear = next(m for m in model.modules() if dense_linears.is_dense_linear(m) and m.bias is None)
+    x = torch.randn(1, linear.in_features)
+    with torch.no_grad():
+        linear(x)
+        linear.weight.data = linear.weight.data[: linear.out_features // 2]  # same address, half the rows
+        got = linear(x)
+    assert got.shape[-1] == linear.weight.shape[0] and rel_diff(got, F.linear(x, linear.weight)) < 1e-6
 
 
 def test_a_weight_below_the_measured_floor_stays_with_torch(monkeypatch, kernel_status, gemv_calls):
