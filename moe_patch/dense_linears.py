@@ -18,6 +18,7 @@ import logging
 import weakref
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
 
@@ -89,13 +90,15 @@ def _where(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
 
 def _torch_only() -> bool:
     """A mode in which a call must go through torch's ops: autograd recording is checked per tensor; these are the
-    global ones (compiling, tracing, scripting, autocast, functorch transforms)."""
+    global ones (compiling, tracing, scripting, autocast, functorch transforms, forward-mode AD: the kernel would
+    drop a dual input's tangent)."""
     return (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or torch.jit.is_scripting()
         or torch.is_autocast_enabled("cpu")
         or torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
     )
 
 
@@ -132,7 +135,7 @@ def _forward(self: nn.Linear, input: torch.Tensor, state: KernelLinearForward | 
         and _plain(input)
     ):
         if 0 < rows <= ready[5]:
-            return ready[6](input if input.stride(-1) == 1 else input.contiguous())
+            return ready[6](input if input.is_contiguous() else input.contiguous())
         return F.linear(input, weight, bias)
     if (
         input.dtype != weight.dtype
@@ -151,7 +154,7 @@ def _forward(self: nn.Linear, input: torch.Tensor, state: KernelLinearForward | 
         state.ready = (weight, bias, where, weight.dtype, torch.get_num_threads(), takes, kernel)
     if kernel is None or rows > max_rows:
         return F.linear(input, weight, bias)
-    return kernel(input if input.stride(-1) == 1 else input.contiguous())
+    return kernel(input if input.is_contiguous() else input.contiguous())  # the kernel reads whole rows
 
 
 class KernelLinearForward:

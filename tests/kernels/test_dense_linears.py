@@ -130,7 +130,7 @@ def test_a_kept_decision_follows_a_weight_cut_at_the_same_address(gemv_measured_
         linear(x)
         linear.weight.data = linear.weight.data[: linear.out_features // 2]  # same address, half the rows
         got = linear(x)
-    assert got.shape[-1] == linear.weight.shape[0] and rel_diff(got, F.linear(x, linear.weight)) < 1e-6
+        assert got.shape[-1] == linear.weight.shape[0] and rel_diff(got, F.linear(x, linear.weight)) < 1e-6
 
 
 def test_a_weight_below_the_measured_floor_stays_with_torch(monkeypatch, kernel_status, gemv_calls):
@@ -337,6 +337,14 @@ def test_what_the_gemv_cannot_take_goes_to_torch_as_stock_would(gemv_measured_fa
         assert rel_diff(traced(other), F.linear(other, head.weight)) < 1e-6  # the graph recorded F.linear
         assert rel_diff(torch.func.vmap(head)(x.unsqueeze(0))[0], F.linear(x, head.weight)) < 1e-6
         assert not gemv_calls
+        with torch.autograd.forward_ad.dual_level():  # forward-mode AD: the tangent must come through
+            dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+            tangent = torch.autograd.forward_ad.unpack_dual(head(dual)).tangent
+        assert tangent is not None and rel_diff(tangent, F.linear(torch.ones_like(x), head.weight)) < 1e-6
+        assert not gemv_calls
+        expanded = x.expand(3, -1)  # rows at stride 0: the kernel gets a contiguous copy
+        assert rel_diff(head(expanded), F.linear(expanded, head.weight, head.bias)) < 1e-6 and gemv_calls
+        gemv_calls.clear()
         model.double()  # a dtype the kernels do not read: torch's path, no measurement, no error
         assert rel_diff(head(x.double()), F.linear(x.double(), head.weight)) < 1e-12 and not gemv_calls
     model.float()
