@@ -108,6 +108,14 @@ def measure_stream_rate(kind: str, compute: torch.dtype, total_bytes: int = 96 *
     return experts * per_expert / best_seconds(functools.partial(layer.forward, x, idx, wts, out), repeats=3)[0]
 
 
+def _gemv_wins(kernels: list, weights: list[torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether the kernels' GEMV over ``kernels`` is clearly (5%) faster than ``F.linear`` over the same
+    ``weights`` (called in turn) on ``x``."""
+    with torch.no_grad():
+        gemv, torch_s = best_seconds(lambda: [k(x) for k in kernels], lambda: [F.linear(x, w) for w in weights])
+    return gemv < 0.95 * torch_s
+
+
 def measure_linear_max_rows(dtype: torch.dtype) -> float:
     """The largest of :data:`LINEAR_ROWS` up to which (at every count) the kernels' GEMV is clearly (5%) faster than
     ``F.linear`` on dense ``dtype`` weights that stream from DRAM (a decode step's attention and lm_head: 64 MiB of
@@ -121,12 +129,7 @@ def measure_linear_max_rows(dtype: torch.dtype) -> float:
     kernels = [LinearKernel(w) for w in weights]
     best = 0.0
     for rows in LINEAR_ROWS:
-        x = torch.randn(rows, side, generator=gen).to(dtype)
-        with torch.no_grad():
-            gemv, torch_s = best_seconds(
-                lambda x=x: [k(x) for k in kernels], lambda x=x: [F.linear(x, w) for w in weights]
-            )
-        if gemv >= 0.95 * torch_s:
+        if not _gemv_wins(kernels, weights, torch.randn(rows, side, generator=gen).to(dtype)):
             break
         best = float(rows)
     return best
@@ -146,12 +149,7 @@ def measure_linear_min_bytes(dtype: torch.dtype) -> float:
     for nbytes in sorted(LINEAR_BYTES, reverse=True):
         rows = max(1, nbytes // (cols * size))
         weights = [(torch.randn(rows, cols, generator=gen) * 0.02).to(dtype) for _ in range((64 << 20) // nbytes)]
-        kernels = [LinearKernel(w) for w in weights]
-        with torch.no_grad():
-            gemv, torch_s = best_seconds(
-                lambda ks=kernels: [k(x) for k in ks], lambda ws=weights: [F.linear(x, w) for w in ws]
-            )
-        if gemv >= 0.95 * torch_s:
+        if not _gemv_wins([LinearKernel(w) for w in weights], weights, x):
             break
         answer = float(nbytes)
     return answer
