@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..threads import release_idle_team
+
 Write = Callable[[str], None]
 
 
@@ -110,6 +112,7 @@ def generate_interruptibly(model: Any, input_ids: Any, generation_config: Any, s
             done.set()
 
     worker = threading.Thread(target=work, name="moe-patch-generate", daemon=True)
+    release_idle_team()  # the worker's OpenMP team is then the only one (moe_patch.threads)
     worker.start()
     interrupted = False
     # An Event, not Thread.join: a join that Ctrl-C interrupts can leave the thread looking finished (CPython 3.11)

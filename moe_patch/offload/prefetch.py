@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from ..threads import serial_worker
 from .cache import Key
 from .device_tier import DeviceTier
 from .layers import OffloadLayer
@@ -37,7 +38,11 @@ class Prefetcher:
         self.max_per_layer = max_per_layer
         self.inflight: dict[Key, Future] = {}
         self._predicted: dict[int, set[int]] = {}
-        self._worker = ThreadPoolExecutor(io_threads, thread_name_prefix="moe-patch-prefetch") if io_threads else None
+        self._worker = (
+            ThreadPoolExecutor(io_threads, thread_name_prefix="moe-patch-prefetch", initializer=serial_worker)
+            if io_threads
+            else None
+        )
 
     def enabled_for(self, layer: int) -> bool:
         """Whether ``layer``'s experts can be predicted and read ahead."""

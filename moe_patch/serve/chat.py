@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from ..offload import get_offload_handle
 from ..sizes import format_bytes
 from ..text import byte_limit, text_problem
+from ..threads import release_idle_team
 from . import limits
 from .context import ContextLengthError, context_length, new_token_budget
 from .sampling import Sampling, generation_config
@@ -207,6 +208,7 @@ class ChatSession:
 
         worker = threading.Thread(target=generate, name="moe-patch-chat", daemon=True)
         pieces: list[str] = []
+        release_idle_team()  # the worker's OpenMP team is then the only one (moe_patch.threads)
         worker.start()
         try:  # from here on Ctrl-C stops the reply, not the session
             if self.verbose_prompt:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..threads import release_idle_team
 from . import kv
 from .errors import RequestError
 from .output_text import OutputText
@@ -161,6 +162,7 @@ class Engine:
     # -- from other threads ----------------------------------------------------------------------------------------
     def start(self) -> Any:
         """Start the thread and wait for the model (re-raising what its load raised)."""
+        release_idle_team()  # the engine thread's OpenMP team is then the only one (moe_patch.threads)
         self._thread.start()
         return self._ready.result()
 
