@@ -814,7 +814,11 @@ AI void rows_reg(const int F, const int RB, const int RT, const mp_proj *P, cons
     const int MRt = tile_rows(is_blk(F), RT), K = P->cols;
     const int nb = is_blk(F) ? (P->b1_shift >= 30 ? 1 : (K + (1 << P->b1_shift) - 1) >> P->b1_shift) : 0;
     float tmp[MRT * 8];
-    if (RT <= 2) { /* one sequential stream: rows one at a time */
+    /* Stored floats at 2 tokens and below stream one row at a time. A decoded kind at one token takes the register
+     * tiles (four rows, the next tile prefetched): each row's decode chain overlaps the others' and each token
+     * load serves four rows (measured, alternating builds, Qwen3 and gpt-oss layers: MXFP4 +7-9%, FP8 +4%;
+     * bf16 streamed 13% slower that way). */
+    if (RT == 2 || (RT == 1 && (F == K_BF16 || F == K_F16 || F == K_F32))) {
         const int KS = RT == 1 ? 4 : 2, pc = is_blk(F) && (1 << P->b1_shift) == CK;
         for (int i = 0; i < nrows; i++) {
             cur_t c;
