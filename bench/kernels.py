@@ -61,11 +61,13 @@ def _stored(kind: str, fmt: ExpertFormat, rows: int, cols: int, gen: torch.Gener
     if kind == "bf16":  # random signs and mantissas, exponents of 2**-7 .. 2**-6
         bits = torch.randint(0, 1 << 16, (rows, cols), dtype=torch.int32, generator=gen)
         return {"w": ((bits & 0x807F) | 0x3C00).to(torch.int16).view(torch.bfloat16)}
-    if kind == "fp8":
-        b = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=gen)
-        b = torch.where((b & 0x7F) == 0x7F, b ^ 1, b)  # no NaN codes
-        s = torch.rand(-(-rows // 128), -(-cols // 128), generator=gen) * 1e-3 + 1e-4
-        return {"w": b.view(torch.float8_e4m3fn), "s": s}
+    if kind == "fp8":  # normal weights quantized per 128x128 block as checkpoints are (uniform random bytes
+        # would make 5% of all codes subnormal, where trained weights have about 0.01%)
+        from moe_patch.testing.quantized import quantize_fp8_block
+
+        w = torch.randn(rows, cols, generator=gen) * 0.02
+        q, s = quantize_fp8_block(w, (128, 128), "float")
+        return {"w": q, "s": s}
     if kind == "mxfp4":
         return {
             "w": torch.randint(0, 256, (rows, cols // 32, 16), dtype=torch.uint8, generator=gen),
