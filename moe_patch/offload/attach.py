@@ -241,6 +241,8 @@ def attach_offload(
     engine = OffloadEngine(layers, source, opts, plan)
     if checkpoint_map is not None:
         engine.stats.stored_format = checkpoint_map.stored_description()
+        checkpoint = checkpoint_map.checkpoint
+        engine.stats.direct_reads_of = lambda: checkpoint.direct
     for layer in layers:
         for p in layer.parameter_paths():
             _set_param(layer.experts, p, torch.empty(0, dtype=layer.dtype))

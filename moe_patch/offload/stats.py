@@ -7,6 +7,7 @@ a pure function, so the report can be recomputed from a saved ``to_dict()``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -128,6 +129,8 @@ class OffloadStats:
     device_format: str | None = None  # quantized checkpoints: device cache keeps "stored" or "dequantized" experts
     stored_format: str | None = None  # e.g. "fp8: FP8 e4m3 with 128x128 blocks"; None for bf16/fp16/fp32
     compute_dtype: str | None = None  # CPU: the dtype slots keep experts in when it is not the model's
+    #: whether the checkpoint is read past the page cache now (O_DIRECT; a refusal switches it off mid-run)
+    direct_reads_of: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
 
     def reset(self) -> None:
         """Zero every counter in place (the fields made with ``_counter``; descriptions of the run stay)."""
@@ -138,6 +141,11 @@ class OffloadStats:
         self.io_read_start = read_proc_io()
 
     # -- derived -----------------------------------------------------------------------------
+    @property
+    def direct_reads(self) -> bool | None:
+        """Experts read past the page cache (``O_DIRECT``); None where nothing is read from a checkpoint."""
+        return None if self.direct_reads_of is None else bool(self.direct_reads_of())
+
     @property
     def hit_rate(self) -> float:
         req = sum(layer.requests for layer in self.layers)
@@ -248,6 +256,7 @@ class OffloadStats:
             "non_expert_bytes": self.non_expert_bytes,
             "disk_bytes_total": self.disk_bytes_total,
             "kernel_read_bytes": self.kernel_read_bytes(),
+            "direct_reads": self.direct_reads,
             "bandwidths": self.bandwidths.as_dict() if self.bandwidths else None,
             "disk_bandwidth": self.disk_bandwidth,
             "layers": [
@@ -294,7 +303,8 @@ class OffloadStats:
         ]
         kernel = self.kernel_read_bytes()
         lines.append(
-            f"  disk reads: {format_bytes(self.disk_bytes_total)} requested"
+            f"  disk reads{' (past the page cache)' if self.direct_reads else ''}: "
+            f"{format_bytes(self.disk_bytes_total)} requested"
             + (f", {format_bytes(kernel)} counted by the kernel for the process" if kernel is not None else "")
         )
         bound = self.decode_bound_s()

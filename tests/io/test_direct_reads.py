@@ -114,6 +114,9 @@ def test_an_offload_run_reading_past_the_page_cache_generates_the_same_tokens(tm
         checkpoint = get_offload_handle(model).engine.source.cmap.checkpoint
         assert checkpoint.direct == (mode == "always" and _direct_works_for(checkpoint))
         runs[mode] = greedy(model, prompts(2), 16)
+        stats = get_offload_handle(model).stats
+        assert stats.to_dict()["direct_reads"] is checkpoint.direct  # the statistics say which reads ran
+        assert ("disk reads (past the page cache):" in str(stats)) is checkpoint.direct
     assert torch.equal(runs["always"], runs["never"])
 
 
