@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+#: lines of a failed launch worth showing beside its last 30 (a rank's traceback, a C++ abort)
+_ERROR_LINE = re.compile(r"Error|error:|Traceback|terminate called|what\(\)|Aborted|Assertion")
 TWIN = HERE / "twin_train.py"
 
 
@@ -67,7 +70,10 @@ def launch(
         ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        # a child's own error comes before torchrun's summary of the ranks: keep both
+        cause = [line for line in lines[:-30] if _ERROR_LINE.search(line)][-20:]
+        tail = "\n".join(cause + ["..."] * bool(cause) + lines[-30:])
         pytest.fail(f"{' '.join(cmd[-len(args) - 1 :])} exited {proc.returncode}:\n{tail}")
     return proc
 

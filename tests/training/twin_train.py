@@ -227,7 +227,6 @@ def run_fsdp(args: argparse.Namespace) -> tuple[dict, dict]:
         "roles_after": sorted(roles.values()),
         "first_step_max_update": deltas,
     }
-    dist.destroy_process_group()
     return result, {}
 
 
@@ -240,6 +239,13 @@ def main(argv=None) -> None:
     write_bytes(args.out / f"rank{rank}.json", json.dumps(mine).encode())
     if rank == 0:
         write_bytes(args.out / "result.json", json.dumps(result).encode())
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # every rank is done before any tears its connections down: a rank that exits while its peer still talks
+        # makes gloo throw in the peer's background thread (std::terminate, SIGABRT; seen in 2 of ~10 CI runs)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -582,6 +582,12 @@ AI void prefetch_next(const uint8_t *pf, int64_t off, int64_t n) {
     for (int64_t line = (off + 63) & ~(int64_t)63; line < off + n; line += 64)
         _mm_prefetch((const char *)pf + line, _MM_HINT_T0);
 }
+/* the same for the tile three ahead, into L2: the next tile's fetch into L1 then finds its lines on the core (measured,
+ * alternating builds, 1 token: FP8 +13-22%, MXFP4 +5-7%; bf16 at 4 tokens +27%) */
+AI void prefetch_far(const uint8_t *pf, int64_t off, int64_t n) {
+    for (int64_t line = (off + 63) & ~(int64_t)63; line < off + n; line += 64)
+        _mm_prefetch((const char *)pf + line, _MM_HINT_T1);
+}
 /* the stored-byte layout of a kind (the symmetric integer kinds are stored as the others) */
 AI int kind_bytes(const int F) { return F == K_INT4S ? K_INT4 : F == K_INT8S ? K_INT8 : F; }
 
@@ -614,6 +620,8 @@ AI void tile_reg_pc(const int F, const int RB, const int MRt, const int RT, cons
     do {                                                                                                           \
         vw_t w[4];                                                                                                 \
         if (!TAIL) prefetch_next(pf, MRt * boff(kind_bytes(F), k0), MRt * boff(kind_bytes(F), CK));              \
+        if (!TAIL)                                                                                                 \
+            prefetch_far(pf + 2 * MRt * P->wrow_bytes, MRt * boff(kind_bytes(F), k0), MRt * boff(kind_bytes(F), CK)); \
         _Pragma("GCC unroll 4") for (int m = 0; m < MRt; m++) w[m] =                                               \
             TAIL ? dec_tail(F, RB, &cur[m], P, k0, K) : dec(F, RB, &cur[m], P, k0);                                \
         _Pragma("GCC unroll 8") for (int r = 0; r < RT; r++) {                                                     \
