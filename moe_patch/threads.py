@@ -35,15 +35,17 @@ def _openmp() -> ctypes.CDLL | None:
     """The OpenMP runtime torch loaded into this process, or None."""
     import torch  # noqa: F401 - loads torch's runtime first, so the lookup below cannot miss it
 
-    mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0)
-    if not getattr(os, "RTLD_NOLOAD", 0):  # (Windows) nothing to look up without loading something new
+    noload = getattr(os, "RTLD_NOLOAD", 0)
+    if not noload:  # (Windows) nothing to look up without loading something new
         return None
     for name in _RUNTIMES:
         try:
-            lib = ctypes.CDLL(name, mode=mode)
+            lib = ctypes.CDLL(name, mode=noload | os.RTLD_LAZY)
         except OSError:
             continue
         if hasattr(lib, "omp_set_num_threads"):
+            if hasattr(lib, "omp_pause_resource_all"):
+                lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
             return lib
     return None
 
@@ -73,5 +75,4 @@ def release_idle_team() -> bool:
     pause = getattr(lib, "omp_pause_resource_all", None) if lib is not None else None
     if pause is None:
         return False
-    pause.argtypes = [ctypes.c_int]
     return pause(_OMP_PAUSE_SOFT) == 0

@@ -135,16 +135,14 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # "max" (v2): no limit
 
 
-def _stat(path: Path, key: str) -> int:
-    """One field of a cgroup's ``memory.stat`` (0 when absent)."""
+def _memory_stat(group: Path) -> dict[str, int]:
+    """The numeric fields of a cgroup's ``memory.stat`` (empty when unreadable)."""
     try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
+        lines = (group / "memory.stat").read_text().splitlines()
     except OSError:
-        pass
-    return 0
+        return {}
+    fields = (line.partition(" ") for line in lines)
+    return {name: int(value) for name, _, value in fields if value.strip().isdigit()}
 
 
 def _group_dir(root: Path, rel: str) -> Path | None:
@@ -156,11 +154,11 @@ def _group_dir(root: Path, rel: str) -> Path | None:
     return None
 
 
-def _cgroup_room() -> int | None:
+def _cgroup_room(system: Path = Path("/")) -> int | None:
     """The smallest (limit - usage not reclaimable) over this process's memory cgroup and its ancestors (None: no
-    limit, or none readable)."""
+    limit, or none readable); ``system``: where ``proc/`` and ``sys/`` are (tests give a copy)."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = (system / "proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
     rooms = []
@@ -170,21 +168,22 @@ def _cgroup_room() -> int | None:
             continue
         controllers, rel = parts[1], parts[2].strip().lstrip("/")
         if controllers == "":  # v2 unified hierarchy: walk up to the mount root
-            root = Path("/sys/fs/cgroup")
+            root = system / "sys/fs/cgroup"
             d = _group_dir(root, rel)
             while d is not None:
                 limit, used = _read_int(d / "memory.max"), _read_int(d / "memory.current")
                 if limit is not None and used is not None:
-                    rooms.append(max(0, limit - max(0, used - _stat(d / "memory.stat", "inactive_file"))))
+                    rooms.append(max(0, limit - max(0, used - _memory_stat(d).get("inactive_file", 0))))
                 d = d.parent if d != root and root in d.parents else None
         elif "memory" in controllers.split(","):  # v1: the hierarchical limit covers the ancestors
-            d = _group_dir(Path("/sys/fs/cgroup/memory"), rel)
+            d = _group_dir(system / "sys/fs/cgroup/memory", rel)
             if d is None:
                 continue
-            limit = _stat(d / "memory.stat", "hierarchical_memory_limit") or _read_int(d / "memory.limit_in_bytes")
+            stat = _memory_stat(d)
+            limit = stat.get("hierarchical_memory_limit") or _read_int(d / "memory.limit_in_bytes")
             used = _read_int(d / "memory.usage_in_bytes")
             if limit and used is not None and limit < 1 << 60:  # v1 writes its "no limit" as a huge number
-                rooms.append(max(0, limit - max(0, used - _stat(d / "memory.stat", "total_inactive_file"))))
+                rooms.append(max(0, limit - max(0, used - stat.get("total_inactive_file", 0))))
     return min(rooms) if rooms else None
 
 

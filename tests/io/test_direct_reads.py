@@ -165,3 +165,52 @@ def test_a_tensor_read_without_a_buffer_can_be_viewed_in_its_dtype_at_any_offset
     ckpt.direct = True
     assert ckpt.entries["b"].start % 8 != 0
     assert torch.equal(ckpt.read(ckpt.entries["b"]), tensors["b"])
+
+
+def _cgroup_tree(root, proc_line: str, groups: dict[str, dict[str, str]]):
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(proc_line + "\n")
+    for rel, files in groups.items():
+        d = root / rel
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (d / name).write_text(text)
+
+
+def test_the_cgroup_room_is_the_tightest_over_the_group_and_its_ancestors_v2(tmp_path):
+    _cgroup_tree(
+        tmp_path,
+        "0::/jobs/run",
+        {
+            "sys/fs/cgroup/jobs": {
+                "memory.max": "1000\n",
+                "memory.current": "700\n",
+                "memory.stat": "inactive_file 100\n",
+            },
+            "sys/fs/cgroup/jobs/run": {"memory.max": "max\n", "memory.current": "600\n", "memory.stat": "anon 600\n"},
+        },
+    )
+    # the group itself has no limit; its parent has 1000 - (700 - 100 reclaimable) left
+    assert direct._cgroup_room(tmp_path) == 400
+
+
+def test_the_cgroup_room_reads_v1s_hierarchical_limit_and_a_container_root(tmp_path):
+    stat = "hierarchical_memory_limit 5000\ntotal_inactive_file 1000\n"
+    # inside a container the group's own path is not there: its cgroup is mounted at the controller's root
+    _cgroup_tree(
+        tmp_path,
+        "4:memory:/docker/abc",
+        {
+            "sys/fs/cgroup/memory": {
+                "memory.limit_in_bytes": "9223372036854771712\n",
+                "memory.usage_in_bytes": "3000\n",
+                "memory.stat": stat,
+            }
+        },
+    )
+    assert direct._cgroup_room(tmp_path) == 5000 - (3000 - 1000)
+
+
+def test_no_cgroup_limit_leaves_the_room_to_the_machine(tmp_path):
+    _cgroup_tree(tmp_path, "0::/", {"sys/fs/cgroup": {"memory.max": "max\n", "memory.current": "10\n"}})
+    assert direct._cgroup_room(tmp_path) is None

@@ -577,16 +577,14 @@ AI vw_t dec_tail(const int F, const int RB, cur_t *c, const mp_proj *P, int k0, 
 /* Prefetch the rows the next tile will read (the MRt rows after this tile's, where the weights of a unit lie),
  * linearly, at the pace this tile reads its own: the lines in [off, off + n) of the region at pf. Several rows
  * read side by side from DRAM stream poorly on their own (one EPYC core: 5.4 GB/s for 4 interleaved MXFP4
- * rows); with the next tile fetched ahead into L1 they stream at 14.9 GB/s, as one row at a time does. */
-AI void prefetch_next(const uint8_t *pf, int64_t off, int64_t n) {
-    for (int64_t line = (off + 63) & ~(int64_t)63; line < off + n; line += 64)
-        _mm_prefetch((const char *)pf + line, _MM_HINT_T0);
-}
-/* the same for the tile three ahead, into L2: the next tile's fetch into L1 then finds its lines on the core (measured,
- * alternating builds, 1 token: FP8 +13-22%, MXFP4 +5-7%; bf16 at 4 tokens +27%) */
-AI void prefetch_far(const uint8_t *pf, int64_t off, int64_t n) {
-    for (int64_t line = (off + 63) & ~(int64_t)63; line < off + n; line += 64)
-        _mm_prefetch((const char *)pf + line, _MM_HINT_T1);
+ * rows); with the next tile fetched ahead into L1 they stream at 14.9 GB/s, as one row at a time does.
+ * far (NULL: none): the same lines of the tile three ahead, into L2, so the next tile's fetch into L1 finds them on
+ * the core (measured, alternating builds, 1 token: FP8 +13-22%, MXFP4 +5-7%; bf16 at 4 tokens +27%). */
+AI void prefetch_next(const uint8_t *pf, const uint8_t *far, int64_t off, int64_t n) {
+    const int64_t first = (off + 63) & ~(int64_t)63;
+    for (int64_t line = first; line < off + n; line += 64) _mm_prefetch((const char *)pf + line, _MM_HINT_T0);
+    if (far)
+        for (int64_t line = first; line < off + n; line += 64) _mm_prefetch((const char *)far + line, _MM_HINT_T1);
 }
 /* the stored-byte layout of a kind (the symmetric integer kinds are stored as the others) */
 AI int kind_bytes(const int F) { return F == K_INT4S ? K_INT4 : F == K_INT8S ? K_INT8 : F; }
@@ -619,9 +617,9 @@ AI void tile_reg_pc(const int F, const int RB, const int MRt, const int RT, cons
 #define CHUNK(TAIL)                                                                                                \
     do {                                                                                                           \
         vw_t w[4];                                                                                                 \
-        if (!TAIL) prefetch_next(pf, MRt * boff(kind_bytes(F), k0), MRt * boff(kind_bytes(F), CK));              \
         if (!TAIL)                                                                                                 \
-            prefetch_far(pf + 2 * MRt * P->wrow_bytes, MRt * boff(kind_bytes(F), k0), MRt * boff(kind_bytes(F), CK)); \
+            prefetch_next(pf, pf + 2 * MRt * P->wrow_bytes, MRt * boff(kind_bytes(F), k0),                         \
+                          MRt * boff(kind_bytes(F), CK));                                                          \
         _Pragma("GCC unroll 4") for (int m = 0; m < MRt; m++) w[m] =                                               \
             TAIL ? dec_tail(F, RB, &cur[m], P, k0, K) : dec(F, RB, &cur[m], P, k0);                                \
         _Pragma("GCC unroll 8") for (int r = 0; r < RT; r++) {                                                     \
@@ -686,7 +684,7 @@ AI void tile_seq(const int F, const int RB, const int RT, const int KS, const in
     /* chunk kj into accumulator j (TAIL: the row's last, partial chunk) */
 #define SEQ_CHUNK(j, kj, TAIL)                                                                                     \
     do {                                                                                                           \
-        if (!TAIL) prefetch_next(c->w + P->wrow_bytes, boff(kind_bytes(F), kj), boff(kind_bytes(F), CK));      \
+        if (!TAIL) prefetch_next(c->w + P->wrow_bytes, NULL, boff(kind_bytes(F), kj), boff(kind_bytes(F), CK)); \
         const vw_t w = TAIL ? dec_tail(F, RB, c, P, kj, K) : dec(F, RB, c, P, kj);                                 \
         _Pragma("GCC unroll 2") for (int r = 0; r < RT; r++) {                                                     \
             const vw_t xv = xload(xr[r] + (kj));                                                                   \
