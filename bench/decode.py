@@ -6,6 +6,7 @@ and experts from disk under a memory cap) and, when given a build, llama.cpp on 
     python bench/decode.py --profile                          # where a decode step's milliseconds go, per part
     python bench/decode.py --format mxfp4 --llama-cpp /path/to/llama.cpp   # gpt-oss-20b shapes, MXFP4 experts
     python bench/decode.py --format fp8 --llama-cpp /path/to/llama.cpp     # Qwen3-30B-A3B-FP8 layout vs Q8_0
+    python bench/decode.py --format mxfp4 --depth 2048 --systems engine-cached,engine-stock-attention  # long context
 
 The checkpoint is random bf16 weights with Qwen3-30B-A3B layer shapes (``moe_patch.testing.synthetic``), converted
 once to GGUF (bf16 and Q8_0) with llama.cpp's own ``convert_hf_to_gguf.py`` (its built-in ``llama-spm`` vocabulary
@@ -71,6 +72,17 @@ def llama_bench_tokens(n: int, bos: int | None, vocab: int = VOCAB) -> list[int]
     return tokens[:n]
 
 
+def llama_bench_depth_tokens(depth: int, n: int, bos: int | None, vocab: int = VOCAB) -> tuple[list[int], list[int]]:
+    """The ``depth`` tokens llama-bench's ``-d`` puts in the cache first, then the ``n`` its tg test decodes (one
+    rand() sequence in a fresh process: BOS then rand() for the depth prompt, BOS again then rand() for tg)."""
+    extra = 1 if bos is not None else 0
+    values = [v % vocab for v in glibc_rand(depth + n)]
+    prefix = ([bos] if bos is not None else []) + values[: depth - extra]
+    rest = values[depth - extra :]
+    decode = ([bos] if bos is not None else []) + rest[: n - extra]
+    return prefix[:depth], decode[:n]
+
+
 # --------------------------------------------------------------------------- the Python systems
 def _load(system: str, path: Path, dtype: torch.dtype, budget: int | None, fmt: str = "bf16", direct_io: str = "auto"):
     from transformers import AutoModelForCausalLM
@@ -89,19 +101,25 @@ def _load(system: str, path: Path, dtype: torch.dtype, budget: int | None, fmt: 
         return model
     from moe_patch.offload import OffloadOptions
 
+    if system == "engine-stock-attention":  # the A/B of moe_patch.cpu_attention: transformers' attention kept
+        import moe_patch.cpu_attention
+
+        moe_patch.cpu_attention.install_cpu_attention = lambda model: False
     options = OffloadOptions(
         expert_cache=budget if system == "engine-capped" else None, host_cache=0, direct_io=direct_io
     )
     return moe_patch.load_model(path, dtype=dtype, options=options)
 
 
-def _decode_steps(model, tokens: list[int]) -> list[float]:
+def _decode_steps(model, tokens: list[int], prefix: list[int] | None = None) -> list[float]:
     """Feed ``tokens`` one per step with a KV cache (teacher-forced); seconds of each step."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     times = []
     with torch.no_grad():
+        if prefix:  # the cached context the steps decode after (untimed)
+            model(input_ids=torch.tensor([prefix]), past_key_values=cache, use_cache=True)
         for t in tokens:
             ids = torch.tensor([[t]])
             t0 = time.perf_counter()
@@ -195,6 +213,7 @@ def worker(args) -> dict:
     model = _load(args.system, path, dtype, args.budget_bytes, args.format, args.direct_io)
     load_s = time.perf_counter() - t0
     decode_tokens = llama_bench_tokens(args.tokens, args.bos)
+    prefix, depth_tokens = llama_bench_depth_tokens(args.depth, args.tokens, args.bos) if args.depth else (None, None)
     prefill_tokens = llama_bench_tokens(args.prompt, args.bos)
     from moe_patch.offload import get_offload_handle
 
@@ -207,7 +226,7 @@ def worker(args) -> dict:
     if args.profile:
         return {"system": args.system, "profile": profile_step(model, decode_tokens)}
     io0 = _proc_io()
-    steps = _decode_steps(model, decode_tokens)
+    steps = _decode_steps(model, depth_tokens, prefix) if args.depth else _decode_steps(model, decode_tokens)
     io1 = _proc_io()
     prefill = _prefill_s(model, prefill_tokens)
     out = {
@@ -345,7 +364,7 @@ def run_llama_bench(tools: dict[str, Path], gguf: Path, args, group: str | None)
     out = {}
     for test, flag in (
         ("prefill", ["-p", str(args.prompt), "-n", "0"]),
-        ("decode", ["-p", "0", "-n", str(args.tokens)]),
+        ("decode", ["-p", "0", "-n", str(args.tokens)] + (["-d", str(args.depth)] if args.depth else [])),
     ):
         cmd = [
             str(tools["llama-bench"]),
@@ -400,6 +419,8 @@ def run_python(system: str, args, checkpoint: Path, group: str | None) -> dict:
         str(args.tokens),
         "--prompt",
         str(args.prompt),
+        "--depth",
+        str(args.depth),
         "--threads",
         str(args.threads),
         "--budget",
@@ -468,6 +489,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the Python systems")
     p.add_argument("--tokens", type=int, default=32, help="decode steps (llama-bench -n)")
     p.add_argument("--prompt", type=int, default=16, help="prefill length (llama-bench -p)")
+    p.add_argument("--depth", type=int, default=0, help="tokens in the cache when decode starts (llama-bench -d)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget", default="1GiB", help="expert_cache of the capped engine run")
@@ -573,7 +595,9 @@ def main(argv=None) -> int:
     print(
         f"model: {SHAPES[shape]['name']} layer shapes, {args.layers} layers, {args.format} checkpoint, "
         f"compute {args.dtype}; "
-        f"{args.tokens} decode steps and a {args.prompt}-token prefill on llama-bench's token sequence; "
+        f"{args.tokens} decode steps"
+        + (f" after {args.depth} cached tokens" if args.depth else "")
+        + f" and a {args.prompt}-token prefill on llama-bench's token sequence; "
         f"medians of {args.rounds} interleaved rounds"
         + (f"; capped runs: RAM + page cache {args.cap}, expert_cache {args.budget}" if cap else "")
     )

@@ -28,7 +28,7 @@ from .probe import probe
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # enum values of csrc/mp_common.h
 W_FORMATS = {"bf16": 1, "fp16": 2, "fp32": 3, "fp8": 4, "mxfp4": 5, "int4": 6, "int8": 7}
@@ -40,6 +40,7 @@ MODE_FUSED, MODE_GATE_UP, MODE_DOWN = 0, 1, 2
 # part of a gate_up projection stored as two tensors)
 PTRS = 11
 ERRORS = {-1: "workspace too small", -2: "invalid argument"}
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 
 class MpProj(ctypes.Structure):
@@ -92,6 +93,34 @@ class MpCall(ctypes.Structure):
     )
 
 
+class MpAttn(ctypes.Structure):
+    _fields_ = (
+        [(n, ctypes.c_void_p) for n in ("q", "k", "v", "mask", "sinks", "out", "ws")]
+        + [(n, ctypes.c_int64 * 3) for n in ("qs", "ks", "vs", "ms", "os")]
+        + [("ws_bytes", ctypes.c_int64)]
+        + [
+            (n, ctypes.c_int32)
+            for n in (
+                "B",
+                "Hq",
+                "Hkv",
+                "Tq",
+                "S",
+                "D",
+                "q_dtype",
+                "kv_dtype",
+                "mask_kind",
+                "mask_dtype",
+                "sinks_dtype",
+                "out_dtype",
+                "causal",
+                "nthreads",
+            )
+        ]
+        + [("scale", ctypes.c_float), ("pad_", ctypes.c_float)]
+    )
+
+
 @dataclass(frozen=True)
 class Variant:
     """One instruction-set variant's entry points."""
@@ -101,6 +130,8 @@ class Variant:
     run: ctypes._CFuncPtr
     workspace: ctypes._CFuncPtr
     decode: ctypes._CFuncPtr
+    attend: ctypes._CFuncPtr
+    attend_workspace: ctypes._CFuncPtr
 
 
 @dataclass(frozen=True)
@@ -125,7 +156,11 @@ def _bind(lib: ctypes.CDLL, name: str) -> Variant:
         [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int],
         ctypes.c_int,
     )
-    return Variant(name, VARIANTS[name][0] == 1, run, ws, dec)
+    attend = getattr(lib, f"mp_attend_{name}")
+    attend.argtypes, attend.restype = [ctypes.c_void_p], ctypes.c_int
+    attend_ws = getattr(lib, f"mp_attend_workspace_{name}")
+    attend_ws.argtypes, attend_ws.restype = [ctypes.c_void_p], ctypes.c_int64
+    return Variant(name, VARIANTS[name][0] == 1, run, ws, dec, attend, attend_ws)
 
 
 class KernelRegistry:
@@ -173,6 +208,7 @@ class KernelRegistry:
             lib.mp_abi_version() != ABI_VERSION
             or lib.mp_sizeof_layer() != ctypes.sizeof(MpLayer)
             or lib.mp_sizeof_call() != ctypes.sizeof(MpCall)
+            or lib.mp_sizeof_attn() != ctypes.sizeof(MpAttn)
         ):
             return self._unavailable(f"{path} does not match this moe_patch version (ABI); delete it to rebuild")
         results = probe(path, list(built))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cpu_attention import restore_cpu_attention, use_cpu_attention
 from ..dense_linears import install_dense_linears
 from ..detect.config import read_raw_config
 from ..errors import MoEConfigError
@@ -99,6 +100,7 @@ class OffloadHandle:
             for mod in self._bound:
                 restore(mod)
             self._bound.clear()
+            restore_cpu_attention(self.model)
             for layer in self.layers:
                 for name, value in restored.get(layer.index, {}).items():
                     _set_param(layer.experts, name, value)
@@ -259,6 +261,8 @@ def attach_offload(
         dense = install_dense_linears(model, exclude=experts, meta=True)  # load_model fills the weights next
     if dense:
         logger.info("%d dense linears decode through the CPU kernel GEMV", dense)
+    if device.type == "cpu" and not any(p.is_meta for p in model.parameters()):  # load_model: once loaded
+        use_cpu_attention(model)
     handle._bound = [m for m in changed_modules(model) if id(m) not in before]
 
     timing: dict[str, Any] = {}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cpu_attention import use_cpu_attention
 from ..detect.config import load_config
 from ..errors import CheckpointError, InvalidArgumentError, MoEConfigError
 from ..formats import read_quantization_config
@@ -220,6 +221,8 @@ def load_model(
         handle.detach(restore_weights=False)
         raise
     model.eval()
+    if opts.device == "cpu":  # checked against the family's own attention: needs the loaded weights
+        use_cpu_attention(model)
     try:
         model.generation_config = GenerationConfig.from_pretrained(directory)
     except OSError:

@@ -7,7 +7,7 @@
 
 #include <stdint.h>
 
-#define MP_ABI_VERSION 2
+#define MP_ABI_VERSION 3
 
 /* stored weight formats */
 enum { MP_W_BF16 = 1, MP_W_F16 = 2, MP_W_F32 = 3, MP_W_FP8 = 4, MP_W_MXFP4 = 5, MP_W_INT4 = 6, MP_W_INT8 = 7 };
@@ -56,5 +56,20 @@ typedef struct {
     int32_t T, k, mode, accumulate, weight_inputs, nthreads;
     int32_t round_bf16;   /* compute in bf16 precision: activations and decoded weights rounded to bf16 */
 } mp_call;
+
+/* attention of a few query rows over a key/value cache (mp_attend_*): q [B, Hq, Tq, D], k and v [B, Hkv, S, D],
+ * mask [B, Hq, Tq, S] (broadcast dimensions have stride 0), out [B, Tq, Hq, D]; the last dimension of each is
+ * contiguous, the strides of the others are given in elements (b, h, t). */
+enum { MP_MASK_NONE = 0, MP_MASK_BOOL = 1, MP_MASK_ADD = 2 };
+typedef struct {
+    const void *q, *k, *v, *mask, *sinks;
+    void *out, *ws;
+    int64_t qs[3], ks[3], vs[3], ms[3], os[3];
+    int64_t ws_bytes;
+    int32_t B, Hq, Hkv, Tq, S, D;
+    int32_t q_dtype, kv_dtype, mask_kind, mask_dtype, sinks_dtype, out_dtype;
+    int32_t causal, nthreads;  /* causal: without a mask, query t sees keys up to S - Tq + t */
+    float scale, pad_;
+} mp_attn;
 
 #endif

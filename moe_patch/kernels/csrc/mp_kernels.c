@@ -1241,6 +1241,153 @@ int EXPORT(mp_run)(const mp_layer *L, const mp_call *C) {
     return MP_OK;
 }
 
+
+/* ------------------------------------------------------------------ attention of a few query rows (decode) */
+/* softmax(scale * q.k + mask) . v per query row and head, in fp32, with an optional sink logit per head (gpt-oss:
+ * a column of the softmax that has no value). One work item is a (batch, key/value head, query) triple: the query
+ * heads sharing that key/value head (grouped-query attention) are computed together, so each cache row is read and
+ * converted once for all of them, in place (no repeated copies of the cache). A row with every key masked and no
+ * sink is zeros. Per thread the workspace holds G x S scores, G x D query and output rows and one cache row. */
+AI void row_f32(const void *p, int dt, int n, float *dst) {
+    int i = 0;
+    if (dt == MP_DT_F32) {
+        memcpy(dst, p, (size_t)n * 4);
+        return;
+    }
+    const uint16_t *s = (const uint16_t *)p;
+#if MP_DOT == 3
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(s + i));
+        _mm256_storeu_ps(dst + i, dt == MP_DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                                                   : _mm256_cvtph_ps(h));
+    }
+#else
+    for (; i + 16 <= n; i += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(s + i));
+        _mm512_storeu_ps(dst + i, dt == MP_DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                                                   : _mm512_cvtph_ps(h));
+    }
+#endif
+    for (; i < n; i++) dst[i] = ld_elem(p, i, dt);
+}
+
+AI float dot_f32(const float *a, const float *b, int n) {
+    vacc_t acc = acc_zero();
+    int i = 0;
+    for (; i + VL <= n; i += VL) acc = VF_FMA(VF_LOAD(a + i), VF_LOAD(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+AI void axpy_f32(float *y, float a, const float *x, int n) {
+    int i = 0;
+    const vf_t va = VF_SET1(a);
+    for (; i + VL <= n; i += VL) VF_STORE(y + i, VF_FMA(va, VF_LOAD(x + i), VF_LOAD(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+AI int attn_group(const mp_attn *A) { return A->Hq / A->Hkv; }
+AI int64_t attn_ws_thread(const mp_attn *A) {
+    const int64_t G = attn_group(A);
+    return up64((G * A->S + 2 * G * A->D + A->D) * 4);
+}
+
+int64_t EXPORT(mp_attend_workspace)(const mp_attn *A) {
+    return 64 + (A->nthreads > 0 ? A->nthreads : 1) * attn_ws_thread(A);
+}
+
+static void attend_group(const mp_attn *A, int b, int hk, int t, float *ws) {
+    const int S = A->S, D = A->D, G = attn_group(A), h0 = hk * G;
+    const int kvs = sdt_size(A->kv_dtype), qsz = sdt_size(A->q_dtype);
+    float *sc = ws, *qf = sc + (int64_t)G * S, *acc = qf + (int64_t)G * D, *kf = acc + (int64_t)G * D;
+    const uint8_t *kb = (const uint8_t *)A->k + ((int64_t)b * A->ks[0] + (int64_t)hk * A->ks[1]) * kvs;
+    const uint8_t *vb = (const uint8_t *)A->v + ((int64_t)b * A->vs[0] + (int64_t)hk * A->vs[1]) * kvs;
+    for (int g = 0; g < G; g++)
+        row_f32((const uint8_t *)A->q +
+                    ((int64_t)b * A->qs[0] + (int64_t)(h0 + g) * A->qs[1] + (int64_t)t * A->qs[2]) * qsz,
+                A->q_dtype, D, qf + (int64_t)g * D);
+    const int last = A->mask_kind == MP_MASK_NONE && A->causal ? S - A->Tq + t : S - 1; /* keys past it: masked */
+    const float ninf = -__builtin_inff();
+    const int64_t mrow = (int64_t)b * A->ms[0] + (int64_t)t * A->ms[2];
+    for (int j = 0; j < S; j++) {
+        int any = j <= last;
+        if (A->mask_kind == MP_MASK_BOOL) {
+            any = 0;
+            for (int g = 0; g < G; g++) any |= ((const uint8_t *)A->mask)[mrow + (int64_t)(h0 + g) * A->ms[1] + j];
+        }
+        if (!any) {
+            for (int g = 0; g < G; g++) sc[(int64_t)g * S + j] = ninf;
+            continue;
+        }
+        row_f32(kb + (int64_t)j * A->ks[2] * kvs, A->kv_dtype, D, kf);
+        for (int g = 0; g < G; g++) {
+            const int64_t mi = mrow + (int64_t)(h0 + g) * A->ms[1] + j;
+            float s = dot_f32(qf + (int64_t)g * D, kf, D) * A->scale;
+            if (A->mask_kind == MP_MASK_ADD) s += ld_elem(A->mask, mi, A->mask_dtype);
+            if (A->mask_kind == MP_MASK_BOOL && !((const uint8_t *)A->mask)[mi]) s = ninf;
+            sc[(int64_t)g * S + j] = s;
+        }
+    }
+    float inv[G];
+    for (int g = 0; g < G; g++) {
+        float *r = sc + (int64_t)g * S;
+        float mx = A->sinks ? ld_elem(A->sinks, h0 + g, A->sinks_dtype) : ninf;
+        for (int j = 0; j < S; j++) mx = r[j] > mx ? r[j] : mx;
+        float l = 0.0f;
+        if (mx != ninf) {
+            int j = 0;
+            vf_t vl = VF_SET1(0.0f);
+            for (; j + VL <= S; j += VL) {
+                vf_t p = vexp(VF_SUB(VF_LOAD(r + j), VF_SET1(mx)));
+                VF_STORE(r + j, p);
+                vl = VF_ADD(vl, p);
+            }
+            l = hsum(vl);
+            for (; j < S; j++) l += (r[j] = expf(r[j] - mx));
+            if (A->sinks) l += expf(ld_elem(A->sinks, h0 + g, A->sinks_dtype) - mx);
+        } else {
+            for (int j = 0; j < S; j++) r[j] = 0.0f;
+        }
+        inv[g] = l > 0.0f ? 1.0f / l : 0.0f;
+    }
+    memset(acc, 0, (size_t)G * D * 4);
+    for (int j = 0; j < S; j++) {
+        int any = 0;
+        for (int g = 0; g < G; g++) any |= sc[(int64_t)g * S + j] != 0.0f;
+        if (!any) continue;
+        row_f32(vb + (int64_t)j * A->vs[2] * kvs, A->kv_dtype, D, kf);
+        for (int g = 0; g < G; g++) {
+            const float p = sc[(int64_t)g * S + j];
+            if (p != 0.0f) axpy_f32(acc + (int64_t)g * D, p, kf, D);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const int64_t ob = (int64_t)b * A->os[0] + (int64_t)(h0 + g) * A->os[1] + (int64_t)t * A->os[2];
+        for (int i = 0; i < D; i++) st_elem(A->out, ob + i, A->out_dtype, acc[(int64_t)g * D + i] * inv[g]);
+    }
+}
+
+int EXPORT(mp_attend)(const mp_attn *A) {
+    if (!A || A->B < 0 || A->Tq < 0 || A->S < 0 || A->D <= 0 || A->Hq <= 0 || A->Hkv <= 0 || A->Hq % A->Hkv ||
+        A->ws_bytes < VNAME(mp_attend_workspace)(A))
+        return MP_ERR_ARG;
+    const int64_t items = (int64_t)A->B * A->Hkv * A->Tq;
+    const int nt = A->nthreads > 0 ? A->nthreads : 1;
+    uint8_t *base = (uint8_t *)(((uintptr_t)A->ws + 63) & ~(uintptr_t)63);
+    const int64_t tb = attn_ws_thread(A);
+#pragma omp parallel num_threads(nt) if (items > 1)
+    {
+        float *ws = (float *)(base + (int64_t)omp_get_thread_num() * tb);
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            const int t = (int)(it % A->Tq), hk = (int)(it / A->Tq % A->Hkv);
+            attend_group(A, (int)(it / ((int64_t)A->Tq * A->Hkv)), hk, t, ws);
+        }
+    }
+    return MP_OK;
+}
+
 /* ------------------------------------------------------------------ one expert's projection, decoded densely */
 #define DROW_FN(F, RB, name)                                                                                \
     NI void name(const mp_proj *P, const int64_t *ep, int n, void *out, int odt, int rb) {                  \

@@ -35,3 +35,5 @@ EXPORTED int mp_abi_version(void) { return MP_ABI_VERSION; }
 EXPORTED int mp_sizeof_layer(void) { return (int)sizeof(mp_layer); }
 
 EXPORTED int mp_sizeof_call(void) { return (int)sizeof(mp_call); }
+
+EXPORTED int mp_sizeof_attn(void) { return (int)sizeof(mp_attn); }
