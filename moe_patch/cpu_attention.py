@@ -22,8 +22,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .dense_linears import _torch_only
+from .kernels.attention import attend
 from .kernels.spec import FLOAT_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -93,8 +95,6 @@ def _takes(module, query, key, value, dropout, kwargs) -> bool:
 
 
 def _compute(module, query, key, value, attention_mask, scaling, causal, s_aux, *, count=True):
-    from .kernels.attention import attend
-
     S = key.shape[2]
     mask = attention_mask[:, :, :, :S] if attention_mask is not None else None
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -113,8 +113,6 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 def sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' ``sdpa`` attention, through the kernel for decode steps."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if _takes(module, query, key, value, dropout, kwargs):
         # as sdpa_attention_forward decides: without a mask, several query rows are causal unless told otherwise
         is_causal = kwargs.get("is_causal")
@@ -142,10 +140,7 @@ def _agrees(module: nn.Module, original: str) -> bool:
     mask = keep if original == "sdpa" else torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
     kwargs = {"s_aux": module.sinks} if getattr(module, "sinks", None) is not None else {}
     scaling = getattr(module, "scaling", None)
-    if original == "sdpa":
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as function
-    else:
-        function = _eager_of(module)
+    function = sdpa_attention_forward if original == "sdpa" else _eager_of(module)
     try:
         with torch.no_grad():
             want = function(module, q, k, v, mask, scaling=scaling, dropout=0.0, **kwargs)[0]
@@ -153,7 +148,7 @@ def _agrees(module: nn.Module, original: str) -> bool:
     except Exception as exc:  # noqa: BLE001 - any failure keeps transformers' attention
         logger.info("attention stays with transformers' %s: the self-check failed: %s", original, exc)
         return False
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    tol = 1e-4 if dtype == torch.float32 else 6e-2  # a different function is off by far more (scale, sinks)
     return want.shape == got.shape and bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol))
 
 
