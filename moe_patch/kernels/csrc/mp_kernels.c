@@ -1287,6 +1287,65 @@ AI void axpy_f32(float *y, float a, const float *x, int n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+#if MP_DOT == 1
+/* the four sums of a0 .. a3 (lanes 0 .. 3 of the result) */
+AI __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* raw scores q_g . k_j of keys j .. j+3 for the G heads of a group, bf16 queries and keys (D a multiple of 32):
+ * products of bf16 values are exact in fp32, so this is the fp32 path's sum in another order. Each q chunk serves
+ * four keys and the four sums are reduced together. out[g * 4 + i] for key j + i. */
+AI void scores4_bf16(const uint16_t *q, int G, int D, const uint8_t *k, int64_t kstride, float *out) {
+    for (int g = 0; g < G; g++) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const uint16_t *qg = q + (int64_t)g * D;
+        for (int i = 0; i < D; i += 32) {
+            const __m512bh qv = (__m512bh)_mm512_loadu_si512(qg + i);
+            const uint8_t *kr = k + 2 * i;
+            a0 = _mm512_dpbf16_ps(a0, qv, (__m512bh)_mm512_loadu_si512(kr));
+            a1 = _mm512_dpbf16_ps(a1, qv, (__m512bh)_mm512_loadu_si512(kr + kstride));
+            a2 = _mm512_dpbf16_ps(a2, qv, (__m512bh)_mm512_loadu_si512(kr + 2 * kstride));
+            a3 = _mm512_dpbf16_ps(a3, qv, (__m512bh)_mm512_loadu_si512(kr + 3 * kstride));
+        }
+        _mm_storeu_ps(out + 4 * g, hsum4(a0, a1, a2, a3));
+    }
+}
+#endif
+
+#if MP_DOT != 3
+/* o0 (o1) = sum_j p0[j] (p1[j]) v_j for one or two heads over bf16 value rows of D = 16 * NV: the sums stay in
+ * registers and each value row is converted once for both heads */
+#define PV_PAIR(NV)                                                                                                  \
+    static void pv_pair_##NV(const float *p0, const float *p1, int S, const uint8_t *vb, int64_t vstride, float *o0, \
+                             float *o1) {                                                                            \
+        __m512 a[NV], c[NV];                                                                                         \
+        _Pragma("GCC unroll 8") for (int i = 0; i < NV; i++) a[i] = c[i] = _mm512_setzero_ps();                      \
+        for (int j = 0; j < S; j++) {                                                                                \
+            const float x = p0[j], y = p1 ? p1[j] : 0.0f;                                                            \
+            if (x == 0.0f && y == 0.0f) continue;                                                                    \
+            const uint8_t *vr = vb + (int64_t)j * vstride;                                                           \
+            const __m512 bx = _mm512_set1_ps(x), by = _mm512_set1_ps(y);                                             \
+            _Pragma("GCC unroll 8") for (int i = 0; i < NV; i++) {                                                   \
+                const __m512 v = _mm512_castsi512_ps(                                                                \
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vr + 32 * i))), 16)); \
+                a[i] = _mm512_fmadd_ps(bx, v, a[i]);                                                                 \
+                c[i] = _mm512_fmadd_ps(by, v, c[i]);                                                                 \
+            }                                                                                                        \
+        }                                                                                                            \
+        _Pragma("GCC unroll 8") for (int i = 0; i < NV; i++) {                                                       \
+            _mm512_storeu_ps(o0 + 16 * i, a[i]);                                                                     \
+            if (o1) _mm512_storeu_ps(o1 + 16 * i, c[i]);                                                             \
+        }                                                                                                            \
+    }
+PV_PAIR(4)
+PV_PAIR(8)
+#endif
+
 AI int attn_group(const mp_attn *A) { return A->Hq / A->Hkv; }
 AI int64_t attn_ws_thread(const mp_attn *A) {
     const int64_t G = attn_group(A);
@@ -1310,7 +1369,31 @@ static void attend_group(const mp_attn *A, int b, int hk, int t, float *ws) {
     const int last = A->mask_kind == MP_MASK_NONE && A->causal ? S - A->Tq + t : S - 1; /* keys past it: masked */
     const float ninf = -__builtin_inff();
     const int64_t mrow = (int64_t)b * A->ms[0] + (int64_t)t * A->ms[2];
-    for (int j = 0; j < S; j++) {
+    int j = 0;
+#if MP_DOT == 1
+    if (A->q_dtype == MP_DT_BF16 && A->kv_dtype == MP_DT_BF16 && D % 32 == 0 && G <= 64) {
+        /* bf16 queries as stored (in the output rows' space, free until the values) against four keys at a time */
+        uint16_t *qh = (uint16_t *)acc;
+        for (int g = 0; g < G; g++)
+            memcpy(qh + (int64_t)g * D,
+                   (const uint8_t *)A->q +
+                       ((int64_t)b * A->qs[0] + (int64_t)(h0 + g) * A->qs[1] + (int64_t)t * A->qs[2]) * qsz,
+                   (size_t)D * 2);
+        float s4[4 * 64];
+        for (; j + 4 <= S && j + 3 <= last; j += 4) {
+            scores4_bf16(qh, G, D, kb + (int64_t)j * A->ks[2] * kvs, A->ks[2] * kvs, s4);
+            for (int g = 0; g < G; g++)
+                for (int i = 0; i < 4; i++) {
+                    const int64_t mi = mrow + (int64_t)(h0 + g) * A->ms[1] + j + i;
+                    float s = s4[4 * g + i] * A->scale;
+                    if (A->mask_kind == MP_MASK_ADD) s += ld_elem(A->mask, mi, A->mask_dtype);
+                    if (A->mask_kind == MP_MASK_BOOL && !((const uint8_t *)A->mask)[mi]) s = ninf;
+                    sc[(int64_t)g * S + j + i] = s;
+                }
+        }
+    }
+#endif
+    for (; j < S; j++) {
         int any = j <= last;
         if (A->mask_kind == MP_MASK_BOOL) {
             any = 0;
@@ -1351,15 +1434,32 @@ static void attend_group(const mp_attn *A, int b, int hk, int t, float *ws) {
         }
         inv[g] = l > 0.0f ? 1.0f / l : 0.0f;
     }
-    memset(acc, 0, (size_t)G * D * 4);
-    for (int j = 0; j < S; j++) {
-        int any = 0;
-        for (int g = 0; g < G; g++) any |= sc[(int64_t)g * S + j] != 0.0f;
-        if (!any) continue;
-        row_f32(vb + (int64_t)j * A->vs[2] * kvs, A->kv_dtype, D, kf);
-        for (int g = 0; g < G; g++) {
-            const float p = sc[(int64_t)g * S + j];
-            if (p != 0.0f) axpy_f32(acc + (int64_t)g * D, p, kf, D);
+    int pv_done = 0;
+#if MP_DOT != 3
+    if (A->kv_dtype == MP_DT_BF16 && (D == 64 || D == 128)) {
+        const int64_t vstride = A->vs[2] * kvs;
+        for (int g = 0; g < G; g += 2) {
+            const float *p1 = g + 1 < G ? sc + (int64_t)(g + 1) * S : NULL;
+            float *o1 = g + 1 < G ? acc + (int64_t)(g + 1) * D : NULL;
+            if (D == 64)
+                pv_pair_4(sc + (int64_t)g * S, p1, S, vb, vstride, acc + (int64_t)g * D, o1);
+            else
+                pv_pair_8(sc + (int64_t)g * S, p1, S, vb, vstride, acc + (int64_t)g * D, o1);
+        }
+        pv_done = 1;
+    }
+#endif
+    if (!pv_done) {
+        memset(acc, 0, (size_t)G * D * 4);
+        for (int j = 0; j < S; j++) {
+            int any = 0;
+            for (int g = 0; g < G; g++) any |= sc[(int64_t)g * S + j] != 0.0f;
+            if (!any) continue;
+            row_f32(vb + (int64_t)j * A->vs[2] * kvs, A->kv_dtype, D, kf);
+            for (int g = 0; g < G; g++) {
+                const float p = sc[(int64_t)g * S + j];
+                if (p != 0.0f) axpy_f32(acc + (int64_t)g * D, p, kf, D);
+            }
         }
     }
     for (int g = 0; g < G; g++) {
